@@ -1,0 +1,79 @@
+"""The ``edgefc`` command line.
+
+Each subcommand lives in its own module of this package and is imported only when it runs (so
+``edgefc --help`` stays fast and the compiler commands never import torch). User errors
+(:class:`edgefc.EdgefcError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from edgefc.errors import EdgefcError
+
+# command name -> "module:attribute"; one line per subcommand.
+COMMANDS: dict[str, str] = {
+    "compile": "edgefc.cli.compile:compile_cmd",
+    "passes": "edgefc.cli.compile:passes_cmd",
+    "export": "edgefc.cli.export:export_cmd",
+}
+
+SHORT_HELP: dict[str, str] = {
+    "compile": "Compile an ONNX model for a target (passes + lowering).",
+    "passes": "List the registered passes.",
+    "export": "Export a text encoder / U-Net / VAE decoder from diffusers to ONNX.",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, SHORT_HELP.get(name, "")) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgefc")
+def cli():
+    """edgefc: compile compact Stable Diffusion models for a mobile NPU.
+
+    \b
+    edgefc export unet --arch bk-sdm-tiny -o unet.onnx
+    edgefc compile unet.onnx --target exynos2400 -o build/unet
+    edgefc profile build/unet --attention-breakdown
+    """
+
+
+def main(argv=None):
+    """Entry point: run the CLI, turning user errors into one line and exit status 2."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except EdgefcError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(0)

@@ -1,0 +1,87 @@
+"""``edgefc compile`` and ``edgefc passes``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgefc.errors import ExportError
+
+DEMO_CACHE = Path.home() / ".cache" / "edgefc" / "demo"
+
+
+def _progress(p):
+    click.echo(f"  pass {p.name} ...", err=True)
+
+
+def _demo_model() -> Path:
+    """Export (once, cached) the full-size BK-SDM-Tiny U-Net at 512x512 for ``--demo``."""
+    path = DEMO_CACHE / "unet-bk-sdm-tiny-512.onnx"
+    if not path.exists():
+        try:
+            from edgefc.models.export import export_component
+        except ImportError as e:
+            raise ExportError(f"--demo needs the model extra ({e.name} is missing): pip install 'edgefc[models]'") from None
+        click.echo(f"demo: exporting the BK-SDM-Tiny U-Net (512x512, random weights) to {path}", err=True)
+        export_component("unet", "bk-sdm-tiny", path, height=512, width=512)
+    return path
+
+
+@click.command("compile")
+@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", "-t", default="exynos2400", show_default=True,
+              help="Target name (exynos2400) or a target description .toml file.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Build folder to write (default: build/<model name>).")
+@click.option("--passes", help="Comma-separated pass list replacing the default pipeline, e.g. canonicalize,fuse.")
+@click.option("--plugin", multiple=True, metavar="FILE.py|MODULE",
+              help="Import a file or module that registers passes (repeatable).")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2x...",
+              help="Static shape for an input, e.g. sample=1x4x64x64 (repeatable).")
+@click.option("--verify", is_flag=True,
+              help="Check every pass against onnxruntime on seeded random inputs; fail on a mismatch.")
+@click.option("--dump-after", multiple=True, metavar="PASS",
+              help="Also write the graph after PASS to BUILD/after-PASS.onnx (repeatable).")
+@click.option("--demo", is_flag=True,
+              help="Compile the built-in default: the full-size BK-SDM-Tiny U-Net at 512x512 (exported once, cached).")
+def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_after, demo):
+    """Compile an ONNX MODEL for a target and write a build folder.
+
+    The build folder holds model.onnx (the compiled graph, runnable by onnxruntime) and
+    report.json (passes with time and node counts, inputs, outputs, and what each stage decided).
+    """
+    import edgefc
+    from edgefc.ir import parse_shape
+
+    if demo == (model is not None):
+        raise click.UsageError("give either MODEL or --demo")
+    for spec in plugin:
+        edgefc.load_plugin(spec)
+    shape_map = dict(parse_shape(s) for s in shapes)
+    pass_list = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
+    edgefc.get_target(target)  # fail on an unknown target before any work
+    if demo:
+        model = _demo_model()
+    if not model.exists():
+        raise edgefc.ModelLoadError(f"model file not found: {model}")
+    output = output or Path("build") / model.stem
+    click.echo(f"compiling {model} for {target}", err=True)
+    result = edgefc.compile(model, target, output=output, passes=pass_list, shapes=shape_map, verify=verify,
+                            dump_after=list(dump_after) or None, progress=_progress)
+    for r in result.records:
+        click.echo(f"  {r.name:<14} {r.seconds:8.2f} s  nodes {r.nodes_before} -> {r.nodes_after}")
+    click.echo(f"wrote {result.output}/model.onnx and report.json")
+
+
+@click.command("passes")
+@click.option("--plugin", multiple=True, metavar="FILE.py|MODULE", help="Also load passes from a plugin.")
+def passes_cmd(plugin):
+    """List the registered passes (id and one-line description)."""
+    import edgefc
+    from edgefc.registry import one_line_doc
+
+    for spec in plugin:
+        edgefc.load_plugin(spec)
+    for pid, cls in edgefc.list_passes().items():
+        click.echo(f"{pid:<28} {one_line_doc(cls)}")

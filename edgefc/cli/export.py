@@ -1,0 +1,42 @@
+"""``edgefc export``: a text encoder, U-Net or VAE decoder from diffusers to static-shape ONNX.
+
+The work is in :mod:`edgefc.models.export` (imported here only when the command runs, so the
+rest of the CLI never loads torch).
+"""
+
+from __future__ import annotations
+
+import click
+
+from edgefc.models.configs import ARCHS, COMPONENTS, DEFAULT_IMAGE_SIZE, SCALES
+
+
+@click.command("export")
+@click.argument("component", type=click.Choice(COMPONENTS))
+@click.option("--arch", type=click.Choice(ARCHS), default="bk-sdm-tiny", show_default=True,
+              help="Model family: BK-SDM-Tiny (no mid block, 3 stages) or Stable Diffusion v1.5.")
+@click.option("--weights", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Local diffusers pipeline folder (with unet/, text_encoder/, vae/) to load weights from; "
+                   "never downloads. Default: random weights from --seed.")
+@click.option("--height", type=int, default=None,
+              help=f"Image height in pixels (latent = height/8). Default {DEFAULT_IMAGE_SIZE['full']} "
+                   f"(--scale full) or {DEFAULT_IMAGE_SIZE['tiny']} (--scale tiny).")
+@click.option("--width", type=int, default=None, help="Image width in pixels; defaults as --height.")
+@click.option("--scale", type=click.Choice(SCALES), default="full", show_default=True,
+              help="full: the published model; tiny: same topology with small widths (for tests).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Output .onnx file. Default: COMPONENT-ARCH[-tiny].onnx in the current folder.")
+def export_cmd(component, arch, weights, height, width, scale, seed, output):
+    """Export COMPONENT (text-encoder, unet or vae-decoder) to ONNX.
+
+    Static shapes, batch 1, opset 17 (TorchScript exporter). Models over 2 GB get one external
+    data file OUTPUT.data beside the .onnx. Progress goes to stderr; the written path to stdout.
+    """
+    from edgefc.models.export import export_component
+
+    if output is None:
+        output = f"{component}-{arch}{'-tiny' if scale == 'tiny' else ''}.onnx"
+    path = export_component(component, arch, output, weights=weights, height=height, width=width,
+                            scale=scale, seed=seed, progress=True)
+    click.echo(str(path))

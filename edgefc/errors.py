@@ -1,0 +1,43 @@
+"""Errors a user can cause.
+
+Every error a user can trigger (a bad file, an unknown pass, a dynamic shape with no ``--shape``,
+a target file with a missing field ...) is an :class:`EdgefcError` subclass carrying one clear
+sentence. The CLI prints ``error: <sentence>`` and exits with status 2; it never shows a traceback
+for these. Anything else escaping is a bug in edgefc.
+"""
+
+
+class EdgefcError(Exception):
+    """Base class of every user-facing edgefc error (CLI exit status 2)."""
+
+
+class ModelLoadError(EdgefcError):
+    """The model file is missing, not ONNX, truncated, or its external data is missing/unsafe."""
+
+
+class ShapeError(EdgefcError):
+    """An input shape is dynamic with no ``--shape`` given, or a ``--shape`` is malformed."""
+
+
+class PassError(EdgefcError):
+    """An unknown or duplicate pass, bad pass options, or a pass that cannot apply."""
+
+
+class VerificationError(EdgefcError):
+    """``--verify`` found a pass whose output differs from the original model."""
+
+
+class TargetError(EdgefcError):
+    """An unknown target, or a target description with a missing or mistyped field."""
+
+
+class ExportError(EdgefcError):
+    """Model export failed for a reason the user can fix (bad weights folder, bad size)."""
+
+
+class QuantizationError(EdgefcError):
+    """Bad calibration data or quantization options."""
+
+
+class BuildError(EdgefcError):
+    """A build folder is missing or incomplete, or a lowering cannot proceed."""

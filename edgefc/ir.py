@@ -1,0 +1,229 @@
+"""The pass IR: onnx-graphsurgeon's ``Graph``, loaded from and saved to ONNX files.
+
+edgefc has no IR of its own (DESIGN.md "Graph"): passes receive and return an
+``onnx_graphsurgeon.Graph``. This module holds what every pass and command needs around it:
+loading a model safely (external data inside the model's folder only, clear errors for files that
+are not ONNX), shape inference that also works on models over 2 GB, and saving with external data
+when the weights are large.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from edgefc.errors import ModelLoadError, ShapeError
+
+Graph = gs.Graph
+
+# Protobuf cannot serialise a message over 2 GiB; above this many bytes of weights we write the
+# weights as external data.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def _read_model_proto(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a folder, not an ONNX model file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, OSError) as e:
+        raise ModelLoadError(
+            f"{path} is not a readable ONNX model (truncated or not ONNX: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{path} is not an ONNX model (no graph found in the file)")
+    return model
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external data outside ``base_dir`` and report missing or short data files by name."""
+    root = base_dir.resolve()
+    sizes: dict[Path, int] = {}
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        loc = info.location
+        target = (root / loc).resolve()
+        if os.path.isabs(loc) or (root != target and root not in target.parents):
+            raise ModelLoadError(
+                f"external data location '{loc}' of tensor '{tensor.name}' leaves the model's folder {root}; refusing to read it"
+            )
+        if target not in sizes:
+            if not target.is_file():
+                raise ModelLoadError(f"external data file '{loc}' (needed by tensor '{tensor.name}') is missing from {root}")
+            sizes[target] = target.stat().st_size
+        end = (info.offset or 0) + (info.length or 0)
+        if end > sizes[target]:
+            raise ModelLoadError(
+                f"external data file '{loc}' is truncated: tensor '{tensor.name}' needs bytes up to {end}, file has {sizes[target]}"
+            )
+
+
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``name=1x4x64x64`` into ``("name", (1, 4, 64, 64))``."""
+    name, sep, dims = text.rpartition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+        if any(d <= 0 for d in shape):
+            raise ValueError
+    except ValueError:
+        raise ShapeError(f"bad --shape '{text}': expected NAME=D1xD2x... with positive integers, e.g. sample=1x4x64x64") from None
+    return name, shape
+
+
+def _apply_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    inputs = {i.name: i for i in model.graph.input}
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise ShapeError(f"--shape names input '{name}', but the model's inputs are: {', '.join(inputs) or 'none'}")
+        dims = inputs[name].type.tensor_type.shape.dim
+        if len(dims) and len(dims) != len(shape):
+            raise ShapeError(f"--shape {name} has {len(shape)} dimensions, the model's input has {len(dims)}")
+        del dims[:]
+        for d in shape:
+            dims.add().dim_value = d
+
+
+def load_model_proto(path: str | os.PathLike, shapes: dict | None = None, check: bool = True) -> onnx.ModelProto:
+    """Read an ONNX model with its external data, checked; input shapes overridden by ``shapes``."""
+    path = Path(path)
+    model = _read_model_proto(path)
+    _check_external_data(model, path.parent)
+    if shapes:
+        _apply_input_shapes(model, dict(shapes))
+    if check:
+        try:
+            onnx.checker.check_model(_skeleton(model))
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+            raise ModelLoadError(f"{path} fails the ONNX checker: {first}") from None
+    external_data_helper.load_external_data_for_model(model, str(path.parent))
+    return model
+
+
+def load(path: str | os.PathLike, shapes: dict | None = None) -> gs.Graph:
+    """Load an ONNX model as a graphsurgeon ``Graph`` (external data included, checked, shapes inferred).
+
+    ``shapes`` maps input names to static shapes, e.g. ``{"sample": (1, 4, 64, 64)}``.
+    Raises :class:`ModelLoadError` for a missing, non-ONNX or truncated file, missing external
+    data (named) and external data that resolves outside the model's folder.
+    """
+    model = load_model_proto(path, shapes)
+    graph = gs.import_onnx(model)
+    infer_shapes(graph)
+    return graph
+
+
+def _skeleton(model: onnx.ModelProto, min_bytes: int = 1024) -> onnx.ModelProto:
+    """A copy of ``model`` without its large weights, for the checker and shape inference.
+
+    Initializers of ``min_bytes`` or more become graph inputs of the same type and shape (the
+    weights are not copied, so this works for models over 2 GB); small ones (shape constants)
+    keep their values so shape inference can use them.
+    """
+    sk = onnx.ModelProto()
+    sk.ir_version = model.ir_version
+    sk.opset_import.extend(model.opset_import)
+    sk.functions.extend(model.functions)
+    g, src = sk.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    declared = {i.name for i in src.input}
+    for t in src.initializer:
+        if external_data_helper.uses_external_data(t) or len(t.raw_data) >= min_bytes:
+            if t.name not in declared:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            g.initializer.append(t)
+    return sk
+
+
+def infer_shapes(graph: gs.Graph) -> gs.Graph:
+    """Run ONNX shape inference (with data propagation) and write the results into ``graph``.
+
+    Works for models over 2 GB: the weights are left out of the proto that is inferred.
+    """
+    model = gs.export_onnx(graph, do_type_check=False)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
+    except onnx.shape_inference.InferenceError as e:
+        raise ShapeError(f"shape inference failed: {str(e).splitlines()[0]}") from None
+    infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Constant) or name not in infos:
+            continue
+        tt = infos[name].type.tensor_type
+        if tt.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if tt.HasField("shape"):
+            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    return graph
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of initializer data held in ``model`` (raw or typed fields)."""
+    total = 0
+    for t in external_data_helper._get_all_tensors(model):
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            n = int(np.prod(t.dims)) if len(t.dims) else 1
+            total += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return total
+
+
+def to_model(graph: gs.Graph) -> onnx.ModelProto:
+    """Export ``graph`` to a ModelProto (no checks; large models stay in memory)."""
+    return gs.export_onnx(graph, do_type_check=False)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path``; weights go to ``<name>.data`` beside it when they are large.
+
+    Written to a temporary name in the same folder and renamed, so a failure leaves nothing behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".edgefc-save-", dir=path.parent))
+    try:
+        tmp_model = tmp / path.name
+        if weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+            location = path.name + ".data"
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=location, size_threshold=1024)
+            os.replace(tmp / location, path.parent / location)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def save(graph: gs.Graph, path: str | os.PathLike) -> Path:
+    """Write a graph as an ONNX file (external data when large)."""
+    return save_model(to_model(graph), path)
+
+
+def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The tensor's shape if every dimension is a known integer, else None."""
+    shape = tensor.shape
+    if shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
+        return None
+    return tuple(int(d) for d in shape)

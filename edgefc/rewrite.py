@@ -1,0 +1,35 @@
+"""Small graph-editing helpers shared by passes (graphsurgeon does the heavy lifting)."""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+
+def bypass(graph: gs.Graph, node: gs.Node) -> bool:
+    """Remove a one-in/one-out node whose output equals its input, rewiring consumers.
+
+    When the output is a graph output its name must survive: the input tensor is renamed to it,
+    unless the input is itself a graph input/output or a constant (then the node stays and False
+    is returned).
+    """
+    src, dst = node.inputs[0], node.outputs[0]
+    if dst in graph.outputs:
+        if src in graph.inputs or src in graph.outputs or isinstance(src, gs.Constant):
+            return False
+        src.name = dst.name
+        graph.outputs[graph.outputs.index(dst)] = src
+    for consumer in list(dst.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is dst:
+                consumer.inputs[i] = src
+    node.inputs.clear()
+    node.outputs.clear()
+    return True
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every consumer of ``old`` read ``new`` instead."""
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new

@@ -1,0 +1,360 @@
+"""Export the Stable Diffusion components (text encoder, U-Net, VAE decoder) to ONNX.
+
+``export_component`` builds a model from its config (:mod:`edgefc.models.configs`) with seeded
+random weights, or loads it from a local diffusers folder (``unet/``, ``text_encoder/``,
+``vae/`` as ``save_pretrained`` writes them; never from the network), and writes a
+static-shape, batch-1 ONNX model with the legacy TorchScript exporter (opset 17), the graph form
+every edgefc pass is written against:
+
+* text-encoder: ``input_ids`` int64 [1, 77] -> ``last_hidden_state`` f32 [1, 77, D],
+  ``pooler_output`` f32 [1, D]
+* unet: ``sample`` f32 [1, 4, H/8, W/8], ``timestep`` int64 [1],
+  ``encoder_hidden_states`` f32 [1, 77, D] -> ``out_sample`` f32 [1, 4, H/8, W/8]
+* vae-decoder: ``latent_sample`` f32 [1, 4, H/8, W/8] -> ``sample`` f32 [1, 3, H, W]
+  (``post_quant_conv`` + decoder; the latent is taken as already divided by the scaling
+  factor, as in diffusers' ``AutoencoderKL.decode``)
+
+Models over 2 GB (the SD-v1.5 U-Net) are written with all weights in one external data file
+``<output>.data`` beside the model. The output appears only when complete: everything is written
+into a temporary folder next to it and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from edgefc.errors import ExportError
+from edgefc.models import configs
+
+OPSET = 17
+
+INPUT_NAMES = {
+    "text-encoder": ["input_ids"],
+    "unet": ["sample", "timestep", "encoder_hidden_states"],
+    "vae-decoder": ["latent_sample"],
+}
+OUTPUT_NAMES = {
+    "text-encoder": ["last_hidden_state", "pooler_output"],
+    "unet": ["out_sample"],
+    "vae-decoder": ["sample"],
+}
+#: Subfolder of a diffusers pipeline folder holding each component.
+WEIGHTS_SUBFOLDER = {"text-encoder": "text_encoder", "unet": "unet", "vae-decoder": "vae"}
+
+
+def _echo(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _import_backends():
+    """Import torch, diffusers and transformers, or explain how to install them."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    missing = []
+    mods = {}
+    for name in ("torch", "diffusers", "transformers"):
+        try:
+            mods[name] = __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportError(
+            f"exporting needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            "installed; install the companion with: pip install 'edgefc[models]'"
+        )
+    return mods["torch"], mods["diffusers"], mods["transformers"]
+
+
+def resolve_size(component: str, arch: str, scale: str, height: int | None, width: int | None) -> tuple[int, int]:
+    """Apply the per-scale default image size and check it fits the component's downsampling."""
+    default = configs.DEFAULT_IMAGE_SIZE[scale]
+    height = default if height is None else int(height)
+    width = default if width is None else int(width)
+    if component == "text-encoder":
+        return height, width
+    multiple = configs.spatial_multiple(component, arch, scale)
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % multiple:
+            why = ("the VAE works on 8x8-pixel latents" if component == "vae-decoder" else
+                   f"the {arch} U-Net downsamples the 1/8 latent "
+                   f"{len(configs.get_config(component, arch, scale)['down_block_types']) - 1} times")
+            raise ExportError(f"--{name} {value} is not a positive multiple of {multiple} ({why}).")
+    return height, width
+
+
+def check_weights(component: str, weights: str | os.PathLike | None) -> Path | None:
+    """The component's subfolder of a local diffusers folder; an ExportError if it is not there."""
+    if weights is None:
+        return None
+    root = Path(weights).expanduser()
+    if not root.is_dir():
+        raise ExportError(f"weights folder {str(root)!r} does not exist or is not a folder.")
+    sub = root / WEIGHTS_SUBFOLDER[component]
+    if not (sub / "config.json").is_file():
+        raise ExportError(
+            f"weights folder {str(root)!r} has no {WEIGHTS_SUBFOLDER[component]}/config.json "
+            f"(expected a diffusers pipeline folder with {WEIGHTS_SUBFOLDER[component]}/ in it)."
+        )
+    return sub
+
+
+def _randomize_norms(torch, model) -> None:
+    """Give normalisation layers random affine parameters (default init is 1 / 0).
+
+    With ones and zeros a pass that swapped or dropped the scale or bias would still match
+    onnxruntime; the exporter would also merge the identical tensors into one initializer.
+    """
+    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, norm_types) and getattr(module, "weight", None) is not None:
+                module.weight.copy_(1.0 + 0.1 * torch.randn_like(module.weight))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.1 * torch.randn_like(module.bias))
+
+
+def build_model(component: str, arch: str, *, weights=None, height: int | None = None, width: int | None = None,
+                scale: str = "full", seed: int = 0):
+    """Build the export wrapper module and its example inputs.
+
+    Returns ``(module, inputs)``: ``module(*inputs)`` returns the outputs named in
+    :data:`OUTPUT_NAMES`; ``inputs`` are seeded random example inputs with the export shapes.
+    Random weights come from ``torch.manual_seed(seed)``, so two calls with the same arguments
+    build identical models (tests rely on this to compare torch and onnxruntime outputs).
+    """
+    configs.get_config(component, arch, scale)  # validates the names
+    if weights is not None and scale != "full":
+        raise ExportError("--scale tiny builds random weights and cannot be combined with --weights.")
+    sub = check_weights(component, weights)
+    height, width = resolve_size(component, arch, scale, height, width)
+    torch, diffusers, transformers = _import_backends()
+
+    torch.manual_seed(seed)
+    if component == "unet":
+        if sub is None:
+            model = diffusers.UNet2DConditionModel(**configs.get_config(component, arch, scale))
+        else:
+            model = _load(sub, lambda: diffusers.UNet2DConditionModel.from_pretrained(
+                str(sub), local_files_only=True, torch_dtype=torch.float32))
+        cross = model.config.cross_attention_dim
+        lh, lw = configs.latent_size(height, width)
+        inputs = (
+            torch.randn(1, model.config.in_channels, lh, lw),
+            torch.tensor([int(torch.randint(1, 1000, ()))], dtype=torch.int64),
+            torch.randn(1, configs.TEXT_LENGTH, cross),
+        )
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, unet):
+                super().__init__()
+                self.unet = unet
+
+            def forward(self, sample, timestep, encoder_hidden_states):
+                return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    elif component == "text-encoder":
+        if sub is None:
+            config = transformers.CLIPTextConfig(**configs.get_config(component, arch, scale))
+            config._attn_implementation = "eager"
+            model = transformers.CLIPTextModel(config)
+        else:
+            model = _load(sub, lambda: transformers.CLIPTextModel.from_pretrained(
+                str(sub), local_files_only=True, torch_dtype=torch.float32, attn_implementation="eager"))
+        vocab = model.config.vocab_size
+        ids = torch.randint(3, vocab, (1, configs.TEXT_LENGTH), dtype=torch.int64)
+        ids[0, 0] = model.config.bos_token_id if model.config.bos_token_id is not None else 0
+        ids[0, 20] = vocab - 1  # the end-of-text token is the highest id: the pooler takes argmax
+        inputs = (ids,)
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, text_encoder):
+                super().__init__()
+                self.text_encoder = text_encoder
+
+            def forward(self, input_ids):
+                out = self.text_encoder(input_ids, return_dict=True)
+                return out.last_hidden_state, out.pooler_output
+
+    else:  # vae-decoder
+        if sub is None:
+            model = diffusers.AutoencoderKL(**configs.get_config(component, arch, scale))
+        else:
+            model = _load(sub, lambda: diffusers.AutoencoderKL.from_pretrained(
+                str(sub), local_files_only=True, torch_dtype=torch.float32))
+        lh, lw = configs.latent_size(height, width)
+        inputs = (torch.randn(1, model.config.latent_channels, lh, lw),)
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, vae):
+                super().__init__()
+                self.post_quant_conv = vae.post_quant_conv
+                self.decoder = vae.decoder
+                self.use_post_quant_conv = getattr(vae.config, "use_post_quant_conv", True)
+
+            def forward(self, latent_sample):
+                z = self.post_quant_conv(latent_sample) if self.use_post_quant_conv else latent_sample
+                return self.decoder(z)
+
+    if sub is None:
+        _randomize_norms(torch, model)
+    wrapper = Wrapper(model).eval()
+    return wrapper, inputs
+
+
+def _load(sub: Path, loader):
+    """Run a from_pretrained call; a broken folder is the user's error, in one sentence."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return loader()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"cannot load weights from {str(sub)!r}: {first}") from None
+
+
+def count_parameters(path: str | os.PathLike) -> int:
+    """Sum of the element counts of a model's initializers (external data is not read)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for tensor in model.graph.initializer:
+        n = 1
+        for d in tensor.dims:
+            n *= d
+        total += n
+    return total
+
+
+def _consolidate_external_data(onnx_path: Path, data_name: str) -> bool:
+    """Gather the per-tensor files the TorchScript exporter writes for a >2 GB model into one file.
+
+    Streams tensor by tensor (never holds the weights in memory) and rewrites the model's
+    external-data entries to point at ``data_name`` beside the model. Returns whether the model
+    has external data.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, set_external_data
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    folder = onnx_path.parent
+    tensors = [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not tensors:
+        return False
+    offset = 0
+    old_files = set()
+    with open(folder / data_name, "wb") as out:
+        for tensor in tensors:
+            info = ExternalDataInfo(tensor)
+            src = folder / info.location
+            old_files.add(src)
+            with open(src, "rb") as f:
+                if info.offset:
+                    f.seek(info.offset)
+                data = f.read(info.length) if info.length else f.read()
+            pad = (-offset) % 4096  # page-aligned, so the data file can be memory-mapped
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(data)
+            del tensor.external_data[:]
+            set_external_data(tensor, location=data_name, offset=offset, length=len(data))
+            offset += len(data)
+    onnx.save(model, str(onnx_path))
+    for f in old_files:
+        if f.name != data_name:
+            f.unlink(missing_ok=True)
+    return True
+
+
+@contextlib.contextmanager
+def _quiet(torch):
+    """Silence the tracer's and the deprecated exporter's warnings (expected for static export)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def export_component(component: str, arch: str, output: str | os.PathLike, *, weights=None,
+                     height: int | None = None, width: int | None = None, scale: str = "full",
+                     seed: int = 0, progress: bool = True) -> Path:
+    """Export one component to ``output`` (ONNX, opset 17, static shapes, batch 1).
+
+    ``height``/``width`` default to 512 at ``scale="full"`` and 64 at ``scale="tiny"``.
+    Returns the written path. Raises :class:`~edgefc.errors.ExportError` for bad arguments,
+    a missing weights folder/subfolder, or missing torch/diffusers/transformers.
+    """
+    try:
+        configs.get_config(component, arch, scale)
+    except ValueError as e:
+        raise ExportError(f"{e}.") from None
+    output = Path(output).expanduser()
+    if output.suffix != ".onnx":
+        raise ExportError(f"output {str(output)!r} must end in .onnx.")
+    if output.is_dir():
+        raise ExportError(f"output {str(output)!r} is a folder; give a file name ending in .onnx.")
+    height, width = resolve_size(component, arch, scale, height, width)
+    check_weights(component, weights)
+    if weights is not None and scale != "full":
+        raise ExportError("--scale tiny builds random weights and cannot be combined with --weights.")
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create output folder {str(parent)!r}: {e.strerror}.") from None
+
+    torch, _, _ = _import_backends()
+    t0 = time.perf_counter()
+    source = f"weights from {weights}" if weights is not None else f"random weights, seed {seed}"
+    _echo(progress, f"[1/3] build {component} {arch} ({scale} scale, {source}): "
+                    f"{configs.describe(component, arch, scale) if weights is None else 'diffusers folder'}")
+    with _quiet(torch):
+        module, inputs = build_model(component, arch, weights=weights, height=height, width=width,
+                                     scale=scale, seed=seed)
+    n_params = sum(p.numel() for p in module.parameters())
+    shapes = ", ".join(f"{n} {list(x.shape)}" for n, x in zip(INPUT_NAMES[component], inputs))
+    _echo(progress, f"      {n_params / 1e6:.1f} M parameters, inputs {shapes} "
+                    f"[{time.perf_counter() - t0:.1f} s]")
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+    try:
+        tmp_onnx = tmpdir / output.name
+        t1 = time.perf_counter()
+        _echo(progress, f"[2/3] trace and export to ONNX (TorchScript exporter, opset {OPSET}) ...")
+        with _quiet(torch), torch.no_grad():
+            torch.onnx.export(
+                module, inputs, str(tmp_onnx),
+                input_names=INPUT_NAMES[component], output_names=OUTPUT_NAMES[component],
+                opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            )
+        del module
+        _echo(progress, f"      done [{time.perf_counter() - t1:.1f} s]")
+
+        t2 = time.perf_counter()
+        data_name = output.name + ".data"
+        external = _consolidate_external_data(tmp_onnx, data_name)
+        import onnx
+
+        onnx.checker.check_model(str(tmp_onnx))
+        final_params = count_parameters(tmp_onnx)
+        size = sum(f.stat().st_size for f in tmpdir.iterdir())
+        _echo(progress, f"[3/3] save {output}{' + ' + data_name if external else ''} "
+                        f"({size / 2**20:.1f} MiB, {final_params / 1e6:.1f} M parameters)")
+        # data first, then the model: whoever sees the .onnx finds its data
+        if external:
+            os.replace(tmpdir / data_name, parent / data_name)
+        os.replace(tmp_onnx, output)
+        if not external:
+            (parent / data_name).unlink(missing_ok=True)  # stale data of an earlier large export
+        _echo(progress, f"      done [{time.perf_counter() - t2:.1f} s], total {time.perf_counter() - t0:.1f} s")
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return output

@@ -1,0 +1,4 @@
+"""The built-in pass library. Importing this package registers every built-in pass
+(namespace ``edgefc``) with the core registry; see ``edgefc passes`` for the list."""
+
+from edgefc.passes import canonicalize  # noqa: F401
