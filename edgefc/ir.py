@@ -227,3 +227,35 @@ def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     if shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
         return None
     return tuple(int(d) for d in shape)
+
+
+def opset_version(graph: gs.Graph, domain: str = "") -> int:
+    """The graph's opset for ``domain`` (default: the standard ONNX domain)."""
+    if domain in ("", "ai.onnx"):
+        return int(graph.opset)
+    return int(graph.import_domains and next((d.version for d in graph.import_domains if d.domain == domain), 0) or 0)
+
+
+def upgrade_opset(graph: gs.Graph, version: int) -> gs.Graph:
+    """Convert the graph's standard-domain ops to opset ``version`` with ONNX's version converter.
+
+    The converter runs on a weight-free skeleton (weights travel as graph inputs), so models
+    over 2 GB convert too; the weights are put back afterwards. No-op if already at ``version``.
+    """
+    from onnx import version_converter
+
+    if int(graph.opset) >= version:
+        return graph
+    model = to_model(graph)
+    sk = _skeleton(model)
+    moved = {i.name for i in sk.graph.input} - {i.name for i in model.graph.input}
+    try:
+        converted = version_converter.convert_version(sk, version)
+    except Exception as e:  # the converter raises plain RuntimeErrors
+        raise ShapeError(f"cannot convert the model from opset {graph.opset} to {version}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    keep = [i for i in converted.graph.input if i.name not in moved]
+    del converted.graph.input[:]
+    converted.graph.input.extend(keep)
+    converted.graph.initializer.extend(t for t in model.graph.initializer if t.name in moved)
+    return gs.import_onnx(converted)

@@ -1,6 +1,9 @@
 """Pass ``canonicalize``: make the graph static, folded and clean before any other pass.
 
-Matches: the whole graph. Does, until nothing changes:
+Matches: the whole graph. Does, once:
+  * brings the standard domain to opset 23 (``--opset``), the opset of the standard fused ops
+    later passes emit (Attention-23, GroupNormalization-21, Gelu-20, int16 QDQ-21);
+then, until nothing changes:
   * static input shapes (from ``--shape NAME=D1xD2..``, else the model's own static shapes; a
     dynamic input with no ``--shape`` is a :class:`ShapeError`);
   * ONNX shape inference, then constant and shape folding (graphsurgeon
@@ -55,9 +58,11 @@ class Canonicalize(Pass):
     """Static shapes, shape inference, constant/shape folding, no-op removal, topological order."""
 
     max_rounds = 6
+    opset = 23
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         apply_input_shapes(graph, ctx.option("shapes", {}))
+        graph = ir.upgrade_opset(graph, int(ctx.option("opset", self.opset)))
         for _ in range(self.max_rounds):
             before = (len(graph.nodes), sum(ir.static_shape(t) is None for t in graph.tensors().values()))
             ir.infer_shapes(graph)

@@ -45,7 +45,8 @@ def _demo_model() -> Path:
               help="Also write the graph after PASS to BUILD/after-PASS.onnx (repeatable).")
 @click.option("--demo", is_flag=True,
               help="Compile the built-in default: the full-size BK-SDM-Tiny U-Net at 512x512 (exported once, cached).")
-def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_after, demo):
+# Pass options: every option below this line reaches the passes as ctx.options[<parameter name>].
+def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_after, demo, **pass_options):
     """Compile an ONNX MODEL for a target and write a build folder.
 
     The build folder holds model.onnx (the compiled graph, runnable by onnxruntime) and
@@ -68,7 +69,7 @@ def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_afte
     output = output or Path("build") / model.stem
     click.echo(f"compiling {model} for {target}", err=True)
     result = edgefc.compile(model, target, output=output, passes=pass_list, shapes=shape_map, verify=verify,
-                            dump_after=list(dump_after) or None, progress=_progress)
+                            dump_after=list(dump_after) or None, options=pass_options, progress=_progress)
     for r in result.records:
         click.echo(f"  {r.name:<14} {r.seconds:8.2f} s  nodes {r.nodes_before} -> {r.nodes_after}")
     click.echo(f"wrote {result.output}/model.onnx and report.json")
