@@ -27,6 +27,9 @@ Graph = gs.Graph
 # Protobuf cannot serialise a message over 2 GiB; above this many bytes of weights we write the
 # weights as external data.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Tensors of at least this many bytes go to the external data file; smaller ones (shape constants)
+# stay inline, where shape inference can read them.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 
 def _read_model_proto(path: Path) -> onnx.ModelProto:
@@ -206,8 +209,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         if weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
             location = path.name + ".data"
             onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=1024)
-            os.replace(tmp / location, path.parent / location)
+                            location=location, size_threshold=EXTERNAL_TENSOR_MIN_BYTES)
+            if (tmp / location).exists():
+                os.replace(tmp / location, path.parent / location)
         else:
             onnx.save_model(model, str(tmp_model))
         os.replace(tmp_model, path)

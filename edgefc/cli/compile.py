@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -12,7 +13,9 @@ DEMO_CACHE = Path.home() / ".cache" / "edgefc" / "demo"
 
 
 def _progress(p):
-    click.echo(f"  pass {p.name} ...", err=True)
+    """Pass-by-pass progress on an interactive terminal (kept out of logs and pipes)."""
+    if sys.stderr.isatty():
+        click.echo(f"  pass {p.name} ...", err=True)
 
 
 def _demo_model() -> Path:
@@ -67,7 +70,6 @@ def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_afte
     if not model.exists():
         raise edgefc.ModelLoadError(f"model file not found: {model}")
     output = output or Path("build") / model.stem
-    click.echo(f"compiling {model} for {target}", err=True)
     result = edgefc.compile(model, target, output=output, passes=pass_list, shapes=shape_map, verify=verify,
                             dump_after=list(dump_after) or None, options=pass_options, progress=_progress)
     for r in result.records:
