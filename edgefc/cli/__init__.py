@@ -19,12 +19,14 @@ COMMANDS: dict[str, str] = {
     "compile": "edgefc.cli.compile:compile_cmd",
     "passes": "edgefc.cli.compile:passes_cmd",
     "export": "edgefc.cli.export:export_cmd",
+    "generate": "edgefc.cli.generate:generate_cmd",
 }
 
 SHORT_HELP: dict[str, str] = {
     "compile": "Compile an ONNX model for a target (passes + lowering).",
     "passes": "List the registered passes.",
     "export": "Export a text encoder / U-Net / VAE decoder from diffusers to ONNX.",
+    "generate": "Text-to-image: text encoder -> U-Net (LCM steps) -> VAE decoder, writes a PNG.",
 }
 
 
