@@ -1,0 +1,538 @@
+"""Text-to-image with the deployed components: text encoder -> U-Net (LCM steps) -> VAE decoder.
+
+This is the EdgeFusion deployment pipeline (paper Sec. 2: BK-SDM-Tiny U-Net, LCM-distilled to
+1, 2 or 4 steps), run on the CPU with onnxruntime on exactly the ONNX graphs edgefc compiles:
+
+1. the prompt is tokenised (:func:`edgefc.models.tokenizer.load_tokenizer`: the CLIP tokenizer
+   of a local diffusers folder, else the documented no-download byte-level fallback) and the
+   text encoder turns the 77 ids into ``last_hidden_state``;
+2. the U-Net denoises seeded Gaussian latents for ``steps`` LCM steps with diffusers'
+   ``LCMScheduler`` (``set_timesteps(steps)``; each ``step(...)`` gives ``denoised`` and, for
+   all but the last step, ``prev_sample`` with fresh noise, exactly as
+   ``LatentConsistencyModelPipeline`` does);
+3. the VAE decoder turns ``denoised / scaling_factor`` (0.18215 for the SD VAE) into the image,
+   which is written as a PNG (atomically: temporary file, then rename).
+
+Where the models come from:
+
+* ``build=DIR`` — compiled artifacts (``edgefc compile ... -o DIR/<component>``). ``DIR`` holds
+  one build folder per component, found by name (``DIR/text-encoder``, ``DIR/unet``,
+  ``DIR/vae-decoder``) or, for other names, by the inputs each build takes (``report.json``
+  ``inputs``, else the model's own inputs): ``sample`` + ``timestep`` + ``encoder_hidden_states``
+  is the U-Net, ``input_ids`` the text encoder, ``latent_sample`` the VAE decoder. Each build's
+  ``model.onnx`` runs in onnxruntime. The image size is the build's.
+* otherwise — the exported ONNX of :func:`edgefc.models.export.export_component`: random-weight
+  built-in models of ``arch``/``scale`` or a local diffusers folder (``weights``), exported once
+  into ``$EDGEFC_CACHE/<arch>-<scale>-<H>x<W>/`` (default cache ``~/.cache/edgefc/models``;
+  ``weights-<hash>-<H>x<W>/`` for a weights folder) and reused by later runs.
+
+Guidance: LCM-distilled U-Nets take the guidance scale as an embedding (``timestep_cond``, when
+the U-Net config has ``time_cond_proj_dim``) so one U-Net pass per step suffices. The exported
+U-Net (the fixed interface: ``sample``, ``timestep``, ``encoder_hidden_states``) has no such
+input, so here ``guidance`` is classic classifier-free guidance: with ``guidance > 1`` every
+step also runs the U-Net on the empty prompt's embedding and uses
+``uncond + guidance * (cond - uncond)`` (twice the U-Net work); ``guidance = 1`` (default)
+runs one U-Net pass per step, which is how EdgeFusion is deployed and what Table 7 prices.
+
+With ``target`` (``exynos2400``) the modelled NPU time of each component comes from the
+target's cost model (:mod:`edgefc.targets`), priced at the paper's deployed precisions (text
+encoder and VAE decoder FP16, U-Net W8A16), per invocation and times the invocations this run
+made, like the paper's Table 7.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgefc.errors import BuildError, EdgefcError, ExportError
+from edgefc.models import configs
+
+COMPONENTS = ("text-encoder", "unet", "vae-decoder")
+LABELS = {"text-encoder": "text encoder", "unet": "U-Net", "vae-decoder": "VAE decoder"}
+STEPS = (1, 2, 4)
+#: Image height and width must be multiples of this (the SD-v1.5 U-Net downsamples the 1/8
+#: latent three times; one rule for every arch keeps builds interchangeable).
+SIZE_MULTIPLE = 64
+#: The SD VAE's latent scaling factor (diffusers ``AutoencoderKL.config.scaling_factor``).
+VAE_SCALING = 0.18215
+#: Precision each component is deployed at in the paper (Sec. 2.3, Table 7), for the NPU timing.
+DEPLOYED_PRECISION = {"text-encoder": "fp16", "unet": "w8a16", "vae-decoder": "fp16"}
+#: Inputs that identify a component (HELPERS_BRIEF "Component detection").
+_SIGNATURES = (
+    ("unet", {"sample", "timestep", "encoder_hidden_states"}),
+    ("text-encoder", {"input_ids"}),
+    ("vae-decoder", {"latent_sample"}),
+)
+
+
+class GenerateError(EdgefcError):
+    """Bad ``edgefc generate`` arguments (steps, size, guidance, output path)."""
+
+
+# --- component detection and build folders ------------------------------------------------------
+
+def detect_component(input_names) -> str | None:
+    """The component a model is, from its input names (None if it matches none)."""
+    names = set(input_names)
+    for component, needed in _SIGNATURES:
+        if needed <= names:
+            return component
+    return None
+
+
+def _onnx_inputs(path: Path) -> dict[str, tuple[list[int], str]]:
+    """Real graph inputs of an ONNX file: name -> (shape, numpy dtype name); weights are not read."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a broken build file
+        raise BuildError(f"cannot read {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    init = {t.name for t in model.graph.initializer}
+    out = {}
+    for i in model.graph.input:
+        if i.name in init:
+            continue
+        tt = i.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        out[i.name] = (shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).name)
+    return out
+
+
+def build_inputs(build: Path) -> dict[str, list[int]]:
+    """Input name -> shape of a build folder: from ``report.json`` ``inputs``, else ``model.onnx``."""
+    report = build / "report.json"
+    if report.is_file():
+        try:
+            data = json.loads(report.read_text())
+            inputs = {i["name"]: list(i.get("shape") or []) for i in data.get("inputs") or []}
+            if inputs:
+                return inputs
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # an unreadable report: the model itself still says what it takes
+    return {name: shape for name, (shape, _) in _onnx_inputs(build / "model.onnx").items()}
+
+
+def find_builds(build_dir: str | os.PathLike) -> dict[str, Path]:
+    """Component -> build folder inside ``build_dir`` (see the module docstring for the layout).
+
+    Raises :class:`~edgefc.errors.BuildError` when ``build_dir`` is missing, a component has no
+    build, or two unnamed builds claim the same component.
+    """
+    root = Path(build_dir).expanduser()
+    if not root.is_dir():
+        raise BuildError(f"build folder {str(root)!r} does not exist or is not a folder.")
+    found: dict[str, Path] = {}
+    for component in COMPONENTS:
+        sub = root / component
+        if (sub / "model.onnx").is_file():
+            kind = detect_component(build_inputs(sub))
+            if kind != component:
+                raise BuildError(f"build {str(sub)!r} is named {component} but its inputs "
+                                 f"{sorted(build_inputs(sub))} are not a {component}'s.")
+            found[component] = sub
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in COMPONENTS):
+        if not (sub / "model.onnx").is_file():
+            continue
+        kind = detect_component(build_inputs(sub))
+        if kind is None or kind in found and found[kind].name == kind:
+            continue  # a named build of that component wins
+        if kind in found:
+            raise BuildError(f"build folder {str(root)!r} has two {kind} builds ({found[kind].name}, {sub.name}); "
+                             f"name the one to use {kind}/.")
+        found[kind] = sub
+    missing = [c for c in COMPONENTS if c not in found]
+    if missing:
+        c = missing[0]
+        raise BuildError(f"build folder {str(root)!r} has no {c} build (expected {c}/model.onnx, or a build "
+                         f"whose inputs are {', '.join(sorted(dict(_SIGNATURES)[c]))}).")
+    return found
+
+
+# --- the export cache ---------------------------------------------------------------------------
+
+def cache_root() -> Path:
+    """``$EDGEFC_CACHE`` if set, else ``~/.cache/edgefc/models``."""
+    env = os.environ.get("EDGEFC_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgefc" / "models"
+
+
+def _weights_key(weights: Path) -> str:
+    """Short hash of a weights folder's path and its files' sizes and times (a changed folder re-exports)."""
+    h = hashlib.sha1(str(weights.resolve()).encode())
+    for sub in ("text_encoder", "unet", "vae"):
+        for f in sorted((weights / sub).glob("*")):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{sub}/{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def export_dir(arch: str, scale: str, height: int, width: int, weights: Path | None = None) -> Path:
+    """The cache folder of one exported model set."""
+    name = f"weights-{_weights_key(weights)}" if weights is not None else f"{arch}-{scale}"
+    return cache_root() / f"{name}-{height}x{width}"
+
+
+def ensure_exports(arch: str, scale: str, height: int, width: int, weights: Path | None = None,
+                   progress: bool = True) -> dict[str, Path]:
+    """Component -> exported ONNX in the cache, exporting what is not there yet."""
+    from edgefc.models.export import export_component
+
+    folder = export_dir(arch, scale, height, width, weights)
+    paths = {}
+    for component in COMPONENTS:
+        path = folder / f"{component}.onnx"
+        if not path.is_file():
+            _say(progress, f"exporting {LABELS[component]} once into the cache: {path}")
+            export_component(component, arch, path, weights=weights, height=height, width=width,
+                             scale=scale, seed=0, progress=progress)
+        paths[component] = path
+    return paths
+
+
+# --- planning (all checks before any work) ------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What a :func:`generate` call will do, resolved and checked before any model runs."""
+
+    prompt: str
+    steps: int
+    output: Path
+    height: int
+    width: int
+    seed: int
+    guidance: float
+    arch: str
+    scale: str
+    weights: Path | None
+    builds: dict[str, Path] | None  # component -> build folder (None: exported models)
+    models: dict[str, Path] | None  # component -> model file, once known (builds: at plan time)
+    target: str | None
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance > 1.0
+
+    @property
+    def runs(self) -> dict[str, int]:
+        """Invocations per component (the text encoder and U-Net run twice with guidance > 1)."""
+        k = 2 if self.cfg else 1
+        return {"text-encoder": k, "unet": k * self.steps, "vae-decoder": 1}
+
+    @property
+    def export_dir(self) -> Path | None:
+        if self.builds is not None:
+            return None
+        return export_dir(self.arch, self.scale, self.height, self.width, self.weights)
+
+
+def _check_size(name: str, value: int) -> int:
+    if value <= 0 or value % SIZE_MULTIPLE:
+        raise GenerateError(f"--{name} {value} is not a positive multiple of {SIZE_MULTIPLE}.")
+    return value
+
+
+def default_size(scale: str) -> int:
+    """Image height and width when none is given: 512 at full scale, 64 at tiny scale."""
+    return configs.DEFAULT_IMAGE_SIZE[scale]
+
+
+def _check_weights(weights, need_models: bool) -> Path | None:
+    if weights is None:
+        return None
+    root = Path(weights).expanduser()
+    if not root.is_dir():
+        raise ExportError(f"weights folder {str(root)!r} does not exist or is not a folder.")
+    need = ["tokenizer"] + (["text_encoder", "unet", "vae"] if need_models else [])
+    for sub in need:
+        marker = ("vocab.json", "merges.txt") if sub == "tokenizer" else ("config.json",)
+        if not all((root / sub / m).is_file() for m in marker):
+            raise ExportError(f"weights folder {str(root)!r} has no {sub}/ with {' and '.join(marker)} "
+                              f"(expected a diffusers pipeline folder).")
+    return root
+
+
+def _build_shapes(builds: dict[str, Path]) -> tuple[int, int]:
+    """Image size implied by the builds; checks that the three builds chain."""
+    shapes = {c: build_inputs(b) for c, b in builds.items()}
+    sample = shapes["unet"]["sample"]
+    latent = shapes["vae-decoder"]["latent_sample"]
+    ehs = shapes["unet"]["encoder_hidden_states"]
+    ids = shapes["text-encoder"]["input_ids"]
+    for name, shape, rank in (("unet sample", sample, 4), ("vae-decoder latent_sample", latent, 4),
+                              ("unet encoder_hidden_states", ehs, 3), ("text-encoder input_ids", ids, 2)):
+        if len(shape) != rank or any(d is None or d <= 0 for d in shape):
+            raise BuildError(f"the {name} input of the build has no static shape ({shape}); "
+                             "compile the exported model (static shapes) instead.")
+    if list(sample[2:]) != list(latent[2:]):
+        raise BuildError(f"the U-Net build's latent {sample[2]}x{sample[3]} does not match the VAE decoder build's "
+                         f"{latent[2]}x{latent[3]}; compile both for the same image size.")
+    if ids[1] != ehs[1]:
+        raise BuildError(f"the text encoder build takes {ids[1]} tokens but the U-Net build expects {ehs[1]}.")
+    return sample[2] * 8, sample[3] * 8
+
+
+def plan(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.png", build=None, weights=None,
+         seed: int = 0, guidance: float = 1.0, height: int | None = None, width: int | None = None,
+         scale: str = "full", arch: str = "bk-sdm-tiny", target: str | None = None) -> Plan:
+    """Resolve and check every argument of :func:`generate` without running or exporting anything."""
+    if steps not in STEPS:
+        raise GenerateError(f"--steps {steps} is not one of {', '.join(map(str, STEPS))} "
+                            "(the LCM step counts EdgeFusion is distilled for).")
+    if not guidance >= 1.0:
+        raise GenerateError(f"--guidance {guidance} is below 1 (1 = no classifier-free guidance).")
+    if scale not in configs.SCALES:
+        raise GenerateError(f"unknown --scale {scale!r}; expected one of {', '.join(configs.SCALES)}.")
+    if arch not in configs.ARCHS:
+        raise GenerateError(f"unknown --arch {arch!r}; expected one of {', '.join(configs.ARCHS)}.")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            _check_size(name, int(value))
+    out = Path(output).expanduser()
+    if out.suffix.lower() != ".png":
+        raise GenerateError(f"output {str(out)!r} must end in .png.")
+    if out.is_dir():
+        raise GenerateError(f"output {str(out)!r} is a folder; give a file name ending in .png.")
+    if not out.parent.is_dir():
+        raise GenerateError(f"output folder {str(out.parent)!r} does not exist.")
+    if target is not None:
+        from edgefc.target import get_target
+
+        get_target(target)  # unknown target: TargetError before any work
+    if weights is not None and scale != "full" and build is None:
+        raise GenerateError("--scale tiny builds random weights and cannot be combined with --weights.")
+    wroot = _check_weights(weights, need_models=build is None)
+
+    builds = models = None
+    if build is not None:
+        builds = find_builds(build)
+        bh, bw = _build_shapes(builds)
+        for name, given, have in (("height", height, bh), ("width", width, bw)):
+            if given is not None and int(given) != have:
+                raise GenerateError(f"--{name} {given} does not match the build's image {name} {have}; "
+                                    "leave it out or compile for that size.")
+        height, width = bh, bw
+        models = {c: b / "model.onnx" for c, b in builds.items()}
+    else:
+        height = int(height) if height is not None else default_size(scale)
+        width = int(width) if width is not None else default_size(scale)
+    return Plan(prompt=prompt, steps=steps, output=out, height=height, width=width, seed=int(seed),
+                guidance=float(guidance), arch=arch, scale=scale, weights=wroot, builds=builds,
+                models=models, target=target)
+
+
+# --- running ------------------------------------------------------------------------------------
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+class Runner:
+    """One component's model in an onnxruntime CPU session (graph optimisations on)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, component: str, path: Path):
+        import onnxruntime as ort
+
+        self.component, self.path = component, Path(path)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BuildError(f"onnxruntime cannot load {self.path}: {first}") from None
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        typed = {}
+        for name, value in feeds.items():
+            want = _ORT_TYPES.get(self.inputs[name].type, value.dtype)
+            typed[name] = np.ascontiguousarray(value, dtype=want)
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, typed)))
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32}
+
+
+def open_runner(component: str, path: Path) -> Runner:
+    """The session a component runs in (tests replace this to see which files are loaded)."""
+    return Runner(component, path)
+
+
+def load_scheduler(weights: Path | None):
+    """diffusers' ``LCMScheduler``: the weights folder's scheduler config when it has one, else the
+    LCM defaults (SD-v1 betas: scaled_linear 0.00085..0.012 over 1000 steps, 50 original steps)."""
+    from diffusers import LCMScheduler
+
+    if weights is not None and (weights / "scheduler" / "scheduler_config.json").is_file():
+        config = json.loads((weights / "scheduler" / "scheduler_config.json").read_text())
+        return LCMScheduler.from_config(config)  # another scheduler's config: its compatible keys
+    return LCMScheduler()
+
+
+def vae_scaling(weights: Path | None) -> float:
+    if weights is not None and (weights / "vae" / "config.json").is_file():
+        return float(json.loads((weights / "vae" / "config.json").read_text()).get("scaling_factor", VAE_SCALING))
+    return VAE_SCALING
+
+
+def to_image(sample: np.ndarray) -> np.ndarray:
+    """VAE output [1, 3, H, W] in [-1, 1] -> uint8 [H, W, 3] (as diffusers' image processor)."""
+    x = np.clip(sample[0].transpose(1, 2, 0).astype(np.float64) / 2 + 0.5, 0.0, 1.0)
+    return np.round(x * 255).astype(np.uint8)
+
+
+def write_png(image: np.ndarray, output: Path) -> Path:
+    """Write ``image`` as a PNG at ``output`` atomically (temporary file beside it, then rename)."""
+    from PIL import Image
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(image, "RGB").save(f, format="PNG")
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return output
+
+
+@dataclass
+class GenerateResult:
+    output: Path
+    image: np.ndarray  # uint8 [H, W, 3]
+    plan: Plan
+    models: dict[str, Path]  # component -> the model file that ran
+    backends: dict[str, str]  # component -> "onnxruntime"
+    tokenizer: str  # "clip" or "fallback"
+    timesteps: list[int]
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
+    npu: dict | None = None  # modelled NPU time (see npu_times)
+
+
+def _stage(progress: bool, i: int, what: str) -> float:
+    _say(progress, f"[{i}/4] {what}")
+    return time.perf_counter()
+
+
+def generate(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.png", build=None, weights=None,
+             seed: int = 0, guidance: float = 1.0, height: int | None = None, width: int | None = None,
+             scale: str = "full", arch: str = "bk-sdm-tiny", target: str | None = None,
+             progress: bool = True) -> GenerateResult:
+    """Generate one image for ``prompt`` and write it to ``output`` (PNG). See the module docstring."""
+    p = plan(prompt, steps=steps, output=output, build=build, weights=weights, seed=seed, guidance=guidance,
+             height=height, width=width, scale=scale, arch=arch, target=target)
+    return run_plan(p, progress=progress)
+
+
+def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
+    """Run a checked :class:`Plan`."""
+    import torch
+
+    from edgefc.models.tokenizer import load_tokenizer
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    if p.builds is not None:
+        models = dict(p.models)
+        _say(progress, "using the compiled builds: " + ", ".join(f"{c} {b}" for c, b in p.builds.items()))
+    else:
+        models = ensure_exports(p.arch, p.scale, p.height, p.width, p.weights, progress=progress)
+        _say(progress, f"using the exported models in {p.export_dir}")
+    seconds["prepare"] = time.perf_counter() - t
+    backends: dict[str, str] = {}
+
+    # 1. text encoder
+    t = _stage(progress, 1, f"text encoder ({models['text-encoder']})")
+    tokenizer = load_tokenizer(p.weights)
+    if tokenizer.kind == "fallback":
+        _say(progress, "      tokenizer: byte-level fallback (no vocabulary file; see edgefc.models.tokenizer)")
+    texts = [p.prompt] + ([""] if p.cfg else [])
+    runner = open_runner("text-encoder", models["text-encoder"])
+    backends["text-encoder"] = runner.backend
+    ids = tokenizer.encode(texts)
+    n_tokens = runner.inputs["input_ids"].shape[1] if len(runner.inputs["input_ids"].shape) > 1 else None
+    if isinstance(n_tokens, int) and n_tokens != ids.shape[1]:
+        raise BuildError(f"the text encoder takes {n_tokens} tokens; the tokenizer gives {ids.shape[1]}.")
+    embeds = [runner.run({"input_ids": ids[i:i + 1]})["last_hidden_state"].astype(np.float32)
+              for i in range(len(texts))]
+    del runner
+    seconds["text-encoder"] = time.perf_counter() - t
+
+    # 2. U-Net with the LCM scheduler
+    t = _stage(progress, 2, f"U-Net, {p.steps} LCM step{'s' if p.steps > 1 else ''}"
+                            f"{f', classifier-free guidance {p.guidance:g}' if p.cfg else ''} ({models['unet']})")
+    runner = open_runner("unet", models["unet"])
+    backends["unet"] = runner.backend
+    sample_shape = [int(d) for d in runner.inputs["sample"].shape]
+    ehs_dim = runner.inputs["encoder_hidden_states"].shape[-1]
+    if isinstance(ehs_dim, int) and ehs_dim != embeds[0].shape[-1]:
+        raise BuildError(f"the U-Net expects text embeddings of width {ehs_dim} but the text encoder gives "
+                         f"{embeds[0].shape[-1]}; use components of the same model.")
+    scheduler = load_scheduler(p.weights)
+    scheduler.set_timesteps(p.steps)
+    generator = torch.Generator().manual_seed(p.seed)
+    latents = torch.randn(sample_shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+    denoised = latents
+    timesteps = [int(x) for x in scheduler.timesteps]
+    bar = _bar(progress, len(timesteps), "LCM steps")
+    for step_t in scheduler.timesteps:
+        feeds = {"sample": latents.numpy(), "timestep": np.array([int(step_t)], dtype=np.int64)}
+        eps = runner.run({**feeds, "encoder_hidden_states": embeds[0]})["out_sample"]
+        if p.cfg:
+            uncond = runner.run({**feeds, "encoder_hidden_states": embeds[1]})["out_sample"]
+            eps = uncond + p.guidance * (eps - uncond)
+        out = scheduler.step(torch.from_numpy(np.asarray(eps, dtype=np.float32)), step_t, latents,
+                             generator=generator)
+        latents, denoised = out.prev_sample, out.denoised
+        if bar is not None:
+            bar.set_postfix_str(f"t={int(step_t)}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    del runner
+    seconds["unet"] = time.perf_counter() - t
+
+    # 3. VAE decoder
+    t = _stage(progress, 3, f"VAE decoder ({models['vae-decoder']})")
+    runner = open_runner("vae-decoder", models["vae-decoder"])
+    backends["vae-decoder"] = runner.backend
+    z = (denoised / vae_scaling(p.weights)).numpy()
+    sample = runner.run({"latent_sample": z})["sample"]
+    del runner
+    seconds["vae-decoder"] = time.perf_counter() - t
+
+    # 4. image
+    t = _stage(progress, 4, f"write {p.output}")
+    image = to_image(np.asarray(sample, dtype=np.float32))
+    write_png(image, p.output)
+    seconds["write"] = time.perf_counter() - t
+
+    result = GenerateResult(output=p.output, image=image, plan=p, models=models, backends=backends,
+                            tokenizer=tokenizer.kind, timesteps=timesteps, seconds=seconds)
+    return result
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"      {desc}", file=sys.stderr, leave=True)
