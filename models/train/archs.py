@@ -13,6 +13,9 @@ with seeded random weights:
 * ``tiny`` -- the same topology (same block types, mid block, 2 layers per block, an 8x VAE)
   with small widths, for tests and worked examples on a CPU.
 
+The configs are those of ``edgefc export`` (``edgefc.models.configs``, ``sd-v1.5`` at scale
+``full`` / ``tiny``), so what is trained here exports with the same topology.
+
 Students (``--student-arch``):
 
 * ``bk-sdm-tiny`` -- the teacher's config with BK-SDM-Tiny's block removal applied (Kim et al.,
@@ -36,7 +39,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefc.models.train.common import TrainingError
+from edgefc.models.configs import get_config
+from edgefc.models.train.errors import TrainingError
 
 TEACHER_ARCHS = ("sd-v1.5", "tiny")
 STUDENT_ARCHS = ("bk-sdm-tiny", "tiny")
@@ -49,68 +53,15 @@ SD_SCHEDULER = dict(
     beta_schedule="scaled_linear",
     prediction_type="epsilon",
     clip_sample=False,
-    set_alpha_to_one=False,
     steps_offset=1,
 )
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    block_out_channels=[320, 640, 1280, 1280],
-    layers_per_block=2,
-    attention_head_dim=8,
-    cross_attention_dim=768,
-    norm_num_groups=32,
-)
 
-TINY_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    block_out_channels=[32, 64, 64],
-    layers_per_block=2,
-    attention_head_dim=2,
-    cross_attention_dim=32,
-    norm_num_groups=32,
-)
-
-SD15_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=1,
-)
-TINY_TEXT = dict(SD15_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 projection_dim=32)
-
-SD15_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[128, 256, 512, 512],
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-    scaling_factor=0.18215,
-)
-TINY_VAE = dict(SD15_VAE, block_out_channels=[16, 16, 32, 32], layers_per_block=1, norm_num_groups=8,
-                sample_size=64)
+def _arch_configs(teacher_arch: str) -> tuple[dict, dict, dict]:
+    """(U-Net, text encoder, VAE) constructor keywords; shared with ``edgefc export`` (configs.py)."""
+    scale = "full" if teacher_arch == "sd-v1.5" else "tiny"
+    return (get_config("unet", "sd-v1.5", scale), get_config("text-encoder", "sd-v1.5", scale),
+            get_config("vae-decoder", "sd-v1.5", scale))
 
 
 def bk_sdm_tiny_config(teacher: dict) -> dict:
@@ -134,7 +85,6 @@ def bk_sdm_tiny_config(teacher: dict) -> dict:
     return cfg
 
 
-TINY_STUDENT_UNET = bk_sdm_tiny_config(TINY_UNET)
 
 
 @dataclass
@@ -184,9 +134,7 @@ def build_teacher(teacher_dir: str | Path | None, teacher_arch: str | None, seed
         return Components(unet, text_encoder, vae, load_tokenizer(root), sched, str(root))
     if teacher_arch not in TEACHER_ARCHS:
         raise TrainingError(f"unknown teacher arch {teacher_arch!r}; choose one of {', '.join(TEACHER_ARCHS)}.")
-    unet_cfg, text_cfg, vae_cfg = (
-        (SD15_UNET, SD15_TEXT, SD15_VAE) if teacher_arch == "sd-v1.5" else (TINY_UNET, TINY_TEXT, TINY_VAE)
-    )
+    unet_cfg, text_cfg, vae_cfg = _arch_configs(teacher_arch)
     torch.manual_seed(seed)
     unet = _unet_from_config(unet_cfg)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
@@ -199,7 +147,7 @@ def student_config(student_arch: str, teacher_cfg: dict) -> dict:
     if student_arch == "bk-sdm-tiny":
         return bk_sdm_tiny_config(teacher_cfg)
     if student_arch == "tiny":
-        return copy.deepcopy(TINY_STUDENT_UNET)
+        return get_config("unet", "bk-sdm-tiny", "tiny")
     raise TrainingError(f"unknown student arch {student_arch!r}; choose one of {', '.join(STUDENT_ARCHS)}.")
 
 
