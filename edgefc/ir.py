@@ -157,14 +157,50 @@ def _skeleton(model: onnx.ModelProto, min_bytes: int = 1024) -> onnx.ModelProto:
     return sk
 
 
+def _constant_nbytes(t: gs.Constant) -> int:
+    shape = t.shape or ()
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+
+
+def skeleton_model(graph: gs.Graph, min_bytes: int = 1024) -> onnx.ModelProto:
+    """Export ``graph`` without its large weights, fast: constants of ``min_bytes`` or more become
+    graph inputs of the same type and shape. For shape inference and the version converter, which
+    need dims and small shape constants but not the weights (a full export of a 1.3 GB U-Net
+    copies every weight several times)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter as E
+    from onnx_graphsurgeon.exporters.onnx_exporter import update_import_domains
+
+    tensors = graph.tensors()
+    inputs = [E.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
+    initializer = []
+    for t in tensors.values():
+        if not isinstance(t, gs.Constant):
+            continue
+        if _constant_nbytes(t) < min_bytes:
+            initializer.append(E.export_tensor_proto(t))
+        else:
+            inputs.append(onnx.helper.make_tensor_value_info(
+                t.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), list(t.shape)))
+    outputs = [E.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
+    boundary = {t.name for t in graph.inputs + graph.outputs}
+    value_info = [E.export_value_info_proto(t, do_type_check=False) for t in tensors.values()
+                  if isinstance(t, gs.Variable) and t.name not in boundary and (t.dtype is not None or t.shape is not None)]
+    g = onnx.helper.make_graph([E.export_node(n) for n in graph.nodes], graph.name or "graph", inputs, outputs,
+                               initializer=initializer, value_info=value_info)
+    model = onnx.helper.make_model(g, opset_imports=update_import_domains(graph),
+                                   functions=[E.export_function(f) for f in graph.functions])
+    if graph.ir_version is not None:
+        model.ir_version = graph.ir_version
+    return model
+
+
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
     """Run ONNX shape inference (with data propagation) and write the results into ``graph``.
 
-    Works for models over 2 GB: the weights are left out of the proto that is inferred.
+    Runs on a weight-free skeleton of the graph, so it is fast and works for models over 2 GB.
     """
-    model = gs.export_onnx(graph, do_type_check=False)
     try:
-        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton_model(graph), strict_mode=False, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise ShapeError(f"shape inference failed: {str(e).splitlines()[0]}") from None
     infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
@@ -220,9 +256,55 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return path
 
 
+def _raw_bytes(t: gs.Constant):
+    """The constant's bytes in ONNX raw layout, without a numpy round trip when still lazy."""
+    lazy = t._values
+    if isinstance(lazy, gs.ir.tensor.LazyValues) and lazy.tensor.HasField("raw_data") \
+            and not external_data_helper.uses_external_data(lazy.tensor):
+        return lazy.tensor.raw_data
+    return memoryview(np.ascontiguousarray(t.values)).cast("B")
+
+
 def save(graph: gs.Graph, path: str | os.PathLike) -> Path:
-    """Write a graph as an ONNX file (external data when large)."""
-    return save_model(to_model(graph), path)
+    """Write a graph as an ONNX file; with over EXTERNAL_DATA_THRESHOLD bytes of weights, the
+    weights go to ``<name>.data`` beside it, streamed straight from the graph's arrays (no
+    in-memory proto of the whole model). Atomic: a temporary name is renamed at the end."""
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    if sum(_constant_nbytes(t) for t in constants) < EXTERNAL_DATA_THRESHOLD:
+        return save_model(to_model(graph), path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".edgefc-save-", dir=path.parent))
+    try:
+        model = skeleton_model(graph, EXTERNAL_TENSOR_MIN_BYTES)
+        large = {t.name: t for t in constants if _constant_nbytes(t) >= EXTERNAL_TENSOR_MIN_BYTES}
+        keep = [i for i in model.graph.input if i.name not in large]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        location = path.name + ".data"
+        offset = 0
+        with open(tmp / location, "wb") as f:
+            for name, t in large.items():
+                data = _raw_bytes(t)
+                pad = (-offset) % 64  # align each tensor
+                f.write(b"\0" * pad)
+                offset += pad
+                f.write(data)
+                proto = model.graph.initializer.add()
+                proto.name = name
+                proto.dims.extend(t.shape)
+                proto.data_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+                proto.data_location = onnx.TensorProto.EXTERNAL
+                for k, v in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                    e = proto.external_data.add()
+                    e.key, e.value = k, v
+                offset += len(data)
+        onnx.save_model(model, str(tmp / path.name))
+        os.replace(tmp / location, path.parent / location)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
@@ -243,23 +325,24 @@ def opset_version(graph: gs.Graph, domain: str = "") -> int:
 def upgrade_opset(graph: gs.Graph, version: int) -> gs.Graph:
     """Convert the graph's standard-domain ops to opset ``version`` with ONNX's version converter.
 
-    The converter runs on a weight-free skeleton (weights travel as graph inputs), so models
-    over 2 GB convert too; the weights are put back afterwards. No-op if already at ``version``.
+    The converter runs on the weight-free skeleton (weights travel as graph inputs), so models
+    over 2 GB convert too; the weight constants are put back afterwards. No-op if already there.
     """
     from onnx import version_converter
 
     if int(graph.opset) >= version:
         return graph
-    model = to_model(graph)
-    sk = _skeleton(model)
-    moved = {i.name for i in sk.graph.input} - {i.name for i in model.graph.input}
+    constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    real_inputs = {t.name for t in graph.inputs}
     try:
-        converted = version_converter.convert_version(sk, version)
+        converted = version_converter.convert_version(skeleton_model(graph), version)
     except Exception as e:  # the converter raises plain RuntimeErrors
         raise ShapeError(f"cannot convert the model from opset {graph.opset} to {version}: "
                          f"{str(e).strip().splitlines()[0]}") from None
-    keep = [i for i in converted.graph.input if i.name not in moved]
-    del converted.graph.input[:]
-    converted.graph.input.extend(keep)
-    converted.graph.initializer.extend(t for t in model.graph.initializer if t.name in moved)
-    return gs.import_onnx(converted)
+    new = gs.import_onnx(converted)
+    new.inputs = [t for t in new.inputs if t.name in real_inputs]
+    for node in new.nodes:
+        for i, t in enumerate(node.inputs):
+            if isinstance(t, gs.Variable) and t.name in constants:
+                node.inputs[i] = constants[t.name]
+    return new
