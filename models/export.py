@@ -22,6 +22,7 @@ into a temporary folder next to it and renamed into place.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import sys
@@ -66,6 +67,9 @@ def _import_backends():
             mods[name] = __import__(name)
         except ImportError:
             missing.append(name)
+    if not missing:  # their own warnings would add lines around our one-line errors
+        mods["diffusers"].utils.logging.set_verbosity_error()
+        mods["transformers"].utils.logging.set_verbosity_error()
     if missing:
         raise ExportError(
             f"exporting needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
@@ -212,13 +216,24 @@ def build_model(component: str, arch: str, *, weights=None, height: int | None =
 
 def _load(sub: Path, loader):
     """Run a from_pretrained call; a broken folder is the user's error, in one sentence."""
+    import diffusers
+    import transformers
+
+    levels = [lib.utils.logging.get_verbosity() for lib in (diffusers, transformers)]
     try:
+        # diffusers logs an error line of its own before raising; ours is the one line shown
+        diffusers.utils.logging.set_verbosity(50)
+        transformers.utils.logging.set_verbosity(50)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return loader()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"cannot load weights from {str(sub)!r}: {first}") from None
+        first = first.removeprefix("Error ").rstrip(".")
+        raise ExportError(f"cannot load weights from {str(sub)!r}: {first}.") from None
+    finally:
+        diffusers.utils.logging.set_verbosity(levels[0])
+        transformers.utils.logging.set_verbosity(levels[1])
 
 
 def count_parameters(path: str | os.PathLike) -> int:
@@ -243,10 +258,12 @@ def _consolidate_external_data(onnx_path: Path, data_name: str) -> bool:
     has external data.
     """
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, set_external_data
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
     folder = onnx_path.parent
+    if [p for p in folder.iterdir() if p != onnx_path] == []:
+        return False  # the exporter wrote one self-contained file (under 2 GB)
+    model = onnx.load(str(onnx_path), load_external_data=False)
     tensors = [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     if not tensors:
         return False
@@ -266,7 +283,9 @@ def _consolidate_external_data(onnx_path: Path, data_name: str) -> bool:
             offset += pad
             out.write(data)
             del tensor.external_data[:]
-            set_external_data(tensor, location=data_name, offset=offset, length=len(data))
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
             offset += len(data)
     onnx.save(model, str(onnx_path))
     for f in old_files:
@@ -335,7 +354,8 @@ def export_component(component: str, arch: str, output: str | os.PathLike, *, we
                 input_names=INPUT_NAMES[component], output_names=OUTPUT_NAMES[component],
                 opset_version=OPSET, dynamo=False, do_constant_folding=True,
             )
-        del module
+        del module, inputs
+        gc.collect()
         _echo(progress, f"      done [{time.perf_counter() - t1:.1f} s]")
 
         t2 = time.perf_counter()
@@ -343,7 +363,7 @@ def export_component(component: str, arch: str, output: str | os.PathLike, *, we
         external = _consolidate_external_data(tmp_onnx, data_name)
         import onnx
 
-        onnx.checker.check_model(str(tmp_onnx))
+        onnx.checker.check_model(str(tmp_onnx))  # by path: never loads the external data
         final_params = count_parameters(tmp_onnx)
         size = sum(f.stat().st_size for f in tmpdir.iterdir())
         _echo(progress, f"[3/3] save {output}{' + ' + data_name if external else ''} "
