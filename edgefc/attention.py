@@ -1,8 +1,28 @@
-"""What the tiling solver and the cost model agree an attention block is (paper Sec. 2.3)."""
+"""What the tiling solver and the cost model agree an attention block is (paper Sec. 2.3).
+
+One fused attention (ONNX ``Attention``-23 in the 3D form, or the edgefc ``TiledAttention`` that
+model-level tiling emits) is described by an :class:`AttentionSpec`; how it is split is a
+:class:`Tiling`. The helpers below fix, in one place, the conventions both sides use:
+
+* rows are padded to the tensor engine's row granularity ``G`` (``target.row_granularity``,
+  default :data:`DEFAULT_ROW_GRANULARITY`): ``padded_rows = ceil(q_len / G) * G``;
+* a tiling with ``row_tiles = r`` splits the padded rows into ``r`` equal tiles of
+  ``padded_rows / r`` rows, so ``r`` divides ``padded_rows / G`` and every tile is a whole
+  number of granules (the last tile holds the padding);
+* ``head_tiles = h`` splits the heads into ``h`` groups of ``heads / h`` consecutive heads, so
+  ``h`` divides ``heads``;
+* tile ``t`` (0-based) is row tile ``t // h``, head group ``t % h``.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
+
+# Rows per tensor-engine pass when the target does not say (``row_granularity``).
+DEFAULT_ROW_GRANULARITY = 16
 
 
 @dataclass(frozen=True)
@@ -33,3 +53,100 @@ class Tiling:
     @property
     def tiles(self) -> int:
         return self.row_tiles * self.head_tiles
+
+
+def row_granularity(target) -> int:
+    """The target's row granularity (``target.row_granularity``), else :data:`DEFAULT_ROW_GRANULARITY`."""
+    g = getattr(target, "row_granularity", None) if target is not None else None
+    if isinstance(g, (int, np.integer)) and not isinstance(g, bool) and g > 0:
+        return int(g)
+    return DEFAULT_ROW_GRANULARITY
+
+
+def padded_rows(q_len: int, granularity: int) -> int:
+    """Query rows padded up to a whole number of granules."""
+    return -(-q_len // granularity) * granularity
+
+
+def tile_rows(spec: AttentionSpec, tiling: Tiling, granularity: int) -> int:
+    """Rows of one query-row tile (padded; a multiple of ``granularity``)."""
+    rows = padded_rows(spec.q_len, granularity)
+    if rows % (tiling.row_tiles * granularity):
+        raise ValueError(f"{tiling.row_tiles} row tiles do not split {rows} padded rows into granules of {granularity}")
+    return rows // tiling.row_tiles
+
+
+def heads_per_tile(spec: AttentionSpec, tiling: Tiling) -> int:
+    """Heads in one head group."""
+    if spec.heads % tiling.head_tiles:
+        raise ValueError(f"{tiling.head_tiles} head tiles do not divide {spec.heads} heads")
+    return spec.heads // tiling.head_tiles
+
+
+def divisors(n: int) -> list[int]:
+    """Positive divisors of ``n`` in increasing order."""
+    small, large = [], []
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            small.append(d)
+            if d != n // d:
+                large.append(n // d)
+    return small + large[::-1]
+
+
+def _attr(node, name, default=None):
+    value = node.attrs.get(name, default)
+    return value
+
+
+def is_attention(node) -> bool:
+    """Whether a graphsurgeon node is a fused attention: ``Attention`` (standard domain) or edgefc ``TiledAttention``."""
+    return ((node.op == "Attention" and (node.domain or "") in ("", "ai.onnx"))
+            or (node.op == "TiledAttention" and node.domain == "edgefc"))
+
+
+def spec_from_node(node, act_bytes: int | None = None) -> AttentionSpec:
+    """The :class:`AttentionSpec` of an ``Attention``-23 (3D form) or ``TiledAttention`` node.
+
+    Needs static shapes on Q [B, Sq, H*dk], K [B, Skv, H*dk], V [B, Skv, H*dv] and equal
+    ``q_num_heads``/``kv_num_heads``. ``act_bytes`` defaults to Q's element size. Raises
+    ValueError (with the reason) for a form this does not describe.
+    """
+    from edgefc import ir
+
+    if not is_attention(node):
+        raise ValueError(f"{node.op} is not an attention")
+    inputs = [t for t in node.inputs]
+    if len(inputs) < 3 or any(t is None or (hasattr(t, "name") and not t.name) for t in inputs[:3]):
+        raise ValueError("needs Q, K and V inputs")
+    if len(inputs) > 3 and any(getattr(t, "name", "") for t in inputs[3:]):
+        raise ValueError("has a mask or past key/value input")
+    if len(node.outputs) != 1 and any(getattr(t, "name", "") for t in node.outputs[1:]):
+        raise ValueError("has present key/value or QK outputs")
+    shapes = [ir.static_shape(t) for t in inputs[:3]]
+    if any(s is None for s in shapes):
+        raise ValueError("Q, K or V has no static shape")
+    q, k, v = shapes
+    if len(q) != 3 or len(k) != 3 or len(v) != 3:
+        raise ValueError(f"not the 3D form (Q has rank {len(q)})")
+    heads = int(_attr(node, "q_num_heads", 0) or 0)
+    kv_heads = int(_attr(node, "kv_num_heads", 0) or 0)
+    if heads <= 0 or kv_heads != heads:
+        raise ValueError(f"q_num_heads={heads} and kv_num_heads={kv_heads} must be equal and positive")
+    for attr, default in (("softcap", 0.0), ("qk_matmul_output_mode", 0)):
+        if float(_attr(node, attr, default) or 0) != default:
+            raise ValueError(f"uses {attr}")
+    if q[2] % heads or v[2] % heads or k[2] != q[2] or q[0] != k[0] or k[:2] != v[:2]:
+        raise ValueError(f"Q {list(q)}, K {list(k)}, V {list(v)} do not split into {heads} heads")
+    if act_bytes is None:
+        act_bytes = np.dtype(inputs[0].dtype).itemsize if inputs[0].dtype is not None else 4
+    return AttentionSpec(name=node.name or node.outputs[0].name, batch=q[0], heads=heads, q_len=q[1], kv_len=k[1],
+                         head_dim=q[2] // heads, v_head_dim=v[2] // heads, act_bytes=int(act_bytes),
+                         causal=bool(int(_attr(node, "is_causal", 0) or 0)))
+
+
+def tiling_from_node(node) -> Tiling:
+    """The :class:`Tiling` of a ``TiledAttention`` node (one tile for a plain ``Attention``)."""
+    if node.op == "TiledAttention":
+        return Tiling(int(node.attrs.get("row_tiles", 1)), int(node.attrs.get("head_tiles", 1)))
+    return Tiling(1, 1)

@@ -2,3 +2,4 @@
 (namespace ``edgefc``) with the core registry; see ``edgefc passes`` for the list."""
 
 from edgefc.passes import canonicalize  # noqa: F401
+from edgefc.passes import mlt  # noqa: F401

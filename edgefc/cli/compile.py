@@ -18,6 +18,15 @@ def _progress(p):
         click.echo(f"  pass {p.name} ...", err=True)
 
 
+def _sram_budget(ctx, param, value):
+    """--sram-budget: bytes, or a size with KiB/MiB/GiB; a bad value is one-line PassError."""
+    if value is None:
+        return None
+    from edgefc.passes.tile_solver import parse_budget
+
+    return parse_budget(value)
+
+
 def _demo_model() -> Path:
     """Export (once, cached) the full-size BK-SDM-Tiny U-Net at 512x512 for ``--demo``."""
     path = DEMO_CACHE / "unet-bk-sdm-tiny-512.onnx"
@@ -49,6 +58,10 @@ def _demo_model() -> Path:
 @click.option("--demo", is_flag=True,
               help="Compile the built-in default: the full-size BK-SDM-Tiny U-Net at 512x512 (exported once, cached).")
 # Pass options: every option below this line reaches the passes as ctx.options[<parameter name>].
+@click.option("--no-mlt", is_flag=True,
+              help="Leave attention untiled: no model-level tiling (mlt) in the default pipeline.")
+@click.option("--sram-budget", metavar="BYTES|xKiB|xMiB", callback=_sram_budget,
+              help="SRAM one attention tile may use (mlt), e.g. 4MiB; default: the target's SRAM minus a reserve.")
 def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_after, demo, **pass_options):
     """Compile an ONNX MODEL for a target and write a build folder.
 

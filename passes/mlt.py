@@ -1,0 +1,379 @@
+"""Pass ``mlt``: model-level tiling of attention (EdgeFusion, paper Sec. 2.3).
+
+Why: the softmax input S_in = Q K^T and output S_out of the large attentions (4096 x 4096 scores
+per head at 512x512) do not fit the NPU's SRAM, so untiled they make DRAM round trips (a DMA store
+and load of each, about 75 % of the block's time in Table 6). Split into tiles of query rows (and
+head groups), each tile's S_in/S_out stays in SRAM between the tensor engine and the vector engine.
+
+Matches: every fused attention - ONNX ``Attention``-23 in the 3D form (Q [B,Sq,H*dk],
+K [B,Skv,H*dk], V [B,Skv,H*dv], ``q_num_heads == kv_num_heads``, no mask/past inputs, as ``fuse``
+emits it) - whose SRAM working set (``target.attention_sram_bytes`` with one tile) exceeds the
+budget. Attentions that fit, or that have another form, are left alone; the report says why.
+
+Emits: edgefc ``TiledAttention`` (an ONNX local function in domain ``edgefc``) with the same
+inputs, output and attributes plus ``row_tiles`` and ``head_tiles``, the tiling chosen by the
+solver (``edgefc.passes.tile_solver``: least ``target.attention_cycles`` among the tilings that
+fit). Its function body computes the same result tile by tile: a ``Loop`` over the
+``row_tiles x head_tiles`` tiles, each slicing its query rows and head group, computing
+S_in = Q_t K_g^T * scale (causal mask shifted by the tile's row offset), S_out = Softmax(S_in) and
+A_t = S_out V_g, the tiles' outputs concatenated back into [B, Sq, H*dv]. onnxruntime runs it; the
+cost model and the TVM lowering read the two attributes and price/emit per-tile commands.
+
+Budget: ``--sram-budget BYTES|xKiB|xMiB`` (``ctx.options["sram_budget"]``), at most the target's
+SRAM; by default the target's SRAM minus a reserve (``tile_solver.sram_reserve``: the target's
+``sram.reserve_bytes``, else 1/16 of the SRAM). With an explicit budget, an attention that no tiling
+fits is an error naming the smallest budget that works; with the default budget it is left untiled
+and reported. ``--no-mlt`` (``ctx.options["no_mlt"]``) removes the pass from the default pipeline
+(and makes an explicitly listed ``mlt`` a no-op).
+
+Report: ``ctx.report["tiling"]`` with the budget and, per block, the spec, the chosen tiling, its
+SRAM bytes and predicted time, the untiled time, how many candidates there were and how many the
+solver evaluated, the solver's time, and the reason for the decision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+
+from edgefc.attention import (
+    AttentionSpec,
+    Tiling,
+    heads_per_tile,
+    is_attention,
+    padded_rows,
+    row_granularity,
+    spec_from_node,
+    tile_rows,
+)
+from edgefc.errors import PassError
+from edgefc.pass_base import Pass, PassContext
+from edgefc.passes import tile_solver
+from edgefc.registry import register_pass
+
+DOMAIN = "edgefc"
+OP = "TiledAttention"
+
+# The TiledAttention body in ONNX text. Attributes arrive by reference (@name); shapes are read at
+# run time, so one function serves every instance. Rows are padded to row_tiles * T with
+# T = ceil(Sq / row_tiles) (zero query rows, dropped again at the end), so every tile has the same
+# shape and the Loop's scan output stacks them: [row_tiles * head_tiles, B, H/head_tiles, T, dv],
+# tile t = (row tile t // head_tiles, head group t % head_tiles).
+_FUNCTION_TEXT = """
+<domain: "edgefc", opset_import: ["" : {opset}], doc_string: "{doc}">
+TiledAttention <q_num_heads, kv_num_heads, scale, is_causal, row_tiles, head_tiles> (Q, K, V) => (Y)
+{{
+  h_s = Constant <value_int: int = @q_num_heads> ()
+  rt_s = Constant <value_int: int = @row_tiles> ()
+  ht_s = Constant <value_int: int = @head_tiles> ()
+  causal_i = Constant <value_int: int = @is_causal> ()
+  scale_f = Constant <value_float: float = @scale> ()
+  ninf_f = Constant <value_float = -inf> ()
+  zero = Constant <value_int = 0> ()
+  one = Constant <value_int = 1> ()
+  v1 = Constant <value_ints = [1]> ()
+  v0 = Constant <value_ints = [0]> ()
+  pad_head = Constant <value_ints = [0, 0, 0, 0, 0, 0]> ()
+  H = Reshape (h_s, v1)
+  R = Reshape (rt_s, v1)
+  G = Reshape (ht_s, v1)
+  B = Shape <start = 0, end = 1> (Q)
+  Sq = Shape <start = 1, end = 2> (Q)
+  Eq = Shape <start = 2, end = 3> (Q)
+  Skv = Shape <start = 1, end = 2> (K)
+  Ev = Shape <start = 2, end = 3> (V)
+  dk = Div (Eq, H)
+  dv = Div (Ev, H)
+  Hpt = Div (H, G)
+  R_1 = Sub (R, v1)
+  Sq_up = Add (Sq, R_1)
+  T = Div (Sq_up, R)
+  P = Mul (T, R)
+  pad_rows = Sub (P, Sq)
+  pads = Concat <axis = 0> (pad_head, pad_rows, v0)
+  q_shape = Concat <axis = 0> (B, Sq, H, dk)
+  k_shape = Concat <axis = 0> (B, Skv, H, dk)
+  v_shape = Concat <axis = 0> (B, Skv, H, dv)
+  Q4 = Reshape (Q, q_shape)
+  Qh = Transpose <perm = [0, 2, 1, 3]> (Q4)
+  Qp = Pad (Qh, pads)
+  K4 = Reshape (K, k_shape)
+  Kt = Transpose <perm = [0, 2, 3, 1]> (K4)
+  V4 = Reshape (V, v_shape)
+  Vh = Transpose <perm = [0, 2, 1, 3]> (V4)
+  tiles = Mul (rt_s, ht_s)
+  T_s = Squeeze (T)
+  Hpt_s = Squeeze (Hpt)
+  Skv_s = Squeeze (Skv)
+  cols = Range (zero, Skv_s, one)
+  causal = Cast <to = 9> (causal_i)
+  scale = CastLike (scale_f, Q)
+  ninf = CastLike (ninf_f, Q)
+  go = Cast <to = 9> (one)
+  A = Loop (tiles, go) <body = tile (int64 t, bool c) => (bool c_out, A_t) {{
+      r = Div (t, ht_s)
+      g = Mod (t, ht_s)
+      r0 = Mul (r, T_s)
+      r1 = Add (r0, T_s)
+      g0 = Mul (g, Hpt_s)
+      g1 = Add (g0, Hpt_s)
+      g0_1 = Unsqueeze (g0, zero)
+      g1_1 = Unsqueeze (g1, zero)
+      r0_1 = Unsqueeze (r0, zero)
+      r1_1 = Unsqueeze (r1, zero)
+      q_start = Concat <axis = 0> (g0_1, r0_1)
+      q_end = Concat <axis = 0> (g1_1, r1_1)
+      q_axes = Constant <value_ints = [1, 2]> ()
+      h_axis = Constant <value_ints = [1]> ()
+      Q_t = Slice (Qp, q_start, q_end, q_axes)
+      Kt_g = Slice (Kt, g0_1, g1_1, h_axis)
+      V_g = Slice (Vh, g0_1, g1_1, h_axis)
+      QK = MatMul (Q_t, Kt_g)
+      S_in = Mul (QK, scale)
+      rows_0 = Range (zero, T_s, one)
+      rows = Add (rows_0, r0)
+      rows_c = Unsqueeze (rows, one)
+      above = Greater (cols, rows_c)
+      masked = And (above, causal)
+      S_m = Where (masked, ninf, S_in)
+      S_out = Softmax <axis = -1> (S_m)
+      A_t = MatMul (S_out, V_g)
+      c_out = Identity (c)
+  }}>
+  a_shape = Concat <axis = 0> (R, G, B, Hpt, T, dv)
+  A6 = Reshape (A, a_shape)
+  A6t = Transpose <perm = [2, 0, 4, 1, 3, 5]> (A6)
+  Hdv = Mul (H, dv)
+  y_shape = Concat <axis = 0> (B, P, Hdv)
+  Yp = Reshape (A6t, y_shape)
+  Y = Slice (Yp, v0, Sq, v1)
+}}
+"""
+
+_FUNCTION_DOC = ("Attention-23 (3D form) computed tile by tile: row_tiles query-row tiles x head_tiles head "
+                 "groups; per tile S_in = Q_t K_g^T * scale, S_out = Softmax(S_in), A_t = S_out V_g. "
+                 "Emitted by edgefc mlt (EdgeFusion Sec. 2.3).")
+
+
+def tiled_attention_function_proto(opset: int = 23) -> onnx.FunctionProto:
+    """The ``edgefc::TiledAttention`` local function (ONNX FunctionProto) for a model at ``opset``."""
+    return onnx.parser.parse_function(_FUNCTION_TEXT.format(opset=int(opset), doc=_FUNCTION_DOC))
+
+
+def tiled_attention_function(opset: int = 23) -> gs.Function:
+    """The same function as a graphsurgeon ``Function`` to put in ``graph.functions``."""
+    proto = tiled_attention_function_proto(opset)
+    return OnnxImporter.import_function(proto, model_opset=int(opset),
+                                        model_import_domains=[onnx.helper.make_opsetid("", int(opset))])
+
+
+def ensure_function(graph: gs.Graph) -> None:
+    """Add the TiledAttention function to ``graph`` once (replacing a stale copy at another opset)."""
+    fn = tiled_attention_function(int(graph.opset))
+    graph.functions = [f for f in graph.functions if f.unique_id != fn.unique_id] + [fn]
+
+
+# --- numerics: the tiled block executed tile by tile, and the untiled reference ------------------
+
+def reference_attention(q, k, v, heads: int, scale: float, causal: bool = False) -> np.ndarray:
+    """Untiled Attention-23 (3D form) in numpy: Y = softmax(Q K^T * scale [+ causal mask]) V."""
+    b, sq, e = q.shape
+    skv, ev = k.shape[1], v.shape[2]
+    qh = q.reshape(b, sq, heads, e // heads).transpose(0, 2, 1, 3)
+    kh = k.reshape(b, skv, heads, e // heads).transpose(0, 2, 1, 3)
+    vh = v.reshape(b, skv, heads, ev // heads).transpose(0, 2, 1, 3)
+    s = qh @ kh.transpose(0, 1, 3, 2) * scale
+    if causal:
+        s = np.where(np.arange(skv)[None, :] > np.arange(sq)[:, None], -np.inf, s)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ vh).transpose(0, 2, 1, 3).reshape(b, sq, ev)
+
+
+def tiled_attention_numpy(q, k, v, heads: int, scale: float, causal: bool, tiling: Tiling,
+                          granularity: int, on_tile=None) -> np.ndarray:
+    """Execute an attention tile by tile as the NPU would (``edgefc.attention`` tile conventions):
+    padded rows split into ``tiling.row_tiles`` tiles of whole granules, heads into
+    ``tiling.head_tiles`` groups; per tile S_in, softmax, S_out x V; outputs written in place.
+
+    ``on_tile(t, rows, heads, s_in)`` is called per tile (tests use it to check tile shapes).
+    """
+    b, sq, e = q.shape
+    skv, ev = k.shape[1], v.shape[2]
+    dk, dv = e // heads, ev // heads
+    spec = AttentionSpec("numpy", b, heads, sq, skv, dk, dv, q.dtype.itemsize, causal)
+    rows_per_tile = tile_rows(spec, tiling, granularity)
+    hpt = heads_per_tile(spec, tiling)
+    qp = np.zeros((b, padded_rows(sq, granularity), e), q.dtype)
+    qp[:, :sq] = q
+    out = np.zeros((b, qp.shape[1], ev), q.dtype)
+    cols = np.arange(skv)
+    for t in range(tiling.tiles):
+        r, g = divmod(t, tiling.head_tiles)
+        r0, h0 = r * rows_per_tile, g * hpt
+        q_t = qp[:, r0:r0 + rows_per_tile, h0 * dk:(h0 + hpt) * dk].reshape(b, rows_per_tile, hpt, dk).transpose(0, 2, 1, 3)
+        k_g = k[:, :, h0 * dk:(h0 + hpt) * dk].reshape(b, skv, hpt, dk).transpose(0, 2, 3, 1)
+        v_g = v[:, :, h0 * dv:(h0 + hpt) * dv].reshape(b, skv, hpt, dv).transpose(0, 2, 1, 3)
+        s_in = q_t @ k_g * scale
+        if causal:
+            s_in = np.where(cols[None, :] > (r0 + np.arange(rows_per_tile))[:, None], -np.inf, s_in)
+        if on_tile is not None:
+            on_tile(t, rows_per_tile, hpt, s_in)
+        s_out = np.exp(s_in - s_in.max(-1, keepdims=True))
+        s_out /= s_out.sum(-1, keepdims=True)
+        a_t = s_out @ v_g
+        out[:, r0:r0 + rows_per_tile, h0 * dv:(h0 + hpt) * dv] = a_t.transpose(0, 2, 1, 3).reshape(b, rows_per_tile, hpt * dv)
+    return out[:, :sq]
+
+
+# --- the pass --------------------------------------------------------------------------------
+
+def deployed_act_bytes(tensor: gs.Tensor, precision: str | None = None) -> int:
+    """Bytes per activation element as deployed: the ``--precision`` when it fixes it (fp16, w8a16:
+    2; fp32: 4), else the graph's own: a DequantizeLinear producer means its integer type
+    (int16 -> 2), otherwise the tensor's dtype."""
+    if precision in ("fp16", "w8a16"):
+        return 2
+    if precision == "fp32":
+        return 4
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and producer.op == "DequantizeLinear" and producer.inputs[0].dtype is not None:
+        return int(np.dtype(producer.inputs[0].dtype).itemsize)
+    return int(np.dtype(tensor.dtype).itemsize) if tensor.dtype is not None else 4
+
+
+def _budget(ctx: PassContext, target) -> tuple[int, str]:
+    raw = ctx.option("sram_budget")
+    if raw is None:
+        reserve = tile_solver.sram_reserve(target)
+        return tile_solver.default_budget(target), (
+            f"target SRAM {target.sram_bytes} bytes minus reserve {reserve} bytes")
+    budget = tile_solver.parse_budget(raw)
+    if budget > target.sram_bytes:
+        raise PassError(f"--sram-budget {tile_solver.fmt_bytes(budget)} exceeds the SRAM of target "
+                        f"'{target.name}' ({tile_solver.fmt_bytes(target.sram_bytes)}); to study a larger SRAM, "
+                        f"use a target file with a larger sram.bytes")
+    return budget, "--sram-budget"
+
+
+def _tiling_dict(spec: AttentionSpec, tiling: Tiling, granularity: int) -> dict:
+    return {"row_tiles": tiling.row_tiles, "head_tiles": tiling.head_tiles, "tiles": tiling.tiles,
+            "tile_rows": tile_rows(spec, tiling, granularity), "heads_per_tile": heads_per_tile(spec, tiling)}
+
+
+@register_pass("mlt", namespace="edgefc")
+class ModelLevelTiling(Pass):
+    """Model-level tiling (paper Sec. 2.3): attentions too big for SRAM become TiledAttention, tiles from the solver."""
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+        target = ctx.target
+        report: dict = {"blocks": [], "tiled": 0, "left_alone": 0}
+        ctx.report["tiling"] = report
+        if ctx.option("no_mlt", False):
+            report["skipped"] = "disabled by --no-mlt"
+            return graph
+        if target is None or not getattr(target, "is_npu", False):
+            report["skipped"] = "no NPU target"
+            return graph
+        if not tile_solver.has_cost_model(target):
+            report["skipped"] = (f"target '{target.name}' has no attention cost model "
+                                 f"(attention_cycles / attention_sram_bytes)")
+            return graph
+        budget, source = _budget(ctx, target)
+        explicit = ctx.option("sram_budget") is not None
+        g = row_granularity(target)
+        report.update({"budget_bytes": budget, "budget_source": source, "sram_bytes": int(target.sram_bytes),
+                       "row_granularity": g})
+        precision = ctx.option("precision")
+        changed = False
+        for node in list(graph.nodes):
+            if not is_attention(node):
+                continue
+            entry = {"name": node.name, "op": node.op}
+            report["blocks"].append(entry)
+            if node.op == OP:
+                entry["reason"] = "already tiled"
+                report["left_alone"] += 1
+                continue
+            try:
+                spec = spec_from_node(node, deployed_act_bytes(node.inputs[0], precision))
+            except ValueError as e:
+                entry["reason"] = f"not tiled: {e}"
+                report["left_alone"] += 1
+                continue
+            entry["spec"] = tile_solver.spec_dict(spec)
+            one = Tiling(1, 1)
+            untiled_sram = int(target.attention_sram_bytes(spec, one))
+            untiled_cycles = float(target.attention_cycles(spec, one))
+            entry.update({"untiled_sram_bytes": untiled_sram, "untiled_cycles": untiled_cycles,
+                          "untiled_ms": tile_solver.cycles_to_ms(target, untiled_cycles)})
+            if untiled_sram <= budget:
+                entry.update({"tiling": None, "sram_bytes": untiled_sram, "predicted_cycles": untiled_cycles,
+                              "predicted_ms": entry["untiled_ms"],
+                              "reason": f"fits: working set {tile_solver.fmt_bytes(untiled_sram)} <= budget "
+                                        f"{tile_solver.fmt_bytes(budget)}"})
+                report["left_alone"] += 1
+                continue
+            try:
+                sol = tile_solver.solve(spec, target, budget, g)
+            except tile_solver.InfeasibleBudgetError as e:
+                if explicit:
+                    raise
+                entry.update({"tiling": None, "sram_bytes": untiled_sram, "predicted_cycles": untiled_cycles,
+                              "predicted_ms": entry["untiled_ms"], "min_budget_bytes": e.min_budget,
+                              "reason": f"not tiled: no tiling fits the default budget {tile_solver.fmt_bytes(budget)} "
+                                        f"(the smallest needs {tile_solver.fmt_bytes(e.min_budget)}); "
+                                        f"S_in/S_out spill to DRAM"})
+                report["left_alone"] += 1
+                continue
+            tiled = gs.Node(OP, name=node.name, domain=DOMAIN, inputs=list(node.inputs[:3]), outputs=list(node.outputs[:1]),
+                            attrs={"q_num_heads": spec.heads, "kv_num_heads": spec.heads,
+                                   "scale": float(node.attrs.get("scale", 1.0 / math.sqrt(spec.head_dim))),
+                                   "is_causal": int(spec.causal),
+                                   "row_tiles": sol.tiling.row_tiles, "head_tiles": sol.tiling.head_tiles})
+            node.inputs.clear()
+            node.outputs.clear()
+            graph.nodes.append(tiled)
+            changed = True
+            entry.update({"op": OP, "tiling": _tiling_dict(spec, sol.tiling, g), "sram_bytes": sol.sram_bytes,
+                          "predicted_cycles": sol.cycles, "predicted_ms": tile_solver.cycles_to_ms(target, sol.cycles),
+                          "candidates": sol.candidates, "evaluated": sol.evaluated,
+                          "solver_ms": round(sol.seconds * 1e3, 3),
+                          "reason": f"working set {tile_solver.fmt_bytes(untiled_sram)} > budget "
+                                    f"{tile_solver.fmt_bytes(budget)}: {sol.tiling.row_tiles} row tiles x "
+                                    f"{sol.tiling.head_tiles} head tiles is the fastest tiling that fits"})
+            report["tiled"] += 1
+        if changed:
+            ensure_function(graph)
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return graph
+
+
+def explain_tiling(graph: gs.Graph, target, budget=None, precision: str | None = None) -> list[dict]:
+    """Per attention block of ``graph`` (Attention or TiledAttention), the solver's candidate table
+    (``tile_solver.explain``): what ``edgefc profile --explain-tiling`` prints.
+
+    ``budget``: bytes or a ``--sram-budget`` string; default the target's default budget.
+    """
+    if not tile_solver.has_cost_model(target):
+        raise PassError(f"target '{target.name}' has no attention cost model (attention_cycles / attention_sram_bytes)")
+    budget = tile_solver.default_budget(target) if budget is None else tile_solver.parse_budget(budget)
+    tables = []
+    for node in graph.nodes:
+        if not is_attention(node):
+            continue
+        try:
+            spec = spec_from_node(node, deployed_act_bytes(node.inputs[0], precision))
+        except ValueError:
+            continue
+        table = tile_solver.explain(spec, target, budget)
+        table["op"] = node.op
+        if node.op == OP:
+            table["built_tiling"] = {"row_tiles": int(node.attrs["row_tiles"]), "head_tiles": int(node.attrs["head_tiles"])}
+        tables.append(table)
+    return tables
