@@ -105,6 +105,15 @@ def _unet_from_config(cfg: dict):
     return UNet2DConditionModel.from_config(cfg)
 
 
+def check_teacher_dir(root: Path) -> None:
+    """A teacher folder must be a local diffusers folder with unet/, text_encoder/ and vae/."""
+    if not root.is_dir():
+        raise TrainingError(f"teacher folder {root} does not exist.")
+    for sub in ("unet", "text_encoder", "vae"):
+        if not (root / sub / "config.json").is_file():
+            raise TrainingError(f"teacher folder {root} has no {sub}/config.json (expected a diffusers folder).")
+
+
 def build_teacher(teacher_dir: str | Path | None, teacher_arch: str | None, seed: int) -> Components:
     """Teacher U-Net, text encoder, VAE, tokenizer and noise scheduler, from a folder or an arch."""
     import torch
@@ -115,11 +124,7 @@ def build_teacher(teacher_dir: str | Path | None, teacher_arch: str | None, seed
 
     if teacher_dir is not None:
         root = Path(teacher_dir)
-        if not root.is_dir():
-            raise TrainingError(f"teacher folder {root} does not exist.")
-        for sub in ("unet", "text_encoder", "vae"):
-            if not (root / sub / "config.json").is_file():
-                raise TrainingError(f"teacher folder {root} has no {sub}/config.json (expected a diffusers folder).")
+        check_teacher_dir(root)
         try:
             unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True)
             text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)

@@ -195,6 +195,10 @@ def _validate(cfg, kind: str) -> dict | None:
         raise TrainingError("give a teacher: --teacher DIR (a local diffusers folder) or --teacher-arch NAME.")
     if cfg.teacher is not None and cfg.teacher_arch is not None:
         raise TrainingError("give either --teacher or --teacher-arch, not both.")
+    if cfg.teacher is not None:
+        from edgefc.models.train.archs import check_teacher_dir
+
+        check_teacher_dir(Path(cfg.teacher))
     if cfg.steps < 1:
         raise TrainingError("--steps must be at least 1.")
     if cfg.batch_size < 1:
@@ -227,6 +231,23 @@ def _validate(cfg, kind: str) -> dict | None:
 
 def run(recipe: Recipe) -> TrainResult:
     """Train ``recipe`` as configured; returns the per-step losses and the output folder."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # our own bar shows training progress; the libraries' per-file save/load bars are noise here
+    d_on, t_on = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        return _run(recipe)
+    finally:
+        if d_on:
+            diffusers_logging.enable_progress_bar()
+        if t_on:
+            transformers_logging.enable_progress_bar()
+
+
+def _run(recipe: Recipe) -> TrainResult:
     cfg = recipe.cfg
     t0 = time.perf_counter()
     resume_state = _validate(cfg, recipe.kind)
@@ -245,8 +266,6 @@ def run(recipe: Recipe) -> TrainResult:
     _set_threads()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     out = Path(cfg.output)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
 
     components = build_teacher(cfg.teacher, cfg.teacher_arch, cfg.seed)
     recipe.components = components
@@ -263,6 +282,8 @@ def run(recipe: Recipe) -> TrainResult:
         components.text_encoder.to(dtype=weight_dtype)
         components.vae.to(dtype=weight_dtype)
 
+    if accelerator.is_main_process:  # only now: every user error above leaves no output folder
+        out.mkdir(parents=True, exist_ok=True)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
