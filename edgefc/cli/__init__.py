@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "passes": "edgefc.cli.compile:passes_cmd",
     "export": "edgefc.cli.export:export_cmd",
     "generate": "edgefc.cli.generate:generate_cmd",
+    "train": "edgefc.cli.train:train_group",
+    "data": "edgefc.cli.data:data_group",
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -27,6 +29,8 @@ SHORT_HELP: dict[str, str] = {
     "passes": "List the registered passes.",
     "export": "Export a text encoder / U-Net / VAE decoder from diffusers to ONNX.",
     "generate": "Text-to-image: text encoder -> U-Net (LCM steps) -> VAE decoder, writes a PNG.",
+    "train": "Distil U-Nets: BK-SDM knowledge distillation (kd), latent consistency distillation (lcm).",
+    "data": "Curate image/caption training data (dedup, size filter, crop choice).",
 }
 
 
