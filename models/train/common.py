@@ -388,7 +388,7 @@ def _load_checkpoint(path: Path, recipe, student, optimizer, gen, rank: int):
     try:
         _load_optimizer(optimizer, path / "optimizer.safetensors")
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise TrainingError(f"--resume {path}: optimizer state does not fit this model ({e}).") from None
+        raise TrainingError(f"--resume {path}: optimizer state does not fit this model ({str(e).splitlines()[0] if str(e) else type(e).__name__}).") from None
     rng_file = path / f"rng-{rank}.safetensors"
     if not rng_file.is_file():
         raise TrainingError(f"--resume {path} has no rng-{rank}.safetensors (was it made with fewer processes?).")

@@ -22,6 +22,11 @@ import numpy as np
 
 from edgefc.models.train.errors import DataError
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_EXTS = (".txt", ".caption", ".text")
 
@@ -54,7 +59,7 @@ class Sample:
             img = Image.open(io.BytesIO(self.read_bytes()))
             img.load()
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DataError(f"cannot decode image {self.source}: {e}") from None
+            raise DataError(f"cannot decode image {self.source}: {_first_line(e)}") from None
         return img.convert("RGB")
 
 
@@ -108,7 +113,7 @@ def list_samples(path: str | Path) -> SampleList:
                     text = tf.extractfile(cap).read().decode("utf-8", errors="replace").strip()
                     samples.append(Sample(key, f"{path}:{img.name}", text, _tar=path, _member=img.name))
         except tarfile.TarError as e:
-            raise DataError(f"{path} is not a readable tar shard: {e}") from None
+            raise DataError(f"{path} is not a readable tar shard ({_first_line(e)}).") from None
     else:
         raise DataError(f"data path {path} is neither a folder nor a .tar shard.")
     if not samples:

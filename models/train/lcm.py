@@ -127,7 +127,7 @@ def load_init_unet(path: Path, teacher_config: dict, time_cond_proj_dim: int):
         try:
             state = load_file(str(path))
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise TrainingError(f"--init {path} is not a readable safetensors file: {e}") from None
+            raise TrainingError(f"--init {path} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}).") from None
     else:
         raise TrainingError(f"--init {path} is neither a diffusers U-Net folder nor a .safetensors file.")
     if config.get("time_cond_proj_dim") is None:
