@@ -1,0 +1,371 @@
+"""Pass ``mlt``: TiledAttention numerics (numpy tile by tile, onnxruntime), the pass's decisions and
+report, its flags and error paths, and the differential check on the tiny U-Net."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.inliner
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import edgefc
+from edgefc import ir, ort
+from edgefc.attention import AttentionSpec, Tiling, tile_rows
+from edgefc.errors import PassError
+from edgefc.pass_base import PassContext
+from edgefc.passes import mlt, tile_solver
+from tests.mlt_fake_target import FakeNpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- models ------------------------------------------------------------------------------------
+
+def attention_node_model(b, sq, skv, heads, dk, dv, *, causal=0, scale=0.3, tiling=None, dtype=TensorProto.FLOAT):
+    """One Attention-23 (or TiledAttention with ``tiling``) node with Q, K, V as graph inputs."""
+    attrs = dict(q_num_heads=heads, kv_num_heads=heads, scale=scale, is_causal=causal)
+    if tiling is None:
+        node = helper.make_node("Attention", ["Q", "K", "V"], ["Y"], **attrs)
+        functions = []
+    else:
+        node = helper.make_node("TiledAttention", ["Q", "K", "V"], ["Y"], domain="edgefc",
+                                row_tiles=tiling.row_tiles, head_tiles=tiling.head_tiles, **attrs)
+        functions = [mlt.tiled_attention_function_proto(23)]
+    graph = helper.make_graph([node], "attention",
+                              [helper.make_tensor_value_info("Q", dtype, [b, sq, heads * dk]),
+                               helper.make_tensor_value_info("K", dtype, [b, skv, heads * dk]),
+                               helper.make_tensor_value_info("V", dtype, [b, skv, heads * dv])],
+                              [helper.make_tensor_value_info("Y", dtype, [b, sq, heads * dv])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("edgefc", 1)],
+                              functions=functions)
+    model.ir_version = 10
+    return model
+
+
+def transformer_model(seq=256, ctx_len=77, channels=64, heads=4, ctx_channels=32, causal=0) -> onnx.ModelProto:
+    """x -> self-attention (+x) -> cross-attention on ctx (+) -> y, with projections as MatMuls."""
+    rng = np.random.default_rng(0)
+
+    def w(name, shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name)
+
+    inits = [w("wq", (channels, channels)), w("wk", (channels, channels)), w("wv", (channels, channels)),
+             w("wo", (channels, channels)), w("wq2", (channels, channels)), w("wk2", (ctx_channels, channels)),
+             w("wv2", (ctx_channels, channels)), w("wo2", (channels, channels))]
+    scale = float(1 / np.sqrt(channels // heads))
+    mm = lambda a, b, y: helper.make_node("MatMul", [a, b], [y])  # noqa: E731
+    nodes = [mm("x", "wq", "q"), mm("x", "wk", "k"), mm("x", "wv", "v"),
+             helper.make_node("Attention", ["q", "k", "v"], ["a"], name="self_attn", q_num_heads=heads,
+                              kv_num_heads=heads, scale=scale, is_causal=causal),
+             mm("a", "wo", "o"), helper.make_node("Add", ["o", "x"], ["h"]),
+             mm("h", "wq2", "q2"), mm("ctx", "wk2", "k2"), mm("ctx", "wv2", "v2"),
+             helper.make_node("Attention", ["q2", "k2", "v2"], ["a2"], name="cross_attn", q_num_heads=heads,
+                              kv_num_heads=heads, scale=scale),
+             mm("a2", "wo2", "o2"), helper.make_node("Add", ["o2", "h"], ["y"])]
+    graph = helper.make_graph(nodes, "transformer",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, channels]),
+                               helper.make_tensor_value_info("ctx", TensorProto.FLOAT, [1, ctx_len, ctx_channels])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, channels])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+@pytest.fixture
+def transformer(tmp_path) -> Path:
+    path = tmp_path / "transformer.onnx"
+    onnx.save_model(transformer_model(), str(path))
+    return path
+
+
+def qkv(rng, b, sq, skv, heads, dk, dv, dtype=np.float32):
+    return (rng.standard_normal((b, sq, heads * dk)).astype(dtype), rng.standard_normal((b, skv, heads * dk)).astype(dtype),
+            rng.standard_normal((b, skv, heads * dv)).astype(dtype))
+
+
+def run_model(model, feeds):
+    out = ort.run(model, feeds)
+    return out[next(iter(out))] if isinstance(out, dict) else out[0]
+
+
+# Shapes x tilings: uneven rows (not a multiple of the granularity or of the row tiles), causal,
+# batch 2, one head, many tiles.
+CASES = [
+    # b, sq, skv, heads, dk, dv, causal, granularity, tiling
+    (1, 64, 64, 4, 8, 8, 0, 16, Tiling(4, 2)),
+    (1, 77, 77, 3, 16, 16, 1, 16, Tiling(5, 3)),
+    (2, 70, 33, 4, 8, 12, 0, 8, Tiling(3, 4)),
+    (1, 64, 64, 2, 8, 8, 1, 16, Tiling(4, 1)),
+    (1, 50, 70, 2, 8, 8, 1, 16, Tiling(2, 2)),
+    (1, 256, 77, 8, 5, 5, 0, 16, Tiling(16, 8)),
+    (1, 100, 100, 1, 32, 32, 0, 4, Tiling(25, 1)),
+    (1, 256, 256, 8, 40, 40, 0, 16, Tiling(1, 1)),
+]
+
+
+# --- numerics ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("b,sq,skv,heads,dk,dv,causal,g,tiling", CASES)
+def test_numpy_tile_by_tile_equals_untiled(b, sq, skv, heads, dk, dv, causal, g, tiling):
+    rng = np.random.default_rng(1)
+    q, k, v = qkv(rng, b, sq, skv, heads, dk, dv)
+    seen = []
+    spec = AttentionSpec("t", b, heads, sq, skv, dk, dv, 4, bool(causal))
+    y = mlt.tiled_attention_numpy(q, k, v, heads, 0.3, bool(causal), tiling, g,
+                                  on_tile=lambda t, rows, hp, s: seen.append((t, s.shape)))
+    ref = mlt.reference_attention(q, k, v, heads, 0.3, bool(causal))
+    assert np.abs(y - ref).max() <= 1e-5
+    rows = tile_rows(spec, tiling, g)
+    assert [t for t, _ in seen] == list(range(tiling.tiles))
+    assert all(shape == (b, heads // tiling.head_tiles, rows, skv) for _, shape in seen)  # S_in of one tile
+
+
+@pytest.mark.parametrize("b,sq,skv,heads,dk,dv,causal,g,tiling", CASES)
+def test_onnxruntime_tiled_attention_equals_attention(b, sq, skv, heads, dk, dv, causal, g, tiling):
+    rng = np.random.default_rng(2)
+    q, k, v = qkv(rng, b, sq, skv, heads, dk, dv)
+    feeds = {"Q": q, "K": k, "V": v}
+    tiled = attention_node_model(b, sq, skv, heads, dk, dv, causal=causal, tiling=tiling)
+    onnx.checker.check_model(tiled, full_check=True)
+    y_ref = run_model(attention_node_model(b, sq, skv, heads, dk, dv, causal=causal), feeds)
+    y = run_model(tiled, feeds)
+    assert y.shape == y_ref.shape and np.abs(y - y_ref).max() <= 1e-5
+    assert np.abs(y - mlt.reference_attention(q, k, v, heads, 0.3, bool(causal))).max() <= 1e-5
+    # The body is plain ONNX: inlining the function gives the same graph onnxruntime ran.
+    inlined = onnx.inliner.inline_local_functions(tiled)
+    assert not inlined.functions and "TiledAttention" not in {n.op_type for n in inlined.graph.node}
+    assert np.abs(run_model(inlined, feeds) - y).max() == 0
+
+
+def test_onnxruntime_tiled_attention_fp16():
+    rng = np.random.default_rng(3)
+    q, k, v = qkv(rng, 1, 64, 64, 4, 8, 8, np.float16)
+    feeds = {"Q": q, "K": k, "V": v}
+    y_ref = run_model(attention_node_model(1, 64, 64, 4, 8, 8, causal=1, dtype=TensorProto.FLOAT16), feeds)
+    y = run_model(attention_node_model(1, 64, 64, 4, 8, 8, causal=1, tiling=Tiling(4, 2), dtype=TensorProto.FLOAT16), feeds)
+    assert y.dtype == np.float16 and np.abs(y.astype(np.float32) - y_ref.astype(np.float32)).max() <= 4e-3
+
+
+# --- the pass ------------------------------------------------------------------------------------
+
+def compile_fake(model, target=None, **options):
+    return edgefc.compile(model, target or FakeNpu(sram_bytes=256 << 10), passes=["canonicalize", "mlt"],
+                          options=options)
+
+
+def test_pass_tiles_what_does_not_fit_and_matches_onnxruntime(transformer):
+    tgt = FakeNpu(sram_bytes=256 << 10)
+    res = edgefc.compile(transformer, tgt, passes=["canonicalize", "mlt"], verify=True)
+    tiled = {n.name: n for n in res.graph.nodes if n.op == "TiledAttention"}
+    assert set(tiled) == {"self_attn", "cross_attn"} and not any(n.op == "Attention" for n in res.graph.nodes)
+    rep = res.report["tiling"]
+    assert rep["tiled"] == 2 and rep["left_alone"] == 0
+    assert rep["budget_bytes"] == tile_solver.default_budget(tgt) and rep["row_granularity"] == 16
+    for block in rep["blocks"]:
+        node = tiled[block["name"]]
+        spec = edgefc.attention.spec_from_node(node)
+        sol = tile_solver.brute_force(spec, tgt, rep["budget_bytes"])
+        assert (node.attrs["row_tiles"], node.attrs["head_tiles"]) == (sol.tiling.row_tiles, sol.tiling.head_tiles)
+        assert block["tiling"]["row_tiles"] == sol.tiling.row_tiles and block["sram_bytes"] == sol.sram_bytes
+        assert block["sram_bytes"] <= rep["budget_bytes"] < block["untiled_sram_bytes"]
+        assert block["predicted_cycles"] == sol.cycles and block["candidates"] == sol.candidates
+        assert block["predicted_ms"] == pytest.approx(sol.cycles / tgt.clock_hz * 1e3)
+        assert block["solver_ms"] >= 0 and "fastest tiling that fits" in block["reason"]
+    assert res.records[-1].verify_rel_error <= 1e-5
+    feeds = ort.random_inputs(res.graph, seed=5)
+    ref = ort.run(ir.to_model(edgefc.load(transformer)), feeds)
+    out = ort.run(ir.to_model(res.graph), feeds)
+    assert max(float(np.abs(ref[k] - out[k]).max()) for k in ref) <= 1e-5
+
+
+def test_pass_leaves_attentions_that_fit_alone(transformer):
+    res = compile_fake(transformer, FakeNpu(sram_bytes=64 << 20))
+    assert [n.op for n in res.graph.nodes].count("Attention") == 2
+    rep = res.report["tiling"]
+    assert rep["tiled"] == 0 and rep["left_alone"] == 2
+    assert all(b["tiling"] is None and b["reason"].startswith("fits") for b in rep["blocks"])
+    assert not res.graph.functions
+
+
+def test_pass_with_explicit_budget(transformer):
+    budget = 200 << 10
+    res = compile_fake(transformer, FakeNpu(sram_bytes=6 << 20), sram_budget="200KiB")
+    rep = res.report["tiling"]
+    assert rep["budget_bytes"] == budget and rep["budget_source"] == "--sram-budget"
+    assert rep["tiled"] == 2 and all(b["sram_bytes"] <= budget for b in rep["blocks"])
+
+
+def test_explicit_infeasible_budget_is_an_error(transformer):
+    with pytest.raises(tile_solver.InfeasibleBudgetError) as e:
+        compile_fake(transformer, FakeNpu(), sram_budget=1024)
+    assert "--sram-budget" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_default_budget_that_nothing_fits_leaves_the_attention_untiled(transformer):
+    res = compile_fake(transformer, FakeNpu(sram_bytes=16 << 10))
+    rep = res.report["tiling"]
+    assert rep["tiled"] == 0 and all("no tiling fits" in b["reason"] and b["min_budget_bytes"] > rep["budget_bytes"]
+                                     for b in rep["blocks"])
+
+
+def test_budget_above_the_target_sram_is_an_error(transformer):
+    with pytest.raises(PassError, match="exceeds the SRAM"):
+        compile_fake(transformer, FakeNpu(sram_bytes=1 << 20), sram_budget="2MiB")
+
+
+def test_no_mlt_and_targets_without_cost_model(transformer):
+    res = compile_fake(transformer, no_mlt=True)
+    assert res.report["tiling"]["skipped"] == "disabled by --no-mlt"
+    assert not any(n.op == "TiledAttention" for n in res.graph.nodes)
+    cpu = edgefc.Target()
+    assert edgefc.compile(transformer, None, passes=["mlt"]).report["tiling"]["skipped"] == "no NPU target"
+    assert edgefc.compile(transformer, cpu, passes=["mlt"]).report["tiling"]["skipped"] == "no NPU target"
+    bare = FakeNpu()
+    bare.attention_cycles = None
+    assert "no attention cost model" in compile_fake(transformer, bare).report["tiling"]["skipped"]
+
+
+def test_default_pipeline_has_mlt_for_npu_targets_unless_no_mlt():
+    npu = FakeNpu()
+    assert edgefc.default_pipeline(npu, {})[-1] == "mlt"
+    assert "mlt" not in edgefc.default_pipeline(npu, {"no_mlt": True})
+    assert "mlt" not in edgefc.default_pipeline(None, {})
+
+
+def test_pass_is_idempotent_and_survives_canonicalize(transformer):
+    res = compile_fake(transformer)
+    again = edgefc.compile(res.graph, FakeNpu(sram_bytes=256 << 10), passes=["mlt", "canonicalize"])
+    assert all(b["reason"] == "already tiled" for b in again.report["tiling"]["blocks"])
+    assert [n.op for n in again.graph.nodes] == [n.op for n in res.graph.nodes]
+    feeds = ort.random_inputs(res.graph, seed=1)
+    a, b = ort.run(ir.to_model(res.graph), feeds), ort.run(ir.to_model(again.graph), feeds)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_build_folder_keeps_the_tiled_model(transformer, tmp_path):
+    res = edgefc.compile(transformer, FakeNpu(sram_bytes=256 << 10), passes=["canonicalize", "mlt"],
+                         output=tmp_path / "build")
+    model = onnx.load(str(tmp_path / "build" / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert [f.name for f in model.functions] == ["TiledAttention"]
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("edgefc", 1), ("", 23)}
+    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert report["tiling"]["tiled"] == 2
+    g = edgefc.load(tmp_path / "build" / "model.onnx")
+    assert all(ir.static_shape(t) is not None for t in g.tensors().values() if t.name)
+    assert [n.attrs["row_tiles"] for n in g.nodes if n.op == "TiledAttention"] == \
+        [b["tiling"]["row_tiles"] for b in res.report["tiling"]["blocks"]]
+
+
+def test_deployed_activation_bytes():
+    import onnx_graphsurgeon as gs
+
+    x16 = gs.Variable("x16", dtype=np.int16, shape=[1])
+    dq_out = gs.Variable("dq", dtype=np.float32, shape=[1])
+    gs.Node("DequantizeLinear", inputs=[x16, gs.Constant("s", np.ones(1, np.float32))], outputs=[dq_out])
+    assert mlt.deployed_act_bytes(dq_out) == 2
+    assert mlt.deployed_act_bytes(gs.Variable("h", dtype=np.float16, shape=[1])) == 2
+    f32 = gs.Variable("f", dtype=np.float32, shape=[1])
+    assert mlt.deployed_act_bytes(f32) == 4 and mlt.deployed_act_bytes(f32, "w8a16") == 2
+
+
+def test_explain_tiling_tables(transformer):
+    res = compile_fake(transformer)
+    tables = mlt.explain_tiling(res.graph, FakeNpu(sram_bytes=256 << 10))
+    assert [t["block"] for t in tables] == ["self_attn", "cross_attn"]
+    for t in tables:
+        assert t["op"] == "TiledAttention" and t["choice"]["row_tiles"] == t["built_tiling"]["row_tiles"]
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def _plugin(tmp_path: Path, sram: int) -> Path:
+    """A plugin registering the synthetic NPU as target 'fake-npu' (so the real CLI can use it)."""
+    p = tmp_path / "fake_npu_plugin.py"
+    p.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from edgefc.target import register_target, _TARGETS
+        from tests.mlt_fake_target import FakeNpu
+        if "fake-npu" not in _TARGETS:
+            register_target("fake-npu", lambda: FakeNpu(sram_bytes={sram}))
+    """))
+    return p
+
+
+def run_cli(*args):
+    proc = subprocess.run([sys.executable, "-c", "from edgefc.cli import main; main()", *args],
+                          capture_output=True, text=True, cwd=ROOT)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def one_line_error(rc, out, *needles):
+    assert rc == 2 and "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.strip() and not line.startswith("compiling")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), out
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_cli_sram_budget_and_no_mlt(transformer, tmp_path):
+    plugin = _plugin(tmp_path, 6 << 20)
+    rc, out = run_cli("compile", str(transformer), "--plugin", str(plugin), "--target", "fake-npu", "--passes",
+                      "canonicalize,mlt", "--sram-budget", "192KiB", "-o", str(tmp_path / "b1"))
+    assert rc == 0, out
+    rep = json.loads((tmp_path / "b1" / "report.json").read_text())["tiling"]
+    assert rep["budget_bytes"] == 192 << 10 and rep["tiled"] == 2
+    rc, out = run_cli("compile", str(transformer), "--plugin", str(plugin), "--target", "fake-npu", "--passes",
+                      "canonicalize,mlt", "--no-mlt", "-o", str(tmp_path / "b2"))
+    assert rc == 0, out
+    assert json.loads((tmp_path / "b2" / "report.json").read_text())["tiling"]["skipped"] == "disabled by --no-mlt"
+
+
+@pytest.mark.parametrize("value,needles", [("4MB", ("binary units", "4MiB")), ("abc", ("bad SRAM budget",)),
+                                           ("0", ("positive",))])
+def test_cli_bad_sram_budget_is_one_line(transformer, tmp_path, value, needles):
+    one_line_error(*run_cli("compile", str(transformer), "--sram-budget", value, "-o", str(tmp_path / "b")), *needles)
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_infeasible_and_too_large_budgets_are_one_line(transformer, tmp_path):
+    plugin = _plugin(tmp_path, 1 << 20)
+    base = ("compile", str(transformer), "--plugin", str(plugin), "--target", "fake-npu", "--passes", "canonicalize,mlt")
+    one_line_error(*run_cli(*base, "--sram-budget", "1KiB", "-o", str(tmp_path / "b")), "too small", "--sram-budget")
+    one_line_error(*run_cli(*base, "--sram-budget", "2MiB", "-o", str(tmp_path / "b")), "exceeds the SRAM")
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_help_lists_the_flags():
+    from edgefc.cli import cli
+
+    out = CliRunner().invoke(cli, ["compile", "--help"]).output
+    assert "--no-mlt" in out and "--sram-budget" in out
+
+
+# --- the tiny U-Net, fused then tiled, against the unfused model -----------------------------------
+
+def test_tiny_unet_tiled_matches_onnxruntime(tiny_models):
+    if "fuse" not in {pid.split("::")[1] for pid in edgefc.list_passes()}:
+        pytest.skip("the fuse pass has not landed")
+    fused = edgefc.compile(tiny_models["unet"], None, passes=["canonicalize", "fuse"]).graph
+    n_attn = sum(n.op == "Attention" for n in fused.nodes)
+    assert n_attn > 0
+    # An SRAM small enough that every attention of the tiny U-Net must be tiled.
+    tgt = FakeNpu(sram_bytes=24 << 10, row_granularity=4)
+    ctx = PassContext(target=tgt)
+    tiled = mlt.ModelLevelTiling().run(fused, ctx)
+    rep = ctx.report["tiling"]
+    assert rep["tiled"] == n_attn and sum(n.op == "TiledAttention" for n in tiled.nodes) == n_attn
+    assert any(b["tiling"]["tiles"] > 1 for b in rep["blocks"])
+    src = edgefc.load(tiny_models["unet"])
+    feeds = ort.random_inputs(src, seed=3)
+    ref = ort.run(ir.to_model(src), feeds)
+    out = ort.run(ir.to_model(tiled), feeds)
+    for k in ref:
+        assert np.abs(ref[k] - out[k]).max() <= 1e-4 * max(1.0, float(np.abs(ref[k]).max()))
