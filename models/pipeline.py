@@ -351,6 +351,7 @@ class Runner:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.enable_cpu_mem_arena = False  # one run per session: no arena to keep, lower peak memory
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -475,6 +476,7 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
               for i in range(len(texts))]
     del runner
     seconds["text-encoder"] = time.perf_counter() - t
+    _say(progress, f"      done [{seconds['text-encoder']:.1f} s]")
 
     # 2. U-Net with the LCM scheduler
     t = _stage(progress, 2, f"U-Net, {p.steps} LCM step{'s' if p.steps > 1 else ''}"
@@ -509,6 +511,7 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
         bar.close()
     del runner
     seconds["unet"] = time.perf_counter() - t
+    _say(progress, f"      done [{seconds['unet']:.1f} s]")
 
     # 3. VAE decoder
     t = _stage(progress, 3, f"VAE decoder ({models['vae-decoder']})")
@@ -518,12 +521,14 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     sample = runner.run({"latent_sample": z})["sample"]
     del runner
     seconds["vae-decoder"] = time.perf_counter() - t
+    _say(progress, f"      done [{seconds['vae-decoder']:.1f} s]")
 
     # 4. image
     t = _stage(progress, 4, f"write {p.output}")
     image = to_image(np.asarray(sample, dtype=np.float32))
     write_png(image, p.output)
     seconds["write"] = time.perf_counter() - t
+    _say(progress, f"      done [{seconds['write']:.1f} s]")
 
     result = GenerateResult(output=p.output, image=image, plan=p, models=models, backends=backends,
                             tokenizer=tokenizer.kind, timesteps=timesteps, seconds=seconds)
