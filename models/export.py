@@ -112,7 +112,8 @@ def check_weights(component: str, weights: str | os.PathLike | None) -> Path | N
 
 
 def _randomize_norms(torch, model) -> None:
-    """Give normalisation layers random affine parameters (default init is 1 / 0).
+    """Give normalisation layers random affine parameters (default init is 1 / 0), and perturb
+    any other parameter that starts as a constant.
 
     With ones and zeros a pass that swapped or dropped the scale or bias would still match
     onnxruntime; the exporter would also merge the identical tensors into one initializer.
@@ -124,6 +125,11 @@ def _randomize_norms(torch, model) -> None:
                 module.weight.copy_(1.0 + 0.1 * torch.randn_like(module.weight))
                 if getattr(module, "bias", None) is not None:
                     module.bias.copy_(0.1 * torch.randn_like(module.bias))
+        # Other constant tensors (CLIP's Linear biases start at zero): identical values would also
+        # be merged by the exporter, sharing one initializer between unrelated layers.
+        for param in model.parameters():
+            if param.numel() > 1 and bool((param == param.reshape(-1)[0]).all()):
+                param.add_(0.02 * torch.randn_like(param))
 
 
 def build_model(component: str, arch: str, *, weights=None, height: int | None = None, width: int | None = None,

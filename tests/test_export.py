@@ -63,6 +63,14 @@ def test_tiny_export_matches_torch(tiny_models, component):
         _assert_close(g, w)
 
 
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_every_parameter_is_its_own_initializer(tiny_models, component):
+    """ONNX initializer elements == torch parameters: nothing merged (the exporter merges equal
+    tensors, e.g. all-zero biases) and nothing but the weights stored."""
+    module, _ = ex.build_model(component, "bk-sdm-tiny", scale="tiny")
+    assert ex.count_parameters(tiny_models[component]) == sum(p.numel() for p in module.parameters())
+
+
 def test_tiny_sd15_unet_matches_torch(tiny_sd15_unet):
     feeds, want = _torch_outputs("unet", "sd-v1.5", scale="tiny")
     _assert_close(_run(tiny_sd15_unet, feeds)[0], want[0])
