@@ -55,6 +55,8 @@ def _common(f):
 
 
 def _report(result):
+    if not result.is_main_process:
+        return
     first, last = result.losses[0]["loss"], result.losses[-1]["loss"]
     click.echo(f"{result.output}  steps {result.steps}  loss {first:.5g} -> {last:.5g}  ({result.seconds:.1f} s)")
 
@@ -106,3 +108,11 @@ def lcm_cmd(lr, quiet, **kw):
 
     cfg = LCMConfig(lr=1e-6 if lr is None else lr, progress=not quiet, **kw)
     _report(train_lcm(cfg))
+
+
+if __name__ == "__main__":  # accelerate launch -m edgefc.cli.train kd ... (errors: one line, exit 2)
+    import sys
+
+    from edgefc.cli import main
+
+    main(["train", *sys.argv[1:]])

@@ -66,6 +66,7 @@ class TrainResult:
     steps: int
     losses: list[dict]  # one dict per step: {"step", "loss", <components>}
     seconds: float
+    is_main_process: bool = True
 
 
 def _jsonable(v):
@@ -328,7 +329,10 @@ def _run(recipe: Recipe) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         recipe.after_step()
         step += 1
-        record = {"step": step, "loss": float(loss.detach().item()), **parts}
+        values = torch.tensor([float(loss.detach().item()), *parts.values()], device=accelerator.device)
+        if accelerator.num_processes > 1:  # log the mean over processes (each saw its own batch)
+            values = accelerator.reduce(values, reduction="mean")
+        record = {"step": step, **dict(zip(["loss", *parts], values.tolist()))}
         history.append(record)
         if accelerator.is_main_process:
             with log_path.open("a") as f:
@@ -342,7 +346,7 @@ def _run(recipe: Recipe) -> TrainResult:
     if accelerator.is_main_process:
         _save_final(out, recipe, student, components, history, accelerator, time.perf_counter() - t0)
     accelerator.wait_for_everyone()
-    return TrainResult(out, step, history, time.perf_counter() - t0)
+    return TrainResult(out, step, history, time.perf_counter() - t0, accelerator.is_main_process)
 
 
 def _save_checkpoint(out: Path, step: int, recipe, student, optimizer, gen, history, accelerator):
