@@ -233,17 +233,42 @@ def tiled_attention_numpy(q, k, v, heads: int, scale: float, causal: bool, tilin
 
 # --- the pass --------------------------------------------------------------------------------
 
+_ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "QuantizeLinear", "DequantizeLinear"}
+
+
 def deployed_act_bytes(tensor: gs.Tensor, precision: str | None = None) -> int:
     """Bytes per activation element as deployed: the ``--precision`` when it fixes it (fp16, w8a16:
-    2; fp32: 4), else the graph's own: a DequantizeLinear producer means its integer type
-    (int16 -> 2), otherwise the tensor's dtype."""
+    2; fp32: 4), else the graph's own, as the cost model reads it: a tensor that passes through a
+    QuantizeLinear/DequantizeLinear (along alias ops: Reshape, Squeeze, Identity, Q/DQ ...) has the
+    quantized type (int16 -> 2), otherwise its dtype."""
     if precision in ("fp16", "w8a16"):
         return 2
     if precision == "fp32":
         return 4
-    producer = tensor.inputs[0] if tensor.inputs else None
-    if producer is not None and producer.op == "DequantizeLinear" and producer.inputs[0].dtype is not None:
-        return int(np.dtype(producer.inputs[0].dtype).itemsize)
+
+    def nbytes(t):
+        return int(np.dtype(t.dtype).itemsize)
+
+    seen, todo = set(), [tensor]
+    while todo:
+        t = todo.pop()
+        if t is None or isinstance(t, gs.Constant) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        for p in t.inputs:  # the producer
+            if p.op == "DequantizeLinear" and p.inputs[0].dtype is not None:
+                return nbytes(p.inputs[0])
+            if p.op == "QuantizeLinear" and t.dtype is not None:
+                return nbytes(t)
+            if p.op in _ALIAS_OPS and p.inputs:
+                todo.append(p.inputs[0])
+        for c in t.outputs:  # the consumers
+            if c.op == "QuantizeLinear" and c.outputs and c.outputs[0].dtype is not None:
+                return nbytes(c.outputs[0])
+            if c.op == "DequantizeLinear" and t.dtype is not None:
+                return nbytes(t)
+            if c.op in _ALIAS_OPS:
+                todo.extend(c.outputs[:1])
     return int(np.dtype(tensor.dtype).itemsize) if tensor.dtype is not None else 4
 
 

@@ -273,6 +273,12 @@ def test_deployed_activation_bytes():
     assert mlt.deployed_act_bytes(gs.Variable("h", dtype=np.float16, shape=[1])) == 2
     f32 = gs.Variable("f", dtype=np.float32, shape=[1])
     assert mlt.deployed_act_bytes(f32) == 4 and mlt.deployed_act_bytes(f32, "w8a16") == 2
+    # A float tensor quantized by a consumer QuantizeLinear, seen through a Reshape.
+    mm, r, q = (gs.Variable("mm", dtype=np.float32, shape=[1, 4]), gs.Variable("r", dtype=np.float32, shape=[4]),
+                gs.Variable("q", dtype=np.int16, shape=[4]))
+    gs.Node("Reshape", inputs=[mm, gs.Constant("shp", np.array([4], np.int64))], outputs=[r])
+    gs.Node("QuantizeLinear", inputs=[r, gs.Constant("s2", np.ones(1, np.float32))], outputs=[q])
+    assert mlt.deployed_act_bytes(mm) == 2
 
 
 def test_explain_tiling_tables(transformer):
