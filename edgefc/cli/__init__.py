@@ -17,6 +17,7 @@ from edgefc.errors import EdgefcError
 # command name -> "module:attribute"; one line per subcommand.
 COMMANDS: dict[str, str] = {
     "compile": "edgefc.cli.compile:compile_cmd",
+    "profile": "edgefc.cli.profile:profile_cmd",
     "passes": "edgefc.cli.compile:passes_cmd",
     "export": "edgefc.cli.export:export_cmd",
     "generate": "edgefc.cli.generate:generate_cmd",
@@ -26,6 +27,7 @@ COMMANDS: dict[str, str] = {
 
 SHORT_HELP: dict[str, str] = {
     "compile": "Compile an ONNX model for a target (passes + lowering).",
+    "profile": "Cycle/DMA cost-model report of a model or build on an NPU target (table, JSON, trace, PNG).",
     "passes": "List the registered passes.",
     "export": "Export a text encoder / U-Net / VAE decoder from diffusers to ONNX.",
     "generate": "Text-to-image: text encoder -> U-Net (LCM steps) -> VAE decoder, writes a PNG.",

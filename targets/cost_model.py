@@ -1,0 +1,168 @@
+"""The cost model: cycles per Program command from the target's numbers alone (PERFORMANCE.md).
+
+One formula per command kind, shared by every op (no per-op or per-table-row constants):
+
+* DMA (``load``/``store``), per instance::
+
+      cycles = dma.latency_cycles + bus_bytes / (dma.bandwidth_bytes_per_s * dma.efficiency / clock.hz)
+      bus_bytes = bytes * dma.burst_bytes / min(run_bytes, dma.burst_bytes)
+
+  (a transfer made of runs shorter than a DRAM burst wastes the rest of each burst, as in Arm
+  Vela's memory-transfer efficiency);
+* tensor engine, per instance::
+
+      cycles = padded_macs / (tensor.macs_per_cycle * tensor.rate[precision] * tensor.efficiency)
+               + out_elements / tensor.output_elements_per_cycle + handoffs * handoff.cycles
+
+* vector engine, per instance::
+
+      cycles = elements * sum(passes_c * vector.cycles_per_element[c]) / vector.lanes
+               + handoffs * handoff.cycles
+
+* host: ``host.sync_cycles + elements * host.cycles_per_element``;
+
+plus ``dispatch.cycles`` for each engine command launch (``Command.dispatches``, once per
+command, not per repeated instance). A command costs ``repeat`` times one instance.
+
+The schedule that turns command cycles into a timeline is pluggable (:class:`Schedule`); the
+paper's baseline, and the default, runs commands one after another (:class:`SequentialSchedule`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgefc.errors import TargetError
+from edgefc.targets.program import Command, Program
+
+VECTOR_CLASSES = ("arith", "max", "reduce", "exp", "divide")
+PRECISIONS = ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """The target numbers the formulas use, read once from the target description."""
+
+    clock_hz: float
+    macs_per_cycle: float
+    tensor_efficiency: float
+    output_elements_per_cycle: float
+    rate: dict
+    lanes: float
+    vector_cpe: dict
+    dma_bytes_per_cycle: float       # bandwidth * efficiency / clock
+    dma_latency: float
+    burst_bytes: float
+    dispatch: float
+    handoff: float
+    host_sync: float
+    host_cpe: float
+
+    @classmethod
+    def from_target(cls, t) -> "CostParams":
+        clock = float(t["clock.hz"])
+        return cls(
+            clock_hz=clock,
+            macs_per_cycle=float(t["tensor.macs_per_cycle"]),
+            tensor_efficiency=float(t["tensor.efficiency"]),
+            output_elements_per_cycle=float(t["tensor.output_elements_per_cycle"]),
+            rate={p: float(t[f"tensor.rate.{p}"]) for p in PRECISIONS},
+            lanes=float(t["vector.lanes"]),
+            vector_cpe={c: float(t[f"vector.cycles_per_element.{c}"]) for c in VECTOR_CLASSES},
+            dma_bytes_per_cycle=float(t["dma.bandwidth_bytes_per_s"]) * float(t["dma.efficiency"]) / clock,
+            dma_latency=float(t["dma.latency_cycles"]),
+            burst_bytes=float(t["dma.burst_bytes"]),
+            dispatch=float(t["dispatch.cycles"]),
+            handoff=float(t["handoff.cycles"]),
+            host_sync=float(t["host.sync_cycles"]),
+            host_cpe=float(t["host.cycles_per_element"]),
+        )
+
+
+# --- one formula per command kind ------------------------------------------------------------
+
+def dma_cycles(p: CostParams, nbytes: float, run_bytes: float = 0) -> float:
+    """One DMA transfer of ``nbytes`` made of contiguous runs of ``run_bytes`` (0: one block)."""
+    if nbytes <= 0:
+        return 0.0
+    run = nbytes if run_bytes <= 0 else min(run_bytes, nbytes)
+    bus_bytes = nbytes * p.burst_bytes / min(run, p.burst_bytes)
+    return p.dma_latency + bus_bytes / p.dma_bytes_per_cycle
+
+
+def tensor_cycles(p: CostParams, padded_macs: float, out_elements: float, precision: str,
+                  handoffs: int = 0) -> float:
+    """One tensor-engine op: padded MACs at the precision's rate, then the output write-back."""
+    try:
+        rate = p.rate[precision]
+    except KeyError:
+        raise TargetError(f"the target has no tensor.rate for precision '{precision}'") from None
+    return (padded_macs / (p.macs_per_cycle * rate * p.tensor_efficiency)
+            + out_elements / p.output_elements_per_cycle + handoffs * p.handoff)
+
+
+def vector_cycles(p: CostParams, elements: float, passes, handoffs: int = 0) -> float:
+    """One vector-engine op: element passes per op class over ``vector.lanes`` lanes."""
+    per_element = sum(n * p.vector_cpe[c] for c, n in passes)
+    return elements * per_element / p.lanes + handoffs * p.handoff
+
+
+def host_cycles(p: CostParams, elements: float) -> float:
+    """One op run by the host CPU (NPU cycles): a synchronisation plus per-element work."""
+    return p.host_sync + elements * p.host_cpe
+
+
+def command_cycles(p: CostParams, c: Command) -> float:
+    """Cycles of a whole command (all ``repeat`` instances and its dispatches)."""
+    if c.kind in ("load", "store"):
+        one = dma_cycles(p, c.bytes, c.run_bytes)
+    elif c.kind == "tensor":
+        one = tensor_cycles(p, c.padded_macs, c.out_elements, c.precision, c.handoffs)
+    elif c.kind == "vector":
+        one = vector_cycles(p, c.elements, c.passes, c.handoffs)
+    elif c.kind == "host":
+        one = host_cycles(p, c.elements)
+    else:
+        raise ValueError(f"unknown command kind {c.kind!r}")
+    return one * c.repeat + c.dispatches * p.dispatch
+
+
+def instance_cycles(p: CostParams, c: Command) -> float:
+    """Cycles of one instance of a repeated command (no dispatch)."""
+    return (command_cycles(p, c) - c.dispatches * p.dispatch) / c.repeat
+
+
+def price(p: CostParams, program: Program) -> list[float]:
+    """Cycles of every command of ``program``, in order."""
+    return [command_cycles(p, c) for c in program.commands]
+
+
+# --- schedules ------------------------------------------------------------------------------
+
+class Schedule:
+    """Turns priced commands into a timeline: ``start`` cycle of every command and the makespan.
+
+    Subclass to model overlap (e.g. a double-buffered schedule running DMA beside compute);
+    ``Profile`` and every view only read ``starts`` and ``total``.
+    """
+
+    name = "schedule"
+
+    def run(self, program: Program, cycles: list[float]) -> tuple[list[float], float]:
+        raise NotImplementedError
+
+
+class SequentialSchedule(Schedule):
+    """Commands execute one after another, as in the paper's baseline measurements."""
+
+    name = "sequential"
+
+    def run(self, program, cycles):
+        starts, t = [], 0.0
+        for c in cycles:
+            starts.append(t)
+            t += c
+        return starts, t
+
+
+SCHEDULES = {"sequential": SequentialSchedule}
