@@ -179,7 +179,8 @@ class Solution:
     evaluated: int                  # attention_cycles calls
     sram_queries: int               # attention_sram_bytes calls
     seconds: float = 0.0
-    probed: set = field(default_factory=set)   # (r, h) pairs the solver looked at
+    probed: set = field(default_factory=set)   # (r, h) pairs whose working set the solver asked for
+    priced: set = field(default_factory=set)   # (r, h) pairs whose time the solver asked for
 
     @property
     def tile_rows(self) -> int:
@@ -273,7 +274,7 @@ def solve(spec: AttentionSpec, target, budget: int, granularity: int | None = No
     return Solution(spec, Tiling(r, h), probe.sram_bytes(r, h), c, budget, g,
                     candidates=sum(len(v) for v in cands.values()), evaluated=len(probe.cost),
                     sram_queries=len(probe.sram), seconds=time.perf_counter() - start,
-                    probed=set(probe.sram) | set(probe.cost))
+                    probed=set(probe.sram), priced=set(probe.cost))
 
 
 def brute_force(spec: AttentionSpec, target, budget: int, granularity: int | None = None) -> Solution:
@@ -295,7 +296,7 @@ def brute_force(spec: AttentionSpec, target, budget: int, granularity: int | Non
     n = sum(len(v) for v in cands.values())
     return Solution(spec, Tiling(r, h), probe.sram_bytes(r, h), c, budget, g, candidates=n,
                     evaluated=len(probe.cost), sram_queries=len(probe.sram), seconds=time.perf_counter() - start,
-                    probed=set(probe.sram))
+                    probed=set(probe.sram), priced=set(probe.cost))
 
 
 @dataclass
@@ -311,7 +312,7 @@ class CandidateRow:
     fits: bool
     cycles: float
     ms: float
-    probed: bool        # the solver looked at it (the others it ruled out without asking)
+    priced: bool        # the solver asked for its time (fitting ones it did not ask for were pruned)
     chosen: bool
 
     def as_dict(self) -> dict:
@@ -332,9 +333,9 @@ def explain(spec: AttentionSpec, target, budget: int, granularity: int | None = 
         choice = {"row_tiles": sol.tiling.row_tiles, "head_tiles": sol.tiling.head_tiles,
                   "tiles": sol.tiling.tiles, "tile_rows": sol.tile_rows, "heads_per_tile": sol.heads_per_tile,
                   "sram_bytes": sol.sram_bytes, "cycles": sol.cycles, "ms": cycles_to_ms(target, sol.cycles)}
-        probed, solver_ms = sol.probed, sol.seconds * 1e3
+        priced, solver_ms = sol.priced, sol.seconds * 1e3
     except InfeasibleBudgetError as e:
-        error, probed, solver_ms = str(e), set(), None
+        error, priced, solver_ms = str(e), set(), None
     rows = []
     for h, rs in candidate_tilings(spec, g).items():
         for r in rs:
@@ -342,7 +343,7 @@ def explain(spec: AttentionSpec, target, budget: int, granularity: int | None = 
             sram = int(target.attention_sram_bytes(spec, t))
             cyc = float(target.attention_cycles(spec, t))
             rows.append(CandidateRow(r, h, t.tiles, tile_rows(spec, t, g), heads_per_tile(spec, t), sram,
-                                     sram <= budget, cyc, cycles_to_ms(target, cyc), (r, h) in probed,
+                                     sram <= budget, cyc, cycles_to_ms(target, cyc), (r, h) in priced,
                                      choice is not None and (r, h) == (choice["row_tiles"], choice["head_tiles"])))
     rows.sort(key=lambda c: (c.tiles, c.head_tiles))
     return {"block": spec.name, "spec": spec_dict(spec), "budget": budget, "granularity": g,
@@ -357,28 +358,38 @@ def spec_dict(spec: AttentionSpec) -> dict:
 
 
 def format_explain(tables: list[dict], target=None) -> str:
-    """The ``--explain-tiling`` text: per block, the candidates weighed and the choice."""
-    out = []
+    """The ``--explain-tiling`` text: per block, the candidates weighed and the choice. Blocks with
+    the same shape and budget as an earlier one get one line referring to its table."""
+    out, seen = [], {}
     for t in tables:
         s = t["spec"]
         out.append(f"{t['block']}: {s['heads']} heads x {s['q_len']} x {s['kv_len']} (dk {s['head_dim']}, "
                    f"{s['act_bytes']} B/elem{', causal' if s['causal'] else ''}); budget {fmt_bytes(t['budget'])}, "
                    f"row granularity {t['granularity']}")
+        key = (tuple(sorted(s.items())), t["budget"], t["granularity"])
         if t["untiled_fits"]:
-            out.append("  untiled working set fits: left alone by mlt")
-        out.append(f"  {'tiles':>6} {'rows':>5}x{'heads':<5} {'tile rows':>9} {'SRAM/tile':>11} {'fits':>4} "
-                   f"{'time ms':>9}  ")
-        for c in t["candidates"]:
-            mark = "<- chosen" if c["chosen"] else ("" if c["probed"] or not c["fits"] else "(pruned)")
-            out.append(f"  {c['tiles']:>6} {c['row_tiles']:>5}x{c['head_tiles']:<5} {c['tile_rows']:>9} "
-                       f"{fmt_bytes(c['sram_bytes']):>11} {'yes' if c['fits'] else 'no':>4} {c['ms']:>9.3f}  {mark}")
+            out.append("  untiled working set fits the budget: left alone by mlt")
+        elif key in seen:
+            pass
+        else:
+            seen[key] = t["block"]
+            out.append(f"  {'tiles':>6} {'rows':>5}x{'heads':<5} {'tile rows':>9} {'SRAM/tile':>11} {'fits':>4} "
+                       f"{'time ms':>9}")
+            for c in t["candidates"]:
+                mark = "<- chosen" if c["chosen"] else ("priced" if c["priced"] else ("pruned" if c["fits"] else ""))
+                out.append(f"  {c['tiles']:>6} {c['row_tiles']:>5}x{c['head_tiles']:<5} {c['tile_rows']:>9} "
+                           f"{fmt_bytes(c['sram_bytes']):>11} {'yes' if c['fits'] else 'no':>4} {c['ms']:>9.3f}  {mark}")
+            n_fit = sum(c["fits"] for c in t["candidates"])
+            n_priced = sum(c["priced"] for c in t["candidates"])
+            out.append(f"  {len(t['candidates'])} candidates, {n_fit} fit; the solver priced {n_priced} "
+                       f"(\"pruned\": fits, but cannot beat the choice)")
         if t["error"]:
             out.append(f"  no tiling fits: {t['error']}")
-        else:
+        elif not t["untiled_fits"]:
             ch = t["choice"]
+            same = f" (candidates as for {seen[key]})" if seen.get(key) != t["block"] else ""
             out.append(f"  choice: {ch['row_tiles']} row tiles x {ch['head_tiles']} head tiles "
                        f"({ch['tile_rows']} rows x {ch['heads_per_tile']} heads per tile, "
-                       f"{fmt_bytes(ch['sram_bytes'])}), {ch['ms']:.3f} ms; solver {t['solver_ms']:.2f} ms")
+                       f"{fmt_bytes(ch['sram_bytes'])}), {ch['ms']:.3f} ms; solver {t['solver_ms']:.2f} ms{same}")
         out.append("")
     return "\n".join(out)
-

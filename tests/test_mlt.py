@@ -375,3 +375,17 @@ def test_tiny_unet_tiled_matches_onnxruntime(tiny_models):
     out = ort.run(ir.to_model(tiled), feeds)
     for k in ref:
         assert np.abs(ref[k] - out[k]).max() <= 1e-4 * max(1.0, float(np.abs(ref[k]).max()))
+
+
+def test_cli_profile_explain_tiling(tmp_path):
+    import edgefc.cli as cli_mod
+
+    if not tile_solver.has_cost_model(edgefc.get_target("exynos2400")):
+        pytest.skip("the exynos2400 target has no cost model yet")
+    path = tmp_path / "t.onnx"
+    onnx.save_model(transformer_model(seq=1024, channels=320, heads=8, ctx_channels=768), str(path))
+    res = CliRunner().invoke(cli_mod.cli, ["profile", str(path), "--explain-tiling", "--precision", "w8a16", "--top", "3"])
+    assert res.exit_code == 0, res.output
+    assert "self_attn: 8 heads x 1024 x 1024" in res.output and "<- chosen" in res.output
+    res = CliRunner().invoke(cli_mod.cli, ["profile", str(path), "--explain-tiling", "--sram-budget", "1KiB"])
+    assert res.exit_code == 0 and "no tiling fits" in res.output and "--sram-budget" in res.output

@@ -214,7 +214,11 @@ def test_explain_lists_every_candidate_and_the_choice():
     assert all(r["fits"] == (r["sram_bytes"] <= budget) for r in rows)
     assert not table["untiled_fits"] and table["choice"]["tiles"] == sol.tiling.tiles
     text = ts.format_explain([table])
-    assert "<- chosen" in text and spec.name in text and "(pruned)" in text
+    assert "<- chosen" in text and spec.name in text and "pruned" in text
+    assert sum(r["priced"] for r in rows) == sol.evaluated
+    # A second block of the same shape refers to the first table instead of repeating it.
+    twice = ts.format_explain([table, dict(table, block="other")])
+    assert twice.count("<- chosen") == 1 and f"candidates as for {spec.name}" in twice
 
 
 def test_explain_reports_an_infeasible_budget():
