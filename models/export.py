@@ -155,6 +155,8 @@ def build_model(component: str, arch: str, *, weights=None, height: int | None =
         else:
             model = _load(sub, lambda: diffusers.UNet2DConditionModel.from_pretrained(
                 str(sub), local_files_only=True, torch_dtype=torch.float32))
+        if sub is not None:
+            _check_loaded_unet(model.config, arch, sub, height, width)
         cross = model.config.cross_attention_dim
         lh, lw = configs.latent_size(height, width)
         inputs = (
@@ -218,6 +220,21 @@ def build_model(component: str, arch: str, *, weights=None, height: int | None =
         _randomize_norms(torch, model)
     wrapper = Wrapper(model).eval()
     return wrapper, inputs
+
+
+def _check_loaded_unet(config, arch: str, sub: Path, height: int, width: int) -> None:
+    """A loaded U-Net must divide the image size; say so if it is not the ``--arch`` topology."""
+    multiple = 8 * 2 ** (len(config.down_block_types) - 1)
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            raise ExportError(f"--{name} {value} is not a multiple of {multiple}, which the U-Net in "
+                              f"{str(sub)!r} needs ({len(config.down_block_types)} down blocks).")
+    want = configs.get_config("unet", arch)
+    if (list(config.down_block_types) != want["down_block_types"]
+            or config.mid_block_type != want["mid_block_type"]):
+        print(f"warning: the U-Net in {str(sub)!r} ({len(config.down_block_types)} down blocks, mid block "
+              f"{config.mid_block_type or 'none'}) does not have the {arch} topology; exporting it as it is.",
+              file=sys.stderr)
 
 
 def _load(sub: Path, loader):

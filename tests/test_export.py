@@ -346,3 +346,21 @@ def test_full_size_parameter_count(tmp_path, component, arch):
         assert files == [out.name, out.name + ".data"]
     else:
         assert files == [out.name]
+
+
+def test_weights_folder_of_another_topology(tmp_path, capfd):
+    """An SD-v1.5-shaped U-Net under --arch bk-sdm-tiny: exported with a warning; a size its extra
+    downsampling cannot divide is an error."""
+    torch.manual_seed(0)
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel(**configs.get_config("unet", "sd-v1.5", "tiny")).save_pretrained(tmp_path / "pipe" / "unet")
+    out = tmp_path / "out"
+    code, err = _cli(["export", "unet", "--weights", str(tmp_path / "pipe"), "--height", "96", "--width", "64",
+                      "-o", str(out / "m.onnx")], capfd)
+    _assert_user_error(code, err, ["--height 96", "multiple of 64"], out)
+    code, err = _cli(["export", "unet", "--weights", str(tmp_path / "pipe"), "--height", "64", "--width", "64",
+                      "-o", str(out / "m.onnx")], capfd)
+    assert code == 0
+    assert "warning: " in err and "bk-sdm-tiny topology" in err
+    assert _softmax_count(out / "m.onnx") == configs.expected_attention_count("unet", "sd-v1.5")
