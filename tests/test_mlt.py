@@ -356,9 +356,10 @@ def test_cli_help_lists_the_flags():
 
 # --- the tiny U-Net, fused then tiled, against the unfused model -----------------------------------
 
-def test_tiny_unet_tiled_matches_onnxruntime(tiny_models):
+def test_tiny_unet_tiled_matches_onnxruntime(request):
     if "fuse" not in {pid.split("::")[1] for pid in edgefc.list_passes()}:
         pytest.skip("the fuse pass has not landed")
+    tiny_models = request.getfixturevalue("tiny_models")
     fused = edgefc.compile(tiny_models["unet"], None, passes=["canonicalize", "fuse"]).graph
     n_attn = sum(n.op == "Attention" for n in fused.nodes)
     assert n_attn > 0
