@@ -174,6 +174,6 @@ class NpuTarget(Target):
         precision = "as-built"
         prof = build_profile(self, graph, precision=precision, model=str(ctx.options.get("source_model") or ""))
         prof.write_json(Path(out_dir) / "profile.json")
-        report["profile"] = {"file": "profile.json", "precision": precision, "total_ms": round(prof.total_ms, 3),
+        report["profile"] = {"file": "profile.json", "precision": precision, "total_ms": round(prof.total_ms, 6),
                              "sram_peak_bytes": prof.program.sram_peak_bytes,
                              "dma_bytes": prof.program.dma_bytes(), "macs": prof.program.macs()}

@@ -1,0 +1,307 @@
+"""Cost model (issue 4): first-principles cycle counts from the target file, shared parameters,
+residency, precision and QDQ pricing, the attention block the MLT solver prices, target errors."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+import edgefc
+from edgefc.attention import AttentionSpec, Tiling
+from edgefc.errors import TargetError
+from edgefc.targets import TARGET_DIR
+from edgefc.targets.cost_model import Schedule, command_cycles, dma_cycles
+from edgefc.targets.description import NpuTarget
+from edgefc.targets.profile import role_cycles
+from edgefc.targets.program import ATTENTION_ROLES
+from tests import npu_graphs
+
+TOML = tomllib.loads((TARGET_DIR / "exynos2400.toml").read_text())
+
+
+def num(dotted: str) -> float:
+    node = TOML
+    for part in dotted.split("."):
+        node = node[part]
+    return float(node)
+
+
+def graph_of(model) -> gs.Graph:
+    return edgefc.infer_shapes(gs.import_onnx(model))
+
+
+@pytest.fixture(scope="module")
+def target() -> NpuTarget:
+    return edgefc.get_target("exynos2400")
+
+
+def rup(n, g):
+    return math.ceil(n / g) * g
+
+
+def dma_by_hand(nbytes, run=0):
+    burst = num("dma.burst_bytes")
+    bus = nbytes * burst / min(run or nbytes, burst)
+    return num("dma.latency_cycles") + bus / (num("dma.bandwidth_bytes_per_s") * num("dma.efficiency") / num("clock.hz"))
+
+
+# --- first principles: one matmul, one DMA, one softmax ----------------------------------------
+
+def test_one_matmul_matches_hand_computed_cycles(target):
+    m, k, n = 77, 40, 100  # every dimension needs padding
+    prog = target.lower(graph_of(npu_graphs.matmul_model(m, k, n, np.float16)), "as-built")
+    (mm,) = [c for c in prog.commands if c.kind == "tensor"]
+    g, rg = num("tensor.channel_granularity"), num("tensor.row_granularity")
+    padded = rup(m, rg) * rup(k, g) * rup(n, g)
+    assert mm.macs == m * k * n and mm.padded_macs == padded and mm.precision == "fp16"
+    by_hand = (padded / (num("tensor.macs_per_cycle") * num("tensor.rate.fp16") * num("tensor.efficiency"))
+               + m * n / num("tensor.output_elements_per_cycle") + num("dispatch.cycles"))
+    assert command_cycles(target.params, mm) == pytest.approx(by_hand, rel=1e-12)
+    # its DMA: x in, weights in, y out, at fp16
+    loads = {c.tensor: c.bytes for c in prog.commands if c.kind == "load"}
+    assert loads == {"x": m * k * 2, "mm:weights": k * n * 2}
+    assert [c.bytes for c in prog.commands if c.kind == "store"] == [m * n * 2]
+
+
+@pytest.mark.parametrize("nbytes,run", [(1 << 20, 0), (3_000_000, 0), (1 << 20, 80), (4096, 4096)])
+def test_one_dma_matches_hand_computed_cycles(target, nbytes, run):
+    assert dma_cycles(target.params, nbytes, run) == pytest.approx(dma_by_hand(nbytes, run), rel=1e-12)
+
+
+def test_dma_of_a_graph_input_is_its_bytes(target):
+    prog = target.lower(graph_of(npu_graphs.softmax_model(64, 1000)), "fp16")
+    (load,) = [c for c in prog.commands if c.kind == "load"]
+    assert load.bytes == 64 * 1000 * 2
+    assert command_cycles(target.params, load) == pytest.approx(dma_by_hand(64 * 1000 * 2))
+
+
+def test_one_softmax_matches_hand_computed_cycles(target):
+    rows, cols = 64, 1000
+    prog = target.lower(graph_of(npu_graphs.softmax_model(rows, cols)), "fp16")
+    (sm,) = [c for c in prog.commands if c.kind == "vector"]
+    per_elem = sum(num(f"vector.cycles_per_element.{c}") for c in ("max", "arith", "exp", "reduce", "divide"))
+    by_hand = rows * cols * per_elem / num("vector.lanes") + num("dispatch.cycles")
+    assert sm.elements == rows * cols
+    assert command_cycles(target.params, sm) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_channel_padding_to_the_engine_granularity(target):
+    def padded(cout):
+        prog = target.lower(graph_of(npu_graphs.conv_model(32, cout, 16)), "w8a16")
+        return next(c for c in prog.commands if c.kind == "tensor")
+
+    c3, c64, c65 = padded(3), padded(64), padded(65)
+    assert c3.padded_macs == c64.padded_macs          # 3 output channels cost a 64-channel block
+    assert c65.padded_macs == 2 * c64.padded_macs
+    assert c3.macs * 64 == c64.macs * 3
+    assert c3.precision == "int8xint16"
+
+
+# --- shared parameters ---------------------------------------------------------------------------
+
+BLOCK = AttentionSpec("blk", 1, 8, 4096, 4096, 40, 40, 2)   # Table 6's block: spills untiled
+DMA_ROWS = ("load_qk", "store_s_in", "load_s_in", "store_s_out", "load_s_out_v", "store_out")
+
+
+def test_dram_bandwidth_moves_every_dma_row_together(target):
+    base = target.with_fields({"dma.latency_cycles": 0.0})
+    fast = base.with_fields({"dma.bandwidth_bytes_per_s": 2 * num("dma.bandwidth_bytes_per_s")})
+    a, b = role_cycles(base, BLOCK, Tiling(1, 1)), role_cycles(fast, BLOCK, Tiling(1, 1))
+    for row in DMA_ROWS:
+        assert b[row] == pytest.approx(a[row] / 2, rel=1e-12), row
+    for row in ("qk_matmul", "softmax", "sv_matmul"):
+        assert b[row] == a[row], row
+
+
+def test_mac_rate_moves_both_matmul_rows_together(target):
+    base = target.with_fields({"tensor.output_elements_per_cycle": 1e30, "handoff.cycles": 0.0, "dispatch.cycles": 0.0})
+    fast = base.with_fields({"tensor.macs_per_cycle": 3 * num("tensor.macs_per_cycle")})
+    a, b = role_cycles(base, BLOCK, Tiling(1, 1)), role_cycles(fast, BLOCK, Tiling(1, 1))
+    for row in ("qk_matmul", "sv_matmul"):
+        assert b[row] == pytest.approx(a[row] / 3, rel=1e-9), row
+    for row in DMA_ROWS + ("softmax",):
+        assert b[row] == a[row], row
+
+
+def test_breakdown_rows_sum_to_100_untiled_and_less_tiled(target):
+    untiled = role_cycles(target, BLOCK, Tiling(1, 1))
+    total = sum(untiled.values())
+    assert set(untiled) == set(ATTENTION_ROLES)
+    assert all(untiled[r] > 0 for r in ATTENTION_ROLES)          # it spills: every row is there
+    tiled = role_cycles(target, BLOCK, Tiling(16, 8))
+    assert tiled["store_s_in"] == tiled["load_s_in"] == tiled["store_s_out"] == 0.0
+    assert sum(tiled.values()) < 0.5 * total
+    # per-tile hand-offs: the compute rows grow with the tiles, the shared bytes do not
+    assert tiled["qk_matmul"] > untiled["qk_matmul"] and tiled["softmax"] > untiled["softmax"]
+
+
+def test_v_and_out_transfers_cost_more_per_byte_than_q_and_k(target):
+    """Q/K move as contiguous head blocks, V (read transposed) and A (head-interleaved) in runs of
+    one padded head row: the same bytes, more bus time (the remark under Table 6)."""
+    cmds = target.attention_commands(BLOCK, Tiling(1, 1))
+    by = {c.tensor.split(":")[1]: c for c in cmds if c.kind in ("load", "store")}
+    assert by["Q"].bytes == by["K"].bytes == by["V"].bytes == by["A"].bytes == 8 * 4096 * 64 * 2
+    p = target.params
+    assert dma_cycles(p, by["V"].bytes, by["V"].run_bytes) > 1.5 * dma_cycles(p, by["Q"].bytes, by["Q"].run_bytes)
+
+
+# --- the attention block, as the MLT solver sees it and as the profile reports it -------------
+
+@pytest.mark.parametrize("tiling", [None, (4, 2), (2, 4)])
+def test_attention_cycles_equal_what_the_profile_reports(target, tiling):
+    model = npu_graphs.attention_model(seq=1024, heads=4, head_dim=40, dtype=np.float16, tiling=tiling)
+    prof = target.profile(graph_of(model), "as-built")
+    row = next(r for r in prof.ops if r.name == "attn")
+    spec = AttentionSpec("attn", 1, 4, 1024, 1024, 40, 40, 2)
+    assert row.cycles == pytest.approx(target.attention_cycles(spec, Tiling(*(tiling or (1, 1)))), rel=1e-12)
+    assert prof.attention_breakdown["block"] == "attn"
+
+
+def test_attention_spills_exactly_when_the_tile_does_not_fit(target):
+    spec = AttentionSpec("a", 1, 8, 1024, 1024, 40, 40, 2)
+    big = target.attention_sram_bytes(spec, Tiling(1, 1))
+    small = target.attention_sram_bytes(spec, Tiling(8, 8))
+    assert small < target.sram_bytes < big
+    spills = lambda t: any(c.role in ("store_s_in", "store_s_out") for c in target.attention_commands(spec, t))
+    assert spills(Tiling(1, 1)) and not spills(Tiling(8, 8))
+    roomy = target.with_fields({"sram.bytes": big})
+    assert not any(c.role == "store_s_in" for c in roomy.attention_commands(spec, Tiling(1, 1)))
+
+
+def test_attention_working_set_shrinks_with_tiles(target):
+    spec = AttentionSpec("a", 1, 8, 4096, 4096, 40, 40, 2)
+    for h in (1, 2, 4, 8):
+        sizes = [target.attention_sram_bytes(spec, Tiling(r, h)) for r in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
+        assert sizes == sorted(sizes, reverse=True)
+
+
+def test_mlt_solver_uses_this_cost_model(target):
+    tile_solver = pytest.importorskip("edgefc.passes.tile_solver")
+    sol = tile_solver.solve(BLOCK, target, tile_solver.default_budget(target), target.row_granularity)
+    assert target.attention_sram_bytes(BLOCK, sol.tiling) <= tile_solver.default_budget(target)
+    assert sol.cycles == target.attention_cycles(BLOCK, sol.tiling)
+    assert sol.cycles < 0.5 * target.attention_cycles(BLOCK, Tiling(1, 1))
+
+
+# --- residency, precision, quantization --------------------------------------------------------
+
+def test_tensor_that_does_not_fit_spills_to_dram_and_back(target):
+    elements = 1 << 19                                          # 1 MiB per tensor at fp16
+    graph = graph_of(npu_graphs.chain_model(elements, length=3))
+    roomy = target.lower(graph, "fp16")
+    assert not [c for c in roomy.commands if c.spill]
+    assert roomy.residency["r0"] == "sram"
+    tight = target.with_fields({"sram.bytes": 5 << 19, "sram.weight_buffer_bytes": 0}).lower(graph, "fp16")
+    spilled = [(c.kind, c.tensor) for c in tight.commands if c.spill]
+    assert ("store", "r0") in spilled and ("load", "r0") in spilled
+    assert tight.residency["r0"] == "dram"
+    assert tight.dma_bytes() - roomy.dma_bytes() == 2 * elements * 2
+
+
+def test_w8a16_and_fp16_dma_bytes_differ_as_expected(target):
+    cin, cout, hw, k = 64, 128, 32, 3
+    graph = graph_of(npu_graphs.conv_model(cin, cout, hw, k))
+    w8 = target.lower(graph, "w8a16")
+    f16 = target.lower(graph, "fp16")
+    f32 = target.lower(graph, "fp32")
+    weights = lambda p: next(c.bytes for c in p.commands if c.tensor.endswith(":weights"))
+    acts = lambda p: sum(c.bytes for c in p.commands if c.kind in ("load", "store") and not c.tensor.endswith(":weights"))
+    nw = cout * cin * k * k
+    assert weights(w8) == nw * 1 + cout * 4          # INT8 weights, INT32 bias
+    assert weights(f16) == nw * 2 + cout * 2
+    assert weights(f32) == 2 * weights(f16)
+    act_elems = (cin + cout) * hw * hw
+    assert acts(w8) == acts(f16) == act_elems * 2    # INT16 and FP16 activations: same bytes
+    assert acts(f32) == act_elems * 4
+    conv = lambda p: next(c for c in p.commands if c.kind == "tensor")
+    assert conv(w8).precision == "int8xint16" and conv(f16).precision == "fp16" and conv(f32).precision == "fp32"
+
+
+def test_qdq_graph_is_priced_at_its_quantized_types(target):
+    """A tensor passing through QuantizeLinear/DequantizeLinear is priced at its quantized type,
+    and the Q/DQ nodes are no NPU work: as-built QDQ == the w8a16 what-if of the float graph."""
+    q = target.lower(graph_of(npu_graphs.conv_model(64, 128, 32, qdq=True)), "as-built")
+    f = target.lower(graph_of(npu_graphs.conv_model(64, 128, 32)), "w8a16")
+    assert [op.op_type for op in q.ops] == ["Conv"]
+    strip = lambda p: [(c.kind, c.bytes, c.padded_macs, c.precision) for c in p.commands]
+    # (the QDQ graph keeps its bias in fp32: 4 bytes, as the INT32 bias of the what-if)
+    assert strip(q) == strip(f)
+    assert next(c.bytes for c in q.commands if c.tensor.endswith(":weights")) == 64 * 128 * 9 + 128 * 4
+
+
+def test_precision_changes_throughput(target):
+    g = graph_of(npu_graphs.matmul_model(256, 256, 256))
+    cyc = {p: target.profile(g, p).by_command_engine()["tensor"] for p in ("fp32", "fp16", "w8a16")}
+    assert cyc["fp32"] > cyc["fp16"]
+    assert cyc["w8a16"] == pytest.approx(cyc["fp16"])   # INT8xINT16 and FP16 both at half the INT8 rate
+
+
+def test_unknown_precision_is_a_user_error(target):
+    with pytest.raises(edgefc.EdgefcError, match="precision 'int4'"):
+        target.lower(graph_of(npu_graphs.softmax_model(4, 4)), "int4")
+
+
+# --- schedule ------------------------------------------------------------------------------------
+
+def test_schedule_is_pluggable(target):
+    from edgefc.targets import cost_model
+    from edgefc.targets.profile import build_profile
+
+    class AllAtOnce(Schedule):
+        name = "all-at-once"
+
+        def run(self, program, cycles):
+            return [0.0] * len(cycles), max(cycles)
+
+    cost_model.SCHEDULES["all-at-once"] = AllAtOnce
+    try:
+        g = graph_of(npu_graphs.chain_model(1000))
+        seq = build_profile(target, g, "fp16")
+        par = build_profile(target, g, "fp16", schedule="all-at-once")
+        assert seq.total_cycles == pytest.approx(sum(seq.cycles))
+        assert par.total_cycles == pytest.approx(max(seq.cycles)) and par.total_cycles < seq.total_cycles
+    finally:
+        del cost_model.SCHEDULES["all-at-once"]
+
+
+# --- the target file ---------------------------------------------------------------------------
+
+def _write(tmp_path, text):
+    p = tmp_path / "npu.toml"
+    p.write_text(text)
+    return p
+
+
+def test_target_file_missing_field_is_named(tmp_path):
+    text = (TARGET_DIR / "exynos2400.toml").read_text().replace("burst_bytes = ", "# burst_bytes = ")
+    with pytest.raises(TargetError, match="no field 'dma.burst_bytes'"):
+        NpuTarget.from_toml(_write(tmp_path, text))
+
+
+def test_target_file_mistyped_field_is_named(tmp_path):
+    text = (TARGET_DIR / "exynos2400.toml").read_text().replace("lanes = 128", 'lanes = "wide"')
+    with pytest.raises(TargetError, match="'vector.lanes' must be"):
+        NpuTarget.from_toml(_write(tmp_path, text))
+
+
+def test_target_file_negative_field_is_named(tmp_path):
+    text = (TARGET_DIR / "exynos2400.toml").read_text().replace("efficiency = 0", "efficiency = -0", 1)
+    with pytest.raises(TargetError, match="'tensor.efficiency' must be positive"):
+        NpuTarget.from_toml(_write(tmp_path, text))
+
+
+def test_every_number_in_the_target_file_says_where_it_comes_from():
+    """Each value carries a comment on its line or in the comment block right above it."""
+    covered = False   # a comment block covers the value lines right below it
+    for line in (TARGET_DIR / "exynos2400.toml").read_text().splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            covered = True
+        elif not s or s.startswith("["):
+            covered = False
+        elif s.split("=")[0].strip() not in ("name", "kind"):
+            assert "#" in s or covered, f"no source comment: {line}"
