@@ -193,7 +193,7 @@ def unet_attention_layout(config: dict) -> list[tuple[str, int]]:
     layers = config.get("layers_per_block", 2)
     per_block = config.get("transformer_layers_per_block", 1)
     if not isinstance(per_block, int):
-        raise ValueError("per-block transformer_layers_per_block lists are not supported")
+        raise TypeError("per-block transformer_layers_per_block lists are not supported")
     layout = []
     for i, kind in enumerate(config["down_block_types"]):
         if "CrossAttn" in kind:

@@ -31,8 +31,9 @@ import time
 import warnings
 from pathlib import Path
 
-from edgefc.errors import ExportError
 from edgefc.models import configs
+
+from edgefc.errors import ExportError
 
 OPSET = 17
 
@@ -347,13 +348,31 @@ def export_component(component: str, arch: str, output: str | os.PathLike, *, we
     check_weights(component, weights)
     if weights is not None and scale != "full":
         raise ExportError("--scale tiny builds random weights and cannot be combined with --weights.")
+    torch, _, _ = _import_backends()
     parent = output.parent
+    created = [p for p in (parent, *parent.parents) if not p.exists()]
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
     except OSError as e:
-        raise ExportError(f"cannot create output folder {str(parent)!r}: {e.strerror}.") from None
+        raise ExportError(f"cannot write in output folder {str(parent)!r}: {e.strerror or e}.") from None
+    try:
+        return _export_into(component, arch, output, tmpdir, torch, weights=weights, height=height,
+                            width=width, scale=scale, seed=seed, progress=progress)
+    except OSError as e:
+        raise ExportError(f"cannot write {str(output)!r}: {e.strerror or e}.") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        if not output.exists():
+            for folder in created:  # folders made for an output that never came (innermost first)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
-    torch, _, _ = _import_backends()
+
+def _export_into(component, arch, output: Path, tmpdir: Path, torch, *, weights, height, width, scale, seed,
+                 progress) -> Path:
+    """Build, export into ``tmpdir``, check, and move the result to ``output``."""
+    parent = output.parent
     t0 = time.perf_counter()
     source = f"weights from {weights}" if weights is not None else f"random weights, seed {seed}"
     _echo(progress, f"[1/3] build {component} {arch} ({scale} scale, {source}): "
@@ -366,38 +385,34 @@ def export_component(component: str, arch: str, output: str | os.PathLike, *, we
     _echo(progress, f"      {n_params / 1e6:.1f} M parameters, inputs {shapes} "
                     f"[{time.perf_counter() - t0:.1f} s]")
 
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
-    try:
-        tmp_onnx = tmpdir / output.name
-        t1 = time.perf_counter()
-        _echo(progress, f"[2/3] trace and export to ONNX (TorchScript exporter, opset {OPSET}) ...")
-        with _quiet(torch), torch.no_grad():
-            torch.onnx.export(
-                module, inputs, str(tmp_onnx),
-                input_names=INPUT_NAMES[component], output_names=OUTPUT_NAMES[component],
-                opset_version=OPSET, dynamo=False, do_constant_folding=True,
-            )
-        del module, inputs
-        gc.collect()
-        _echo(progress, f"      done [{time.perf_counter() - t1:.1f} s]")
+    tmp_onnx = tmpdir / output.name
+    t1 = time.perf_counter()
+    _echo(progress, f"[2/3] trace and export to ONNX (TorchScript exporter, opset {OPSET}) ...")
+    with _quiet(torch), torch.no_grad():
+        torch.onnx.export(
+            module, inputs, str(tmp_onnx),
+            input_names=INPUT_NAMES[component], output_names=OUTPUT_NAMES[component],
+            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+        )
+    del module, inputs
+    gc.collect()
+    _echo(progress, f"      done [{time.perf_counter() - t1:.1f} s]")
 
-        t2 = time.perf_counter()
-        data_name = output.name + ".data"
-        external = _consolidate_external_data(tmp_onnx, data_name)
-        import onnx
+    t2 = time.perf_counter()
+    data_name = output.name + ".data"
+    external = _consolidate_external_data(tmp_onnx, data_name)
+    import onnx
 
-        onnx.checker.check_model(str(tmp_onnx))  # by path: never loads the external data
-        final_params = count_parameters(tmp_onnx)
-        size = sum(f.stat().st_size for f in tmpdir.iterdir())
-        _echo(progress, f"[3/3] save {output}{' + ' + data_name if external else ''} "
-                        f"({size / 2**20:.1f} MiB, {final_params / 1e6:.1f} M parameters)")
-        # data first, then the model: whoever sees the .onnx finds its data
-        if external:
-            os.replace(tmpdir / data_name, parent / data_name)
-        os.replace(tmp_onnx, output)
-        if not external:
-            (parent / data_name).unlink(missing_ok=True)  # stale data of an earlier large export
-        _echo(progress, f"      done [{time.perf_counter() - t2:.1f} s], total {time.perf_counter() - t0:.1f} s")
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    onnx.checker.check_model(str(tmp_onnx))  # by path: never loads the external data
+    final_params = count_parameters(tmp_onnx)
+    size = sum(f.stat().st_size for f in tmpdir.iterdir())
+    _echo(progress, f"[3/3] save {output}{' + ' + data_name if external else ''} "
+                    f"({size / 2**20:.1f} MiB, {final_params / 1e6:.1f} M parameters)")
+    # data first, then the model: whoever sees the .onnx finds its data
+    if external:
+        os.replace(tmpdir / data_name, parent / data_name)
+    os.replace(tmp_onnx, output)
+    if not external:
+        (parent / data_name).unlink(missing_ok=True)  # stale data of an earlier large export
+    _echo(progress, f"      done [{time.perf_counter() - t2:.1f} s], total {time.perf_counter() - t0:.1f} s")
     return output

@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from edgefc.models import configs
+from edgefc.models import export as ex
 
 from edgefc.cli import main
 from edgefc.errors import ExportError
-from edgefc.models import configs
-from edgefc.models import export as ex
 
 torch = pytest.importorskip("torch")
 
@@ -307,20 +307,33 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch.onnx, "export", interrupted)
-    out = tmp_path / "out"
+    out = tmp_path / "out" / "deeper"
     with pytest.raises(KeyboardInterrupt):
         ex.export_component("unet", "bk-sdm-tiny", out / "m.onnx", scale="tiny", progress=False)
-    assert list(out.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no temporary files, and the folders it made are gone
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "m.onnx").write_bytes(b"previous")
+    with pytest.raises(KeyboardInterrupt):
+        ex.export_component("unet", "bk-sdm-tiny", tmp_path / "keep" / "m.onnx", scale="tiny", progress=False)
+    assert [p.name for p in (tmp_path / "keep").iterdir()] == ["m.onnx"]
+    assert (tmp_path / "keep" / "m.onnx").read_bytes() == b"previous"  # the old output is untouched
+
+
+def test_output_folder_is_a_file(tmp_path, capfd):
+    (tmp_path / "f").write_text("x")
+    code, err = _cli(["export", "unet", "--scale", "tiny", "-o", str(tmp_path / "f" / "m.onnx")], capfd)
+    _assert_user_error(code, err, ["cannot write in output folder"], tmp_path / "nothing")
+    assert (tmp_path / "f").read_text() == "x"
 
 
 def test_cli_subprocess_error():
     """The installed `edgefc` command: one line on stderr, status 2, no traceback."""
     proc = subprocess.run([sys.executable, "-c", "from edgefc.cli import main; main()", "export", "unet",
-                           "--height", "100", "-o", "never.onnx"], capture_output=True, text=True)
+                           "--height", "100", "-o", "never.onnx"], capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: --height 100 is not a positive multiple of 32 "
-        "(the bk-sdm-tiny U-Net downsamples the 1/8 latent 2 times)."]
+        ("error: --height 100 is not a positive multiple of 32 "
+         "(the bk-sdm-tiny U-Net downsamples the 1/8 latent 2 times).")]
 
 
 def test_api_rejects_unknown_names(tmp_path):
