@@ -177,3 +177,7 @@ class NpuTarget(Target):
         report["profile"] = {"file": "profile.json", "precision": precision, "total_ms": round(prof.total_ms, 6),
                              "sram_peak_bytes": prof.program.sram_peak_bytes,
                              "dma_bytes": prof.program.dma_bytes(), "macs": prof.program.macs()}
+        if "tvm" in (ctx.options.get("emit") or ()):  # --emit tvm: TVM lowering (targets/tvm_lowering.py)
+            from edgefc.targets.tvm_lowering import emit_tvm
+
+            emit_tvm(graph, out_dir, ctx, report)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "generate": "edgefc.cli.generate:generate_cmd",
     "train": "edgefc.cli.train:train_group",
     "data": "edgefc.cli.data:data_group",
+    "run": "edgefc.cli.run:run_cmd",
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -33,6 +34,7 @@ SHORT_HELP: dict[str, str] = {
     "generate": "Text-to-image: text encoder -> U-Net (LCM steps) -> VAE decoder, writes a PNG.",
     "train": "Distil U-Nets: BK-SDM knowledge distillation (kd), latent consistency distillation (lcm).",
     "data": "Curate image/caption training data (dedup, size filter, crop choice).",
+    "run": "Run a TVM build (--emit tvm) on inputs from an .npz; --check compares with onnxruntime.",
 }
 
 

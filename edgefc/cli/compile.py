@@ -62,6 +62,8 @@ def _demo_model() -> Path:
               help="Leave attention untiled: no model-level tiling (mlt) in the default pipeline.")
 @click.option("--sram-budget", metavar="BYTES|xKiB|xMiB", callback=_sram_budget,
               help="SRAM one attention tile may use (mlt), e.g. 4MiB; default: the target's SRAM minus a reserve.")
+@click.option("--emit", multiple=True, type=click.Choice(["tvm"]),
+              help="Also lower to TVM: host_aarch64.so (phone), host_local.so (this machine) + NPU programs.")
 def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_after, demo, **pass_options):
     """Compile an ONNX MODEL for a target and write a build folder.
 

@@ -1,0 +1,150 @@
+"""``edgefc run``: execute a TVM build (``edgefc compile --emit tvm``) on this machine."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import click
+import numpy as np
+
+from edgefc.errors import BuildError, VerificationError
+
+FP32_TOLERANCE = 1e-4   # max |tvm - ref| / max |ref| against the original model, fp32 builds
+SQNR_MARGIN_DB = 1.0    # reduced-precision builds: allowed SQNR shortfall vs the quantized model
+
+
+def _load_inputs(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise BuildError(f"inputs file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError):
+        raise BuildError(f"{path} is not a readable .npz file of named input arrays") from None
+
+
+def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``out`` against ``ref`` in dB (inf when equal)."""
+    ref = np.asarray(ref, np.float64)
+    err = np.sum((np.asarray(out, np.float64) - ref) ** 2)
+    sig = np.sum(ref ** 2)
+    if err == 0:
+        return math.inf
+    return float(10 * math.log10(sig / err)) if sig > 0 else -math.inf
+
+
+def _reduced_precision(build: Path, report: dict) -> tuple[bool, float | None]:
+    """(is the build quantized or fp16, the quantization report's SQNR in dB if it has one)."""
+    q = report.get("quantization") or {}
+    precision = str(q.get("precision", "")).lower()
+    sqnr = q.get("sqnr_db")
+    sqnr = float(sqnr) if isinstance(sqnr, (int, float)) else None
+    if precision and precision not in ("fp32", "none"):
+        return True, sqnr
+    import onnx
+
+    model = onnx.load(str(build / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    return bool(ops & {"QuantizeLinear", "DequantizeLinear"}) or fp16, sqnr
+
+
+def _check(build: Path, feeds: dict, outputs: dict) -> list[str]:
+    from edgefc import ort
+
+    try:
+        report = json.loads((build / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise BuildError(f"{build} has no readable report.json") from None
+    source = report.get("source")
+    if not source or not Path(source).is_file():
+        raise BuildError(f"--check needs the original model, but {source or 'no source'} (report.json \"source\") is not available")
+    ref = ort.run(ort.session(source), feeds)
+    compiled = ort.run(ort.session(build / "model.onnx"), feeds)
+    lines = []
+    abs_err, rel_err, name = ort.compare(ref, outputs)
+    _, low_rel, _ = ort.compare(compiled, outputs)
+    reduced, report_sqnr = _reduced_precision(build, report)
+    lines.append(f"vs onnxruntime, compiled model: max rel err {low_rel:.3g}")
+    if not reduced:
+        ok = rel_err <= FP32_TOLERANCE
+        lines.append(f"vs onnxruntime, original model {source}: max abs err {abs_err:.3g}, max rel err {rel_err:.3g} "
+                     f"({name}; allowed {FP32_TOLERANCE:g}) {'ok' if ok else 'FAIL'}")
+        if not ok:
+            raise VerificationError(f"TVM output '{name}' differs from onnxruntime on the original model: "
+                                    f"max rel err {rel_err:.3g} > {FP32_TOLERANCE:g}")
+        return lines
+    for out_name, r in ref.items():
+        if out_name not in outputs:
+            continue
+        s_tvm = sqnr_db(r, outputs[out_name])
+        s_ort = sqnr_db(r, compiled[out_name])
+        floor = min(s_ort, report_sqnr if report_sqnr is not None else s_ort) - SQNR_MARGIN_DB
+        ok = s_tvm >= floor
+        lines.append(f"vs onnxruntime, original model {source}: {out_name} SQNR {s_tvm:.2f} dB, max rel err {rel_err:.3g}; "
+                     f"quantized model in onnxruntime {s_ort:.2f} dB, report {report_sqnr if report_sqnr is not None else 'n/a'} dB "
+                     f"(allowed >= {floor:.2f} dB) {'ok' if ok else 'FAIL'}")
+        if not ok:
+            raise VerificationError(f"TVM output '{out_name}' is further from the original model than the quantization "
+                                    f"error: SQNR {s_tvm:.2f} dB < {floor:.2f} dB")
+    return lines
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@click.command("run")
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path), metavar="FILE.npz",
+              help="Model inputs: an .npz with one array per input name (e.g. sample, timestep, encoder_hidden_states).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.npz",
+              help="Write the outputs to this .npz.")
+@click.option("--check", is_flag=True,
+              help="Also run onnxruntime on the original model (report.json \"source\") and report the error.")
+def run_cmd(build, inputs_path, output, check):
+    """Execute the local TVM build in BUILD (edgefc compile --emit tvm) on the inputs in FILE.npz.
+
+    The host code runs in TVM's Relax VM (host_local.so); every NPU partition runs through the
+    edgefc NPU runtime (npu_programs.json, executed in numpy as the NPU would). Prints each
+    output's shape. With --check: the error against onnxruntime on the original model, within
+    1e-4 relative for fp32 builds, within the quantization error for quantized / fp16 builds.
+    """
+    from edgefc.targets.tvm_lowering import load_build
+
+    if not build.is_dir():
+        raise BuildError(f"build folder not found: {build}")
+    if not (build / "report.json").is_file() or not (build / "model.onnx").is_file():
+        raise BuildError(f"{build} is not an edgefc build folder (no report.json / model.onnx)")
+    feeds = _load_inputs(inputs_path)
+    runner = load_build(build)
+    runner.check_feeds(feeds)
+    start = time.perf_counter()
+    outputs = runner.run(feeds)
+    seconds = time.perf_counter() - start
+    for name, arr in outputs.items():
+        click.echo(f"{name}: shape {list(arr.shape)} {arr.dtype}")
+    click.echo(f"ran in {seconds:.3f} s (TVM host library + {len(runner.meta['npu_programs'])} NPU programs)", err=True)
+    if output is not None:
+        _save_npz(output, outputs)
+        click.echo(f"wrote {output}", err=True)
+    if check:
+        model_feeds = {k: v for k, v in feeds.items()}
+        for line in _check(build, model_feeds, outputs):
+            click.echo(line)

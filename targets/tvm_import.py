@@ -1,0 +1,385 @@
+"""Import of a compiled edgefc graph into TVM Relax (DESIGN.md "TVM lowering").
+
+TVM 0.27's Relax ONNX frontend (``tvm.relax.frontend.onnx``) imports the standard ops the passes
+emit (GroupNormalization-21, LayerNormalization-17, Gelu-20, int16 Quantize/DequantizeLinear-21)
+but not ONNX ``Attention``-23 (it converts only com.microsoft's Attention and fails with
+KeyError 'num_heads') and nothing of the ``edgefc`` domain. This module subclasses the
+frontend's importer and adds converters of ours for:
+
+* ``Attention`` (standard domain, 3D form Q [B,Sq,H*dk], K/V [B,Skv,H*d], and the 4D form)
+  -> ``R.nn.attention`` on [B,S,H,d] views;
+* ``edgefc.TiledAttention`` (Attention + ``row_tiles``/``head_tiles``): lowered *tile by tile*,
+  one ``R.nn.attention`` per (head group, row block) on strided slices, results concatenated;
+  every tile becomes its own NPU composite, so the NPU runtime executes exactly the tiles MLT
+  chose (causal row tiles see the key prefix they need, with a bottom-right aligned mask);
+* ``GroupNormalization`` (opset 21, per-channel scale/bias) -> one ``R.nn.group_norm`` (the
+  frontend's own converter spreads it over six ops, which no NPU pattern should have to chase);
+* ``edgefc.GroupNormSiLU`` -> ``R.nn.group_norm`` + ``R.nn.silu``;
+* ``edgefc.GeGLU`` -> ``R.split`` + ``R.nn.gelu`` + ``R.multiply``;
+* ``edgefc.FusedMatMul(A, B, bias[, residual]; activation)`` and
+  ``edgefc.FusedConv(X, W, B[, residual]; Conv attrs, activation)`` -> matmul / conv2d, bias
+  add, activation, residual add: the op sequence the NPU patterns recognise as one composite.
+
+Design decision (converters vs inlining): the contract's edgefc ops are converted, not inlined,
+so the NPU composites keep the granularity the passes chose (a tiled attention stays a set of
+attention tiles instead of a soup of MatMul/Softmax/Slice nodes whose tiling would have to be
+rediscovered). Any *other* ONNX local function in the model (a user plugin's) is inlined with
+``onnx.inliner`` first, so it still imports, as standard ops.
+
+Every node's result is bound to a variable named ``onnx<k>`` (k = the node's index), so the
+partition report can attribute each Relax binding to the ONNX node it came from.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import numpy as np
+import onnx
+import onnx.inliner
+
+from edgefc.errors import BuildError
+
+EDGEFC_DOMAIN = "edgefc"
+
+# (domain, op_type) of the nodes converted by this module rather than by TVM's frontend.
+CONVERTED_OPS = {
+    ("", "Attention"), ("", "GroupNormalization"),
+    (EDGEFC_DOMAIN, "TiledAttention"), (EDGEFC_DOMAIN, "GroupNormSiLU"), (EDGEFC_DOMAIN, "GeGLU"),
+    (EDGEFC_DOMAIN, "FusedMatMul"), (EDGEFC_DOMAIN, "FusedConv"),
+}
+
+NODE_VAR = re.compile(r"^onnx(\d+)")
+
+
+def _domain(d: str) -> str:
+    return "" if d in ("", "ai.onnx") else d
+
+
+def _s(v, default=""):
+    if v is None:
+        return default
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` ready for import: local functions we do not convert are inlined,
+    every node has a unique name."""
+    model_copy = onnx.ModelProto()
+    model_copy.CopyFrom(model)
+    model = model_copy
+    inline = [(f.domain, f.name) for f in model.functions if (_domain(f.domain), f.name) not in CONVERTED_OPS]
+    if inline:
+        model = onnx.inliner.inline_selected_functions(model, inline)
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Converters. Each takes (bb, inputs, attrs, node) and returns a Relax expression (or Tuple).
+
+
+def _rx():
+    from tvm import relax
+
+    return relax
+
+
+def _shape(e) -> list[int]:
+    return [int(d) for d in e.ty.shape]
+
+
+def _dtype(e) -> str:
+    return str(e.ty.dtype)
+
+
+def _activation(bb, y, name: str):
+    relax = _rx()
+    if name in ("", "none"):
+        return y
+    if name == "silu":
+        return bb.normalize(relax.op.nn.silu(y))
+    if name == "gelu":
+        return bb.normalize(relax.op.nn.gelu(y))
+    if name in ("gelu_tanh", "gelu-tanh"):
+        return bb.normalize(relax.op.nn.gelu_tanh(y))
+    if name == "relu":
+        return bb.normalize(relax.op.nn.relu(y))
+    if name == "sigmoid":
+        return bb.normalize(relax.op.sigmoid(y))
+    raise BuildError(f"unsupported activation '{name}' in a fused edgefc op")
+
+
+def _group_norm(bb, inputs, attrs, node):
+    relax = _rx()
+    x, scale, bias = inputs[0], inputs[1], inputs[2]
+    groups = int(attrs["num_groups"])
+    eps = float(attrs.get("epsilon", 1e-5))
+    if int(attrs.get("stash_type", 1)) != 1:
+        raise BuildError(f"{node.name}: GroupNormalization with stash_type != 1 is not supported")
+    shape = _shape(x)
+    if len(shape) < 3 or shape[1] % groups:
+        raise BuildError(f"{node.name}: GroupNormalization needs rank >= 3 and channels divisible by num_groups")
+    if _shape(scale) != [shape[1]]:
+        raise BuildError(f"{node.name}: GroupNormalization scale must have shape [C] (opset 21)")
+    dtype = _dtype(x)
+    if dtype != "float32":  # statistics in float32 (stash_type 1), like onnxruntime
+        x = bb.normalize(relax.op.astype(x, "float32"))
+        scale = bb.normalize(relax.op.astype(scale, "float32"))
+        bias = bb.normalize(relax.op.astype(bias, "float32"))
+    y = bb.normalize(relax.op.nn.group_norm(x, scale, bias, groups, channel_axis=1,
+                                            axes=list(range(2, len(shape))), epsilon=eps))
+    if dtype != "float32":
+        y = bb.normalize(relax.op.astype(y, dtype))
+    return y
+
+
+def _group_norm_silu(bb, inputs, attrs, node):
+    return _activation(bb, _group_norm(bb, inputs, attrs, node), "silu")
+
+
+def _geglu(bb, inputs, attrs, node):
+    relax = _rx()
+    x = inputs[0]
+    if _shape(x)[-1] % 2:
+        raise BuildError(f"{node.name}: GeGLU needs an even last dimension")
+    parts = bb.normalize(relax.op.split(x, 2, axis=-1))
+    a = bb.normalize(relax.TupleGetItem(parts, 0))
+    b = bb.normalize(relax.TupleGetItem(parts, 1))
+    approx = _s(attrs.get("approximate"), "none")
+    g = _activation(bb, b, "gelu_tanh" if approx == "tanh" else "gelu")
+    return bb.normalize(relax.op.multiply(a, g))
+
+
+def _fused_matmul(bb, inputs, attrs, node):
+    relax = _rx()
+    a, b = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    residual = inputs[3] if len(inputs) > 3 else None
+    y = bb.normalize(relax.op.matmul(a, b))
+    if bias is not None:
+        y = bb.normalize(relax.op.add(y, bias))
+    y = _activation(bb, y, _s(attrs.get("activation"), "none"))
+    if residual is not None:
+        y = bb.normalize(relax.op.add(y, residual))
+    return y
+
+
+def _fused_conv(bb, inputs, attrs, node, opset):
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    relax = _rx()
+    conv_attrs = {k: v for k, v in attrs.items() if k not in ("activation", "tvm_custom")}
+    conv_inputs = list(inputs[:3]) + [None] * (3 - len(inputs[:3]))
+    y = _get_convert_map()["Conv"].get_converter(opset)(bb, conv_inputs, conv_attrs, None)
+    y = bb.normalize(y)
+    y = _activation(bb, y, _s(attrs.get("activation"), "none"))
+    residual = inputs[3] if len(inputs) > 3 else None
+    if residual is not None:
+        y = bb.normalize(relax.op.add(y, residual))
+    return y
+
+
+def _attention_views(bb, inputs, attrs, node):
+    """Q, K, V as [B, S, H, d] views, plus (B, Sq, H, dv, 3D form?)."""
+    relax = _rx()
+    if len(inputs) > 3 and any(i is not None for i in inputs[3:]):
+        raise BuildError(f"{node.name}: Attention with a mask or past key/value is not supported by the TVM lowering")
+    q, k, v = inputs[0], inputs[1], inputs[2]
+    if int(attrs.get("softcap", 0) or 0) != 0 or float(attrs.get("softcap", 0.0) or 0.0) != 0.0:
+        raise BuildError(f"{node.name}: Attention with softcap is not supported by the TVM lowering")
+    if int(attrs.get("qk_matmul_output_mode", 0)) != 0:
+        raise BuildError(f"{node.name}: Attention qk_matmul_output_mode != 0 is not supported")
+    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    if len(qs) == 3:
+        hq = int(attrs.get("q_num_heads", 0))
+        hk = int(attrs.get("kv_num_heads", 0))
+        if not hq or not hk:
+            raise BuildError(f"{node.name}: 3D Attention needs q_num_heads and kv_num_heads")
+        if hq != hk:
+            raise BuildError(f"{node.name}: grouped-query Attention (q_num_heads != kv_num_heads) is not supported")
+        b, sq, _ = qs
+        q4 = bb.normalize(relax.op.reshape(q, [b, sq, hq, qs[2] // hq]))
+        k4 = bb.normalize(relax.op.reshape(k, [ks[0], ks[1], hk, ks[2] // hk]))
+        v4 = bb.normalize(relax.op.reshape(v, [vs[0], vs[1], hk, vs[2] // hk]))
+        return q4, k4, v4, True
+    if len(qs) == 4:  # [B, H, S, d]
+        if qs[1] != ks[1]:
+            raise BuildError(f"{node.name}: grouped-query Attention is not supported")
+        perm = [0, 2, 1, 3]
+        return (bb.normalize(relax.op.permute_dims(q, perm)), bb.normalize(relax.op.permute_dims(k, perm)),
+                bb.normalize(relax.op.permute_dims(v, perm)), False)
+    raise BuildError(f"{node.name}: Attention inputs must be 3D or 4D")
+
+
+def _attention_out(bb, o4, three_d: bool):
+    relax = _rx()
+    b, s, h, d = _shape(o4)
+    if three_d:
+        return bb.normalize(relax.op.reshape(o4, [b, s, h * d]))
+    return bb.normalize(relax.op.permute_dims(o4, [0, 2, 1, 3]))
+
+
+def _scale(attrs, head_dim: int) -> float:
+    scale = attrs.get("scale")
+    return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def _attention(bb, inputs, attrs, node):
+    relax = _rx()
+    q4, k4, v4, three_d = _attention_views(bb, inputs, attrs, node)
+    causal = "TopLeft" if int(attrs.get("is_causal", 0)) else None
+    o4 = bb.normalize(relax.op.nn.attention(q4, k4, v4, scale=_scale(attrs, _shape(q4)[3]), causal_mask=causal))
+    return _attention_out(bb, o4, three_d)
+
+
+def tile_bounds(total: int, tiles: int, granularity: int = 1) -> list[tuple[int, int]]:
+    """[start, end) of the ``tiles`` blocks of ``total`` rows (or heads), as ``edgefc.attention``
+    and the Program fix them: ``total`` padded to whole granules and split into equal tiles of
+    whole granules (the last tile holds the padding, which is not materialised here); a count
+    that does not split that way gives near-equal blocks."""
+    tiles = max(1, min(int(tiles), total))
+    if tiles == 1:
+        return [(0, total)]
+    g = max(1, int(granularity))
+    padded = -(-total // g) * g
+    if padded % (tiles * g) == 0:
+        step = padded // tiles
+        return [(s, min(s + step, total)) for s in range(0, padded, step) if s < total]
+    q, r = divmod(total, tiles)
+    bounds, start = [], 0
+    for i in range(tiles):
+        size = q + (1 if i < r else 0)
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def _tiled_attention(bb, inputs, attrs, node, granularity: int = 1):
+    relax = _rx()
+    q4, k4, v4, three_d = _attention_views(bb, inputs, attrs, node)
+    b, sq, h, dk = _shape(q4)
+    skv = _shape(k4)[1]
+    causal = bool(int(attrs.get("is_causal", 0)))
+    scale = _scale(attrs, dk)
+    row_tiles = int(attrs.get("row_tiles", 1))
+    head_tiles = int(attrs.get("head_tiles", 1))
+    if row_tiles < 1 or head_tiles < 1:
+        raise BuildError(f"{node.name}: TiledAttention needs row_tiles >= 1 and head_tiles >= 1")
+    head_outs = []
+    for h0, h1 in tile_bounds(h, head_tiles):  # head groups: H / head_tiles each
+        qh = bb.normalize(relax.op.strided_slice(q4, axes=[2], begin=[h0], end=[h1]))
+        kh = bb.normalize(relax.op.strided_slice(k4, axes=[2], begin=[h0], end=[h1]))
+        vh = bb.normalize(relax.op.strided_slice(v4, axes=[2], begin=[h0], end=[h1]))
+        row_outs = []
+        for r0, r1 in tile_bounds(sq, row_tiles, granularity):
+            qt = bb.normalize(relax.op.strided_slice(qh, axes=[1], begin=[r0], end=[r1]))
+            kt, vt, mask = kh, vh, None
+            if causal:
+                # rows r0..r1-1 attend to keys 0..r (top-left alignment of the whole block); the
+                # tile sees keys [0, r1) and its mask is bottom-right aligned within them.
+                end = min(r1, skv)
+                kt = bb.normalize(relax.op.strided_slice(kh, axes=[1], begin=[0], end=[end]))
+                vt = bb.normalize(relax.op.strided_slice(vh, axes=[1], begin=[0], end=[end]))
+                mask = "BottomRight"
+            row_outs.append(bb.normalize(relax.op.nn.attention(qt, kt, vt, scale=scale, causal_mask=mask)))
+        head_outs.append(row_outs[0] if len(row_outs) == 1 else bb.normalize(relax.op.concat(row_outs, axis=1)))
+    o4 = head_outs[0] if len(head_outs) == 1 else bb.normalize(relax.op.concat(head_outs, axis=2))
+    return _attention_out(bb, o4, three_d)
+
+
+CONVERTERS = {
+    ("", "Attention"): _attention,
+    ("", "GroupNormalization"): _group_norm,
+    (EDGEFC_DOMAIN, "TiledAttention"): _tiled_attention,
+    (EDGEFC_DOMAIN, "GroupNormSiLU"): _group_norm_silu,
+    (EDGEFC_DOMAIN, "GeGLU"): _geglu,
+    (EDGEFC_DOMAIN, "FusedMatMul"): _fused_matmul,
+    (EDGEFC_DOMAIN, "FusedConv"): _fused_conv,
+}
+
+
+def _importer_class():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter, _get_convert_map
+
+    class EdgefcOnnxImporter(ONNXGraphImporter):
+        """TVM's ONNX importer plus edgefc's converters; binds every node's result to ``onnx<k>``."""
+
+        def __init__(self, model: onnx.ModelProto, row_granularity: int):
+            super().__init__({}, "float32", keep_params_in_input=False, sanitize=True)
+            self._onnx_nodes = {n.name: (i, n) for i, n in enumerate(model.graph.node)}
+            self._granularity = row_granularity
+
+        def _check_for_unsupported_ops(self, graph):
+            known = _get_convert_map()
+            missing = sorted({f"{_domain(n.domain) + '.' if _domain(n.domain) else ''}{n.op_type}"
+                              for n in graph.node
+                              if (_domain(n.domain), n.op_type) not in CONVERTERS
+                              and (n.op_type not in known or _domain(n.domain) == EDGEFC_DOMAIN)
+                              and n.op_type not in ("Constant", "If")})
+            if missing:
+                raise BuildError(f"the TVM lowering cannot import these ONNX ops: {', '.join(missing)}")
+
+        def _convert_operator(self, op_name, inputs, attrs, opset):
+            index, node = self._onnx_nodes[attrs["tvm_custom"]["name"]]
+            key = (_domain(node.domain), node.op_type)
+            if key in CONVERTERS:
+                if key == (EDGEFC_DOMAIN, "FusedConv"):
+                    sym = _fused_conv(self.bb, list(inputs), dict(attrs), node, opset)
+                elif key == (EDGEFC_DOMAIN, "TiledAttention"):
+                    sym = _tiled_attention(self.bb, list(inputs), dict(attrs), node, self._granularity)
+                else:
+                    sym = CONVERTERS[key](self.bb, list(inputs), dict(attrs), node)
+                if isinstance(sym, relax.Expr):
+                    sym = self.bb.normalize(sym)
+            else:
+                sym = super()._convert_operator(op_name, inputs, attrs, opset)
+            return self._bind(sym, index)
+
+        def _bind(self, sym, index):
+            """Bind the node's tensor result(s) to variables named after the node."""
+            if isinstance(sym, relax.Tuple):
+                return relax.Tuple([self._bind(f, index) for f in sym.fields])
+            if isinstance(sym, relax.Call) and isinstance(sym.ty, relax.TensorType):
+                return self.bb.emit(sym, name_hint=f"onnx{index}")
+            return sym
+
+    return EdgefcOnnxImporter
+
+
+def import_model(model: onnx.ModelProto, row_granularity: int = 1):
+    """Import a prepared model (:func:`prepare_model`) into a Relax IRModule (``main``).
+
+    ``row_granularity`` is the target's query-row granule (``edgefc.attention.row_granularity``),
+    which fixes the row tiles of a TiledAttention."""
+    importer = _importer_class()(model, row_granularity)
+    opset = next((o.version for o in model.opset_import if _domain(o.domain) == ""), 23)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return importer.from_onnx(model.graph, opset)
+        except BuildError:
+            raise
+        except Exception as e:  # TVM raises plain errors for ops it cannot convert
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise BuildError(f"TVM could not import the model: {first[:300]}") from None
+
+
+def node_table(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(name, op_type) of each node of a prepared model, by index."""
+    return [(n.name, n.op_type if _domain(n.domain) in ("", EDGEFC_DOMAIN) else f"{n.domain}.{n.op_type}")
+            for n in model.graph.node]
+
+
+def onnx_dtype(model: onnx.ModelProto, name: str) -> np.dtype | None:
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name == name:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+    return None
