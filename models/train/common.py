@@ -265,6 +265,11 @@ def _run(recipe: Recipe) -> TrainResult:
     from edgefc.models.train.archs import build_teacher
 
     _set_threads()
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one AcceleratorState per process; a second run in the same Python process
+    # (the API, tests) may ask for another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     out = Path(cfg.output)
 
@@ -279,9 +284,8 @@ def _run(recipe: Recipe) -> TrainResult:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for m in (components.text_encoder, components.vae, components.unet):
         m.to(accelerator.device)
-    if weight_dtype != torch.float32:  # frozen encoders only; the teacher U-Net stays in float32
+    if weight_dtype != torch.float32:  # the frozen text encoder only; VAE and teacher U-Net stay float32
         components.text_encoder.to(dtype=weight_dtype)
-        components.vae.to(dtype=weight_dtype)
 
     if accelerator.is_main_process:  # only now: every user error above leaves no output folder
         out.mkdir(parents=True, exist_ok=True)
@@ -311,11 +315,12 @@ def _run(recipe: Recipe) -> TrainResult:
                disable=not (cfg.progress and accelerator.is_local_main_process), dynamic_ncols=True)
     step = start_step
     vae_scale = components.vae.config.scaling_factor
+    t_loop = time.perf_counter()  # time_s in the log: seconds since this run's first step began
     for batch in loader:
         if fixed_rng is not None:  # --fixed-batch: the same batch *and* the same random draws every step
             gen.set_state(fixed_rng)
         with torch.no_grad():
-            pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
+            pixels = batch["pixel_values"].to(accelerator.device, dtype=torch.float32)
             latents = components.vae.encode(pixels).latent_dist.sample(generator=gen).float() * vae_scale
             ehs = components.text_encoder(batch["input_ids"].to(accelerator.device))[0].float()
         with accelerator.autocast():
@@ -332,7 +337,8 @@ def _run(recipe: Recipe) -> TrainResult:
         values = torch.tensor([float(loss.detach().item()), *parts.values()], device=accelerator.device)
         if accelerator.num_processes > 1:  # log the mean over processes (each saw its own batch)
             values = accelerator.reduce(values, reduction="mean")
-        record = {"step": step, **dict(zip(["loss", *parts], values.tolist()))}
+        record = {"step": step, **dict(zip(["loss", *parts], values.tolist())),
+                  "time_s": round(time.perf_counter() - t_loop, 4)}
         history.append(record)
         if accelerator.is_main_process:
             with log_path.open("a") as f:
