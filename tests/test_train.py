@@ -19,8 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from edgefc.models.train.kd import KDConfig, train_kd  # noqa: E402
-from edgefc.models.train.lcm import LCMConfig, train_lcm  # noqa: E402
+from edgefc.models.train.kd import KDConfig, train_kd
+from edgefc.models.train.lcm import LCMConfig, train_lcm
 
 
 def write_pairs(folder: Path, n: int = 6, size=(80, 64), seed: int = 0) -> Path:
@@ -55,7 +55,7 @@ def pairs(tmp_path_factory):
 
 
 def _kw(pairs, **extra):
-    kw = dict(data=pairs, teacher_arch="tiny", batch_size=2, lr=1e-3, resolution=64, progress=False)
+    kw = {"data": pairs, "teacher_arch": "tiny", "batch_size": 2, "lr": 1e-3, "resolution": 64, "progress": False}
     kw.update(extra)
     return kw
 
@@ -105,9 +105,9 @@ def test_kd_output_is_a_diffusers_folder_in_safetensors(kd_run):
 
 
 def test_bk_sdm_tiny_removal_matches_published_config():
+    from diffusers import UNet2DConditionModel
     from edgefc.models.configs import get_config
     from edgefc.models.train.archs import bk_sdm_tiny_config
-    from diffusers import UNet2DConditionModel
 
     for scale in ("full", "tiny"):
         assert bk_sdm_tiny_config(get_config("unet", "sd-v1.5", scale)) == get_config("unet", "bk-sdm-tiny", scale)
@@ -120,7 +120,6 @@ def test_bk_sdm_tiny_removal_matches_published_config():
 def test_student_inherits_retained_teacher_blocks():
     """BK-SDM-Tiny's weight copy: up stage i <- teacher up stage i+1, its layers 0 and 2."""
     from diffusers import UNet2DConditionModel
-
     from edgefc.models.configs import get_config
     from edgefc.models.train.archs import init_student_from_teacher
 
@@ -144,7 +143,6 @@ def test_student_inherits_retained_teacher_blocks():
 
 def test_feature_pairs_follow_bk_sdm():
     from diffusers import UNet2DConditionModel
-
     from edgefc.models.configs import get_config
     from edgefc.models.train.kd import feature_pairs
 
@@ -182,7 +180,6 @@ def test_lcm_reduces_loss_from_kd_init(kd_run, pairs, tmp_path):
 
 def test_lcm_solver_scalings_and_embedding_match_diffusers():
     from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler
-
     from edgefc.models.train.archs import SD_SCHEDULER
     from edgefc.models.train.lcm import DDIMSolver, boundary_scalings, guidance_scale_embedding
 
@@ -265,14 +262,13 @@ def test_webdataset_shard_and_dataset_items(pairs, tmp_path):
     # the data order is a function of (seed, step): a sampler started at step 3 continues the other
     full = list(StepBatchSampler(6, 4, 0, 0, 6))
     assert list(StepBatchSampler(6, 4, 0, 3, 6)) == full[3:]
-    assert sorted(sum(full[:3], [])[:6]) == list(range(6))  # each epoch visits every item once
+    assert sorted([i for batch in full[:3] for i in batch][:6]) == list(range(6))  # each epoch visits every item once
 
 
 def test_fallback_tokenizer_is_clip_bpe_without_merges(tmp_path):
     """A CLIPTokenizer with only the 512 byte symbols (no merges) splits text exactly as the fallback."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
     from edgefc.models.tokenizer import BOS_ID, EOS_ID, ByteTokenizer, load_tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     b2u = bytes_to_unicode()
     symbols = [b2u[b] for b in b2u]

@@ -46,15 +46,15 @@ TEACHER_ARCHS = ("sd-v1.5", "tiny")
 STUDENT_ARCHS = ("bk-sdm-tiny", "tiny")
 
 # SD-v1.5 scheduler (scheduler/scheduler_config.json): scaled-linear betas, 1000 steps, epsilon.
-SD_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-    clip_sample=False,
-    steps_offset=1,
-)
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "steps_offset": 1,
+}
 
 
 def _arch_configs(teacher_arch: str) -> tuple[dict, dict, dict]:
@@ -118,9 +118,8 @@ def build_teacher(teacher_dir: str | Path | None, teacher_arch: str | None, seed
     """Teacher U-Net, text encoder, VAE, tokenizer and noise scheduler, from a folder or an arch."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from edgefc.models.tokenizer import load_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     if teacher_dir is not None:
         root = Path(teacher_dir)

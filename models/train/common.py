@@ -107,7 +107,7 @@ def _load_optimizer(optimizer, path: Path):
     state: dict = {}
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = f.get_tensor(key)
     for key, val in json.loads(meta.get("scalars", "{}")).items():
@@ -260,9 +260,8 @@ def _run(recipe: Recipe) -> TrainResult:
 
     import torch
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
     from edgefc.models.train.archs import build_teacher
+    from tqdm.auto import tqdm
 
     _set_threads()
     from accelerate.state import AcceleratorState

@@ -29,11 +29,10 @@ import hashlib
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-
 from edgefc.models.train.data import list_samples
 from edgefc.models.train.errors import DataError
 
@@ -192,7 +191,6 @@ def choose_crop(img, scorer: str | Callable = "saliency") -> tuple[str, tuple[in
 def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE,
            threshold: int = DEFAULT_THRESHOLD, crop: str | Callable = "saliency", progress: bool = True) -> dict:
     """Curate ``src`` into ``dst`` (see the module docstring); returns the manifest."""
-    from PIL import Image
     from tqdm.auto import tqdm
 
     src, dst = Path(src), Path(dst)

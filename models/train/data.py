@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from edgefc.models.train.errors import DataError
+
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()

@@ -110,6 +110,7 @@ def _pred_x0_eps(output, t, sample, prediction_type: str, alpha, sigma):
 def load_init_unet(path: Path, teacher_config: dict, time_cond_proj_dim: int):
     """The student U-Net from ``--init`` with a guidance-embedding projection (see module docstring)."""
     from diffusers import UNet2DConditionModel
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -126,7 +127,7 @@ def load_init_unet(path: Path, teacher_config: dict, time_cond_proj_dim: int):
         config = dict(teacher_config)
         try:
             state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for bad headers
+        except (OSError, ValueError, SafetensorError) as e:
             raise TrainingError(f"--init {path} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}).") from None
     else:
         raise TrainingError(f"--init {path} is neither a diffusers U-Net folder nor a .safetensors file.")
