@@ -1,0 +1,77 @@
+"""Pass ``fuse-matmul-bias``: MatMul with a constant weight + bias Add -> edgefc ``FusedMatMul``.
+
+Matches (anchored at the ``MatMul``)::
+
+    Y = Add(MatMul(A, W), bias)       W a constant [K, N]; bias a constant of N values that
+                                      broadcasts along the last axis only ([N], [1, N], ...)
+
+which is every ``nn.Linear`` with bias as the legacy exporter writes it for 3D activations (the
+Q/K/V projections of CLIP and the VAE, attention output projections, feed-forward layers).
+Emits: ``edgefc.FusedMatMul(A, W, bias[N]; activation="none")``; ``fuse-epilogue`` may later
+fold an activation and a residual add into it.
+Misses: every MatMul with a constant 2D weight whose output feeds an ``Add`` and was not
+absorbed, with the reason (kind ``matmul_bias``). Bias-free projections (the U-Net's to_q/to_k/
+to_v) stay plain MatMuls. Paper Sec. 3 (kernel fusion).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from edgefc import functions, ir
+from edgefc.pass_base import PassContext
+from edgefc.passes.fusion_base import FusionPass, const, last_axis_vector
+from edgefc.pattern import Pattern, RewriteLog, Rewriter
+from edgefc.registry import register_pass
+
+
+def _weight(c: gs.Constant) -> bool | str:
+    return True if len(c.shape) == 2 else f"weight of shape {list(c.shape)} is not 2D"
+
+
+def _where(m) -> bool | str:
+    out = ir.static_shape(m["add"].outputs[0])
+    mm = ir.static_shape(m["matmul"].outputs[0])
+    n = m["W"].shape[1]
+    if out is None or mm is None:
+        return "MatMul output has no static shape"
+    if out != mm:
+        return f"the Add broadcasts the MatMul output {list(mm)} to {list(out)}"
+    if last_axis_vector(m.const("bias"), n, len(out)) is None:
+        return f"bias of shape {list(m.const('bias').shape)} is not one value per output column ({n})"
+    return True
+
+
+PATTERN = Pattern("matmul-bias", where=_where)
+_a = PATTERN.input("A")
+_mm = PATTERN.op("MatMul", _a, PATTERN.const("W", _weight), name="matmul")
+PATTERN.op("Add", _mm, PATTERN.const("bias"), name="add")
+
+
+@register_pass("fuse-matmul-bias", namespace="edgefc")
+class FuseMatMulBias(FusionPass):
+    """Fuse MatMul(A, W) + bias (constant W and bias) into edgefc FusedMatMul."""
+
+    kinds = ("matmul_bias",)
+
+    def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
+        rw = Rewriter(graph, log)
+        for node in rw.nodes("MatMul"):
+            w = node.inputs[1] if len(node.inputs) == 2 else None
+            if not rw.alive(node) or not isinstance(w, gs.Constant) or len(w.shape) != 2 \
+                    or not any(c.op == "Add" for c in node.outputs[0].outputs):
+                continue
+            m = rw.match(PATTERN, node, "matmul")
+            if not m:
+                log.miss("matmul_bias", node, m.reason)
+                continue
+            bias = m["bias"]
+            n = w.shape[1]
+            if tuple(bias.shape) != (n,):
+                bias = const(bias.name + ".vec", bias.values.reshape(n))
+            name = rw.unique_name(node.name.rsplit("/", 1)[0] + "/FusedMatMul")
+            rw.replace(m, [functions.make_node("FusedMatMul", [m["A"], w, bias], m.outputs, name=name,
+                                               attrs={"activation": "none"})])
+            log.count("matmul_bias")
+        rw.commit()

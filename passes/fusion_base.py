@@ -1,0 +1,104 @@
+"""What every fusion pass shares: the report section, the target question, small shape helpers.
+
+Each fusion pass (``passes/fuse_*.py``) subclasses :class:`FusionPass`: it implements
+``fuse(graph, ctx, log)`` with the pattern helper (:mod:`edgefc.pattern`) and declares the report
+``kinds`` it owns. Running it records, in ``ctx.report["fusion"]``, how many fusions of each kind
+it made and every candidate that did not match with the reason (``misses``), and gives the graph
+the local functions of the edgefc ops it emitted (:func:`edgefc.functions.ensure_functions`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from edgefc import functions, ir
+from edgefc.errors import PassError
+from edgefc.pass_base import Pass, PassContext
+from edgefc.pattern import RewriteLog
+
+
+def record(ctx: PassContext, log: RewriteLog, kinds: tuple[str, ...]) -> None:
+    """Merge ``log`` into ``ctx.report["fusion"]``: counts add up, and the misses of ``kinds``
+    become this run's (a later run of the same fusion replaces them, so a pipeline that runs a
+    pass twice reports what is still unfused at the end)."""
+    section = ctx.report.setdefault("fusion", {})
+    misses = section.pop("misses", {})
+    for kind in kinds:
+        section[kind] = int(section.get(kind, 0)) + int(log.counts.get(kind, 0))
+        found = log.misses.get(kind)
+        if found:
+            misses[kind] = [{"node": n, "reason": r} for n, r in found.items()]
+        else:
+            misses.pop(kind, None)
+    section["misses"] = misses  # kept last, after the counts
+
+
+class FusionPass(Pass):
+    """Base of the fusion passes: subclasses set ``kinds`` and implement :meth:`fuse`."""
+
+    kinds: tuple[str, ...] = ()
+    min_opset = 23
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+        if int(graph.opset) < self.min_opset:
+            raise PassError(f"pass '{self.name}' needs a canonicalized graph (standard opset {self.min_opset}, "
+                            f"this one has {graph.opset}): run canonicalize first")
+        log = RewriteLog()
+        self.fuse(graph, ctx, log)
+        record(ctx, log, self.kinds)
+        functions.ensure_functions(graph)
+        return graph
+
+    def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
+        raise NotImplementedError
+
+
+def epilogue_capable(target) -> bool:
+    """Whether ``target`` runs elementwise epilogues (activation, residual add) inside the kernel
+    of the tensor-engine op they follow. A target may say so with a ``fuses_epilogues``
+    attribute or method; otherwise NPU targets can and other targets cannot. With no target
+    (a target-free compile) the fusion is made: it keeps the graph exact either way."""
+    if target is None:
+        return True
+    cap = getattr(target, "fuses_epilogues", None)
+    if cap is not None:
+        return bool(cap() if callable(cap) else cap)
+    return bool(getattr(target, "is_npu", False))
+
+
+def shape_of(t: gs.Tensor) -> tuple[int, ...] | None:
+    return ir.static_shape(t)
+
+
+def per_channel(values: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
+    """A constant that broadcasts along axis 1 only (shape [C], [C,1,...], [1,C,1,...] or a
+    scalar) against a rank-``rank`` tensor of ``channels`` channels, as a [C] vector; else None."""
+    arr = np.asarray(values)
+    if arr.ndim > rank:
+        return None
+    shape = (1,) * (rank - arr.ndim) + arr.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(arr.reshape(-1), (channels,)).copy() if arr.size == 1 else arr.reshape(channels)
+
+
+def last_axis_vector(values: np.ndarray, n: int, rank: int) -> np.ndarray | None:
+    """A constant that broadcasts along the last axis only (shape [N], [1,...,N]) against a
+    rank-``rank`` tensor whose last dimension is ``n``, as an [N] vector; else None."""
+    arr = np.asarray(values)
+    if arr.ndim > rank or arr.size != n or (arr.ndim and arr.shape[-1] != n):
+        return None
+    return arr.reshape(n)
+
+
+def const(name: str, values: np.ndarray, like: gs.Tensor | None = None) -> gs.Constant:
+    """A new constant (in the dtype of ``like`` when given)."""
+    arr = np.asarray(values)
+    if like is not None and like.dtype is not None:
+        arr = arr.astype(np.dtype(like.dtype), copy=False)
+    return gs.Constant(name, np.ascontiguousarray(arr))
+
+
+def variable_like(name: str, like: gs.Tensor, shape=None) -> gs.Variable:
+    return gs.Variable(name, dtype=like.dtype, shape=list(shape if shape is not None else like.shape or []))
