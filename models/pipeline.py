@@ -249,18 +249,31 @@ def default_size(scale: str) -> int:
 
 
 def _check_weights(weights, need_models: bool) -> Path | None:
+    """The weights folder; without a build it must hold text_encoder/, unet/ and vae/ (config.json each).
+
+    ``tokenizer/`` is optional: without it the no-download fallback tokenizer is used, which is what
+    ``edgefc train`` folders made from the built-in models were trained with.
+    """
     if weights is None:
         return None
     root = Path(weights).expanduser()
     if not root.is_dir():
         raise ExportError(f"weights folder {str(root)!r} does not exist or is not a folder.")
-    need = ["tokenizer"] + (["text_encoder", "unet", "vae"] if need_models else [])
-    for sub in need:
-        marker = ("vocab.json", "merges.txt") if sub == "tokenizer" else ("config.json",)
-        if not all((root / sub / m).is_file() for m in marker):
-            raise ExportError(f"weights folder {str(root)!r} has no {sub}/ with {' and '.join(marker)} "
-                              f"(expected a diffusers pipeline folder).")
+    for sub in (("text_encoder", "unet", "vae") if need_models else ()):
+        if not (root / sub / "config.json").is_file():
+            raise ExportError(f"weights folder {str(root)!r} has no {sub}/config.json "
+                              f"(expected a diffusers pipeline folder with text_encoder/, unet/ and vae/).")
     return root
+
+
+def guidance_embedding_dim(weights: Path | None) -> int | None:
+    """``time_cond_proj_dim`` of the weights' U-Net (an LCM guidance-embedding input), if any."""
+    if weights is None or not (weights / "unet" / "config.json").is_file():
+        return None
+    try:
+        return json.loads((weights / "unet" / "config.json").read_text()).get("time_cond_proj_dim")
+    except ValueError:
+        return None
 
 
 def _build_shapes(builds: dict[str, Path]) -> tuple[int, int]:
@@ -307,9 +320,7 @@ def plan(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.png"
     if not out.parent.is_dir():
         raise GenerateError(f"output folder {str(out.parent)!r} does not exist.")
     if target is not None:
-        from edgefc.target import get_target
-
-        get_target(target)  # unknown target: TargetError before any work
+        _cost_model(target)  # an unknown target or one without a cost model fails before any work
     if weights is not None and scale != "full" and build is None:
         raise GenerateError("--scale tiny builds random weights and cannot be combined with --weights.")
     wroot = _check_weights(weights, need_models=build is None)
@@ -464,7 +475,9 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     t = _stage(progress, 1, f"text encoder ({models['text-encoder']})")
     tokenizer = load_tokenizer(p.weights)
     if tokenizer.kind == "fallback":
-        _say(progress, "      tokenizer: byte-level fallback (no vocabulary file; see edgefc.models.tokenizer)")
+        _say(progress, "      tokenizer: byte-level fallback (no tokenizer/ vocabulary; see edgefc.models.tokenizer)")
+    else:
+        _say(progress, f"      tokenizer: CLIP from {p.weights}")
     texts = [p.prompt] + ([""] if p.cfg else [])
     runner = open_runner("text-encoder", models["text-encoder"])
     backends["text-encoder"] = runner.backend
@@ -488,6 +501,9 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     if isinstance(ehs_dim, int) and ehs_dim != embeds[0].shape[-1]:
         raise BuildError(f"the U-Net expects text embeddings of width {ehs_dim} but the text encoder gives "
                          f"{embeds[0].shape[-1]}; use components of the same model.")
+    if guidance_embedding_dim(p.weights):
+        _say(progress, "      note: this U-Net has an LCM guidance-embedding input (time_cond_proj_dim); the exported "
+                       "graph has no such input, so it runs without that term (see --guidance)")
     scheduler = load_scheduler(p.weights)
     scheduler.set_timesteps(p.steps)
     generator = torch.Generator().manual_seed(p.seed)
@@ -541,3 +557,75 @@ def _bar(progress: bool, total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"      {desc}", file=sys.stderr, leave=True)
+
+
+# --- modelled NPU time (the target's cost model) ------------------------------------------------
+
+def _cost_model(target: str):
+    """The target and the cost model's graph loader, or a one-sentence error when either is missing."""
+    from edgefc.errors import TargetError
+    from edgefc.target import get_target
+
+    tgt = get_target(target)
+    if not hasattr(tgt, "profile"):
+        raise TargetError(f"target '{tgt.name}' has no cost model, so --target cannot report NPU time.")
+    try:
+        from edgefc.cli.profile import load_for_profile
+    except ImportError:
+        raise TargetError("the cost model (edgefc profile) is not available in this installation.") from None
+    return tgt, load_for_profile
+
+
+def _is_quantized(model: Path) -> bool:
+    """Whether a build's report says the quantize pass ran (then it is priced as built)."""
+    report = model.parent / "report.json"
+    if model.name != "model.onnx" or not report.is_file():
+        return False
+    try:
+        return bool(json.loads(report.read_text()).get("quantization"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def npu_times(result: GenerateResult, target: str, progress: bool = True) -> dict:
+    """Modelled NPU time of each component that ran, per invocation and for this run's invocations.
+
+    Each model file is priced by the target's cost model (what ``edgefc profile`` reports for it):
+    a quantized build as built, anything else as deployed in the paper (text encoder and VAE
+    decoder FP16, U-Net W8A16), like Table 7. Returns ``{"target", "components": {component:
+    {"precision", "per_run_ms", "runs", "total_ms", "model"}}, "total_ms"}``; also stored in
+    ``result.npu``.
+    """
+    tgt, load_for_profile = _cost_model(target)
+    runs = result.plan.runs
+    rows = {}
+    for component in COMPONENTS:
+        model = Path(result.models[component])
+        precision = "as-built" if _is_quantized(model) else DEPLOYED_PRECISION[component]
+        t = time.perf_counter()
+        _say(progress, f"cost model: {LABELS[component]} on {tgt.name} ({precision}) ...")
+        graph = load_for_profile(model.parent if model.name == "model.onnx" else model,
+                                 progress=lambda m: _say(progress, "      " + m))
+        prof = tgt.profile(graph, precision=precision, model=model.name)
+        del graph
+        per_run = float(prof.total_ms)
+        rows[component] = {"precision": precision, "per_run_ms": per_run, "runs": runs[component],
+                           "total_ms": per_run * runs[component], "model": str(model)}
+        _say(progress, f"      {per_run:.1f} ms per run [{time.perf_counter() - t:.1f} s]")
+    npu = {"target": tgt.name, "components": rows, "total_ms": sum(r["total_ms"] for r in rows.values())}
+    result.npu = npu
+    return npu
+
+
+def format_npu_table(npu: dict) -> str:
+    """The modelled NPU times as a small table (per invocation, invocations, total), like Table 7."""
+    lines = [f"modelled NPU time on {npu['target']} (edgefc cost model, sequential commands; Table 7 layout)",
+             f"  {'component':<14}{'precision':<11}{'per run (ms)':>13}{'runs':>6}{'total (ms)':>12}"]
+    for component, r in npu["components"].items():
+        lines.append(f"  {LABELS[component]:<14}{r['precision']:<11}{r['per_run_ms']:>13.1f}{r['runs']:>6}"
+                     f"{r['total_ms']:>12.1f}")
+    lines.append(f"  {'total':<14}{'':<11}{'':>13}{'':>6}{npu['total_ms']:>12.1f}")
+    unet = npu["components"]["unet"]
+    lines.append(f"  (Table 7 lists one U-Net run; this image ran it {unet['runs']} times: "
+                 f"{unet['runs']} x {unet['per_run_ms']:.1f} ms)")
+    return "\n".join(lines)

@@ -243,6 +243,41 @@ def test_find_builds_by_name_and_inputs(tiny_build):
         assert pipeline.detect_component(pipeline.build_inputs(b)) == c
 
 
+# --- modelled NPU time ---------------------------------------------------------------------------
+
+def test_target_prints_cost_model_times(cache, tmp_path, capsys):
+    import edgefc
+    from edgefc.cli.profile import load_for_profile
+
+    out = tmp_path / "n.png"
+    code, stdout, stderr = _cli(["generate", "--prompt", "a cat", "--scale", "tiny", "--steps", "4",
+                                 "--target", "exynos2400", "-o", str(out)], capsys)
+    assert code == 0, stderr
+    rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.startswith("  ")}
+    # the same figure `edgefc profile MODEL --precision w8a16` gives, times the 4 U-Net runs
+    tgt = edgefc.get_target("exynos2400")
+    unet = tgt.profile(load_for_profile(cache / "bk-sdm-tiny-tiny-64x64" / "unet.onnx"), precision="w8a16").total_ms
+    assert rows["U-Net"][1] == "w8a16" and rows["U-Net"][3] == "4"
+    assert float(rows["U-Net"][2]) == pytest.approx(unet, abs=0.051)
+    assert float(rows["U-Net"][4]) == pytest.approx(4 * unet, abs=0.051)
+    parts = [float(rows[k][-1]) for k in ("text", "U-Net", "VAE")]
+    assert rows["text"][2] == "fp16" and rows["VAE"][2] == "fp16"
+    assert float(rows["total"][-1]) == pytest.approx(sum(parts), abs=0.15)
+    assert _png_size(out) == (64, 64)
+
+
+def test_target_without_cost_model(cache, tmp_path, capsys, monkeypatch):
+    import edgefc
+    from edgefc import target as target_mod
+
+    class PlainCpu(edgefc.Target):
+        name = "plain-cpu-for-test"
+
+    monkeypatch.setitem(target_mod._TARGETS, "plain-cpu-for-test", PlainCpu)
+    _assert_error(capsys, ["--scale", "tiny", "--target", "plain-cpu-for-test"], "has no cost model",
+                  tmp_path / "x.png")
+
+
 # --- errors: one line, exit 2, nothing written --------------------------------------------------
 
 def _assert_error(capsys, args, needle, output):
@@ -291,13 +326,12 @@ def test_build_errors(capsys, tmp_path, tiny_build):
 def test_weights_errors(capsys, tmp_path):
     _assert_error(capsys, ["--weights", str(tmp_path / "nope")], "does not exist", tmp_path / "x.png")
     w = tmp_path / "w"
-    (w / "unet").mkdir(parents=True)
-    (w / "unet" / "config.json").write_text(json.dumps({}))
-    _assert_error(capsys, ["--weights", str(w)], "has no tokenizer/", tmp_path / "x.png")
-    (w / "tokenizer").mkdir()
-    for f in ("vocab.json", "merges.txt"):
-        (w / "tokenizer" / f).write_text("{}")
-    _assert_error(capsys, ["--weights", str(w)], "has no text_encoder/", tmp_path / "x.png")
+    (w / "tokenizer").mkdir(parents=True)
+    _assert_error(capsys, ["--weights", str(w)], "has no text_encoder/config.json", tmp_path / "x.png")
+    for sub in ("text_encoder", "unet"):
+        (w / sub).mkdir()
+        (w / sub / "config.json").write_text(json.dumps({}))
+    _assert_error(capsys, ["--weights", str(w)], "has no vae/config.json", tmp_path / "x.png")
     _assert_error(capsys, ["--weights", str(w), "--scale", "tiny"], "cannot be combined with --weights",
                   tmp_path / "x.png")
 
@@ -308,3 +342,38 @@ def test_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv("EDGEFC_CACHE", str(tmp_path))
     assert pipeline.cache_root() == tmp_path
     assert os.fspath(pipeline.export_dir("sd-v1.5", "tiny", 128, 64)).endswith("sd-v1.5-tiny-128x64")
+
+
+# --- a local diffusers folder (real tokenizer and scheduler config) -------------------------------
+
+@pytest.mark.slow
+def test_weights_folder_tokenizer_and_scheduler(tmp_path, monkeypatch):
+    """--weights: models exported from the folder, its CLIP tokenizer and its scheduler config are used."""
+    import diffusers
+    import torch
+    import transformers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from edgefc.models import configs
+
+    monkeypatch.setenv("EDGEFC_CACHE", str(tmp_path / "cache"))
+    w = tmp_path / "weights"
+    torch.manual_seed(0)
+    diffusers.UNet2DConditionModel(**configs.get_config("unet", "bk-sdm-tiny", "tiny")).save_pretrained(w / "unet")
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs.get_config("text-encoder", "bk-sdm-tiny", "tiny"))
+                               ).save_pretrained(w / "text_encoder")
+    diffusers.AutoencoderKL(**configs.get_config("vae-decoder", "bk-sdm-tiny", "tiny")).save_pretrained(w / "vae")
+    diffusers.LCMScheduler(original_inference_steps=8).save_pretrained(w / "scheduler")
+    b2u = bytes_to_unicode()
+    symbols = [b2u[b] for b in b2u]
+    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    (w / "tokenizer").mkdir()
+    (w / "tokenizer" / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+    (w / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+
+    r = pipeline.generate("a cat", steps=4, weights=w, height=64, width=64, output=tmp_path / "w.png",
+                          progress=False)
+    assert r.tokenizer == "clip"
+    assert r.timesteps == [999, 749, 499, 249]  # original_inference_steps 8 from scheduler/ (default 50: 999, 759, ...)
+    assert r.models["unet"].parent.name.startswith("weights-") and r.models["unet"].is_file()
+    assert _png_size(r.output) == (64, 64)
