@@ -7,8 +7,11 @@ count before and after, fused ops by kind, and the Softmax / InstanceNormalizati
 left outside fused ops.
 
 onnxruntime side: ``onnxruntime.transformers.optimizer.optimize_model(path, model_type=
-unet|clip|vae, use_gpu=False)`` with its default opt_level for those types (1: onnxruntime's
-basic CPU graph optimisations, then its Python fusions).
+unet|clip|vae, use_gpu=False, opt_level=0)``: its Python fusions only, as onnxruntime's own
+Stable Diffusion recipe (``models/stable_diffusion/optimize_pipeline.py``) calls it.
+``--ort-opt-level 1`` (the optimize_model default for these model types) first runs
+onnxruntime's basic CPU graph optimisations in an InferenceSession, which costs far more time
+and memory (52 s and 7.5 GB peak for the full-size BK-SDM-Tiny U-Net, 2 busy cores).
 
     python bench/fusion_vs_ort.py                      # the full-size exports in /tmp/edgefc-models
     python bench/fusion_vs_ort.py --tiny               # the tiny ones (seconds)
@@ -41,7 +44,7 @@ KINDS = {
     "layernorm": lambda op: "layernorm" in op.lower(),
     "gelu": lambda op: op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu"),
     "geglu": lambda op: op in ("GeGLU", "BiasSplitGelu"),
-    "matmul": lambda op: op in ("FusedMatMul", "BiasAdd", "MatMulBias"),
+    "matmul": lambda op: op in ("FusedMatMul", "BiasAdd", "Gemm"),
     "conv": lambda op: op in ("FusedConv", "NhwcConv"),
 }
 LEFT = ("Softmax", "InstanceNormalization", "Erf")
@@ -54,7 +57,7 @@ def _counts(ops: collections.Counter, original: set[str]) -> dict:
     return {"kinds": kinds, "left": {op: ops.get(op, 0) for op in LEFT}, "new_ops": dict(sorted(new.items()))}
 
 
-def _child(side: str, path: str, model_type: str) -> dict:
+def _child(side: str, path: str, model_type: str, ort_opt_level: str = "0") -> dict:
     import onnx
 
     original = onnx.load(path, load_external_data=False)
@@ -68,7 +71,7 @@ def _child(side: str, path: str, model_type: str) -> dict:
 
         logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
         start = time.perf_counter()
-        model = optimize_model(path, model_type=model_type, use_gpu=False)
+        model = optimize_model(path, model_type=model_type, use_gpu=False, opt_level=int(ort_opt_level))
         seconds = time.perf_counter() - start
         ops = collections.Counter(n.op_type for n in model.model.graph.node)
         stages = {}
@@ -98,8 +101,8 @@ def _warm(path: Path) -> None:
                 pass
 
 
-def _run(side: str, path: Path, model_type: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", side, str(path), model_type],
+def _run(side: str, path: Path, model_type: str, ort_opt_level: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", side, str(path), model_type, str(ort_opt_level)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -122,7 +125,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="use the *-tiny.onnx exports")
     ap.add_argument("--only", action="append", help="component row name (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--ort-opt-level", type=int, default=0, choices=(0, 1, 2, 99),
+                    help="opt_level passed to onnxruntime's optimize_model (default 0, its SD recipe)")
+    ap.add_argument("--tools", default="ort,edgefc",
+                    help="comma-separated sides to run (onnxruntime's optimizer needs ~5.5x the model size in RAM)")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(*args.child)))
@@ -138,11 +145,13 @@ def main() -> None:
             print(f"{name:<17} skipped: {path} not found")
             continue
         _warm(path)
-        results[name] = {side: _run(side, path, model_type) for side in ("ort", "edgefc")}
-        for side in ("ort", "edgefc"):
+        sides = [t for t in ("ort", "edgefc") if t in args.tools.split(",")]
+        results[name] = {}
+        for side in sides:
+            results[name][side] = _run(side, path, model_type, args.ort_opt_level)
             print(_row(name, side, results[name][side]), flush=True)
     for name, r in results.items():
-        if "error" not in r["ort"] and "error" not in r["edgefc"]:
+        if all(side in r and "error" not in r[side] for side in ("ort", "edgefc")):
             print(f"{name}: edgefc {r['edgefc']['seconds']:.2f} s {r['edgefc']['stages']} vs onnxruntime "
                   f"{r['ort']['seconds']:.2f} s; new ops edgefc {r['edgefc']['new_ops']}, onnxruntime {r['ort']['new_ops']}")
     if args.json:

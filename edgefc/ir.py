@@ -130,6 +130,13 @@ def load(path: str | os.PathLike, shapes: dict | None = None) -> gs.Graph:
     return graph
 
 
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data from its dims and type (reading ``raw_data`` would copy it:
+    0.9 s for the 1.3 GB U-Net)."""
+    n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
 def _skeleton(model: onnx.ModelProto, min_bytes: int = 1024) -> onnx.ModelProto:
     """A copy of ``model`` without its large weights, for the checker and shape inference.
 
@@ -149,7 +156,7 @@ def _skeleton(model: onnx.ModelProto, min_bytes: int = 1024) -> onnx.ModelProto:
     g.value_info.extend(src.value_info)
     declared = {i.name for i in src.input}
     for t in src.initializer:
-        if external_data_helper.uses_external_data(t) or len(t.raw_data) >= min_bytes:
+        if external_data_helper.uses_external_data(t) or _tensor_nbytes(t) >= min_bytes:
             if t.name not in declared:
                 g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
@@ -217,14 +224,7 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
 
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of initializer data held in ``model`` (raw or typed fields)."""
-    total = 0
-    for t in external_data_helper._get_all_tensors(model):
-        if t.HasField("raw_data"):
-            total += len(t.raw_data)
-        else:
-            n = int(np.prod(t.dims)) if len(t.dims) else 1
-            total += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    return total
+    return sum(_tensor_nbytes(t) for t in external_data_helper._get_all_tensors(model))
 
 
 def to_model(graph: gs.Graph) -> onnx.ModelProto:

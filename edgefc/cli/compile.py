@@ -64,6 +64,9 @@ def _demo_model() -> Path:
               help="SRAM one attention tile may use (mlt), e.g. 4MiB; default: the target's SRAM minus a reserve.")
 @click.option("--emit", multiple=True, type=click.Choice(["tvm"]),
               help="Also lower to TVM: host_aarch64.so (phone), host_local.so (this machine) + NPU programs.")
+@click.option("--no-fuse", "no_fuse", multiple=True, metavar="FUSION",
+              help="Skip one fusion of the fuse pass (attention, groupnorm, layernorm, gelu, geglu, matmul-bias, "
+                   "epilogue, identity; repeatable).")
 def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_after, demo, **pass_options):
     """Compile an ONNX MODEL for a target and write a build folder.
 
