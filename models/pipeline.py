@@ -1,7 +1,8 @@
 """Text-to-image with the deployed components: text encoder -> U-Net (LCM steps) -> VAE decoder.
 
 This is the EdgeFusion deployment pipeline (paper Sec. 2: BK-SDM-Tiny U-Net, LCM-distilled to
-1, 2 or 4 steps), run on the CPU with onnxruntime on exactly the ONNX graphs edgefc compiles:
+1, 2 or 4 steps), run on this machine's CPU (onnxruntime, or a build's local TVM library) on
+exactly the graphs edgefc compiles:
 
 1. the prompt is tokenised (:func:`edgefc.models.tokenizer.load_tokenizer`: the CLIP tokenizer
    of a local diffusers folder, else the documented no-download byte-level fallback) and the
@@ -19,8 +20,11 @@ Where the models come from:
   one build folder per component, found by name (``DIR/text-encoder``, ``DIR/unet``,
   ``DIR/vae-decoder``) or, for other names, by the inputs each build takes (``report.json``
   ``inputs``, else the model's own inputs): ``sample`` + ``timestep`` + ``encoder_hidden_states``
-  is the U-Net, ``input_ids`` the text encoder, ``latent_sample`` the VAE decoder. Each build's
-  ``model.onnx`` runs in onnxruntime. The image size is the build's.
+  is the U-Net, ``input_ids`` the text encoder, ``latent_sample`` the VAE decoder. A build with
+  a local TVM library (``edgefc compile --emit tvm``: ``tvm.json``, ``npu_programs.json``,
+  ``host_local.so``) runs through it, as ``edgefc run`` does (``runtime="auto"``, the default;
+  ``"onnxruntime"`` never uses TVM, ``"tvm"`` requires it for every component); otherwise the
+  build's ``model.onnx`` runs in onnxruntime. The image size is the build's.
 * otherwise — the exported ONNX of :func:`edgefc.models.export.export_component`: random-weight
   built-in models of ``arch``/``scale`` or a local diffusers folder (``weights``), exported once
   into ``$EDGEFC_CACHE/<arch>-<scale>-<H>x<W>/`` (default cache ``~/.cache/edgefc/models``;
@@ -219,6 +223,7 @@ class Plan:
     builds: dict[str, Path] | None  # component -> build folder (None: exported models)
     models: dict[str, Path] | None  # component -> model file, once known (builds: at plan time)
     target: str | None
+    runtime: str = "auto"  # auto | onnxruntime | tvm (see open_runner)
 
     @property
     def cfg(self) -> bool:
@@ -298,8 +303,10 @@ def _build_shapes(builds: dict[str, Path]) -> tuple[int, int]:
 
 def plan(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.png", build=None, weights=None,
          seed: int = 0, guidance: float = 1.0, height: int | None = None, width: int | None = None,
-         scale: str = "full", arch: str = "bk-sdm-tiny", target: str | None = None) -> Plan:
+         scale: str = "full", arch: str = "bk-sdm-tiny", target: str | None = None, runtime: str = "auto") -> Plan:
     """Resolve and check every argument of :func:`generate` without running or exporting anything."""
+    if runtime not in RUNTIMES:
+        raise GenerateError(f"unknown --runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}.")
     if steps not in STEPS:
         raise GenerateError(f"--steps {steps} is not one of {', '.join(map(str, STEPS))} "
                             "(the LCM step counts EdgeFusion is distilled for).")
@@ -335,12 +342,19 @@ def plan(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.png"
                                     "leave it out or compile for that size.")
         height, width = bh, bw
         models = {c: b / "model.onnx" for c, b in builds.items()}
+        if runtime == "tvm":
+            for c, m in models.items():
+                if not has_tvm_build(m):
+                    raise BuildError(f"--runtime tvm: the {c} build {str(m.parent)!r} has no TVM build "
+                                     "(compile it with --emit tvm).")
     else:
+        if runtime == "tvm":
+            raise GenerateError("--runtime tvm needs --build with TVM builds (edgefc compile --emit tvm).")
         height = int(height) if height is not None else default_size(scale)
         width = int(width) if width is not None else default_size(scale)
     return Plan(prompt=prompt, steps=steps, output=out, height=height, width=width, seed=int(seed),
                 guidance=float(guidance), arch=arch, scale=scale, weights=wroot, builds=builds,
-                models=models, target=target)
+                models=models, target=target, runtime=runtime)
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -348,6 +362,14 @@ def plan(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.png"
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class InputSpec:
+    """One model input: its static shape (ints; -1 where dynamic) and numpy dtype."""
+
+    shape: list[int]
+    dtype: np.dtype
 
 
 class Runner:
@@ -368,13 +390,12 @@ class Runner:
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BuildError(f"onnxruntime cannot load {self.path}: {first}") from None
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.inputs = {i.name: InputSpec([d if isinstance(d, int) else -1 for d in i.shape],
+                                         np.dtype(_ORT_TYPES.get(i.type, np.float32)))
+                       for i in self.session.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        typed = {}
-        for name, value in feeds.items():
-            want = _ORT_TYPES.get(self.inputs[name].type, value.dtype)
-            typed[name] = np.ascontiguousarray(value, dtype=want)
+        typed = {n: np.ascontiguousarray(v, dtype=self.inputs[n].dtype) for n, v in feeds.items()}
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, typed)))
 
@@ -383,8 +404,44 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int32)": np.int32}
 
 
-def open_runner(component: str, path: Path) -> Runner:
-    """The session a component runs in (tests replace this to see which files are loaded)."""
+class TvmRunner:
+    """A build's local TVM library (``edgefc compile --emit tvm``) in the Relax VM, NPU composites
+    through edgefc's NPU runtime (:func:`edgefc.targets.tvm_lowering.load_build`, as ``edgefc run``)."""
+
+    backend = "tvm"
+
+    def __init__(self, component: str, path: Path):
+        from edgefc.targets import tvm_lowering
+
+        self.component, self.path = component, Path(path)
+        self.build = tvm_lowering.load_build(self.path.parent)
+        self.inputs = {i["name"]: InputSpec(list(i["shape"]), np.dtype(i["dtype"])) for i in self.build.inputs}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        typed = {n: np.ascontiguousarray(v, dtype=self.inputs[n].dtype) for n, v in feeds.items()}
+        return self.build.run(typed)
+
+
+RUNTIMES = ("auto", "onnxruntime", "tvm")
+
+
+def has_tvm_build(path: Path) -> bool:
+    """Whether ``path`` is a build's model.onnx with a local TVM build beside it."""
+    path = Path(path)
+    if path.name != "model.onnx":
+        return False
+    try:
+        from edgefc.targets.tvm_lowering import BUILD_FILES
+    except ImportError:  # TVM (or the lowering) is not installed: onnxruntime runs the build
+        return False
+    return all((path.parent / f).is_file() for f in BUILD_FILES)
+
+
+def open_runner(component: str, path: Path, runtime: str = "auto"):
+    """The session a component runs in: the build's TVM library when it has one (``auto``/``tvm``),
+    else onnxruntime on the ONNX file. Tests replace this to see which files are loaded."""
+    if runtime != "onnxruntime" and has_tvm_build(path):
+        return TvmRunner(component, path)
     return Runner(component, path)
 
 
@@ -432,7 +489,7 @@ class GenerateResult:
     image: np.ndarray  # uint8 [H, W, 3]
     plan: Plan
     models: dict[str, Path]  # component -> the model file that ran
-    backends: dict[str, str]  # component -> "onnxruntime"
+    backends: dict[str, str]  # component -> "onnxruntime" or "tvm"
     tokenizer: str  # "clip" or "fallback"
     timesteps: list[int]
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
@@ -446,11 +503,11 @@ def _stage(progress: bool, i: int, what: str) -> float:
 
 def generate(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.png", build=None, weights=None,
              seed: int = 0, guidance: float = 1.0, height: int | None = None, width: int | None = None,
-             scale: str = "full", arch: str = "bk-sdm-tiny", target: str | None = None,
+             scale: str = "full", arch: str = "bk-sdm-tiny", target: str | None = None, runtime: str = "auto",
              progress: bool = True) -> GenerateResult:
     """Generate one image for ``prompt`` and write it to ``output`` (PNG). See the module docstring."""
     p = plan(prompt, steps=steps, output=output, build=build, weights=weights, seed=seed, guidance=guidance,
-             height=height, width=width, scale=scale, arch=arch, target=target)
+             height=height, width=width, scale=scale, arch=arch, target=target, runtime=runtime)
     return run_plan(p, progress=progress)
 
 
@@ -464,7 +521,9 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     t = time.perf_counter()
     if p.builds is not None:
         models = dict(p.models)
-        _say(progress, "using the compiled builds: " + ", ".join(f"{c} {b}" for c, b in p.builds.items()))
+        _say(progress, "using the compiled builds: " + ", ".join(
+            f"{c} {b} ({'tvm' if p.runtime != 'onnxruntime' and has_tvm_build(models[c]) else 'onnxruntime'})"
+            for c, b in p.builds.items()))
     else:
         models = ensure_exports(p.arch, p.scale, p.height, p.width, p.weights, progress=progress)
         _say(progress, f"using the exported models in {p.export_dir}")
@@ -479,11 +538,11 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     else:
         _say(progress, f"      tokenizer: CLIP from {p.weights}")
     texts = [p.prompt] + ([""] if p.cfg else [])
-    runner = open_runner("text-encoder", models["text-encoder"])
+    runner = open_runner("text-encoder", models["text-encoder"], p.runtime)
     backends["text-encoder"] = runner.backend
     ids = tokenizer.encode(texts)
-    n_tokens = runner.inputs["input_ids"].shape[1] if len(runner.inputs["input_ids"].shape) > 1 else None
-    if isinstance(n_tokens, int) and n_tokens != ids.shape[1]:
+    n_tokens = runner.inputs["input_ids"].shape[-1]
+    if n_tokens > 0 and n_tokens != ids.shape[1]:
         raise BuildError(f"the text encoder takes {n_tokens} tokens; the tokenizer gives {ids.shape[1]}.")
     embeds = [runner.run({"input_ids": ids[i:i + 1]})["last_hidden_state"].astype(np.float32)
               for i in range(len(texts))]
@@ -494,11 +553,11 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     # 2. U-Net with the LCM scheduler
     t = _stage(progress, 2, f"U-Net, {p.steps} LCM step{'s' if p.steps > 1 else ''}"
                             f"{f', classifier-free guidance {p.guidance:g}' if p.cfg else ''} ({models['unet']})")
-    runner = open_runner("unet", models["unet"])
+    runner = open_runner("unet", models["unet"], p.runtime)
     backends["unet"] = runner.backend
     sample_shape = [int(d) for d in runner.inputs["sample"].shape]
     ehs_dim = runner.inputs["encoder_hidden_states"].shape[-1]
-    if isinstance(ehs_dim, int) and ehs_dim != embeds[0].shape[-1]:
+    if ehs_dim > 0 and ehs_dim != embeds[0].shape[-1]:
         raise BuildError(f"the U-Net expects text embeddings of width {ehs_dim} but the text encoder gives "
                          f"{embeds[0].shape[-1]}; use components of the same model.")
     if guidance_embedding_dim(p.weights):
@@ -531,7 +590,7 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
 
     # 3. VAE decoder
     t = _stage(progress, 3, f"VAE decoder ({models['vae-decoder']})")
-    runner = open_runner("vae-decoder", models["vae-decoder"])
+    runner = open_runner("vae-decoder", models["vae-decoder"], p.runtime)
     backends["vae-decoder"] = runner.backend
     z = (denoised / vae_scaling(p.weights)).numpy()
     sample = runner.run({"latent_sample": z})["sample"]

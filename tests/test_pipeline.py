@@ -56,8 +56,8 @@ def spy(monkeypatch):
     runs: dict[str, int] = {c: 0 for c in COMPONENTS}
     real = pipeline.open_runner
 
-    def open_runner(component, path):
-        runner = real(component, path)
+    def open_runner(component, path, runtime="auto"):
+        runner = real(component, path, runtime)
         opened[component] = Path(path)
         run = runner.run
 
@@ -100,7 +100,7 @@ def test_default_sizes_without_running(tmp_path, monkeypatch, capsys):
 
     def fake_run(p, progress=True):  # the CLI's parsed and resolved arguments, without running them
         seen["plan"] = p
-        return type("R", (), {"output": p.output})()
+        return type("R", (), {"output": p.output, "backends": {}})()
 
     monkeypatch.setattr(pipeline, "run_plan", fake_run)
     code, _, stderr = _cli(["generate", "--prompt", "a cute cat", "-o", str(tmp_path / "img.png")], capsys)
@@ -186,8 +186,8 @@ def test_vae_input_is_scaled_latent(cache, tmp_path, monkeypatch):
     seen = {}
     real = pipeline.open_runner
 
-    def open_runner(component, path):
-        runner = real(component, path)
+    def open_runner(component, path, runtime="auto"):
+        runner = real(component, path, runtime)
         run = runner.run
 
         def spy_run(feeds):
@@ -235,6 +235,43 @@ def test_build_uses_compiled_artifacts(cache, spy, tiny_build, tmp_path, capsys)
     assert np.abs(got - ref.image.astype(int)).max() <= 1
 
 
+@pytest.fixture(scope="module")
+def tvm_build(tmp_path_factory, tiny_models, tiny_build):
+    """The tiny build with its U-Net compiled (canonicalize, fuse) with --emit tvm."""
+    pytest.importorskip("tvm")
+    root = tmp_path_factory.mktemp("tvm-builds")
+    for c in ("text-encoder", "vae-decoder"):
+        shutil.copytree(tiny_build / c, root / c)
+    passes = "canonicalize,fuse" if "fuse" in _registered_passes() else "canonicalize"
+    with pytest.raises(SystemExit) as e:
+        main(["compile", str(tiny_models["unet"]), "--passes", passes, "--emit", "tvm", "-o", str(root / "unet")])
+    assert e.value.code == 0
+    return root
+
+
+def _registered_passes():
+    import edgefc
+
+    return {pid.split("::")[-1] for pid in edgefc.list_passes()}
+
+
+def test_build_with_tvm_library_runs_through_tvm(cache, spy, tvm_build, tmp_path, capsys):
+    out = tmp_path / "t.png"
+    code, stdout, stderr = _cli(["generate", "--prompt", "a cute cat", "--build", str(tvm_build), "-o", str(out)],
+                                capsys)
+    assert code == 0, stderr
+    assert "unet tvm" in stdout and "text-encoder onnxruntime" in stdout
+    opened, runs = spy
+    assert opened["unet"] == tvm_build / "unet" / "model.onnx" and runs["unet"] == 2
+    # TVM (fp32) and onnxruntime agree: the same image within one grey level
+    ort_img = pipeline.generate("a cute cat", build=tvm_build, runtime="onnxruntime", output=tmp_path / "o.png",
+                                progress=False)
+    assert ort_img.backends["unet"] == "onnxruntime"
+    assert np.abs(np.asarray(PIL.open(out)).astype(int) - ort_img.image.astype(int)).max() <= 1
+    # --runtime tvm needs a TVM build for every component
+    _assert_error(capsys, ["--build", str(tvm_build), "--runtime", "tvm"], "the text-encoder build", tmp_path / "y.png")
+
+
 def test_find_builds_by_name_and_inputs(tiny_build):
     found = pipeline.find_builds(tiny_build)
     assert found == {"text-encoder": tiny_build / "text-encoder", "unet": tiny_build / "my-unet-build",
@@ -245,18 +282,18 @@ def test_find_builds_by_name_and_inputs(tiny_build):
 
 # --- modelled NPU time ---------------------------------------------------------------------------
 
-def test_target_prints_cost_model_times(cache, tmp_path, capsys):
+def test_target_prints_cost_model_times(cache, tiny_build, tmp_path, capsys):
     import edgefc
     from edgefc.cli.profile import load_for_profile
 
     out = tmp_path / "n.png"
-    code, stdout, stderr = _cli(["generate", "--prompt", "a cat", "--scale", "tiny", "--steps", "4",
+    code, stdout, stderr = _cli(["generate", "--prompt", "a cat", "--build", str(tiny_build), "--steps", "4",
                                  "--target", "exynos2400", "-o", str(out)], capsys)
     assert code == 0, stderr
     rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.startswith("  ")}
-    # the same figure `edgefc profile MODEL --precision w8a16` gives, times the 4 U-Net runs
+    # the figure `edgefc profile BUILD --precision w8a16` gives, times the 4 U-Net runs
     tgt = edgefc.get_target("exynos2400")
-    unet = tgt.profile(load_for_profile(cache / "bk-sdm-tiny-tiny-64x64" / "unet.onnx"), precision="w8a16").total_ms
+    unet = tgt.profile(load_for_profile(tiny_build / "my-unet-build"), precision="w8a16").total_ms
     assert rows["U-Net"][1] == "w8a16" and rows["U-Net"][3] == "4"
     assert float(rows["U-Net"][2]) == pytest.approx(unet, abs=0.051)
     assert float(rows["U-Net"][4]) == pytest.approx(4 * unet, abs=0.051)
@@ -296,6 +333,8 @@ def _assert_error(capsys, args, needle, output):
     (["--width", "96", "--scale", "tiny"], "--width 96"),
     (["--guidance", "0.5"], "--guidance 0.5 is below 1"),
     (["--target", "nosuchnpu"], "unknown target 'nosuchnpu'"),
+    (["--runtime", "gpu"], "unknown --runtime 'gpu'"),
+    (["--runtime", "tvm", "--scale", "tiny"], "--runtime tvm needs --build"),
 ])
 def test_argument_errors(capsys, tmp_path, cache, args, needle):
     _assert_error(capsys, args, needle, tmp_path / "x.png")

@@ -33,10 +33,13 @@ from edgefc.models.configs import ARCHS, DEFAULT_IMAGE_SIZE, SCALES
               help="Built-in models: full (the published sizes) or tiny (same topology, small; for tests).")
 @click.option("--arch", type=click.Choice(ARCHS), default="bk-sdm-tiny", show_default=True,
               help="Built-in U-Net architecture (exported models only).")
+@click.option("--runtime", default="auto", show_default=True, metavar="auto|onnxruntime|tvm",
+              help="How builds run: auto = a build's local TVM library when it has one (--emit tvm), else "
+                   "onnxruntime on its model.onnx; onnxruntime = always; tvm = every build must have one.")
 @click.option("--target", "-t", default=None,
               help="Also print the modelled NPU time per component and in total for this target (exynos2400).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output PNG file.")
-def generate_cmd(prompt, steps, build, weights, seed, guidance, height, width, scale, arch, target, output):
+def generate_cmd(prompt, steps, build, weights, seed, guidance, height, width, scale, arch, runtime, target, output):
     """Generate an image from a text prompt: text encoder -> U-Net (LCM steps) -> VAE decoder.
 
     \b
@@ -46,10 +49,12 @@ def generate_cmd(prompt, steps, build, weights, seed, guidance, height, width, s
     from edgefc.models import pipeline
 
     p = pipeline.plan(prompt, steps=steps, output=output, build=build, weights=weights, seed=seed,
-                      guidance=guidance, height=height, width=width, scale=scale, arch=arch, target=target)
+                      guidance=guidance, height=height, width=width, scale=scale, arch=arch, target=target,
+                      runtime=runtime)
     result = pipeline.run_plan(p, progress=True)
     if target is not None:
         npu = pipeline.npu_times(result, target, progress=True)
         click.echo(pipeline.format_npu_table(npu))
+    ran = ", ".join(f"{c} {b}" for c, b in result.backends.items())
     click.echo(f"wrote {result.output} ({p.width}x{p.height}, {p.steps} LCM step{'s' if p.steps > 1 else ''}, "
-               f"seed {p.seed})")
+               f"seed {p.seed}; {ran})")
