@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     print(f"{args.model}: {sum(n.op == 'Attention' for n in graph.nodes)} attentions "
           f"(prepared in {time.perf_counter() - t0:.1f} s); pricing at {args.precision}", file=sys.stderr)
 
-    rows = []
+    rows, all_wall, all_cpu = [], [], []
     for mib in sizes:
         tgt = sized_target(base, int(mib * (1 << 20)))
         ctx = PassContext(target=tgt, options={"precision": args.precision})
@@ -88,6 +88,8 @@ def main(argv=None) -> int:
             if "spec" in b:
                 per_shape.setdefault(shape_key(b), set()).add(tiles_label(b))
         solver_ms = [b["solver_ms"] for b in rep["blocks"] if "solver_ms" in b]
+        all_wall += solver_ms
+        all_cpu += [b["solver_cpu_ms"] for b in rep["blocks"] if "solver_cpu_ms" in b]
         rows.append({"sram_mib": mib, "budget_bytes": rep.get("budget_bytes"), "untiled_ms": untiled_ms,
                      "mlt_ms": tiled_ms, "tiled_blocks": rep["tiled"],
                      "tiles": {k: "/".join(sorted(v)) for k, v in per_shape.items()},
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
         print(f"  {mib:5.1f} MiB: untiled {untiled_ms:7.1f} ms, MLT {tiled_ms:7.1f} ms", file=sys.stderr)
 
     shapes = list(rows[0]["tiles"]) if rows else []
-    head = f"{'SRAM MiB':>8} {'untiled ms':>10} {'MLT ms':>8} {'speedup':>7} {'solver ms':>9}  " + \
+    head = f"{'SRAM MiB':>8} {'untiled ms':>10} {'MLT ms':>8} {'speedup':>7} {'solver max':>10}  " + \
         "  ".join(f"{s:>13}" for s in shapes)
     print(f"\nBK-SDM-Tiny U-Net on {base.name} variants (precision {args.precision}); tiles = row_tiles x head_tiles")
     print(head)
@@ -105,8 +107,14 @@ def main(argv=None) -> int:
     for r in rows:
         smax = f"{r['solver_ms_max']:.2f}" if r["solver_ms_max"] is not None else "-"
         print(f"{r['sram_mib']:>8.1f} {r['untiled_ms']:>10.1f} {r['mlt_ms']:>8.1f} {r['untiled_ms'] / r['mlt_ms']:>7.2f} "
-              f"{smax:>9}  " + "  ".join(f"{r['tiles'].get(s, ''):>13}" for s in shapes))
+              f"{smax:>10}  " + "  ".join(f"{r['tiles'].get(s, ''):>13}" for s in shapes))
 
+    if all_wall:
+        import statistics
+
+        print(f"\nsolver per block over {len(all_wall)} solves: wall median {statistics.median(all_wall):.3f} ms, "
+              f"max {max(all_wall):.3f} ms; CPU median {statistics.median(all_cpu):.3f} ms, max {max(all_cpu):.3f} ms "
+              f"(wall includes time the OS gave to other processes)")
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "target": base.name, "precision": args.precision,
                                          "rows": rows}, indent=2) + "\n")

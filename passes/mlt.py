@@ -368,7 +368,7 @@ class ModelLevelTiling(Pass):
             entry.update({"op": OP, "tiling": _tiling_dict(spec, sol.tiling, g), "sram_bytes": sol.sram_bytes,
                           "predicted_cycles": sol.cycles, "predicted_ms": tile_solver.cycles_to_ms(target, sol.cycles),
                           "candidates": sol.candidates, "evaluated": sol.evaluated,
-                          "solver_ms": round(sol.seconds * 1e3, 3),
+                          "solver_ms": round(sol.seconds * 1e3, 3), "solver_cpu_ms": round(sol.cpu_seconds * 1e3, 3),
                           "reason": f"working set {tile_solver.fmt_bytes(untiled_sram)} > budget "
                                     f"{tile_solver.fmt_bytes(budget)}: {sol.tiling.row_tiles} row tiles x "
                                     f"{sol.tiling.head_tiles} head tiles is the fastest tiling that fits"})

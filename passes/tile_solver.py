@@ -51,6 +51,7 @@ minimum over all candidates, by P1 the largest ``r`` of some ``h``).
 
 from __future__ import annotations
 
+import gc
 import re
 import time
 from dataclasses import dataclass, field
@@ -178,7 +179,8 @@ class Solution:
     candidates: int                 # tilings the solver could choose from
     evaluated: int                  # attention_cycles calls
     sram_queries: int               # attention_sram_bytes calls
-    seconds: float = 0.0
+    seconds: float = 0.0            # wall time of the solve
+    cpu_seconds: float = 0.0        # CPU time of the solving thread (immune to other processes)
     probed: set = field(default_factory=set)   # (r, h) pairs whose working set the solver asked for
     priced: set = field(default_factory=set)   # (r, h) pairs whose time the solver asked for
 
@@ -242,8 +244,24 @@ def _infeasible(spec, target, budget, probe, cands) -> InfeasibleBudgetError:
 
 
 def solve(spec: AttentionSpec, target, budget: int, granularity: int | None = None) -> Solution:
-    """The feasible tiling of least ``target.attention_cycles`` (exact; see the module docstring)."""
-    start = time.perf_counter()
+    """The feasible tiling of least ``target.attention_cycles`` (exact; see the module docstring).
+
+    The garbage collector is paused for the solve (well under a millisecond): a full collection
+    would otherwise walk every object of a loaded U-Net graph in the middle of it.
+    """
+    start, cpu = time.perf_counter(), time.thread_time()
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        sol = _solve(spec, target, budget, granularity)
+    finally:
+        if paused:
+            gc.enable()
+    sol.seconds, sol.cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu
+    return sol
+
+
+def _solve(spec: AttentionSpec, target, budget: int, granularity: int | None) -> Solution:
     g = granularity or row_granularity(target)
     cands = candidate_tilings(spec, g)
     probe = _Probe(spec, target)
@@ -273,8 +291,7 @@ def solve(spec: AttentionSpec, target, budget: int, granularity: int | None = No
     c, r, h = best
     return Solution(spec, Tiling(r, h), probe.sram_bytes(r, h), c, budget, g,
                     candidates=sum(len(v) for v in cands.values()), evaluated=len(probe.cost),
-                    sram_queries=len(probe.sram), seconds=time.perf_counter() - start,
-                    probed=set(probe.sram), priced=set(probe.cost))
+                    sram_queries=len(probe.sram), probed=set(probe.sram), priced=set(probe.cost))
 
 
 def brute_force(spec: AttentionSpec, target, budget: int, granularity: int | None = None) -> Solution:
