@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def attention_node_model(b, sq, skv, heads, dk, dv, *, causal=0, scale=0.3, tiling=None, dtype=TensorProto.FLOAT):
     """One Attention-23 (or TiledAttention with ``tiling``) node with Q, K, V as graph inputs."""
-    attrs = dict(q_num_heads=heads, kv_num_heads=heads, scale=scale, is_causal=causal)
+    attrs = {"q_num_heads": heads, "kv_num_heads": heads, "scale": scale, "is_causal": causal}
     if tiling is None:
         node = helper.make_node("Attention", ["Q", "K", "V"], ["Y"], **attrs)
         functions = []
@@ -61,7 +61,7 @@ def transformer_model(seq=256, ctx_len=77, channels=64, heads=4, ctx_channels=32
              w("wo", (channels, channels)), w("wq2", (channels, channels)), w("wk2", (ctx_channels, channels)),
              w("wv2", (ctx_channels, channels)), w("wo2", (channels, channels))]
     scale = float(1 / np.sqrt(channels // heads))
-    mm = lambda a, b, y: helper.make_node("MatMul", [a, b], [y])  # noqa: E731
+    mm = lambda a, b, y: helper.make_node("MatMul", [a, b], [y])
     nodes = [mm("x", "wq", "q"), mm("x", "wk", "k"), mm("x", "wv", "v"),
              helper.make_node("Attention", ["q", "k", "v"], ["a"], name="self_attn", q_num_heads=heads,
                               kv_num_heads=heads, scale=scale, is_causal=causal),
@@ -307,7 +307,7 @@ def _plugin(tmp_path: Path, sram: int) -> Path:
 
 def run_cli(*args):
     proc = subprocess.run([sys.executable, "-c", "from edgefc.cli import main; main()", *args],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, check=False)
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
 import pytest
+from edgefc.passes import tile_solver as ts
 
 from edgefc.attention import AttentionSpec, Tiling, divisors, padded_rows, tile_rows
 from edgefc.errors import PassError
-from edgefc.passes import tile_solver as ts
 from tests.mlt_fake_target import FakeNpu
 
 # The attention shapes of the BK-SDM-Tiny U-Net at 512x512 (self and cross, three resolutions),
@@ -113,9 +114,9 @@ def test_real_target_has_the_properties_the_solver_relies_on():
     for spec in UNET_512 + OTHERS:
         for h, rows in ts.candidate_tilings(spec, g).items():
             sram = [tgt.attention_sram_bytes(spec, Tiling(r, h)) for r in rows]
-            assert all(a >= b for a, b in zip(sram, sram[1:])), (spec.name, h, sram)
+            assert all(a >= b for a, b in itertools.pairwise(sram)), (spec.name, h, sram)
             cost = [tgt.attention_cycles(spec, Tiling(r, h)) for r, s in zip(rows, sram) if s <= tgt.sram_bytes]
-            assert all(b >= a * (1 - 1e-9) for a, b in zip(cost, cost[1:])), (spec.name, h, cost)
+            assert all(b >= a * (1 - 1e-9) for a, b in itertools.pairwise(cost)), (spec.name, h, cost)
 
 
 # --- cost of solving ----------------------------------------------------------------------------
