@@ -56,9 +56,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from edgefc.models import configs
 
 from edgefc.errors import BuildError, EdgefcError, ExportError
-from edgefc.models import configs
 
 COMPONENTS = ("text-encoder", "unet", "vae-decoder")
 LABELS = {"text-encoder": "text encoder", "unet": "U-Net", "vae-decoder": "VAE decoder"}
@@ -514,7 +514,6 @@ def generate(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.
 def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     """Run a checked :class:`Plan`."""
     import torch
-
     from edgefc.models.tokenizer import load_tokenizer
 
     seconds: dict[str, float] = {}

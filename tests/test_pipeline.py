@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgefc.models import pipeline
 
 from edgefc.cli import main
-from edgefc.models import pipeline
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -160,7 +160,7 @@ def test_custom_size_exports_once_then_reuses(cache, tmp_path, monkeypatch, tiny
 
 
 def test_same_seed_same_image(cache, tmp_path):
-    kw = dict(steps=2, scale="tiny", progress=False)
+    kw = {"steps": 2, "scale": "tiny", "progress": False}
     a = pipeline.generate("a red bicycle", output=tmp_path / "a.png", seed=7, **kw)
     b = pipeline.generate("a red bicycle", output=tmp_path / "b.png", seed=7, **kw)
     c = pipeline.generate("a red bicycle", output=tmp_path / "c.png", seed=8, **kw)
@@ -391,9 +391,8 @@ def test_weights_folder_tokenizer_and_scheduler(tmp_path, monkeypatch):
     import diffusers
     import torch
     import transformers
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
     from edgefc.models import configs
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     monkeypatch.setenv("EDGEFC_CACHE", str(tmp_path / "cache"))
     w = tmp_path / "weights"
