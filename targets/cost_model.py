@@ -19,13 +19,17 @@ One formula per command kind, shared by every op (no per-op or per-table-row con
       cycles = elements * sum(passes_c * vector.cycles_per_element[c]) / vector.lanes
                + handoffs * handoff.cycles
 
-* host: ``host.sync_cycles + elements * host.cycles_per_element``;
+* host: ``host.sync_cycles + elements * host.cycles_per_element``.
 
-plus ``dispatch.cycles`` for each engine command launch (``Command.dispatches``, once per
-command, not per repeated instance). A command costs ``repeat`` times one instance.
+A command costs ``repeat`` times one instance. Launching an op's engine commands takes
+``dispatch.cycles`` each (``Command.dispatches``); the command processor prepares the next op
+while the current one runs, so an op occupies the NPU for at least its dispatch time:
+
+    op cycles = max(sum of its commands' cycles, dispatch.cycles * its dispatches)
 
 The schedule that turns command cycles into a timeline is pluggable (:class:`Schedule`); the
-paper's baseline, and the default, runs commands one after another (:class:`SequentialSchedule`).
+paper's baseline, and the default, runs commands one after another (:class:`SequentialSchedule`),
+each op followed by the part of its dispatch its own work did not hide.
 """
 
 from __future__ import annotations
@@ -113,7 +117,8 @@ def host_cycles(p: CostParams, elements: float) -> float:
 
 
 def command_cycles(p: CostParams, c: Command) -> float:
-    """Cycles of a whole command (all ``repeat`` instances and its dispatches)."""
+    """Cycles of a whole command (all ``repeat`` instances; dispatch is charged per op, see
+    :func:`op_cycles`)."""
     if c.kind in ("load", "store"):
         one = dma_cycles(p, c.bytes, c.run_bytes)
     elif c.kind == "tensor":
@@ -124,12 +129,13 @@ def command_cycles(p: CostParams, c: Command) -> float:
         one = host_cycles(p, c.elements)
     else:
         raise ValueError(f"unknown command kind {c.kind!r}")
-    return one * c.repeat + c.dispatches * p.dispatch
+    return one * c.repeat
 
 
-def instance_cycles(p: CostParams, c: Command) -> float:
-    """Cycles of one instance of a repeated command (no dispatch)."""
-    return (command_cycles(p, c) - c.dispatches * p.dispatch) / c.repeat
+def op_cycles(p: CostParams, commands) -> float:
+    """Cycles of one op: its commands back to back, at least its dispatch time."""
+    work = sum(command_cycles(p, c) for c in commands)
+    return max(work, p.dispatch * sum(c.dispatches for c in commands))
 
 
 def price(p: CostParams, program: Program) -> list[float]:
@@ -137,32 +143,62 @@ def price(p: CostParams, program: Program) -> list[float]:
     return [command_cycles(p, c) for c in program.commands]
 
 
+def op_groups(program: Program) -> list[tuple[int, int]]:
+    """``(first, end)`` command index ranges of the ops, in program order (an op's commands are
+    contiguous: the lowering emits them while it handles that op)."""
+    groups, start = [], 0
+    cmds = program.commands
+    for i in range(1, len(cmds) + 1):
+        if i == len(cmds) or cmds[i].op != cmds[start].op:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
 # --- schedules ------------------------------------------------------------------------------
 
+@dataclass
+class Timeline:
+    """A schedule's result: start cycle of every command, the exposed dispatch (idle) after each
+    command (non-zero only after an op's last command), and the makespan."""
+
+    starts: list[float]
+    idle: list[float]
+    total: float
+
+
 class Schedule:
-    """Turns priced commands into a timeline: ``start`` cycle of every command and the makespan.
+    """Turns priced commands into a :class:`Timeline`.
 
     Subclass to model overlap (e.g. a double-buffered schedule running DMA beside compute);
-    ``Profile`` and every view only read ``starts`` and ``total``.
+    ``Profile`` and every view only read the timeline.
     """
 
     name = "schedule"
 
-    def run(self, program: Program, cycles: list[float]) -> tuple[list[float], float]:
+    def run(self, program: Program, cycles: list[float], params: CostParams) -> Timeline:
         raise NotImplementedError
 
 
 class SequentialSchedule(Schedule):
-    """Commands execute one after another, as in the paper's baseline measurements."""
+    """Commands execute one after another, as in the paper's baseline measurements; an op shorter
+    than its dispatch time leaves the engines idle for the rest of it."""
 
     name = "sequential"
 
-    def run(self, program, cycles):
-        starts, t = [], 0.0
-        for c in cycles:
-            starts.append(t)
-            t += c
-        return starts, t
+    def run(self, program, cycles, params):
+        starts, idle, t = [0.0] * len(cycles), [0.0] * len(cycles), 0.0
+        cmds = program.commands
+        for first, end in op_groups(program):
+            begin = t
+            for i in range(first, end):
+                starts[i] = t
+                t += cycles[i]
+            floor = params.dispatch * sum(cmds[i].dispatches for i in range(first, end))
+            if t - begin < floor:
+                idle[end - 1] = floor - (t - begin)
+                t = begin + floor
+        return Timeline(starts, idle, t)
 
 
 SCHEDULES = {"sequential": SequentialSchedule}

@@ -155,10 +155,9 @@ class NpuTarget(Target):
         """Cycles of one attention block under ``tiling``: every command of the block, priced by the
         cost model (DMA of Q/K/V/output, the matmuls, the softmax, S_in/S_out spills when the tile
         does not fit, hand-offs and dispatch) -- exactly what ``edgefc profile`` reports for it."""
-        from edgefc.targets.cost_model import command_cycles
+        from edgefc.targets.cost_model import op_cycles
 
-        p = self.params
-        return float(sum(command_cycles(p, c) for c in self.attention_commands(spec, tiling)))
+        return float(op_cycles(self.params, self.attention_commands(spec, tiling)))
 
     def attention_sram_bytes(self, spec, tiling) -> int:
         """SRAM working set of one tile of the block, padding included."""

@@ -72,6 +72,15 @@ VECTOR_PASSES: dict[str, tuple] = {
 INPUT_SIZED = {"Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
                "GroupNormSiLU", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "GeGLU"}
 
+# Producer -> consumer streaming (a two-op cascade, as Arm Vela's cascading): a tensor too big
+# for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
+# of DRAM when the producer writes it row by row and the consumer reads it row by row.
+STREAM_PRODUCERS = TENSOR_OPS | {"GroupNormalization", "GroupNormSiLU", "InstanceNormalization",
+                                 "LayerNormalization", "Gelu", "GeGLU", "Resize"} | set(
+    k for k, v in VECTOR_PASSES.items() if k not in INPUT_SIZED and k != "Softmax")
+STREAM_CONSUMERS = TENSOR_OPS | {"Gelu", "GeGLU", "Resize"} | set(
+    k for k, v in VECTOR_PASSES.items() if k not in INPUT_SIZED and k != "Softmax")
+
 _NP_CODE = {np.dtype(np.float64): "fp64", np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16",
             np.dtype(np.int64): "int64", np.dtype(np.uint64): "int64", np.dtype(np.int32): "int32",
             np.dtype(np.uint32): "int32", np.dtype(np.int16): "int16", np.dtype(np.uint16): "int16",
@@ -463,6 +472,7 @@ class _Lowering:
             return _NEVER
 
         resident: dict[str, int] = {}
+        cascaded: set[str] = set()
         in_dram: set[str] = set(graph_in)
         peak = 0
         for i, (node, kind) in enumerate(zip(nodes, kinds)):
@@ -499,16 +509,24 @@ class _Lowering:
                 else:
                     spec, tiling = specs[node.name], tiling_from_node(node)
                     info.attention = (spec, tiling)
+                    need = min(attention_sram_bytes(spec, tiling, self.geo), self.geo.sram_bytes)
+                    # the block's tiles take the SRAM they need: evict what is live, furthest use first
+                    for r in sorted(resident, key=lambda r: -next_use(r, i)):
+                        if sum(resident.values()) + need <= self.geo.sram_bytes:
+                            break
+                        if r not in in_dram:
+                            self._dma("store", node, r, spill=True)
+                            in_dram.add(r)
+                        del resident[r]
                     prog.commands.extend(lower_attention(spec, tiling, self.geo, op=node.name, op_type=node.op,
                                                          loop_base=self.loops))
                     self.loops += 1 << 20
-                    peak = max(peak, sum(resident.values())
-                               + min(attention_sram_bytes(spec, tiling, self.geo), self.geo.sram_bytes))
+                    peak = max(peak, sum(resident.values()) + need)
                 in_dram.update(outs)
                 continue
 
             operands = set(act_in) | set(outs)
-            streamed: set[str] = set()
+            streamed: set[str] = {r for r in act_in if r in cascaded}
 
             def working_set() -> int:
                 return (sum(s for r, s in resident.items() if r not in operands)
@@ -527,6 +545,8 @@ class _Lowering:
                         break
                     streamed.add(r)
             for r in act_in:
+                if r in cascaded:
+                    continue
                 if r not in resident:
                     self._dma("load", node, r, spill=r not in pinned and r not in graph_in)
                     in_dram.add(r)
@@ -541,6 +561,9 @@ class _Lowering:
                 if r in streamed:
                     resident.pop(r, None)
             for r in outs:
+                if r in streamed and self.can_stream(r, i, node, nodes, kinds, uses, pinned | graph_out):
+                    cascaded.add(r)
+                    continue
                 if r in streamed or r in pinned or r in graph_out:
                     self._dma("store", node, r, spill=r in streamed and r not in pinned and r not in graph_out)
                     in_dram.add(r)
@@ -553,6 +576,21 @@ class _Lowering:
             prog.residency[r] = "dram" if r in in_dram else "sram"
         prog.sram_peak_bytes = int(peak)
         return prog
+
+    def can_stream(self, r: str, i: int, node: gs.Node, nodes, kinds, uses, keep: set[str]) -> bool:
+        """Whether output ``r`` of node ``i`` (too big for SRAM) streams to its consumer: one use,
+        by the next op, which reads it row by row as its activation input (not as weights)."""
+        if r in keep or node.op not in STREAM_PRODUCERS or len(uses.get(r, ())) != 1:
+            return False
+        j = uses[r][0]
+        if any(kinds[k] != "none" for k in range(i + 1, j)) or kinds[j] not in ("tensor", "vector"):
+            return False
+        consumer = nodes[j]
+        if consumer.op not in STREAM_CONSUMERS:
+            return False
+        if consumer.op in TENSOR_OPS:
+            return self.types.find(consumer.inputs[0].name) == r
+        return True
 
     # weights ----------------------------------------------------------------------------------
     def weight_bytes(self, node: gs.Node) -> int:

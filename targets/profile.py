@@ -20,9 +20,9 @@ from pathlib import Path
 
 from edgefc.targets.program import ATTENTION_ROLES, ENGINES, Command, Program
 
-TRACK_IDS = {"dma": 1, "tensor": 2, "vector": 3, "host": 4}
+TRACK_IDS = {"dma": 1, "tensor": 2, "vector": 3, "host": 4, "dispatch": 5}
 TRACK_NAMES = {"dma": "DMA (DRAM <-> SRAM)", "tensor": "tensor engines", "vector": "vector engines",
-               "host": "host CPU"}
+               "host": "host CPU", "dispatch": "dispatch (exposed)"}
 
 
 @dataclass
@@ -55,9 +55,9 @@ class Profile:
     cycles: list[float]
     starts: list[float]
     total_cycles: float
+    idle: list[float] = field(default_factory=list)   # exposed dispatch after each command
     schedule: str = "sequential"
     model: str = ""
-    dispatch_cycles: float = 0.0
     attention_breakdown: dict | None = None
     ops: list[OpRow] = field(default_factory=list)
 
@@ -75,11 +75,12 @@ class Profile:
 
     def _op_rows(self) -> list[OpRow]:
         rows = {o.name: OpRow(o.name, o.op_type, o.engine, o.block) for o in self.program.ops}
-        for c, cyc in zip(self.program.commands, self.cycles):
+        idle = self.idle or [0.0] * len(self.cycles)
+        for c, cyc, gap in zip(self.program.commands, self.cycles, idle):
             row = rows.get(c.op)
             if row is None:
                 row = rows[c.op] = OpRow(c.op, c.op_type, c.engine, "(top)")
-            row.cycles += cyc
+            row.cycles += cyc + gap
             if c.kind in ("load", "store"):
                 row.dma_bytes += c.total_bytes
             elif c.kind == "tensor":
@@ -98,10 +99,12 @@ class Profile:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def by_command_engine(self) -> dict[str, float]:
-        """Cycles spent on each engine (DMA separately), whatever op the command belongs to."""
+        """Cycles spent on each engine (DMA separately), whatever op the command belongs to, and
+        the exposed dispatch (``dispatch``: ops shorter than their dispatch time)."""
         out = {e: 0.0 for e in ENGINES}
         for c, cyc in zip(self.program.commands, self.cycles):
             out[c.engine] += cyc
+        out["dispatch"] = float(sum(self.idle))
         return out
 
     def to_dict(self) -> dict:
@@ -177,23 +180,28 @@ class Profile:
             events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": TRACK_NAMES[eng]}})
             events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_sort_index", "args": {"sort_index": tid}})
         cmds, cyc, starts = self.program.commands, self.cycles, self.starts
+        idle = self.idle or [0.0] * len(cmds)
         i = 0
         while i < len(cmds):
             c = cmds[i]
             if c.loop < 0 or c.repeat == 1:
                 events.append(_event(c, starts[i], cyc[i], us))
-                i += 1
-                continue
-            j = i
-            while j < len(cmds) and cmds[j].loop == c.loop:
-                j += 1
-            body = list(range(i, j))
-            t = starts[i]
-            for rep in range(c.repeat):
-                for k in body:
-                    inst = _instance(cmds[k], cyc[k], self, first=rep == 0)
-                    events.append(_event(cmds[k], t, inst, us, instance=rep))
-                    t += inst
+                j = i + 1
+            else:
+                j = i
+                while j < len(cmds) and cmds[j].loop == c.loop:
+                    j += 1
+                t = starts[i]
+                for rep in range(c.repeat):
+                    for k in range(i, j):
+                        one = cyc[k] / cmds[k].repeat
+                        events.append(_event(cmds[k], t, one, us, instance=rep))
+                        t += one
+            for k in range(i, j):
+                if idle[k] > 0:
+                    events.append({"ph": "X", "pid": 1, "tid": TRACK_IDS["dispatch"], "name": "dispatch",
+                                   "cat": "dispatch", "ts": round((starts[k] + cyc[k]) * us, 4),
+                                   "dur": round(idle[k] * us, 4), "args": {"op": cmds[k].op}})
             i = j
         return events
 
@@ -229,13 +237,6 @@ class Profile:
             plt.close(fig)
             if os.path.exists(tmp):
                 os.unlink(tmp)
-
-
-def _instance(c: Command, total: float, prof: Profile, first: bool) -> float:
-    """Cycles of one instance of a repeated command; the first carries the dispatch."""
-    d = c.dispatches * prof.dispatch_cycles
-    one = (total - d) / c.repeat
-    return one + (d if first else 0.0)
 
 
 def _event(c: Command, start: float, cycles: float, us: float, instance: int | None = None) -> dict:
@@ -309,9 +310,9 @@ def build_profile(target, graph, precision: str = "as-built", schedule: str = "s
     program = lower(graph, target, precision)
     p = target.params
     cycles = [command_cycles(p, c) for c in program.commands]
-    starts, total = SCHEDULES[schedule]().run(program, cycles)
-    prof = Profile(target=target.name, clock_hz=p.clock_hz, program=program, cycles=cycles, starts=starts,
-                   total_cycles=total, schedule=schedule, model=model, dispatch_cycles=p.dispatch)
+    tl = SCHEDULES[schedule]().run(program, cycles, p)
+    prof = Profile(target=target.name, clock_hz=p.clock_hz, program=program, cycles=cycles, starts=tl.starts,
+                   total_cycles=tl.total, idle=tl.idle, schedule=schedule, model=model)
     prof.attention_breakdown = attention_breakdown(target, program)
     return prof
 

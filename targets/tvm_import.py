@@ -264,7 +264,7 @@ def tile_bounds(total: int, tiles: int, granularity: int = 1) -> list[tuple[int,
 def _tiled_attention(bb, inputs, attrs, node, granularity: int = 1):
     relax = _rx()
     q4, k4, v4, three_d = _attention_views(bb, inputs, attrs, node)
-    b, sq, h, dk = _shape(q4)
+    _, sq, h, dk = _shape(q4)
     skv = _shape(k4)[1]
     causal = bool(int(attrs.get("is_causal", 0)))
     scale = _scale(attrs, dk)
@@ -367,7 +367,7 @@ def import_model(model: onnx.ModelProto, row_granularity: int = 1):
             return importer.from_onnx(model.graph, opset)
         except BuildError:
             raise
-        except Exception as e:  # TVM raises plain errors for ops it cannot convert
+        except Exception as e:  # noqa: BLE001 (TVM raises plain errors for ops it cannot convert)
             first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
             raise BuildError(f"TVM could not import the model: {first[:300]}") from None
 

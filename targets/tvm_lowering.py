@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from edgefc.targets import tvm_import, tvm_npu
 
 from edgefc.errors import BuildError
-from edgefc.targets import tvm_import, tvm_npu
 
 EXYNOS2400_CPU_TAG = "samsung/exynos2400-cpu"
 # The phone's application CPU (Exynos 2400: 1x Cortex-X4, 5x Cortex-A720, 4x Cortex-A520; Samsung
@@ -190,7 +190,7 @@ def _rename_symbols(mod, tag: str):
 
 def _lift_params(mod, min_bytes: int = PARAM_MIN_BYTES):
     """Constants of ``min_bytes`` or more in ``main`` become trailing parameters of ``main``."""
-    from tvm import ir, relax
+    from tvm import relax
 
     params: list[tuple[str, np.ndarray]] = []
     seen: dict[int, relax.Var] = {}
@@ -250,8 +250,6 @@ def lower(model: onnx.ModelProto, progress=None, row_granularity: int = 1) -> Lo
     seconds["partition"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     step("tvm: NPU codegen")
-    import tvm
-
     import tvm_ffi
 
     tag = format(tvm_ffi.structural_hash(mod) & 0xFFFFFFFF, "08x")
@@ -282,7 +280,10 @@ def find_cross_linker() -> list[str]:
     """
     env = os.environ.get("EDGEFC_AARCH64_CC")
     if env:
-        return env.split()
+        cmd = env.split()
+        if not cmd or not shutil.which(cmd[0]):
+            raise BuildError(f"EDGEFC_AARCH64_CC='{env}' does not name an executable aarch64 linker")
+        return cmd
     try:
         import ziglang  # noqa: F401
 
@@ -299,7 +300,10 @@ def find_cross_linker() -> list[str]:
 def _cross_compile_fn(cmd: list[str]):
     def fcompile(output, objects, options=None):
         args = [*cmd, "-shared", "-fPIC", "-o", output, *objects]
-        proc = subprocess.run(args, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, check=False)
+        except OSError as e:
+            raise BuildError(f"cannot run the aarch64 linker '{cmd[0]}': {e.strerror or e}") from None
         if proc.returncode != 0:
             msg = (proc.stderr or proc.stdout).strip().splitlines()
             raise BuildError(f"linking host_aarch64.so failed: {msg[-1] if msg else 'unknown error'}")
@@ -387,6 +391,7 @@ def emit_tvm(graph, out_dir, ctx, report) -> None:
     def progress(msg):
         print(f"  {msg} ...", file=sys.stderr, flush=True)
 
+    find_cross_linker()  # no linker: fail before any work
     model = ir.to_model(graph)
     lowering = lower(model, progress=progress, row_granularity=row_granularity(ctx.target))
     report["partition"] = ctx.report["partition"] = lowering.partition
@@ -423,7 +428,7 @@ class TvmRunner:
             tvm_npu.register_program(p)
         try:
             lib = tvm.runtime.load_module(str(d / "host_local.so"))
-        except Exception as e:  # TVM raises its own error types for unloadable libraries
+        except Exception as e:  # noqa: BLE001 (TVM raises its own error types for unloadable libraries)
             raise BuildError(f"cannot load {d / 'host_local.so'}: {str(e).strip().splitlines()[-1][:200]}") from None
         self.vm = relax.VirtualMachine(lib, tvm.cpu())
         self.params = []
@@ -445,9 +450,8 @@ class TvmRunner:
             a = feeds[spec["name"]]
             if list(a.shape) != list(spec["shape"]):
                 raise BuildError(f"input '{spec['name']}' has shape {list(a.shape)}, the model expects {spec['shape']}")
-            if np.dtype(a.dtype) != np.dtype(spec["dtype"]):
-                if np.issubdtype(a.dtype, np.floating) != np.issubdtype(np.dtype(spec["dtype"]), np.floating):
-                    raise BuildError(f"input '{spec['name']}' has dtype {a.dtype}, the model expects {spec['dtype']}")
+            if np.issubdtype(a.dtype, np.floating) != np.issubdtype(np.dtype(spec["dtype"]), np.floating):
+                raise BuildError(f"input '{spec['name']}' has dtype {a.dtype}, the model expects {spec['dtype']}")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm

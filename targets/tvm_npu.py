@@ -29,12 +29,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 CODEGEN = "edgefc_npu"
 PREFIX = CODEGEN + "."
+
+# the dtype a fused composite keeps an intermediate value in (fp32 accumulators for fp16)
+_ACC = {"float16": "float32"}
 
 # dtypes an NPU tensor may have (FP32 for the fp32 reference build, FP16, INT8/INT16 for QDQ).
 NPU_DTYPES = {"float32", "float16", "int8", "int16", "uint8", "uint16"}
@@ -119,7 +123,7 @@ def _conv2d(args, attrs, shape, dtype):
     dh, dw = attrs["dilation"]
     pt, pl, pb, pr = attrs["padding"]
     g = int(attrs["groups"])
-    n, c, _, _ = x.shape
+    n = x.shape[0]
     o, cg, kh, kw = w.shape
     oh, ow = shape[2], shape[3]
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
@@ -400,9 +404,8 @@ def host_reason(call) -> str | None:
     attrs = call.attrs
     if op == "relax.nn.conv2d" and (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"):
         return "conv2d layout other than NCHW/OIHW"
-    if op == "relax.nn.attention":
-        if attrs.window_size is not None or len(call.args) > 3:
-            return "attention with a bias or a sliding window"
+    if op == "relax.nn.attention" and (attrs.window_size is not None or len(call.args) > 3):
+        return "attention with a bias or a sliding window"
     if op == "relax.image.resize2d":
         if attrs.method != "nearest_neighbor" or attrs.layout != "NCHW":
             return f"resize2d {attrs.method} (the NPU resizes by nearest neighbour)"
@@ -440,9 +443,7 @@ def _check(context) -> bool:
     for expr in context.matched_bindings.values():
         if isinstance(expr, relax.Call) and host_reason(expr) is not None:
             return False
-    if len(context.matched_bindings) > 1 and has_leaking_intermediate_variables(context):
-        return False
-    return True
+    return not (len(context.matched_bindings) > 1 and has_leaking_intermediate_variables(context))
 
 
 def _act(y):
@@ -516,7 +517,7 @@ def pattern_table() -> list[tuple]:
         ins = [is_op("relax.strided_slice")(wildcard(), wildcard(), wildcard(), wildcard(), varg_default_wildcard=True)
                if mask & (1 << i) else wildcard() for i in range(3)]
         att = is_op("relax.nn.attention")(*ins)
-        tiles.append((bin(mask).count("1"), (PREFIX + "attention_tile" + "".join("_" + "qkv"[i] for i in range(3) if mask & (1 << i)),
+        tiles.append((mask.bit_count(), (PREFIX + "attention_tile" + "".join("_" + "qkv"[i] for i in range(3) if mask & (1 << i)),
                                              att, {"root": att}, _check)))
     tiles = [t for _, t in sorted(tiles, key=lambda x: x[0])]
     gn = is_op("relax.nn.group_norm")(wildcard(), wildcard(), wildcard())
@@ -645,7 +646,7 @@ def _emit_ops(ser: _Serializer, func, args: list, ops: list) -> Any:
             elif isinstance(v, (relax.Var, relax.Tuple)):
                 local[b.var] = ser.arg(v, local)
             else:
-                raise ValueError(f"unexpected {type(v).__name__} in an NPU composite")
+                raise TypeError(f"unexpected {type(v).__name__} in an NPU composite")
     return ser.arg(func.body.body, local)
 
 
@@ -667,12 +668,13 @@ def serialize_function(func, symbol: str) -> dict:
             if isinstance(v, relax.Function):
                 composites[b.var] = v
             elif isinstance(v, relax.Call) and (v.op in composites or isinstance(v.op, relax.Function)):
-                comp = composites[v.op] if v.op in composites else v.op
+                comp = composites.get(v.op, v.op)
                 ops: list = []
                 out = _emit_ops(ser, comp, [ser.arg(a, local) for a in v.args], ops)
                 kind = str(comp.attrs["Composite"]) if comp.attrs and "Composite" in comp.attrs else "unknown"
-                ops.append({"op": "bind", "args": [out], "attrs": {}, "out": ser.new(b.var), "shape": None,
-                            "dtype": None})
+                shape, dtype = _out_type(b.var)
+                ops.append({"op": "bind", "args": [out], "attrs": {}, "out": ser.new(b.var), "shape": shape,
+                            "dtype": dtype})
                 commands.append({"composite": kind, "engine": _engine(ops), "ops": ops,
                                  "macs": int(sum(o.get("macs", 0) for o in ops))})
             elif isinstance(v, relax.TupleGetItem):
@@ -683,9 +685,9 @@ def serialize_function(func, symbol: str) -> dict:
             elif isinstance(v, (relax.Var, relax.Tuple)):
                 local[b.var] = ser.arg(v, local)
             else:
-                raise ValueError(f"unexpected {type(v).__name__} in an NPU function")
+                raise TypeError(f"unexpected {type(v).__name__} in an NPU function")
     result = ser.arg(func.body.body, local)
-    outputs = result["tuple"] if "tuple" in result else [result]
+    outputs = result.get("tuple", [result])
     ret = func.ty.ret if hasattr(func.ty, "ret") else None
     out_types = []
     rets = ret.fields if isinstance(ret, relax.TupleType) else [ret]
@@ -739,14 +741,18 @@ class NpuProgram:
         for i, o in enumerate(self.flat):
             args = [_value(a, env) for a in o["args"]]
             op = o["op"]
-            if op == "bind":
+            if op == "bind":  # the composite's output: stored at its declared type
                 res = args[0]
+                if o["dtype"] is not None and not isinstance(res, (tuple, list)):
+                    res = np.asarray(res).astype(o["dtype"], copy=False)
             elif op == "tuple_get_item":
                 res = args[0][o["attrs"]["index"]]
             else:
                 res = KERNELS[op](args, o["attrs"], o["shape"], o["dtype"])
                 if o["dtype"] is not None and not isinstance(res, tuple):
-                    res = np.asarray(res).astype(o["dtype"], copy=False)
+                    # inside a composite, fp16 values stay in the fp32 accumulators of the fused
+                    # kernel; they are rounded to fp16 when the composite writes its output
+                    res = np.asarray(res).astype(_ACC.get(o["dtype"], o["dtype"]), copy=False)
             env[o["out"]] = res
             for r in self.free_after.get(i, ()):
                 env.pop(r, None)

@@ -14,7 +14,7 @@ import edgefc
 from edgefc.attention import AttentionSpec, Tiling
 from edgefc.errors import TargetError
 from edgefc.targets import TARGET_DIR
-from edgefc.targets.cost_model import Schedule, command_cycles, dma_cycles
+from edgefc.targets.cost_model import Schedule, Timeline, command_cycles, dma_cycles, op_cycles
 from edgefc.targets.description import NpuTarget
 from edgefc.targets.profile import role_cycles
 from edgefc.targets.program import ATTENTION_ROLES
@@ -59,12 +59,15 @@ def test_one_matmul_matches_hand_computed_cycles(target):
     padded = rup(m, rg) * rup(k, g) * rup(n, g)
     assert mm.macs == m * k * n and mm.padded_macs == padded and mm.precision == "fp16"
     by_hand = (padded / (num("tensor.macs_per_cycle") * num("tensor.rate.fp16") * num("tensor.efficiency"))
-               + m * n / num("tensor.output_elements_per_cycle") + num("dispatch.cycles"))
+               + m * n / num("tensor.output_elements_per_cycle"))
     assert command_cycles(target.params, mm) == pytest.approx(by_hand, rel=1e-12)
     # its DMA: x in, weights in, y out, at fp16
     loads = {c.tensor: c.bytes for c in prog.commands if c.kind == "load"}
     assert loads == {"x": m * k * 2, "mm:weights": k * n * 2}
     assert [c.bytes for c in prog.commands if c.kind == "store"] == [m * n * 2]
+    # the op: its commands back to back, at least one dispatch
+    work = by_hand + dma_by_hand(m * k * 2) + dma_by_hand(k * n * 2) + dma_by_hand(m * n * 2)
+    assert op_cycles(target.params, prog.commands) == pytest.approx(max(work, num("dispatch.cycles")), rel=1e-12)
 
 
 @pytest.mark.parametrize("nbytes,run", [(1 << 20, 0), (3_000_000, 0), (1 << 20, 80), (4096, 4096)])
@@ -84,7 +87,7 @@ def test_one_softmax_matches_hand_computed_cycles(target):
     prog = target.lower(graph_of(npu_graphs.softmax_model(rows, cols)), "fp16")
     (sm,) = [c for c in prog.commands if c.kind == "vector"]
     per_elem = sum(num(f"vector.cycles_per_element.{c}") for c in ("max", "arith", "exp", "reduce", "divide"))
-    by_hand = rows * cols * per_elem / num("vector.lanes") + num("dispatch.cycles")
+    by_hand = rows * cols * per_elem / num("vector.lanes")
     assert sm.elements == rows * cols
     assert command_cycles(target.params, sm) == pytest.approx(by_hand, rel=1e-12)
 
@@ -247,6 +250,17 @@ def test_unknown_precision_is_a_user_error(target):
 
 # --- schedule ------------------------------------------------------------------------------------
 
+def test_dispatch_is_a_floor_per_op(target):
+    """The command processor prepares the next op while one runs: a short op lasts one dispatch,
+    a long op hides it."""
+    d = num("dispatch.cycles")
+    tiny = target.profile(graph_of(npu_graphs.softmax_model(2, 8)), "fp16")
+    assert tiny.total_cycles == pytest.approx(d)
+    assert tiny.ops[0].cycles == pytest.approx(d) and sum(tiny.idle) == pytest.approx(d - sum(tiny.cycles))
+    big = target.profile(graph_of(npu_graphs.softmax_model(512, 4096)), "fp16")
+    assert big.total_cycles == pytest.approx(sum(big.cycles)) and sum(big.idle) == 0
+
+
 def test_schedule_is_pluggable(target):
     from edgefc.targets import cost_model
     from edgefc.targets.profile import build_profile
@@ -254,15 +268,15 @@ def test_schedule_is_pluggable(target):
     class AllAtOnce(Schedule):
         name = "all-at-once"
 
-        def run(self, program, cycles):
-            return [0.0] * len(cycles), max(cycles)
+        def run(self, program, cycles, params):
+            return Timeline([0.0] * len(cycles), [0.0] * len(cycles), max(cycles))
 
     cost_model.SCHEDULES["all-at-once"] = AllAtOnce
     try:
-        g = graph_of(npu_graphs.chain_model(1000))
+        g = graph_of(npu_graphs.chain_model(1 << 18))
         seq = build_profile(target, g, "fp16")
         par = build_profile(target, g, "fp16", schedule="all-at-once")
-        assert seq.total_cycles == pytest.approx(sum(seq.cycles))
+        assert seq.total_cycles == pytest.approx(sum(seq.cycles) + sum(seq.idle))
         assert par.total_cycles == pytest.approx(max(seq.cycles)) and par.total_cycles < seq.total_cycles
     finally:
         del cost_model.SCHEDULES["all-at-once"]
