@@ -16,7 +16,13 @@ import numpy as np
 from edgefc.errors import BuildError, VerificationError
 
 FP32_TOLERANCE = 1e-4   # max |tvm - ref| / max |ref| against the original model, fp32 builds
-SQNR_MARGIN_DB = 1.0    # reduced-precision builds: allowed SQNR shortfall vs the quantized model
+# Reduced-precision builds (W8A16, FP16): the TVM output may be at most twice as far (RMS) from the
+# original model as the quantized model itself is (in onnxruntime on the same inputs, or as the
+# quantization report says, whichever is less): SQNR >= quantized SQNR - 20*log10(2) dB. The NPU
+# runtime rounds fp16 at every composite output, where onnxruntime computes some fp16 ops in fp32,
+# so its fp16 noise is a little (2-3.5 dB measured) above onnxruntime's; int8/int16 QDQ matches
+# onnxruntime to 70+ dB.
+SQNR_MARGIN_DB = 20 * math.log10(2.0)
 
 
 def _load_inputs(path: Path) -> dict[str, np.ndarray]:
@@ -24,11 +30,13 @@ def _load_inputs(path: Path) -> dict[str, np.ndarray]:
         raise BuildError(f"inputs file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError
-            return {k: data[k] for k in data.files}
+            is_npz = isinstance(data, np.lib.npyio.NpzFile)
+            arrays = {k: data[k] for k in data.files} if is_npz else None
     except (ValueError, OSError, zipfile.BadZipFile, EOFError):
-        raise BuildError(f"{path} is not a readable .npz file of named input arrays") from None
+        arrays = None
+    if arrays is None:
+        raise BuildError(f"{path} is not a readable .npz file of named input arrays")
+    return arrays
 
 
 def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
@@ -57,9 +65,8 @@ def _reduced_precision(build: Path, report: dict) -> tuple[bool, float | None]:
     return bool(ops & {"QuantizeLinear", "DequantizeLinear"}) or fp16, sqnr
 
 
-def _check(build: Path, feeds: dict, outputs: dict) -> list[str]:
-    from edgefc import ort
-
+def _report_and_source(build: Path) -> tuple[dict, str]:
+    """report.json of the build and the original model it names (``--check`` needs both)."""
     try:
         report = json.loads((build / "report.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -67,6 +74,13 @@ def _check(build: Path, feeds: dict, outputs: dict) -> list[str]:
     source = report.get("source")
     if not source or not Path(source).is_file():
         raise BuildError(f"--check needs the original model, but {source or 'no source'} (report.json \"source\") is not available")
+    return report, source
+
+
+def _check(build: Path, feeds: dict, outputs: dict) -> list[str]:
+    from edgefc import ort
+
+    report, source = _report_and_source(build)
     ref = ort.run(ort.session(source), feeds)
     compiled = ort.run(ort.session(build / "model.onnx"), feeds)
     lines = []
@@ -133,6 +147,8 @@ def run_cmd(build, inputs_path, output, check):
     if not (build / "report.json").is_file() or not (build / "model.onnx").is_file():
         raise BuildError(f"{build} is not an edgefc build folder (no report.json / model.onnx)")
     feeds = _load_inputs(inputs_path)
+    if check:
+        _report_and_source(build)  # fail before running when --check cannot be done
     runner = load_build(build)
     runner.check_feeds(feeds)
     start = time.perf_counter()

@@ -1,0 +1,494 @@
+"""TVM lowering (targets/tvm_*.py, edgefc run): import, NPU partitions, numerics, artifacts, errors.
+
+Differential tests: every TVM build is run (Relax VM + the numpy NPU runtime) and compared with
+onnxruntime on the unoptimised model (fp32: 1e-4 relative) or on the quantized model (QDQ, fp16).
+Synthetic graphs carry the contract's fused ops as edgefc local functions with exact bodies, so
+onnxruntime runs them and the converters are checked against those bodies.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import struct
+
+import numpy as np
+import onnx
+import pytest
+from edgefc.targets import tvm_import, tvm_lowering, tvm_npu
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import edgefc
+from edgefc import ort
+from edgefc.errors import BuildError
+
+OPSET = [h.make_opsetid("", 23), h.make_opsetid("edgefc", 1)]
+
+
+# --- synthetic graphs with the contract's fused ops ------------------------------------------------
+
+def _ref(name, typ):
+    a = onnx.AttributeProto()
+    a.name, a.ref_attr_name, a.type = name, name, typ
+    return a
+
+
+def _node(op, ins, outs, refs=(), domain="", **attrs):
+    n = h.make_node(op, ins, outs, domain=domain, **attrs)
+    n.attribute.extend(refs)
+    return n
+
+
+def _act(x, y, act):
+    if act == "silu":
+        return [_node("Sigmoid", [x], [x + "_s"]), _node("Mul", [x, x + "_s"], [y])]
+    if act == "gelu":
+        return [_node("Gelu", [x], [y])]
+    return [_node("Identity", [x], [y])]
+
+
+def _overload(act, residual):
+    return f"{act}_residual" if residual else act
+
+
+def _with_overload_doc(fn):
+    # edgefc.functions keeps a function's overload in its doc string (graphsurgeon drops the field)
+    fn.doc_string = f"[overload: {fn.overload}] {fn.name}"
+    return fn
+
+
+def _fused_conv_fn(act, residual):
+    A = onnx.AttributeProto
+    body = [_node("Conv", ["X", "W", "B"], ["z"], refs=[_ref("pads", A.INTS), _ref("strides", A.INTS),
+                                                        _ref("dilations", A.INTS), _ref("group", A.INT)])]
+    body += _act("z", "a" if residual else "Y", act)
+    if residual:
+        body.append(_node("Add", ["a", "residual"], ["Y"]))
+    return _with_overload_doc(h.make_function(
+        "edgefc", "FusedConv", ["X", "W", "B"] + (["residual"] if residual else []), ["Y"], body, OPSET[:1],
+        attributes=["pads", "strides", "dilations", "group", "activation"], overload=_overload(act, residual)))
+
+
+def _fused_matmul_fn(act, residual):
+    body = [_node("MatMul", ["A", "B"], ["m"]), _node("Add", ["m", "bias"], ["z"])]
+    body += _act("z", "a" if residual else "Y", act)
+    if residual:
+        body.append(_node("Add", ["a", "residual"], ["Y"]))
+    return _with_overload_doc(h.make_function(
+        "edgefc", "FusedMatMul", ["A", "B", "bias"] + (["residual"] if residual else []), ["Y"], body, OPSET[:1],
+        attributes=["activation"], overload=_overload(act, residual)))
+
+
+def _gn_silu_fn():
+    A = onnx.AttributeProto
+    body = [_node("GroupNormalization", ["X", "scale", "bias"], ["g"],
+                  refs=[_ref("num_groups", A.INT), _ref("epsilon", A.FLOAT)]),
+            _node("Sigmoid", ["g"], ["s"]), _node("Mul", ["g", "s"], ["Y"])]
+    return h.make_function("edgefc", "GroupNormSiLU", ["X", "scale", "bias"], ["Y"], body, OPSET[:1],
+                           attributes=["num_groups", "epsilon"])
+
+
+def _geglu_fn():
+    body = [_node("Split", ["X"], ["a", "b"], axis=-1, num_outputs=2), _node("Gelu", ["b"], ["g"]),
+            _node("Mul", ["a", "g"], ["Y"])]
+    return h.make_function("edgefc", "GeGLU", ["X"], ["Y"], body, OPSET[:1])
+
+
+def _tiled_attention_fn():
+    # The same result as Attention-23 (the converter, not this body, decides the tiles).
+    A = onnx.AttributeProto
+    body = [_node("Attention", ["Q", "K", "V"], ["Y"], refs=[_ref("q_num_heads", A.INT), _ref("kv_num_heads", A.INT),
+                                                            _ref("scale", A.FLOAT), _ref("is_causal", A.INT)])]
+    return h.make_function("edgefc", "TiledAttention", ["Q", "K", "V"], ["Y"], body, OPSET[:1],
+                           attributes=["q_num_heads", "kv_num_heads", "scale", "is_causal", "row_tiles", "head_tiles"])
+
+
+def block_model(seed=0, causal=0, row_tiles=3, head_tiles=2) -> onnx.ModelProto:
+    """A ResNet + transformer block written with every fused op of the contract: FusedConv
+    (silu / residual / stride 2), GroupNormSiLU, GroupNormalization-21, LayerNormalization,
+    cross-attention (Attention-23, 3D), self-attention (TiledAttention), FusedMatMul (residual,
+    gelu), GeGLU."""
+    rng = np.random.default_rng(seed)
+    C, H, W, T, D, heads = 32, 8, 8, 7, 24, 4
+    inits = []
+
+    def w(name, *shape, scale=None):
+        scale = scale or 1.0 / np.sqrt(shape[0] if len(shape) == 2 else np.prod(shape[1:]))
+        inits.append(nh.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name))
+        return name
+
+    def c(name, arr):
+        inits.append(nh.from_array(np.asarray(arr), name))
+        return name
+
+    def fused(op, ins, out, act, **attrs):
+        return _node(op, ins, [out], domain="edgefc", overload=_overload(act, len(ins) > 3), activation=act, **attrs)
+
+    conv = {"pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 1}
+    sc = float((C // heads) ** -0.5)
+    nodes = [
+        fused("FusedConv", ["x", w("W1", C, C, 3, 3), w("B1", C, scale=0.1)], "h1", "silu", strides=[1, 1], **conv),
+        _node("GroupNormSiLU", ["h1", w("gs", C, scale=1.0), w("gb", C, scale=0.1)], ["h2"], domain="edgefc",
+              num_groups=8, epsilon=1e-5),
+        fused("FusedConv", ["h2", w("W2", C, C, 3, 3), w("B2", C, scale=0.1), "x"], "h3", "none", strides=[1, 1], **conv),
+        _node("GroupNormalization", ["h3", w("g2s", C, scale=1.0), w("g2b", C, scale=0.1)], ["h4"], num_groups=8,
+              epsilon=1e-6),
+        _node("Reshape", ["h4", c("s_tok", np.array([1, C, H * W], np.int64))], ["h5"]),
+        _node("Transpose", ["h5"], ["t"], perm=[0, 2, 1]),
+        _node("LayerNormalization", ["t", w("lns", C, scale=1.0), w("lnb", C, scale=0.1)], ["ln"], axis=-1),
+        _node("MatMul", ["ln", w("Wq", C, C)], ["q"]),
+        _node("MatMul", ["ctx", w("Wk", D, C)], ["k"]),
+        _node("MatMul", ["ctx", w("Wv", D, C)], ["v"]),
+        _node("Attention", ["q", "k", "v"], ["a"], q_num_heads=heads, kv_num_heads=heads, scale=sc),
+        fused("FusedMatMul", ["a", w("Wo", C, C), w("bo", C, scale=0.1), "t"], "r1", "none"),
+        _node("MatMul", ["r1", w("Wq2", C, C)], ["q2"]),
+        _node("MatMul", ["r1", w("Wk2", C, C)], ["k2"]),
+        _node("MatMul", ["r1", w("Wv2", C, C)], ["v2"]),
+        _node("TiledAttention", ["q2", "k2", "v2"], ["a2"], domain="edgefc", q_num_heads=heads, kv_num_heads=heads,
+              scale=sc, is_causal=causal, row_tiles=row_tiles, head_tiles=head_tiles),
+        fused("FusedMatMul", ["a2", w("Wo2", C, C), w("bo2", C, scale=0.1), "r1"], "r2", "none"),
+        fused("FusedMatMul", ["r2", w("Wf1", C, 4 * C), w("bf1", 4 * C, scale=0.1)], "f1", "none"),
+        _node("GeGLU", ["f1"], ["f2"], domain="edgefc"),
+        fused("FusedMatMul", ["f2", w("Wf2", 2 * C, C), w("bf2", C, scale=0.1), "r2"], "f3", "gelu"),
+        _node("Transpose", ["f3"], ["f4"], perm=[0, 2, 1]),
+        _node("Reshape", ["f4", c("s_img", np.array([1, C, H, W], np.int64))], ["f5"]),
+        fused("FusedConv", ["f5", w("W3", C, C, 3, 3), w("B3", C, scale=0.1)], "y", "none", strides=[2, 2], **conv),
+    ]
+    graph = h.make_graph(nodes, "block", [h.make_tensor_value_info("x", TP.FLOAT, [1, C, H, W]),
+                                          h.make_tensor_value_info("ctx", TP.FLOAT, [1, T, D])],
+                         [h.make_tensor_value_info("y", TP.FLOAT, [1, C, 4, 4])], inits)
+    funcs = [_fused_conv_fn("silu", False), _fused_conv_fn("none", True), _fused_conv_fn("none", False),
+             _fused_matmul_fn("none", True), _fused_matmul_fn("none", False), _fused_matmul_fn("gelu", True),
+             _gn_silu_fn(), _geglu_fn(), _tiled_attention_fn()]
+    model = h.make_model(graph, opset_imports=OPSET, functions=funcs, ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def to_w8a16(model: onnx.ModelProto, act_scale: float = 1.0 / 1024) -> onnx.ModelProto:
+    """The contract's W8A16 QDQ form: int8 per-output-channel weights behind DequantizeLinear(axis),
+    an int16 QuantizeLinear -> DequantizeLinear pair on every activation."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    axes = {n.input[1]: (0 if n.op_type == "FusedConv" else 1) for n in g.node
+            if n.op_type in ("FusedConv", "FusedMatMul", "MatMul") and n.input[1] in inits}
+    head = []
+    extra = [nh.from_array(np.array(act_scale, np.float32), "act_scale"), nh.from_array(np.array(0, np.int16), "act_zp")]
+    for name, axis in axes.items():
+        wt = nh.to_array(inits[name])
+        scale = (np.abs(wt).max(axis=tuple(i for i in range(wt.ndim) if i != axis)) / 127.0).astype(np.float32)
+        shape = [1] * wt.ndim
+        shape[axis] = -1
+        q = np.clip(np.rint(wt / scale.reshape(shape)), -127, 127).astype(np.int8)
+        g.initializer.remove(inits[name])
+        extra += [nh.from_array(q, name + "_q"), nh.from_array(scale, name + "_scale"),
+                  nh.from_array(np.zeros_like(scale, dtype=np.int8), name + "_zp")]
+        head.append(h.make_node("DequantizeLinear", [name + "_q", name + "_scale", name + "_zp"], [name], axis=axis))
+
+    def qdq(t):
+        return [h.make_node("QuantizeLinear", [t, "act_scale", "act_zp"], [t + "_q16"]),
+                h.make_node("DequantizeLinear", [t + "_q16", "act_scale", "act_zp"], [t + "_dq16"])]
+
+    acts, body = set(), []
+    for i in g.input:
+        body += qdq(i.name)
+        acts.add(i.name)
+    for n in g.node:
+        for k, name in enumerate(n.input):
+            if name in acts:
+                n.input[k] = name + "_dq16"
+        body.append(n)
+        for o in n.output:
+            if o not in {x.name for x in g.output}:
+                body += qdq(o)
+                acts.add(o)
+    del g.node[:]
+    g.node.extend(head + body)
+    g.initializer.extend(extra)
+    return m
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """FP16 weights and activations, fp32 model inputs/outputs (Casts at the edges)."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    g = m.graph
+    for t in g.initializer:
+        if t.data_type == TP.FLOAT:
+            t.CopyFrom(nh.from_array(nh.to_array(t).astype(np.float16), t.name))
+    ins = [i.name for i in g.input if i.type.tensor_type.elem_type == TP.FLOAT]
+    outs = [o.name for o in g.output]
+    nodes = [h.make_node("Cast", [i], [i + "_h"], to=TP.FLOAT16) for i in ins]
+    for n in g.node:
+        n.input[:] = [x + "_h" if x in ins else x for x in n.input]
+        n.output[:] = [x + "_h" if x in outs else x for x in n.output]
+    nodes += list(g.node) + [h.make_node("Cast", [o + "_h"], [o], to=TP.FLOAT) for o in outs]
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+def _build(model: onnx.ModelProto, folder, granularity: int = 1):
+    """Lower + local build (no aarch64) into ``folder``; returns (runner, lowering)."""
+    lowering = tvm_lowering.lower(model, row_granularity=granularity)
+    folder.mkdir(parents=True, exist_ok=True)
+    tvm_lowering.write_build(lowering, folder, aarch64=False)
+    return tvm_lowering.load_build(folder), lowering
+
+
+def _rel(ref: dict, out: dict) -> float:
+    return ort.compare(ref, out)[1]
+
+
+def _sqnr(ref, out) -> float:
+    from edgefc.cli.run import sqnr_db
+
+    return sqnr_db(ref, out)
+
+
+def _cli(argv, capsys):
+    from edgefc.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def _attention_commands(programs) -> int:
+    return sum(1 for p in programs for c in p["commands"] for o in c["ops"] if o["op"] == "relax.nn.attention")
+
+
+# --- the compiled tiny U-Net (default pipeline, tiled attention forced by a small SRAM budget) -------
+
+@pytest.fixture(scope="session")
+def unet_build(tiny_models, tmp_path_factory):
+    """``edgefc compile --emit tvm`` of the tiny U-Net; the SRAM budget is made small enough that
+    MLT tiles attention, so TiledAttention goes through TVM too."""
+    from edgefc.errors import PassError
+
+    root = tmp_path_factory.mktemp("tvm-unet")
+    for budget in (65536, 131072, 262144, None):
+        opts = {"emit": ("tvm",)}
+        if budget:
+            opts["sram_budget"] = budget
+        try:
+            edgefc.compile(tiny_models["unet"], "exynos2400", output=root / "build", options=opts)
+            break
+        except PassError:
+            continue
+    feeds = ort.random_inputs(ir_model(tiny_models["unet"]), seed=0)
+    np.savez(root / "in.npz", **feeds)
+    return root
+
+
+def ir_model(path):
+    from edgefc import ir
+
+    return ir.load_model_proto(path)
+
+
+def test_unet_build_runs_and_checks(unet_build, capsys):
+    code, out, err = _cli(["run", unet_build / "build", "--inputs", unet_build / "in.npz", "--check",
+                           "-o", unet_build / "out.npz"], capsys)
+    assert code == 0, err
+    assert "out_sample: shape [1, 4, 8, 8]" in out
+    assert "FAIL" not in out and " ok" in out
+    with np.load(unet_build / "out.npz") as res:
+        assert res["out_sample"].shape == (1, 4, 8, 8)
+
+
+def test_unet_artifacts_and_mac_share(unet_build):
+    d = unet_build / "build"
+    head = (d / "host_aarch64.so").read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and struct.unpack("<H", head[18:20])[0] == 183  # EM_AARCH64
+    assert (d / "host_local.so").read_bytes()[:4] == b"\x7fELF"
+    report = json.loads((d / "report.json").read_text())
+    part = report["partition"]
+    assert part["npu_mac_share"] >= 0.95
+    assert part["total_macs"] > 0 and part["npu_macs"] <= part["total_macs"]
+    for op in part["ops"]:
+        assert set(op) >= {"name", "op_type", "where", "macs", "reason"}
+        assert op["where"] in ("npu", "host", "split")
+        assert (op["reason"] is None) == (op["where"] == "npu")
+    assert sum(part["fallbacks"].values()) >= sum(1 for o in part["ops"] if o["where"] != "npu")
+    assert {"host_local.so", "host_aarch64.so", "npu_programs.json", "tvm.json"} <= set(report["tvm"]["files"])
+    # tiles included: one attention command per tile of every TiledAttention (+1 per plain Attention)
+    model = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    expected = 0
+    for n in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "TiledAttention":
+            expected += attrs["row_tiles"] * attrs["head_tiles"]
+        elif n.op_type == "Attention":
+            expected += 1
+    assert any(n.op_type == "TiledAttention" for n in model.graph.node)
+    programs = tvm_npu.load_programs(d / "npu_programs.json")
+    assert _attention_commands(programs) == expected
+
+
+@pytest.mark.parametrize("component", ["unet", "text-encoder", "vae-decoder"])
+def test_fp32_components_match_onnxruntime(tiny_models, tmp_path, component):
+    """--precision fp32 --no-mlt build of each tiny component vs onnxruntime on the original model."""
+    src = tiny_models[component]
+    graph = edgefc.compile(src, "exynos2400", options={"precision": "fp32", "no_mlt": True}).graph
+    runner, lowering = _build(edgefc.ir.to_model(graph), tmp_path / component)
+    feeds = ort.random_inputs(ir_model(src), seed=1)
+    assert _rel(ort.run(str(src), feeds), runner.run(feeds)) <= 1e-4
+    assert lowering.partition["npu_mac_share"] >= 0.95
+
+
+# --- synthetic graphs: every fused op, tiles, QDQ, fp16 ---------------------------------------------
+
+@pytest.mark.parametrize("causal,row_tiles,head_tiles", [(0, 3, 2), (1, 3, 2), (1, 5, 4), (0, 1, 1)])
+def test_fused_ops_match_onnxruntime(tmp_path, causal, row_tiles, head_tiles):
+    model = block_model(causal=causal, row_tiles=row_tiles, head_tiles=head_tiles)
+    runner, lowering = _build(model, tmp_path, granularity=16)
+    for seed in (0, 1):
+        feeds = ort.random_inputs(model, seed=seed)
+        assert _rel(ort.run(model, feeds), runner.run(feeds)) <= 1e-5
+    part = lowering.partition
+    assert part["npu_mac_share"] == 1.0 and part["counts"]["host"] == 0 and part["counts"]["split"] == 0
+    assert _attention_commands(lowering.programs) == 1 + row_tiles * head_tiles
+    kinds = collections.Counter(c["composite"] for p in lowering.programs for c in p["commands"])
+    for k in ("conv2d_bias_act", "conv2d_bias_residual", "group_norm_silu", "geglu", "matmul_bias_act_residual",
+              "nn_group_norm", "nn_layer_norm"):
+        assert kinds[tvm_npu.PREFIX + k] >= 1, k
+    by_type = {o["op_type"]: o for o in part["ops"]}
+    full = 4 * 64 * 64 * (8 + 8)  # heads * Sq * Skv * (dk + dv)
+    if causal and row_tiles > 1:  # a causal row tile reads only the key prefix it can see
+        assert by_type["TiledAttention"]["macs"] < full
+    else:
+        assert by_type["TiledAttention"]["macs"] == full
+
+
+def test_w8a16_and_fp16_graphs(tmp_path):
+    base = block_model(causal=1, row_tiles=3, head_tiles=2)
+    feeds = ort.random_inputs(base, seed=2)
+    ref = ort.run(base, feeds)["y"]
+    q = to_w8a16(base)
+    runner, lowering = _build(q, tmp_path / "q")
+    out = runner.run(feeds)["y"]
+    q_ort = ort.run(q, feeds)["y"]
+    assert _sqnr(q_ort, out) >= 60.0                  # the lowering adds (almost) nothing to W8A16
+    assert _sqnr(ref, out) >= _sqnr(ref, q_ort) - 0.5
+    assert lowering.partition["npu_mac_share"] == 1.0
+    # int8 weights and int16 activations reach the NPU as such
+    dtypes = {i["dtype"] for p in lowering.programs for i in p["inputs"]}
+    assert {"int8", "int16"} <= dtypes
+    ops = collections.Counter(o["op"] for p in lowering.programs for c in p["commands"] for o in c["ops"])
+    assert ops["relax.quantize"] > 0 and ops["relax.dequantize"] > ops["relax.quantize"]
+    f16 = to_fp16(base)
+    runner16, _ = _build(f16, tmp_path / "f16")
+    out16 = runner16.run(feeds)["y"]
+    s_ort = _sqnr(ref, ort.run(f16, feeds)["y"])
+    assert _sqnr(ref, out16) >= s_ort - 6.02 and _sqnr(ref, out16) >= 50.0
+
+
+def test_tile_bounds_follow_the_program():
+    from edgefc.targets.lowering import split
+
+    assert tvm_import.tile_bounds(4096, 8, 16) == [(i * 512, (i + 1) * 512) for i in range(8)]
+    # padded to whole granules, the last tile holds the padding (77 rows -> 80 = 2 x 40)
+    assert tvm_import.tile_bounds(77, 2, 8) == [(0, 40), (40, 77)]
+    # a count that does not split into granules: near-equal parts, as the cost model prices them
+    sizes = [b - a for a, b in tvm_import.tile_bounds(77, 3, 16)]
+    assert sorted(collections.Counter(sizes).items(), reverse=True) == split(77, 3)
+    assert tvm_import.tile_bounds(8, 1) == [(0, 8)]
+
+
+def host_ops_model() -> onnx.ModelProto:
+    """Sin (no NPU pattern) -> MatMul (NPU) and an embedding Gather (int64 indices) + Add."""
+    x = h.make_tensor_value_info("x", TP.FLOAT, [1, 16])
+    idx = h.make_tensor_value_info("i", TP.INT64, [1, 4])
+    y = h.make_tensor_value_info("y", TP.FLOAT, [1, 4, 16])
+    wt = nh.from_array(np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32), "w")
+    table = nh.from_array(np.random.default_rng(1).standard_normal((10, 16)).astype(np.float32), "table")
+    nodes = [h.make_node("Sin", ["x"], ["s"], name="sin"), h.make_node("MatMul", ["s", "w"], ["m"], name="mm"),
+             h.make_node("Gather", ["table", "i"], ["g"], name="gather"), h.make_node("Add", ["g", "m"], ["y"], name="add")]
+    return h.make_model(h.make_graph(nodes, "g", [x, idx], [y], [wt, table]), opset_imports=OPSET[:1])
+
+
+def test_host_fallback_has_reasons(tmp_path):
+    """Ops the NPU does not run stay on the host, each with the reason, and the MACs still count."""
+    model = host_ops_model()
+    runner, lowering = _build(model, tmp_path)
+    feeds = {"x": np.random.default_rng(2).standard_normal((1, 16)).astype(np.float32),
+             "i": np.array([[1, 2, 3, 9]], np.int64)}
+    assert _rel(ort.run(model, feeds), runner.run(feeds)) <= 1e-5
+    ops = {o["name"]: o for o in lowering.partition["ops"]}
+    assert ops["sin"]["where"] == "host" and "sin" in ops["sin"]["reason"]
+    assert ops["gather"]["where"] == "host" and "take" in ops["gather"]["reason"]
+    assert ops["mm"]["where"] == "npu" and ops["mm"]["macs"] == 16 * 16 and ops["mm"]["reason"] is None
+    assert lowering.partition["npu_mac_share"] == 1.0
+    assert lowering.partition["fallbacks"]["no NPU pattern for sin"] == 1
+
+
+def test_exynos2400_target_tag():
+    target = tvm_lowering.phone_target()
+    assert str(target.attrs["mtriple"]) == "aarch64-linux-gnu"
+    assert str(target.attrs["mcpu"]) == "cortex-x4"
+
+
+def test_unsupported_attention_form_is_one_sentence():
+    q = h.make_tensor_value_info("q", TP.FLOAT, [1, 4, 8])
+    mask = h.make_tensor_value_info("m", TP.FLOAT, [4, 4])
+    y = h.make_tensor_value_info("y", TP.FLOAT, [1, 4, 8])
+    node = h.make_node("Attention", ["q", "q", "q", "m"], ["y"], q_num_heads=2, kv_num_heads=2, name="att")
+    model = h.make_model(h.make_graph([node], "g", [q, mask], [y]), opset_imports=OPSET[:1])
+    with pytest.raises(BuildError, match="mask") as exc:
+        tvm_lowering.lower(model)
+    assert "\n" not in str(exc.value)
+
+
+# --- user errors: one line, exit 2, nothing half-written ---------------------------------------------
+
+def test_run_errors(unet_build, tmp_path, capsys):
+    build = unet_build / "build"
+    good = unet_build / "in.npz"
+    cases = []
+    cases.append((["run", tmp_path / "nope", "--inputs", good], "build folder not found"))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in ("model.onnx", "report.json"):
+        shutil.copy(build / f, plain / f)
+    cases.append((["run", plain, "--inputs", good], "no TVM build"))
+    cases.append((["run", build, "--inputs", tmp_path / "missing.npz"], "inputs file not found"))
+    (tmp_path / "bad.npz").write_text("not an npz")
+    cases.append((["run", build, "--inputs", tmp_path / "bad.npz"], "not a readable .npz"))
+    with np.load(good) as f:
+        feeds = {k: f[k] for k in f.files}
+    np.savez(tmp_path / "names.npz", **{("x" if k == "sample" else k): v for k, v in feeds.items()})
+    cases.append((["run", build, "--inputs", tmp_path / "names.npz"], "missing sample"))
+    np.savez(tmp_path / "shape.npz", **{k: (v[..., :4] if k == "sample" else v) for k, v in feeds.items()})
+    cases.append((["run", build, "--inputs", tmp_path / "shape.npz"], "has shape"))
+    nosrc = tmp_path / "nosrc"
+    shutil.copytree(build, nosrc)
+    rep = json.loads((nosrc / "report.json").read_text())
+    rep["source"] = str(tmp_path / "gone.onnx")
+    (nosrc / "report.json").write_text(json.dumps(rep))
+    cases.append((["run", nosrc, "--inputs", good, "--check"], "not available"))
+    noparams = tmp_path / "noparams"
+    shutil.copytree(build, noparams)
+    (noparams / "host_params.bin").unlink()
+    cases.append((["run", noparams, "--inputs", good], "host_params.bin is missing"))
+    for argv, msg in cases:
+        code, _, err = _cli(argv, capsys)
+        assert code == 2, (argv, err)
+        assert msg in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_emit_without_cross_linker_fails_cleanly(tmp_path, capsys, monkeypatch):
+    model = tmp_path / "small.onnx"
+    onnx.save(host_ops_model(), str(model))
+    monkeypatch.setenv("EDGEFC_AARCH64_CC", str(tmp_path / "no-such-cc"))
+    code, _, err = _cli(["compile", model, "--passes", "canonicalize", "--emit", "tvm", "-o", tmp_path / "b"], capsys)
+    assert code == 2 and "aarch64 linker" in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]
