@@ -34,17 +34,27 @@ def softmax_model(rows: int, cols: int, dtype=np.float32) -> onnx.ModelProto:
                   [helper.make_tensor_value_info("y", t, [1, rows, cols])], [])
 
 
-def chain_model(elements: int, length: int = 3, dtype=np.float32) -> onnx.ModelProto:
-    """x -> Relu -> Relu ... (length ops) -> y, plus a skip from x's first result to the end (Add):
-    the first result stays live across the chain."""
+def chain_model(elements: int, length: int = 3, dtype=np.float32, skip: bool = True, last: str = "Relu") -> onnx.ModelProto:
+    """x -> Relu -> ... (``length`` ops, the last one ``last``) -> [Add with the first result] -> y.
+
+    With ``skip`` the first result stays live across the chain (two uses); without, every result
+    has one use, by the next op."""
     t = FLOAT[dtype]
-    nodes, prev = [], "x"
+    nodes, prev, inits = [], "x", []
     for i in range(length):
-        nodes.append(helper.make_node("Relu", [prev], [f"r{i}"], name=f"relu{i}"))
+        op = last if i == length - 1 else "Relu"
+        ins = [prev]
+        if op == "LayerNormalization":
+            inits.append(numpy_helper.from_array(np.ones(elements, dtype), "ln_scale"))
+            ins.append("ln_scale")
+        nodes.append(helper.make_node(op, ins, [f"r{i}"], name=f"op{i}"))
         prev = f"r{i}"
-    nodes.append(helper.make_node("Add", ["r0", prev], ["y"], name="add"))
+    if skip:
+        nodes.append(helper.make_node("Add", ["r0", prev], ["y"], name="add"))
+    else:
+        nodes[-1].output[0] = "y"
     return _model(nodes, [helper.make_tensor_value_info("x", t, [1, elements])],
-                  [helper.make_tensor_value_info("y", t, [1, elements])], [])
+                  [helper.make_tensor_value_info("y", t, [1, elements])], inits)
 
 
 def conv_model(cin: int, cout: int, hw: int, k: int = 3, dtype=np.float32, qdq: bool = False) -> onnx.ModelProto:

@@ -205,6 +205,21 @@ def test_tensor_that_does_not_fit_spills_to_dram_and_back(target):
     assert tight.dma_bytes() - roomy.dma_bytes() == 2 * elements * 2
 
 
+def test_a_spilled_tensor_streams_to_its_only_consumer(target):
+    """Producer -> next-op consumer that reads row by row: the tensor passes through a stripe
+    buffer, no DRAM round trip; a normalisation (needs whole-tensor statistics) cannot."""
+    elements = 1 << 22                                          # 8 MiB at fp16: never fits
+    relu = target.lower(graph_of(npu_graphs.chain_model(elements, 3, skip=False)), "fp16")
+    moved = [(c.kind, c.tensor) for c in relu.commands if c.kind in ("load", "store")]
+    assert moved == [("load", "x"), ("store", "y")]
+    norm = target.lower(graph_of(npu_graphs.chain_model(elements, 3, skip=False, last="LayerNormalization")), "fp16")
+    moved = [(c.kind, c.tensor) for c in norm.commands if c.kind in ("load", "store")]
+    assert ("store", "r1") in moved and ("load", "r1") in moved and ("store", "r0") not in moved
+    # two uses: no streaming, a DRAM round trip
+    skip = target.lower(graph_of(npu_graphs.chain_model(elements, 3, skip=True)), "fp16")
+    assert ("store", "r0") in [(c.kind, c.tensor) for c in skip.commands]
+
+
 def test_w8a16_and_fp16_dma_bytes_differ_as_expected(target):
     cin, cout, hw, k = 64, 128, 32, 3
     graph = graph_of(npu_graphs.conv_model(cin, cout, hw, k))
