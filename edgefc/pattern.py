@@ -317,11 +317,13 @@ class _Search:
         self.taken = taken
         self.miss: Miss | None = None
 
-    def fail(self, state: _State, reason: str, prefer: bool = False, weak: bool = False) -> None:
+    def fail(self, state: _State, reason: str, prefer: bool = False, weak: bool = False, close: bool = False) -> None:
         """Remember the deepest failure. ``prefer``: also replace one of equal depth; ``weak``:
         lose against any other failure of equal depth (a binding conflict, as when a commutative
-        node is tried in the wrong order, explains less than what the other order found)."""
-        depth = len(state.nodes) - (0.5 if weak else 0.0)
+        node is tried in the wrong order, explains less than what the other order found);
+        ``close``: the node had the right op and failed on a detail (attribute, arity, check),
+        which explains more than a wrong op type."""
+        depth = len(state.nodes) - (0.5 if weak else 0.0) + (0.25 if close else 0.0)
         if self.miss is None or depth > self.miss.depth or (prefer and depth == self.miss.depth):
             self.miss = Miss(reason, depth)
 
@@ -355,18 +357,18 @@ class _Search:
             self.fail(state, f"{label} is not {'/'.join(pn.ops)} (pattern node '{pn.name}')")
             return
         if pn.domain is not None and (node.domain or "") != pn.domain:
-            self.fail(state, f"{label} has domain '{node.domain or ''}', want '{pn.domain}'")
+            self.fail(state, close=True, reason=f"{label} has domain '{node.domain or ''}', want '{pn.domain}'")
             return
         n_in = len(node.inputs)
         if n_in < len(pn.inputs) or (n_in > len(pn.inputs) and not pn.extra_inputs):
-            self.fail(state, f"{label} has {n_in} inputs, pattern node '{pn.name}' has {len(pn.inputs)}")
+            self.fail(state, close=True, reason=f"{label} has {n_in} inputs, pattern node '{pn.name}' has {len(pn.inputs)}")
             return
         if len(node.outputs) < len(pn.outputs):
-            self.fail(state, f"{label} has {len(node.outputs)} outputs, pattern node '{pn.name}' has {len(pn.outputs)}")
+            self.fail(state, close=True, reason=f"{label} has {len(node.outputs)} outputs, pattern node '{pn.name}' has {len(pn.outputs)}")
             return
         for extra in node.outputs[len(pn.outputs):]:
             if extra.outputs or extra.name in self.graph_outputs:
-                self.fail(state, f"{label}: output '{extra.name}' is used but not part of pattern '{self.p.name}'")
+                self.fail(state, close=True, reason=f"{label}: output '{extra.name}' is used but not part of pattern '{self.p.name}'")
                 return
         for key, want in pn.attrs.items():
             have = node.attrs.get(key)
@@ -377,12 +379,12 @@ class _Search:
                 wnorm = list(want) if isinstance(want, (tuple, list)) else want
                 why = None if norm == wnorm else f"attribute {key}={have!r}, want {want!r}"
             if why:
-                self.fail(state, f"{label}: {why}")
+                self.fail(state, f"{label}: {why}", close=True)
                 return
         if pn.check is not None:
             why = _verdict(pn.check(node), f"check of pattern node '{pn.name}' failed")
             if why:
-                self.fail(state, f"{label}: {why}")
+                self.fail(state, f"{label}: {why}", close=True)
                 return
         base = state.copy()
         base.nodes[pn.name] = node

@@ -222,12 +222,16 @@ def _match(softmax: gs.Node, graph_outputs) -> AttentionMatch:
             factor *= _factor(node)
             cur = _chain_operand(node)
         elif node.op == "Add" and len(node.inputs) == 2:
-            reach = [_reaches_matmul(i) and not isinstance(i, gs.Constant) for i in node.inputs]
-            if reach.count(True) != 1:
-                raise _NoMatch(f"cannot tell the scores from the mask in {_label(node)}")
-            chain = node.inputs[reach.index(True)]
-            masks.append((node.inputs[1 - reach.index(True)], factor))
-            cur = chain
+            variable = [not isinstance(i, gs.Constant) for i in node.inputs]
+            if variable.count(True) == 1:  # a constant mask
+                side = variable.index(True)
+            else:
+                reach = [_reaches_matmul(i) for i in node.inputs]
+                if reach.count(True) != 1:
+                    raise _NoMatch(f"cannot tell the scores from the mask in {_label(node)}")
+                side = reach.index(True)
+            masks.append((node.inputs[1 - side], factor))
+            cur = node.inputs[side]
         else:
             raise _NoMatch(f"between the scores and the softmax there is {_label(node)} (only scalar Mul/Div "
                            f"and a mask Add are absorbed)")
@@ -266,6 +270,10 @@ def _mask(masks, sq: int, skv: int, heads: int, batch: int) -> tuple[gs.Tensor |
     if variables and consts:
         raise _NoMatch("both constant and non-constant masks are added to the scores")
     if variables:
+        shape = ir.static_shape(variables[0][0])
+        if shape is None or len(shape) < 2 or tuple(shape[-2:]) != (sq, skv):
+            raise _NoMatch(f"mask '{variables[0][0].name}' of shape {shape} is not [..., {sq}, {skv}] "
+                           f"(Attention's attn_mask does not broadcast the sequence axes)")
         return variables[0][0], False
     total = sum(np.asarray(m.values, dtype=np.float64) * f for m, f in consts)
     try:
@@ -279,7 +287,8 @@ def _mask(masks, sq: int, skv: int, heads: int, batch: int) -> tuple[gs.Tensor |
             return None, True
     if np.all(full == 0):
         return None, False
-    return total.astype(np.float32), False
+    lead = (1,) * (4 - total.ndim) + total.shape[:-2] if total.ndim >= 2 else (1, 1)
+    return np.ascontiguousarray(np.broadcast_to(total, tuple(lead[-2:]) + (sq, skv))).astype(np.float32), False
 
 
 @register_pass("fuse-attention", namespace="edgefc")
