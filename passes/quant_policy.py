@@ -1,0 +1,370 @@
+"""The precision policy of pass ``quantize``: which tensors and ops get which type (paper Sec. 2.3/4.2).
+
+EdgeFusion deploys the U-Net with INT8 weights and INT16 activations (W8A16) and the text
+encoder and VAE decoder in FP16. This module says, op by op and tensor by tensor, what that
+means, and which parts stay in higher precision. Everything here is data a user can read and
+override: ``--keep-fp32 PATTERN`` (a node name glob, ``re:REGEX``, or an op type) keeps matching
+nodes entirely in FP32, and the Python API takes a :class:`QuantPolicy` (``ctx.options
+["quant_policy"]``) whose ``rules`` can switch off any default rule below.
+
+W8A16 (``precision="w8a16"``)
+    * Weights: INT8, symmetric (zero point 0, range [-127, 127]), one scale per output channel
+      (:data:`WEIGHT_OPS` gives the weight input and the output-channel axis): Conv, ConvTranspose,
+      Gemm, MatMul with a constant second input, edgefc FusedConv and FusedMatMul - which include
+      every projection that feeds an ``Attention`` (Q, K, V and the output projection).
+      Biases stay FP32 (the NPU adds them in its wide accumulator; a few KB per layer).
+      Embedding tables (Gather) and normalisation scale/bias stay FP32 (lookups and per-channel
+      vector-engine parameters, not tensor-engine weights).
+    * Activations: INT16, one scale per tensor, **symmetric** (zero point 0) by default: every
+      float tensor a node produces and every float model input, except the higher-precision
+      regions below. Why symmetric: the INT8 x INT16 products accumulate with no zero-point
+      correction term (an asymmetric activation costs a per-output sum of the weights times the
+      zero point), and 16 bits leave so much resolution that the one bit an asymmetric range
+      would win on one-sided tensors (SiLU/GELU outputs) is invisible next to the INT8 weight
+      error: measured on the full-size BK-SDM-Tiny U-Net in docs/quantization.md.
+      ``activation_symmetric=False`` selects asymmetric INT16.
+    * Data-movement ops (Transpose, Slice, Split, Resize nearest/linear, Expand, Tile, MaxPool,
+      Gather on data) reuse their input's scale, so their Q/DQ is exact; alias ops (Reshape,
+      Flatten, Squeeze, Unsqueeze, Identity) get no Q/DQ of their own (the cost model and MLT
+      follow aliases to the producer's type).
+
+Higher-precision regions (rules; each can be switched off in ``QuantPolicy.rules``)
+    ``attention-scores``
+        S_in = Q K^T (and its scaling/masking) and S_out = Softmax(S_in) of an *unfused*
+        attention stay FP32 (W8A16) / the Softmax runs in FP32 (FP16). A per-tensor INT16 scale
+        over 4096 keys leaves ~35 dB on S_out (probabilities near 1/4096 with a step of 1/32767);
+        on the NPU these are the vector engine's FP16 softmax internals. A fused ``Attention``
+        hides them already: its Q, K, V inputs and its output are quantized like any tensor.
+    ``norm-statistics``
+        Decomposed normalisation statistics (ReduceMean, ReduceSumSquare, ReduceL2, Pow, Sqrt,
+        Reciprocal and the elementwise ops on their reduced results) stay FP32; squares of
+        activations overflow FP16 above 256. InstanceNormalization (the exporter's GroupNorm,
+        no ``stash_type``) runs in FP32 in FP16 mode. LayerNormalization / GroupNormalization
+        compute their statistics in FP32 already (``stash_type=1``) and are quantized at their
+        input and output only.
+    ``periodic-arguments``
+        The argument of Sin/Cos and everything between it and an integer input (the U-Net's
+        timestep projection ``t * freq``, up to 999 rad) stays FP32: a periodic function
+        needs absolute precision of its argument (an INT16 step over [0, 999] is 0.03 rad; the
+        FP16 spacing at 999 is 0.5 rad), and a calibration range that misses the largest
+        timestep clips the embedding (the 13.9 dB outlier of onnxruntime's quantizer).
+    ``fp16-overflow`` (FP16 only)
+        A tensor whose calibrated magnitude exceeds :data:`FP16_SAFE_MAX` (a quarter of FP16's
+        65504, headroom for inputs beyond the calibration set) is produced and consumed in FP32.
+    ``typed-outputs`` (FP16 only)
+        Ops whose output type is an attribute (ConstantOfShape, EyeLike, Random*) stay FP32.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from edgefc import ir
+from edgefc.errors import QuantizationError
+
+PRECISIONS = ("auto", "fp32", "fp16", "w8a16")
+COMPONENTS = ("text-encoder", "unet", "vae-decoder")
+#: what ``--precision auto`` deploys per component (paper Sec. 4.2).
+AUTO_PRECISION = {"text-encoder": "fp16", "unet": "w8a16", "vae-decoder": "fp16"}
+
+RULES = ("attention-scores", "norm-statistics", "periodic-arguments", "fp16-overflow", "typed-outputs")
+
+#: op -> (weight input index, output-channel axis of that weight); Gemm's axis depends on transB.
+WEIGHT_OPS = {
+    "Conv": (1, 0),
+    "ConvTranspose": (1, 1),
+    "FusedConv": (1, 0),
+    "MatMul": (1, -1),
+    "FusedMatMul": (1, -1),
+    "Gemm": (1, None),
+}
+#: ops with a bias input (index) that bias correction may adjust.
+BIAS_INPUT = {"Conv": 2, "FusedConv": 2, "FusedMatMul": 2, "Gemm": 2}
+
+#: ops whose output is their input viewed differently: no Q/DQ of their own.
+ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+#: ops that move values without computing new ones: the output reuses the input's scale.
+SCALE_PRESERVING_OPS = {"Transpose", "Slice", "Split", "Expand", "Tile", "MaxPool", "Gather", "GatherElements",
+                        "DepthToSpace", "SpaceToDepth", "Pad", "Resize"}
+#: ops that produce decomposed normalisation statistics.
+STAT_OPS = {"ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceSum", "Pow", "Sqrt", "Reciprocal"}
+#: ops whose float output type is set by an attribute (kept FP32 in FP16 mode).
+TYPED_OUTPUT_OPS = {"ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                    "RandomUniformLike", "Constant"}
+#: ops that only copy or move data (no per-layer error of their own).
+DATA_MOVEMENT_OPS = ALIAS_OPS | SCALE_PRESERVING_OPS | {"Concat", "QuantizeLinear", "DequantizeLinear", "Cast",
+                                                        "CastLike", "Shape", "Size"}
+#: ops computed in FP32 in FP16 mode regardless of data (no FP32 statistics of their own).
+FP16_FP32_OPS = {"InstanceNormalization"}
+
+FP16_MAX = 65504.0
+#: largest calibrated magnitude a tensor may have to be stored in FP16 (headroom x4).
+FP16_SAFE_MAX = FP16_MAX / 4
+
+INT16_MAX = 32767
+INT8_MAX = 127
+
+
+def resolve_precision(precision: str, component: str | None) -> str:
+    """``auto`` -> the component's deployed precision (fp32 when the component is unknown)."""
+    if precision not in PRECISIONS:
+        raise QuantizationError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    if precision != "auto":
+        return precision
+    return AUTO_PRECISION.get(component or "", "fp32")
+
+
+class Pattern:
+    """A ``--keep-fp32`` pattern: ``re:REGEX`` (searched in node names), else a glob matched
+    against the node name or the op type (``Softmax``, ``*attn1*``, ``/unet/conv_out/*``)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        if not text or not text.strip():
+            raise QuantizationError("--keep-fp32 needs a non-empty pattern")
+        if text.startswith("re:"):
+            try:
+                self.regex = re.compile(text[3:])
+            except re.error as e:
+                raise QuantizationError(f"--keep-fp32 '{text}': bad regular expression ({e})") from None
+        else:
+            self.regex = None
+
+    def matches(self, node: gs.Node) -> bool:
+        name = node.name or ""
+        if self.regex is not None:
+            return bool(self.regex.search(name))
+        return fnmatch.fnmatchcase(name, self.text) or fnmatch.fnmatchcase(node.op, self.text)
+
+    def __repr__(self):
+        return f"Pattern({self.text!r})"
+
+
+@dataclass
+class QuantPolicy:
+    """The overridable precision policy (see the module docstring for every rule)."""
+
+    keep_fp32: list[str] = field(default_factory=list)
+    rules: dict[str, bool] = field(default_factory=lambda: {r: True for r in RULES})
+    activation_symmetric: bool = True
+    activation_headroom: float = 2.0
+    bias_correction: bool = True
+    weight_ops: dict[str, tuple] = field(default_factory=lambda: dict(WEIGHT_OPS))
+
+    def __post_init__(self):
+        unknown = set(self.rules) - set(RULES)
+        if unknown:
+            raise QuantizationError(f"unknown policy rule(s) {', '.join(sorted(unknown))} (known: {', '.join(RULES)})")
+        self.rules = {**{r: True for r in RULES}, **self.rules}
+        if not self.activation_headroom >= 1.0:
+            raise QuantizationError(f"activation_headroom must be at least 1 (got {self.activation_headroom})")
+        self.patterns = [Pattern(p) for p in self.keep_fp32]
+
+    def rule(self, name: str) -> bool:
+        return bool(self.rules.get(name, True))
+
+    def user_kept(self, graph: gs.Graph) -> dict[str, str]:
+        """Nodes matched by ``keep_fp32``: name -> reason. A pattern that matches nothing is an error."""
+        kept = {}
+        for p in self.patterns:
+            hits = [n for n in graph.nodes if p.matches(n)]
+            if not hits:
+                raise QuantizationError(f"--keep-fp32 '{p.text}' matches no node (patterns match node names, "
+                                        f"'re:REGEX', or op types)")
+            for n in hits:
+                kept[n.name] = f"--keep-fp32 {p.text}"
+        return kept
+
+
+# --- graph facts -------------------------------------------------------------------------------
+
+def is_float(t: gs.Tensor) -> bool:
+    return t is not None and t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)
+
+
+def producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if t.inputs else None
+
+
+def weight_slot(node: gs.Node, policy: QuantPolicy | None = None) -> tuple[int, int] | None:
+    """(input index, output-channel axis) of the node's constant weight, if the op has one."""
+    ops = policy.weight_ops if policy else WEIGHT_OPS
+    if node.op not in ops:
+        return None
+    idx, axis = ops[node.op]
+    if len(node.inputs) <= idx or not isinstance(node.inputs[idx], gs.Constant):
+        return None
+    w = node.inputs[idx]
+    rank = len(w.shape)
+    if node.op == "Gemm":
+        if rank != 2:
+            return None
+        axis = 0 if int(node.attrs.get("transB", 0)) else 1
+    elif node.op in ("MatMul", "FusedMatMul"):
+        if rank < 2 or isinstance(node.inputs[0], gs.Constant):
+            return None
+        axis = rank - 1
+    elif node.op == "ConvTranspose" and int(node.attrs.get("group", 1)) != 1:
+        return None
+    if not np.issubdtype(np.dtype(w.dtype), np.floating):
+        return None
+    return idx, axis % rank
+
+
+def attention_score_tensors(graph: gs.Graph) -> dict[str, str]:
+    """Tensors of unfused attention scores: the Softmax output and its input chain back to the
+    Q K^T MatMul (through scaling, masking, casts and reshapes), and alias/cast copies of S_out."""
+    found = {}
+    passthrough = {"Mul", "Div", "Add", "Sub", "Where", "Cast"} | ALIAS_OPS | {"Transpose"}
+    for node in graph.nodes:
+        if node.op != "Softmax":
+            continue
+        reason = f"attention-scores: {node.name}"
+        for t in node.outputs:
+            found[t.name] = reason
+            stack = [t]
+            while stack:  # copies of S_out on the way to the P V MatMul
+                cur = stack.pop()
+                for c in cur.outputs:
+                    if c.op in ALIAS_OPS | {"Cast", "Transpose"}:
+                        for o in c.outputs:
+                            if o.name not in found:
+                                found[o.name] = reason
+                                stack.append(o)
+        t = node.inputs[0]
+        while t is not None and not isinstance(t, gs.Constant) and t.name not in found:
+            found[t.name] = reason
+            p = producer(t)
+            if p is None or p.op == "MatMul" or p.op not in passthrough:
+                break
+            acts = [i for i in p.inputs if i is not None and is_float(i) and not isinstance(i, gs.Constant)]
+            if p.op == "Where":
+                acts = [i for i in p.inputs[1:] if i is not None and not isinstance(i, gs.Constant)]
+            t = acts[0] if len(acts) == 1 else None
+    return found
+
+
+def norm_statistic_tensors(graph: gs.Graph) -> dict[str, str]:
+    """Outputs of statistics ops (ReduceMean, Pow, Sqrt ...) and of elementwise ops that combine
+    only statistics (``var + eps``, ``1 / std``)."""
+    found = {}
+    for node in graph.nodes:  # topological order: a stat's consumers come later
+        if node.op in STAT_OPS:
+            for t in node.outputs:
+                found[t.name] = f"norm-statistics: {node.name}"
+        elif node.op in ("Add", "Sub", "Mul", "Div") and node.outputs:
+            out = ir.static_shape(node.outputs[0])
+            stat_ins = [i for i in node.inputs if i.name in found]
+            if stat_ins and out is not None and any(ir.static_shape(i) == out for i in stat_ins):
+                for t in node.outputs:
+                    found[t.name] = f"norm-statistics: {node.name}"
+    return found
+
+
+def periodic_argument_tensors(graph: gs.Graph) -> tuple[dict[str, str], set[str]]:
+    """Float tensors feeding Sin/Cos, back to integer inputs or constants; and the nodes on that path."""
+    found, nodes = {}, set()
+    for node in graph.nodes:
+        if node.op not in ("Sin", "Cos"):
+            continue
+        stack = [t for t in node.inputs if t is not None]
+        while stack:
+            t = stack.pop()
+            if isinstance(t, gs.Constant) or t.name in found or not is_float(t):
+                continue
+            found[t.name] = f"periodic-arguments: {node.name}"
+            p = producer(t)
+            if p is not None:
+                nodes.add(p.name)
+                stack.extend(i for i in p.inputs if i is not None)
+    return found, nodes
+
+
+@dataclass
+class W8A16Plan:
+    """What the W8A16 rewrite quantizes (names), and what it keeps in FP32 and why."""
+
+    weights: list[tuple[str, int, int]]            # (node name, input index, axis)
+    calibrated: list[str]                          # activation tensors with their own range
+    inherits: dict[str, str]                       # data-movement output -> tensor whose scale it reuses
+    kept: dict[str, str]                           # tensor/node name -> reason
+    kept_nodes: set[str]                           # nodes whose inputs are not rewired to Q/DQ
+    bias_inputs: dict[str, str]                    # weighted node -> its activation input (channel means)
+
+    @property
+    def quantized(self) -> list[str]:
+        return list(self.calibrated) + list(self.inherits)
+
+
+def plan_w8a16(graph: gs.Graph, policy: QuantPolicy) -> W8A16Plan:
+    """Decide every tensor of ``graph`` for W8A16 (module docstring)."""
+    kept: dict[str, str] = {}
+    user = policy.user_kept(graph)
+    kept.update(user)
+    if policy.rule("attention-scores"):
+        kept.update(attention_score_tensors(graph))
+    if policy.rule("norm-statistics"):
+        kept.update(norm_statistic_tensors(graph))
+    periodic_nodes: set[str] = set()
+    if policy.rule("periodic-arguments"):
+        found, periodic_nodes = periodic_argument_tensors(graph)
+        kept.update(found)
+    kept_nodes = set(user)
+
+    weights = []
+    bias_inputs = {}
+    for node in graph.nodes:
+        if node.name in user:
+            continue
+        slot = weight_slot(node, policy)
+        if slot is not None:
+            weights.append((node.name, slot[0], slot[1]))
+            x = node.inputs[0]
+            if is_float(x) and not isinstance(x, gs.Constant):
+                bias_inputs[node.name] = x.name
+
+    calibrated: list[str] = []
+    inherits: dict[str, str] = {}
+    quantized: set[str] = set()
+    graph_outputs = {t.name for t in graph.outputs}
+
+    def candidate(t: gs.Tensor) -> bool:
+        return (t is not None and not isinstance(t, gs.Constant) and is_float(t) and t.name not in kept
+                and (t.outputs or t.name in graph_outputs))
+
+    for t in graph.inputs:
+        if candidate(t):
+            calibrated.append(t.name)
+            quantized.add(t.name)
+    alias_of: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.name in user or node.op in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        src = node.inputs[0] if node.inputs else None
+        src_name = alias_of.get(src.name, src.name) if src is not None else None
+        for t in node.outputs:
+            if not candidate(t):
+                continue
+            if node.op in ALIAS_OPS and src_name in quantized and t.name not in graph_outputs:
+                alias_of[t.name] = src_name  # follows its input: no Q/DQ of its own
+                continue
+            if (node.op in SCALE_PRESERVING_OPS and src_name in quantized
+                    and not (node.op == "Resize" and node.attrs.get("mode", "nearest") not in ("nearest", "linear", b"nearest", b"linear"))):
+                inherits[t.name] = src_name
+            else:
+                calibrated.append(t.name)
+            quantized.add(t.name)
+    # resolve inheritance chains to a calibrated root
+    for name in list(inherits):
+        root = inherits[name]
+        while root in inherits:
+            root = inherits[root]
+        inherits[name] = root
+    for name in periodic_nodes:
+        kept.setdefault(name, "periodic-arguments")
+    return W8A16Plan(weights, calibrated, inherits, kept, kept_nodes, bias_inputs)
