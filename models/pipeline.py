@@ -144,7 +144,8 @@ def find_builds(build_dir: str | os.PathLike) -> dict[str, Path]:
                 raise BuildError(f"build {str(sub)!r} is named {component} but its inputs "
                                  f"{sorted(build_inputs(sub))} are not a {component}'s.")
             found[component] = sub
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in COMPONENTS):
+    for sub in sorted(p for p in root.iterdir()
+                      if p.is_dir() and p.name not in COMPONENTS and not p.name.startswith(".")):  # not staging
         if not (sub / "model.onnx").is_file():
             continue
         kind = detect_component(build_inputs(sub))
