@@ -37,8 +37,9 @@ reason when nothing matches, which is why edgefc matches with this module.)
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -69,7 +70,7 @@ def _label(node: gs.Node) -> str:
 class Value:
     """A tensor in a pattern: an input placeholder, a constant placeholder or a node output."""
 
-    def __init__(self, pattern: "Pattern", kind: str, name: str, producer: "PNode | None" = None,
+    def __init__(self, pattern: Pattern, kind: str, name: str, producer: PNode | None = None,
                  index: int = 0, check: Check | None = None):
         self.pattern, self.kind, self.name = pattern, kind, name
         self.producer, self.index, self.check = producer, index, check
@@ -177,7 +178,7 @@ class Pattern:
 
     # matching
     def match(self, node: gs.Node, anchor: str | None = None, *, graph_outputs: frozenset = frozenset(),
-              taken: set | frozenset = frozenset()) -> "Match | Miss":
+              taken: set | frozenset = frozenset()) -> Match | Miss:
         """Match with pattern node ``anchor`` (default: the first whose op is ``node.op``) bound to ``node``.
 
         ``graph_outputs``: names of the graph's outputs (internal tensors must not be among them);
@@ -198,8 +199,8 @@ class Pattern:
         return search.miss if search.miss is not None else Miss(f"pattern '{self.name}' does not match at {_label(node)}")
 
     @classmethod
-    def from_graphsurgeon(cls, gp: "gs.GraphPattern", name: str = "graphsurgeon", *, commutative: bool = False,
-                          where: Check | None = None) -> "Pattern":
+    def from_graphsurgeon(cls, gp: gs.GraphPattern, name: str = "graphsurgeon", *, commutative: bool = False,
+                          where: Check | None = None) -> Pattern:
         """Convert an onnx-graphsurgeon ``GraphPattern`` made of single-op nodes.
 
         Inputs stay positional as in graphsurgeon unless ``commutative=True`` (then Add/Mul match
@@ -303,7 +304,7 @@ class _State:
     values: dict = field(default_factory=dict)    # id(Value) -> gs.Tensor
     used: frozenset = frozenset()                 # id(gs.Node)
 
-    def copy(self) -> "_State":
+    def copy(self) -> _State:
         return _State(dict(self.nodes), dict(self.values), self.used)
 
 
@@ -497,6 +498,23 @@ class RewriteLog:
     def resolve(self, kind: str, node: gs.Node) -> None:
         """A candidate matched after all (by a later pattern): forget its miss."""
         self.misses.get(kind, {}).pop(node.name, None)
+
+    def record(self, report: dict, kinds: Iterable[str] | None = None, section: str = "fusion") -> dict:
+        """Merge into ``report[section]`` (e.g. ``ctx.report``): counts add up; the misses of
+        ``kinds`` (default: every kind logged) become this log's, so a pass that runs twice
+        reports what is still unfused at the end. Returns the section."""
+        kinds = list(kinds) if kinds is not None else sorted(set(self.counts) | set(self.misses))
+        out = report.setdefault(section, {})
+        misses = out.pop("misses", {})
+        for kind in kinds:
+            out[kind] = int(out.get(kind, 0)) + int(self.counts.get(kind, 0))
+            found = self.misses.get(kind)
+            if found:
+                misses[kind] = [{"node": n, "reason": r} for n, r in found.items()]
+            else:
+                misses.pop(kind, None)
+        out["misses"] = misses  # kept last, after the counts
+        return out
 
     def as_dict(self) -> dict:
         out: dict[str, Any] = dict(sorted(self.counts.items()))

@@ -16,7 +16,6 @@ to_v) stay plain MatMuls. Paper Sec. 3 (kernel fusion).
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import functions, ir

@@ -19,19 +19,8 @@ from edgefc.pattern import RewriteLog
 
 
 def record(ctx: PassContext, log: RewriteLog, kinds: tuple[str, ...]) -> None:
-    """Merge ``log`` into ``ctx.report["fusion"]``: counts add up, and the misses of ``kinds``
-    become this run's (a later run of the same fusion replaces them, so a pipeline that runs a
-    pass twice reports what is still unfused at the end)."""
-    section = ctx.report.setdefault("fusion", {})
-    misses = section.pop("misses", {})
-    for kind in kinds:
-        section[kind] = int(section.get(kind, 0)) + int(log.counts.get(kind, 0))
-        found = log.misses.get(kind)
-        if found:
-            misses[kind] = [{"node": n, "reason": r} for n, r in found.items()]
-        else:
-            misses.pop(kind, None)
-    section["misses"] = misses  # kept last, after the counts
+    """Merge ``log`` into ``ctx.report["fusion"]`` (see :meth:`RewriteLog.record`)."""
+    log.record(ctx.report, kinds)
 
 
 class FusionPass(Pass):
