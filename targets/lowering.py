@@ -525,7 +525,7 @@ class _Lowering:
                 in_dram.update(outs)
                 continue
 
-            operands = set(act_in) | set(outs)
+            operands = list(dict.fromkeys(act_in + outs))   # ordered: ties break the same way every run
             streamed: set[str] = {r for r in act_in if r in cascaded}
 
             def working_set() -> int:
@@ -540,7 +540,7 @@ class _Lowering:
                     del resident[r]
                     if working_set() <= self.budget:
                         break
-                for r in sorted(operands, key=lambda r: -self.size[r]):
+                for r in sorted(operands, key=lambda r: (-self.size[r], r)):
                     if working_set() <= self.budget:
                         break
                     streamed.add(r)

@@ -44,10 +44,16 @@ def load_for_profile(path: Path, shapes: dict | None = None, progress=None):
         if any(t.shape is None for n in graph.nodes for t in n.outputs):
             ir.infer_shapes(graph)
         return graph
-    del head
+    # a raw export: the same steps as edgefc.load, on the proto already read (parsed once)
     import edgefc
+    from onnx import external_data_helper
 
-    graph = ir.load(model_file, shapes)
+    ir._check_external_data(head, model_file.parent)
+    if shapes:
+        ir._apply_input_shapes(head, dict(shapes))
+    external_data_helper.load_external_data_for_model(head, str(model_file.parent))
+    graph = ir.infer_shapes(gs.import_onnx(head))
+    del head
     names = [n for n in ("canonicalize", "fuse") if _registered(n)]
     if progress:
         progress(f"raw export (opset {opset}): running {', '.join(names)} in memory")
