@@ -322,6 +322,8 @@ def test_user_errors_exit_2_with_one_line(kind, pairs, tmp_path, capsys):
     other = "lcm" if kind == "kd" else "kd"
     (ck / "state.json").write_text(json.dumps({"kind": other, "step": 1}))
     assert f"not a '{kind}' one" in _cli_error(capsys, base + ["--data", str(pairs), "--resume", str(ck)])
+    assert "--threads" in _cli_error(capsys, base + ["--data", str(pairs), "--threads", "0"])
+    assert "multiple of 8" in _cli_error(capsys, base + ["--data", str(pairs), "--resolution", "60"])
     no_teacher = ["train", kind, "--data", str(pairs), "-o", str(out), "--quiet"]
     assert "give a teacher" in _cli_error(capsys, no_teacher)
     assert "does not exist" in _cli_error(capsys, no_teacher + ["--teacher", str(tmp_path / "no-teacher")])

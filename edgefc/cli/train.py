@@ -45,6 +45,8 @@ def _common(f):
                      help="accelerate mixed precision for the forward passes."),
         click.option("--max-grad-norm", type=float, default=1.0, show_default=True,
                      help="Gradient clipping norm (0: off)."),
+        click.option("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's; 1 is often fastest on a busy machine)."),
         click.option("--fixed-batch", is_flag=True,
                      help="Overfitting check: the same batch, noise and timesteps at every step."),
         click.option("--quiet", is_flag=True, help="No progress bar."),

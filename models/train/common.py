@@ -53,6 +53,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     max_grad_norm: float = 1.0
     weight_decay: float = 1e-2
+    threads: int | None = None  # torch CPU threads (None: torch's default, or $EDGEFC_TORCH_THREADS)
     fixed_batch: bool = False  # overfitting check: same batch, noise, timesteps (and w) at every step
     progress: bool = True
     # options that must match between a checkpoint and the run resuming it
@@ -183,10 +184,15 @@ class Recipe:
         return self.components.noise_scheduler
 
 
-def _set_threads():
+def _set_threads(threads: int | None):
+    """torch CPU threads: --threads, else $EDGEFC_TORCH_THREADS, else torch's default.
+
+    On a busy shared machine fewer threads than cores can be many times faster (tiny models:
+    10 steps in 3 s with 1 thread vs 86 s with 2 on an oversubscribed 2-core machine).
+    """
     import torch
 
-    n = os.environ.get("EDGEFC_TORCH_THREADS")
+    n = threads or os.environ.get("EDGEFC_TORCH_THREADS")
     if n:
         torch.set_num_threads(int(n))
 
@@ -208,6 +214,8 @@ def _validate(cfg, kind: str) -> dict | None:
         raise TrainingError("--resolution must be a positive multiple of 8.")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise TrainingError("--lr must be a positive number.")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise TrainingError("--threads must be at least 1.")
     if cfg.save_every < 0:
         raise TrainingError("--save-every must be 0 (only at the end) or positive.")
     out = Path(cfg.output)
@@ -263,7 +271,7 @@ def _run(recipe: Recipe) -> TrainResult:
     from edgefc.models.train.archs import build_teacher
     from tqdm.auto import tqdm
 
-    _set_threads()
+    _set_threads(cfg.threads)
     from accelerate.state import AcceleratorState
 
     # accelerate keeps one AcceleratorState per process; a second run in the same Python process
