@@ -20,6 +20,9 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+# Imported for its side effect: graphsurgeon learns ONNX function overloads, which the fused
+# FusedMatMul/FusedConv variants need to survive every import and export (see edgefc.functions).
+from edgefc import functions as _functions  # noqa: F401
 from edgefc.errors import ModelLoadError, ShapeError
 
 Graph = gs.Graph

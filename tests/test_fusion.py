@@ -8,6 +8,8 @@ from __future__ import annotations
 import collections
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -128,6 +130,11 @@ def test_fused_model_file_checks_inlines_and_reloads(tiny, tmp_path):
     assert ort.compare(expected, ort.run(inlined, feeds))[1] == 0.0
     again = edgefc.load(path)
     assert ort.compare(expected, ort.run(ir.to_model(again), feeds))[1] == 0.0
+    # a fresh process that only loads (no pass imported) must keep the overloads too
+    script = (f"import edgefc, numpy as np; from edgefc import ir, ort; g = edgefc.load({str(path)!r}); "
+              f"f = ort.random_inputs(g, 2); print(ort.compare(ort.run({str(path)!r}, f), ort.run(ir.to_model(g), f))[1])")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and float(proc.stdout.split()[-1]) == 0.0, proc.stderr[-2000:]
 
 
 def test_compile_writes_fusion_report(tiny_models, tmp_path):
