@@ -303,6 +303,18 @@ def test_target_prints_cost_model_times(cache, tiny_build, tmp_path, capsys):
     assert _png_size(out) == (64, 64)
 
 
+def test_quantized_builds_are_priced_as_built(tmp_path):
+    b = tmp_path / "unet"
+    b.mkdir()
+    (b / "report.json").write_text(json.dumps({"quantization": {"precision": "w8a16"}}))
+    assert pipeline._built_precision(b / "model.onnx") == "w8a16"
+    (b / "report.json").write_text(json.dumps({"quantization": {"precision": "fp32"}}))
+    assert pipeline._built_precision(b / "model.onnx") is None
+    (b / "report.json").write_text(json.dumps({"passes": []}))
+    assert pipeline._built_precision(b / "model.onnx") is None
+    assert pipeline._built_precision(tmp_path / "unet.onnx") is None  # an export, not a build
+
+
 def test_target_without_cost_model(cache, tmp_path, capsys, monkeypatch):
     import edgefc
     from edgefc import target as target_mod
