@@ -36,11 +36,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import edgefc  # noqa: E402
-from edgefc.attention import AttentionSpec, Tiling, row_granularity  # noqa: E402
-from edgefc.targets import TARGET_DIR  # noqa: E402
-from edgefc.targets.cost_model import PRECISIONS, VECTOR_CLASSES  # noqa: E402
-from edgefc.targets.program import ATTENTION_ROLES  # noqa: E402
+from edgefc.targets import TARGET_DIR
+from edgefc.targets.cost_model import PRECISIONS, VECTOR_CLASSES
+from edgefc.targets.program import ATTENTION_ROLES
+
+from edgefc.attention import AttentionSpec, Tiling, row_granularity
 
 # field, lower bound, upper bound, why the bounds
 FREE = [
@@ -122,7 +122,7 @@ def load_graphs(paths: dict[str, str]):
     graphs = {}
     for comp, path in paths.items():
         t = time.perf_counter()
-        graphs[comp] = load_for_profile(Path(path), progress=lambda m: print(f"  {comp}: {m}", file=sys.stderr))
+        graphs[comp] = load_for_profile(Path(path), progress=lambda m, c=comp: print(f"  {c}: {m}", file=sys.stderr))
         print(f"  loaded {comp} from {path} ({time.perf_counter() - t:.1f} s, {len(graphs[comp].nodes)} nodes)",
               file=sys.stderr)
         if not any(n.op == "Attention" for n in graphs[comp].nodes):
@@ -291,8 +291,8 @@ def write_toml(path: Path, x: np.ndarray) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for comp in DEFAULT_MODELS:
-        ap.add_argument(f"--{comp}", default=DEFAULT_MODELS[comp], help=f"{comp} export or build folder")
+    for comp, default in DEFAULT_MODELS.items():
+        ap.add_argument(f"--{comp}", default=default, help=f"{comp} export or build folder")
     ap.add_argument("--target", default=str(TARGET_DIR / "exynos2400.toml"))
     ap.add_argument("--starts", type=int, default=6, help="random restarts besides the current values")
     ap.add_argument("--seed", type=int, default=0)
@@ -312,7 +312,7 @@ def main(argv=None):
         report(model, x0, f"current values of {args.target}")
         return
     t0 = time.perf_counter()
-    x, cost = fit(model, x0, args.starts, args.seed)
+    x, _cost = fit(model, x0, args.starts, args.seed)
     print(f"fitted in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     x = rounded(x)
     report(model, x, "fitted values (4 significant digits, as written)")

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgefc.errors import TargetError
 from edgefc.targets.program import Command, Program
+
+from edgefc.errors import TargetError
 
 VECTOR_CLASSES = ("arith", "max", "reduce", "exp", "divide")
 PRECISIONS = ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")
@@ -63,7 +64,7 @@ class CostParams:
     host_cpe: float
 
     @classmethod
-    def from_target(cls, t) -> "CostParams":
+    def from_target(cls, t) -> CostParams:
         clock = float(t["clock.hz"])
         return cls(
             clock_hz=clock,

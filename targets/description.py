@@ -93,7 +93,7 @@ class NpuTarget(Target):
         return _lookup(self.data, dotted)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "NpuTarget":
+    def from_toml(cls, path: str | Path) -> NpuTarget:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
@@ -103,7 +103,7 @@ class NpuTarget(Target):
             raise TargetError(f"target description {path} is not valid TOML: {e}") from None
         return cls(data, str(path))
 
-    def with_fields(self, fields: dict[str, Any]) -> "NpuTarget":
+    def with_fields(self, fields: dict[str, Any]) -> NpuTarget:
         """A copy with some ``section.field`` values replaced (what-if studies, the fit, tests)."""
         data = copy.deepcopy(self.data)
         for dotted, value in fields.items():

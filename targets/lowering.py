@@ -33,10 +33,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-from edgefc.attention import AttentionSpec, Tiling, heads_per_tile, spec_from_node, tile_rows, tiling_from_node
-from edgefc.errors import BuildError
 from edgefc.targets.program import Command, OpInfo, Program
+
+from edgefc.attention import (
+    AttentionSpec,
+    Tiling,
+    heads_per_tile,
+    spec_from_node,
+    tile_rows,
+    tiling_from_node,
+)
+from edgefc.errors import BuildError
 
 PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16")
 
@@ -75,11 +82,10 @@ INPUT_SIZED = {"Softmax", "LayerNormalization", "GroupNormalization", "InstanceN
 # Producer -> consumer streaming (a two-op cascade, as Arm Vela's cascading): a tensor too big
 # for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
 # of DRAM when the producer writes it row by row and the consumer reads it row by row.
-STREAM_PRODUCERS = TENSOR_OPS | {"GroupNormalization", "GroupNormSiLU", "InstanceNormalization",
-                                 "LayerNormalization", "Gelu", "GeGLU", "Resize"} | set(
-    k for k, v in VECTOR_PASSES.items() if k not in INPUT_SIZED and k != "Softmax")
-STREAM_CONSUMERS = TENSOR_OPS | {"Gelu", "GeGLU", "Resize"} | set(
-    k for k, v in VECTOR_PASSES.items() if k not in INPUT_SIZED and k != "Softmax")
+_ROWWISE = {k for k in VECTOR_PASSES if k not in INPUT_SIZED and k != "Softmax"}   # elementwise / activations
+STREAM_PRODUCERS = TENSOR_OPS | _ROWWISE | {"GroupNormalization", "GroupNormSiLU", "InstanceNormalization",
+                                            "LayerNormalization", "Gelu", "GeGLU", "Resize"}
+STREAM_CONSUMERS = TENSOR_OPS | _ROWWISE | {"Gelu", "GeGLU", "Resize"}
 
 _NP_CODE = {np.dtype(np.float64): "fp64", np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16",
             np.dtype(np.int64): "int64", np.dtype(np.uint64): "int64", np.dtype(np.int32): "int32",
@@ -143,7 +149,7 @@ class Geometry:
     weight_buffer_bytes: int
 
     @classmethod
-    def from_target(cls, t) -> "Geometry":
+    def from_target(cls, t) -> Geometry:
         return cls(int(t["tensor.channel_granularity"]), int(t["tensor.row_granularity"]),
                    int(t["sram.bytes"]), int(t["sram.weight_buffer_bytes"]))
 
@@ -223,7 +229,8 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, op: s
     row_parts, head_parts = _tile_geometry(spec, tiling, geo)
     cmds: list[Command] = []
     for hg, hcount in head_parts:
-        kw = dict(op=op, op_type=op_type, repeat=spec.batch * hcount, loop=loop_base + len(cmds) if tiled else -1)
+        kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount,
+              "loop": loop_base + len(cmds) if tiled else -1}
         cmds.append(Command("load", tensor=f"{op}:K", bytes=hg * spec.kv_len * dkp * b, role="load_qk", **kw))
         cmds.append(Command("load", tensor=f"{op}:V", bytes=hg * spec.kv_len * dvp * b, run_bytes=dvp * b,
                             role="load_s_out_v", **kw))
@@ -231,8 +238,8 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, op: s
     for hg, hcount in head_parts:
         for rows, rows_p, rcount in row_parts:
             s = hg * rows * spec.kv_len
-            kw = dict(op=op, op_type=op_type, repeat=spec.batch * hcount * rcount,
-                      loop=loop_base + 1024 + len(cmds) if tiled else -1)
+            kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount * rcount,
+                  "loop": loop_base + 1024 + len(cmds) if tiled else -1}
             cmds.append(Command("load", tensor=f"{op}:Q", bytes=hg * rows * dkp * b, role="load_qk", **kw))
             cmds.append(Command("tensor", macs=hg * rows * spec.kv_len * spec.head_dim,
                                 padded_macs=hg * rows_p * kvp * dkp, out_elements=s, precision=prec,
@@ -528,7 +535,7 @@ class _Lowering:
             operands = list(dict.fromkeys(act_in + outs))   # ordered: ties break the same way every run
             streamed: set[str] = {r for r in act_in if r in cascaded}
 
-            def working_set() -> int:
+            def working_set(operands=operands, streamed=streamed) -> int:
                 return (sum(s for r, s in resident.items() if r not in operands)
                         + sum(self.size[r] for r in operands if r not in streamed))
 

@@ -96,7 +96,7 @@ def attention_model(seq: int = 256, heads: int = 4, head_dim: int = 40, kv_seq: 
     nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="to_q"),
              helper.make_node("MatMul", ["ctx", "wk"], ["k"], name="to_k"),
              helper.make_node("MatMul", ["ctx", "wv"], ["v"], name="to_v")]
-    attrs = dict(q_num_heads=heads, kv_num_heads=heads, scale=float(head_dim) ** -0.5, is_causal=int(causal))
+    attrs = {"q_num_heads": heads, "kv_num_heads": heads, "scale": float(head_dim) ** -0.5, "is_causal": int(causal)}
     if tiling is None:
         nodes.append(helper.make_node("Attention", ["q", "k", "v"], ["a"], name="attn", **attrs))
     else:

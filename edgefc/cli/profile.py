@@ -21,7 +21,6 @@ PRECISIONS = ("as-built", "fp32", "fp16", "w8a16")
 def load_for_profile(path: Path, shapes: dict | None = None, progress=None):
     """The graph to price: a build folder's model.onnx as built, or an ONNX file (canonicalized
     and fused first when it is a raw export, i.e. below the pipeline's opset 23)."""
-    import onnx
     import onnx_graphsurgeon as gs
 
     from edgefc import ir
@@ -45,8 +44,9 @@ def load_for_profile(path: Path, shapes: dict | None = None, progress=None):
             ir.infer_shapes(graph)
         return graph
     # a raw export: the same steps as edgefc.load, on the proto already read (parsed once)
-    import edgefc
     from onnx import external_data_helper
+
+    import edgefc
 
     ir._check_external_data(head, model_file.parent)
     if shapes:
