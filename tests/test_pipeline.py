@@ -330,7 +330,7 @@ def test_target_without_cost_model(cache, tmp_path, capsys, monkeypatch):
 # --- errors: one line, exit 2, nothing written --------------------------------------------------
 
 def _assert_error(capsys, args, needle, output):
-    code, stdout, stderr = _cli(["generate", "--prompt", "a cat", *args, "-o", str(output)], capsys)
+    code, _, stderr = _cli(["generate", "--prompt", "a cat", *args, "-o", str(output)], capsys)
     assert code == 2, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in stderr, stderr
