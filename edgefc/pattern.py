@@ -1,6 +1,6 @@
 """Pattern rewriting: describe a small subgraph, match it, check constraints, replace it.
 
-Every fusion in ``edgefc.passes`` is written with this module, and so can a user's pass::
+The fusions in ``edgefc.passes`` are written with this module, and so can a user's pass::
 
     p = Pattern("silu")
     x = p.input("x")

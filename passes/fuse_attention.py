@@ -250,8 +250,6 @@ def _match(softmax: gs.Node, graph_outputs) -> AttentionMatch:
     qs, ks, vs = (ir.static_shape(h.source) for h in (q, k, v))
     if qs[0] != ks[0] or ks[:2] != vs[:2]:
         raise _NoMatch(f"Q {list(qs)}, K {list(ks)}, V {list(vs)} do not agree on batch / key length")
-    if k.scale != 1.0 and v.source is k.source:
-        raise _NoMatch("K and V share a source tensor but K is scaled")
     if v.scale != 1.0:
         raise _NoMatch(f"V is scaled by {v.scale:g}")
     mask, causal = _mask(masks, qs[1], ks[1], q.heads, qs[0])
