@@ -103,7 +103,7 @@ def _warm(path: Path) -> None:
 
 def _run(side: str, path: Path, model_type: str, ort_opt_level: int) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", side, str(path), model_type, str(ort_opt_level)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          capture_output=True, text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         return {"error": tail[0][:200]}

@@ -36,7 +36,7 @@ and ``copy()``.
 from __future__ import annotations
 
 import re
-from typing import List
+from typing import List  # noqa: UP035 (graphsurgeon's attribute-type table is keyed by typing.List)
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -56,6 +56,9 @@ OVERLOADED = ("FusedMatMul", "FusedConv")
 CONV_ATTRS = ("dilations", "group", "kernel_shape", "pads", "strides")
 #: input position of the optional residual of FusedMatMul / FusedConv.
 RESIDUAL_INPUT = 3
+
+#: graphsurgeon's name for the INTS attribute type (``list[int]`` is not in its table).
+INTS = List[int]  # noqa: UP006
 
 _OVERLOAD_RE = re.compile(r"^\[overload: ([A-Za-z0-9_]+)\]")
 
@@ -155,8 +158,8 @@ def fused_matmul(activation: str, residual: bool) -> gs.Function:
 def fused_conv(activation: str, residual: bool) -> gs.Function:
     """FusedConv(X, W, B[, residual]; conv attrs, activation) = act(Conv(X, W, B)) [+ residual]."""
     b = _Body("X", "W", "B", *(["residual"] if residual else []))
-    refs = {"dilations": _ref("dilations", List[int]), "group": _ref("group", int), "kernel_shape": _ref("kernel_shape", List[int]),
-            "pads": _ref("pads", List[int]), "strides": _ref("strides", List[int])}
+    refs = {"dilations": _ref("dilations", INTS), "group": _ref("group", int), "kernel_shape": _ref("kernel_shape", INTS),
+            "pads": _ref("pads", INTS), "strides": _ref("strides", INTS)}
     z = b.op("Conv", b.inputs[:3], refs)
     y = b.activation(z, activation)
     if residual:

@@ -368,3 +368,58 @@ def test_groupnorm_with_a_shared_intermediate_is_a_miss(tmp_path):
     assert rel <= 1e-5 and _ops(graph)["GroupNormalization"] == 1
     [miss] = report["misses"]["groupnorm_silu"]
     assert miss.get("reason")
+
+
+def test_edgefc_function_bodies_are_exact():
+    """Every FusedMatMul / FusedConv overload, GroupNormSiLU and GeGLU, run by onnxruntime from their
+    local functions, against a float64 reference."""
+    import onnx_graphsurgeon as gs
+
+    rng = np.random.default_rng(0)
+    erf = np.vectorize(math.erf)
+    acts = {"none": lambda z: z, "gelu": lambda z: 0.5 * z * (1 + erf(z / math.sqrt(2))),
+            "silu": lambda z: z / (1 + np.exp(-z))}
+    x, r = gs.Variable("x", np.float32, [1, 8, 16]), gs.Variable("r", np.float32, [1, 8, 6])
+    img, rimg = gs.Variable("img", np.float32, [1, 4, 5, 5]), gs.Variable("rimg", np.float32, [1, 6, 5, 5])
+    w, b = rng.standard_normal((16, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    cw, cb = rng.standard_normal((6, 4, 3, 3)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    gamma, beta = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    conv_attrs = {"dilations": [1, 1], "group": 1, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [1, 1]}
+    mm_in = [x, gs.Constant("w", w), gs.Constant("b", b)]
+    cv_in = [img, gs.Constant("cw", cw), gs.Constant("cb", cb)]
+    nodes, outs = [], []
+    for act in functions.ACTIVATIONS:
+        for res in (False, True):
+            y1 = gs.Variable(f"mm_{act}_{res}", np.float32, [1, 8, 6])
+            y2 = gs.Variable(f"cv_{act}_{res}", np.float32, [1, 6, 5, 5])
+            nodes.append(functions.make_node("FusedMatMul", mm_in + [r] * res, [y1], name=f"mm_{act}_{res}",
+                                             attrs={"activation": act}))
+            nodes.append(functions.make_node("FusedConv", cv_in + [rimg] * res, [y2], name=f"cv_{act}_{res}",
+                                             attrs={"activation": act, **conv_attrs}))
+            outs += [y1, y2]
+    gn, ge = gs.Variable("gn", np.float32, [1, 4, 5, 5]), gs.Variable("ge", np.float32, [1, 8, 8])
+    nodes.append(functions.make_node("GroupNormSiLU", [img, gs.Constant("g", gamma), gs.Constant("be", beta)], [gn],
+                                     name="gn", attrs={"epsilon": 1e-5, "num_groups": 2}))
+    nodes.append(functions.make_node("GeGLU", [x], [ge], name="ge"))
+    graph = functions.ensure_functions(gs.Graph(nodes=nodes, inputs=[x, r, img, rimg], outputs=outs + [gn, ge], opset=23))
+    model = ir.to_model(graph)
+    onnx.checker.check_model(model, full_check=True)
+    feeds = ort.random_inputs(model, seed=4)
+    got = ort.run(model, feeds)
+    f = {k: v.astype(np.float64) for k, v in feeds.items()}
+    # float64 references
+    z_mm = f["x"] @ w + b
+    cols = np.lib.stride_tricks.sliding_window_view(np.pad(f["img"], ((0, 0), (0, 0), (1, 1), (1, 1))), (3, 3), (2, 3))
+    z_cv = np.einsum("bchwij,ocij->bohw", cols, cw.astype(np.float64)) + cb[None, :, None, None]
+    for act in functions.ACTIVATIONS:
+        for res in (False, True):
+            want_mm = acts[act](z_mm) + (f["r"] if res else 0)
+            want_cv = acts[act](z_cv) + (f["rimg"] if res else 0)
+            for name, want in ((f"mm_{act}_{res}", want_mm), (f"cv_{act}_{res}", want_cv)):
+                assert np.abs(got[name] - want).max() <= 1e-5 * np.abs(want).max(), name
+    g = f["img"].reshape(1, 2, -1)
+    norm = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)).reshape(1, 4, 5, 5)
+    want = acts["silu"](norm * gamma[None, :, None, None] + beta[None, :, None, None])
+    assert np.abs(got["gn"] - want).max() <= 1e-5 * np.abs(want).max()
+    want = f["x"][..., :8] * acts["gelu"](f["x"][..., 8:])
+    assert np.abs(got["ge"] - want).max() <= 1e-5 * np.abs(want).max()
