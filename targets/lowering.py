@@ -481,6 +481,9 @@ class _Lowering:
         resident: dict[str, int] = {}
         cascaded: set[str] = set()
         in_dram: set[str] = set(graph_in)
+        why = prog.reasons
+        for r in graph_in:
+            why[r] = "graph input"
         peak = 0
         for i, (node, kind) in enumerate(zip(nodes, kinds)):
             if kind == "none":
@@ -509,6 +512,7 @@ class _Lowering:
                     if r not in in_dram:
                         self._dma("store", node, r, spill=r not in pinned)
                         in_dram.add(r)
+                    why.setdefault(r, f"read from DRAM by {'the host' if kind == 'host' else 'attention'} op {node.name}")
                     resident.pop(r, None)
                 if kind == "host":
                     prog.emit(Command("host", node.name, node.op,
@@ -524,12 +528,16 @@ class _Lowering:
                         if r not in in_dram:
                             self._dma("store", node, r, spill=True)
                             in_dram.add(r)
+                        why.setdefault(r, f"evicted for {node.name} (its tiles need the SRAM)")
                         del resident[r]
                     prog.commands.extend(lower_attention(spec, tiling, self.geo, op=node.name, op_type=node.op,
                                                          loop_base=self.loops))
                     self.loops += 1 << 20
                     peak = max(peak, sum(resident.values()) + need)
                 in_dram.update(outs)
+                for r in outs:
+                    why.setdefault(r, f"written to DRAM by {'the host' if kind == 'host' else 'attention'} op "
+                                      f"{node.name}")
                 continue
 
             operands = list(dict.fromkeys(act_in + outs))   # ordered: ties break the same way every run
@@ -544,6 +552,7 @@ class _Lowering:
                     if r not in in_dram:
                         self._dma("store", node, r, spill=True)
                         in_dram.add(r)
+                    why.setdefault(r, f"evicted for {node.name} (SRAM full; its next use is the furthest)")
                     del resident[r]
                     if working_set() <= self.budget:
                         break
@@ -570,17 +579,23 @@ class _Lowering:
             for r in outs:
                 if r in streamed and self.can_stream(r, i, node, nodes, kinds, uses, pinned | graph_out):
                     cascaded.add(r)
+                    why[r] = f"too big for SRAM: streamed from {node.name} to {nodes[uses[r][0]].name}"
                     continue
                 if r in streamed or r in pinned or r in graph_out:
                     self._dma("store", node, r, spill=r in streamed and r not in pinned and r not in graph_out)
                     in_dram.add(r)
+                    why.setdefault(r, "graph output" if r in graph_out else "attention operand (read from DRAM)"
+                                   if r in pinned else f"does not fit SRAM with the other operands of {node.name}")
                 if r not in streamed and r not in pinned and next_use(r, i + 1) != _NEVER:
                     resident[r] = self.size[r]
                     if r not in graph_out:
                         in_dram.discard(r)
 
         for r in self.size:
-            prog.residency[r] = "dram" if r in in_dram else "sram"
+            prog.residency[r] = "stream" if r in cascaded else "dram" if r in in_dram else "sram"
+            if prog.residency[r] == "sram":
+                why.pop(r, None)
+        prog.tensor_bytes = dict(self.size)
         prog.sram_peak_bytes = int(peak)
         return prog
 

@@ -124,9 +124,37 @@ class Profile:
             "engines_ms": {e: round(self.ms(c), 6) for e, c in eng.items()},
             "blocks_ms": {k: round(self.ms(v), 6) for k, v in self.by("block").items()},
             "op_types_ms": {k: round(self.ms(v), 6) for k, v in self.by("op_type").items()},
+            "residency": self.residency(),
+            "attention_blocks": self.attention_blocks(),
             "ops": [r.as_dict() for r in self.ops],
             "attention_breakdown": self.attention_breakdown,
         }
+
+    def residency(self) -> dict:
+        """Where each activation lives, and why each one that is not in SRAM is not."""
+        prog = self.program
+        out = {"sram": 0, "dram": 0, "stream": 0}
+        for where in prog.residency.values():
+            out[where] += 1
+        listed = sorted(((r, prog.tensor_bytes.get(r, 0)) for r, w in prog.residency.items() if w != "sram"),
+                        key=lambda x: (-x[1], x[0]))
+        out["dram_bytes"] = int(sum(b for r, b in listed if prog.residency[r] == "dram"))
+        out["tensors"] = [{"name": r, "bytes": int(b), "where": prog.residency[r], "reason": prog.reasons.get(r, "")}
+                          for r, b in listed]
+        return out
+
+    def attention_blocks(self) -> list[dict]:
+        """Every attention op: its shape, tiling, SRAM working set and whether S_in/S_out spill."""
+        out = []
+        for o in self.program.ops:
+            if o.attention is None:
+                continue
+            spec, tiling = o.attention
+            cmds = [c for c in self.program.commands if c.op == o.name]
+            out.append({"name": o.name, "heads": spec.heads, "q_len": spec.q_len, "kv_len": spec.kv_len,
+                        "head_dim": spec.head_dim, "row_tiles": tiling.row_tiles, "head_tiles": tiling.head_tiles,
+                        "s_spills_to_dram": any(c.role == "store_s_in" for c in cmds)})
+        return out
 
     # views ------------------------------------------------------------------------------------
     def table(self, top: int | None = 20, breakdown: bool = False) -> str:
@@ -152,6 +180,11 @@ class Profile:
             w(f"{'(' + str(len(rest)) + ' more ops)':<48} {'':<16} {'':<7} {_si(sum(r.macs for r in rest)):>10} "
               f"{_si(sum(r.dma_bytes for r in rest)):>12} {sum(r.cycles for r in rest):>13,.0f} "
               f"{self.ms(sum(r.cycles for r in rest)):>9.3f} {sum(r.share for r in rest):>7.1%}\n")
+        res = d["residency"]
+        w(f"\nresidency: {res['sram']} tensors kept in SRAM, {res['dram']} through DRAM "
+          f"({res['dram_bytes'] / 1e6:.1f} MB), {res['stream']} streamed op to op\n")
+        for t in [t for t in res["tensors"] if t["where"] == "dram"][:5]:
+            w(f"  {t['name'][-46:]:<46} {_si(t['bytes']):>9}B  {t['reason']}\n")
         w(f"\n{'block':<48} {'ms':>9} {'share':>7}\n")
         for k, cyc in self.by("block").items():
             w(f"{k[:48]:<48} {self.ms(cyc):>9.3f} {cyc / max(self.total_cycles, 1e-12):>7.1%}\n")

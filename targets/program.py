@@ -79,11 +79,15 @@ class OpInfo:
 
 @dataclass
 class Program:
-    """Ordered NPU commands plus per-tensor residency (``"sram"`` or ``"dram"``)."""
+    """Ordered NPU commands plus the residency of every activation tensor: ``sram`` (kept on
+    chip), ``dram`` (stored and loaded back, with the reason in ``reasons``) or ``stream`` (too big
+    for SRAM, passed to its only consumer through a stripe buffer)."""
 
     commands: list[Command] = field(default_factory=list)
     ops: list[OpInfo] = field(default_factory=list)
-    residency: dict[str, str] = field(default_factory=dict)
+    residency: dict[str, str] = field(default_factory=dict)   # tensor -> sram | dram | stream
+    reasons: dict[str, str] = field(default_factory=dict)     # tensor -> why it is not in SRAM
+    tensor_bytes: dict[str, int] = field(default_factory=dict)
     sram_peak_bytes: int = 0
     precision: str = "as-built"
     component: str = ""

@@ -201,7 +201,7 @@ def test_tensor_that_does_not_fit_spills_to_dram_and_back(target):
     tight = target.with_fields({"sram.bytes": 5 << 19, "sram.weight_buffer_bytes": 0}).lower(graph, "fp16")
     spilled = [(c.kind, c.tensor) for c in tight.commands if c.spill]
     assert ("store", "r0") in spilled and ("load", "r0") in spilled
-    assert tight.residency["r0"] == "dram"
+    assert tight.residency["r0"] == "dram" and "evicted for" in tight.reasons["r0"]
     assert tight.dma_bytes() - roomy.dma_bytes() == 2 * elements * 2
 
 
@@ -212,6 +212,7 @@ def test_a_spilled_tensor_streams_to_its_only_consumer(target):
     relu = target.lower(graph_of(npu_graphs.chain_model(elements, 3, skip=False)), "fp16")
     moved = [(c.kind, c.tensor) for c in relu.commands if c.kind in ("load", "store")]
     assert moved == [("load", "x"), ("store", "y")]
+    assert relu.residency["r0"] == "stream" and "streamed from op0 to op1" in relu.reasons["r0"]
     norm = target.lower(graph_of(npu_graphs.chain_model(elements, 3, skip=False, last="LayerNormalization")), "fp16")
     moved = [(c.kind, c.tensor) for c in norm.commands if c.kind in ("load", "store")]
     assert ("store", "r1") in moved and ("load", "r1") in moved and ("store", "r0") not in moved

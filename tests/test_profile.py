@@ -63,6 +63,12 @@ def test_json_has_the_documented_keys(profiled):
         assert OP_KEYS <= set(o)
     assert {o["name"]: o["engine"] for o in p["ops"]}["attn"] == "tensor"
     assert sum(o["ms"] for o in p["ops"]) == pytest.approx(p["total_ms"], rel=1e-6)
+    res = p["residency"]
+    assert {"sram", "dram", "stream", "tensors"} <= set(res)
+    assert all(t["reason"] for t in res["tensors"])          # every tensor off SRAM says why
+    assert {t["name"] for t in res["tensors"] if "attention operand" in t["reason"]} >= {"q", "k", "v"}
+    (blk,) = p["attention_blocks"]
+    assert blk["name"] == "attn" and blk["row_tiles"] == 1
     bd = p["attention_breakdown"]
     assert bd["block"] == "attn"
     assert set(bd["rows"]) == set(ATTENTION_ROLES)
