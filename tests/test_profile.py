@@ -218,6 +218,10 @@ def test_target_file_can_change_the_numbers(attn_model, tmp_path):
     assert b["engines_ms"]["tensor"] == pytest.approx(a["engines_ms"]["tensor"])
 
 
+def test_sram_budget_needs_explain_tiling(attn_model):
+    assert_user_error(*run_cli("profile", str(attn_model), "--sram-budget", "1MiB"), "--explain-tiling")
+
+
 def test_negative_top(attn_model):
     assert_user_error(*run_cli("profile", str(attn_model), "--top", "-1"), "--top")
 

@@ -108,6 +108,8 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
         raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     if top < 0:
         raise BuildError(f"--top must be 0 or more, got {top}")
+    if sram_budget is not None and not explain_tiling:
+        raise BuildError("--sram-budget only applies to --explain-tiling (the profile prices the build's own tiling)")
     tgt = edgefc.get_target(target)
     if not hasattr(tgt, "profile"):
         raise TargetError(f"target '{tgt.name}' has no cost model to profile with")
