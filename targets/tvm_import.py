@@ -64,12 +64,14 @@ def _s(v, default=""):
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def prepare_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` ready for import: local functions we do not convert are inlined,
-    every node has a unique name."""
-    model_copy = onnx.ModelProto()
-    model_copy.CopyFrom(model)
-    model = model_copy
+def prepare_model(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
+    """``model`` ready for import: local functions we do not convert are inlined, every node has
+    a unique name. With ``copy=False`` the model is changed in place (no second copy of the
+    weights at full size)."""
+    if copy:
+        model_copy = onnx.ModelProto()
+        model_copy.CopyFrom(model)
+        model = model_copy
     inline = [(f.domain, f.name) for f in model.functions if (_domain(f.domain), f.name) not in CONVERTED_OPS]
     if inline:
         model = onnx.inliner.inline_selected_functions(model, inline)
@@ -341,7 +343,16 @@ def _importer_class():
                     sym = self.bb.normalize(sym)
             else:
                 sym = super()._convert_operator(op_name, inputs, attrs, opset)
+                sym = self._safe_take(sym)
             return self._bind(sym, index)
+
+        def _safe_take(self, sym):
+            """The frontend's Gather is ``take(mode="fast")``, which reads out of bounds on a bad
+            index (a token id past the vocabulary); clamp instead, as a deployed library must."""
+            if (isinstance(sym, relax.Call) and getattr(sym.op, "name", "") == "relax.take"
+                    and str(sym.attrs.mode) == "fast"):
+                return self.bb.normalize(relax.op.take(sym.args[0], sym.args[1], sym.attrs.axis, mode="clip"))
+            return sym
 
         def _bind(self, sym, index):
             """Bind the node's tensor result(s) to variables named after the node."""

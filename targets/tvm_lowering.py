@@ -87,7 +87,7 @@ class Lowering:
 
     mod: object
     programs: list[dict]
-    params: list[tuple[str, np.ndarray]]
+    params: list[tuple[str, object]]  # (name, tvm.runtime.Tensor), the trailing params of main
     inputs: list[dict]
     outputs: list[str]
     partition: dict
@@ -222,13 +222,15 @@ def _lift_params(mod, min_bytes: int = PARAM_MIN_BYTES):
     new_main = relax.Function(new_params, body, main.ty.ret if hasattr(main.ty, "ret") else None,
                               main.is_pure, main.attrs, main.span)
     mod["main"] = new_main
-    return mod, [(name, arr.numpy()) for name, arr in params]
+    return mod, params
 
 
-def lower(model: onnx.ModelProto, progress=None, row_granularity: int = 1) -> Lowering:
+def lower(model: onnx.ModelProto, progress=None, row_granularity: int = 1, consume: bool = False) -> Lowering:
     """Import, partition, report and codegen ``model`` (the compiled graph, weights included).
 
-    ``row_granularity``: the target's query-row granule, which fixes TiledAttention's row tiles."""
+    ``row_granularity``: the target's query-row granule, which fixes TiledAttention's row tiles.
+    ``consume=True`` lets the lowering take ``model`` apart (its weights are dropped once TVM
+    holds them), which keeps one copy of the weights in memory at full size."""
     from tvm import relax
 
     def step(msg):
@@ -238,9 +240,15 @@ def lower(model: onnx.ModelProto, progress=None, row_granularity: int = 1) -> Lo
     seconds = {}
     t0 = time.perf_counter()
     step("tvm: import")
-    prepared = tvm_import.prepare_model(model)
+    prepared = tvm_import.prepare_model(model, copy=not consume)
     nodes = tvm_import.node_table(prepared)
+    inputs = [{"name": vi.name, "shape": [d.dim_value for d in vi.type.tensor_type.shape.dim],
+               "dtype": str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)))}
+              for vi in prepared.graph.input if vi.name not in {t.name for t in prepared.graph.initializer}]
+    outputs = [o.name for o in prepared.graph.output]
     mod = tvm_import.import_model(prepared, row_granularity)
+    if consume or prepared is not model:
+        del prepared.graph.initializer[:]  # TVM holds the weights now
     seconds["import"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     step("tvm: partition")
@@ -260,10 +268,6 @@ def lower(model: onnx.ModelProto, progress=None, row_granularity: int = 1) -> Lo
     tvm_npu.COLLECTED.clear()
     mod, params = _lift_params(mod)
     seconds["codegen"] = time.perf_counter() - t0
-    inputs = [{"name": vi.name, "shape": [d.dim_value for d in vi.type.tensor_type.shape.dim],
-               "dtype": str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)))}
-              for vi in prepared.graph.input if vi.name not in {t.name for t in prepared.graph.initializer}]
-    outputs = [o.name for o in prepared.graph.output]
     partition["commands"] = sum(len(p["commands"]) for p in programs)
     return Lowering(mod, programs, params, inputs, outputs, partition, seconds)
 
@@ -353,8 +357,7 @@ def write_build(lowering: Lowering, out_dir: Path, *, aarch64: bool = True, prog
         seconds["build_aarch64"] = time.perf_counter() - t0
     (out_dir / "npu_programs.json").write_text(json.dumps({"programs": lowering.programs}) + "\n")
     if lowering.params:
-        tvm.runtime.save_param_dict_to_file({n: tvm.runtime.tensor(a) for n, a in lowering.params},
-                                            str(out_dir / "host_params.bin"))
+        tvm.runtime.save_param_dict_to_file(dict(lowering.params), str(out_dir / "host_params.bin"))
     meta = {
         "format": 1,
         "inputs": lowering.inputs,
@@ -392,8 +395,7 @@ def emit_tvm(graph, out_dir, ctx, report) -> None:
         print(f"  {msg} ...", file=sys.stderr, flush=True)
 
     find_cross_linker()  # no linker: fail before any work
-    model = ir.to_model(graph)
-    lowering = lower(model, progress=progress, row_granularity=row_granularity(ctx.target))
+    lowering = lower(ir.to_model(graph), progress=progress, row_granularity=row_granularity(ctx.target), consume=True)
     report["partition"] = ctx.report["partition"] = lowering.partition
     report["tvm"] = write_build(lowering, Path(out_dir), progress=progress)
 

@@ -142,7 +142,8 @@ def _conv2d(args, attrs, shape, dtype):
 
 
 def _matmul(args, attrs, shape, dtype):
-    return np.matmul(_f(args[0]), _f(args[1]))
+    # contiguous operands: numpy only hands contiguous (or simply transposed) blocks to BLAS
+    return np.matmul(np.ascontiguousarray(_f(args[0])), np.ascontiguousarray(_f(args[1])))
 
 
 def _softmax(x, axis):
@@ -396,10 +397,12 @@ def host_reason(call) -> str | None:
     if op not in KERNELS:
         return f"no NPU pattern for {op.removeprefix('relax.')}"
     tensors = _tensor_types(call) + [t for a in call.args for t in _arg_tensor_types(a)]
+    # int32 enters the NPU only as a quantized bias, dequantized into the accumulators
+    allowed = NPU_DTYPES | {"int32"} if op == "relax.dequantize" else NPU_DTYPES
     for ty in tensors:
         if _static(ty) is None:
             return f"{op.removeprefix('relax.')} has a dynamic shape"
-        if str(ty.dtype) not in NPU_DTYPES:
+        if str(ty.dtype) not in allowed:
             return f"{op.removeprefix('relax.')} on {ty.dtype} tensors (the NPU holds fp32/fp16/int8/int16)"
     attrs = call.attrs
     if op == "relax.nn.conv2d" and (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"):
