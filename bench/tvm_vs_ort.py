@@ -34,8 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import edgefc  # noqa: E402
-from edgefc import ort  # noqa: E402
+import edgefc
+from edgefc import ort
 
 COMPONENTS = ("text-encoder", "unet", "vae-decoder")
 SHARED = Path("/tmp/edgefc-models")
@@ -68,7 +68,6 @@ def median_ms(fn, runs: int) -> float:
 
 def bench(model: Path, runs: int, options: dict, workdir: Path) -> dict:
     import onnxruntime
-
     from edgefc.targets.tvm_lowering import load_build
 
     out = workdir / model.stem
