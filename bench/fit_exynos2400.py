@@ -50,7 +50,7 @@ FREE = [
     ("vector.cycles_per_element.exp", 1.0, 16.0, "one to sixteen lane-cycles per exponential"),
     ("vector.cycles_per_element.divide", 1.0, 16.0, "one to sixteen lane-cycles per division"),
     ("dma.efficiency", 0.05, 1.0, "fraction of the 68.3 GB/s peak"),
-    ("dispatch.cycles", 1.0, 600_000.0, "up to ~500 us to launch an engine command"),
+    ("dispatch.cycles", 1.0, 600_000.0, "up to ~500 us to launch an op"),
     ("handoff.cycles", 1.0, 100_000.0, "up to ~85 us per engine-to-engine synchronisation"),
 ]
 

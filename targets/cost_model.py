@@ -21,9 +21,10 @@ One formula per command kind, shared by every op (no per-op or per-table-row con
 
 * host: ``host.sync_cycles + elements * host.cycles_per_element``.
 
-A command costs ``repeat`` times one instance. Launching an op's engine commands takes
-``dispatch.cycles`` each (``Command.dispatches``); the command processor prepares the next op
-while the current one runs, so an op occupies the NPU for at least its dispatch time:
+A command costs ``repeat`` times one instance. Launching an op takes ``dispatch.cycles``
+(``Command.dispatches``: 1 on the op's first engine command; a fused attention is one op); the
+command processor prepares the next op while the current one runs, so an op occupies the NPU for
+at least its dispatch time:
 
     op cycles = max(sum of its commands' cycles, dispatch.cycles * its dispatches)
 

@@ -77,7 +77,7 @@ VECTOR_PASSES: dict[str, tuple] = {
 }
 # Ops whose work scales with their input elements (reductions, normalisations); others: output.
 INPUT_SIZED = {"Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
-               "GroupNormSiLU", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "GeGLU"}
+               "GroupNormSiLU", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2"}
 
 # Producer -> consumer streaming (a two-op cascade, as Arm Vela's cascading): a tensor too big
 # for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
@@ -216,8 +216,8 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, op: s
     tensor engine, softmax on the vector engine, S_out x V on the tensor engine, store the output
     tile. When the tile's working set exceeds SRAM, S_in and S_out each make a DRAM round trip
     (store + load). Every tile pays the engine hand-offs QK^T -> softmax -> S x V, one on each
-    side of each hand-off: 1 on each matmul, 2 on the softmax. Each engine command is dispatched
-    once for the whole block.
+    side of each hand-off: 1 on each matmul, 2 on the softmax. The block is one op: it is
+    dispatched once (its command list runs every tile).
     """
     op = op or spec.name
     g, b = geo.channel_granularity, spec.act_bytes
@@ -247,14 +247,14 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, op: s
             if spill:
                 cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * b, role="store_s_in", **kw))
                 cmds.append(Command("load", tensor=f"{op}:S_in", bytes=s * b, role="load_s_in", **kw))
-            cmds.append(Command("vector", elements=s, passes=softmax, dispatches=first, handoffs=2,
+            cmds.append(Command("vector", elements=s, passes=softmax, handoffs=2,
                                 role="softmax", **kw))
             if spill:
                 cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * b, role="store_s_out", **kw))
                 cmds.append(Command("load", tensor=f"{op}:S_out", bytes=s * b, role="load_s_out_v", **kw))
             cmds.append(Command("tensor", macs=hg * rows * spec.kv_len * spec.v_head_dim,
                                 padded_macs=hg * rows_p * kvp * dvp, out_elements=hg * rows * spec.v_head_dim,
-                                precision=prec, dispatches=first, handoffs=1, role="sv_matmul", **kw))
+                                precision=prec, handoffs=1, role="sv_matmul", **kw))
             cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvp * b, run_bytes=dvp * b,
                                 role="store_out", **kw))
             first = 0
