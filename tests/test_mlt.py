@@ -403,3 +403,45 @@ def test_cli_profile_explain_tiling(tmp_path):
     assert "self_attn: 8 heads x 1024 x 1024" in res.output and "<- chosen" in res.output
     res = CliRunner().invoke(cli_mod.cli, ["profile", str(path), "--explain-tiling", "--sram-budget", "1KiB"])
     assert res.exit_code == 0 and "no tiling fits" in res.output and "--sram-budget" in res.output
+
+
+# --- full size (slow) ------------------------------------------------------------------------------
+
+FULL_UNET = Path("/tmp/edgefc-models/unet-bk-sdm-tiny.onnx")
+
+
+@pytest.mark.slow
+def test_full_size_self_attention_tile_by_tile():
+    """The 64x64 self-attention of the BK-SDM-Tiny U-Net (8 heads x 4096 x 4096, head dim 40) at the
+    real target's tiling: numpy tile by tile and onnxruntime's TiledAttention vs the untiled op."""
+    tgt = edgefc.get_target("exynos2400")
+    if not tile_solver.has_cost_model(tgt):
+        pytest.skip("the exynos2400 target has no cost model yet")
+    spec = AttentionSpec("self64", 1, 8, 4096, 4096, 40, 40, 2)
+    sol = tile_solver.solve(spec, tgt, tile_solver.default_budget(tgt))
+    assert sol.tiling.tiles > 1
+    rng = np.random.default_rng(0)
+    q, k, v = qkv(rng, 1, 4096, 4096, 8, 40, 40)
+    scale = 40 ** -0.5
+    ref = run_model(attention_node_model(1, 4096, 4096, 8, 40, 40, scale=scale), {"Q": q, "K": k, "V": v})
+    y = mlt.tiled_attention_numpy(q, k, v, 8, scale, False, sol.tiling, edgefc.attention.row_granularity(tgt))
+    assert np.abs(y - ref).max() <= 1e-5
+    y = run_model(attention_node_model(1, 4096, 4096, 8, 40, 40, scale=scale, tiling=sol.tiling), {"Q": q, "K": k, "V": v})
+    assert np.abs(y - ref).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_full_size_unet_tiled_matches_onnxruntime():
+    """Full-size BK-SDM-Tiny U-Net: canonicalize + fuse + mlt (tiled for the deployed INT16
+    activations) against onnxruntime on the unoptimised export."""
+    if not FULL_UNET.is_file():
+        pytest.skip(f"{FULL_UNET} is not there")
+    res = edgefc.compile(FULL_UNET, "exynos2400", passes=["canonicalize", "fuse", "mlt"],
+                         options={"precision": "w8a16"})
+    assert res.report["tiling"]["tiled"] >= 6
+    feeds = ort.random_inputs(res.graph, seed=0)
+    out = ort.run(ir.to_model(res.graph), feeds)
+    del res
+    ref = ort.run(FULL_UNET, feeds)
+    for k in ref:
+        assert np.abs(ref[k] - out[k]).max() <= 1e-4 * float(np.abs(ref[k]).max())
