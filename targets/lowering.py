@@ -395,11 +395,18 @@ def attention_spec(node: gs.Node, act_bytes: int) -> AttentionSpec:
         return spec_from_node(node, act_bytes)
     except ValueError as e:
         shapes = [_shape(t) for t in node.inputs[:3]]
+        causal = bool(int(node.attrs.get("is_causal", 0) or 0))
+        heads = int(node.attrs.get("q_num_heads", 0) or 0)
         if len(shapes) == 3 and all(s is not None and len(s) == 4 for s in shapes):
             (b, h, sq, dk), k, v = shapes
             return AttentionSpec(name=node.name, batch=b, heads=h, q_len=sq, kv_len=k[2], head_dim=dk,
-                                 v_head_dim=v[3], act_bytes=int(act_bytes),
-                                 causal=bool(int(node.attrs.get("is_causal", 0) or 0)))
+                                 v_head_dim=v[3], act_bytes=int(act_bytes), causal=causal)
+        if (len(shapes) == 3 and all(s is not None and len(s) == 3 for s in shapes) and heads > 0
+                and shapes[0][2] % heads == 0 and shapes[2][2] % heads == 0):
+            # 3D form with a mask input (or another attribute the tiling solver does not take)
+            (b, sq, e), k, v = shapes
+            return AttentionSpec(name=node.name, batch=b, heads=heads, q_len=sq, kv_len=k[1], head_dim=e // heads,
+                                 v_head_dim=v[2] // heads, act_bytes=int(act_bytes), causal=causal)
         raise BuildError(f"cannot lower attention '{node.name}': {e}") from None
 
 
@@ -530,6 +537,8 @@ class _Lowering:
                             in_dram.add(r)
                         why.setdefault(r, f"evicted for {node.name} (its tiles need the SRAM)")
                         del resident[r]
+                    for r in act_in[3:]:   # a mask input: read once from DRAM
+                        self._dma("load", node, r, spill=False)
                     prog.commands.extend(lower_attention(spec, tiling, self.geo, op=node.name, op_type=node.op,
                                                          loop_base=self.loops))
                     self.loops += 1 << 20

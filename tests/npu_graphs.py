@@ -84,7 +84,8 @@ def conv_model(cin: int, cout: int, hw: int, k: int = 3, dtype=np.float32, qdq: 
 
 
 def attention_model(seq: int = 256, heads: int = 4, head_dim: int = 40, kv_seq: int | None = None,
-                    dtype=np.float32, tiling: tuple[int, int] | None = None, causal: bool = False) -> onnx.ModelProto:
+                    dtype=np.float32, tiling: tuple[int, int] | None = None, causal: bool = False,
+                    mask: bool = False) -> onnx.ModelProto:
     """x[1,seq,C] -> Q/K/V projections -> Attention-23 (3D form; or edgefc TiledAttention with
     ``tiling=(row_tiles, head_tiles)``) -> out projection -> y. The attention node is named "attn"."""
     rng = np.random.default_rng(0)
@@ -97,16 +98,24 @@ def attention_model(seq: int = 256, heads: int = 4, head_dim: int = 40, kv_seq: 
              helper.make_node("MatMul", ["ctx", "wk"], ["k"], name="to_k"),
              helper.make_node("MatMul", ["ctx", "wv"], ["v"], name="to_v")]
     attrs = {"q_num_heads": heads, "kv_num_heads": heads, "scale": float(head_dim) ** -0.5, "is_causal": int(causal)}
+    if mask:
+        inits.append(numpy_helper.from_array(np.zeros((seq, kv_seq), dtype), "mask_c"))
+        nodes.append(helper.make_node("Add", ["mask_c", "zero_bias"], ["mask"], name="mask_op"))
+        inputs_extra = [helper.make_tensor_value_info("zero_bias", t, [seq, kv_seq])]
+    else:
+        inputs_extra = []
     if tiling is None:
-        nodes.append(helper.make_node("Attention", ["q", "k", "v"], ["a"], name="attn", **attrs))
+        nodes.append(helper.make_node("Attention", ["q", "k", "v"] + (["mask"] if mask else []), ["a"], name="attn",
+                                      **attrs))
     else:
         nodes.append(helper.make_node("TiledAttention", ["q", "k", "v"], ["a"], name="attn", domain="edgefc",
                                       row_tiles=tiling[0], head_tiles=tiling[1], **attrs))
     nodes.append(helper.make_node("MatMul", ["a", "wo"], ["y"], name="to_out"))
     inputs = [helper.make_tensor_value_info("x", t, [1, seq, c]), helper.make_tensor_value_info("ctx", t, [1, kv_seq, c])]
     if kv_seq == seq:
-        nodes = [helper.make_node("Identity", ["x"], ["ctx"], name="self")] + nodes
+        nodes = [helper.make_node("Identity", ["x"], ["ctx"], name="self"), *nodes]
         inputs = inputs[:1]
+    inputs += inputs_extra
     value_info = {"q": [1, seq, c], "k": [1, kv_seq, c], "v": [1, kv_seq, c], "a": [1, seq, c]}
     model = _model(nodes, inputs, [helper.make_tensor_value_info("y", t, [1, seq, c])], inits)
     model.graph.value_info.extend(helper.make_tensor_value_info(n, t, s) for n, s in value_info.items())

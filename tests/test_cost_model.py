@@ -164,6 +164,17 @@ def test_attention_cycles_equal_what_the_profile_reports(target, tiling):
     assert prof.attention_breakdown["block"] == "attn"
 
 
+def test_attention_with_a_mask_input_is_priced_with_the_mask_read(target):
+    prof = target.profile(graph_of(npu_graphs.attention_model(seq=256, heads=4, head_dim=40, mask=True)), "fp16")
+    row = next(r for r in prof.ops if r.name == "attn")
+    spec = AttentionSpec("attn", 1, 4, 256, 256, 40, 40, 2)
+    mask_load = next(c for c in prof.program.commands if c.op == "attn" and c.tensor == "mask")
+    assert mask_load.bytes == 256 * 256 * 2
+    block = sum(command_cycles(target.params, c) for c in target.attention_commands(spec, Tiling(1, 1)))
+    mask = dma_cycles(target.params, 256 * 256 * 2)
+    assert row.cycles == pytest.approx(max(block + mask, num("dispatch.cycles")))
+
+
 def test_attention_spills_exactly_when_the_tile_does_not_fit(target):
     spec = AttentionSpec("a", 1, 8, 1024, 1024, 40, 40, 2)
     big = target.attention_sram_bytes(spec, Tiling(1, 1))
