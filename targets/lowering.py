@@ -404,8 +404,8 @@ def attention_spec(node: gs.Node, act_bytes: int) -> AttentionSpec:
         if (len(shapes) == 3 and all(s is not None and len(s) == 3 for s in shapes) and heads > 0
                 and shapes[0][2] % heads == 0 and shapes[2][2] % heads == 0):
             # 3D form with a mask input (or another attribute the tiling solver does not take)
-            (b, sq, e), k, v = shapes
-            return AttentionSpec(name=node.name, batch=b, heads=heads, q_len=sq, kv_len=k[1], head_dim=e // heads,
+            (b, sq, width), k, v = shapes
+            return AttentionSpec(name=node.name, batch=b, heads=heads, q_len=sq, kv_len=k[1], head_dim=width // heads,
                                  v_head_dim=v[2] // heads, act_bytes=int(act_bytes), causal=causal)
         raise BuildError(f"cannot lower attention '{node.name}': {e}") from None
 
