@@ -520,3 +520,26 @@ def test_emit_without_cross_linker_fails_cleanly(tmp_path, capsys, monkeypatch):
     assert "Traceback" not in err
     assert not (tmp_path / "b").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]
+
+
+@pytest.mark.parametrize("causal", [0, 1])
+def test_attention_4d_form_and_default_scale(tmp_path, causal):
+    """Attention-23 in the 4D form ([B, H, S, d]) with the default scale 1/sqrt(d)."""
+    q = h.make_tensor_value_info("q", TP.FLOAT, [1, 2, 5, 8])
+    k = h.make_tensor_value_info("k", TP.FLOAT, [1, 2, 6, 8])
+    v = h.make_tensor_value_info("v", TP.FLOAT, [1, 2, 6, 4])
+    y = h.make_tensor_value_info("y", TP.FLOAT, [1, 2, 5, 4])
+    node = h.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=causal, name="att")
+    model = h.make_model(h.make_graph([node], "g", [q, k, v], [y]), opset_imports=OPSET[:1])
+    runner, lowering = _build(model, tmp_path)
+    feeds = ort.random_inputs(model, seed=3)
+    assert _rel(ort.run(model, feeds), runner.run(feeds)) <= 1e-5
+    assert lowering.partition["ops"][0]["macs"] == 2 * 5 * 6 * (8 + 4)
+
+
+def test_unknown_edgefc_op_is_named():
+    x = h.make_tensor_value_info("x", TP.FLOAT, [1, 4])
+    model = h.make_model(h.make_graph([h.make_node("Frobnicate", ["x"], ["y"], domain="edgefc")], "g", [x],
+                                      [h.make_tensor_value_info("y", TP.FLOAT, [1, 4])]), opset_imports=OPSET)
+    with pytest.raises(BuildError, match="edgefc.Frobnicate"):
+        tvm_lowering.lower(model)
