@@ -4,3 +4,4 @@
 from edgefc.passes import canonicalize  # noqa: F401
 from edgefc.passes import mlt  # noqa: F401
 from edgefc.passes import fusion  # noqa: F401
+from edgefc.passes import quantize  # noqa: F401

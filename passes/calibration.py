@@ -260,6 +260,19 @@ def load_npz(path: str | os.PathLike, graph: gs.Graph, n: int | None = None) -> 
 
 # --- models on disk -----------------------------------------------------------------------------
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise:
+    after large weight arrays are freed, the process would stay at its peak size)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def session_options() -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -280,7 +293,9 @@ class DiskModel:
         path = self.folder / f"{name}.onnx"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{name}.data", size_threshold=1024)
-        # save_model moved the weights out of ``model``: what is left is the skeleton
+        del model  # its protobuf arena still holds the weights' bytes: read the skeleton back instead
+        release_memory()
+        model = onnx.load(str(path), load_external_data=False)
         self.proto = model
         self.path = path
         self.initializers = {t.name: t for t in model.graph.initializer}
@@ -459,6 +474,7 @@ def collect_stats(model: DiskModel, samples: list[dict], tensors: list[str],
         del values
         stats.runs += 1
     del sess
+    release_memory()
     stats.seconds = time.perf_counter() - start
     return stats
 

@@ -259,6 +259,7 @@ def apply_w8a16(graph: gs.Graph, plan: qp.W8A16Plan, ranges: dict[str, tuple[flo
                 else:
                     skipped += 1
     done.clear()
+    cal.release_memory()
     tensors = graph.tensors()
     for name in plan.quantized:
         root = plan.inherits.get(name, name)
@@ -436,26 +437,38 @@ def _layer_clones(ref: cal.DiskModel, dep: cal.DiskModel, aliases: dict[str, str
 
 
 def evaluate(ref: cal.DiskModel, dep: cal.DiskModel, aliases: dict[str, str], heldout: list[dict],
-             progress: bool = True) -> dict:
-    """SQNR / cosine of the deployed model vs the reference on ``heldout``, and per-layer SQNR."""
+             progress: bool = True, layer_samples: int = 2) -> dict:
+    """SQNR / cosine of the deployed model vs the reference on ``heldout``, and per-layer SQNR on
+    the first ``layer_samples`` of them (the probes double the reference's compute)."""
     start = time.perf_counter()
     nodes, inits, layers = _layer_clones(ref, dep, aliases)
     outputs = [o for o in ref.output_names]
     probe = [x for _, _, e, s in layers for x in (e, s)]
-    path = ref.variant("eval-reference", nodes, outputs + probe, inits)
-    sess = ref.session(path)
     err = np.zeros(len(layers))
     sig = np.zeros(len(layers))
     refs = []
-    names = outputs + probe
-    for feeds in cal._progress(heldout, "evaluating (fp32 + per-layer)", len(heldout), progress):
-        vals = sess.run(names, feeds)
-        refs.append(vals[:len(outputs)])
-        probe_vals = vals[len(outputs):]
-        err += np.array([float(v) for v in probe_vals[0::2]])
-        sig += np.array([float(v) for v in probe_vals[1::2]])
-        del vals, probe_vals
-    del sess
+    k = max(0, min(layer_samples, len(heldout)))
+    if k and layers:
+        path = ref.variant("eval-reference", nodes, outputs + probe, inits)
+        sess = ref.session(path)
+        names = outputs + probe
+        for feeds in cal._progress(heldout[:k], "evaluating (fp32 + per-layer)", k, progress):
+            vals = sess.run(names, feeds)
+            refs.append(vals[:len(outputs)])
+            probe_vals = vals[len(outputs):]
+            err += np.array([float(v) for v in probe_vals[0::2]])
+            sig += np.array([float(v) for v in probe_vals[1::2]])
+            del vals, probe_vals
+        del sess
+        cal.release_memory()
+    else:
+        k = 0
+    if k < len(heldout):
+        sess = ref.session()
+        for feeds in cal._progress(heldout[k:], "evaluating (fp32)", len(heldout) - k, progress):
+            refs.append(sess.run(outputs, feeds))
+        del sess
+    cal.release_memory()
     sess = dep.session()
     dep_out = [o.name for o in sess.get_outputs()]
     order = [dep_out.index(o) for o in outputs]
@@ -486,6 +499,7 @@ def evaluate(ref: cal.DiskModel, dep: cal.DiskModel, aliases: dict[str, str], he
         "cosine_per_input": [round(c, 7) for c in cosines],
         "worst_layers": [{"layer": n, "op": op, "sqnr_db": _finite(v)} for v, n, op in layer_sqnr[:WORST_LAYERS]],
         "layers_checked": len(layers),
+        "layer_sqnr_inputs": k,
         "eval_seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -603,7 +617,9 @@ class Quantize(Pass):
             calib_info["headroom"] = h
         calib_info["seconds"] = round(stats.seconds, 2)
         outputs_before = [t.name for t in graph.outputs]
+        del tensors
         counts = apply_w8a16(graph, plan, ranges, stats.means, policy)
+        cal.release_memory()
         aliases = {f"{n}__float": n for n in outputs_before}
         details = {
             "weights": {"scheme": "int8 symmetric per output channel", "quantized": len({w for w in plan.weights}),

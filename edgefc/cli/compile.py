@@ -40,6 +40,15 @@ def _demo_model() -> Path:
     return path
 
 
+def _calib_file(ctx, param, value):
+    """Fail before any compiling when --calib names no file (one line, exit 2)."""
+    if value is not None and not value.is_file():
+        from edgefc.errors import QuantizationError
+
+        raise QuantizationError(f"calibration file not found: {value}")
+    return value
+
+
 @click.command("compile")
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--target", "-t", default="exynos2400", show_default=True,
@@ -67,6 +76,20 @@ def _demo_model() -> Path:
 @click.option("--no-fuse", "no_fuse", multiple=True, metavar="FUSION",
               help="Skip one fusion of the fuse pass (attention, groupnorm, layernorm, gelu, geglu, matmul-bias, "
                    "epilogue, identity; repeatable).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "w8a16"]), default="auto", show_default=True,
+              help="Deployed precision (quantize): auto = FP16 text encoder / VAE decoder, W8A16 U-Net on NPU targets.")
+@click.option("--component", type=click.Choice(["text-encoder", "unet", "vae-decoder"]),
+              help="Which model this is, for --precision auto and calibration data (default: from the input names).")
+@click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), callback=_calib_file, metavar="FILE.npz",
+              help="Calibration inputs: one array per model input ([N, *shape]); default: generated per component.")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax", show_default=True,
+              help="How W8A16 activation ranges are chosen from the calibration data.")
+@click.option("--calib-samples", type=click.IntRange(min=1), metavar="N",
+              help="Calibration inputs to use (default: 8 for the U-Net and text encoder, 1 for the VAE decoder).")
+@click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="PATTERN",
+              help="Keep matching nodes in FP32: node-name glob, re:REGEX or op type (repeatable).")
+@click.option("--eval-samples", type=click.IntRange(min=0), metavar="N",
+              help="Held-out inputs for the quantization SQNR in report.json (default 8; 2 for the VAE; 0 skips).")
 def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_after, demo, **pass_options):
     """Compile an ONNX MODEL for a target and write a build folder.
 

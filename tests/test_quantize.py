@@ -1,0 +1,416 @@
+"""Pass ``quantize`` (W8A16 / FP16 PTQ) on the tiny exports, fused and unfused.
+
+Every quantized model is run by onnxruntime against the FP32 graph; thresholds are set so a broken
+quantizer (wrong channel axis, missing scale, clipped ranges, FP16 overflow) fails them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+import edgefc
+from edgefc import ort
+from edgefc.errors import QuantizationError
+from edgefc.pass_base import PassContext
+from edgefc.passes import calibration as cal
+from edgefc.passes import quant_policy as qp
+from edgefc.passes import quantize as quant
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-c", "from edgefc.cli import main; main()", *args],
+                          capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def assert_user_error(rc: int, out: str, *needles: str) -> None:
+    assert rc == 2, out
+    assert "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 or all("it/s" in ln or ln.startswith("compiling") or ln.startswith("  pass") for ln in lines[:-1]), out
+    for n in needles:
+        assert n in out, out
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny_models):
+    """component -> {"canonical": Graph, "fused": Graph} (tiny bk-sdm-tiny exports)."""
+    out = {}
+    for comp, path in tiny_models.items():
+        canonical = edgefc.PassManager(["canonicalize"]).run(edgefc.load(path), PassContext())
+        fused = edgefc.PassManager(["fuse"]).run(canonical.copy(), PassContext())
+        out[comp] = {"canonical": canonical, "fused": fused, "path": path}
+    return out
+
+
+def quantize(graph: gs.Graph, **options) -> tuple[gs.Graph, dict]:
+    options.setdefault("progress", False)
+    options.setdefault("eval_samples", 3)
+    ctx = PassContext(options=options)
+    out = edgefc.PassManager(["quantize"]).run(graph.copy(), ctx)
+    return out, ctx.report["quantization"]
+
+
+def heldout_sqnr(reference: gs.Graph, quantized: gs.Graph, component: str, n: int = 3) -> list[float]:
+    """Independent check: our own onnxruntime runs of both graphs on fresh inputs."""
+    samples, _ = cal.generate(reference, component, n, seed=4242)
+    ref_s, q_s = ort.session(reference), ort.session(quantized)
+    out = []
+    for feeds in samples:
+        r, q = ort.run(ref_s, feeds), ort.run(q_s, feeds)
+        rv = np.concatenate([np.asarray(v, np.float64).ravel() for v in r.values()])
+        qv = np.concatenate([np.asarray(q[k], np.float64).ravel() for k in r])
+        out.append(quant.sqnr_db(rv, qv))
+    return out
+
+
+def _ops(graph):
+    return [n.op for n in graph.nodes]
+
+
+# --- W8A16 --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["fused", "canonical"])
+def test_unet_w8a16_runs_in_onnxruntime_with_high_sqnr(graphs, form):
+    ref = graphs["unet"][form]
+    q, report = quantize(ref, precision="w8a16")
+    assert report["precision"] == "w8a16" and report["component"] == "unet"
+    # what the issue asks for: INT8 per-channel weights, INT16 per-tensor activations, opset 23
+    dqs = [n for n in q.nodes if n.op == "DequantizeLinear"]
+    weights = [n for n in dqs if isinstance(n.inputs[0], gs.Constant)]
+    assert weights and all(n.inputs[0].values.dtype == np.int8 and "axis" in n.attrs for n in weights)
+    assert all(n.inputs[1].values.ndim == 1 and n.inputs[1].values.size == n.inputs[0].shape[n.attrs["axis"]] for n in weights)
+    acts = [n for n in q.nodes if n.op == "QuantizeLinear"]
+    assert acts and all(n.outputs[0].dtype == np.int16 and n.inputs[1].values.ndim == 0 for n in acts)
+    assert int(q.opset) == 23
+    weighted = [n for n in q.nodes if n.op in ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul")
+                and isinstance(n.inputs[1], gs.Constant)]
+    assert not weighted, [n.name for n in weighted]  # every weight goes through int8
+    if form == "fused":  # the attention projections' weights are int8, Q/K/V/output int16
+        att = next(n for n in q.nodes if n.op == "Attention")
+        for t in att.inputs[:3]:
+            assert t.inputs[0].op == "DequantizeLinear"
+            mm = t.inputs[0].inputs[0].inputs[0].inputs[0]  # DQ <- Q <- projection
+            assert mm.inputs[1].inputs[0].op == "DequantizeLinear"
+    # the pass's own figure and an independent one on other inputs
+    assert report["sqnr_db"] > 33, report["sqnr_db_per_input"]
+    assert min(report["sqnr_db_per_input"]) > 30
+    assert report["cosine"] > 0.999
+    mine = heldout_sqnr(ref, q, "unet")
+    assert min(mine) > 30, mine
+    assert len(report["worst_layers"]) == 10
+    assert all(40 < w["sqnr_db"] < 60 for w in report["worst_layers"]), report["worst_layers"]
+
+
+def test_report_keys_and_dtypes(graphs):
+    q, r = quantize(graphs["unet"]["fused"], precision="w8a16")
+    for key in ("precision", "dtypes", "sqnr_db", "sqnr_db_per_input", "cosine", "worst_layers", "calibration"):
+        assert key in r, key
+    assert set(r["dtypes"]["weights"]) >= {"int8"} and set(r["dtypes"]["activations"]) == {"int16", "float32"} - (
+        set() if "float32" in r["dtypes"]["activations"] else {"float32"})
+    assert r["dtypes"]["activations"]["int16"]["tensors"] > 100
+    assert len(r["sqnr_db_per_input"]) == 3 and r["eval_inputs"]["timesteps"] == [0, 500, 999]
+    assert r["calibration"]["timesteps"][0] == 0 and r["calibration"]["timesteps"][-1] == 999
+    assert r["calibration"]["exhaustive"]["input"] == "timestep"
+    assert r["kept_higher_precision"]["periodic-arguments"]["count"] > 0
+    json.dumps(r)  # JSON-serialisable as report.json needs
+
+
+def test_timestep_path_stays_fp32_and_is_calibrated_over_all_timesteps(graphs):
+    q, r = quantize(graphs["unet"]["fused"], precision="w8a16")
+    sin = next(n for n in q.nodes if n.op == "Sin")
+    arg = sin.inputs[0]
+    assert arg.dtype == np.float32 and arg.inputs[0].op != "DequantizeLinear"  # no Q/DQ on t * freq
+    # a timestep outside the calibration set quantizes as well as one inside it
+    ref = graphs["unet"]["fused"]
+    samples, _ = cal.generate(ref, "unet", 2, seed=5)
+    for feeds in samples:
+        feeds["timestep"] = np.array([777], dtype=np.int64)
+    rs, qs = ort.session(ref), ort.session(q)
+    for feeds in samples:
+        assert quant.sqnr_db(ort.run(rs, feeds)["out_sample"], ort.run(qs, feeds)["out_sample"]) > 30
+
+
+def test_bias_correction_and_headroom_help(graphs):
+    ref = graphs["unet"]["fused"]
+    _, good = quantize(ref, precision="w8a16", eval_samples=4)
+    _, plain = quantize(ref, precision="w8a16", eval_samples=4,
+                        quant_policy=qp.QuantPolicy(bias_correction=False, activation_headroom=1.0))
+    assert good["weights"]["bias_corrected_layers"] > 0 and plain["weights"]["bias_corrected_layers"] == 0
+    assert good["sqnr_db"] > plain["sqnr_db"]
+
+
+def test_keep_fp32_override_keeps_a_layer_in_fp32(graphs):
+    ref = graphs["unet"]["fused"]
+    conv_out = next(n for n in ref.nodes if "conv_out" in n.name)
+    q, r = quantize(ref, precision="w8a16", keep_fp32=["*conv_out*"])
+    node = next(n for n in q.nodes if n.name == conv_out.name)
+    assert isinstance(node.inputs[1], gs.Constant) and node.inputs[1].values.dtype == np.float32
+    assert node.inputs[0].inputs[0].op != "DequantizeLinear"  # reads the fp32 tensor
+    assert not any(c.op == "QuantizeLinear" for c in node.outputs[0].outputs)
+    assert r["kept_higher_precision"]["--keep-fp32 *conv_out*"]["count"] == 1
+    # regex and op-type patterns
+    q2, _ = quantize(ref, precision="w8a16", keep_fp32=["re:conv_out/", "Gemm"], eval_samples=0)
+    assert all(isinstance(n.inputs[1], gs.Constant) for n in q2.nodes if n.op == "Gemm")
+    with pytest.raises(QuantizationError, match="matches no node"):
+        quantize(ref, precision="w8a16", keep_fp32=["*no_such_layer*"], eval_samples=0)
+
+
+def test_asymmetric_percentile_and_mse_methods_run(graphs):
+    ref = graphs["unet"]["fused"]
+    for method in ("percentile", "mse"):
+        q, r = quantize(ref, precision="w8a16", calib_method=method, calib_samples=2, eval_samples=2)
+        assert r["calibration"]["method"] == method and r["sqnr_db"] > 25
+    q, r = quantize(ref, precision="w8a16", calib_samples=2, eval_samples=2,
+                    quant_policy=qp.QuantPolicy(activation_symmetric=False))
+    zps = [int(n.inputs[2].values) for n in q.nodes if n.op == "QuantizeLinear"]
+    assert any(z != 0 for z in zps) and r["sqnr_db"] > 30
+
+
+def test_text_encoder_and_vae_w8a16(graphs):
+    for comp in ("text-encoder", "vae-decoder"):
+        q, r = quantize(graphs[comp]["fused"], precision="w8a16", calib_samples=2, eval_samples=2)
+        assert r["sqnr_db"] > 25, (comp, r["sqnr_db_per_input"])
+
+
+# --- FP16 ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("comp", ["text-encoder", "vae-decoder", "unet"])
+@pytest.mark.parametrize("form", ["fused", "canonical"])
+def test_fp16_runs_in_onnxruntime(graphs, comp, form):
+    ref = graphs[comp][form]
+    q, r = quantize(ref, precision="fp16")
+    assert r["precision"] == "fp16"
+    # FP32 at the boundary, FP16 inside
+    assert [t.name for t in q.inputs] == [t.name for t in ref.inputs]
+    assert [t.name for t in q.outputs] == [t.name for t in ref.outputs]
+    for a, b in zip(q.inputs, ref.inputs):
+        assert np.dtype(a.dtype) == np.dtype(b.dtype)
+    assert all(np.dtype(t.dtype) != np.float16 for t in q.outputs)
+    weights = [t for t in q.tensors().values() if isinstance(t, gs.Constant) and t.values.size > 16]
+    f16 = [t for t in weights if t.values.dtype == np.float16]
+    assert len(f16) > 0.8 * len([t for t in weights if np.issubdtype(t.values.dtype, np.floating)])
+    assert r["dtypes"]["activations"]["float16"]["tensors"] > 10
+    assert r["sqnr_db"] > 45, r["sqnr_db_per_input"]
+    mine = heldout_sqnr(ref, q, comp, n=2)
+    assert min(mine) > 45, mine
+
+
+def test_fp16_keeps_statistics_and_periodic_ops_in_fp32(graphs):
+    q, r = quantize(graphs["unet"]["canonical"], precision="fp16", eval_samples=1)
+    for n in q.nodes:
+        if n.op in ("Sin", "Cos", "InstanceNormalization"):
+            assert np.dtype(n.outputs[0].dtype) == np.float32, n.name
+    cast = next(n for n in q.nodes if n.op == "Cast" and n.inputs[0].name == "timestep" or
+                (n.op == "Cast" and n.inputs[0].dtype == np.int64))
+    assert cast.attrs["to"] == onnx.TensorProto.FLOAT
+    assert "norm-statistics" in r["kept_higher_precision"]
+
+
+def test_fp16_overflow_guard_keeps_large_tensors_fp32():
+    x = gs.Variable("x", dtype=np.float32, shape=[1, 8])
+    big = gs.Variable("big", dtype=np.float32, shape=[1, 8])
+    y = gs.Variable("y", dtype=np.float32, shape=[1, 8])
+    nodes = [gs.Node("Mul", name="scale_up", inputs=[x, gs.Constant("k", np.full([1, 8], 3e4, np.float32))], outputs=[big]),
+             gs.Node("Mul", name="scale_down", inputs=[big, gs.Constant("k2", np.full([1, 8], 1e-3, np.float32))], outputs=[y])]
+    g = gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=23)
+    q, r = quantize(g, precision="fp16", calib_samples=2, eval_samples=2)
+    assert "fp16-overflow" in r["kept_higher_precision"]
+    assert np.dtype(next(t for t in q.tensors().values() if t.name == "big").dtype) == np.float32
+    assert r["sqnr_db"] > 60
+    q2, r2 = quantize(g, precision="fp16", calib_samples=2, eval_samples=2,
+                      quant_policy=qp.QuantPolicy(rules={"fp16-overflow": False}))
+    assert r2["sqnr_db"] is None or r2["sqnr_db"] < 20  # inf in FP16: the guard is what saves it
+
+
+# --- auto / component ---------------------------------------------------------------------------
+
+def test_component_detection_and_auto_precision():
+    assert cal.detect_component(["sample", "timestep", "encoder_hidden_states"]) == "unet"
+    assert cal.detect_component(["input_ids"]) == "text-encoder"
+    assert cal.detect_component(["latent_sample"]) == "vae-decoder"
+    assert cal.detect_component(["x"]) is None
+    assert qp.resolve_precision("auto", "unet") == "w8a16"
+    assert qp.resolve_precision("auto", "text-encoder") == "fp16"
+    assert qp.resolve_precision("auto", "vae-decoder") == "fp16"
+    assert qp.resolve_precision("auto", None) == "fp32"
+
+
+def test_auto_is_the_npu_default_per_component(graphs):
+    for comp, want in (("unet", "w8a16"), ("text-encoder", "fp16")):
+        _, r = quantize(graphs[comp]["fused"], eval_samples=1, calib_samples=1)
+        assert r["precision"] == want and r["component_source"] == "inputs"
+    # --component overrides the input names (the VAE treated as a U-Net is W8A16)
+    _, r = quantize(graphs["vae-decoder"]["fused"], component="unet", eval_samples=1, calib_samples=1)
+    assert r["precision"] == "w8a16" and r["component_source"] == "--component"
+    # unknown model under auto: left in FP32, with the reason
+    x = gs.Variable("x", dtype=np.float32, shape=[1, 4])
+    y = gs.Variable("y", dtype=np.float32, shape=[1, 4])
+    g = gs.Graph(nodes=[gs.Node("Relu", inputs=[x], outputs=[y])], inputs=[x], outputs=[y], opset=23)
+    q, r = quantize(g)
+    assert r["precision"] == "fp32" and "reason" in r and _ops(q) == ["Relu"]
+    assert "quantize" in edgefc.default_pipeline(edgefc.get_target("exynos2400"), {})
+    assert "quantize" not in edgefc.default_pipeline(edgefc.get_target("exynos2400"), {"precision": "fp32"})
+
+
+# --- calibration data ---------------------------------------------------------------------------
+
+def test_generated_calibration_data(graphs):
+    g = graphs["unet"]["fused"]
+    s, info = cal.generate(g, "unet", 5, seed=1)
+    steps = [int(x["timestep"][0]) for x in s]
+    assert steps[0] == 0 and steps[-1] == 999 and steps == sorted(steps) and len(set(steps)) == 5
+    ctx = s[0]["encoder_hidden_states"]
+    assert ctx.shape == tuple(g.inputs[2].shape) and ctx.dtype == np.float32
+    assert np.allclose(s[0]["encoder_hidden_states"][0, 0], s[1]["encoder_hidden_states"][0, 0], atol=0.5)  # BOS row
+    te = graphs["text-encoder"]["fused"]
+    ids = cal.generate(te, "text-encoder", 2, seed=1)[0][0]["input_ids"]
+    assert ids[0, 0] == cal.CLIP_BOS and ids[0, -1] == cal.CLIP_EOS and ids.max() < 49408
+    lat = cal.generate(graphs["vae-decoder"]["fused"], "vae-decoder", 1, seed=1)[0][0]["latent_sample"]
+    assert 3 < lat.std() < 8  # unscaled latents (1 / 0.18215)
+
+
+def test_calib_npz(graphs, tmp_path):
+    g = graphs["unet"]["fused"]
+    samples, _ = cal.generate(g, "unet", 3, seed=3)
+    path = tmp_path / "calib.npz"
+    np.savez(path, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
+    _, r = quantize(g, precision="w8a16", calib=str(path), eval_samples=1)
+    assert r["calibration"]["source"] == str(path) and r["calibration"]["samples"] == 3
+    _, r = quantize(g, precision="w8a16", calib=str(path), calib_samples=2, eval_samples=1)
+    assert r["calibration"]["samples"] == 2
+    loaded, _ = cal.load_npz(path, g)
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(loaded, samples) for k in a)
+    # errors
+    with pytest.raises(QuantizationError, match="not found"):
+        cal.load_npz(tmp_path / "missing.npz", g)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, sample=samples[0]["sample"], t=samples[0]["timestep"])
+    with pytest.raises(QuantizationError, match="missing timestep, encoder_hidden_states; unknown t"):
+        cal.load_npz(bad, g)
+    shape = tmp_path / "shape.npz"
+    np.savez(shape, sample=np.zeros((2, 3)), timestep=samples[0]["timestep"], encoder_hidden_states=samples[0]["encoder_hidden_states"])
+    with pytest.raises(QuantizationError, match="has shape"):
+        cal.load_npz(shape, g)
+    junk = tmp_path / "junk.npz"
+    junk.write_text("not a zip")
+    with pytest.raises(QuantizationError, match="not a readable .npz"):
+        cal.load_npz(junk, g)
+
+
+def test_calib_cli_errors_exit_2_one_line(tiny_models, tmp_path):
+    model = str(tiny_models["unet"])
+    rc, out = run_cli("compile", model, "-o", str(tmp_path / "b1"), "--calib", str(tmp_path / "nope.npz"))
+    assert_user_error(rc, out, "calibration file not found")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input_ids=np.zeros((1, 77), np.int64))
+    rc, out = run_cli("compile", model, "-o", str(tmp_path / "b2"), "--passes", "canonicalize,quantize",
+                      "--precision", "w8a16", "--calib", str(bad))
+    assert_user_error(rc, out, "does not match the model's inputs", "unknown input_ids")
+    assert not (tmp_path / "b2").exists()
+    rc, out = run_cli("compile", model, "-o", str(tmp_path / "b3"), "--passes", "canonicalize,quantize",
+                      "--keep-fp32", "*nothing_like_this*")
+    assert_user_error(rc, out, "matches no node")
+
+
+# --- streaming ----------------------------------------------------------------------------------
+
+def test_streaming_chunks_give_identical_ranges(graphs, tmp_path):
+    g = graphs["unet"]["fused"]
+    plan = qp.plan_w8a16(g, qp.QuantPolicy())
+    samples, _ = cal.generate(g, "unet", 2, seed=11)
+    model = cal.DiskModel(g, tmp_path, "ref")
+    tensors = plan.calibrated[:60]
+    stats = cal.collect_stats(model, samples, tensors, progress=False)
+    ranges = {t: (stats.lo[t], stats.hi[t]) for t in tensors}
+    shapes = g.tensors()
+    sizes = {t: 4 * int(np.prod(shapes[t].shape)) for t in tensors}
+    seen_chunks = []
+    small = cal.collect_histograms(model, samples, tensors, ranges, sizes, symmetric=True, chunk_bytes=1,
+                                   progress=False, observe=lambda c: seen_chunks.append(sum(a.nbytes for a in c.values())))
+    big = cal.collect_histograms(model, samples, tensors, ranges, sizes, symmetric=True, chunk_bytes=1 << 30, progress=False)
+    assert max(seen_chunks) <= max(sizes.values())  # one tensor per run: never more than a chunk held
+    assert len(seen_chunks) == len(tensors) * len(samples)
+    for t in tensors:
+        assert np.array_equal(small[t].counts, big[t].counts)
+        assert small[t].percentile_range(99.9) == big[t].percentile_range(99.9)
+        assert small[t].mse_range() == big[t].mse_range()
+    # the in-graph reductions agree with the values themselves
+    lo, hi = {}, {}
+
+    def observe(chunk):
+        for k, a in chunk.items():
+            lo[k] = min(lo.get(k, np.inf), float(a.min()))
+            hi[k] = max(hi.get(k, -np.inf), float(a.max()))
+    cal.collect_histograms(model, samples, tensors, ranges, sizes, symmetric=True, chunk_bytes=1 << 16,
+                           progress=False, observe=observe)
+    assert lo == stats.lo and hi == stats.hi
+
+
+def test_histogram_observer_math():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(200_000).astype(np.float32)
+    v[:5] = 40.0  # a few outliers
+    h = cal.HistogramObserver(float(v.min()), float(v.max()), symmetric=True)
+    h.update(v)
+    lo, hi = h.percentile_range(99.9)
+    assert 3.0 < hi < 3.6 and lo == -hi  # |N(0,1)| 99.9 % quantile is 3.29
+    lo, hi = h.mse_range(levels=255)  # with 8 bits the outliers are worth clipping
+    assert hi < 20
+    lo, hi = h.mse_range()  # with 16 bits keeping them costs little
+    assert hi > 30
+
+
+def test_quantize_weight_is_per_channel_symmetric():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * np.array([1, 10, 0.1, 0])[:, None, None, None]
+    q, s = quant.quantize_weight(w, 0)
+    assert q.dtype == np.int8 and s.shape == (4,) and np.abs(q).max() == 127
+    back = quant.dequantize_weight(q, s, 0)
+    assert np.all(np.abs(back - w) <= s[:, None, None, None] / 2 + 1e-7)
+    assert np.all(back[3] == 0)
+    scale, zp = quant.activation_qparams(-1.0, 3.0, symmetric=True)
+    assert zp == 0 and np.isclose(scale, 3 / 32767)
+    scale, zp = quant.activation_qparams(0.0, 2.0, symmetric=False)
+    assert zp == -32768 and np.isclose(scale, 2 / 65535)
+
+
+# --- pipeline -----------------------------------------------------------------------------------
+
+def test_default_compile_quantizes_and_verifies(tiny_models, tmp_path):
+    """The NPU default pipeline with --verify: canonicalize, fuse, quantize (auto), mlt."""
+    out = tmp_path / "b"
+    res = edgefc.compile(tiny_models["unet"], "exynos2400", output=out, verify=True,
+                         options={"eval_samples": 2, "calib_samples": 2, "progress": False})
+    names = [r.name for r in res.records]
+    assert "quantize" in names
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantization"]["precision"] == "w8a16"
+    sess = ort.session(out / "model.onnx")
+    feeds = ort.random_inputs(onnx.load(out / "model.onnx", load_external_data=False))
+    assert np.all(np.isfinite(sess.run(None, feeds)[0]))
+
+
+def test_cost_model_prices_quantized_dtypes(graphs):
+    pytest.importorskip("edgefc.targets.lowering")
+    from edgefc.targets.lowering import lower
+
+    target = edgefc.get_target("exynos2400")
+    base = graphs["unet"]["fused"]
+    w8, _ = quantize(base, precision="w8a16", eval_samples=0, calib_samples=1)
+    f16, _ = quantize(base, precision="fp16", eval_samples=0, calib_samples=1)
+    bytes_ = {name: lower(g, target, "as-built").dma_bytes() for name, g in (("fp32", base), ("w8a16", w8), ("fp16", f16))}
+    assert bytes_["w8a16"] < bytes_["fp16"] < bytes_["fp32"]
+    prog = lower(w8, target, "as-built")
+    conv = next(n for n in w8.nodes if n.op in ("Conv", "FusedConv"))
+    w = conv.inputs[1]
+    loads = [c for c in prog.commands if c.kind == "load" and c.op == conv.name]
+    welems = int(np.prod(w.shape))
+    assert any(c.bytes == welems for c in loads), [(c.tensor, c.bytes) for c in loads]  # INT8 weights: 1 byte each
