@@ -27,7 +27,6 @@ with the numpy NPU runtime) and runs it in the Relax VM.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -468,7 +467,3 @@ class TvmRunner:
 
 def load_build(build_dir) -> TvmRunner:
     return TvmRunner(build_dir)
-
-
-def model_digest(model: onnx.ModelProto) -> str:
-    return hashlib.sha1(model.graph.SerializeToString()).hexdigest()[:12]
