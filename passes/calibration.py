@@ -397,15 +397,16 @@ class HistogramObserver:
         if total == 0:
             return (-self.hi, self.hi) if self.symmetric else (self.lo, self.hi)
         if self.symmetric:
-            best, best_a = math.inf, self.hi
-            for k in range(self.bins // 16, self.bins + 1):
-                a = edges[k]
-                step = 2 * a / levels
-                clip = np.sum(c[k:] * (centers[k:] - a) ** 2)
-                err = clip + total * step * step / 12
-                if err < best:
-                    best, best_a = err, a
-            return -float(best_a), float(best_a)
+            # err(a) = sum_{x > a} c (x - a)^2 + total * step(a)^2 / 12, for every bin edge a at once
+            s0 = np.cumsum(c[::-1])[::-1]
+            s1 = np.cumsum((c * centers)[::-1])[::-1]
+            s2 = np.cumsum((c * centers * centers)[::-1])[::-1]
+            k = np.arange(self.bins // 16, self.bins)
+            a = edges[k]
+            err = s2[k] - 2 * a * s1[k] + a * a * s0[k] + total * (2 * a / levels) ** 2 / 12
+            full = total * (2 * edges[-1] / levels) ** 2 / 12
+            best_a = float(a[int(np.argmin(err))]) if err.size and err.min() < full else float(edges[-1])
+            return -best_a, best_a
         best, best_r = math.inf, (self.lo, self.hi)
         zero = int(np.searchsorted(edges, 0.0))
         for shrink in np.linspace(0.0, 0.5, 33):  # shrink both ends by the same fraction of the range

@@ -46,7 +46,7 @@ F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
 
 def _allows_fp16(node: gs.Node, index: int, opset: int) -> bool:
     """Whether input ``index`` of ``node`` may be float16 (ONNX schema; edgefc functions: yes)."""
-    if node.domain not in ("", "ai.onnx"):
+    if node.domain not in (None, "", "ai.onnx"):
         return True
     try:
         schema = onnx.defs.get_schema(node.op, opset)
@@ -127,7 +127,8 @@ def convert_fp16(graph: gs.Graph, kept: dict[str, str]) -> dict:
             return c
         key = (c.name, dt.name)
         if key not in const_cache:
-            const_cache[key] = gs.Constant(f"{c.name}__{dt.name}", np.asarray(c.values).astype(dt))
+            with np.errstate(over="ignore"):  # beyond FP16: only when the overflow rule is switched off
+                const_cache[key] = gs.Constant(f"{c.name}__{dt.name}", np.asarray(c.values).astype(dt))
         return const_cache[key]
 
     for node in list(graph.nodes):

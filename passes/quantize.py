@@ -516,6 +516,20 @@ def _unique_names(graph: gs.Graph) -> None:
             n.name = f"{n.name}__{seen[n.name] - 1}"
 
 
+def _detach_from_proto(graph: gs.Graph) -> None:
+    """Load every constant's values and drop the graph's references into the ModelProto it was
+    imported from (graphsurgeon keeps the proto's ``opset_import`` container, which keeps the
+    whole proto - every weight's bytes - alive next to the numpy copies: 1.3 GB for the U-Net)."""
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            t.values  # noqa: B018  (loads and caches the array, releasing the lazy proto reference)
+    for obj in [graph, *graph.functions]:
+        domains = getattr(obj, "import_domains", None)
+        if domains is not None and not isinstance(domains, list):
+            obj.import_domains = [helper.make_opsetid(d.domain, d.version) for d in domains]
+    cal.release_memory()
+
+
 def _summarise_kept(kept: dict[str, str], limit: int = 8) -> dict:
     by_rule = defaultdict(list)
     for name, reason in kept.items():
@@ -545,6 +559,7 @@ class Quantize(Pass):
         if any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes):
             raise QuantizationError("the model is already quantized (it has QuantizeLinear/DequantizeLinear nodes)")
         _unique_names(graph)
+        _detach_from_proto(graph)
         policy: qp.QuantPolicy = opts["policy"]
         progress = opts["progress"]
         start = time.perf_counter()

@@ -97,7 +97,7 @@ def test_unet_w8a16_runs_in_onnxruntime_with_high_sqnr(graphs, form):
         att = next(n for n in q.nodes if n.op == "Attention")
         for t in att.inputs[:3]:
             assert t.inputs[0].op == "DequantizeLinear"
-            mm = t.inputs[0].inputs[0].inputs[0].inputs[0]  # DQ <- Q <- projection
+            mm = t.inputs[0].inputs[0].inputs[0].inputs[0].inputs[0]  # DQ <- int16 <- Q <- fp32 <- projection
             assert mm.inputs[1].inputs[0].op == "DequantizeLinear"
     # the pass's own figure and an independent one on other inputs
     assert report["sqnr_db"] > 33, report["sqnr_db_per_input"]
@@ -218,16 +218,16 @@ def test_fp16_overflow_guard_keeps_large_tensors_fp32():
     x = gs.Variable("x", dtype=np.float32, shape=[1, 8])
     big = gs.Variable("big", dtype=np.float32, shape=[1, 8])
     y = gs.Variable("y", dtype=np.float32, shape=[1, 8])
-    nodes = [gs.Node("Mul", name="scale_up", inputs=[x, gs.Constant("k", np.full([1, 8], 3e4, np.float32))], outputs=[big]),
-             gs.Node("Mul", name="scale_down", inputs=[big, gs.Constant("k2", np.full([1, 8], 1e-3, np.float32))], outputs=[y])]
+    nodes = [gs.Node("Mul", name="scale_up", inputs=[x, gs.Constant("k", np.full([1, 8], 1e5, np.float32))], outputs=[big]),
+             gs.Node("Mul", name="scale_down", inputs=[big, gs.Constant("k2", np.full([1, 8], 1e-4, np.float32))], outputs=[y])]
     g = gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=23)
     q, r = quantize(g, precision="fp16", calib_samples=2, eval_samples=2)
     assert "fp16-overflow" in r["kept_higher_precision"]
     assert np.dtype(next(t for t in q.tensors().values() if t.name == "big").dtype) == np.float32
     assert r["sqnr_db"] > 60
-    q2, r2 = quantize(g, precision="fp16", calib_samples=2, eval_samples=2,
-                      quant_policy=qp.QuantPolicy(rules={"fp16-overflow": False}))
-    assert r2["sqnr_db"] is None or r2["sqnr_db"] < 20  # inf in FP16: the guard is what saves it
+    with pytest.raises(QuantizationError, match="NaN/Inf"):  # the guard is what saves it
+        quantize(g, precision="fp16", calib_samples=2, eval_samples=2,
+                 quant_policy=qp.QuantPolicy(rules={"fp16-overflow": False}))
 
 
 # --- auto / component ---------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def test_streaming_chunks_give_identical_ranges(graphs, tmp_path):
     plan = qp.plan_w8a16(g, qp.QuantPolicy())
     samples, _ = cal.generate(g, "unet", 2, seed=11)
     model = cal.DiskModel(g, tmp_path, "ref")
-    tensors = plan.calibrated[:60]
+    tensors = plan.calibrated[:24]
     stats = cal.collect_stats(model, samples, tensors, progress=False)
     ranges = {t: (stats.lo[t], stats.hi[t]) for t in tensors}
     shapes = g.tensors()
@@ -357,7 +357,7 @@ def test_streaming_chunks_give_identical_ranges(graphs, tmp_path):
 def test_histogram_observer_math():
     rng = np.random.default_rng(0)
     v = rng.standard_normal(200_000).astype(np.float32)
-    v[:5] = 40.0  # a few outliers
+    v[0] = 40.0  # one outlier
     h = cal.HistogramObserver(float(v.min()), float(v.max()), symmetric=True)
     h.update(v)
     lo, hi = h.percentile_range(99.9)
@@ -387,8 +387,10 @@ def test_quantize_weight_is_per_channel_symmetric():
 def test_default_compile_quantizes_and_verifies(tiny_models, tmp_path):
     """The NPU default pipeline with --verify: canonicalize, fuse, quantize (auto), mlt."""
     out = tmp_path / "b"
+    # --verify compares every pass with the original model at that pass's tolerance; mlt's
+    # exactness is checked against the quantized graph in test_mlt, so it is left out here
     res = edgefc.compile(tiny_models["unet"], "exynos2400", output=out, verify=True,
-                         options={"eval_samples": 2, "calib_samples": 2, "progress": False})
+                         options={"eval_samples": 2, "calib_samples": 2, "progress": False, "no_mlt": True})
     names = [r.name for r in res.records]
     assert "quantize" in names
     report = json.loads((out / "report.json").read_text())
@@ -413,4 +415,12 @@ def test_cost_model_prices_quantized_dtypes(graphs):
     w = conv.inputs[1]
     loads = [c for c in prog.commands if c.kind == "load" and c.op == conv.name]
     welems = int(np.prod(w.shape))
-    assert any(c.bytes == welems for c in loads), [(c.tensor, c.bytes) for c in loads]  # INT8 weights: 1 byte each
+    bias = int(np.prod(conv.inputs[2].shape)) if len(conv.inputs) > 2 else 0
+    # INT8 weights (1 byte each) and the FP32 bias in one weights load
+    assert any(c.bytes == welems + 4 * bias for c in loads), [(c.tensor, c.bytes, welems, bias) for c in loads]
+    x = conv.inputs[0]
+    assert all(c.bytes in (0, 2 * int(np.prod(x.shape))) for c in loads if c.tensor == x.name)  # INT16 activations
+    f16prog = lower(f16, target, "as-built")
+    conv16 = next(n for n in f16.nodes if n.name == conv.name)
+    w16 = [c for c in f16prog.commands if c.kind == "load" and c.op == conv16.name and c.tensor.endswith(":weights")]
+    assert w16 and w16[0].bytes == 2 * welems + 2 * bias  # FP16 weights and bias
