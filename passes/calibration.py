@@ -281,6 +281,39 @@ def session_options() -> ort.SessionOptions:
     return opts
 
 
+def order_probes(base: list, extra: list) -> list:
+    """The node list of a probed model: ``base`` (topological order), each non-leaf ``extra``
+    node right after the last producer of its inputs, then the extra leaves (the probes'
+    reductions) in *reverse* order.
+
+    onnxruntime's default execution order is a reverse depth-first search from the leaves, the
+    highest node index first. With the first layer's probe last in the list, it is searched
+    first: onnxruntime computes the model up to that layer, the probe, then the next layer ...,
+    so each probed tensor is freed as soon as the model and its probe are done with it (probes
+    searched the other way round would keep every probed tensor alive until the end: 5.5 GB
+    instead of 1.8 GB for the 512x512 VAE decoder)."""
+    pos = {}
+    for i, n in enumerate(base):
+        for o in n.output:
+            pos[o] = i
+    consumed = {x for n in extra for x in n.input if x}
+    slots: dict[int, list] = {}
+    leaves = []
+    for n in extra:  # extra nodes come in their own topological order
+        if not any(o in consumed for o in n.output):
+            leaves.append(n)
+            continue
+        at = max((pos.get(x, -1) for x in n.input if x), default=-1)
+        slots.setdefault(at, []).append(n)
+        for o in n.output:
+            pos[o] = at
+    out = list(slots.get(-1, []))
+    for i, n in enumerate(base):
+        out.append(n)
+        out.extend(slots.get(i, []))
+    return out + leaves[::-1]
+
+
 class DiskModel:
     """A graph written once (weights as external data in ``<folder>/<name>.data``); Python keeps
     the weight-free skeleton, from which variants with extra nodes/outputs are saved beside it and
@@ -310,7 +343,9 @@ class DiskModel:
         """Save a copy with extra ``nodes``, graph ``outputs`` (names) and ``initializers``."""
         m = onnx.ModelProto()
         m.CopyFrom(self.proto)
-        m.graph.node.extend(nodes)
+        ordered = order_probes(list(m.graph.node), list(nodes))
+        del m.graph.node[:]
+        m.graph.node.extend(ordered)
         m.graph.initializer.extend(initializers)
         if not keep_outputs:
             del m.graph.output[:]
