@@ -18,7 +18,10 @@ Every step runs in its own subprocess, which reports its wall time and peak RSS:
     python bench/quant_vs_ort.py /tmp/edgefc-models/unet-bk-sdm-tiny.onnx --json quant.json
     python bench/quant_vs_ort.py MODEL --skip-ort           # ours only (onnxruntime's peaks near 17 GB at full size)
 
-``--ort-max-intermediate N`` passes ``CalibMaxIntermediateOutputs`` (same MinMax ranges, less memory).
+``--ort-low-memory`` reorders onnxruntime's calibration graph so each ReduceMin/ReduceMax runs as
+soon as its tensor exists (onnxruntime's default execution order otherwise keeps every activation
+of the model alive at once: the ranges are the same, the peak is not). ``--max-rss-gb X`` kills a
+step that grows beyond X GB (shared machines).
 """
 
 from __future__ import annotations
@@ -66,7 +69,11 @@ def _dir_size(paths) -> int:
 # --- steps (each runs in its own process) -------------------------------------------------------
 
 def step_ours(model: str, calib: str, out: str, component: str | None) -> dict:
+    import shutil
+
     import edgefc
+
+    shutil.rmtree(out, ignore_errors=True)
 
     start = time.perf_counter()
     options = {"precision": "w8a16", "calib": calib, "eval_samples": 0, "progress": False}
@@ -80,9 +87,42 @@ def step_ours(model: str, calib: str, out: str, component: str | None) -> dict:
             "calibration_seconds": q["calibration"].get("seconds")}
 
 
-def step_ort(model: str, calib: str, out: str, max_intermediate: int | None) -> dict:
+def _low_memory_calibration() -> None:
+    """Place onnxruntime's calibration reductions so its reverse-DFS schedule runs them early
+    (the same ordering edgefc's own probes use: edgefc.passes.calibration.order_probes)."""
+    import onnx
+    from onnxruntime.quantization import calibrate
+
+    original = calibrate.MinMaxCalibrater.augment_graph
+
+    def augment_graph(self):
+        real_save = onnx.save
+
+        def save(model, *args, **kwargs):
+            outputs = {o.name for o in model.graph.output}
+            consumed = {x for n in model.graph.node for x in n.input}
+            leaves = [n for n in model.graph.node if n.output and all(o in outputs and o not in consumed for o in n.output)
+                      and n.op_type == "Reshape" and n.output[0].endswith(("_ReduceMin", "_ReduceMax"))]
+            keep = [n for n in model.graph.node if n not in leaves]
+            del model.graph.node[:]
+            model.graph.node.extend(keep + leaves[::-1])
+            return real_save(model, *args, **kwargs)
+
+        onnx.save = save
+        try:
+            return original(self)
+        finally:
+            onnx.save = real_save
+
+    calibrate.MinMaxCalibrater.augment_graph = augment_graph
+
+
+def step_ort(model: str, calib: str, out: str, max_intermediate: int | None, low_memory: bool = False) -> dict:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
+
+    if low_memory:
+        _low_memory_calibration()
 
     arrays = dict(np.load(calib))
     n = next(iter(arrays.values())).shape[0]
@@ -103,6 +143,9 @@ def step_ort(model: str, calib: str, out: str, max_intermediate: int | None) -> 
         def set_range(self, start_index, end_index):  # used by CalibStridedMinMax only
             self.i = start_index
 
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
     extra = {}
     if max_intermediate:
         extra["CalibMaxIntermediateOutputs"] = max_intermediate
@@ -149,11 +192,34 @@ def step_eval(reference: str, models: dict, heldout: str) -> dict:
     return out
 
 
-def _run_step(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--step", *args], capture_output=True, text=True)
+def _run_step(args: list[str], max_rss_gb: float | None = None) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--step", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    killed = None
+    if max_rss_gb:
+        import psutil
+        import threading
+
+        def watch():
+            nonlocal killed
+            p = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                try:
+                    rss = p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    return
+                if rss > max_rss_gb * 1e9:
+                    killed = rss / 1e9
+                    proc.kill()
+                    return
+                time.sleep(0.2)
+        threading.Thread(target=watch, daemon=True).start()
+    stdout, stderr = proc.communicate()
+    if killed:
+        return {"killed_at_gb": round(killed, 2)}
     if proc.returncode != 0:
-        raise SystemExit(f"step {args[0]} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"step {args[0]} failed:\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -164,6 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("--skip-ort", action="store_true")
     p.add_argument("--ort-max-intermediate", type=int, default=None)
+    p.add_argument("--ort-low-memory", action="store_true")
+    p.add_argument("--max-rss-gb", type=float, default=None)
     p.add_argument("--work", help="keep the quantized models in this folder (default: a temporary one)")
     p.add_argument("--json", help="also write the results as JSON")
     p.add_argument("--step", nargs="+", help=argparse.SUPPRESS)
@@ -173,7 +241,7 @@ def main(argv=None) -> int:
         if kind == "ours":
             res = step_ours(rest[0], rest[1], rest[2], rest[3] or None)
         elif kind == "ort":
-            res = step_ort(rest[0], rest[1], rest[2], int(rest[3]) or None)
+            res = step_ort(rest[0], rest[1], rest[2], int(rest[3]) or None, rest[4] == "1")
         else:
             res = step_eval(rest[0], json.loads(rest[1]), rest[2])
         print(json.dumps(res))
@@ -190,15 +258,22 @@ def main(argv=None) -> int:
     print(f"model {a.model}\ncalibration: {a.calib_samples} inputs {info.get('timesteps', '')}; "
           f"held-out: {a.eval_samples} inputs {hinfo.get('timesteps', '')}", flush=True)
     results = {"model": a.model, "calibration": info, "heldout": hinfo}
-    results["ours"] = _run_step(["ours", a.model, str(calib), str(work / "ours"), a.component or ""])
+    results["ours"] = _run_step(["ours", a.model, str(calib), str(work / "ours"), a.component or ""], a.max_rss_gb)
+    if "killed_at_gb" in results["ours"]:
+        raise SystemExit(f"edgefc was stopped at {results['ours']['killed_at_gb']} GB (--max-rss-gb)")
     print(f"edgefc quantize: {results['ours']['seconds']:.1f} s, peak {results['ours']['peak_mb']:.0f} MB", flush=True)
     models = {"edgefc": results["ours"]["model"]}
     if not a.skip_ort:
-        results["ort"] = _run_step(["ort", a.model, str(calib), str(work / "ort"), str(a.ort_max_intermediate or 0)])
-        print(f"onnxruntime quantize_static: {results['ort']['seconds']:.1f} s, peak {results['ort']['peak_mb']:.0f} MB",
-              flush=True)
-        models["onnxruntime"] = results["ort"]["model"]
-    results["eval"] = _run_step(["eval", a.model, json.dumps(models), str(heldout)])
+        results["ort"] = _run_step(["ort", a.model, str(calib), str(work / "ort"), str(a.ort_max_intermediate or 0),
+                                    "1" if a.ort_low_memory else "0"], a.max_rss_gb)
+        if "killed_at_gb" in results["ort"]:
+            print(f"onnxruntime quantize_static: stopped at {results['ort']['killed_at_gb']} GB (--max-rss-gb)", flush=True)
+            results.pop("ort")
+        else:
+            print(f"onnxruntime quantize_static: {results['ort']['seconds']:.1f} s, peak {results['ort']['peak_mb']:.0f} MB",
+                  flush=True)
+            models["onnxruntime"] = results["ort"]["model"]
+    results["eval"] = _run_step(["eval", a.model, json.dumps(models), str(heldout)], a.max_rss_gb)
     fp32_bytes = _dir_size([Path(a.model), Path(a.model + ".data")])
     print(f"\n{'':<22}{'edgefc':>14}{'onnxruntime':>14}")
     rows = [("SQNR mean (dB)", "sqnr_db"), ("SQNR worst (dB)", "sqnr_db_worst"), ("cosine", "cosine"),

@@ -35,8 +35,14 @@ kept in higher precision and why, ``sqnr_db`` (whole model: mean over the held-o
 ``cosine`` (mean; ``cosine_per_input``), and ``worst_layers``: the ten layers with the lowest
 per-layer SQNR - each layer run in its deployed precision on the FP32 model's own activations
 (its quantized inputs, weights and output), so each figure is that layer's own error, summed over
-the held-out inputs. Held-out inputs come from the calibration generator with another seed (U-Net:
-timesteps evenly spanning 0..999).
+the first two held-out inputs (these probes double the reference's compute). Held-out inputs come
+from the calibration generator with another seed (U-Net: timesteps evenly spanning 0..999).
+
+Memory: the pass never holds the model twice in Python. The FP32 graph and the deployed graph are
+each written once to a temporary folder with external data (``calibration.DiskModel``);
+onnxruntime reads them from there (models over 2 GB work), calibration reduces every activation to
+a few numbers inside onnxruntime, and the per-layer probes are ordered so onnxruntime frees each
+probed tensor at once. Full-size BK-SDM-Tiny U-Net: the whole default compile peaks at ~5 GB.
 """
 
 from __future__ import annotations

@@ -398,6 +398,14 @@ def test_default_compile_quantizes_and_verifies(tiny_models, tmp_path):
     sess = ort.session(out / "model.onnx")
     feeds = ort.random_inputs(onnx.load(out / "model.onnx", load_external_data=False))
     assert np.all(np.isfinite(sess.run(None, feeds)[0]))
+    # edgefc profile prices the build at its deployed types: close to the W8A16 what-if, far below FP32
+    dma = {}
+    for precision in ("as-built", "w8a16", "fp32"):
+        rc, text = run_cli("profile", str(out), "--precision", precision, "--json", str(tmp_path / f"{precision}.json"))
+        assert rc == 0, text
+        dma[precision] = json.loads((tmp_path / f"{precision}.json").read_text())["dma_bytes"]
+    assert dma["as-built"] < 0.5 * dma["fp32"]
+    assert abs(dma["as-built"] - dma["w8a16"]) < 0.15 * dma["w8a16"], dma
 
 
 def test_cost_model_prices_quantized_dtypes(graphs):
