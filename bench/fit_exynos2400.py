@@ -36,11 +36,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgefc.attention import AttentionSpec, Tiling, row_granularity
 from edgefc.targets import TARGET_DIR
 from edgefc.targets.cost_model import PRECISIONS, VECTOR_CLASSES
 from edgefc.targets.program import ATTENTION_ROLES
-
-from edgefc.attention import AttentionSpec, Tiling, row_granularity
 
 # field, lower bound, upper bound, why the bounds
 FREE = [

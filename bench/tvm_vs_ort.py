@@ -68,6 +68,7 @@ def median_ms(fn, runs: int) -> float:
 
 def bench(model: Path, runs: int, options: dict, workdir: Path) -> dict:
     import onnxruntime
+
     from edgefc.targets.tvm_lowering import load_build
 
     out = workdir / model.stem

@@ -31,9 +31,8 @@ import time
 import warnings
 from pathlib import Path
 
-from edgefc.models import configs
-
 from edgefc.errors import ExportError
+from edgefc.models import configs
 
 OPSET = 17
 

@@ -56,9 +56,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from edgefc.models import configs
 
 from edgefc.errors import BuildError, EdgefcError, ExportError
+from edgefc.models import configs
 
 COMPONENTS = ("text-encoder", "unet", "vae-decoder")
 LABELS = {"text-encoder": "text encoder", "unet": "U-Net", "vae-decoder": "VAE decoder"}
@@ -70,7 +70,7 @@ SIZE_MULTIPLE = 64
 VAE_SCALING = 0.18215
 #: Precision each component is deployed at in the paper (Sec. 2.3, Table 7), for the NPU timing.
 DEPLOYED_PRECISION = {"text-encoder": "fp16", "unet": "w8a16", "vae-decoder": "fp16"}
-#: Inputs that identify a component (HELPERS_BRIEF "Component detection").
+#: Inputs that identify a component (the same rule as quantize --precision auto).
 _SIGNATURES = (
     ("unet", {"sample", "timestep", "encoder_hidden_states"}),
     ("text-encoder", {"input_ids"}),
@@ -515,6 +515,7 @@ def generate(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.
 def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     """Run a checked :class:`Plan`."""
     import torch
+
     from edgefc.models.tokenizer import load_tokenizer
 
     seconds: dict[str, float] = {}

@@ -39,8 +39,8 @@ from edgefc.pass_base import Pass, PassContext
 from edgefc.passes import (  # noqa: F401  (registers the fusion passes)
     fuse_attention,
     fuse_epilogue,
-    fuse_gelu,
     fuse_geglu,
+    fuse_gelu,
     fuse_groupnorm,
     fuse_identity,
     fuse_layernorm,

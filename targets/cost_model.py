@@ -37,9 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgefc.targets.program import Command, Program
-
 from edgefc.errors import TargetError
+from edgefc.targets.program import Command, Program
 
 VECTOR_CLASSES = ("arith", "max", "reduce", "exp", "divide")
 PRECISIONS = ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from edgefc.targets.program import Command, OpInfo, Program
 
 from edgefc.attention import (
     AttentionSpec,
@@ -44,6 +43,7 @@ from edgefc.attention import (
     tiling_from_node,
 )
 from edgefc.errors import BuildError
+from edgefc.targets.program import Command, OpInfo, Program
 
 PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16")
 

@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from edgefc.targets import tvm_import, tvm_npu
 
 from edgefc.errors import BuildError
+from edgefc.targets import tvm_import, tvm_npu
 
 EXYNOS2400_CPU_TAG = "samsung/exynos2400-cpu"
 # The phone's application CPU (Exynos 2400: 1x Cortex-X4, 5x Cortex-A720, 4x Cortex-A520; Samsung

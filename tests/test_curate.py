@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
+
 from edgefc.models.train.curate import (
     CROP_SCORERS,
     choose_crop,
@@ -18,7 +20,6 @@ from edgefc.models.train.curate import (
     phash,
     register_crop_scorer,
 )
-from PIL import Image, ImageDraw
 
 
 def synth(seed: int, w: int = 400, h: int = 320) -> Image.Image:

@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from edgefc.models import configs
-from edgefc.models import export as ex
 
 from edgefc.cli import main
 from edgefc.errors import ExportError
+from edgefc.models import configs
+from edgefc.models import export as ex
 
 torch = pytest.importorskip("torch")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgefc.models import pipeline
 
 from edgefc.cli import main
+from edgefc.models import pipeline
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -403,8 +403,9 @@ def test_weights_folder_tokenizer_and_scheduler(tmp_path, monkeypatch):
     import diffusers
     import torch
     import transformers
-    from edgefc.models import configs
     from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from edgefc.models import configs
 
     monkeypatch.setenv("EDGEFC_CACHE", str(tmp_path / "cache"))
     w = tmp_path / "weights"

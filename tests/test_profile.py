@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
 from edgefc.targets import TARGET_DIR
 from edgefc.targets.program import ATTENTION_ROLES
-
 from tests import npu_graphs
 
 OP_KEYS = {"name", "op_type", "engine", "macs", "dma_bytes", "cycles", "ms"}

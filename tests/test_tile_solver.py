@@ -7,10 +7,10 @@ import math
 import random
 
 import pytest
-from edgefc.passes import tile_solver as ts
 
 from edgefc.attention import AttentionSpec, Tiling, divisors, padded_rows, tile_rows
 from edgefc.errors import PassError
+from edgefc.passes import tile_solver as ts
 from tests.mlt_fake_target import FakeNpu
 
 # The attention shapes of the BK-SDM-Tiny U-Net at 512x512 (self and cross, three resolutions),

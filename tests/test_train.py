@@ -106,6 +106,7 @@ def test_kd_output_is_a_diffusers_folder_in_safetensors(kd_run):
 
 def test_bk_sdm_tiny_removal_matches_published_config():
     from diffusers import UNet2DConditionModel
+
     from edgefc.models.configs import get_config
     from edgefc.models.train.archs import bk_sdm_tiny_config
 
@@ -120,6 +121,7 @@ def test_bk_sdm_tiny_removal_matches_published_config():
 def test_student_inherits_retained_teacher_blocks():
     """BK-SDM-Tiny's weight copy: up stage i <- teacher up stage i+1, its layers 0 and 2."""
     from diffusers import UNet2DConditionModel
+
     from edgefc.models.configs import get_config
     from edgefc.models.train.archs import init_student_from_teacher
 
@@ -143,6 +145,7 @@ def test_student_inherits_retained_teacher_blocks():
 
 def test_feature_pairs_follow_bk_sdm():
     from diffusers import UNet2DConditionModel
+
     from edgefc.models.configs import get_config
     from edgefc.models.train.kd import feature_pairs
 
@@ -180,6 +183,7 @@ def test_lcm_reduces_loss_from_kd_init(kd_run, pairs, tmp_path):
 
 def test_lcm_solver_scalings_and_embedding_match_diffusers():
     from diffusers import DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler
+
     from edgefc.models.train.archs import SD_SCHEDULER
     from edgefc.models.train.lcm import DDIMSolver, boundary_scalings, guidance_scale_embedding
 
@@ -267,8 +271,9 @@ def test_webdataset_shard_and_dataset_items(pairs, tmp_path):
 
 def test_fallback_tokenizer_is_clip_bpe_without_merges(tmp_path):
     """A CLIPTokenizer with only the 512 byte symbols (no merges) splits text exactly as the fallback."""
-    from edgefc.models.tokenizer import BOS_ID, EOS_ID, ByteTokenizer, load_tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from edgefc.models.tokenizer import BOS_ID, EOS_ID, ByteTokenizer, load_tokenizer
 
     b2u = bytes_to_unicode()
     symbols = [b2u[b] for b in b2u]

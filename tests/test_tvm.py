@@ -16,7 +16,6 @@ import struct
 import numpy as np
 import onnx
 import pytest
-from edgefc.targets import tvm_import, tvm_lowering, tvm_npu
 from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -24,6 +23,7 @@ from onnx import numpy_helper as nh
 import edgefc
 from edgefc import ort
 from edgefc.errors import BuildError
+from edgefc.targets import tvm_import, tvm_lowering, tvm_npu
 
 OPSET = [h.make_opsetid("", 23), h.make_opsetid("edgefc", 1)]
 

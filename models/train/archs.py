@@ -118,8 +118,9 @@ def build_teacher(teacher_dir: str | Path | None, teacher_arch: str | None, seed
     """Teacher U-Net, text encoder, VAE, tokenizer and noise scheduler, from a folder or an arch."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from edgefc.models.tokenizer import load_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from edgefc.models.tokenizer import load_tokenizer
 
     if teacher_dir is not None:
         root = Path(teacher_dir)

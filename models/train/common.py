@@ -268,8 +268,9 @@ def _run(recipe: Recipe) -> TrainResult:
 
     import torch
     from accelerate import Accelerator
-    from edgefc.models.train.archs import build_teacher
     from tqdm.auto import tqdm
+
+    from edgefc.models.train.archs import build_teacher
 
     _set_threads(cfg.threads)
     from accelerate.state import AcceleratorState

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
 from edgefc.models.train.data import list_samples
 from edgefc.models.train.errors import DataError
 

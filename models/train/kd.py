@@ -72,6 +72,7 @@ class KDRecipe(Recipe):
 
     def build(self, components, accelerator):
         from diffusers import UNet2DConditionModel
+
         from edgefc.models.train.archs import init_student_from_teacher, student_config
 
         cfg = self.cfg
