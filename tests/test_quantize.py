@@ -138,6 +138,25 @@ def test_timestep_path_stays_fp32_and_is_calibrated_over_all_timesteps(graphs):
         assert quant.sqnr_db(ort.run(rs, feeds)["out_sample"], ort.run(qs, feeds)["out_sample"]) > 30
 
 
+def test_timestep_domain_ranges_cover_unseen_timesteps(graphs, tmp_path, monkeypatch):
+    """Calibration timesteps in [300, 700] only, no headroom, Sin/Cos arguments quantized too:
+    onnxruntime's failure mode (its 13.9 dB outlier). The exact ranges over all 1000 timesteps
+    keep timesteps above the calibrated ones as good as the others."""
+    g = graphs["unet"]["fused"]
+    samples, _ = cal.generate(g, "unet", 6, seed=77)
+    for i, s in enumerate(samples):
+        s["timestep"] = np.array([300 + 80 * i], dtype=np.int64)
+    path = tmp_path / "narrow.npz"
+    np.savez(path, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
+    policy = qp.QuantPolicy(activation_headroom=1.0, rules={"periodic-arguments": False})
+    _, good = quantize(g, precision="w8a16", calib=str(path), eval_samples=8, quant_policy=policy)
+    monkeypatch.setattr(cal, "enumerable_input", lambda graph, component: None)
+    _, bad = quantize(g, precision="w8a16", calib=str(path), eval_samples=8, quant_policy=policy)
+    late = slice(5, 8)  # held-out timesteps 714, 856, 999: above every calibration timestep
+    assert min(good["sqnr_db_per_input"][late]) > 20, (good["sqnr_db_per_input"], bad["sqnr_db_per_input"])
+    assert max(bad["sqnr_db_per_input"][late]) < min(good["sqnr_db_per_input"][late]) - 4, (good["sqnr_db_per_input"], bad["sqnr_db_per_input"])
+
+
 def test_bias_correction_and_headroom_help(graphs):
     ref = graphs["unet"]["fused"]
     _, good = quantize(ref, precision="w8a16", eval_samples=4)
