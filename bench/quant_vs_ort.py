@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -118,8 +117,13 @@ def _low_memory_calibration() -> None:
 
 
 def step_ort(model: str, calib: str, out: str, max_intermediate: int | None, low_memory: bool = False) -> dict:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     if low_memory:
         _low_memory_calibration()
@@ -197,8 +201,9 @@ def _run_step(args: list[str], max_rss_gb: float | None = None) -> dict:
                             text=True)
     killed = None
     if max_rss_gb:
-        import psutil
         import threading
+
+        import psutil
 
         def watch():
             nonlocal killed

@@ -56,7 +56,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from edgefc.errors import QuantizationError
 from edgefc.pass_base import Pass, PassContext
@@ -566,7 +566,6 @@ class Quantize(Pass):
             raise QuantizationError("the model is already quantized (it has QuantizeLinear/DequantizeLinear nodes)")
         _unique_names(graph)
         _detach_from_proto(graph)
-        policy: qp.QuantPolicy = opts["policy"]
         progress = opts["progress"]
         start = time.perf_counter()
         n_calib = opts["samples"] or cal.DEFAULT_CALIB_SAMPLES.get(component, cal.DEFAULT_CALIB_SAMPLES[None])
