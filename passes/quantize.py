@@ -392,6 +392,10 @@ def _layer_clones(ref: cal.DiskModel, dep: cal.DiskModel, aliases: dict[str, str
         return r, False
 
     skip = qp.DATA_MOVEMENT_OPS
+    first_input_of = defaultdict(list)
+    for n in dep.proto.graph.node:
+        if n.input:
+            first_input_of[n.input[0]].append(n)
     for p in dep.proto.graph.node:
         if p.op_type in skip or p.domain not in ("", "ai.onnx", "edgefc") or any(a.type == onnx.AttributeProto.GRAPH for a in p.attribute):
             continue
@@ -421,10 +425,9 @@ def _layer_clones(ref: cal.DiskModel, dep: cal.DiskModel, aliases: dict[str, str
         nodes.append(clone)
         y = outs[0]
         # the output's own rounding: the Q/DQ (or Cast) that follows it in the deployed graph
-        consumers = [n for n in dep.proto.graph.node if p.output[0] in n.input[:1]]
-        q = next((n for n in consumers if n.op_type == "QuantizeLinear"), None)
+        q = next((n for n in first_input_of.get(p.output[0], []) if n.op_type == "QuantizeLinear"), None)
         if q is not None:
-            dq = next((n for n in dep.proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]), None)
+            dq = next((n for n in first_input_of.get(q.output[0], []) if n.op_type == "DequantizeLinear"), None)
             if dq is not None:
                 qo, do = f"{y}/q", f"{y}/dq"
                 nodes.append(helper.make_node("QuantizeLinear", [y, need_init(q.input[1]), need_init(q.input[2])], [qo], name=f"{clone.name}/q"))
@@ -522,13 +525,27 @@ def _unique_names(graph: gs.Graph) -> None:
             n.name = f"{n.name}__{seen[n.name] - 1}"
 
 
-def _detach_from_proto(graph: gs.Graph) -> None:
-    """Load every constant's values and drop the graph's references into the ModelProto it was
-    imported from (graphsurgeon keeps the proto's ``opset_import`` container, which keeps the
-    whole proto - every weight's bytes - alive next to the numpy copies: 1.3 GB for the U-Net)."""
+def _disconnect_removed_nodes(graph: gs.Graph) -> None:
+    live = {id(n) for n in graph.nodes}
     for t in graph.tensors().values():
         if isinstance(t, gs.Constant):
             t.values  # noqa: B018  (loads and caches the array, releasing the lazy proto reference)
+        # nodes removed by earlier rewrites that still read or write a live tensor keep the whole
+        # removed subgraph (and the Constant nodes of the original import, with their proto) reachable
+        for dead in [n for n in t.outputs if id(n) not in live]:
+            while t in dead.inputs:
+                dead.inputs.remove(t)
+        for dead in [n for n in t.inputs if id(n) not in live]:
+            while t in dead.outputs:
+                dead.outputs.remove(t)
+
+
+def _detach_from_proto(graph: gs.Graph) -> None:
+    """Load every constant's values and drop the graph's references into the ModelProto it was
+    imported from, so the proto - every weight's bytes, 1.3 GB for the U-Net - is freed next to
+    the numpy copies: graphsurgeon keeps the proto's ``opset_import`` container, and nodes that
+    earlier rewrites removed without disconnecting still hang off live tensors."""
+    _disconnect_removed_nodes(graph)  # in its own frame: no local keeps a removed node alive
     for obj in [graph, *graph.functions]:
         domains = getattr(obj, "import_domains", None)
         if domains is not None and not isinstance(domains, list):

@@ -52,7 +52,7 @@ def graphs(tiny_models):
 
 def quantize(graph: gs.Graph, **options) -> tuple[gs.Graph, dict]:
     options.setdefault("progress", False)
-    options.setdefault("eval_samples", 3)
+    options.setdefault("eval_samples", 2)
     ctx = PassContext(options=options)
     out = edgefc.PassManager(["quantize"]).run(graph.copy(), ctx)
     return out, ctx.report["quantization"]
@@ -110,7 +110,7 @@ def test_unet_w8a16_runs_in_onnxruntime_with_high_sqnr(graphs, form):
 
 
 def test_report_keys_and_dtypes(graphs):
-    q, r = quantize(graphs["unet"]["fused"], precision="w8a16")
+    q, r = quantize(graphs["unet"]["fused"], precision="w8a16", eval_samples=3)
     for key in ("precision", "dtypes", "sqnr_db", "sqnr_db_per_input", "cosine", "worst_layers", "calibration"):
         assert key in r, key
     assert set(r["dtypes"]["weights"]) >= {"int8"} and set(r["dtypes"]["activations"]) == {"int16", "float32"} - (
@@ -185,27 +185,28 @@ def test_keep_fp32_override_keeps_a_layer_in_fp32(graphs):
 def test_asymmetric_percentile_and_mse_methods_run(graphs):
     ref = graphs["unet"]["fused"]
     for method in ("percentile", "mse"):
-        q, r = quantize(ref, precision="w8a16", calib_method=method, calib_samples=2, eval_samples=2)
+        q, r = quantize(ref, precision="w8a16", calib_method=method, calib_samples=2, eval_samples=1)
         assert r["calibration"]["method"] == method and r["sqnr_db"] > 25
-    q, r = quantize(ref, precision="w8a16", calib_samples=2, eval_samples=2,
+    q, r = quantize(ref, precision="w8a16", calib_samples=2, eval_samples=1,
                     quant_policy=qp.QuantPolicy(activation_symmetric=False))
     zps = [int(n.inputs[2].values) for n in q.nodes if n.op == "QuantizeLinear"]
     assert any(z != 0 for z in zps) and r["sqnr_db"] > 30
 
 
+@pytest.mark.slow
 def test_text_encoder_and_vae_w8a16(graphs):
     for comp in ("text-encoder", "vae-decoder"):
-        q, r = quantize(graphs[comp]["fused"], precision="w8a16", calib_samples=2, eval_samples=2)
+        q, r = quantize(graphs[comp]["fused"], precision="w8a16", calib_samples=2, eval_samples=1)
         assert r["sqnr_db"] > 25, (comp, r["sqnr_db_per_input"])
 
 
 # --- FP16 ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("comp", ["text-encoder", "vae-decoder", "unet"])
-@pytest.mark.parametrize("form", ["fused", "canonical"])
+@pytest.mark.parametrize("comp,form", [("text-encoder", "fused"), ("text-encoder", "canonical"), ("vae-decoder", "fused"),
+                                       ("vae-decoder", "canonical"), ("unet", "canonical")])
 def test_fp16_runs_in_onnxruntime(graphs, comp, form):
     ref = graphs[comp][form]
-    q, r = quantize(ref, precision="fp16")
+    q, r = quantize(ref, precision="fp16", eval_samples=1, calib_samples=2)
     assert r["precision"] == "fp16"
     # FP32 at the boundary, FP16 inside
     assert [t.name for t in q.inputs] == [t.name for t in ref.inputs]
@@ -218,7 +219,7 @@ def test_fp16_runs_in_onnxruntime(graphs, comp, form):
     assert len(f16) > 0.8 * len([t for t in weights if np.issubdtype(t.values.dtype, np.floating)])
     assert r["dtypes"]["activations"]["float16"]["tensors"] > 10
     assert r["sqnr_db"] > 45, r["sqnr_db_per_input"]
-    mine = heldout_sqnr(ref, q, comp, n=2)
+    mine = heldout_sqnr(ref, q, comp, n=1)
     assert min(mine) > 45, mine
 
 
