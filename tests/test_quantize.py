@@ -234,6 +234,16 @@ def test_fp16_keeps_statistics_and_periodic_ops_in_fp32(graphs):
     assert "norm-statistics" in r["kept_higher_precision"]
 
 
+def test_fp16_keep_fp32_override(graphs):
+    ref = graphs["text-encoder"]["fused"]
+    target = next(n for n in ref.nodes if n.op == "FusedMatMul")
+    q, r = quantize(ref, precision="fp16", keep_fp32=[target.name], eval_samples=1, calib_samples=1)
+    node = next(n for n in q.nodes if n.name == target.name)
+    assert node.inputs[1].values.dtype == np.float32 and np.dtype(node.outputs[0].dtype) == np.float32
+    assert node.inputs[0].inputs[0].op == "Cast"  # FP16 activation cast up at the island's edge
+    assert r["sqnr_db"] > 45
+
+
 def test_fp16_overflow_guard_keeps_large_tensors_fp32():
     x = gs.Variable("x", dtype=np.float32, shape=[1, 8])
     big = gs.Variable("big", dtype=np.float32, shape=[1, 8])
