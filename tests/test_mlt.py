@@ -356,10 +356,7 @@ def test_cli_help_lists_the_flags():
 
 # --- the tiny U-Net, fused then tiled, against the unfused model -----------------------------------
 
-def test_tiny_unet_tiled_matches_onnxruntime(request):
-    if "fuse" not in {pid.split("::")[1] for pid in edgefc.list_passes()}:
-        pytest.skip("the fuse pass has not landed")
-    tiny_models = request.getfixturevalue("tiny_models")
+def test_tiny_unet_tiled_matches_onnxruntime(tiny_models):
     fused = edgefc.compile(tiny_models["unet"], None, passes=["canonicalize", "fuse"]).graph
     n_attn = sum(n.op == "Attention" for n in fused.nodes)
     assert n_attn > 0
@@ -394,8 +391,7 @@ def test_tiny_unet_tiled_matches_onnxruntime(request):
 def test_cli_profile_explain_tiling(tmp_path):
     import edgefc.cli as cli_mod
 
-    if not tile_solver.has_cost_model(edgefc.get_target("exynos2400")):
-        pytest.skip("the exynos2400 target has no cost model yet")
+    assert tile_solver.has_cost_model(edgefc.get_target("exynos2400"))
     path = tmp_path / "t.onnx"
     onnx.save_model(transformer_model(seq=1024, channels=320, heads=8, ctx_channels=768), str(path))
     res = CliRunner().invoke(cli_mod.cli, ["profile", str(path), "--explain-tiling", "--precision", "w8a16", "--top", "3"])
@@ -407,7 +403,12 @@ def test_cli_profile_explain_tiling(tmp_path):
 
 # --- full size (slow) ------------------------------------------------------------------------------
 
-FULL_UNET = Path("/tmp/edgefc-models/unet-bk-sdm-tiny.onnx")
+@pytest.fixture(scope="module")
+def full_unet(tmp_path_factory) -> Path:
+    """The full-size BK-SDM-Tiny U-Net (512x512, seed 0), exported for this module."""
+    from edgefc.models.export import export_component
+
+    return export_component("unet", "bk-sdm-tiny", tmp_path_factory.mktemp("full") / "unet.onnx", progress=False)
 
 
 @pytest.mark.slow
@@ -415,8 +416,7 @@ def test_full_size_self_attention_tile_by_tile():
     """The 64x64 self-attention of the BK-SDM-Tiny U-Net (8 heads x 4096 x 4096, head dim 40) at the
     real target's tiling: numpy tile by tile and onnxruntime's TiledAttention vs the untiled op."""
     tgt = edgefc.get_target("exynos2400")
-    if not tile_solver.has_cost_model(tgt):
-        pytest.skip("the exynos2400 target has no cost model yet")
+    assert tile_solver.has_cost_model(tgt)
     spec = AttentionSpec("self64", 1, 8, 4096, 4096, 40, 40, 2)
     sol = tile_solver.solve(spec, tgt, tile_solver.default_budget(tgt))
     assert sol.tiling.tiles > 1
@@ -431,17 +431,15 @@ def test_full_size_self_attention_tile_by_tile():
 
 
 @pytest.mark.slow
-def test_full_size_unet_tiled_matches_onnxruntime():
+def test_full_size_unet_tiled_matches_onnxruntime(full_unet):
     """Full-size BK-SDM-Tiny U-Net: canonicalize + fuse + mlt (tiled for the deployed INT16
     activations) against onnxruntime on the unoptimised export."""
-    if not FULL_UNET.is_file():
-        pytest.skip(f"{FULL_UNET} is not there")
-    res = edgefc.compile(FULL_UNET, "exynos2400", passes=["canonicalize", "fuse", "mlt"],
+    res = edgefc.compile(full_unet, "exynos2400", passes=["canonicalize", "fuse", "mlt"],
                          options={"precision": "w8a16"})
     assert res.report["tiling"]["tiled"] >= 6
     feeds = ort.random_inputs(res.graph, seed=0)
     out = ort.run(ir.to_model(res.graph), feeds)
     del res
-    ref = ort.run(FULL_UNET, feeds)
+    ref = ort.run(full_unet, feeds)
     for k in ref:
         assert np.abs(ref[k] - out[k]).max() <= 1e-4 * float(np.abs(ref[k]).max())
