@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefc.components import SIGNATURES, detect_component
 from edgefc.errors import BuildError, EdgefcError, ExportError
 from edgefc.models import configs
 
@@ -70,12 +71,6 @@ SIZE_MULTIPLE = 64
 VAE_SCALING = 0.18215
 #: Precision each component is deployed at in the paper (Sec. 2.3, Table 7), for the NPU timing.
 DEPLOYED_PRECISION = {"text-encoder": "fp16", "unet": "w8a16", "vae-decoder": "fp16"}
-#: Inputs that identify a component (the same rule as quantize --precision auto).
-_SIGNATURES = (
-    ("unet", {"sample", "timestep", "encoder_hidden_states"}),
-    ("text-encoder", {"input_ids"}),
-    ("vae-decoder", {"latent_sample"}),
-)
 
 
 class GenerateError(EdgefcError):
@@ -83,15 +78,6 @@ class GenerateError(EdgefcError):
 
 
 # --- component detection and build folders ------------------------------------------------------
-
-def detect_component(input_names) -> str | None:
-    """The component a model is, from its input names (None if it matches none)."""
-    names = set(input_names)
-    for component, needed in _SIGNATURES:
-        if needed <= names:
-            return component
-    return None
-
 
 def _onnx_inputs(path: Path) -> dict[str, tuple[list[int], str]]:
     """Real graph inputs of an ONNX file: name -> (shape, numpy dtype name); weights are not read."""
@@ -159,7 +145,7 @@ def find_builds(build_dir: str | os.PathLike) -> dict[str, Path]:
     if missing:
         c = missing[0]
         raise BuildError(f"build folder {str(root)!r} has no {c} build (expected {c}/model.onnx, or a build "
-                         f"whose inputs are {', '.join(sorted(dict(_SIGNATURES)[c]))}).")
+                         f"whose inputs are {', '.join(sorted(dict(SIGNATURES)[c]))}).")
     return found
 
 

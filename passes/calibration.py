@@ -44,6 +44,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from edgefc import ir
+from edgefc.components import detect_component  # noqa: F401  (re-exported for callers)
 from edgefc.errors import QuantizationError
 
 CALIB_SEED = 1234
@@ -57,19 +58,6 @@ CLIP_BOS, CLIP_EOS = 49406, 49407
 #: cores at full size: one U-Net forward is ~3 s, one 512x512 VAE decoder forward ~40-80 s).
 DEFAULT_CALIB_SAMPLES = {"unet": 8, "text-encoder": 8, "vae-decoder": 1, None: 4}
 DEFAULT_EVAL_SAMPLES = {"unet": 8, "text-encoder": 8, "vae-decoder": 2, None: 4}
-
-
-def detect_component(input_names) -> str | None:
-    """Component from input names: sample+timestep+encoder_hidden_states -> unet, input_ids ->
-    text-encoder, latent_sample -> vae-decoder; None otherwise."""
-    names = set(input_names)
-    if {"sample", "timestep", "encoder_hidden_states"} <= names:
-        return "unet"
-    if "input_ids" in names:
-        return "text-encoder"
-    if "latent_sample" in names:
-        return "vae-decoder"
-    return None
 
 
 def enumerable_input(graph: gs.Graph, component: str | None) -> tuple[str, list[int]] | None:

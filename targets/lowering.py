@@ -42,6 +42,7 @@ from edgefc.attention import (
     tile_rows,
     tiling_from_node,
 )
+from edgefc.components import detect_component
 from edgefc.errors import BuildError
 from edgefc.targets.program import Command, OpInfo, Program
 
@@ -268,15 +269,8 @@ def _act_code(nbytes: int) -> str:
 # --- graph lowering ---------------------------------------------------------------------------
 
 def component_of(graph: gs.Graph) -> str:
-    """unet / text-encoder / vae-decoder from the input names (the contract's detection rule)."""
-    names = {t.name for t in graph.inputs}
-    if {"sample", "timestep", "encoder_hidden_states"} <= names:
-        return "unet"
-    if "input_ids" in names:
-        return "text-encoder"
-    if "latent_sample" in names:
-        return "vae-decoder"
-    return "model"
+    """unet / text-encoder / vae-decoder from the input names (edgefc.components), else "model"."""
+    return detect_component(t.name for t in graph.inputs) or "model"
 
 
 _INDEXED = re.compile(r"^[A-Za-z_]+\.\d+$")

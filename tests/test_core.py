@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,14 +14,8 @@ from click.testing import CliRunner
 import edgefc
 from edgefc import ort
 from edgefc.cli import cli
+from tests.cli import assert_user_error, run_cli
 from tests.synthetic import mlp_model, save_with_escaping_external_data, save_with_external_data
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    """Run the real console entry point in a subprocess (exit status and output as a user sees them)."""
-    proc = subprocess.run([sys.executable, "-c", "from edgefc.cli import main; main()", *args],
-                          capture_output=True, text=True)
-    return proc.returncode, proc.stdout + proc.stderr
 
 
 @pytest.fixture
@@ -33,13 +25,6 @@ def mlp(tmp_path) -> Path:
     return path
 
 
-def assert_user_error(rc: int, out: str, *needles: str) -> None:
-    assert rc == 2, out
-    assert "Traceback" not in out, out
-    lines = [line for line in out.splitlines() if line.strip()]
-    assert len(lines) == 1, out
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -4,8 +4,6 @@ report, its flags and error paths, and the differential check on the tiny U-Net.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from edgefc.attention import AttentionSpec, Tiling, tile_rows
 from edgefc.errors import PassError
 from edgefc.pass_base import PassContext
 from edgefc.passes import mlt, tile_solver
+from tests.cli import run_cli
 from tests.mlt_fake_target import FakeNpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,10 +304,6 @@ def _plugin(tmp_path: Path, sram: int) -> Path:
     return p
 
 
-def run_cli(*args):
-    proc = subprocess.run([sys.executable, "-c", "from edgefc.cli import main; main()", *args],
-                          capture_output=True, text=True, cwd=ROOT, check=False)
-    return proc.returncode, proc.stdout + proc.stderr
 
 
 def one_line_error(rc, out, *needles):

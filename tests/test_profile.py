@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +15,13 @@ import pytest
 from edgefc.targets import TARGET_DIR
 from edgefc.targets.program import ATTENTION_ROLES
 from tests import npu_graphs
+from tests.cli import assert_user_error, run_cli
 
 OP_KEYS = {"name", "op_type", "engine", "macs", "dma_bytes", "cycles", "ms"}
 
 
-def run_cli(*args: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-c", "from edgefc.cli import main; main()", *args],
-                          capture_output=True, text=True, check=False)
-    return proc.returncode, proc.stdout + proc.stderr
 
 
-def assert_user_error(rc: int, out: str, *needles: str) -> None:
-    assert rc == 2, out
-    assert "Traceback" not in out, out
-    lines = [line for line in out.splitlines() if line.strip()]
-    assert len(lines) == 1, out
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

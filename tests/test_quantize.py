@@ -7,8 +7,6 @@ quantizer (wrong channel axis, missing scale, clipped ranges, FP16 overflow) fai
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -22,12 +20,7 @@ from edgefc.pass_base import PassContext
 from edgefc.passes import calibration as cal
 from edgefc.passes import quant_policy as qp
 from edgefc.passes import quantize as quant
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-c", "from edgefc.cli import main; main()", *args],
-                          capture_output=True, text=True)
-    return proc.returncode, proc.stdout + proc.stderr
+from tests.cli import run_cli
 
 
 def assert_user_error(rc: int, out: str, *needles: str) -> None:
