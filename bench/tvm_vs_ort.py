@@ -67,8 +67,6 @@ def median_ms(fn, runs: int) -> float:
 
 
 def bench(model: Path, runs: int, options: dict, workdir: Path) -> dict:
-    import onnxruntime
-
     from edgefc.targets.tvm_lowering import load_build
 
     out = workdir / model.stem
@@ -78,7 +76,7 @@ def bench(model: Path, runs: int, options: dict, workdir: Path) -> dict:
     tvm_s = result.report["tvm"]["seconds"]
     feeds = ort.random_inputs(edgefc.ir.load_model_proto(model, check=False), seed=0)
     runner = load_build(out)
-    sess = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.session(out / "model.onnx", optimize=True)
     names = [o.name for o in sess.get_outputs()]
     tvm_ms = median_ms(lambda: runner.run(feeds), runs)
     ort_ms = median_ms(lambda: sess.run(names, feeds), runs)
@@ -88,7 +86,7 @@ def bench(model: Path, runs: int, options: dict, workdir: Path) -> dict:
         "import_s": tvm_s.get("import", 0.0), "partition_s": tvm_s.get("partition", 0.0) + tvm_s.get("codegen", 0.0),
         "build_local_s": tvm_s.get("build_local", 0.0), "build_aarch64_s": tvm_s.get("build_aarch64", 0.0),
         "tvm_ms": tvm_ms, "ort_ms": ort_ms, "share": result.report["partition"]["npu_mac_share"],
-        "rel_err": diff[1],
+        "rel_err": diff.rel_error,
     }
 
 

@@ -365,15 +365,11 @@ class Runner:
     backend = "onnxruntime"
 
     def __init__(self, component: str, path: Path):
-        import onnxruntime as ort
+        from edgefc import ort
 
         self.component, self.path = component, Path(path)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.enable_cpu_mem_arena = False  # one run per session: no arena to keep, lower peak memory
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        try:  # graph optimisations on; no arena: one run per session, lower peak memory
+            self.session = ort.session(self.path, optimize=True, arena=False)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BuildError(f"onnxruntime cannot load {self.path}: {first}") from None

@@ -44,6 +44,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from edgefc import ir
+from edgefc import ort as edgefc_ort
 from edgefc.components import detect_component  # noqa: F401  (re-exported for callers)
 from edgefc.errors import QuantizationError
 
@@ -262,11 +263,9 @@ def release_memory() -> None:
 
 
 def session_options() -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = False  # one large run at a time: give memory back between runs
-    return opts
+    """Calibration's sessions: the graph as written, no memory arena (one large run at a time
+    gives its memory back between runs)."""
+    return edgefc_ort.session_options(arena=False)
 
 
 def order_probes(base: list, extra: list) -> list:
@@ -348,7 +347,7 @@ class DiskModel:
 
     def session(self, path: Path | None = None) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(str(path or self.path), session_options(), providers=["CPUExecutionProvider"])
+            return edgefc_ort.session(path or self.path, arena=False)
         except Exception as e:
             raise QuantizationError(f"onnxruntime cannot load the {self.name} model: {str(e).strip().splitlines()[0]}") from None
 

@@ -8,9 +8,9 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
+from edgefc import ort as edgefc_ort
 from edgefc.cli import main
 from edgefc.errors import ExportError
 from edgefc.models import configs
@@ -22,7 +22,7 @@ COMPONENTS = ("text-encoder", "unet", "vae-decoder")
 
 
 def _run(path, feeds):
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = edgefc_ort.session(path)
     return sess.run(None, feeds)
 
 

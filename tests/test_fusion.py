@@ -86,9 +86,7 @@ def test_fused_matches_onnxruntime_on_the_unfused_model(tiny, key):
     t = tiny[key]
     feeds = ort.random_inputs(t["fused"], seed=11)
     reference = ort.run(str(t["path"]), feeds)
-    _, rel, name = ort.compare(reference, ort.run(ir.to_model(t["fused"]), feeds))
-    assert name or rel == 0.0
-    assert rel <= 1e-4, (key, name, rel)
+    ort.check(reference, ort.run(ir.to_model(t["fused"]), feeds), 1e-4)
 
 
 def test_fuse_is_idempotent(tiny):
@@ -127,12 +125,12 @@ def test_fused_model_file_checks_inlines_and_reloads(tiny, tmp_path):
     expected = ort.run(model, feeds)
     inlined = onnx.inliner.inline_local_functions(model)
     assert not [n for n in inlined.graph.node if n.domain == "edgefc"]
-    assert ort.compare(expected, ort.run(inlined, feeds))[1] == 0.0
+    ort.check(expected, ort.run(inlined, feeds), 0.0)
     again = edgefc.load(path)
-    assert ort.compare(expected, ort.run(ir.to_model(again), feeds))[1] == 0.0
+    ort.check(expected, ort.run(ir.to_model(again), feeds), 0.0)
     # a fresh process that only loads (no pass imported) must keep the overloads too
     script = (f"import edgefc, numpy as np; from edgefc import ir, ort; g = edgefc.load({str(path)!r}); "
-              f"f = ort.random_inputs(g, 2); print(ort.compare(ort.run({str(path)!r}, f), ort.run(ir.to_model(g), f))[1])")
+              f"f = ort.random_inputs(g, 2); print(ort.check(ort.run({str(path)!r}, f), ort.run(ir.to_model(g), f)).rel_error)")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and float(proc.stdout.split()[-1]) == 0.0, proc.stderr[-2000:]
 
@@ -208,8 +206,9 @@ def fuse_module(tmp_path, module, *inputs, target=None, name="m"):
     ctx = PassContext(target=target)
     graph = edgefc.PassManager(["canonicalize", "fuse"]).run(edgefc.load(path), ctx)
     feeds = {n: t.numpy() for n, t in zip(names, inputs)}
-    _, rel, _ = ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(graph), feeds))
-    return graph, ctx.report["fusion"], rel
+    diff = ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(graph), feeds))
+    assert not diff.reason, diff.reason
+    return graph, ctx.report["fusion"], diff.rel_error
 
 
 class Heads(nn.Module):

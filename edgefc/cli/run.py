@@ -84,10 +84,15 @@ def _check(build: Path, feeds: dict, outputs: dict) -> list[str]:
     ref = ort.run(ort.session(source), feeds)
     compiled = ort.run(ort.session(build / "model.onnx"), feeds)
     lines = []
-    abs_err, rel_err, name = ort.compare(ref, outputs)
-    _, low_rel, _ = ort.compare(compiled, outputs)
+    diff = ort.compare(ref, outputs)
+    low = ort.compare(compiled, outputs)
+    if low.reason:  # another output set, shape, dtype or non-finite pattern than the compiled model's
+        raise VerificationError(f"TVM outputs differ from onnxruntime on the compiled model: {low.reason}")
+    if diff.reason:
+        raise VerificationError(f"TVM outputs differ from onnxruntime on the original model: {diff.reason}")
+    abs_err, rel_err, name = diff.abs_error, diff.rel_error, diff.output
     reduced, report_sqnr = _reduced_precision(build, report)
-    lines.append(f"vs onnxruntime, compiled model: max rel err {low_rel:.3g}")
+    lines.append(f"vs onnxruntime, compiled model: max rel err {low.rel_error:.3g}")
     if not reduced:
         ok = rel_err <= FP32_TOLERANCE
         lines.append(f"vs onnxruntime, original model {source}: max abs err {abs_err:.3g}, max rel err {rel_err:.3g} "
