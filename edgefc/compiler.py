@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from edgefc.errors import PassError
 from edgefc.pass_base import PassContext
 from edgefc.pass_manager import PassManager, PassRecord
 from edgefc.registry import _PASSES, _load_builtins, resolve_pass_id
+from edgefc.staging import staging_dir
 from edgefc.target import Target, get_target
 
 # The default pipeline for each kind of target, in order. A stage runs when its condition on
@@ -97,7 +97,7 @@ def compile(model: str | os.PathLike | gs.Graph, target: str | Target | None = "
     if output is not None:
         out = Path(output).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        staging = staging_dir(out)
     if dump_after is not None and not isinstance(dump_after, dict):
         if staging is None:
             raise PassError("--dump-after needs an output folder (-o)")
@@ -131,7 +131,7 @@ def write_build(result: CompileResult, output: Path, target: Target | None, ctx:
     (via ``tmp``, a folder beside it that may already hold ``--dump-after`` files)."""
     output = output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp or Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = tmp or staging_dir(output)
     try:
         ir.save(result.graph, tmp / "model.onnx")
         if target is not None and hasattr(target, "write_artifacts"):

@@ -23,6 +23,13 @@ class PassError(EdgefcError):
     """An unknown or duplicate pass, bad pass options, or a pass that cannot apply."""
 
 
+class InternalError(PassError):
+    """A pass raised an unexpected exception (a bug in edgefc or in a plugin pass, or a model the
+    pass does not handle). Reported like a user error, as one line naming the pass and, where
+    known, the node, so that a compile never ends in a traceback; the corpus test counts it as a
+    crash."""
+
+
 class VerificationError(EdgefcError):
     """``--verify`` found a pass whose output differs from the original model."""
 

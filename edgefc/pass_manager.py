@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 
 from edgefc import ir, ort
-from edgefc.errors import PassError, VerificationError
+from edgefc.errors import EdgefcError, InternalError, PassError, VerificationError
 from edgefc.pass_base import Pass, PassContext
 from edgefc.registry import get_pass, resolve_pass_id
 
@@ -37,6 +37,24 @@ class PassRecord:
         if d["verify_rel_error"] is None:
             del d["verify_rel_error"]
         return d
+
+
+def internal_error(pass_name: str, error: Exception) -> InternalError:
+    """``error`` raised inside pass ``pass_name`` as one line: the pass, the innermost node the
+    failing code was handling (a local named ``node`` or ``n`` holding a graph node), the
+    exception."""
+    node = None
+    tb = error.__traceback__
+    while tb is not None:
+        for key in ("node", "n"):
+            value = tb.tb_frame.f_locals.get(key)
+            if isinstance(value, gs.Node):
+                node = value
+        tb = tb.tb_next
+    where = f" at node '{node.name}' ({node.op})" if node is not None else ""
+    text = str(error).strip()
+    first = text.splitlines()[0][:300] if text else ""
+    return InternalError(f"pass '{pass_name}' failed{where}: {type(error).__name__}: {first}".rstrip(": "))
 
 
 class PassManager:
@@ -71,8 +89,13 @@ class PassManager:
                 self.progress(p)
             before = len(graph.nodes)
             start = time.perf_counter()
-            graph = p.run(graph, ctx)
-            graph.cleanup().toposort()
+            try:
+                graph = p.run(graph, ctx)
+                graph.cleanup().toposort()
+            except EdgefcError:
+                raise
+            except Exception as e:  # a bug or an unhandled model: one line naming the pass and node
+                raise internal_error(p.name, e) from e
             seconds = time.perf_counter() - start
             record = PassRecord(p.name, round(seconds, 4), before, len(graph.nodes))
             if self.verify:
@@ -90,8 +113,10 @@ class PassManager:
         except Exception as e:
             raise VerificationError(f"after pass '{p.name}' the model no longer runs in onnxruntime: "
                                     f"{str(e).strip().splitlines()[0]}") from None
-        abs_err, rel_err, name = ort.compare(reference, actual)
-        if rel_err > p.verify_tolerance:
-            raise VerificationError(f"pass '{p.name}' changed output '{name}': max abs error {abs_err:.3g}, "
-                                    f"max rel error {rel_err:.3g} (tolerance {p.verify_tolerance:g})")
-        return rel_err, actual
+        diff = ort.compare(reference, actual)
+        if not diff.within(p.verify_tolerance):
+            if diff.reason:
+                raise VerificationError(f"pass '{p.name}' changed the model: {diff.reason}")
+            raise VerificationError(f"pass '{p.name}' changed output '{diff.output}': max abs error {diff.abs_error:.3g}, "
+                                    f"max rel error {diff.rel_error:.3g} (tolerance {p.verify_tolerance:g})")
+        return diff.rel_error, actual

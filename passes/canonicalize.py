@@ -2,15 +2,21 @@
 
 Matches: the whole graph. Does, once:
   * brings the standard domain to opset 23 (``--opset``), the opset of the standard fused ops
-    later passes emit (Attention-23, GroupNormalization-21, Gelu-20, int16 QDQ-21);
+    later passes emit (Attention-23, GroupNormalization-21, Gelu-20, int16 QDQ-21): the whole
+    model through ONNX's version converter, or op by op where that fails (ops whose schema did
+    not change stay untouched, :func:`edgefc.ir.upgrade_opset`); newer models stay as they are;
 then, until nothing changes:
   * static input shapes (from ``--shape NAME=D1xD2..``, else the model's own static shapes; a
     dynamic input with no ``--shape`` is a :class:`ShapeError`);
-  * ONNX shape inference, then constant and shape folding (graphsurgeon
-    ``fold_constants(fold_shapes=True)``);
+  * ONNX shape inference (with data propagation), then constant and shape folding
+    (:mod:`edgefc.folding`: ``Shape``/``Size`` of static tensors, ``If`` on a constant,
+    constant subgraphs evaluated in onnxruntime);
   * removal of dead nodes, Identity, Cast to the input's own type, and Reshape to the input's
     own shape;
-  * topological order.
+  * topological order;
+and refuses (:class:`ShapeError`) a model with a tensor whose shape is still not static, naming
+the node and the inputs whose values decide it (``Unique``, ``NonZero``, a ``Reshape`` to a
+shape given as an input ...).
 Emits: the same computation with only static shapes, which TVM Relax's ONNX importer needs
 (DESIGN.md, "TVM lowering"). Not a paper pass: every later pass assumes its output.
 """
@@ -21,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from edgefc import ir
+from edgefc import folding, ir
 from edgefc.errors import ShapeError
 from edgefc.pass_base import Pass, PassContext
 from edgefc.registry import register_pass
@@ -39,6 +45,50 @@ def apply_input_shapes(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> N
         if ir.static_shape(t) is None:
             shown = "x".join(str(d) if isinstance(d, (int, np.integer)) and d >= 0 else "?" for d in (t.shape or []))
             raise ShapeError(f"input '{t.name}' has a dynamic shape [{shown or 'unknown'}]; give it with --shape {t.name}=D1xD2x...")
+
+
+#: ops whose output shape depends on the values of their (data) inputs
+VALUE_SHAPED = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "StringSplit", "TfIdfVectorizer"}
+
+
+def _value_inputs(graph: gs.Graph, tensors) -> list[str]:
+    """The graph inputs whose values (not only their shapes) reach ``tensors``."""
+    names, seen, stack = [], set(), list(tensors)
+    real = {t.name for t in graph.inputs}
+    while stack:
+        t = stack.pop()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        if t.name in real:
+            names.append(t.name)
+        for producer in t.inputs:
+            if producer.op in ("Shape", "Size"):  # only the shape of what is behind it
+                continue
+            stack.extend(producer.inputs)
+    return sorted(names)
+
+
+def _why_dynamic(graph: gs.Graph, node: gs.Node) -> str:
+    shape_like = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.dtype is not None
+                  and np.dtype(t.dtype).kind in "iu" and t.shape is not None and len(t.shape) <= 1]
+    dep = _value_inputs(graph, shape_like)  # sizes, axes, counts, repeats given at run time
+    if not dep and node.op in VALUE_SHAPED:
+        dep = _value_inputs(graph, node.inputs)
+    if dep:
+        return f"it depends on the values of input{'s' if len(dep) > 1 else ''} {', '.join(repr(d) for d in dep)}"
+    return "ONNX shape inference cannot determine it"
+
+
+def check_static(graph: gs.Graph) -> None:
+    """Raise ShapeError for the first node output (in order) whose shape is still not static,
+    naming the node and, where it is so, the inputs whose values decide it."""
+    for node in graph.nodes:
+        for t in node.outputs:
+            if not t.name or getattr(t, "type", "tensor_type") != "tensor_type" or ir.static_shape(t) is not None:
+                continue
+            raise ShapeError(f"tensor '{t.name}' (output of {node.op} node '{node.name}') has no static shape: "
+                             f"{_why_dynamic(graph, node)}; edgefc compiles models whose shapes are known at compile time")
 
 
 def _is_noop(node: gs.Node) -> bool:
@@ -66,7 +116,7 @@ class Canonicalize(Pass):
         for _ in range(self.max_rounds):
             before = (len(graph.nodes), sum(ir.static_shape(t) is None for t in graph.tensors().values()))
             ir.infer_shapes(graph)
-            graph.fold_constants(fold_shapes=True, error_ok=True)
+            folding.fold(graph)
             graph.cleanup(remove_unused_graph_inputs=False)
             for node in [n for n in graph.nodes if _is_noop(n)]:
                 bypass(graph, node)
@@ -75,4 +125,5 @@ class Canonicalize(Pass):
             after = (len(graph.nodes), sum(ir.static_shape(t) is None for t in graph.tensors().values()))
             if after == before:
                 break
+        check_static(graph)
         return graph

@@ -310,6 +310,8 @@ def _shape(t: gs.Tensor) -> tuple[int, ...] | None:
 
 
 def _elements(t: gs.Tensor) -> int:
+    if getattr(t, "type", "tensor_type") != "tensor_type":  # a sequence/optional on the host: its tensors count where made
+        return 0
     s = _shape(t)
     if s is None:
         raise BuildError(f"tensor '{t.name}' has no static shape; compile the model (canonicalize) first")
@@ -436,6 +438,10 @@ class _Lowering:
         if all(types.is_const(t) for t in node.inputs if t is not None and t.name):
             return "none"  # folded at compile time
         if op in ATTENTION_OPS:
+            try:  # an attention the NPU block does not take (grouped heads, past key/value): the host runs it
+                attention_spec(node, 2)
+            except BuildError:
+                return "host"
             return "attention"
         acts = [t for t in node.inputs if t is not None and t.name and not types.is_const(t)]
         if op in HOST_ONLY_OPS or any(types.host_data(t) for t in acts + list(node.outputs)):
