@@ -13,8 +13,9 @@ importer) need them folded. :func:`fold` does, in order:
 
 Never folded: nodes outside the standard domain, random ops, nodes with subgraphs (other than
 ``If`` above), outputs that are not plain numeric tensors (sequences, optionals, strings: so a
-sequence-valued node never reaches a tensor folder), and outputs larger than ``MAX_ELEMENTS``
-(a folded ``Expand`` or ``ConstantOfShape`` would only make the model bigger).
+sequence-valued node never reaches a tensor folder), and outputs larger than both
+``MAX_ELEMENTS`` and the node's inputs (a folded ``Expand`` or ``ConstantOfShape`` would only
+make the model bigger; a transposed or cast weight folds at any size).
 A node that onnxruntime cannot evaluate stays as it is. Replaces graphsurgeon's
 ``fold_constants``, whose shape folding ignores ``Shape``'s ``start``/``end`` (a wrong answer
 for opset-15+ models) and which fails on sequence values.
@@ -140,8 +141,8 @@ def _domains(graph: gs.Graph):
     return domains
 
 
-def _usable(t: gs.Tensor, value) -> bool:
-    if not isinstance(value, np.ndarray) or value.dtype.kind not in _FOLDABLE_KINDS or value.size > MAX_ELEMENTS:
+def _usable(t: gs.Tensor, value, limit: int) -> bool:
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in _FOLDABLE_KINDS or value.size > limit:
         return False
     if t.dtype is not None:
         try:
@@ -172,7 +173,11 @@ def fold_constants(graph: gs.Graph) -> int:
     n = 0
     for node in nodes:
         outs = [t for t in node.outputs if t.name]
-        if not outs or not all(t.name in values and _usable(t, values[t.name]) for t in outs):
+        # a weight transformed in place (Transpose, Cast, DequantizeLinear ...) folds at any size;
+        # an op that makes more data than it reads only up to MAX_ELEMENTS
+        read = sum(int(np.prod(t.shape)) if isinstance(t, gs.Constant) else getattr(values.get(t.name), "size", 0)
+                   for t in node.inputs if t.name)
+        if not outs or not all(t.name in values and _usable(t, values[t.name], max(MAX_ELEMENTS, read)) for t in outs):
             continue
         node.outputs.clear()
         for t in outs:

@@ -1,8 +1,8 @@
 """The onnx package's operator tests through ``edgefc.compile`` (issue 12): 0 crashes, 0 wrong
 answers, each refusal listed with its reason (see tests/onnx_corpus.py for the verdicts).
 
-The default run takes a deterministic sample, every ``EDGEFC_CORPUS_EVERY``-th case (default 8)
-from offset ``EDGEFC_CORPUS_OFFSET`` (default 5: other cases than the acceptance check's
+The default run takes a deterministic sample, every ``EDGEFC_CORPUS_EVERY``-th case (default 4)
+from offset ``EDGEFC_CORPUS_OFFSET`` (default 1: other cases than the acceptance check's
 sample); ``EDGEFC_CORPUS_EVERY=1`` runs all of them (several minutes).
 """
 
@@ -14,8 +14,8 @@ import pytest
 
 from tests import onnx_corpus
 
-EVERY = int(os.environ.get("EDGEFC_CORPUS_EVERY", "8"))
-OFFSET = int(os.environ.get("EDGEFC_CORPUS_OFFSET", "5"))
+EVERY = int(os.environ.get("EDGEFC_CORPUS_EVERY", "4"))
+OFFSET = int(os.environ.get("EDGEFC_CORPUS_OFFSET", "1"))
 
 
 @pytest.fixture(scope="module")
