@@ -116,7 +116,7 @@ class Features:
 # --- loading ---------------------------------------------------------------------------------
 
 def load_graphs(paths: dict[str, str]):
-    from edgefc.cli.profile import load_for_profile
+    from edgefc.build_folder import load_for_profile
 
     graphs = {}
     for comp, path in paths.items():
