@@ -62,7 +62,7 @@ DEFAULT_MODELS = {"text-encoder": "/tmp/edgefc-models/text-encoder-bk-sdm-tiny.o
                   "unet": "/tmp/edgefc-models/unet-bk-sdm-tiny.onnx",
                   "vae-decoder": "/tmp/edgefc-models/vae-decoder-bk-sdm-tiny.onnx"}
 # Table 6's block: the 64x64 self-attention of the BK-SDM-Tiny U-Net, 8 heads of 40, INT16
-BLOCK = AttentionSpec("down_blocks.0 attn1", 1, 8, 4096, 4096, 40, 40, 2)
+BLOCK = AttentionSpec("down_blocks.0 attn1", 1, 8, 4096, 4096, 40, 40, "int16")
 
 
 # --- a Program as sums the formulas are linear in (fast re-pricing) -----------------------------
@@ -162,7 +162,7 @@ class Model:
         return self.base.with_fields({f: float(v) for (f, *_), v in zip(FREE, x)})
 
     def figures(self, x) -> dict:
-        from edgefc.passes import tile_solver
+        from edgefc import tile_solver
         from edgefc.targets.profile import role_cycles
 
         t = self.target(x)

@@ -4,8 +4,8 @@ One fused attention (ONNX ``Attention``-23 in the 3D form, or the edgefc ``Tiled
 model-level tiling emits) is described by an :class:`AttentionSpec`; how it is split is a
 :class:`Tiling`. The helpers below fix, in one place, the conventions both sides use:
 
-* rows are padded to the tensor engine's row granularity ``G`` (``target.row_granularity``,
-  default :data:`DEFAULT_ROW_GRANULARITY`): ``padded_rows = ceil(q_len / G) * G``;
+* rows are padded to the tensor engine's row granularity ``G`` (``target.row_granularity``, from
+  the target file's ``tensor.row_granularity``): ``padded_rows = ceil(q_len / G) * G``;
 * a tiling with ``row_tiles = r`` splits the padded rows into ``r`` equal tiles of
   ``padded_rows / r`` rows, so ``r`` divides ``padded_rows / G`` and every tile is a whole
   number of granules (the last tile holds the padding);
@@ -21,15 +21,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Rows per tensor-engine pass when the target does not say (``row_granularity``).
-DEFAULT_ROW_GRANULARITY = 16
+from edgefc.errors import TargetError
+from edgefc.ir import DTYPE_BYTES, dtype_code
 
 
 @dataclass(frozen=True)
 class AttentionSpec:
     """One fused attention: softmax(Q K^T * scale) V over ``heads`` heads.
 
-    ``act_bytes`` is the byte size of its activations as deployed (2 for FP16/INT16, 4 for FP32).
+    ``act_dtype`` is the element type of its activations as deployed (``fp32``, ``fp16``,
+    ``int16``, ``int8``): it fixes both the bytes moved and the tensor-engine precision
+    (``[tensor.rate]`` key) its two matmuls are priced at -- an FP16 attention is ``fp16``, not
+    ``int16xint16``, although both are two bytes an element.
     """
 
     name: str
@@ -39,8 +42,17 @@ class AttentionSpec:
     kv_len: int
     head_dim: int
     v_head_dim: int
-    act_bytes: int
+    act_dtype: str
     causal: bool = False
+
+    def __post_init__(self):
+        if self.act_dtype not in DTYPE_BYTES:
+            raise ValueError(f"unknown activation type {self.act_dtype!r} (one of {', '.join(DTYPE_BYTES)})")
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes per activation element."""
+        return DTYPE_BYTES[self.act_dtype]
 
 
 @dataclass(frozen=True)
@@ -56,11 +68,12 @@ class Tiling:
 
 
 def row_granularity(target) -> int:
-    """The target's row granularity (``target.row_granularity``), else :data:`DEFAULT_ROW_GRANULARITY`."""
-    g = getattr(target, "row_granularity", None) if target is not None else None
+    """The target's row granularity (``target.row_granularity``; the core interface's default is
+    1, rows not padded)."""
+    g = getattr(target, "row_granularity", None)
     if isinstance(g, (int, np.integer)) and not isinstance(g, bool) and g > 0:
         return int(g)
-    return DEFAULT_ROW_GRANULARITY
+    raise TargetError(f"target {getattr(target, 'name', target)!r} has no positive integer row_granularity (got {g!r})")
 
 
 def padded_rows(q_len: int, granularity: int) -> int:
@@ -105,11 +118,11 @@ def is_attention(node) -> bool:
             or (node.op == "TiledAttention" and node.domain == "edgefc"))
 
 
-def spec_from_node(node, act_bytes: int | None = None) -> AttentionSpec:
+def spec_from_node(node, act_dtype: str | None = None) -> AttentionSpec:
     """The :class:`AttentionSpec` of an ``Attention``-23 (3D form) or ``TiledAttention`` node.
 
     Needs static shapes on Q [B, Sq, H*dk], K [B, Skv, H*dk], V [B, Skv, H*dv] and equal
-    ``q_num_heads``/``kv_num_heads``. ``act_bytes`` defaults to Q's element size. Raises
+    ``q_num_heads``/``kv_num_heads``. ``act_dtype`` defaults to Q's element type. Raises
     ValueError (with the reason) for a form this does not describe.
     """
     from edgefc import ir
@@ -138,10 +151,10 @@ def spec_from_node(node, act_bytes: int | None = None) -> AttentionSpec:
             raise ValueError(f"uses {attr}")
     if q[2] % heads or v[2] % heads or k[2] != q[2] or q[0] != k[0] or k[:2] != v[:2]:
         raise ValueError(f"Q {list(q)}, K {list(k)}, V {list(v)} do not split into {heads} heads")
-    if act_bytes is None:
-        act_bytes = np.dtype(inputs[0].dtype).itemsize if inputs[0].dtype is not None else 4
+    if act_dtype is None:
+        act_dtype = dtype_code(inputs[0].dtype)
     return AttentionSpec(name=node.name or node.outputs[0].name, batch=q[0], heads=heads, q_len=q[1], kv_len=k[1],
-                         head_dim=q[2] // heads, v_head_dim=v[2] // heads, act_bytes=int(act_bytes),
+                         head_dim=q[2] // heads, v_head_dim=v[2] // heads, act_dtype=act_dtype,
                          causal=bool(int(_attr(node, "is_causal", 0) or 0)))
 
 

@@ -24,13 +24,19 @@ class Target:
 
     ``name``      the target's name (``exynos2400``);
     ``is_npu``    whether NPU passes (tiling, NPU quantization defaults) apply;
-    ``sram_bytes`` on-chip scratchpad the tiling solver budgets against.
+    ``sram_bytes`` on-chip scratchpad the tiling solver budgets against;
+    ``sram_reserve_bytes`` the part of it the solver leaves to everything else live around an
+    attention (0 unless the target says);
+    ``row_granularity`` query rows per tensor-engine pass, the granule of an attention row tile
+    (1, rows not padded, unless the target says).
     Concrete targets add lowering (``lower(graph) -> Program``) and pricing (``profile``).
     """
 
     name: str = ""
     is_npu: bool = False
     sram_bytes: int = 0
+    sram_reserve_bytes: int = 0
+    row_granularity: int = 1
 
 
 def register_target(name: str, factory: Callable[[], Target]) -> None:

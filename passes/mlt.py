@@ -12,7 +12,7 @@ budget. Attentions that fit, or that have another form, are left alone; the repo
 
 Emits: edgefc ``TiledAttention`` (an ONNX local function in domain ``edgefc``) with the same
 inputs, output and attributes plus ``row_tiles`` and ``head_tiles``, the tiling chosen by the
-solver (``edgefc.passes.tile_solver``: least ``target.attention_cycles`` among the tilings that
+solver (``edgefc.tile_solver``: least ``target.attention_cycles`` among the tilings that
 fit). Its function body computes the same result tile by tile: a ``Loop`` over the
 ``row_tiles x head_tiles`` tiles, each slicing its query rows and head group, computing
 S_in = Q_t K_g^T * scale (causal mask shifted by the tile's row offset), S_out = Softmax(S_in) and
@@ -41,6 +41,7 @@ import onnx.parser
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
+from edgefc import tile_solver
 from edgefc.attention import (
     AttentionSpec,
     Tiling,
@@ -52,8 +53,8 @@ from edgefc.attention import (
     tile_rows,
 )
 from edgefc.errors import PassError
+from edgefc.ir import dtype_code
 from edgefc.pass_base import Pass, PassContext
-from edgefc.passes import tile_solver
 from edgefc.registry import register_pass
 
 DOMAIN = "edgefc"
@@ -206,7 +207,7 @@ def tiled_attention_numpy(q, k, v, heads: int, scale: float, causal: bool, tilin
     b, sq, e = q.shape
     skv, ev = k.shape[1], v.shape[2]
     dk, dv = e // heads, ev // heads
-    spec = AttentionSpec("numpy", b, heads, sq, skv, dk, dv, q.dtype.itemsize, causal)
+    spec = AttentionSpec("numpy", b, heads, sq, skv, dk, dv, dtype_code(q.dtype), causal)
     rows_per_tile = tile_rows(spec, tiling, granularity)
     hpt = heads_per_tile(spec, tiling)
     qp = np.zeros((b, padded_rows(sq, granularity), e), q.dtype)
@@ -236,18 +237,16 @@ def tiled_attention_numpy(q, k, v, heads: int, scale: float, causal: bool, tilin
 _ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "QuantizeLinear", "DequantizeLinear"}
 
 
-def deployed_act_bytes(tensor: gs.Tensor, precision: str | None = None) -> int:
-    """Bytes per activation element as deployed: the ``--precision`` when it fixes it (fp16, w8a16:
-    2; fp32: 4), else the graph's own, as the cost model reads it: a tensor that passes through a
+def deployed_act_dtype(tensor: gs.Tensor, precision: str | None = None) -> str:
+    """Element type of an activation as deployed (``fp32``, ``fp16``, ``int16`` ...): the
+    ``--precision`` when it fixes it (fp16: ``fp16``, w8a16: ``int16``, fp32: ``fp32``), else the
+    graph's own, as the cost model reads it: a tensor that passes through a
     QuantizeLinear/DequantizeLinear (along alias ops: Reshape, Squeeze, Identity, Q/DQ ...) has the
-    quantized type (int16 -> 2), otherwise its dtype."""
-    if precision in ("fp16", "w8a16"):
-        return 2
-    if precision == "fp32":
-        return 4
-
-    def nbytes(t):
-        return int(np.dtype(t.dtype).itemsize)
+    quantized type, otherwise its dtype."""
+    if precision in ("fp16", "fp32"):
+        return precision
+    if precision == "w8a16":
+        return "int16"
 
     seen, todo = set(), [tensor]
     while todo:
@@ -257,19 +256,19 @@ def deployed_act_bytes(tensor: gs.Tensor, precision: str | None = None) -> int:
         seen.add(id(t))
         for p in t.inputs:  # the producer
             if p.op == "DequantizeLinear" and p.inputs[0].dtype is not None:
-                return nbytes(p.inputs[0])
+                return dtype_code(p.inputs[0].dtype)
             if p.op == "QuantizeLinear" and t.dtype is not None:
-                return nbytes(t)
+                return dtype_code(t.dtype)
             if p.op in _ALIAS_OPS and p.inputs:
                 todo.append(p.inputs[0])
         for c in t.outputs:  # the consumers
             if c.op == "QuantizeLinear" and c.outputs and c.outputs[0].dtype is not None:
-                return nbytes(c.outputs[0])
+                return dtype_code(c.outputs[0].dtype)
             if c.op == "DequantizeLinear" and t.dtype is not None:
-                return nbytes(t)
+                return dtype_code(t.dtype)
             if c.op in _ALIAS_OPS:
                 todo.extend(c.outputs[:1])
-    return int(np.dtype(tensor.dtype).itemsize) if tensor.dtype is not None else 4
+    return dtype_code(tensor.dtype)
 
 
 def _budget(ctx: PassContext, target) -> tuple[int, str]:
@@ -326,7 +325,7 @@ class ModelLevelTiling(Pass):
                 report["left_alone"] += 1
                 continue
             try:
-                spec = spec_from_node(node, deployed_act_bytes(node.inputs[0], precision))
+                spec = spec_from_node(node, deployed_act_dtype(node.inputs[0], precision))
             except ValueError as e:
                 entry["reason"] = f"not tiled: {e}"
                 report["left_alone"] += 1
@@ -393,7 +392,7 @@ def explain_tiling(graph: gs.Graph, target, budget=None, precision: str | None =
         if not is_attention(node):
             continue
         try:
-            spec = spec_from_node(node, deployed_act_bytes(node.inputs[0], precision))
+            spec = spec_from_node(node, deployed_act_dtype(node.inputs[0], precision))
         except ValueError:
             continue
         table = tile_solver.explain(spec, target, budget)

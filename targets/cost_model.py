@@ -38,10 +38,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgefc.errors import TargetError
+from edgefc.targets.description import RATE_KEYS as PRECISIONS
+from edgefc.targets.description import VECTOR_CLASSES
 from edgefc.targets.program import Command, Program
-
-VECTOR_CLASSES = ("arith", "max", "reduce", "exp", "divide")
-PRECISIONS = ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -137,11 +136,6 @@ def op_cycles(p: CostParams, commands) -> float:
     """Cycles of one op: its commands back to back, at least its dispatch time."""
     work = sum(command_cycles(p, c) for c in commands)
     return max(work, p.dispatch * sum(c.dispatches for c in commands))
-
-
-def price(p: CostParams, program: Program) -> list[float]:
-    """Cycles of every command of ``program``, in order."""
-    return [command_cycles(p, c) for c in program.commands]
 
 
 def op_groups(program: Program) -> list[tuple[int, int]]:

@@ -1,8 +1,9 @@
 """A hardware description read from a TOML file (``targets/exynos2400.toml``).
 
 The numbers live in the file, each with a comment saying where it comes from (STYLE.md: hardware
-numbers in the target file, formulas in the cost model, tiling decisions in the solver). A missing
-or mistyped field is a :class:`TargetError` naming the field.
+numbers in the target file, formulas in the cost model, tiling decisions in the solver). A missing,
+mistyped or unknown field is a :class:`TargetError` naming the field; optional fields take the
+defaults :data:`SCHEMA` gives (documented in PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -15,44 +16,68 @@ from typing import Any
 from edgefc.errors import TargetError
 from edgefc.target import Target
 
-# section.field -> expected type; every field is required (PERFORMANCE.md explains each one).
+REQUIRED = object()   # a field without a default
 NUMBER = (int, float)
-SCHEMA: dict[str, type | tuple[type, ...]] = {
-    "target.name": str,
-    "target.kind": str,
-    "clock.hz": NUMBER,
-    "sram.bytes": int,
-    "sram.weight_buffer_bytes": int,
-    "tensor.macs_per_cycle": NUMBER,
-    "tensor.channel_granularity": int,
-    "tensor.row_granularity": int,
-    "tensor.efficiency": NUMBER,
-    "tensor.output_elements_per_cycle": NUMBER,
-    "tensor.rate.int8xint8": NUMBER,
-    "tensor.rate.int8xint16": NUMBER,
-    "tensor.rate.int16xint16": NUMBER,
-    "tensor.rate.fp16": NUMBER,
-    "tensor.rate.fp32": NUMBER,
-    "vector.lanes": NUMBER,
-    "vector.cycles_per_element.arith": NUMBER,
-    "vector.cycles_per_element.max": NUMBER,
-    "vector.cycles_per_element.reduce": NUMBER,
-    "vector.cycles_per_element.exp": NUMBER,
-    "vector.cycles_per_element.divide": NUMBER,
-    "dma.bandwidth_bytes_per_s": NUMBER,
-    "dma.efficiency": NUMBER,
-    "dma.latency_cycles": NUMBER,
-    "dma.burst_bytes": NUMBER,
-    "dispatch.cycles": NUMBER,
-    "handoff.cycles": NUMBER,
-    "host.sync_cycles": NUMBER,
-    "host.cycles_per_element": NUMBER,
+VECTOR_CLASSES = ("arith", "max", "reduce", "exp", "divide")
+RATE_KEYS = ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")
+ELEMENT_TYPES = ("fp32", "fp16", "int16", "int8")
+# Vector-engine op classes: each names the element passes (per vector class) one op of the class
+# makes; edgefc.targets.lowering maps op types onto them.
+PASS_CLASSES = ("softmax", "causal_mask", "norm", "norm_silu", "silu", "gelu", "geglu", "sigmoid", "tanh", "erf",
+                "exp", "trig", "pow", "divide", "copy", "max", "clip", "hard_sigmoid", "reduce_mean", "reduce_sum",
+                "reduce_max", "reduce_l2")
+
+
+class Passes:
+    """Type tag: a table of vector classes (``VECTOR_CLASSES``) -> whole passes (>= 0)."""
+
+
+class StrList:
+    """Type tag: a list of strings."""
+
+
+# section.field -> (expected type, default). A field whose default is REQUIRED must be in the
+# file; PERFORMANCE.md ("Target description") explains every field and each default. A field
+# the schema does not name is an error, so a misspelt field never goes silently unused.
+SCHEMA: dict[str, tuple] = {
+    "target.name": (str, REQUIRED),
+    "target.kind": (str, REQUIRED),
+    "clock.hz": (NUMBER, REQUIRED),
+    "sram.bytes": (int, REQUIRED),
+    "sram.weight_buffer_bytes": (int, REQUIRED),
+    "sram.reserve_bytes": (int, 0),
+    "tensor.macs_per_cycle": (NUMBER, REQUIRED),
+    "tensor.channel_granularity": (int, REQUIRED),
+    "tensor.row_granularity": (int, REQUIRED),
+    "tensor.efficiency": (NUMBER, REQUIRED),
+    "tensor.output_elements_per_cycle": (NUMBER, REQUIRED),
+    "tensor.dtypes": (StrList, list(ELEMENT_TYPES)),
+    **{f"tensor.rate.{k}": (NUMBER, REQUIRED) for k in RATE_KEYS},
+    "vector.lanes": (NUMBER, REQUIRED),
+    **{f"vector.cycles_per_element.{c}": (NUMBER, REQUIRED) for c in VECTOR_CLASSES},
+    **{f"vector.passes.{c}": (Passes, REQUIRED) for c in PASS_CLASSES},
+    "dma.bandwidth_bytes_per_s": (NUMBER, REQUIRED),
+    "dma.efficiency": (NUMBER, REQUIRED),
+    "dma.latency_cycles": (NUMBER, REQUIRED),
+    "dma.burst_bytes": (NUMBER, REQUIRED),
+    "dispatch.cycles": (NUMBER, REQUIRED),
+    "handoff.cycles": (NUMBER, REQUIRED),
+    "handoff.per_matmul": (int, 1),
+    "handoff.per_softmax": (int, 2),
+    "host.sync_cycles": (NUMBER, REQUIRED),
+    "host.cycles_per_element": (NUMBER, REQUIRED),
+    "host.cpu.tag": (str, ""),
+    "host.cpu.mtriple": (str, ""),
+    "host.cpu.mcpu": (str, ""),
+    "host.cpu.mattr": (StrList, []),
+    "host.cpu.num_cores": (int, 1),
 }
 # numeric fields that must be > 0 (the rest must be >= 0)
 POSITIVE = {"clock.hz", "sram.bytes", "tensor.macs_per_cycle", "tensor.channel_granularity",
             "tensor.row_granularity", "tensor.efficiency", "tensor.output_elements_per_cycle",
-            "tensor.rate.int8xint8", "tensor.rate.int8xint16", "tensor.rate.int16xint16", "tensor.rate.fp16",
-            "tensor.rate.fp32", "vector.lanes", "dma.bandwidth_bytes_per_s", "dma.efficiency", "dma.burst_bytes"}
+            *(f"tensor.rate.{k}" for k in RATE_KEYS), "vector.lanes", "dma.bandwidth_bytes_per_s",
+            "dma.efficiency", "dma.burst_bytes", "host.cpu.num_cores"}
+_TABLES = {".".join(f.split(".")[:i]) for f in SCHEMA for i in range(1, f.count(".") + 1)}
 
 
 def _lookup(data: dict, dotted: str) -> Any:
@@ -64,32 +89,87 @@ def _lookup(data: dict, dotted: str) -> Any:
     return node
 
 
+def _unknown_fields(data: dict, prefix: str = "") -> list[str]:
+    """Dotted names in ``data`` that the schema does not declare."""
+    out = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if dotted in SCHEMA:
+            continue
+        if dotted in _TABLES and isinstance(value, dict):
+            out += _unknown_fields(value, dotted + ".")
+        else:
+            out.append(dotted)
+    return out
+
+
+def _type_name(typ) -> str:
+    if typ is Passes:
+        return f"a table of whole pass counts by vector class ({', '.join(VECTOR_CLASSES)})"
+    if typ is StrList:
+        return "a list of strings"
+    return typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+
+
+def _check(field: str, typ, value, source: str) -> None:
+    def bad(want: str):
+        raise TargetError(f"target description {source}: field '{field}' must be {want}, got {value!r}")
+
+    if typ is Passes:
+        if (not isinstance(value, dict) or any(k not in VECTOR_CLASSES for k in value)
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in value.values())):
+            bad(_type_name(typ))
+        return
+    if typ is StrList:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            bad(_type_name(typ))
+        return
+    if isinstance(value, bool) or not isinstance(value, typ):
+        bad(_type_name(typ))
+    if typ in (int, NUMBER) and (value <= 0 if field in POSITIVE else value < 0):
+        bad("positive" if field in POSITIVE else "zero or more")
+
+
 class NpuTarget(Target):
     """A target described by a TOML file; fields are reachable as ``target["section.field"]``."""
 
     def __init__(self, data: dict, source: str = "<memory>"):
-        self.data = data
+        unknown = _unknown_fields(data)
+        if unknown:
+            raise TargetError(f"target description {source} has an unknown field '{unknown[0]}' "
+                              f"(PERFORMANCE.md lists the fields)")
         self.source = source
-        for field, typ in SCHEMA.items():
+        self.values: dict[str, Any] = {}
+        for field, (typ, default) in SCHEMA.items():
             try:
                 value = _lookup(data, field)
             except KeyError:
-                raise TargetError(f"target description {source} has no field '{field}'") from None
-            if isinstance(value, bool) or not isinstance(value, typ):
-                want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-                raise TargetError(f"target description {source}: field '{field}' must be {want}, got {value!r}")
-            if typ in (int, NUMBER) and (value <= 0 if field in POSITIVE else value < 0):
-                bound = "positive" if field in POSITIVE else "zero or more"
-                raise TargetError(f"target description {source}: field '{field}' must be {bound}, got {value!r}")
-        self.name = data["target"]["name"]
-        self.is_npu = data["target"]["kind"] == "npu"
-        self.sram_bytes = int(data["sram"]["bytes"])
-        self.clock_hz = float(data["clock"]["hz"])
-        self.row_granularity = int(data["tensor"]["row_granularity"])
+                if default is REQUIRED:
+                    raise TargetError(f"target description {source} has no field '{field}'") from None
+                value = copy.deepcopy(default)
+            _check(field, typ, value, source)
+            self.values[field] = value
+        bad = [d for d in self.values["tensor.dtypes"] if d not in ELEMENT_TYPES]
+        if bad:
+            raise TargetError(f"target description {source}: field 'tensor.dtypes' has '{bad[0]}' "
+                              f"(element types: {', '.join(ELEMENT_TYPES)})")
+        if self.values["sram.reserve_bytes"] >= self.values["sram.bytes"]:
+            raise TargetError(f"target description {source}: field 'sram.reserve_bytes' must be less than "
+                              f"sram.bytes, got {self.values['sram.reserve_bytes']!r}")
+        self.data = data
+        self.name = self.values["target.name"]
+        self.is_npu = self.values["target.kind"] == "npu"
+        self.sram_bytes = int(self.values["sram.bytes"])
+        self.sram_reserve_bytes = int(self.values["sram.reserve_bytes"])
+        self.clock_hz = float(self.values["clock.hz"])
+        self.row_granularity = int(self.values["tensor.row_granularity"])
         self._params = None
         self._geometry = None
 
     def __getitem__(self, dotted: str) -> Any:
+        """A schema field's value (its default when the file leaves it out)."""
+        if dotted in self.values:
+            return self.values[dotted]
         return _lookup(self.data, dotted)
 
     @classmethod

@@ -31,7 +31,6 @@ import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc.attention import (
@@ -44,11 +43,12 @@ from edgefc.attention import (
 )
 from edgefc.components import detect_component
 from edgefc.errors import BuildError
+from edgefc.ir import DTYPE_BYTES, dtype_code
 from edgefc.targets.program import Command, OpInfo, Program
 
 PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16")
 
-BYTES = {"fp64": 8, "fp32": 4, "fp16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "bool": 1}
+BYTES = DTYPE_BYTES
 
 TENSOR_OPS = {"Conv", "ConvTranspose", "FusedConv", "MatMul", "FusedMatMul", "Gemm"}
 ATTENTION_OPS = {"Attention", "TiledAttention"}
@@ -57,24 +57,19 @@ METADATA_OPS = {"Shape", "Size", "Constant"}
 HOST_ONLY_OPS = {"ArgMax", "ArgMin", "NonZero", "TopK", "Range", "ConstantOfShape", "Multinomial",
                  "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Unique"}
 
-# Vector-engine element passes per op class (PERFORMANCE.md "Vector engine").
-_NORM = (("reduce", 2), ("arith", 5))          # mean, var; sub, square, rsqrt-mul, scale, bias
-_SILU = (("exp", 1), ("arith", 2), ("divide", 1))
-_GELU = (("exp", 1), ("arith", 4))
-_COPY = (("arith", 1),)
-VECTOR_PASSES: dict[str, tuple] = {
-    "Softmax": (("max", 1), ("arith", 1), ("exp", 1), ("reduce", 1), ("divide", 1)),
-    "LayerNormalization": _NORM, "GroupNormalization": _NORM, "InstanceNormalization": _NORM,
-    "GroupNormSiLU": _NORM + _SILU, "Gelu": _GELU, "GeGLU": _GELU + (("arith", 1),),
-    "Sigmoid": (("exp", 1), ("arith", 1), ("divide", 1)), "Tanh": (("exp", 1), ("arith", 2), ("divide", 1)),
-    "Erf": (("exp", 1), ("arith", 3)), "Exp": (("exp", 1),), "Log": (("exp", 1),),
-    "Sin": (("exp", 1), ("arith", 2)), "Cos": (("exp", 1), ("arith", 2)), "Pow": (("exp", 1), ("arith", 1)),
-    "Sqrt": (("divide", 1),), "Reciprocal": (("divide", 1),), "Div": (("divide", 1),),
-    "Add": _COPY, "Sub": _COPY, "Mul": _COPY, "Neg": _COPY, "Abs": _COPY, "Where": _COPY,
-    "Relu": (("max", 1),), "LeakyRelu": (("max", 1),), "Clip": (("max", 2),), "Max": (("max", 1),),
-    "Min": (("max", 1),), "HardSigmoid": (("max", 2), ("arith", 1)), "Silu": _SILU, "QuickGelu": _SILU,
-    "ReduceMean": (("reduce", 1), ("arith", 1)), "ReduceSum": (("reduce", 1),), "ReduceMax": (("max", 1),),
-    "ReduceL2": (("reduce", 1), ("arith", 1), ("divide", 1)),
+# Vector-engine op class of each op type: the pass counts per class are the target's
+# (``vector.passes.<class>`` in the target file; PERFORMANCE.md "Vector engine"). An op type not
+# listed is priced as one ``copy`` pass (data movement: Transpose, Concat, Slice, Resize ...).
+VECTOR_CLASS: dict[str, str] = {
+    "Softmax": "softmax",
+    "LayerNormalization": "norm", "GroupNormalization": "norm", "InstanceNormalization": "norm",
+    "GroupNormSiLU": "norm_silu", "Gelu": "gelu", "GeGLU": "geglu", "Sigmoid": "sigmoid", "Tanh": "tanh",
+    "Erf": "erf", "Exp": "exp", "Log": "exp", "Sin": "trig", "Cos": "trig", "Pow": "pow",
+    "Sqrt": "divide", "Reciprocal": "divide", "Div": "divide",
+    "Add": "copy", "Sub": "copy", "Mul": "copy", "Neg": "copy", "Abs": "copy", "Where": "copy",
+    "Relu": "max", "LeakyRelu": "max", "Clip": "clip", "Max": "max", "Min": "max", "HardSigmoid": "hard_sigmoid",
+    "Silu": "silu", "QuickGelu": "silu", "ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum",
+    "ReduceMax": "reduce_max", "ReduceL2": "reduce_l2",
 }
 # Ops whose work scales with their input elements (reductions, normalisations); others: output.
 INPUT_SIZED = {"Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
@@ -83,33 +78,10 @@ INPUT_SIZED = {"Softmax", "LayerNormalization", "GroupNormalization", "InstanceN
 # Producer -> consumer streaming (a two-op cascade, as Arm Vela's cascading): a tensor too big
 # for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
 # of DRAM when the producer writes it row by row and the consumer reads it row by row.
-_ROWWISE = {k for k in VECTOR_PASSES if k not in INPUT_SIZED and k != "Softmax"}   # elementwise / activations
+_ROWWISE = {k for k in VECTOR_CLASS if k not in INPUT_SIZED and k != "Softmax"}   # elementwise / activations
 STREAM_PRODUCERS = TENSOR_OPS | _ROWWISE | {"GroupNormalization", "GroupNormSiLU", "InstanceNormalization",
                                             "LayerNormalization", "Gelu", "GeGLU", "Resize"}
 STREAM_CONSUMERS = TENSOR_OPS | _ROWWISE | {"Gelu", "GeGLU", "Resize"}
-
-_NP_CODE = {np.dtype(np.float64): "fp64", np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16",
-            np.dtype(np.int64): "int64", np.dtype(np.uint64): "int64", np.dtype(np.int32): "int32",
-            np.dtype(np.uint32): "int32", np.dtype(np.int16): "int16", np.dtype(np.uint16): "int16",
-            np.dtype(np.int8): "int8", np.dtype(np.uint8): "int8", np.dtype(np.bool_): "bool"}
-
-
-def dtype_code(dtype) -> str:
-    """numpy/onnx dtype -> the cost model's type code (fp32, fp16, int16, int8 ...)."""
-    if dtype is None:
-        return "fp32"
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        return "fp32"
-    if dt in _NP_CODE:
-        return _NP_CODE[dt]
-    if "bfloat16" in str(dtype) or "float8" in str(dtype):
-        return "fp16"
-    if dt.kind in "iu":
-        return f"int{dt.itemsize * 8}" if dt.itemsize * 8 in (8, 16, 32, 64) else "int32"
-    return "fp32"
-
 
 def is_float(code: str) -> bool:
     return code.startswith("fp")
@@ -142,17 +114,30 @@ def precision_key(weight: str, act: str) -> str:
 
 @dataclass(frozen=True)
 class Geometry:
-    """The target numbers the lowering itself needs (layout and granularity, not speeds)."""
+    """The target numbers the lowering itself needs (layout, granularity and work counts, not
+    speeds): ``passes`` maps a vector op class to its ((vector class, passes), ...)."""
 
     channel_granularity: int
     row_granularity: int
     sram_bytes: int
     weight_buffer_bytes: int
+    passes: dict
+    handoffs_matmul: int
+    handoffs_softmax: int
 
     @classmethod
     def from_target(cls, t) -> Geometry:
+        from edgefc.targets.description import PASS_CLASSES
+
+        passes = {c: tuple(sorted((k, int(n)) for k, n in t[f"vector.passes.{c}"].items() if n))
+                  for c in PASS_CLASSES}
         return cls(int(t["tensor.channel_granularity"]), int(t["tensor.row_granularity"]),
-                   int(t["sram.bytes"]), int(t["sram.weight_buffer_bytes"]))
+                   int(t["sram.bytes"]), int(t["sram.weight_buffer_bytes"]), passes,
+                   int(t["handoff.per_matmul"]), int(t["handoff.per_softmax"]))
+
+    def vector_passes(self, op_type: str) -> tuple:
+        """The element passes of one op of ``op_type`` (its class's, ``copy`` if unlisted)."""
+        return self.passes[VECTOR_CLASS.get(op_type, "copy")]
 
 
 def attention_io_bytes(spec: AttentionSpec, geo: Geometry) -> dict[str, tuple[int, int]]:
@@ -223,10 +208,10 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, op: s
     op = op or spec.name
     g, b = geo.channel_granularity, spec.act_bytes
     dkp, dvp, kvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g), pad(spec.kv_len, g)
-    prec = precision_key(_act_code(b), _act_code(b))
+    prec = precision_key(spec.act_dtype, spec.act_dtype)
     spill = attention_sram_bytes(spec, tiling, geo) > geo.sram_bytes
     tiled = tiling.tiles > 1
-    softmax = VECTOR_PASSES["Softmax"] + ((("arith", 1),) if spec.causal else ())
+    softmax = geo.passes["softmax"] + (geo.passes["causal_mask"] if spec.causal else ())
     row_parts, head_parts = _tile_geometry(spec, tiling, geo)
     cmds: list[Command] = []
     for hg, hcount in head_parts:
@@ -244,26 +229,22 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, op: s
             cmds.append(Command("load", tensor=f"{op}:Q", bytes=hg * rows * dkp * b, role="load_qk", **kw))
             cmds.append(Command("tensor", macs=hg * rows * spec.kv_len * spec.head_dim,
                                 padded_macs=hg * rows_p * kvp * dkp, out_elements=s, precision=prec,
-                                dispatches=first, handoffs=1, role="qk_matmul", **kw))
+                                dispatches=first, handoffs=geo.handoffs_matmul, role="qk_matmul", **kw))
             if spill:
                 cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * b, role="store_s_in", **kw))
                 cmds.append(Command("load", tensor=f"{op}:S_in", bytes=s * b, role="load_s_in", **kw))
-            cmds.append(Command("vector", elements=s, passes=softmax, handoffs=2,
+            cmds.append(Command("vector", elements=s, passes=softmax, handoffs=geo.handoffs_softmax,
                                 role="softmax", **kw))
             if spill:
                 cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * b, role="store_s_out", **kw))
                 cmds.append(Command("load", tensor=f"{op}:S_out", bytes=s * b, role="load_s_out_v", **kw))
             cmds.append(Command("tensor", macs=hg * rows * spec.kv_len * spec.v_head_dim,
                                 padded_macs=hg * rows_p * kvp * dvp, out_elements=hg * rows * spec.v_head_dim,
-                                precision=prec, handoffs=1, role="sv_matmul", **kw))
+                                precision=prec, handoffs=geo.handoffs_matmul, role="sv_matmul", **kw))
             cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvp * b, run_bytes=dvp * b,
                                 role="store_out", **kw))
             first = 0
     return cmds
-
-
-def _act_code(nbytes: int) -> str:
-    return {1: "int8", 2: "int16", 4: "fp32"}.get(int(nbytes), "int16")
 
 
 # --- graph lowering ---------------------------------------------------------------------------
@@ -384,11 +365,11 @@ class _Types:
         return t.dtype is not None and not is_float(dtype_code(t.dtype)) and self.find(t.name) not in self.quantized
 
 
-def attention_spec(node: gs.Node, act_bytes: int) -> AttentionSpec:
+def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
     """AttentionSpec of an Attention / TiledAttention node (``edgefc.attention.spec_from_node``:
     the 3D form [B, S, H*d]; the 4D form [B, H, S, d] is read here too)."""
     try:
-        return spec_from_node(node, act_bytes)
+        return spec_from_node(node, act_dtype)
     except ValueError as e:
         shapes = [_shape(t) for t in node.inputs[:3]]
         causal = bool(int(node.attrs.get("is_causal", 0) or 0))
@@ -396,13 +377,13 @@ def attention_spec(node: gs.Node, act_bytes: int) -> AttentionSpec:
         if len(shapes) == 3 and all(s is not None and len(s) == 4 for s in shapes):
             (b, h, sq, dk), k, v = shapes
             return AttentionSpec(name=node.name, batch=b, heads=h, q_len=sq, kv_len=k[2], head_dim=dk,
-                                 v_head_dim=v[3], act_bytes=int(act_bytes), causal=causal)
+                                 v_head_dim=v[3], act_dtype=act_dtype, causal=causal)
         if (len(shapes) == 3 and all(s is not None and len(s) == 3 for s in shapes) and heads > 0
                 and shapes[0][2] % heads == 0 and shapes[2][2] % heads == 0):
             # 3D form with a mask input (or another attribute the tiling solver does not take)
             (b, sq, width), k, v = shapes
             return AttentionSpec(name=node.name, batch=b, heads=heads, q_len=sq, kv_len=k[1], head_dim=width // heads,
-                                 v_head_dim=v[2] // heads, act_bytes=int(act_bytes), causal=causal)
+                                 v_head_dim=v[2] // heads, act_dtype=act_dtype, causal=causal)
         raise BuildError(f"cannot lower attention '{node.name}': {e}") from None
 
 
@@ -464,7 +445,7 @@ class _Lowering:
         specs: dict[str, AttentionSpec] = {}
         for n, kind in zip(nodes, kinds):
             if kind == "attention":
-                spec = attention_spec(n, BYTES[types.of(n.inputs[0])])
+                spec = attention_spec(n, types.of(n.inputs[0]))
                 specs[n.name] = spec
                 io = attention_io_bytes(spec, self.geo)
                 for key, t in zip(("q", "k", "v", "out"), list(n.inputs[:3]) + [n.outputs[0]]):
@@ -687,4 +668,4 @@ class _Lowering:
         else:
             elements = sum(_elements(t) for t in node.outputs if t is not None and t.name)
         return Command("vector", node.name, node.op, elements=int(elements),
-                       passes=VECTOR_PASSES.get(node.op, _COPY), dispatches=1)
+                       passes=self.geo.vector_passes(node.op), dispatches=1)

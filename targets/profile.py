@@ -33,6 +33,7 @@ class OpRow:
     op_type: str
     engine: str
     block: str
+    precision: str = ""       # tensor ops: the [tensor.rate] key their MACs were priced at
     macs: int = 0
     dma_bytes: int = 0
     cycles: float = 0.0
@@ -41,7 +42,7 @@ class OpRow:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "op_type": self.op_type, "engine": self.engine, "block": self.block,
-                "macs": int(self.macs), "dma_bytes": int(self.dma_bytes), "cycles": round(self.cycles, 1),
+                "precision": self.precision or None, "macs": int(self.macs), "dma_bytes": int(self.dma_bytes), "cycles": round(self.cycles, 1),
                 "ms": round(self.ms, 6), "share": round(self.share, 4)}
 
 
@@ -85,6 +86,9 @@ class Profile:
                 row.dma_bytes += c.total_bytes
             elif c.kind == "tensor":
                 row.macs += c.total_macs
+                if row.precision and row.precision != c.precision:
+                    raise ValueError(f"op {c.op} has tensor commands at two precisions ({row.precision}, {c.precision})")
+                row.precision = c.precision
         total = self.total_cycles or 1.0
         for row in rows.values():
             row.ms = self.ms(row.cycles)
@@ -198,9 +202,9 @@ class Profile:
     def write_csv(self, path) -> None:
         buf = io.StringIO()
         wr = csv.writer(buf)
-        wr.writerow(["name", "op_type", "engine", "block", "macs", "dma_bytes", "cycles", "ms", "share"])
+        wr.writerow(["name", "op_type", "engine", "block", "precision", "macs", "dma_bytes", "cycles", "ms", "share"])
         for r in self.ops:
-            wr.writerow([r.name, r.op_type, r.engine, r.block, r.macs, r.dma_bytes, f"{r.cycles:.1f}",
+            wr.writerow([r.name, r.op_type, r.engine, r.block, r.precision, r.macs, r.dma_bytes, f"{r.cycles:.1f}",
                          f"{r.ms:.6f}", f"{r.share:.6f}"])
         _atomic_write(path, buf.getvalue())
 
@@ -363,19 +367,15 @@ def role_cycles(target, spec, tiling) -> dict[str, float]:
 
 def mlt_tiling(target, spec, built=None):
     """The tiling MLT gives this block: the solver's choice at the target's default SRAM budget
-    (``edgefc.passes.tile_solver``, imported lazily), else the build's own tiling."""
-    try:
-        from edgefc.passes import tile_solver
-    except ImportError:
-        tile_solver = None
-    if tile_solver is not None:
-        from edgefc.attention import row_granularity
+    (``edgefc.tile_solver``, core), else the build's own tiling."""
+    from edgefc import tile_solver
+    from edgefc.attention import row_granularity
 
-        try:
-            sol = tile_solver.solve(spec, target, tile_solver.default_budget(target), row_granularity(target))
-            return sol.tiling, "solver"
-        except tile_solver.InfeasibleBudgetError:
-            pass
+    try:
+        sol = tile_solver.solve(spec, target, tile_solver.default_budget(target), row_granularity(target))
+        return sol.tiling, "solver"
+    except tile_solver.InfeasibleBudgetError:
+        pass
     if built is not None and built.tiles > 1:
         return built, "build"
     return None, None
@@ -399,7 +399,7 @@ def attention_breakdown(target, program: Program) -> dict | None:
     total = sum(untiled.values())
     out = {"block": op.name,
            "shape": f"{spec.heads} heads x {spec.q_len} x {spec.kv_len}, head dim {spec.head_dim}, "
-                    f"{spec.act_bytes}-byte activations",
+                    f"{spec.act_dtype} activations",
            "untiled_ms": total / target.params.clock_hz * 1e3,
            "rows": {k: round(100.0 * v / total, 3) for k, v in untiled.items()},
            "rows_mlt": None, "tiling_mlt": None, "tiling_mlt_source": None,

@@ -17,7 +17,8 @@ target's ``write_artifacts`` step. The steps, in order:
 5. **Weights**: tensors of 1 KiB or more move out of the executable into ``host_params.bin``
    (``tvm.runtime.save_param_dict``), so the library stays small at full size.
 6. **Build**: ``relax.build`` for this machine (``host_local.so``) and for the phone's CPU
-   (target tag ``samsung/exynos2400-cpu``: aarch64 Linux, Cortex-X4), linked by a cross linker
+   (the target file's ``[host.cpu]``; for the Exynos 2400 the tag ``samsung/exynos2400-cpu``:
+   aarch64 Linux, Cortex-X4), linked by a cross linker
    (``python -m ziglang cc``, or ``aarch64-linux-gnu-gcc``, or ``$EDGEFC_AARCH64_CC``) into
    ``host_aarch64.so``.
 
@@ -43,37 +44,32 @@ import onnx
 from edgefc.errors import BuildError
 from edgefc.targets import tvm_import, tvm_npu
 
-EXYNOS2400_CPU_TAG = "samsung/exynos2400-cpu"
-# The phone's application CPU (Exynos 2400: 1x Cortex-X4, 5x Cortex-A720, 4x Cortex-A520; Samsung
-# product page). Code is tuned for the X4 prime core; the library runs on every core (Armv9.2-A).
-EXYNOS2400_CPU = {
-    "kind": "llvm",
-    "mtriple": "aarch64-linux-gnu",
-    "mcpu": "cortex-x4",
-    "mattr": ["+neon"],
-    "num-cores": 10,
-    "keys": ["arm_cpu", "cpu"],
-}
 LOCAL_TARGET = {"kind": "llvm"}
 
 PARAM_MIN_BYTES = 1024  # constants this large leave the executable for host_params.bin
 BUILD_FILES = ("tvm.json", "npu_programs.json", "host_local.so")
 
 
-def register_target_tag() -> None:
-    """Register the ``samsung/exynos2400-cpu`` target tag with TVM (idempotent)."""
-    from tvm.target import tag
+def host_cpu(target) -> dict:
+    """The phone's application CPU as a TVM target dict, from the target file's ``[host.cpu]``
+    (``tag``, ``mtriple``, ``mcpu``, ``mattr``, ``num_cores``)."""
+    tag, triple = target["host.cpu.tag"], target["host.cpu.mtriple"]
+    if not tag or not triple:
+        raise BuildError(f"target '{target.name}' describes no host CPU ([host.cpu] tag and mtriple) to build for")
+    return {"tag": tag, "kind": "llvm", "mtriple": triple, "mcpu": target["host.cpu.mcpu"] or "generic",
+            "mattr": list(target["host.cpu.mattr"]), "num-cores": int(target["host.cpu.num_cores"]),
+            "keys": ["arm_cpu", "cpu"] if triple.startswith("aarch64") else ["cpu"]}
 
-    tags = tag.list_tags() or {}
-    if EXYNOS2400_CPU_TAG not in tags:
-        tag.register_tag(EXYNOS2400_CPU_TAG, dict(EXYNOS2400_CPU), override=True)
 
-
-def phone_target():
+def phone_target(target):
+    """The TVM target of the target file's host CPU, registered as its tag (idempotent)."""
     import tvm
+    from tvm.target import tag as tags
 
-    register_target_tag()
-    return tvm.target.Target(EXYNOS2400_CPU_TAG)
+    cpu = host_cpu(target)
+    if cpu["tag"] not in (tags.list_tags() or {}):
+        tags.register_tag(cpu["tag"], {k: v for k, v in cpu.items() if k != "tag"}, override=True)
+    return tvm.target.Target(cpu["tag"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,14 +327,16 @@ def _check_elf_aarch64(path: Path) -> None:
         raise BuildError(f"{path.name} is not an AArch64 ELF shared library")
 
 
-def write_build(lowering: Lowering, out_dir: Path, *, aarch64: bool = True, progress=None) -> dict:
+def write_build(lowering: Lowering, out_dir: Path, target=None, *, aarch64: bool = True, progress=None) -> dict:
     """Build and write ``host_local.so``, ``host_aarch64.so``, ``npu_programs.json``,
-    ``host_params.bin`` and ``tvm.json`` into ``out_dir``; returns the ``report["tvm"]`` section."""
+    ``host_params.bin`` and ``tvm.json`` into ``out_dir``; returns the ``report["tvm"]`` section.
+    ``target`` (its ``[host.cpu]``) is the phone CPU ``host_aarch64.so`` is built for."""
     import tvm
 
     out_dir = Path(out_dir)
     seconds = dict(lowering.seconds)
     cross = find_cross_linker() if aarch64 else None
+    cpu = host_cpu(target) if aarch64 else None
     t0 = time.perf_counter()
     if progress:
         progress("tvm: build for this machine (llvm)")
@@ -348,8 +346,8 @@ def write_build(lowering: Lowering, out_dir: Path, *, aarch64: bool = True, prog
     if aarch64:
         t0 = time.perf_counter()
         if progress:
-            progress(f"tvm: cross-compile for {EXYNOS2400_CPU_TAG}")
-        ex_arm = build(lowering, phone_target())
+            progress(f"tvm: cross-compile for {cpu['tag']}")
+        ex_arm = build(lowering, phone_target(target))
         with tempfile.TemporaryDirectory(prefix="edgefc-tvm-") as work:
             ex_arm.export_library(str(out_dir / "host_aarch64.so"), fcompile=_cross_compile_fn(cross), workspace_dir=work)
         _check_elf_aarch64(out_dir / "host_aarch64.so")
@@ -364,7 +362,7 @@ def write_build(lowering: Lowering, out_dir: Path, *, aarch64: bool = True, prog
         "params": [n for n, _ in lowering.params],
         "npu_programs": [p["symbol"] for p in lowering.programs],
         "local_target": LOCAL_TARGET,
-        "phone_target": {"tag": EXYNOS2400_CPU_TAG, **EXYNOS2400_CPU} if aarch64 else None,
+        "phone_target": cpu,
         "tvm_version": tvm.__version__,
     }
     (out_dir / "tvm.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -373,7 +371,7 @@ def write_build(lowering: Lowering, out_dir: Path, *, aarch64: bool = True, prog
     return {
         "files": files,
         "local_target": LOCAL_TARGET,
-        "phone_target": EXYNOS2400_CPU_TAG if aarch64 else None,
+        "phone_target": cpu["tag"] if cpu else None,
         "cross_linker": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cross)) if cross else None,
         "npu_programs": len(lowering.programs),
         "npu_commands": sum(len(p["commands"]) for p in lowering.programs),
@@ -396,7 +394,7 @@ def emit_tvm(graph, out_dir, ctx, report) -> None:
     find_cross_linker()  # no linker: fail before any work
     lowering = lower(ir.to_model(graph), progress=progress, row_granularity=row_granularity(ctx.target), consume=True)
     report["partition"] = ctx.report["partition"] = lowering.partition
-    report["tvm"] = write_build(lowering, Path(out_dir), progress=progress)
+    report["tvm"] = write_build(lowering, Path(out_dir), ctx.target, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ class FakeNpu(Target):
     def __init__(self, sram_bytes: int = 6 << 20, *, row_granularity: int = 16, channel_granularity: int = 64,
                  macs_per_cycle: int = 8192, lanes: int = 128, dram_bytes_per_cycle: float = 24.0,
                  dma_latency: float = 600.0, handoff: float = 3000.0, bank_bytes: int = 0,
-                 bank_cycles_per_byte: float = 0.0, clock_hz: float = 1.2e9):
+                 bank_cycles_per_byte: float = 0.0, clock_hz: float = 1.2e9, reserve_bytes: int | None = None):
         self.sram_bytes = sram_bytes
+        self.sram_reserve_bytes = sram_bytes // 16 if reserve_bytes is None else reserve_bytes
         self.row_granularity = row_granularity
         self.cg = channel_granularity
         self.macs, self.lanes, self.bw, self.lat = macs_per_cycle, lanes, dram_bytes_per_cycle, dma_latency

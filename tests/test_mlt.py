@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import edgefc
-from edgefc import ir, ort
+from edgefc import ir, ort, tile_solver
 from edgefc.attention import AttentionSpec, Tiling, tile_rows
 from edgefc.errors import PassError
 from edgefc.pass_base import PassContext
-from edgefc.passes import mlt, tile_solver
+from edgefc.passes import mlt
 from tests.cli import run_cli
 from tests.mlt_fake_target import FakeNpu
 
@@ -115,7 +115,7 @@ def test_numpy_tile_by_tile_equals_untiled(b, sq, skv, heads, dk, dv, causal, g,
     rng = np.random.default_rng(1)
     q, k, v = qkv(rng, b, sq, skv, heads, dk, dv)
     seen = []
-    spec = AttentionSpec("t", b, heads, sq, skv, dk, dv, 4, bool(causal))
+    spec = AttentionSpec("t", b, heads, sq, skv, dk, dv, "fp32", bool(causal))
     y = mlt.tiled_attention_numpy(q, k, v, heads, 0.3, bool(causal), tiling, g,
                                   on_tile=lambda t, rows, hp, s: seen.append((t, s.shape)))
     ref = mlt.reference_attention(q, k, v, heads, 0.3, bool(causal))
@@ -262,22 +262,23 @@ def test_build_folder_keeps_the_tiled_model(transformer, tmp_path):
         [b["tiling"]["row_tiles"] for b in res.report["tiling"]["blocks"]]
 
 
-def test_deployed_activation_bytes():
+def test_deployed_activation_dtype():
     import onnx_graphsurgeon as gs
 
     x16 = gs.Variable("x16", dtype=np.int16, shape=[1])
     dq_out = gs.Variable("dq", dtype=np.float32, shape=[1])
     gs.Node("DequantizeLinear", inputs=[x16, gs.Constant("s", np.ones(1, np.float32))], outputs=[dq_out])
-    assert mlt.deployed_act_bytes(dq_out) == 2
-    assert mlt.deployed_act_bytes(gs.Variable("h", dtype=np.float16, shape=[1])) == 2
+    assert mlt.deployed_act_dtype(dq_out) == "int16"
+    assert mlt.deployed_act_dtype(gs.Variable("h", dtype=np.float16, shape=[1])) == "fp16"
     f32 = gs.Variable("f", dtype=np.float32, shape=[1])
-    assert mlt.deployed_act_bytes(f32) == 4 and mlt.deployed_act_bytes(f32, "w8a16") == 2
+    assert mlt.deployed_act_dtype(f32) == "fp32" and mlt.deployed_act_dtype(f32, "w8a16") == "int16"
+    assert mlt.deployed_act_dtype(f32, "fp16") == "fp16"
     # A float tensor quantized by a consumer QuantizeLinear, seen through a Reshape.
     mm, r, q = (gs.Variable("mm", dtype=np.float32, shape=[1, 4]), gs.Variable("r", dtype=np.float32, shape=[4]),
                 gs.Variable("q", dtype=np.int16, shape=[4]))
     gs.Node("Reshape", inputs=[mm, gs.Constant("shp", np.array([4], np.int64))], outputs=[r])
     gs.Node("QuantizeLinear", inputs=[r, gs.Constant("s2", np.ones(1, np.float32))], outputs=[q])
-    assert mlt.deployed_act_bytes(mm) == 2
+    assert mlt.deployed_act_dtype(mm) == "int16"
 
 
 def test_explain_tiling_tables(transformer):
@@ -412,7 +413,7 @@ def test_full_size_self_attention_tile_by_tile():
     real target's tiling: numpy tile by tile and onnxruntime's TiledAttention vs the untiled op."""
     tgt = edgefc.get_target("exynos2400")
     assert tile_solver.has_cost_model(tgt)
-    spec = AttentionSpec("self64", 1, 8, 4096, 4096, 40, 40, 2)
+    spec = AttentionSpec("self64", 1, 8, 4096, 4096, 40, 40, "int16")
     sol = tile_solver.solve(spec, tgt, tile_solver.default_budget(tgt))
     assert sol.tiling.tiles > 1
     rng = np.random.default_rng(0)

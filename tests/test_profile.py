@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,13 @@ def test_tiny_exports_profile(tiny_models, tmp_path, component):
     assert p["component"] == component and p["total_ms"] > 0 and p["macs"] > 0
     engines = {o["engine"] for o in p["ops"]}
     assert {"tensor", "vector"} <= engines
+    # every tensor op names the [tensor.rate] key it was priced at; at --precision fp16 that is fp16
+    tensor_ops = [o for o in p["ops"] if o["engine"] == "tensor"]
+    assert tensor_ops and {o["precision"] for o in tensor_ops} == {"fp16"}
+    assert {o["precision"] for o in p["ops"] if o["engine"] != "tensor"} == {None}
+    # the residency never plans more than the SRAM holds
+    target = tomllib.loads((TARGET_DIR / "exynos2400.toml").read_text())
+    assert 0 < p["sram_peak_bytes"] <= target["sram"]["bytes"]
 
 
 # --- user errors: exit 2, one line, nothing written ------------------------------------------------

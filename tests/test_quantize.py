@@ -462,6 +462,9 @@ def test_cost_model_prices_quantized_dtypes(graphs):
     assert x.inputs[0].op == "DequantizeLinear" and x.inputs[0].inputs[0].inputs[0].op == "QuantizeLinear"
     source = x.inputs[0].inputs[0].inputs[0].inputs[0].name
     assert [c.bytes for c in loads if c.tensor == source] == [2 * int(np.prod(x.shape))]
+    # INT8 weights x INT16 activations: priced at [tensor.rate] int8xint16
+    (mm,) = [c for c in prog.commands if c.kind == "tensor" and c.op == conv.name]
+    assert mm.precision == "int8xint16"
     f16prog = lower(f16, target, "as-built")
     conv16 = next(n for n in f16.nodes if n.name == conv.name)
     w16 = [c for c in f16prog.commands if c.kind == "load" and c.op == conv16.name and c.tensor.endswith(":weights")]

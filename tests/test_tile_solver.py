@@ -8,16 +8,16 @@ import random
 
 import pytest
 
+from edgefc import tile_solver as ts
 from edgefc.attention import AttentionSpec, Tiling, divisors, padded_rows, tile_rows
 from edgefc.errors import PassError
-from edgefc.passes import tile_solver as ts
 from tests.mlt_fake_target import FakeNpu
 
 # The attention shapes of the BK-SDM-Tiny U-Net at 512x512 (self and cross, three resolutions),
 # the SD VAE decoder's mid-block attention and the CLIP text encoder's.
-UNET_512 = [AttentionSpec(f"{kind}{res}", 1, 8, res * res, res * res if kind == "self" else 77, c // 8, c // 8, 2)
+UNET_512 = [AttentionSpec(f"{kind}{res}", 1, 8, res * res, res * res if kind == "self" else 77, c // 8, c // 8, "int16")
             for res, c in ((64, 320), (32, 640), (16, 1280)) for kind in ("self", "cross")]
-OTHERS = [AttentionSpec("vae", 1, 1, 4096, 4096, 512, 512, 2), AttentionSpec("clip", 1, 12, 77, 77, 64, 64, 2, True)]
+OTHERS = [AttentionSpec("vae", 1, 1, 4096, 4096, 512, 512, "int16"), AttentionSpec("clip", 1, 12, 77, 77, 64, 64, "int16", True)]
 
 
 def real_target():
@@ -32,7 +32,7 @@ def real_target():
 def random_case(rng: random.Random):
     heads = rng.choice([1, 2, 3, 4, 5, 6, 8, 12, 16])
     spec = AttentionSpec("x", rng.choice([1, 2]), heads, rng.randint(1, 5000), rng.randint(1, 5000),
-                         rng.choice([8, 40, 64, 80, 160]), rng.choice([8, 40, 64]), rng.choice([1, 2, 4]),
+                         rng.choice([8, 40, 64, 80, 160]), rng.choice([8, 40, 64]), rng.choice(["int8", "int16", "fp16", "fp32"]),
                          rng.random() < 0.2)
     tgt = FakeNpu(sram_bytes=rng.choice([1 << 20, 6 << 20, 16 << 20]), row_granularity=rng.choice([1, 8, 16, 32, 64]),
                   handoff=rng.choice([0, 100, 3000, 30000]), dma_latency=rng.choice([0, 600]),
@@ -77,7 +77,7 @@ def test_solver_finds_interior_minimum_of_a_convex_cost():
     # The bank term makes the cost fall and then rise over the feasible row tiles: the optimum
     # is neither the first feasible tiling nor the last, and the scan must walk to it.
     tgt = FakeNpu(handoff=500, bank_bytes=1 << 19, bank_cycles_per_byte=0.01)
-    spec = AttentionSpec("s", 1, 1, 4096, 4096, 64, 64, 2)
+    spec = AttentionSpec("s", 1, 1, 4096, 4096, 64, 64, "int16")
     budget = 6 << 20
     sol = assert_same(spec, tgt, budget)
     feasible = [r for r in divisors(padded_rows(4096, 16) // 16)
@@ -88,7 +88,7 @@ def test_solver_finds_interior_minimum_of_a_convex_cost():
 def test_ties_go_to_fewer_tiles():
     # No per-tile cost at all: every feasible tiling with the same head split costs the same.
     tgt = FakeNpu(handoff=0, dma_latency=0)
-    spec = AttentionSpec("s", 1, 8, 1024, 1024, 64, 64, 2)
+    spec = AttentionSpec("s", 1, 8, 1024, 1024, 64, 64, "int16")
     sol = assert_same(spec, tgt, 2 << 20)
     ref = [r for r in divisors(1024 // 16) if tgt.attention_sram_bytes(spec, Tiling(r, sol.tiling.head_tiles)) <= 2 << 20]
     assert sol.tiling.row_tiles == ref[0]
@@ -99,7 +99,7 @@ def test_real_target_solver_equals_brute_force():
     rng = random.Random(7)
     specs = UNET_512 + OTHERS + [AttentionSpec("r", 1, rng.choice([1, 2, 4, 8, 12]), rng.randint(16, 4096),
                                                rng.randint(16, 4096), rng.choice([40, 64, 80, 160]),
-                                               rng.choice([40, 64, 80]), rng.choice([2, 4])) for _ in range(60)]
+                                               rng.choice([40, 64, 80]), rng.choice(["int16", "fp32"])) for _ in range(60)]
     for spec in specs:
         for budget in (tgt.sram_bytes // 8, tgt.sram_bytes // 2, ts.default_budget(tgt), tgt.sram_bytes,
                        rng.randint(1 << 16, tgt.sram_bytes)):
@@ -141,7 +141,7 @@ def test_solver_asks_the_target_few_times():
 
 @pytest.mark.parametrize("q_len,g", [(4096, 16), (77, 16), (1000, 32), (5, 64), (4096, 1)])
 def test_candidates_are_whole_granules_and_head_groups(q_len, g):
-    spec = AttentionSpec("s", 1, 12, q_len, 77, 64, 64, 2)
+    spec = AttentionSpec("s", 1, 12, q_len, 77, 64, 64, "int16")
     cands = ts.candidate_tilings(spec, g)
     assert sorted(cands) == [1, 2, 3, 4, 6, 12]
     for h, rows in cands.items():
@@ -153,7 +153,7 @@ def test_candidates_are_whole_granules_and_head_groups(q_len, g):
 
 def test_tile_rows_rejects_a_split_that_is_not_whole_granules():
     with pytest.raises(ValueError):
-        tile_rows(AttentionSpec("s", 1, 8, 4096, 4096, 40, 40, 2), Tiling(3, 1), 16)
+        tile_rows(AttentionSpec("s", 1, 8, 4096, 4096, 40, 40, "int16"), Tiling(3, 1), 16)
 
 
 # --- budgets and errors ---------------------------------------------------------------------------

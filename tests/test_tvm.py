@@ -460,9 +460,12 @@ def test_host_fallback_has_reasons(tmp_path):
 
 
 def test_exynos2400_target_tag():
-    target = tvm_lowering.phone_target()
+    import edgefc
+
+    target = tvm_lowering.phone_target(edgefc.get_target("exynos2400"))
     assert str(target.attrs["mtriple"]) == "aarch64-linux-gnu"
     assert str(target.attrs["mcpu"]) == "cortex-x4"
+    assert int(target.attrs["num-cores"]) == 10
 
 
 def test_unsupported_attention_form_is_one_sentence():

@@ -22,7 +22,7 @@ def _sram_budget(ctx, param, value):
     """--sram-budget: bytes, or a size with KiB/MiB/GiB; a bad value is one-line PassError."""
     if value is None:
         return None
-    from edgefc.passes.tile_solver import parse_budget
+    from edgefc.tile_solver import parse_budget
 
     return parse_budget(value)
 

@@ -69,7 +69,8 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
     priced = time.perf_counter()
     click.echo(prof.table(top=top or None, breakdown=attention_breakdown), nl=False)
     if explain_tiling:
-        from edgefc.passes import mlt, tile_solver
+        from edgefc import tile_solver
+        from edgefc.passes import mlt
 
         click.echo("\n" + tile_solver.format_explain(
             mlt.explain_tiling(graph, tgt, sram_budget, None if precision == "as-built" else precision), tgt))

@@ -6,7 +6,8 @@ Pure and target-agnostic: everything it knows about the hardware comes from two 
 
 * ``target.attention_sram_bytes(spec, tiling) -> int``  SRAM working set of one tile;
 * ``target.attention_cycles(spec, tiling) -> float``     the cost model's time for the whole block;
-* ``target.row_granularity``                             rows per tensor-engine pass (optional).
+* ``target.row_granularity``                             rows per tensor-engine pass;
+* ``target.sram_reserve_bytes``                          SRAM left to the rest of the model.
 
 **Candidates.** ``Tiling(r, h)`` with ``h`` dividing the heads and ``r`` dividing
 ``n = padded_rows / G`` (so every row tile is a whole number of granules of ``G`` rows; see
@@ -67,11 +68,6 @@ from edgefc.attention import (
 )
 from edgefc.errors import PassError
 
-# Share of the target's SRAM the solver leaves to everything else that is live around an attention
-# (the residual stream, the next projection's weights, command buffers) when the target does not
-# name its own reserve (``sram.reserve_bytes`` in the target file or ``target.sram_reserve_bytes``).
-DEFAULT_RESERVE_FRACTION = 1 / 16
-
 
 class InfeasibleBudgetError(PassError):
     """No tiling of an attention fits the SRAM budget; ``min_budget`` is the smallest that works."""
@@ -116,16 +112,14 @@ def parse_budget(value) -> int:
 
 
 def sram_reserve(target) -> int:
-    """Bytes of SRAM the solver does not give to attention tiles (see :data:`DEFAULT_RESERVE_FRACTION`)."""
-    reserve = getattr(target, "sram_reserve_bytes", None)
-    if reserve is None:
-        try:
-            reserve = target["sram.reserve_bytes"]
-        except (KeyError, TypeError):
-            reserve = None
-    if isinstance(reserve, int) and not isinstance(reserve, bool) and 0 <= reserve < target.sram_bytes:
-        return int(reserve)
-    return int(target.sram_bytes * DEFAULT_RESERVE_FRACTION)
+    """Bytes of SRAM the solver does not give to attention tiles: ``target.sram_reserve_bytes``
+    (the target file's ``sram.reserve_bytes``: what else is live around an attention -- the
+    residual stream, the next projection's weights, command buffers)."""
+    reserve = target.sram_reserve_bytes
+    if isinstance(reserve, bool) or not isinstance(reserve, int) or not 0 <= reserve < target.sram_bytes:
+        raise PassError(f"target '{target.name}': SRAM reserve {reserve!r} must be a whole number of bytes "
+                        f"from 0 to below its SRAM ({target.sram_bytes})")
+    return int(reserve)
 
 
 def default_budget(target) -> int:
@@ -370,7 +364,7 @@ def explain(spec: AttentionSpec, target, budget: int, granularity: int | None = 
 
 def spec_dict(spec: AttentionSpec) -> dict:
     return {"batch": spec.batch, "heads": spec.heads, "q_len": spec.q_len, "kv_len": spec.kv_len,
-            "head_dim": spec.head_dim, "v_head_dim": spec.v_head_dim, "act_bytes": spec.act_bytes,
+            "head_dim": spec.head_dim, "v_head_dim": spec.v_head_dim, "act_dtype": spec.act_dtype,
             "causal": spec.causal}
 
 
@@ -381,7 +375,7 @@ def format_explain(tables: list[dict], target=None) -> str:
     for t in tables:
         s = t["spec"]
         out.append(f"{t['block']}: {s['heads']} heads x {s['q_len']} x {s['kv_len']} (dk {s['head_dim']}, "
-                   f"{s['act_bytes']} B/elem{', causal' if s['causal'] else ''}); budget {fmt_bytes(t['budget'])}, "
+                   f"{s['act_dtype']}{', causal' if s['causal'] else ''}); budget {fmt_bytes(t['budget'])}, "
                    f"row granularity {t['granularity']}")
         key = (tuple(sorted(s.items())), t["budget"], t["granularity"])
         if t["untiled_fits"]:
