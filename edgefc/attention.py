@@ -7,11 +7,18 @@ model-level tiling emits) is described by an :class:`AttentionSpec`; how it is s
 * rows are padded to the tensor engine's row granularity ``G`` (``target.row_granularity``, from
   the target file's ``tensor.row_granularity``): ``padded_rows = ceil(q_len / G) * G``;
 * a tiling with ``row_tiles = r`` splits the padded rows into ``r`` equal tiles of
-  ``padded_rows / r`` rows, so ``r`` divides ``padded_rows / G`` and every tile is a whole
-  number of granules (the last tile holds the padding);
+  ``padded_rows / r`` rows; the solver only considers ``r`` dividing ``padded_rows / G``, so every
+  tile is a whole number of granules (the last tile holds the padding). A hand-written tiling
+  whose ``r`` does not divide them pads further, to ``r`` tiles of ``ceil(n / r)`` granules
+  (:func:`tile_grid`);
 * ``head_tiles = h`` splits the heads into ``h`` groups of ``heads / h`` consecutive heads, so
   ``h`` divides ``heads``;
 * tile ``t`` (0-based) is row tile ``t // h``, head group ``t % h``.
+
+:func:`tile_grid` is the one definition of the tiles of a tiling: the ONNX body of
+``TiledAttention`` (``passes/mlt.py``, which passes it ``row_granularity``), the cost model's
+lowering (``targets/lowering.py``), the TVM import (``targets/tvm_import.py``), the numpy
+reference and the tests all take their tile bounds from it.
 """
 
 from __future__ import annotations
@@ -82,18 +89,76 @@ def padded_rows(q_len: int, granularity: int) -> int:
 
 
 def tile_rows(spec: AttentionSpec, tiling: Tiling, granularity: int) -> int:
-    """Rows of one query-row tile (padded; a multiple of ``granularity``)."""
+    """Rows of one query-row tile of a tiling that splits the padded rows into whole granules
+    (the solver's candidates): ``tile_grid(...).rows``; ValueError for any other tiling."""
     rows = padded_rows(spec.q_len, granularity)
     if rows % (tiling.row_tiles * granularity):
         raise ValueError(f"{tiling.row_tiles} row tiles do not split {rows} padded rows into granules of {granularity}")
-    return rows // tiling.row_tiles
+    return tile_grid(spec.q_len, spec.heads, Tiling(tiling.row_tiles, 1), granularity).rows
 
 
 def heads_per_tile(spec: AttentionSpec, tiling: Tiling) -> int:
-    """Heads in one head group."""
-    if spec.heads % tiling.head_tiles:
-        raise ValueError(f"{tiling.head_tiles} head tiles do not divide {spec.heads} heads")
-    return spec.heads // tiling.head_tiles
+    """Heads in one head group: ``tile_grid(...).heads``."""
+    return tile_grid(spec.q_len, spec.heads, Tiling(1, tiling.head_tiles), 1).heads
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tiles of one attention under one tiling: :func:`tile_grid`.
+
+    ``rows`` query rows per row tile (whole granules, padding included), ``heads`` heads per
+    head group; ``padded_rows = row_tiles * rows``. Every row tile holds at least one real query
+    row; the padding (``padded_rows - q_len`` zero rows) sits at the end, in the last tile."""
+
+    q_len: int
+    padded_rows: int
+    rows: int
+    heads: int
+    row_tiles: int
+    head_tiles: int
+
+    @property
+    def tiles(self) -> int:
+        return self.row_tiles * self.head_tiles
+
+    def row_bounds(self) -> list[tuple[int, int]]:
+        """[start, end) of each row tile in real query rows (the last one cut at ``q_len``)."""
+        return [(r * self.rows, min((r + 1) * self.rows, self.q_len)) for r in range(self.row_tiles)]
+
+    def head_bounds(self) -> list[tuple[int, int]]:
+        """[start, end) of each head group."""
+        return [(g * self.heads, (g + 1) * self.heads) for g in range(self.head_tiles)]
+
+    def row_sizes(self) -> list[tuple[int, int]]:
+        """``[(real rows, count), ...]`` of the row tiles: the full ones, then the last one if
+        the padding makes it shorter."""
+        last = self.q_len - (self.row_tiles - 1) * self.rows
+        if last == self.rows:
+            return [(self.rows, self.row_tiles)]
+        return ([(self.rows, self.row_tiles - 1)] if self.row_tiles > 1 else []) + [(last, 1)]
+
+
+def tile_grid(q_len: int, heads: int, tiling: Tiling, granularity: int) -> TileGrid:
+    """The one definition of the tiles of a tiling (the module docstring's conventions).
+
+    The query rows are ``n = ceil(q_len / G)`` granules of ``G = granularity`` rows; a row tile
+    holds ``ceil(n / row_tiles)`` granules, so every tile has the same shape (what the ONNX body's
+    Loop stacks) and a tiling whose ``row_tiles`` divides ``n`` (every tiling the solver considers)
+    pads the rows to whole granules only. The heads split into ``head_tiles`` equal groups.
+    ValueError (naming why) when ``head_tiles`` does not divide the heads or a row tile would
+    hold no real row."""
+    g = int(granularity)
+    if tiling.row_tiles < 1 or tiling.head_tiles < 1 or g < 1:
+        raise ValueError(f"row_tiles {tiling.row_tiles}, head_tiles {tiling.head_tiles} and granularity {g} "
+                         "must be 1 or more")
+    if heads % tiling.head_tiles:
+        raise ValueError(f"{tiling.head_tiles} head tiles do not divide {heads} heads")
+    rows = -(-(-(-int(q_len) // g)) // tiling.row_tiles) * g
+    if (tiling.row_tiles - 1) * rows >= q_len:
+        raise ValueError(f"{tiling.row_tiles} row tiles of {rows} rows (granules of {g}) leave a tile without "
+                         f"any of the {q_len} query rows")
+    return TileGrid(int(q_len), rows * tiling.row_tiles, rows, heads // tiling.head_tiles,
+                    tiling.row_tiles, tiling.head_tiles)
 
 
 def divisors(n: int) -> list[int]:
@@ -163,3 +228,10 @@ def tiling_from_node(node) -> Tiling:
     if node.op == "TiledAttention":
         return Tiling(int(node.attrs.get("row_tiles", 1)), int(node.attrs.get("head_tiles", 1)))
     return Tiling(1, 1)
+
+
+def granularity_from_node(node) -> int:
+    """The row granule a ``TiledAttention`` node's tiles are cut at: its ``row_granularity``
+    attribute (which its ONNX body requires; 1, rows not padded, when a hand-made node has none)."""
+    g = node.attrs.get("row_granularity") if node.op == "TiledAttention" else None
+    return int(g) if g is not None else 1

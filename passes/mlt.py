@@ -45,12 +45,10 @@ from edgefc import tile_solver
 from edgefc.attention import (
     AttentionSpec,
     Tiling,
-    heads_per_tile,
     is_attention,
-    padded_rows,
     row_granularity,
     spec_from_node,
-    tile_rows,
+    tile_grid,
 )
 from edgefc.errors import PassError
 from edgefc.ir import dtype_code
@@ -61,17 +59,20 @@ DOMAIN = "edgefc"
 OP = "TiledAttention"
 
 # The TiledAttention body in ONNX text. Attributes arrive by reference (@name); shapes are read at
-# run time, so one function serves every instance. Rows are padded to row_tiles * T with
-# T = ceil(Sq / row_tiles) (zero query rows, dropped again at the end), so every tile has the same
-# shape and the Loop's scan output stacks them: [row_tiles * head_tiles, B, H/head_tiles, T, dv],
-# tile t = (row tile t // head_tiles, head group t % head_tiles).
+# run time, so one function serves every instance. The tiles are edgefc.attention.tile_grid's:
+# n = ceil(Sq / G) granules of G = row_granularity rows, row tiles of T = ceil(n / row_tiles) * G
+# rows, the rows padded to P = row_tiles * T (zero query rows, dropped again at the end), so every
+# tile has the same shape and the Loop's scan output stacks them:
+# [row_tiles * head_tiles, B, H/head_tiles, T, dv], tile t = (row tile t // head_tiles, head group
+# t % head_tiles).
 _FUNCTION_TEXT = """
 <domain: "edgefc", opset_import: ["" : {opset}], doc_string: "{doc}">
-TiledAttention <q_num_heads, kv_num_heads, scale, is_causal, row_tiles, head_tiles> (Q, K, V) => (Y)
+TiledAttention <q_num_heads, kv_num_heads, scale, is_causal, row_tiles, head_tiles, row_granularity> (Q, K, V) => (Y)
 {{
   h_s = Constant <value_int: int = @q_num_heads> ()
   rt_s = Constant <value_int: int = @row_tiles> ()
   ht_s = Constant <value_int: int = @head_tiles> ()
+  gr_s = Constant <value_int: int = @row_granularity> ()
   causal_i = Constant <value_int: int = @is_causal> ()
   scale_f = Constant <value_float: float = @scale> ()
   ninf_f = Constant <value_float = -inf> ()
@@ -83,6 +84,7 @@ TiledAttention <q_num_heads, kv_num_heads, scale, is_causal, row_tiles, head_til
   H = Reshape (h_s, v1)
   R = Reshape (rt_s, v1)
   G = Reshape (ht_s, v1)
+  Gr = Reshape (gr_s, v1)
   B = Shape <start = 0, end = 1> (Q)
   Sq = Shape <start = 1, end = 2> (Q)
   Eq = Shape <start = 2, end = 3> (Q)
@@ -91,9 +93,13 @@ TiledAttention <q_num_heads, kv_num_heads, scale, is_causal, row_tiles, head_til
   dk = Div (Eq, H)
   dv = Div (Ev, H)
   Hpt = Div (H, G)
+  Gr_1 = Sub (Gr, v1)
+  Sq_up = Add (Sq, Gr_1)
+  Ng = Div (Sq_up, Gr)
   R_1 = Sub (R, v1)
-  Sq_up = Add (Sq, R_1)
-  T = Div (Sq_up, R)
+  Ng_up = Add (Ng, R_1)
+  Tg = Div (Ng_up, R)
+  T = Mul (Tg, Gr)
   P = Mul (T, R)
   pad_rows = Sub (P, Sq)
   pads = Concat <axis = 0> (pad_head, pad_rows, v0)
@@ -208,14 +214,14 @@ def tiled_attention_numpy(q, k, v, heads: int, scale: float, causal: bool, tilin
     skv, ev = k.shape[1], v.shape[2]
     dk, dv = e // heads, ev // heads
     spec = AttentionSpec("numpy", b, heads, sq, skv, dk, dv, dtype_code(q.dtype), causal)
-    rows_per_tile = tile_rows(spec, tiling, granularity)
-    hpt = heads_per_tile(spec, tiling)
-    qp = np.zeros((b, padded_rows(sq, granularity), e), q.dtype)
+    grid = tile_grid(spec.q_len, spec.heads, tiling, granularity)
+    rows_per_tile, hpt = grid.rows, grid.heads
+    qp = np.zeros((b, grid.padded_rows, e), q.dtype)
     qp[:, :sq] = q
     out = np.zeros((b, qp.shape[1], ev), q.dtype)
     cols = np.arange(skv)
-    for t in range(tiling.tiles):
-        r, g = divmod(t, tiling.head_tiles)
+    for t in range(grid.tiles):
+        r, g = divmod(t, grid.head_tiles)
         r0, h0 = r * rows_per_tile, g * hpt
         q_t = qp[:, r0:r0 + rows_per_tile, h0 * dk:(h0 + hpt) * dk].reshape(b, rows_per_tile, hpt, dk).transpose(0, 2, 1, 3)
         k_g = k[:, :, h0 * dk:(h0 + hpt) * dk].reshape(b, skv, hpt, dk).transpose(0, 2, 3, 1)
@@ -286,8 +292,9 @@ def _budget(ctx: PassContext, target) -> tuple[int, str]:
 
 
 def _tiling_dict(spec: AttentionSpec, tiling: Tiling, granularity: int) -> dict:
+    grid = tile_grid(spec.q_len, spec.heads, tiling, granularity)
     return {"row_tiles": tiling.row_tiles, "head_tiles": tiling.head_tiles, "tiles": tiling.tiles,
-            "tile_rows": tile_rows(spec, tiling, granularity), "heads_per_tile": heads_per_tile(spec, tiling)}
+            "tile_rows": grid.rows, "heads_per_tile": grid.heads}
 
 
 @register_pass("mlt", namespace="edgefc")
@@ -359,7 +366,8 @@ class ModelLevelTiling(Pass):
                             attrs={"q_num_heads": spec.heads, "kv_num_heads": spec.heads,
                                    "scale": float(node.attrs.get("scale", 1.0 / math.sqrt(spec.head_dim))),
                                    "is_causal": int(spec.causal),
-                                   "row_tiles": sol.tiling.row_tiles, "head_tiles": sol.tiling.head_tiles})
+                                   "row_tiles": sol.tiling.row_tiles, "head_tiles": sol.tiling.head_tiles,
+                                   "row_granularity": g})
             node.inputs.clear()
             node.outputs.clear()
             graph.nodes.append(tiled)

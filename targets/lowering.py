@@ -36,9 +36,9 @@ import onnx_graphsurgeon as gs
 from edgefc.attention import (
     AttentionSpec,
     Tiling,
-    heads_per_tile,
+    granularity_from_node,
     spec_from_node,
-    tile_rows,
+    tile_grid,
     tiling_from_node,
 )
 from edgefc.components import detect_component
@@ -89,16 +89,6 @@ def is_float(code: str) -> bool:
 
 def pad(n: int, g: int) -> int:
     return -(-int(n) // g) * g if g > 1 else int(n)
-
-
-def split(n: int, parts: int) -> list[tuple[int, int]]:
-    """Split ``n`` into ``parts`` near-equal pieces: [(size, count), ...] (at most two sizes)."""
-    parts = max(1, min(int(parts), int(n)))
-    q, r = divmod(int(n), parts)
-    out = [(q + 1, r)] if r else []
-    if parts - r:
-        out.append((q, parts - r))
-    return out
 
 
 def precision_key(weight: str, act: str) -> str:
@@ -155,37 +145,31 @@ def attention_io_bytes(spec: AttentionSpec, geo: Geometry) -> dict[str, tuple[in
             "v": (n * spec.kv_len * dvp * b, dvp * b), "out": (n * spec.q_len * dvp * b, dvp * b)}
 
 
-def _tile_geometry(spec: AttentionSpec, tiling: Tiling, geo: Geometry):
-    """Row tiles and head groups of a tiling, as ``edgefc.attention`` fixes them.
+def _tile_geometry(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granularity: int | None = None):
+    """Row tiles and head groups of a tiling, from ``edgefc.attention.tile_grid`` -- the tiles the
+    ONNX body of TiledAttention and the TVM import build. ``granularity`` is the row granule the
+    tiles were cut at (a TiledAttention's ``row_granularity``; default the target's).
 
     Returns ``(row_parts, head_parts)``: lists of ``(real rows, padded rows, count)`` and
-    ``(heads, count)``. Untiled: the real rows, padded to the row granularity. Tiled: equal tiles
-    of ``tile_rows`` (whole granules; the last tile holds the padding), each priced at its padded
-    size. A tiling that does not split the padded rows into whole granules (or the heads evenly)
-    is priced as near-equal parts, each padded.
+    ``(heads, count)``. Every tile is priced at its rows padded to the target's row granularity;
+    the real rows of the last tile exclude the padding. A tiling that does not split the padded
+    rows into whole granules (or the heads evenly) is a BuildError: nothing would build it.
     """
-    rg = geo.row_granularity
-    if tiling.row_tiles == 1:
-        row_parts = [(spec.q_len, pad(spec.q_len, rg), 1)]
-    else:
-        try:
-            rows = tile_rows(spec, tiling, rg)
-            row_parts = [(rows, rows, tiling.row_tiles)]
-        except ValueError:
-            row_parts = [(r, pad(r, rg), n) for r, n in split(spec.q_len, tiling.row_tiles)]
     try:
-        head_parts = [(heads_per_tile(spec, tiling), tiling.head_tiles)]
-    except ValueError:
-        head_parts = split(spec.heads, tiling.head_tiles)
-    return row_parts, head_parts
+        grid = tile_grid(spec.q_len, spec.heads, tiling, granularity or geo.row_granularity)
+    except ValueError as e:
+        raise BuildError(f"cannot lower the tiling of attention '{spec.name}': {e}") from None
+    rows_p = pad(grid.rows, geo.row_granularity)
+    row_parts = [(real, rows_p, n) for real, n in grid.row_sizes()]
+    return row_parts, [(grid.heads, grid.head_tiles)]
 
 
-def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, geo: Geometry) -> int:
+def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granularity: int | None = None) -> int:
     """SRAM working set of the largest tile: K and V of its head group, the Q tile, the S_in and
     S_out tiles and the output tile, with rows padded to the row granularity and channels
     (head dims, and the key length as the channel dimension of S) to the channel granularity."""
     g, rg, b = geo.channel_granularity, geo.row_granularity, spec.act_bytes
-    row_parts, head_parts = _tile_geometry(spec, tiling, geo)
+    row_parts, head_parts = _tile_geometry(spec, tiling, geo, granularity)
     rows = max(p for _, p, _ in row_parts)
     hg = max(h for h, _ in head_parts)
     dkp, dvp, kvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g), pad(spec.kv_len, g)
@@ -194,7 +178,8 @@ def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, geo: Geometry) -> 
     return int((kv + tile) * b)
 
 
-def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, op: str | None = None,
+def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, granularity: int | None = None,
+                    op: str | None = None,
                     op_type: str = "Attention", loop_base: int = 0) -> list[Command]:
     """The commands of one attention block (untiled: ``Tiling(1, 1)``).
 
@@ -209,10 +194,10 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, op: s
     g, b = geo.channel_granularity, spec.act_bytes
     dkp, dvp, kvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g), pad(spec.kv_len, g)
     prec = precision_key(spec.act_dtype, spec.act_dtype)
-    spill = attention_sram_bytes(spec, tiling, geo) > geo.sram_bytes
+    spill = attention_sram_bytes(spec, tiling, geo, granularity) > geo.sram_bytes
     tiled = tiling.tiles > 1
     softmax = geo.passes["softmax"] + (geo.passes["causal_mask"] if spec.causal else ())
-    row_parts, head_parts = _tile_geometry(spec, tiling, geo)
+    row_parts, head_parts = _tile_geometry(spec, tiling, geo, granularity)
     cmds: list[Command] = []
     for hg, hcount in head_parts:
         kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount,
@@ -507,8 +492,9 @@ class _Lowering:
                                       elements=sum(_elements(t) for t in node.outputs if t is not None and t.name)))
                 else:
                     spec, tiling = specs[node.name], tiling_from_node(node)
+                    built_g = granularity_from_node(node)
                     info.attention = (spec, tiling)
-                    need = min(attention_sram_bytes(spec, tiling, self.geo), self.geo.sram_bytes)
+                    need = min(attention_sram_bytes(spec, tiling, self.geo, built_g), self.geo.sram_bytes)
                     # the block's tiles take the SRAM they need: evict what is live, furthest use first
                     for r in sorted(resident, key=lambda r: -next_use(r, i)):
                         if sum(resident.values()) + need <= self.geo.sram_bytes:
@@ -520,7 +506,7 @@ class _Lowering:
                         del resident[r]
                     for r in act_in[3:]:   # a mask input: read once from DRAM
                         self._dma("load", node, r, spill=False)
-                    prog.commands.extend(lower_attention(spec, tiling, self.geo, op=node.name, op_type=node.op,
+                    prog.commands.extend(lower_attention(spec, tiling, self.geo, granularity=built_g, op=node.name, op_type=node.op,
                                                          loop_base=self.loops))
                     self.loops += 1 << 20
                     peak = max(peak, sum(resident.values()) + need)

@@ -36,10 +36,10 @@ import math
 import re
 import warnings
 
-import numpy as np
 import onnx
 import onnx.inliner
 
+from edgefc.attention import Tiling, tile_grid
 from edgefc.errors import BuildError
 
 EDGEFC_DOMAIN = "edgefc"
@@ -241,46 +241,26 @@ def _attention(bb, inputs, attrs, node):
     return _attention_out(bb, o4, three_d)
 
 
-def tile_bounds(total: int, tiles: int, granularity: int = 1) -> list[tuple[int, int]]:
-    """[start, end) of the ``tiles`` blocks of ``total`` rows (or heads), as ``edgefc.attention``
-    and the Program fix them: ``total`` padded to whole granules and split into equal tiles of
-    whole granules (the last tile holds the padding, which is not materialised here); a count
-    that does not split that way gives near-equal blocks."""
-    tiles = max(1, min(int(tiles), total))
-    if tiles == 1:
-        return [(0, total)]
-    g = max(1, int(granularity))
-    padded = -(-total // g) * g
-    if padded % (tiles * g) == 0:
-        step = padded // tiles
-        return [(s, min(s + step, total)) for s in range(0, padded, step) if s < total]
-    q, r = divmod(total, tiles)
-    bounds, start = [], 0
-    for i in range(tiles):
-        size = q + (1 if i < r else 0)
-        bounds.append((start, start + size))
-        start += size
-    return bounds
-
-
-def _tiled_attention(bb, inputs, attrs, node, granularity: int = 1):
+def _tiled_attention(bb, inputs, attrs, node):
     relax = _rx()
     q4, k4, v4, three_d = _attention_views(bb, inputs, attrs, node)
     _, sq, h, dk = _shape(q4)
     skv = _shape(k4)[1]
     causal = bool(int(attrs.get("is_causal", 0)))
     scale = _scale(attrs, dk)
-    row_tiles = int(attrs.get("row_tiles", 1))
-    head_tiles = int(attrs.get("head_tiles", 1))
-    if row_tiles < 1 or head_tiles < 1:
-        raise BuildError(f"{node.name}: TiledAttention needs row_tiles >= 1 and head_tiles >= 1")
+    tiling = Tiling(int(attrs.get("row_tiles", 1)), int(attrs.get("head_tiles", 1)))
+    granularity = int(attrs.get("row_granularity", 1))   # as the ONNX body (edgefc.attention.granularity_from_node)
+    try:   # the tiles the ONNX body computes and the cost model prices (edgefc.attention.tile_grid)
+        grid = tile_grid(sq, h, tiling, granularity)
+    except ValueError as e:
+        raise BuildError(f"{node.name}: TiledAttention tiling: {e}") from None
     head_outs = []
-    for h0, h1 in tile_bounds(h, head_tiles):  # head groups: H / head_tiles each
+    for h0, h1 in grid.head_bounds():
         qh = bb.normalize(relax.op.strided_slice(q4, axes=[2], begin=[h0], end=[h1]))
         kh = bb.normalize(relax.op.strided_slice(k4, axes=[2], begin=[h0], end=[h1]))
         vh = bb.normalize(relax.op.strided_slice(v4, axes=[2], begin=[h0], end=[h1]))
         row_outs = []
-        for r0, r1 in tile_bounds(sq, row_tiles, granularity):
+        for r0, r1 in grid.row_bounds():
             qt = bb.normalize(relax.op.strided_slice(qh, axes=[1], begin=[r0], end=[r1]))
             kt, vt, mask = kh, vh, None
             if causal:
@@ -314,10 +294,9 @@ def _importer_class():
     class EdgefcOnnxImporter(ONNXGraphImporter):
         """TVM's ONNX importer plus edgefc's converters; binds every node's result to ``onnx<k>``."""
 
-        def __init__(self, model: onnx.ModelProto, row_granularity: int):
+        def __init__(self, model: onnx.ModelProto):
             super().__init__({}, "float32", keep_params_in_input=False, sanitize=True)
             self._onnx_nodes = {n.name: (i, n) for i, n in enumerate(model.graph.node)}
-            self._granularity = row_granularity
 
         def _check_for_unsupported_ops(self, graph):
             known = _get_convert_map()
@@ -335,8 +314,6 @@ def _importer_class():
             if key in CONVERTERS:
                 if key == (EDGEFC_DOMAIN, "FusedConv"):
                     sym = _fused_conv(self.bb, list(inputs), dict(attrs), node, opset)
-                elif key == (EDGEFC_DOMAIN, "TiledAttention"):
-                    sym = _tiled_attention(self.bb, list(inputs), dict(attrs), node, self._granularity)
                 else:
                     sym = CONVERTERS[key](self.bb, list(inputs), dict(attrs), node)
                 if isinstance(sym, relax.Expr):
@@ -365,12 +342,10 @@ def _importer_class():
     return EdgefcOnnxImporter
 
 
-def import_model(model: onnx.ModelProto, row_granularity: int = 1):
-    """Import a prepared model (:func:`prepare_model`) into a Relax IRModule (``main``).
-
-    ``row_granularity`` is the target's query-row granule (``edgefc.attention.row_granularity``),
-    which fixes the row tiles of a TiledAttention."""
-    importer = _importer_class()(model, row_granularity)
+def import_model(model: onnx.ModelProto):
+    """Import a prepared model (:func:`prepare_model`) into a Relax IRModule (``main``). A
+    TiledAttention's tiles are ``edgefc.attention.tile_grid``'s at its own ``row_granularity``."""
+    importer = _importer_class()(model)
     opset = next((o.version for o in model.opset_import if _domain(o.domain) == ""), 23)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -387,10 +362,3 @@ def node_table(model: onnx.ModelProto) -> list[tuple[str, str]]:
     """(name, op_type) of each node of a prepared model, by index."""
     return [(n.name, n.op_type if _domain(n.domain) in ("", EDGEFC_DOMAIN) else f"{n.domain}.{n.op_type}")
             for n in model.graph.node]
-
-
-def onnx_dtype(model: onnx.ModelProto, name: str) -> np.dtype | None:
-    for vi in list(model.graph.input) + list(model.graph.output):
-        if vi.name == name:
-            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
-    return None

@@ -220,10 +220,9 @@ def _lift_params(mod, min_bytes: int = PARAM_MIN_BYTES):
     return mod, params
 
 
-def lower(model: onnx.ModelProto, progress=None, row_granularity: int = 1, consume: bool = False) -> Lowering:
+def lower(model: onnx.ModelProto, progress=None, consume: bool = False) -> Lowering:
     """Import, partition, report and codegen ``model`` (the compiled graph, weights included).
 
-    ``row_granularity``: the target's query-row granule, which fixes TiledAttention's row tiles.
     ``consume=True`` lets the lowering take ``model`` apart (its weights are dropped once TVM
     holds them), which keeps one copy of the weights in memory at full size."""
     from tvm import relax
@@ -241,7 +240,7 @@ def lower(model: onnx.ModelProto, progress=None, row_granularity: int = 1, consu
                "dtype": str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)))}
               for vi in prepared.graph.input if vi.name not in {t.name for t in prepared.graph.initializer}]
     outputs = [o.name for o in prepared.graph.output]
-    mod = tvm_import.import_model(prepared, row_granularity)
+    mod = tvm_import.import_model(prepared)
     if consume or prepared is not model:
         del prepared.graph.initializer[:]  # TVM holds the weights now
     seconds["import"] = time.perf_counter() - t0
@@ -386,13 +385,12 @@ def emit_tvm(graph, out_dir, ctx, report) -> None:
     Adds ``report["partition"]`` (and ``ctx.report["partition"]``) and ``report["tvm"]``.
     """
     from edgefc import ir
-    from edgefc.attention import row_granularity
 
     def progress(msg):
         print(f"  {msg} ...", file=sys.stderr, flush=True)
 
     find_cross_linker()  # no linker: fail before any work
-    lowering = lower(ir.to_model(graph), progress=progress, row_granularity=row_granularity(ctx.target), consume=True)
+    lowering = lower(ir.to_model(graph), progress=progress, consume=True)
     report["partition"] = ctx.report["partition"] = lowering.partition
     report["tvm"] = write_build(lowering, Path(out_dir), ctx.target, progress=progress)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.inliner
+import onnx_graphsurgeon as gs
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
@@ -28,14 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- models ------------------------------------------------------------------------------------
 
-def attention_node_model(b, sq, skv, heads, dk, dv, *, causal=0, scale=0.3, tiling=None, dtype=TensorProto.FLOAT):
-    """One Attention-23 (or TiledAttention with ``tiling``) node with Q, K, V as graph inputs."""
+def attention_node_model(b, sq, skv, heads, dk, dv, *, causal=0, scale=0.3, tiling=None, dtype=TensorProto.FLOAT,
+                         granularity=None):
+    """One Attention-23 (or TiledAttention with ``tiling`` cut at ``granularity``) node with Q, K, V
+    as graph inputs."""
     attrs = {"q_num_heads": heads, "kv_num_heads": heads, "scale": scale, "is_causal": causal}
     if tiling is None:
         node = helper.make_node("Attention", ["Q", "K", "V"], ["Y"], **attrs)
         functions = []
     else:
-        node = helper.make_node("TiledAttention", ["Q", "K", "V"], ["Y"], domain="edgefc",
+        attrs["row_granularity"] = 1 if granularity is None else granularity
+        node = helper.make_node("TiledAttention", ["Q", "K", "V"], ["Y"], domain="edgefc", name="attn",
                                 row_tiles=tiling.row_tiles, head_tiles=tiling.head_tiles, **attrs)
         functions = [mlt.tiled_attention_function_proto(23)]
     graph = helper.make_graph([node], "attention",
@@ -140,6 +144,50 @@ def test_onnxruntime_tiled_attention_equals_attention(b, sq, skv, heads, dk, dv,
     inlined = onnx.inliner.inline_local_functions(tiled)
     assert not inlined.functions and "TiledAttention" not in {n.op_type for n in inlined.graph.node}
     assert np.abs(run_model(inlined, feeds) - y).max() == 0
+
+
+@pytest.mark.parametrize("b,sq,skv,heads,dk,dv,causal,g,tiling", CASES + [(1, 64, 64, 4, 8, 8, 0, 1, Tiling(3, 2)),
+                                                                    (1, 77, 77, 2, 8, 8, 1, 8, Tiling(3, 1))])
+def test_onnx_body_builds_the_tiles_the_cost_model_prices(b, sq, skv, heads, dk, dv, causal, g, tiling):
+    """The tiles onnxruntime runs (the Loop of the TiledAttention body), the tiles edgefc.attention
+    defines and the tiles the Program prices are the same: count, rows, heads, real MACs."""
+    from edgefc.attention import tile_grid
+
+    rng = np.random.default_rng(4)
+    q, k, v = qkv(rng, b, sq, skv, heads, dk, dv)
+    model = attention_node_model(b, sq, skv, heads, dk, dv, causal=causal, tiling=tiling, granularity=g)
+    grid = tile_grid(sq, heads, tiling, g)
+    inlined = onnx.inliner.inline_local_functions(model)
+    (loop,) = [n for n in inlined.graph.node if n.op_type == "Loop"]
+    inlined.graph.output.append(helper.make_tensor_value_info(loop.output[0], TensorProto.FLOAT, None))
+    out = ort.run(inlined, {"Q": q, "K": k, "V": v})
+    assert out[loop.output[0]].shape == (grid.tiles, b, grid.heads, grid.rows, dv)
+    assert np.abs(out["Y"] - mlt.reference_attention(q, k, v, heads, 0.3, bool(causal))).max() <= 1e-5
+    # the Program prices those tiles (rows padded to the target's granularity, real MACs exact)
+    target = edgefc.get_target("exynos2400")
+    prog = target.lower(edgefc.infer_shapes(gs.import_onnx(model)))
+    qk = [c for c in prog.commands if c.role == "qk_matmul"]
+    assert sum(c.repeat for c in qk) == b * grid.tiles
+    assert sum(c.total_macs for c in qk) == b * heads * sq * skv * dk
+    rg, cg = target.row_granularity, int(target["tensor.channel_granularity"])
+    pad = lambda n, m: -(-n // m) * m
+    assert {c.padded_macs for c in qk} == {grid.heads * pad(grid.rows, rg) * pad(skv, cg) * pad(dk, cg)}
+
+
+def test_tile_grid_is_the_one_tiling():
+    from edgefc.attention import tile_grid
+
+    assert tile_grid(4096, 8, Tiling(8, 1), 16).row_bounds() == [(i * 512, (i + 1) * 512) for i in range(8)]
+    g = tile_grid(77, 8, Tiling(2, 4), 8)    # 77 rows -> 10 granules -> 2 tiles of 40 rows, the last holds 37
+    assert (g.rows, g.padded_rows, g.heads) == (40, 80, 2) and g.row_bounds() == [(0, 40), (40, 77)]
+    assert g.row_sizes() == [(40, 1), (37, 1)] and g.head_bounds() == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    g = tile_grid(64, 4, Tiling(3, 1), 1)    # not a divisor: 3 tiles of 22 rows, padded to 66
+    assert (g.rows, g.padded_rows) == (22, 66) and g.row_sizes() == [(22, 2), (20, 1)]
+    with pytest.raises(ValueError, match="leave a tile without"):
+        tile_grid(64, 4, Tiling(3, 1), 16)   # 4 granules in 3 tiles of 2: the third would be empty
+    with pytest.raises(ValueError, match="do not divide 4 heads"):
+        tile_grid(64, 4, Tiling(1, 3), 16)
+    assert tile_grid(77, 8, Tiling(1, 1), 16).row_sizes() == [(77, 1)]
 
 
 def test_onnxruntime_tiled_attention_fp16():

@@ -23,7 +23,7 @@ from onnx import numpy_helper as nh
 import edgefc
 from edgefc import ort
 from edgefc.errors import BuildError
-from edgefc.targets import tvm_import, tvm_lowering, tvm_npu
+from edgefc.targets import tvm_lowering, tvm_npu
 
 OPSET = [h.make_opsetid("", 23), h.make_opsetid("edgefc", 1)]
 
@@ -233,9 +233,9 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # --- helpers -----------------------------------------------------------------------------------------
 
-def _build(model: onnx.ModelProto, folder, granularity: int = 1):
+def _build(model: onnx.ModelProto, folder):
     """Lower + local build (no aarch64) into ``folder``; returns (runner, lowering)."""
-    lowering = tvm_lowering.lower(model, row_granularity=granularity)
+    lowering = tvm_lowering.lower(model)
     folder.mkdir(parents=True, exist_ok=True)
     tvm_lowering.write_build(lowering, folder, aarch64=False)
     return tvm_lowering.load_build(folder), lowering
@@ -378,7 +378,7 @@ def test_fp32_components_match_onnxruntime(tiny_models, tmp_path, component):
 @pytest.mark.parametrize("causal,row_tiles,head_tiles", [(0, 3, 2), (1, 3, 2), (1, 5, 4), (0, 1, 1)])
 def test_fused_ops_match_onnxruntime(tmp_path, causal, row_tiles, head_tiles):
     model = block_model(causal=causal, row_tiles=row_tiles, head_tiles=head_tiles)
-    runner, lowering = _build(model, tmp_path, granularity=16)
+    runner, lowering = _build(model, tmp_path)
     for seed in (0, 1):
         feeds = ort.random_inputs(model, seed=seed)
         assert _rel(ort.run(model, feeds), runner.run(feeds)) <= 1e-5
@@ -418,18 +418,6 @@ def test_w8a16_and_fp16_graphs(tmp_path):
     out16 = runner16.run(feeds)["y"]
     s_ort = _sqnr(ref, ort.run(f16, feeds)["y"])
     assert _sqnr(ref, out16) >= s_ort - 6.02 and _sqnr(ref, out16) >= 50.0
-
-
-def test_tile_bounds_follow_the_program():
-    from edgefc.targets.lowering import split
-
-    assert tvm_import.tile_bounds(4096, 8, 16) == [(i * 512, (i + 1) * 512) for i in range(8)]
-    # padded to whole granules, the last tile holds the padding (77 rows -> 80 = 2 x 40)
-    assert tvm_import.tile_bounds(77, 2, 8) == [(0, 40), (40, 77)]
-    # a count that does not split into granules: near-equal parts, as the cost model prices them
-    sizes = [b - a for a, b in tvm_import.tile_bounds(77, 3, 16)]
-    assert sorted(collections.Counter(sizes).items(), reverse=True) == split(77, 3)
-    assert tvm_import.tile_bounds(8, 1) == [(0, 8)]
 
 
 def host_ops_model() -> onnx.ModelProto:
