@@ -67,7 +67,7 @@ def median_ms(fn, runs: int) -> float:
 
 
 def bench(model: Path, runs: int, options: dict, workdir: Path) -> dict:
-    from edgefc.targets.tvm_lowering import load_build
+    from edgefc.targets.tvm_runtime import load_build
 
     out = workdir / model.stem
     t0 = time.perf_counter()

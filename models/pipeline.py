@@ -389,15 +389,15 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 class TvmRunner:
     """A build's local TVM library (``edgefc compile --emit tvm``) in the Relax VM, NPU composites
-    through edgefc's NPU runtime (:func:`edgefc.targets.tvm_lowering.load_build`, as ``edgefc run``)."""
+    through edgefc's NPU runtime (:func:`edgefc.targets.tvm_runtime.load_build`, as ``edgefc run``)."""
 
     backend = "tvm"
 
     def __init__(self, component: str, path: Path):
-        from edgefc.targets import tvm_lowering
+        from edgefc.targets import tvm_runtime
 
         self.component, self.path = component, Path(path)
-        self.build = tvm_lowering.load_build(self.path.parent)
+        self.build = tvm_runtime.load_build(self.path.parent)
         self.inputs = {i["name"]: InputSpec(list(i["shape"]), np.dtype(i["dtype"])) for i in self.build.inputs}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -414,7 +414,7 @@ def has_tvm_build(path: Path) -> bool:
     if path.name != "model.onnx":
         return False
     try:
-        from edgefc.targets.tvm_lowering import BUILD_FILES
+        from edgefc.targets.tvm_runtime import BUILD_FILES
     except ImportError:  # TVM (or the lowering) is not installed: onnxruntime runs the build
         return False
     return all((path.parent / f).is_file() for f in BUILD_FILES)

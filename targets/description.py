@@ -259,4 +259,4 @@ class NpuTarget(Target):
         if "tvm" in (ctx.options.get("emit") or ()):  # --emit tvm: TVM lowering (targets/tvm_lowering.py)
             from edgefc.targets.tvm_lowering import emit_tvm
 
-            emit_tvm(graph, out_dir, ctx, report)
+            emit_tvm(graph, out_dir, ctx, report, prof.program)

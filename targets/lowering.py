@@ -44,36 +44,12 @@ from edgefc.attention import (
 from edgefc.components import detect_component
 from edgefc.errors import BuildError
 from edgefc.ir import DTYPE_BYTES, dtype_code
+from edgefc.targets.placement import ALIAS_OPS, INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place
 from edgefc.targets.program import Command, OpInfo, Program
 
 PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16")
 
 BYTES = DTYPE_BYTES
-
-TENSOR_OPS = {"Conv", "ConvTranspose", "FusedConv", "MatMul", "FusedMatMul", "Gemm"}
-ATTENTION_OPS = {"Attention", "TiledAttention"}
-ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "QuantizeLinear", "DequantizeLinear"}
-METADATA_OPS = {"Shape", "Size", "Constant"}
-HOST_ONLY_OPS = {"ArgMax", "ArgMin", "NonZero", "TopK", "Range", "ConstantOfShape", "Multinomial",
-                 "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Unique"}
-
-# Vector-engine op class of each op type: the pass counts per class are the target's
-# (``vector.passes.<class>`` in the target file; PERFORMANCE.md "Vector engine"). An op type not
-# listed is priced as one ``copy`` pass (data movement: Transpose, Concat, Slice, Resize ...).
-VECTOR_CLASS: dict[str, str] = {
-    "Softmax": "softmax",
-    "LayerNormalization": "norm", "GroupNormalization": "norm", "InstanceNormalization": "norm",
-    "GroupNormSiLU": "norm_silu", "Gelu": "gelu", "GeGLU": "geglu", "Sigmoid": "sigmoid", "Tanh": "tanh",
-    "Erf": "erf", "Exp": "exp", "Log": "exp", "Sin": "trig", "Cos": "trig", "Pow": "pow",
-    "Sqrt": "divide", "Reciprocal": "divide", "Div": "divide",
-    "Add": "copy", "Sub": "copy", "Mul": "copy", "Neg": "copy", "Abs": "copy", "Where": "copy",
-    "Relu": "max", "LeakyRelu": "max", "Clip": "clip", "Max": "max", "Min": "max", "HardSigmoid": "hard_sigmoid",
-    "Silu": "silu", "QuickGelu": "silu", "ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum",
-    "ReduceMax": "reduce_max", "ReduceL2": "reduce_l2",
-}
-# Ops whose work scales with their input elements (reductions, normalisations); others: output.
-INPUT_SIZED = {"Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
-               "GroupNormSiLU", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2"}
 
 # Producer -> consumer streaming (a two-op cascade, as Arm Vela's cascading): a tensor too big
 # for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
@@ -114,6 +90,7 @@ class Geometry:
     passes: dict
     handoffs_matmul: int
     handoffs_softmax: int
+    dtypes: tuple = ("fp32", "fp16", "int16", "int8")
 
     @classmethod
     def from_target(cls, t) -> Geometry:
@@ -123,7 +100,7 @@ class Geometry:
                   for c in PASS_CLASSES}
         return cls(int(t["tensor.channel_granularity"]), int(t["tensor.row_granularity"]),
                    int(t["sram.bytes"]), int(t["sram.weight_buffer_bytes"]), passes,
-                   int(t["handoff.per_matmul"]), int(t["handoff.per_softmax"]))
+                   int(t["handoff.per_matmul"]), int(t["handoff.per_softmax"]), tuple(t["tensor.dtypes"]))
 
     def vector_passes(self, op_type: str) -> tuple:
         """The element passes of one op of ``op_type`` (its class's, ``copy`` if unlisted)."""
@@ -150,9 +127,11 @@ def _tile_geometry(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granulari
     ONNX body of TiledAttention and the TVM import build. ``granularity`` is the row granule the
     tiles were cut at (a TiledAttention's ``row_granularity``; default the target's).
 
-    Returns ``(row_parts, head_parts)``: lists of ``(real rows, padded rows, count)`` and
+    Returns ``(row_parts, head_parts)``: lists of ``(real rows, padded rows, count, keys)`` and
     ``(heads, count)``. Every tile is priced at its rows padded to the target's row granularity;
-    the real rows of the last tile exclude the padding. A tiling that does not split the padded
+    the real rows of the last tile exclude the padding. A row tile of a *causal* tiled attention
+    reads only the keys its rows can see, ``[0, min(end row, kv_len))`` (what the TVM import
+    builds); otherwise every tile reads all ``kv_len`` keys. A tiling that does not split the padded
     rows into whole granules (or the heads evenly) is a BuildError: nothing would build it.
     """
     try:
@@ -160,7 +139,10 @@ def _tile_geometry(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granulari
     except ValueError as e:
         raise BuildError(f"cannot lower the tiling of attention '{spec.name}': {e}") from None
     rows_p = pad(grid.rows, geo.row_granularity)
-    row_parts = [(real, rows_p, n) for real, n in grid.row_sizes()]
+    if spec.causal and grid.row_tiles > 1:
+        row_parts = [(r1 - r0, rows_p, 1, min(r1, spec.kv_len)) for r0, r1 in grid.row_bounds()]
+    else:
+        row_parts = [(real, rows_p, n, spec.kv_len) for real, n in grid.row_sizes()]
     return row_parts, [(grid.heads, grid.head_tiles)]
 
 
@@ -170,7 +152,7 @@ def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, geo: Geometry, gra
     (head dims, and the key length as the channel dimension of S) to the channel granularity."""
     g, rg, b = geo.channel_granularity, geo.row_granularity, spec.act_bytes
     row_parts, head_parts = _tile_geometry(spec, tiling, geo, granularity)
-    rows = max(p for _, p, _ in row_parts)
+    rows = max(p for _, p, _, _ in row_parts)
     hg = max(h for h, _ in head_parts)
     dkp, dvp, kvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g), pad(spec.kv_len, g)
     kv = hg * pad(spec.kv_len, rg) * (dkp + dvp)
@@ -192,7 +174,7 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, granu
     """
     op = op or spec.name
     g, b = geo.channel_granularity, spec.act_bytes
-    dkp, dvp, kvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g), pad(spec.kv_len, g)
+    dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
     prec = precision_key(spec.act_dtype, spec.act_dtype)
     spill = attention_sram_bytes(spec, tiling, geo, granularity) > geo.sram_bytes
     tiled = tiling.tiles > 1
@@ -207,13 +189,13 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, granu
                             role="load_s_out_v", **kw))
     first = 1
     for hg, hcount in head_parts:
-        for rows, rows_p, rcount in row_parts:
-            s = hg * rows * spec.kv_len
+        for rows, rows_p, rcount, keys in row_parts:
+            s, keys_p = hg * rows * keys, pad(keys, g)
             kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount * rcount,
                   "loop": loop_base + 1024 + len(cmds) if tiled else -1}
             cmds.append(Command("load", tensor=f"{op}:Q", bytes=hg * rows * dkp * b, role="load_qk", **kw))
-            cmds.append(Command("tensor", macs=hg * rows * spec.kv_len * spec.head_dim,
-                                padded_macs=hg * rows_p * kvp * dkp, out_elements=s, precision=prec,
+            cmds.append(Command("tensor", macs=hg * rows * keys * spec.head_dim,
+                                padded_macs=hg * rows_p * keys_p * dkp, out_elements=s, precision=prec,
                                 dispatches=first, handoffs=geo.handoffs_matmul, role="qk_matmul", **kw))
             if spill:
                 cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * b, role="store_s_in", **kw))
@@ -223,8 +205,8 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, granu
             if spill:
                 cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * b, role="store_s_out", **kw))
                 cmds.append(Command("load", tensor=f"{op}:S_out", bytes=s * b, role="load_s_out_v", **kw))
-            cmds.append(Command("tensor", macs=hg * rows * spec.kv_len * spec.v_head_dim,
-                                padded_macs=hg * rows_p * kvp * dvp, out_elements=hg * rows * spec.v_head_dim,
+            cmds.append(Command("tensor", macs=hg * rows * keys * spec.v_head_dim,
+                                padded_macs=hg * rows_p * keys_p * dvp, out_elements=hg * rows * spec.v_head_dim,
                                 precision=prec, handoffs=geo.handoffs_matmul, role="sv_matmul", **kw))
             cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvp * b, run_bytes=dvp * b,
                                 role="store_out", **kw))
@@ -394,25 +376,24 @@ class _Lowering:
         self.loops = 0
         self.io: dict[str, tuple[int, int]] = {}   # alias root -> (DRAM bytes, run) of attention operands
         self.size: dict[str, int] = {}
+        self._names: dict[int, str] = {}
 
-    def classify(self, node: gs.Node) -> str:
-        op, types = node.op, self.types
-        if op in METADATA_OPS or op in ALIAS_OPS:
-            return "none"
-        if op == "Cast" and (types.is_const(node.inputs[0]) or types.of(node.inputs[0]) == types.of(node.outputs[0])):
-            return "none"
-        if all(types.is_const(t) for t in node.inputs if t is not None and t.name):
-            return "none"  # folded at compile time
-        if op in ATTENTION_OPS:
+    def nm(self, node: gs.Node) -> str:
+        """The node's name in the Program (``placement.node_names``)."""
+        return self._names.get(id(node), node.name)
+
+    def classify(self, node: gs.Node, name: str) -> str:
+        """The node's kind (``edgefc.targets.placement.place``), recorded in the Program."""
+        kind, reason = place(node, self.types, self.geo.dtypes)
+        if kind == "attention":
             try:  # an attention the NPU block does not take (grouped heads, past key/value): the host runs it
-                attention_spec(node, 2)
-            except BuildError:
-                return "host"
-            return "attention"
-        acts = [t for t in node.inputs if t is not None and t.name and not types.is_const(t)]
-        if op in HOST_ONLY_OPS or any(types.host_data(t) for t in acts + list(node.outputs)):
-            return "host"
-        return "tensor" if op in TENSOR_OPS else "vector"
+                attention_spec(node, "fp16")
+            except BuildError as e:
+                kind, reason = "host", f"an attention the NPU block does not take ({e})"
+        self.prog.placement[name] = "tensor" if kind == "attention" else kind
+        if reason:
+            self.prog.host_reasons[name] = reason
+        return kind
 
     def nbytes(self, t: gs.Tensor) -> int:
         r = self.types.find(t.name)
@@ -421,17 +402,19 @@ class _Lowering:
         return _elements(t) * BYTES[self.types.of(t)]
 
     def _dma(self, kind: str, node: gs.Node, r: str, spill: bool) -> None:
-        self.prog.emit(Command(kind, node.name, node.op, tensor=r, bytes=int(self.size[r]), spill=spill))
+        self.prog.emit(Command(kind, self.nm(node), node.op, tensor=r, bytes=int(self.size[r]), spill=spill))
 
     def run(self) -> Program:
         graph, types, prog = self.graph, self.types, self.prog
         nodes = list(graph.nodes)
-        kinds = [self.classify(n) for n in nodes]
+        names = node_names(nodes)
+        self._names = {id(n): name for n, name in zip(nodes, names)}
+        kinds = [self.classify(n, name) for n, name in zip(nodes, names)]
         specs: dict[str, AttentionSpec] = {}
         for n, kind in zip(nodes, kinds):
             if kind == "attention":
                 spec = attention_spec(n, types.of(n.inputs[0]))
-                specs[n.name] = spec
+                specs[self.nm(n)] = spec
                 io = attention_io_bytes(spec, self.geo)
                 for key, t in zip(("q", "k", "v", "out"), list(n.inputs[:3]) + [n.outputs[0]]):
                     self.io[types.find(t.name)] = (io[key][0], 0)
@@ -461,8 +444,8 @@ class _Lowering:
         for i, (node, kind) in enumerate(zip(nodes, kinds)):
             if kind == "none":
                 continue
-            prog.ops.append(info := OpInfo(node.name, node.op, "tensor" if kind == "attention" else kind,
-                                           block_of(node.name)))
+            prog.ops.append(info := OpInfo(self.nm(node), node.op, "tensor" if kind == "attention" else kind,
+                                           block_of(self.nm(node))))
             act_in: list[str] = []
             for t in node.inputs:
                 if t is not None and t.name and not types.is_const(t):
@@ -485,13 +468,13 @@ class _Lowering:
                     if r not in in_dram:
                         self._dma("store", node, r, spill=r not in pinned)
                         in_dram.add(r)
-                    why.setdefault(r, f"read from DRAM by {'the host' if kind == 'host' else 'attention'} op {node.name}")
+                    why.setdefault(r, f"read from DRAM by {'the host' if kind == 'host' else 'attention'} op {self.nm(node)}")
                     resident.pop(r, None)
                 if kind == "host":
-                    prog.emit(Command("host", node.name, node.op,
+                    prog.emit(Command("host", self.nm(node), node.op,
                                       elements=sum(_elements(t) for t in node.outputs if t is not None and t.name)))
                 else:
-                    spec, tiling = specs[node.name], tiling_from_node(node)
+                    spec, tiling = specs[self.nm(node)], tiling_from_node(node)
                     built_g = granularity_from_node(node)
                     info.attention = (spec, tiling)
                     need = min(attention_sram_bytes(spec, tiling, self.geo, built_g), self.geo.sram_bytes)
@@ -502,18 +485,18 @@ class _Lowering:
                         if r not in in_dram:
                             self._dma("store", node, r, spill=True)
                             in_dram.add(r)
-                        why.setdefault(r, f"evicted for {node.name} (its tiles need the SRAM)")
+                        why.setdefault(r, f"evicted for {self.nm(node)} (its tiles need the SRAM)")
                         del resident[r]
                     for r in act_in[3:]:   # a mask input: read once from DRAM
                         self._dma("load", node, r, spill=False)
-                    prog.commands.extend(lower_attention(spec, tiling, self.geo, granularity=built_g, op=node.name, op_type=node.op,
+                    prog.commands.extend(lower_attention(spec, tiling, self.geo, granularity=built_g, op=self.nm(node), op_type=node.op,
                                                          loop_base=self.loops))
                     self.loops += 1 << 20
                     peak = max(peak, sum(resident.values()) + need)
                 in_dram.update(outs)
                 for r in outs:
                     why.setdefault(r, f"written to DRAM by {'the host' if kind == 'host' else 'attention'} op "
-                                      f"{node.name}")
+                                      f"{self.nm(node)}")
                 continue
 
             operands = list(dict.fromkeys(act_in + outs))   # ordered: ties break the same way every run
@@ -528,7 +511,7 @@ class _Lowering:
                     if r not in in_dram:
                         self._dma("store", node, r, spill=True)
                         in_dram.add(r)
-                    why.setdefault(r, f"evicted for {node.name} (SRAM full; its next use is the furthest)")
+                    why.setdefault(r, f"evicted for {self.nm(node)} (SRAM full; its next use is the furthest)")
                     del resident[r]
                     if working_set() <= self.budget:
                         break
@@ -546,7 +529,7 @@ class _Lowering:
                         resident[r] = self.size[r]
             wbytes = self.weight_bytes(node)
             if wbytes:
-                prog.emit(Command("load", node.name, node.op, tensor=f"{node.name}:weights", bytes=wbytes))
+                prog.emit(Command("load", self.nm(node), node.op, tensor=f"{self.nm(node)}:weights", bytes=wbytes))
             prog.emit(self.tensor_command(node) if kind == "tensor" else self.vector_command(node))
             peak = max(peak, working_set() + min(wbytes, self.geo.weight_buffer_bytes))
             for r in act_in:
@@ -555,13 +538,13 @@ class _Lowering:
             for r in outs:
                 if r in streamed and self.can_stream(r, i, node, nodes, kinds, uses, pinned | graph_out):
                     cascaded.add(r)
-                    why[r] = f"too big for SRAM: streamed from {node.name} to {nodes[uses[r][0]].name}"
+                    why[r] = f"too big for SRAM: streamed from {self.nm(node)} to {self.nm(nodes[uses[r][0]])}"
                     continue
                 if r in streamed or r in pinned or r in graph_out:
                     self._dma("store", node, r, spill=r in streamed and r not in pinned and r not in graph_out)
                     in_dram.add(r)
                     why.setdefault(r, "graph output" if r in graph_out else "attention operand (read from DRAM)"
-                                   if r in pinned else f"does not fit SRAM with the other operands of {node.name}")
+                                   if r in pinned else f"does not fit SRAM with the other operands of {self.nm(node)}")
                 if r not in streamed and r not in pinned and next_use(r, i + 1) != _NEVER:
                     resident[r] = self.size[r]
                     if r not in graph_out:
@@ -621,7 +604,7 @@ class _Lowering:
         x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
         xs, ws_, ys = _shape(x), _shape(w), _shape(y)
         if xs is None or ws_ is None or ys is None:
-            raise BuildError(f"'{node.name}' ({node.op}) has operands without static shapes")
+            raise BuildError(f"'{self.nm(node)}' ({node.op}) has operands without static shapes")
         if node.op in ("Conv", "FusedConv", "ConvTranspose"):
             grp = int(node.attrs.get("group", 1))
             k = int(math.prod(ws_[2:])) if len(ws_) > 2 else 1
@@ -645,7 +628,7 @@ class _Lowering:
                 batch = int(math.prod(ys[:-2])) if len(ys) > 2 else 1
             macs = batch * m * kk * n
             padded = batch * pad(m, rg) * pad(kk, g) * pad(n, g)
-        return Command("tensor", node.name, node.op, macs=int(macs), padded_macs=int(padded),
+        return Command("tensor", self.nm(node), node.op, macs=int(macs), padded_macs=int(padded),
                        out_elements=_elements(y), precision=precision_key(types.of(w), types.of(x)), dispatches=1)
 
     def vector_command(self, node: gs.Node) -> Command:
@@ -653,5 +636,5 @@ class _Lowering:
             elements = _elements(node.inputs[0])
         else:
             elements = sum(_elements(t) for t in node.outputs if t is not None and t.name)
-        return Command("vector", node.name, node.op, elements=int(elements),
+        return Command("vector", self.nm(node), node.op, elements=int(elements),
                        passes=self.geo.vector_passes(node.op), dispatches=1)

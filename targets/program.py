@@ -1,6 +1,8 @@
 """The Program: what the lowering hands to the cost model (DESIGN.md "Target").
 
-A Program is an ordered list of NPU commands plus the SRAM residency decision of every tensor:
+A Program is an ordered list of NPU commands, the engine of every graph node (``placement``,
+decided by ``targets/placement.py``; the TVM lowering partitions by it) and the SRAM residency
+decision of every tensor:
 
 * ``load`` / ``store`` -- DMA between DRAM and the SRAM scratchpad, of one named tensor, with its
   byte count and the length of the contiguous runs the transfer is made of (``run_bytes``; 0 means
@@ -87,6 +89,8 @@ class Program:
     ops: list[OpInfo] = field(default_factory=list)
     residency: dict[str, str] = field(default_factory=dict)   # tensor -> sram | dram | stream
     reasons: dict[str, str] = field(default_factory=dict)     # tensor -> why it is not in SRAM
+    placement: dict[str, str] = field(default_factory=dict)   # node -> none | host | tensor | vector
+    host_reasons: dict[str, str] = field(default_factory=dict)  # node on the host -> why
     tensor_bytes: dict[str, int] = field(default_factory=dict)
     sram_peak_bytes: int = 0
     precision: str = "as-built"

@@ -1,39 +1,34 @@
-"""Lowering of a compiled graph to Apache TVM (Relax): NPU partitions + host library.
+"""Lowering of a compiled graph to Apache TVM (Relax): NPU programs + host library, built from
+the Program (DESIGN.md "TVM lowering").
 
-Paper/DESIGN.md "TVM lowering". ``edgefc compile ... --emit tvm`` calls :func:`emit_tvm` from the
-target's ``write_artifacts`` step. The steps, in order:
+``edgefc compile ... --emit tvm`` calls :func:`emit_tvm` from the target's ``write_artifacts``
+step, with the Program the profile priced. The steps, in order:
 
 1. **Import** (``tvm_import``): the compiled ONNX graph -> Relax ``main``, with converters of ours
-   for Attention-23, TiledAttention and the edgefc local functions.
-2. **Partition** (before ``LegalizeOps``, where the patterns still see Relax ops):
-   ``FuseOpsByPattern`` with the ``edgefc_npu`` pattern table (``tvm_npu``) wraps every
-   NPU-eligible composite in a function, ``MergeCompositeFunctions`` merges neighbouring
-   composites into one NPU function per region.
+   for Attention-23, TiledAttention (its tiles are ``edgefc.attention.tile_grid``'s) and the
+   edgefc local functions; every call is stamped with the ONNX node it came from.
+2. **Partition by the Program** (before ``LegalizeOps``): ``FuseOpsByPattern`` with the
+   ``edgefc_npu`` composites (``tvm_patterns``) groups the calls of the nodes the Program placed on
+   the NPU -- the patterns' check rejects every call of a node the Program put on the host --
+   and ``MergeCompositeFunctions`` merges neighbouring composites into one NPU function per
+   region. A node the Program put on the NPU whose calls no kernel can execute is a BuildError.
 3. **Partition report** (``report.json["partition"]``): every ONNX node with where it runs
-   (npu / host / split), its MACs and, for host work, the reason; ``npu_mac_share``; fallback
-   reasons counted.
-4. **Codegen** (``RunCodegen`` -> ``relax.ext.edgefc_npu``): each NPU function becomes an NPU
-   program (``npu_programs.json``) and its call a ``call_dps_packed`` to the program's symbol.
-5. **Weights**: tensors of 1 KiB or more move out of the executable into ``host_params.bin``
-   (``tvm.runtime.save_param_dict``), so the library stays small at full size.
-6. **Build**: ``relax.build`` for this machine (``host_local.so``) and for the phone's CPU
-   (the target file's ``[host.cpu]``; for the Exynos 2400 the tag ``samsung/exynos2400-cpu``:
-   aarch64 Linux, Cortex-X4), linked by a cross linker
-   (``python -m ziglang cc``, or ``aarch64-linux-gnu-gcc``, or ``$EDGEFC_AARCH64_CC``) into
-   ``host_aarch64.so``.
+   (npu / host / split, as built), its engine, MACs (plain and padded) and precision from the
+   Program, and for host work the Program's reason; ``npu_mac_share``; fallback reasons counted.
+4. **Codegen** (``tvm_codegen``): each NPU function becomes an NPU program (``npu_programs.json``,
+   with the Program's commands of the nodes it runs) and its call a ``call_dps_packed`` to the
+   program's symbol.
+5. **Weights**: tensors of 1 KiB or more move out of the executable into ``host_params.bin``.
+6. **Build** (``tvm_build``): ``host_local.so`` and ``host_aarch64.so`` for the target file's
+   ``[host.cpu]``.
 
-``edgefc run`` loads the local build with :func:`load_build` (which registers the NPU programs
-with the numpy NPU runtime) and runs it in the Relax VM.
+``edgefc run`` loads the build with ``tvm_runtime.load_build`` and runs it in the Relax VM.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
+import collections
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,38 +37,12 @@ import numpy as np
 import onnx
 
 from edgefc.errors import BuildError
-from edgefc.targets import tvm_import, tvm_npu
-
-LOCAL_TARGET = {"kind": "llvm"}
+from edgefc.targets import tvm_codegen, tvm_import
+from edgefc.targets.tvm_build import find_cross_linker, write_build
+from edgefc.targets.tvm_kernels import kernel_rejects
+from edgefc.targets.tvm_patterns import PREFIX, pattern_table, placement_check
 
 PARAM_MIN_BYTES = 1024  # constants this large leave the executable for host_params.bin
-BUILD_FILES = ("tvm.json", "npu_programs.json", "host_local.so")
-
-
-def host_cpu(target) -> dict:
-    """The phone's application CPU as a TVM target dict, from the target file's ``[host.cpu]``
-    (``tag``, ``mtriple``, ``mcpu``, ``mattr``, ``num_cores``)."""
-    tag, triple = target["host.cpu.tag"], target["host.cpu.mtriple"]
-    if not tag or not triple:
-        raise BuildError(f"target '{target.name}' describes no host CPU ([host.cpu] tag and mtriple) to build for")
-    return {"tag": tag, "kind": "llvm", "mtriple": triple, "mcpu": target["host.cpu.mcpu"] or "generic",
-            "mattr": list(target["host.cpu.mattr"]), "num-cores": int(target["host.cpu.num_cores"]),
-            "keys": ["arm_cpu", "cpu"] if triple.startswith("aarch64") else ["cpu"]}
-
-
-def phone_target(target):
-    """The TVM target of the target file's host CPU, registered as its tag (idempotent)."""
-    import tvm
-    from tvm.target import tag as tags
-
-    cpu = host_cpu(target)
-    if cpu["tag"] not in (tags.list_tags() or {}):
-        tags.register_tag(cpu["tag"], {k: v for k, v in cpu.items() if k != "tag"}, override=True)
-    return tvm.target.Target(cpu["tag"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Import + partition + report
 
 
 @dataclass
@@ -89,75 +58,137 @@ class Lowering:
     seconds: dict = field(default_factory=dict)
 
 
-def _op_name(call) -> str | None:
-    return getattr(call.op, "name", None)
-
-
-def _bindings(func):
-    for block in func.body.blocks:
-        yield from block.bindings
-
-
-def partition_module(mod):
-    """``FuseOpsByPattern`` (edgefc_npu patterns) + ``MergeCompositeFunctions``."""
+def partition_module(mod, host_nodes: set[str]):
+    """``FuseOpsByPattern`` (the ``edgefc_npu`` composites, never over a node in ``host_nodes``) +
+    ``MergeCompositeFunctions``."""
     from tvm import relax
 
-    pats = tvm_npu.patterns()
+    pats = pattern_table(placement_check(host_nodes))[::-1]   # highest priority first: fused composites win
     mod = relax.transform.FuseOpsByPattern(pats, bind_constants=False, annotate_codegen=False)(mod)
     return relax.transform.MergeCompositeFunctions()(mod)
 
 
-def partition_report(before_main, after_mod, nodes: list[tuple[str, str]]) -> dict:
-    """Which ONNX node runs where, from the bindings of ``main`` before and after partitioning.
+def _program_ops(program) -> dict[str, dict]:
+    """Per graph node: the Program's engine, MACs, padded MACs and tensor precision."""
+    out: dict[str, dict] = {}
+    for name, engine in program.placement.items():
+        out[name] = {"engine": engine, "macs": 0, "padded_macs": 0, "precision": None}
+    for c in program.commands:
+        if c.kind == "tensor" and c.op in out:
+            o = out[c.op]
+            o["macs"] += c.macs * c.repeat
+            o["padded_macs"] += c.padded_macs * c.repeat
+            o["precision"] = c.precision
+    return out
 
-    A binding of ``main`` that is still an operator call after partitioning runs on the host;
-    every other operator binding went into an NPU function. Bindings are attributed to the
-    ONNX node whose result variable (``onnx<k>``) closes the run they belong to.
-    """
+
+def _main_calls(func) -> list:
+    """The operator calls of ``main``, in order."""
     from tvm import ir, relax
 
-    host_names = set()
-    for b in _bindings(after_mod["main"]):
-        if isinstance(b.value, relax.Call) and isinstance(b.value.op, ir.Op):
-            host_names.add(b.var.name)
-    per_node: dict[int, list] = {}
-    pending: list = []
-    for b in _bindings(before_main):
-        if isinstance(b.value, relax.Call) and isinstance(b.value.op, ir.Op):
-            pending.append(b)
-        m = tvm_import.NODE_VAR.match(b.var.name)
-        if m:
-            per_node.setdefault(int(m.group(1)), []).extend(pending)
-            pending = []
-    if pending:
-        per_node.setdefault(len(nodes) - 1, []).extend(pending)
-    ops = []
+    return [b.value for block in func.body.blocks for b in block.bindings
+            if isinstance(b.value, relax.Call) and isinstance(b.value.op, ir.Op)]
+
+
+def _signature(call) -> tuple:
+    """What makes two calls interchangeable: the operator and the types of its result and arguments."""
+    return (call.op.name, str(call.ty), tuple(str(getattr(a, "ty", a)) for a in call.args))
+
+
+def _npu_calls(mod) -> list[tuple[object, list]]:
+    """``(NPU function's GlobalVar, [every call in it, in execution order])`` for the NPU functions
+    ``main`` calls (composites are walked at their call sites, the order the codegen serialises
+    them in)."""
+    from tvm import ir, relax
+
+    out = []
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if not (isinstance(v, relax.Call) and isinstance(v.op, ir.GlobalVar)):
+                continue
+            f = mod[v.op]
+            if not (isinstance(f, relax.Function) and f.attrs and "Codegen" in f.attrs):
+                continue
+            comps, calls = {}, []
+            for fb in (x for blk in f.body.blocks for x in blk.bindings):
+                if isinstance(fb.value, relax.Function):
+                    comps[fb.var] = fb.value
+                elif isinstance(fb.value, relax.Call) and (fb.value.op in comps or isinstance(fb.value.op, relax.Function)):
+                    comp = comps.get(fb.value.op, fb.value.op)
+                    calls += [cb.value for blk in comp.body.blocks for cb in blk.bindings
+                              if isinstance(cb.value, relax.Call)]
+            out.append((v.op, calls))
+    return out
+
+
+def attribute_npu_ops(before: list, mod) -> dict:
+    """The ONNX node of every op in every NPU function: ``{GlobalVar: [node, ...]}``.
+
+    Partitioning shares one composite function between structurally equal uses, so the node
+    stamps inside a composite cannot say which use is which. The calls that went to the NPU are
+    ``before`` (``main``'s calls before partitioning, each stamped with its node) without those
+    left in ``main``; each NPU op takes the first of them with the same operator and types (calls
+    that are structurally equal have equal MACs, bytes and precision)."""
+    left = collections.Counter((_signature(c), tvm_import.node_of(c)) for c in _main_calls(mod["main"]))
+    pool: dict[tuple, collections.deque] = {}
+    for c in before:
+        key = (_signature(c), tvm_import.node_of(c))
+        if left[key]:
+            left[key] -= 1
+        else:
+            pool.setdefault(key[0], collections.deque()).append(key[1])
+    out = {}
+    for gv, calls in _npu_calls(mod):
+        nodes = []
+        for call in calls:
+            queue = pool.get(_signature(call))
+            if not queue:
+                raise BuildError(f"the NPU partition holds a {call.op.name} the graph does not; cannot attribute it")
+            nodes.append(queue.popleft())
+        out[gv] = nodes
+    return out
+
+
+def partition_report(before: list, mod, nodes: list[tuple[str, str]], program) -> dict:
+    """Which ONNX node runs where in the partitioned ``mod`` (npu / host / split: its calls in
+    ``main`` before partitioning, ``before``, against those still there), beside what the
+    Program decided for it (engine, MACs, precision, the reason for the host). ``disagreements``
+    lists the nodes whose placement as built differs from the Program's (a BuildError in
+    :func:`lower`)."""
+    from tvm import relax
+
+    total_calls = collections.Counter(tvm_import.node_of(c) for c in before)
+    host_calls: dict[str, list] = {}
+    for call in _main_calls(mod["main"]):
+        host_calls.setdefault(tvm_import.node_of(call), []).append(call)
+    decided = _program_ops(program)
+    ops, disagreements = [], []
     fallbacks: dict[str, int] = {}
     total = npu = 0
-    for k in sorted(per_node):
-        binds = per_node[k]
-        if not binds:
+    for name, op_type in nodes:
+        if not total_calls[name]:
             continue
-        name, op_type = nodes[k]
-        macs = sum(tvm_npu.call_macs(b.value) for b in binds)
-        host = [b for b in binds if b.var.name in host_names]
-        host_macs = sum(tvm_npu.call_macs(b.value) for b in host)
-        total += macs
-        npu += macs - host_macs
-        entry = {"name": name, "op_type": op_type, "where": "npu" if not host else "host" if len(host) == len(binds) else "split",
-                 "macs": int(macs), "reason": None}
+        host = host_calls.get(name, [])
+        d = decided.get(name, {"engine": "none", "macs": 0, "padded_macs": 0, "precision": None})
+        where = "npu" if not host else "host" if len(host) == total_calls[name] else "split"
+        entry = {"name": name, "op_type": op_type, "where": where, "engine": d["engine"], "macs": int(d["macs"]),
+                 "padded_macs": int(d["padded_macs"]), "precision": d["precision"], "reason": None}
+        total += d["macs"]
+        npu += d["macs"] if where == "npu" else 0
         if host:
-            reasons = []
-            for b in host:
-                r = tvm_npu.host_reason(b.value) or "not part of any NPU pattern match"
-                if r not in reasons:
-                    reasons.append(r)
-                fallbacks[r] = fallbacks.get(r, 0) + 1
-            entry["reason"] = "; ".join(reasons)
-            if entry["where"] == "split":
-                entry["host_ops"] = [_op_name(b.value).removeprefix("relax.") for b in host]
+            reason = program.host_reasons.get(name)
+            if reason is None:
+                reason = next((r for r in map(kernel_rejects, host) if r), "not part of any NPU pattern match")
+            entry["reason"] = reason
+            fallbacks[reason] = fallbacks.get(reason, 0) + 1
+            if where == "split":
+                entry["host_ops"] = [c.op.name.removeprefix("relax.") for c in host]
+        if (d["engine"] == "host" and where != "host") or (d["engine"] in ("tensor", "vector") and where != "npu"):
+            disagreements.append(f"{name} ({op_type}): the Program says {d['engine']}, built on {where}"
+                                 + (f" ({entry['reason']})" if entry["reason"] else ""))
         ops.append(entry)
-    n_funcs = sum(1 for gv, f in after_mod.functions.items()
+    n_funcs = sum(1 for _gv, f in mod.functions.items()
                   if isinstance(f, relax.Function) and f.attrs and "Codegen" in f.attrs)
     return {
         "ops": ops,
@@ -167,6 +198,7 @@ def partition_report(before_main, after_mod, nodes: list[tuple[str, str]]) -> di
         "npu_functions": n_funcs,
         "fallbacks": dict(sorted(fallbacks.items(), key=lambda kv: -kv[1])),
         "counts": {w: sum(1 for o in ops if o["where"] == w) for w in ("npu", "host", "split")},
+        "disagreements": disagreements,
     }
 
 
@@ -178,7 +210,7 @@ def _rename_symbols(mod, tag: str):
     n = 0
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function) and func.attrs and "Codegen" in func.attrs:
-            mod[gv] = func.with_attr("global_symbol", f"{tvm_npu.PREFIX}{tag}.{n}")
+            mod[gv] = func.with_attr("global_symbol", f"{PREFIX}{tag}.{n}")
             n += 1
     return mod
 
@@ -220,12 +252,49 @@ def _lift_params(mod, min_bytes: int = PARAM_MIN_BYTES):
     return mod, params
 
 
-def lower(model: onnx.ModelProto, progress=None, consume: bool = False) -> Lowering:
-    """Import, partition, report and codegen ``model`` (the compiled graph, weights included).
+def _lift_params(mod, min_bytes: int = PARAM_MIN_BYTES):
+    """Constants of ``min_bytes`` or more in ``main`` become trailing parameters of ``main``."""
+    from tvm import relax
+
+    params: list[tuple[str, np.ndarray]] = []
+    seen: dict[int, relax.Var] = {}
+
+    @relax.expr_functor.mutator
+    class Lifter(relax.PyExprMutator):
+        def visit_generic_const_(self, const):
+            arr = const.value
+            if not hasattr(arr, "shape"):
+                return const
+            nbytes = int(np.prod(arr.shape)) * np.dtype(str(arr.dtype)).itemsize if arr.shape else 0
+            if nbytes < min_bytes:
+                return const
+            key = const.__hash__()
+            if key not in seen:
+                name = f"p{len(params)}"
+                seen[key] = relax.Var(name, relax.TensorType([int(d) for d in arr.shape], str(arr.dtype)))
+                params.append((name, arr))
+            return seen[key]
+
+    main = mod["main"]
+    if not isinstance(main, relax.Function):
+        raise BuildError("the imported module has no Relax main function")
+    lifter = Lifter(mod)
+    body = lifter.visit_expr(main.body)
+    if not params:
+        return mod, []
+    new_params = list(main.params) + [seen[k] for k in seen]
+    new_main = relax.Function(new_params, body, main.ty.ret if hasattr(main.ty, "ret") else None,
+                              main.is_pure, main.attrs, main.span)
+    mod["main"] = new_main
+    return mod, params
+
+
+def lower(model: onnx.ModelProto, program, progress=None, consume: bool = False) -> Lowering:
+    """Import, partition by ``program`` (the :class:`edgefc.targets.program.Program` of the same
+    graph: its ``placement``), report and codegen ``model`` (the compiled graph, weights included).
 
     ``consume=True`` lets the lowering take ``model`` apart (its weights are dropped once TVM
     holds them), which keeps one copy of the weights in memory at full size."""
-    from tvm import relax
 
     def step(msg):
         if progress:
@@ -245,142 +314,34 @@ def lower(model: onnx.ModelProto, progress=None, consume: bool = False) -> Lower
         del prepared.graph.initializer[:]  # TVM holds the weights now
     seconds["import"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    step("tvm: partition")
-    before_main = mod["main"]
-    mod = partition_module(mod)
-    partition = partition_report(before_main, mod, nodes)
+    step("tvm: partition (by the Program's placement)")
+    host_nodes = {n for n, e in program.placement.items() if e == "host"}
+    before = _main_calls(mod["main"])
+    mod = partition_module(mod, host_nodes)
+    partition = partition_report(before, mod, nodes, program)
+    if partition["disagreements"]:
+        bad = partition["disagreements"]
+        raise BuildError(f"the TVM build cannot place {len(bad)} node(s) where the Program did: {bad[0]}"
+                         + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     seconds["partition"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     step("tvm: NPU codegen")
     import tvm_ffi
 
     tag = format(tvm_ffi.structural_hash(mod) & 0xFFFFFFFF, "08x")
+    op_nodes = attribute_npu_ops(before, mod)
     mod = _rename_symbols(mod, tag)
-    tvm_npu.COLLECTED.clear()
-    mod = relax.transform.RunCodegen()(mod)
-    programs = [tvm_npu.COLLECTED[s] for s in sorted(tvm_npu.COLLECTED, key=lambda s: int(s.rsplit(".", 1)[1]))]
-    tvm_npu.COLLECTED.clear()
+    op_nodes = {str(mod[gv].attrs["global_symbol"]): n for gv, n in op_nodes.items()}
+    mod, programs = tvm_codegen.run_codegen(mod, program, op_nodes)
     mod, params = _lift_params(mod)
     seconds["codegen"] = time.perf_counter() - t0
     partition["commands"] = sum(len(p["commands"]) for p in programs)
     return Lowering(mod, programs, params, inputs, outputs, partition, seconds)
 
 
-# ---------------------------------------------------------------------------------------------
-# Build
-
-
-def find_cross_linker() -> list[str]:
-    """The command that links an aarch64 Linux shared library, or a BuildError saying how to get one.
-
-    Tried in order: ``$EDGEFC_AARCH64_CC`` (a command line), ``python -m ziglang cc -target
-    aarch64-linux-gnu`` (PyPI ``ziglang``, in the dev extra), ``aarch64-linux-gnu-gcc``.
-    """
-    env = os.environ.get("EDGEFC_AARCH64_CC")
-    if env:
-        cmd = env.split()
-        if not cmd or not shutil.which(cmd[0]):
-            raise BuildError(f"EDGEFC_AARCH64_CC='{env}' does not name an executable aarch64 linker")
-        return cmd
-    try:
-        import ziglang  # noqa: F401
-
-        return [sys.executable, "-m", "ziglang", "cc", "-target", "aarch64-linux-gnu"]
-    except ImportError:
-        pass
-    gcc = shutil.which("aarch64-linux-gnu-gcc")
-    if gcc:
-        return [gcc]
-    raise BuildError("no aarch64 cross linker found for host_aarch64.so: `pip install ziglang` (in edgefc's dev "
-                     "extra), or install gcc-aarch64-linux-gnu, or set EDGEFC_AARCH64_CC")
-
-
-def _cross_compile_fn(cmd: list[str]):
-    def fcompile(output, objects, options=None):
-        args = [*cmd, "-shared", "-fPIC", "-o", output, *objects]
-        try:
-            proc = subprocess.run(args, capture_output=True, text=True, check=False)
-        except OSError as e:
-            raise BuildError(f"cannot run the aarch64 linker '{cmd[0]}': {e.strerror or e}") from None
-        if proc.returncode != 0:
-            msg = (proc.stderr or proc.stdout).strip().splitlines()
-            raise BuildError(f"linking host_aarch64.so failed: {msg[-1] if msg else 'unknown error'}")
-
-    fcompile.output_format = "so"
-    return fcompile
-
-
-def build(lowering: Lowering, target):
-    """``relax.build`` of the lowered module for ``target``."""
-    import tvm
-    from tvm import relax
-
-    target = tvm.target.Target(target) if isinstance(target, dict) else target
-    with target:
-        return relax.build(lowering.mod, target=target)
-
-
-def _check_elf_aarch64(path: Path) -> None:
-    head = path.read_bytes()[:20]
-    if head[:4] != b"\x7fELF" or int.from_bytes(head[18:20], "little") != 183:
-        raise BuildError(f"{path.name} is not an AArch64 ELF shared library")
-
-
-def write_build(lowering: Lowering, out_dir: Path, target=None, *, aarch64: bool = True, progress=None) -> dict:
-    """Build and write ``host_local.so``, ``host_aarch64.so``, ``npu_programs.json``,
-    ``host_params.bin`` and ``tvm.json`` into ``out_dir``; returns the ``report["tvm"]`` section.
-    ``target`` (its ``[host.cpu]``) is the phone CPU ``host_aarch64.so`` is built for."""
-    import tvm
-
-    out_dir = Path(out_dir)
-    seconds = dict(lowering.seconds)
-    cross = find_cross_linker() if aarch64 else None
-    cpu = host_cpu(target) if aarch64 else None
-    t0 = time.perf_counter()
-    if progress:
-        progress("tvm: build for this machine (llvm)")
-    ex = build(lowering, LOCAL_TARGET)
-    ex.export_library(str(out_dir / "host_local.so"))
-    seconds["build_local"] = time.perf_counter() - t0
-    if aarch64:
-        t0 = time.perf_counter()
-        if progress:
-            progress(f"tvm: cross-compile for {cpu['tag']}")
-        ex_arm = build(lowering, phone_target(target))
-        with tempfile.TemporaryDirectory(prefix="edgefc-tvm-") as work:
-            ex_arm.export_library(str(out_dir / "host_aarch64.so"), fcompile=_cross_compile_fn(cross), workspace_dir=work)
-        _check_elf_aarch64(out_dir / "host_aarch64.so")
-        seconds["build_aarch64"] = time.perf_counter() - t0
-    (out_dir / "npu_programs.json").write_text(json.dumps({"programs": lowering.programs}) + "\n")
-    if lowering.params:
-        tvm.runtime.save_param_dict_to_file(dict(lowering.params), str(out_dir / "host_params.bin"))
-    meta = {
-        "format": 1,
-        "inputs": lowering.inputs,
-        "outputs": lowering.outputs,
-        "params": [n for n, _ in lowering.params],
-        "npu_programs": [p["symbol"] for p in lowering.programs],
-        "local_target": LOCAL_TARGET,
-        "phone_target": cpu,
-        "tvm_version": tvm.__version__,
-    }
-    (out_dir / "tvm.json").write_text(json.dumps(meta, indent=2) + "\n")
-    files = [f for f in ("host_local.so", "host_aarch64.so", "npu_programs.json", "host_params.bin", "tvm.json")
-             if (out_dir / f).exists()]
-    return {
-        "files": files,
-        "local_target": LOCAL_TARGET,
-        "phone_target": cpu["tag"] if cpu else None,
-        "cross_linker": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cross)) if cross else None,
-        "npu_programs": len(lowering.programs),
-        "npu_commands": sum(len(p["commands"]) for p in lowering.programs),
-        "host_params": len(lowering.params),
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-    }
-
-
-def emit_tvm(graph, out_dir, ctx, report) -> None:
-    """``--emit tvm``: lower the compiled ``graph`` and write the TVM build into ``out_dir``.
+def emit_tvm(graph, out_dir, ctx, report, program) -> None:
+    """``--emit tvm``: lower the compiled ``graph`` by its ``program`` (the one ``profile.json``
+    prices) and write the TVM build into ``out_dir``.
 
     Adds ``report["partition"]`` (and ``ctx.report["partition"]``) and ``report["tvm"]``.
     """
@@ -390,76 +351,6 @@ def emit_tvm(graph, out_dir, ctx, report) -> None:
         print(f"  {msg} ...", file=sys.stderr, flush=True)
 
     find_cross_linker()  # no linker: fail before any work
-    lowering = lower(ir.to_model(graph), progress=progress, consume=True)
+    lowering = lower(ir.to_model(graph), program, progress=progress, consume=True)
     report["partition"] = ctx.report["partition"] = lowering.partition
     report["tvm"] = write_build(lowering, Path(out_dir), ctx.target, progress=progress)
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a build
-
-
-class TvmRunner:
-    """A loaded TVM build: ``run(feeds) -> {output name: array}``."""
-
-    def __init__(self, build_dir: str | os.PathLike):
-        import tvm
-        from tvm import relax
-
-        d = Path(build_dir)
-        if not d.is_dir():
-            raise BuildError(f"build folder not found: {d}")
-        missing = [f for f in BUILD_FILES if not (d / f).is_file()]
-        if missing:
-            raise BuildError(f"{d} has no TVM build ({', '.join(missing)} missing): compile with --emit tvm")
-        try:
-            self.meta = json.loads((d / "tvm.json").read_text())
-            programs = tvm_npu.load_programs(d / "npu_programs.json")
-        except (json.JSONDecodeError, KeyError, OSError) as e:
-            raise BuildError(f"{d} has an unreadable TVM build description ({type(e).__name__}); rebuild it") from None
-        if self.meta.get("params") and not (d / "host_params.bin").is_file():
-            raise BuildError(f"{d} is incomplete: host_params.bin is missing")
-        if [p["symbol"] for p in programs] != self.meta.get("npu_programs"):
-            raise BuildError(f"{d}: npu_programs.json does not belong to this build; rebuild it")
-        for p in programs:
-            tvm_npu.register_program(p)
-        try:
-            lib = tvm.runtime.load_module(str(d / "host_local.so"))
-        except Exception as e:  # noqa: BLE001 (TVM raises its own error types for unloadable libraries)
-            raise BuildError(f"cannot load {d / 'host_local.so'}: {str(e).strip().splitlines()[-1][:200]}") from None
-        self.vm = relax.VirtualMachine(lib, tvm.cpu())
-        self.params = []
-        if self.meta.get("params"):
-            pd = tvm.runtime.load_param_dict_from_file(str(d / "host_params.bin"))
-            self.params = [pd[n] for n in self.meta["params"]]
-        self.inputs = self.meta["inputs"]
-        self.outputs = self.meta["outputs"]
-
-    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
-        names = [i["name"] for i in self.inputs]
-        missing = [n for n in names if n not in feeds]
-        extra = [n for n in feeds if n not in names]
-        if missing or extra:
-            raise BuildError(f"inputs do not match the model: expected {', '.join(names)}"
-                             + (f"; missing {', '.join(missing)}" if missing else "")
-                             + (f"; unknown {', '.join(extra)}" if extra else ""))
-        for spec in self.inputs:
-            a = feeds[spec["name"]]
-            if list(a.shape) != list(spec["shape"]):
-                raise BuildError(f"input '{spec['name']}' has shape {list(a.shape)}, the model expects {spec['shape']}")
-            if np.issubdtype(a.dtype, np.floating) != np.issubdtype(np.dtype(spec["dtype"]), np.floating):
-                raise BuildError(f"input '{spec['name']}' has dtype {a.dtype}, the model expects {spec['dtype']}")
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import tvm
-
-        self.check_feeds(feeds)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]].astype(s["dtype"], copy=False)))
-                for s in self.inputs]
-        out = self.vm["main"](*args, *self.params)
-        outs = [out] if hasattr(out, "numpy") else list(out)
-        return {name: o.numpy() for name, o in zip(self.outputs, outs)}
-
-
-def load_build(build_dir) -> TvmRunner:
-    return TvmRunner(build_dir)

@@ -15,6 +15,7 @@ import struct
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper as h
@@ -23,7 +24,7 @@ from onnx import numpy_helper as nh
 import edgefc
 from edgefc import ort
 from edgefc.errors import BuildError
-from edgefc.targets import tvm_lowering, tvm_npu
+from edgefc.targets import tvm_build, tvm_lowering, tvm_patterns, tvm_runtime
 
 OPSET = [h.make_opsetid("", 23), h.make_opsetid("edgefc", 1)]
 
@@ -233,12 +234,35 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # --- helpers -----------------------------------------------------------------------------------------
 
+def program_of(model: onnx.ModelProto):
+    """The Program of ``model`` for exynos2400 (what the profile prices and the TVM build follows)."""
+    from tvm import relax
+
+    from edgefc.targets import tvm_import
+
+    # every node's output shape and type as TVM's import infers them (through the edgefc ops)
+    prepared = tvm_import.prepare_model(model)
+    types = {}
+    for block in tvm_import.import_model(prepared)["main"].body.blocks:
+        for b in block.bindings:
+            m = tvm_import.NODE_VAR.match(b.var.name)
+            if m and isinstance(b.var.ty, relax.TensorType):
+                types[prepared.graph.node[int(m.group(1))].output[0]] = b.var.ty
+    typed = onnx.ModelProto()
+    typed.CopyFrom(model)
+    for name, ty in types.items():
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(str(ty.dtype)))
+        typed.graph.value_info.append(h.make_tensor_value_info(name, elem, [int(d) for d in ty.shape]))
+    return edgefc.get_target("exynos2400").lower(edgefc.infer_shapes(gs.import_onnx(typed)))
+
+
 def _build(model: onnx.ModelProto, folder):
-    """Lower + local build (no aarch64) into ``folder``; returns (runner, lowering)."""
-    lowering = tvm_lowering.lower(model)
+    """Lower (by the model's Program) + local build (no aarch64) into ``folder``; returns
+    (runner, lowering)."""
+    lowering = tvm_lowering.lower(model, program_of(model))
     folder.mkdir(parents=True, exist_ok=True)
-    tvm_lowering.write_build(lowering, folder, aarch64=False)
-    return tvm_lowering.load_build(folder), lowering
+    tvm_build.write_build(lowering, folder, aarch64=False)
+    return tvm_runtime.load_build(folder), lowering
 
 
 def _rel(ref: dict, out: dict) -> float:
@@ -260,6 +284,21 @@ def _cli(argv, capsys):
         main([str(a) for a in argv])
     out = capsys.readouterr()
     return exc.value.code, out.out, out.err
+
+
+def _macs(op: dict) -> int:
+    """MACs of one serialised NPU op, from its operand shapes (counted here, independently of the
+    Program): conv2d, matmul and attention; 0 for the rest."""
+    shapes, out = op.get("arg_shapes") or [], op.get("shape")
+    if op["op"] == "relax.nn.conv2d":
+        w = shapes[1]
+        return int(np.prod(out)) * w[1] * w[2] * w[3]
+    if op["op"] == "relax.matmul":
+        return int(np.prod(out)) * shapes[0][-1]
+    if op["op"] == "relax.nn.attention":
+        (b, sq, h, d), skv, dv = shapes[0], shapes[1][1], shapes[2][3]
+        return b * h * sq * skv * (d + dv)
+    return 0
 
 
 def _attention_commands(programs) -> int:
@@ -330,47 +369,85 @@ def test_unet_artifacts_and_mac_share(unet_build):
         elif n.op_type == "Attention":
             expected += 1
     assert any(n.op_type == "TiledAttention" for n in model.graph.node)
-    programs = tvm_npu.load_programs(d / "npu_programs.json")
+    programs = tvm_runtime.load_programs(d / "npu_programs.json")
     assert _attention_commands(programs) == expected
 
 
-def test_partition_agrees_with_the_cost_model(unet_build):
-    """The NPU/host split and the MACs are the cost model's: every node the Program puts on the
-    tensor or vector engine is in an NPU partition, every host node is on the host, and each
-    conv / matmul / untiled attention has the Program's MACs (a tiled attention's Program MACs
-    also count the padding rows of its last tile)."""
-    from edgefc.targets.lowering import lower as program_of
-
-    d = unet_build / "build"
-    target = edgefc.get_target("exynos2400")
-    prog = program_of(edgefc.load(d / "model.onnx"), target)
-    engine = {o.name: o.engine for o in prog.ops}
+def _assert_partition_is_the_program(program, partition, programs) -> None:
+    """Every op the Program prices sits where the Program put it, with the Program's MACs and
+    precision, and the NPU programs execute exactly those MACs (counted from their op shapes)."""
+    part = {o["name"]: o for o in partition["ops"]}
+    built = collections.Counter()
+    for p in programs:
+        for c in p["commands"]:
+            for o in c["ops"]:
+                built[o.get("node")] += _macs(o)
     macs = collections.Counter()
-    for cmd in prog.commands:
-        if cmd.kind == "tensor":
-            macs[cmd.op] += cmd.total_macs
-    ops = json.loads((d / "report.json").read_text())["partition"]["ops"]
-    assert ops
-    for op in ops:
-        if engine.get(op["name"]) in ("tensor", "vector"):
-            assert op["where"] == "npu", op
-        if engine.get(op["name"]) == "host":
-            assert op["where"] == "host", op
-        if op["op_type"] in ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "Attention"):
-            assert op["macs"] == macs[op["name"]], op
-        if op["op_type"] == "TiledAttention":
-            assert 0 < op["macs"] <= macs[op["name"]], op
+    for c in program.commands:
+        if c.kind == "tensor":
+            macs[c.op] += c.total_macs
+    assert program.ops and partition["disagreements"] == []
+    for op in program.ops:
+        q = part[op.name]
+        assert q["engine"] == op.engine, (op.name, q)
+        assert q["where"] == ("host" if op.engine == "host" else "npu"), (op.name, q)
+        assert q["macs"] == macs[op.name], (op.name, q)
+        if op.engine != "host":
+            assert built[op.name] == macs[op.name], (op.name, built[op.name], macs[op.name])
+        if op.engine == "tensor":
+            assert q["precision"] and q["precision"] == next(c.precision for c in program.commands
+                                                             if c.op == op.name and c.kind == "tensor")
+
+
+def test_partition_agrees_with_the_program(unet_build):
+    """The tiny U-Net, W8A16, attention tiled: profile.json (the Program, priced) and the TVM
+    partition report agree op by op on engine, side, MACs and precision; the NPU programs carry
+    the Program's commands of the nodes they run."""
+    d = unet_build / "build"
+    prof = json.loads((d / "profile.json").read_text())
+    partition = json.loads((d / "report.json").read_text())["partition"]
+    part = {o["name"]: o for o in partition["ops"]}
+    assert prof["ops"] and any(o["op_type"] == "TiledAttention" for o in prof["ops"])
+    for o in prof["ops"]:
+        q = part[o["name"]]
+        assert (q["engine"], q["macs"], q["precision"]) == (o["engine"], o["macs"], o["precision"]), (o, q)
+        assert q["where"] == ("host" if o["engine"] == "host" else "npu"), (o, q)
+    assert {o["precision"] for o in prof["ops"] if o["op_type"] in ("Conv", "FusedConv")} == {"int8xint16"}
+    programs = tvm_runtime.load_programs(d / "npu_programs.json")
+    carried = {n for p in programs for n in p["program"]}
+    assert {o["name"] for o in prof["ops"] if o["engine"] != "host"} <= carried
+    for p in programs:
+        for n, cmds in p["program"].items():
+            assert cmds and all(c["op"] == n for c in cmds)
 
 
 @pytest.mark.parametrize("component", ["unet", "text-encoder", "vae-decoder"])
 def test_fp32_components_match_onnxruntime(tiny_models, tmp_path, component):
-    """--precision fp32 --no-mlt build of each tiny component vs onnxruntime on the original model."""
+    """--precision fp32 --no-mlt build of each tiny component vs onnxruntime on the original model;
+    the partition is the Program's op by op."""
     src = tiny_models[component]
     graph = edgefc.compile(src, "exynos2400", options={"precision": "fp32", "no_mlt": True}).graph
-    runner, lowering = _build(edgefc.ir.to_model(graph), tmp_path / component)
+    program = edgefc.get_target("exynos2400").lower(graph)
+    lowering = tvm_lowering.lower(edgefc.ir.to_model(graph), program)
+    _assert_partition_is_the_program(program, lowering.partition, lowering.programs)
+    (tmp_path / component).mkdir()
+    tvm_build.write_build(lowering, tmp_path / component, aarch64=False)
+    runner = tvm_runtime.load_build(tmp_path / component)
     feeds = ort.random_inputs(ir_model(src), seed=1)
     assert _rel(ort.run(str(src), feeds), runner.run(feeds)) <= 1e-4
     assert lowering.partition["npu_mac_share"] >= 0.95
+
+
+@pytest.mark.parametrize("component", ["text-encoder", "vae-decoder"])
+def test_fp16_components_partition_is_the_program(tiny_models, component):
+    """The FP16 (default) text encoder and VAE decoder: the partition is the Program's op by op,
+    and the attention is priced at fp16."""
+    graph = edgefc.compile(tiny_models[component], "exynos2400").graph
+    program = edgefc.get_target("exynos2400").lower(graph)
+    lowering = tvm_lowering.lower(edgefc.ir.to_model(graph), program)
+    _assert_partition_is_the_program(program, lowering.partition, lowering.programs)
+    att = [o for o in lowering.partition["ops"] if o["op_type"] in ("Attention", "TiledAttention")]
+    assert att and {o["precision"] for o in att} == {"fp16"}
 
 
 # --- synthetic graphs: every fused op, tiles, QDQ, fp16 ---------------------------------------------
@@ -388,13 +465,17 @@ def test_fused_ops_match_onnxruntime(tmp_path, causal, row_tiles, head_tiles):
     kinds = collections.Counter(c["composite"] for p in lowering.programs for c in p["commands"])
     for k in ("conv2d_bias_act", "conv2d_bias_residual", "group_norm_silu", "geglu", "matmul_bias_act_residual",
               "nn_group_norm", "nn_layer_norm"):
-        assert kinds[tvm_npu.PREFIX + k] >= 1, k
+        assert kinds[tvm_patterns.PREFIX + k] >= 1, k
     by_type = {o["op_type"]: o for o in part["ops"]}
     full = 4 * 64 * 64 * (8 + 8)  # heads * Sq * Skv * (dk + dv)
+    built = sum(_macs(o) for p in lowering.programs for c in p["commands"] for o in c["ops"]
+                if o.get("node") == by_type["TiledAttention"]["name"])
+    # the MACs the NPU program executes are the ones the Program priced (and reported)
+    assert by_type["TiledAttention"]["macs"] == built
     if causal and row_tiles > 1:  # a causal row tile reads only the key prefix it can see
-        assert by_type["TiledAttention"]["macs"] < full
+        assert built < full
     else:
-        assert by_type["TiledAttention"]["macs"] == full
+        assert built == full
 
 
 def test_w8a16_and_fp16_graphs(tmp_path):
@@ -440,17 +521,21 @@ def test_host_fallback_has_reasons(tmp_path):
              "i": np.array([[1, 2, 3, 9]], np.int64)}
     assert _rel(ort.run(model, feeds), runner.run(feeds)) <= 1e-5
     ops = {o["name"]: o for o in lowering.partition["ops"]}
-    assert ops["atan"]["where"] == "host" and "atan" in ops["atan"]["reason"]
-    assert ops["gather"]["where"] == "host" and "take" in ops["gather"]["reason"]
-    assert ops["mm"]["where"] == "npu" and ops["mm"]["macs"] == 16 * 16 and ops["mm"]["reason"] is None
+    # the Program placed them (and says why); the build put them there
+    assert ops["atan"]["engine"] == ops["atan"]["where"] == "host" and ops["atan"]["reason"] == "no NPU kernel for Atan"
+    assert ops["gather"]["engine"] == ops["gather"]["where"] == "host"
+    assert ops["gather"]["reason"] == "no NPU kernel for Gather"
+    assert ops["mm"]["engine"] == "tensor" and ops["mm"]["where"] == "npu"
+    assert ops["mm"]["macs"] == 16 * 16 and ops["mm"]["reason"] is None and ops["mm"]["precision"] == "fp32"
     assert lowering.partition["npu_mac_share"] == 1.0
-    assert lowering.partition["fallbacks"]["no NPU pattern for atan"] == 1
+    assert lowering.partition["fallbacks"]["no NPU kernel for Atan"] == 1
+    assert lowering.partition["disagreements"] == []
 
 
 def test_exynos2400_target_tag():
     import edgefc
 
-    target = tvm_lowering.phone_target(edgefc.get_target("exynos2400"))
+    target = tvm_build.phone_target(edgefc.get_target("exynos2400"))
     assert str(target.attrs["mtriple"]) == "aarch64-linux-gnu"
     assert str(target.attrs["mcpu"]) == "cortex-x4"
     assert int(target.attrs["num-cores"]) == 10
@@ -463,7 +548,7 @@ def test_unsupported_attention_form_is_one_sentence():
     node = h.make_node("Attention", ["q", "q", "q", "m"], ["y"], q_num_heads=2, kv_num_heads=2, name="att")
     model = h.make_model(h.make_graph([node], "g", [q, mask], [y]), opset_imports=OPSET[:1])
     with pytest.raises(BuildError, match="mask") as exc:
-        tvm_lowering.lower(model)
+        tvm_lowering.lower(model, program_of(model))
     assert "\n" not in str(exc.value)
 
 
@@ -535,4 +620,4 @@ def test_unknown_edgefc_op_is_named():
     model = h.make_model(h.make_graph([h.make_node("Frobnicate", ["x"], ["y"], domain="edgefc")], "g", [x],
                                       [h.make_tensor_value_info("y", TP.FLOAT, [1, 4])]), opset_imports=OPSET)
     with pytest.raises(BuildError, match="edgefc.Frobnicate"):
-        tvm_lowering.lower(model)
+        tvm_lowering.lower(model, program_of(model))

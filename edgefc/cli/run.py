@@ -136,7 +136,7 @@ def run_cmd(build, inputs_path, output, check):
     output's shape. With --check: the error against onnxruntime on the original model, within
     1e-4 relative for fp32 builds, within the quantization error for quantized / fp16 builds.
     """
-    from edgefc.targets.tvm_lowering import load_build
+    from edgefc.targets.tvm_runtime import load_build
 
     if not build.is_dir():
         raise BuildError(f"build folder not found: {build}")
