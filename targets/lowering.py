@@ -327,9 +327,6 @@ class _Types:
         """A tensor-engine bias: INT32 in integer precisions, else the weights' float type."""
         return "int32" if self.precision == "w8a16" else self.of(t)
 
-    def host_data(self, t: gs.Tensor) -> bool:
-        """Integer/bool in the graph itself (not merely quantized): data only the host handles."""
-        return t.dtype is not None and not is_float(dtype_code(t.dtype)) and self.find(t.name) not in self.quantized
 
 
 def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
