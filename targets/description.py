@@ -206,9 +206,9 @@ class NpuTarget(Target):
 
     @property
     def geometry(self):
-        """The numbers the lowering uses (:class:`edgefc.targets.lowering.Geometry`)."""
+        """The numbers the lowering uses (:class:`edgefc.targets.geometry.Geometry`)."""
         if self._geometry is None:
-            from edgefc.targets.lowering import Geometry
+            from edgefc.targets.geometry import Geometry
 
             self._geometry = Geometry.from_target(self)
         return self._geometry
@@ -227,7 +227,7 @@ class NpuTarget(Target):
 
     def attention_commands(self, spec, tiling):
         """The Program commands of one attention block (the same ones the graph lowering emits)."""
-        from edgefc.targets.lowering import lower_attention
+        from edgefc.targets.attention_block import lower_attention
 
         return lower_attention(spec, tiling, self.geometry)
 
@@ -241,7 +241,7 @@ class NpuTarget(Target):
 
     def attention_sram_bytes(self, spec, tiling) -> int:
         """SRAM working set of one tile of the block, padding included."""
-        from edgefc.targets.lowering import attention_sram_bytes
+        from edgefc.targets.attention_block import attention_sram_bytes
 
         return attention_sram_bytes(spec, tiling, self.geometry)
 

@@ -1,20 +1,16 @@
 """Lowering: Graph -> Program (DESIGN.md "Target"; PERFORMANCE.md explains every rule).
 
-Each graph node becomes commands on one engine:
+Each graph node is placed on one engine by ``targets/placement.py`` (tensor, vector, host or
+nothing; recorded in ``Program.placement``) and becomes the commands of that engine: a
+convolution or matmul one tensor command (MACs, padded MACs, precision), a vector op one vector
+command (elements, passes of its class), an attention block its commands
+(``targets/attention_block.py``), a host op one host command; weights and spilled activations
+add DMA commands.
 
-* tensor engine: Conv, ConvTranspose, edgefc FusedConv, MatMul, edgefc FusedMatMul, Gemm, and the
-  two matmuls of Attention / edgefc TiledAttention;
-* vector engine: Softmax (and the softmax of an attention), normalisations (LayerNormalization,
-  GroupNormalization, edgefc GroupNormSiLU, InstanceNormalization), activations (Gelu, edgefc
-  GeGLU, Sigmoid, ...), elementwise arithmetic, data movement (Transpose, Concat, Resize, ...);
-* host: ops on integer tensors (embedding Gather, ArgMax, ...), which the NPU does not run;
-* nothing: metadata-only ops (Reshape, Squeeze, Unsqueeze, Flatten, Identity), QuantizeLinear
-  and DequantizeLinear (the producer writes the quantized type directly), and Casts between
-  types priced alike.
-
-Byte sizes come from each tensor's deployed type: the graph's dtypes (``as-built``), where a
-tensor passing through QuantizeLinear/DequantizeLinear is priced at the quantized type; or a
-what-if precision (``fp32``, ``fp16``, ``w8a16``: INT8 weights, INT16 activations, INT32 biases).
+Byte sizes come from each tensor's deployed type (``targets/deployed_types.py``): the graph's
+dtypes (``as-built``), where a tensor passing through QuantizeLinear/DequantizeLinear is priced
+at the quantized type; or a what-if precision (``fp32``, ``fp16``, ``w8a16``: INT8 weights, INT16
+activations, INT32 biases).
 
 Residency: activations stay in SRAM while they fit together with everything else live at that
 point; otherwise the tensor whose next use is furthest is stored to DRAM and loaded back where
@@ -29,27 +25,25 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
 from edgefc.attention import (
     AttentionSpec,
-    Tiling,
     granularity_from_node,
     spec_from_node,
-    tile_grid,
     tiling_from_node,
 )
 from edgefc.components import detect_component
 from edgefc.errors import BuildError
-from edgefc.ir import DTYPE_BYTES, dtype_code
-from edgefc.targets.placement import ALIAS_OPS, INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place
+from edgefc.targets.attention_block import attention_io_bytes, attention_sram_bytes, lower_attention
+from edgefc.targets.deployed_types import DeployedTypes
+from edgefc.targets.geometry import BYTES, Geometry, pad, precision_key
+from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place
 from edgefc.targets.program import Command, OpInfo, Program
 
 PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16")
 
-BYTES = DTYPE_BYTES
 
 # Producer -> consumer streaming (a two-op cascade, as Arm Vela's cascading): a tensor too big
 # for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
@@ -58,161 +52,6 @@ _ROWWISE = {k for k in VECTOR_CLASS if k not in INPUT_SIZED and k != "Softmax"} 
 STREAM_PRODUCERS = TENSOR_OPS | _ROWWISE | {"GroupNormalization", "GroupNormSiLU", "InstanceNormalization",
                                             "LayerNormalization", "Gelu", "GeGLU", "Resize"}
 STREAM_CONSUMERS = TENSOR_OPS | _ROWWISE | {"Gelu", "GeGLU", "Resize"}
-
-def is_float(code: str) -> bool:
-    return code.startswith("fp")
-
-
-def pad(n: int, g: int) -> int:
-    return -(-int(n) // g) * g if g > 1 else int(n)
-
-
-def precision_key(weight: str, act: str) -> str:
-    """Operand precision of a tensor-engine op (a key of [tensor.rate])."""
-    if is_float(weight) or is_float(act):
-        widest = max((c for c in (weight, act) if is_float(c)), key=lambda c: BYTES[c])
-        return "fp16" if BYTES[widest] <= 2 else "fp32"
-    a, b = sorted((min(BYTES[weight], 2) * 8, min(BYTES[act], 2) * 8))
-    return f"int{a}xint{b}"
-
-
-# --- the attention block ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Geometry:
-    """The target numbers the lowering itself needs (layout, granularity and work counts, not
-    speeds): ``passes`` maps a vector op class to its ((vector class, passes), ...)."""
-
-    channel_granularity: int
-    row_granularity: int
-    sram_bytes: int
-    weight_buffer_bytes: int
-    passes: dict
-    handoffs_matmul: int
-    handoffs_softmax: int
-    dtypes: tuple = ("fp32", "fp16", "int16", "int8")
-
-    @classmethod
-    def from_target(cls, t) -> Geometry:
-        from edgefc.targets.description import PASS_CLASSES
-
-        passes = {c: tuple(sorted((k, int(n)) for k, n in t[f"vector.passes.{c}"].items() if n))
-                  for c in PASS_CLASSES}
-        return cls(int(t["tensor.channel_granularity"]), int(t["tensor.row_granularity"]),
-                   int(t["sram.bytes"]), int(t["sram.weight_buffer_bytes"]), passes,
-                   int(t["handoff.per_matmul"]), int(t["handoff.per_softmax"]), tuple(t["tensor.dtypes"]))
-
-    def vector_passes(self, op_type: str) -> tuple:
-        """The element passes of one op of ``op_type`` (its class's, ``copy`` if unlisted)."""
-        return self.passes[VECTOR_CLASS.get(op_type, "copy")]
-
-
-def attention_io_bytes(spec: AttentionSpec, geo: Geometry) -> dict[str, tuple[int, int]]:
-    """DRAM bytes and run length of Q, K, V and the output A (heads padded to the granularity).
-
-    Q and K are stored head-major (their producers write each head as its own channel block) and
-    move as contiguous blocks; V is read transposed (the contraction of S_out x V runs over its
-    rows) and A is written into the token-major layout the out-projection reads, so both move in
-    runs of one head row (``d_pad * act_bytes``).
-    """
-    g, b = geo.channel_granularity, spec.act_bytes
-    dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
-    n = spec.batch * spec.heads
-    return {"q": (n * spec.q_len * dkp * b, 0), "k": (n * spec.kv_len * dkp * b, 0),
-            "v": (n * spec.kv_len * dvp * b, dvp * b), "out": (n * spec.q_len * dvp * b, dvp * b)}
-
-
-def _tile_geometry(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granularity: int | None = None):
-    """Row tiles and head groups of a tiling, from ``edgefc.attention.tile_grid`` -- the tiles the
-    ONNX body of TiledAttention and the TVM import build. ``granularity`` is the row granule the
-    tiles were cut at (a TiledAttention's ``row_granularity``; default the target's).
-
-    Returns ``(row_parts, head_parts)``: lists of ``(real rows, padded rows, count, keys)`` and
-    ``(heads, count)``. Every tile is priced at its rows padded to the target's row granularity;
-    the real rows of the last tile exclude the padding. A row tile of a *causal* tiled attention
-    reads only the keys its rows can see, ``[0, min(end row, kv_len))`` (what the TVM import
-    builds); otherwise every tile reads all ``kv_len`` keys. A tiling that does not split the padded
-    rows into whole granules (or the heads evenly) is a BuildError: nothing would build it.
-    """
-    try:
-        grid = tile_grid(spec.q_len, spec.heads, tiling, granularity or geo.row_granularity)
-    except ValueError as e:
-        raise BuildError(f"cannot lower the tiling of attention '{spec.name}': {e}") from None
-    rows_p = pad(grid.rows, geo.row_granularity)
-    if spec.causal and grid.row_tiles > 1:
-        row_parts = [(r1 - r0, rows_p, 1, min(r1, spec.kv_len)) for r0, r1 in grid.row_bounds()]
-    else:
-        row_parts = [(real, rows_p, n, spec.kv_len) for real, n in grid.row_sizes()]
-    return row_parts, [(grid.heads, grid.head_tiles)]
-
-
-def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granularity: int | None = None) -> int:
-    """SRAM working set of the largest tile: K and V of its head group, the Q tile, the S_in and
-    S_out tiles and the output tile, with rows padded to the row granularity and channels
-    (head dims, and the key length as the channel dimension of S) to the channel granularity."""
-    g, rg, b = geo.channel_granularity, geo.row_granularity, spec.act_bytes
-    row_parts, head_parts = _tile_geometry(spec, tiling, geo, granularity)
-    rows = max(p for _, p, _, _ in row_parts)
-    hg = max(h for h, _ in head_parts)
-    dkp, dvp, kvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g), pad(spec.kv_len, g)
-    kv = hg * pad(spec.kv_len, rg) * (dkp + dvp)
-    tile = hg * rows * (dkp + 2 * kvp + dvp)
-    return int((kv + tile) * b)
-
-
-def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, granularity: int | None = None,
-                    op: str | None = None,
-                    op_type: str = "Attention", loop_base: int = 0) -> list[Command]:
-    """The commands of one attention block (untiled: ``Tiling(1, 1)``).
-
-    Per head group: load K, load V. Per tile (rows x head group): load the Q tile, QK^T on the
-    tensor engine, softmax on the vector engine, S_out x V on the tensor engine, store the output
-    tile. When the tile's working set exceeds SRAM, S_in and S_out each make a DRAM round trip
-    (store + load). Every tile pays the engine hand-offs QK^T -> softmax -> S x V, one on each
-    side of each hand-off: 1 on each matmul, 2 on the softmax. The block is one op: it is
-    dispatched once (its command list runs every tile).
-    """
-    op = op or spec.name
-    g, b = geo.channel_granularity, spec.act_bytes
-    dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
-    prec = precision_key(spec.act_dtype, spec.act_dtype)
-    spill = attention_sram_bytes(spec, tiling, geo, granularity) > geo.sram_bytes
-    tiled = tiling.tiles > 1
-    softmax = geo.passes["softmax"] + (geo.passes["causal_mask"] if spec.causal else ())
-    row_parts, head_parts = _tile_geometry(spec, tiling, geo, granularity)
-    cmds: list[Command] = []
-    for hg, hcount in head_parts:
-        kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount,
-              "loop": loop_base + len(cmds) if tiled else -1}
-        cmds.append(Command("load", tensor=f"{op}:K", bytes=hg * spec.kv_len * dkp * b, role="load_qk", **kw))
-        cmds.append(Command("load", tensor=f"{op}:V", bytes=hg * spec.kv_len * dvp * b, run_bytes=dvp * b,
-                            role="load_s_out_v", **kw))
-    first = 1
-    for hg, hcount in head_parts:
-        for rows, rows_p, rcount, keys in row_parts:
-            s, keys_p = hg * rows * keys, pad(keys, g)
-            kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount * rcount,
-                  "loop": loop_base + 1024 + len(cmds) if tiled else -1}
-            cmds.append(Command("load", tensor=f"{op}:Q", bytes=hg * rows * dkp * b, role="load_qk", **kw))
-            cmds.append(Command("tensor", macs=hg * rows * keys * spec.head_dim,
-                                padded_macs=hg * rows_p * keys_p * dkp, out_elements=s, precision=prec,
-                                dispatches=first, handoffs=geo.handoffs_matmul, role="qk_matmul", **kw))
-            if spill:
-                cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * b, role="store_s_in", **kw))
-                cmds.append(Command("load", tensor=f"{op}:S_in", bytes=s * b, role="load_s_in", **kw))
-            cmds.append(Command("vector", elements=s, passes=softmax, handoffs=geo.handoffs_softmax,
-                                role="softmax", **kw))
-            if spill:
-                cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * b, role="store_s_out", **kw))
-                cmds.append(Command("load", tensor=f"{op}:S_out", bytes=s * b, role="load_s_out_v", **kw))
-            cmds.append(Command("tensor", macs=hg * rows * keys * spec.v_head_dim,
-                                padded_macs=hg * rows_p * keys_p * dvp, out_elements=hg * rows * spec.v_head_dim,
-                                precision=prec, handoffs=geo.handoffs_matmul, role="sv_matmul", **kw))
-            cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvp * b, run_bytes=dvp * b,
-                                role="store_out", **kw))
-            first = 0
-    return cmds
-
 
 # --- graph lowering ---------------------------------------------------------------------------
 
@@ -266,69 +105,6 @@ def _elements(t: gs.Tensor) -> int:
     return int(math.prod(s))
 
 
-class _Types:
-    """Deployed element type of every tensor, and which tensors are weights (compile-time data).
-
-    Tensors joined by alias ops (Reshape, Squeeze, Q/DQ, ...) form one class that shares one
-    storage and one type: in ``as-built`` the quantized type when the class passes through a
-    QuantizeLinear/DequantizeLinear, else the graph's dtype; with a what-if precision every float
-    activation takes the activation type and every float weight the weight type.
-    """
-
-    def __init__(self, graph: gs.Graph, precision: str):
-        self.precision = precision
-        self.root: dict[str, str] = {}
-        self.const: set[str] = set()
-        self.code: dict[str, str] = {}
-        self.quantized: set[str] = set()
-        tensors = graph.tensors()
-        for name, t in tensors.items():
-            if isinstance(t, gs.Constant):
-                self.const.add(name)
-        for node in graph.nodes:
-            ins = [t for t in node.inputs if t is not None and t.name]
-            if node.op in ALIAS_OPS | {"Cast", "Transpose"} and ins and all(self.find(t.name) in self.const for t in ins):
-                for o in node.outputs:
-                    self.const.add(o.name)
-            if node.op in ALIAS_OPS and ins:
-                for o in node.outputs:
-                    self.root[o.name] = self.find(ins[0].name)
-        qtype: dict[str, str] = {}
-        for node in graph.nodes:
-            if node.op == "QuantizeLinear" and node.outputs:
-                qtype[self.find(node.outputs[0].name)] = dtype_code(node.outputs[0].dtype)
-            elif node.op == "DequantizeLinear" and node.inputs:
-                qtype[self.find(node.inputs[0].name)] = dtype_code(node.inputs[0].dtype)
-        self.quantized = set(qtype)
-        for name, t in tensors.items():
-            r = self.find(name)
-            if r in self.code:
-                continue
-            graph_code = dtype_code(tensors[r].dtype if tensors[r].dtype is not None else t.dtype)
-            if precision == "as-built" or (not is_float(graph_code) and r not in qtype):
-                self.code[r] = qtype.get(r, graph_code)
-            elif r in self.const:
-                self.code[r] = {"fp32": "fp32", "fp16": "fp16", "w8a16": "int8"}[precision]
-            else:
-                self.code[r] = {"fp32": "fp32", "fp16": "fp16", "w8a16": "int16"}[precision]
-
-    def find(self, name: str) -> str:
-        while name in self.root:
-            name = self.root[name]
-        return name
-
-    def of(self, t: gs.Tensor) -> str:
-        return self.code.get(self.find(t.name), dtype_code(t.dtype))
-
-    def is_const(self, t: gs.Tensor) -> bool:
-        return self.find(t.name) in self.const
-
-    def bias(self, t: gs.Tensor) -> str:
-        """A tensor-engine bias: INT32 in integer precisions, else the weights' float type."""
-        return "int32" if self.precision == "w8a16" else self.of(t)
-
-
-
 def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
     """AttentionSpec of an Attention / TiledAttention node (``edgefc.attention.spec_from_node``:
     the 3D form [B, S, H*d]; the 4D form [B, H, S, d] is read here too)."""
@@ -367,7 +143,7 @@ class _Lowering:
 
     def __init__(self, graph: gs.Graph, geo: Geometry, precision: str):
         self.graph, self.geo, self.precision = graph, geo, precision
-        self.types = _Types(graph, precision)
+        self.types = DeployedTypes(graph, precision)
         self.prog = Program(precision=precision, component=component_of(graph))
         self.budget = geo.sram_bytes - geo.weight_buffer_bytes
         self.loops = 0

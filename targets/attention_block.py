@@ -1,0 +1,123 @@
+"""The attention block as Program commands (paper Sec. 2.3, Tables 6 and 7; PERFORMANCE.md "The
+attention block").
+
+One function, :func:`lower_attention`, gives the commands of an ``Attention`` /
+``TiledAttention`` -- the graph lowering emits them and the tile solver prices them
+(``target.attention_cycles``) -- so the solver's choice is priced exactly as the profile reports
+it; :func:`attention_sram_bytes` is the working set of one tile. The tiles are
+``edgefc.attention.tile_grid``'s, the ones the ONNX body and the TVM build cut.
+"""
+
+from __future__ import annotations
+
+from edgefc.attention import AttentionSpec, Tiling, tile_grid
+from edgefc.errors import BuildError
+from edgefc.targets.geometry import Geometry, pad, precision_key
+from edgefc.targets.program import Command
+
+
+def attention_io_bytes(spec: AttentionSpec, geo: Geometry) -> dict[str, tuple[int, int]]:
+    """DRAM bytes and run length of Q, K, V and the output A (heads padded to the granularity).
+
+    Q and K are stored head-major (their producers write each head as its own channel block) and
+    move as contiguous blocks; V is read transposed (the contraction of S_out x V runs over its
+    rows) and A is written into the token-major layout the out-projection reads, so both move in
+    runs of one head row (``d_pad * act_bytes``).
+    """
+    g, b = geo.channel_granularity, spec.act_bytes
+    dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
+    n = spec.batch * spec.heads
+    return {"q": (n * spec.q_len * dkp * b, 0), "k": (n * spec.kv_len * dkp * b, 0),
+            "v": (n * spec.kv_len * dvp * b, dvp * b), "out": (n * spec.q_len * dvp * b, dvp * b)}
+
+
+def _tile_geometry(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granularity: int | None = None):
+    """Row tiles and head groups of a tiling, from ``edgefc.attention.tile_grid`` -- the tiles the
+    ONNX body of TiledAttention and the TVM import build. ``granularity`` is the row granule the
+    tiles were cut at (a TiledAttention's ``row_granularity``; default the target's).
+
+    Returns ``(row_parts, head_parts)``: lists of ``(real rows, padded rows, count, keys)`` and
+    ``(heads, count)``. Every tile is priced at its rows padded to the target's row granularity;
+    the real rows of the last tile exclude the padding. A row tile of a *causal* tiled attention
+    reads only the keys its rows can see, ``[0, min(end row, kv_len))`` (what the TVM import
+    builds); otherwise every tile reads all ``kv_len`` keys. A tiling that does not split the padded
+    rows into whole granules (or the heads evenly) is a BuildError: nothing would build it.
+    """
+    try:
+        grid = tile_grid(spec.q_len, spec.heads, tiling, granularity or geo.row_granularity)
+    except ValueError as e:
+        raise BuildError(f"cannot lower the tiling of attention '{spec.name}': {e}") from None
+    rows_p = pad(grid.rows, geo.row_granularity)
+    if spec.causal and grid.row_tiles > 1:
+        row_parts = [(r1 - r0, rows_p, 1, min(r1, spec.kv_len)) for r0, r1 in grid.row_bounds()]
+    else:
+        row_parts = [(real, rows_p, n, spec.kv_len) for real, n in grid.row_sizes()]
+    return row_parts, [(grid.heads, grid.head_tiles)]
+
+
+def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granularity: int | None = None) -> int:
+    """SRAM working set of the largest tile: K and V of its head group, the Q tile, the S_in and
+    S_out tiles and the output tile, with rows padded to the row granularity and channels
+    (head dims, and the key length as the channel dimension of S) to the channel granularity."""
+    g, rg, b = geo.channel_granularity, geo.row_granularity, spec.act_bytes
+    row_parts, head_parts = _tile_geometry(spec, tiling, geo, granularity)
+    rows = max(p for _, p, _, _ in row_parts)
+    hg = max(h for h, _ in head_parts)
+    dkp, dvp, kvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g), pad(spec.kv_len, g)
+    kv = hg * pad(spec.kv_len, rg) * (dkp + dvp)
+    tile = hg * rows * (dkp + 2 * kvp + dvp)
+    return int((kv + tile) * b)
+
+
+def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, granularity: int | None = None,
+                    op: str | None = None,
+                    op_type: str = "Attention", loop_base: int = 0) -> list[Command]:
+    """The commands of one attention block (untiled: ``Tiling(1, 1)``).
+
+    Per head group: load K, load V. Per tile (rows x head group): load the Q tile, QK^T on the
+    tensor engine, softmax on the vector engine, S_out x V on the tensor engine, store the output
+    tile. When the tile's working set exceeds SRAM, S_in and S_out each make a DRAM round trip
+    (store + load). Every tile pays the engine hand-offs QK^T -> softmax -> S x V, one on each
+    side of each hand-off: 1 on each matmul, 2 on the softmax. The block is one op: it is
+    dispatched once (its command list runs every tile).
+    """
+    op = op or spec.name
+    g, b = geo.channel_granularity, spec.act_bytes
+    dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
+    prec = precision_key(spec.act_dtype, spec.act_dtype)
+    spill = attention_sram_bytes(spec, tiling, geo, granularity) > geo.sram_bytes
+    tiled = tiling.tiles > 1
+    softmax = geo.passes["softmax"] + (geo.passes["causal_mask"] if spec.causal else ())
+    row_parts, head_parts = _tile_geometry(spec, tiling, geo, granularity)
+    cmds: list[Command] = []
+    for hg, hcount in head_parts:
+        kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount,
+              "loop": loop_base + len(cmds) if tiled else -1}
+        cmds.append(Command("load", tensor=f"{op}:K", bytes=hg * spec.kv_len * dkp * b, role="load_qk", **kw))
+        cmds.append(Command("load", tensor=f"{op}:V", bytes=hg * spec.kv_len * dvp * b, run_bytes=dvp * b,
+                            role="load_s_out_v", **kw))
+    first = 1
+    for hg, hcount in head_parts:
+        for rows, rows_p, rcount, keys in row_parts:
+            s, keys_p = hg * rows * keys, pad(keys, g)
+            kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount * rcount,
+                  "loop": loop_base + 1024 + len(cmds) if tiled else -1}
+            cmds.append(Command("load", tensor=f"{op}:Q", bytes=hg * rows * dkp * b, role="load_qk", **kw))
+            cmds.append(Command("tensor", macs=hg * rows * keys * spec.head_dim,
+                                padded_macs=hg * rows_p * keys_p * dkp, out_elements=s, precision=prec,
+                                dispatches=first, handoffs=geo.handoffs_matmul, role="qk_matmul", **kw))
+            if spill:
+                cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * b, role="store_s_in", **kw))
+                cmds.append(Command("load", tensor=f"{op}:S_in", bytes=s * b, role="load_s_in", **kw))
+            cmds.append(Command("vector", elements=s, passes=softmax, handoffs=geo.handoffs_softmax,
+                                role="softmax", **kw))
+            if spill:
+                cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * b, role="store_s_out", **kw))
+                cmds.append(Command("load", tensor=f"{op}:S_out", bytes=s * b, role="load_s_out_v", **kw))
+            cmds.append(Command("tensor", macs=hg * rows * keys * spec.v_head_dim,
+                                padded_macs=hg * rows_p * keys_p * dvp, out_elements=hg * rows * spec.v_head_dim,
+                                precision=prec, handoffs=geo.handoffs_matmul, role="sv_matmul", **kw))
+            cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvp * b, run_bytes=dvp * b,
+                                role="store_out", **kw))
+            first = 0
+    return cmds
