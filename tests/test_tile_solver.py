@@ -211,7 +211,7 @@ def test_explain_lists_every_candidate_and_the_choice():
     assert len(chosen) == 1 and (chosen[0]["row_tiles"], chosen[0]["head_tiles"]) == (sol.tiling.row_tiles, sol.tiling.head_tiles)
     fits = [r for r in rows if r["fits"]]
     assert min(fits, key=lambda r: (r["cycles"], r["tiles"]))["chosen"]
-    assert all(r["fits"] == (r["sram_bytes"] <= budget) for r in rows)
+    assert rows and all(r["fits"] == (r["sram_bytes"] <= budget) for r in rows)
     assert not table["untiled_fits"] and table["choice"]["tiles"] == sol.tiling.tiles
     text = ts.format_explain([table])
     assert "<- chosen" in text and spec.name in text and "pruned" in text
