@@ -166,6 +166,11 @@ class Timeline:
     starts: list[float]
     idle: list[float]
     total: float
+    hidden: list[float] = None   # per command: cycles that ran beside other commands of its op
+
+    def __post_init__(self):
+        if self.hidden is None:
+            self.hidden = [0.0] * len(self.starts)
 
 
 class Schedule:
@@ -202,4 +207,77 @@ class SequentialSchedule(Schedule):
         return Timeline(starts, idle, t)
 
 
-SCHEDULES = {"sequential": SequentialSchedule}
+def is_chain(cmds) -> bool:
+    """Whether an op's commands form a dependent chain that cannot overlap: the steps of an
+    attention block (each consumes the previous one's result: QK^T -> S_in spill -> softmax ->
+    S_out spill -> S x V; the paper's Table 6 times them one after another) and host ops."""
+    return any(c.role or c.kind == "host" for c in cmds)
+
+
+def overlapped_op_cycles(p: CostParams, cmds, cycles) -> tuple[float, float]:
+    """(work cycles, dispatch floor) of one op under the overlapped schedule:
+
+        work = max(exposed latency + compute, transfers)
+
+    compute: the op's tensor / vector commands back to back; transfers: its DMA commands
+    (weights, streamed activations, spills, each with its own latency) back to back on the DMA
+    engine, running beside the compute through double buffers (the weight buffer, the stripe
+    buffers); exposed latency: the first transfer's ``dma.latency_cycles``, which the engines wait
+    for (Arm Vela's estimator likewise takes the max of the NPU cycles and the memory-access
+    cycles of a pass, with the memory latency added per transfer). A dependent chain
+    (:func:`is_chain`) is the sum of its commands."""
+    floor = p.dispatch * sum(c.dispatches for c in cmds)
+    if is_chain(cmds):
+        return float(sum(cycles)), floor
+    compute = transfer = 0.0
+    first_latency = None
+    for c, cyc in zip(cmds, cycles):
+        if c.kind in ("load", "store"):
+            transfer += cyc
+            if first_latency is None and c.bytes > 0:
+                first_latency = p.dma_latency
+        else:
+            compute += cyc
+    return max((first_latency or 0.0) + compute, transfer), floor
+
+
+class OverlapSchedule(Schedule):
+    """DMA runs beside the engines (double buffering within the SRAM budget): an op lasts
+    ``max(compute, transfers) + exposed latency`` (:func:`overlapped_op_cycles`), at least its
+    dispatch time; ops run one after another. The default schedule (PERFORMANCE.md)."""
+
+    name = "overlap"
+
+    def run(self, program, cycles, params):
+        starts, idle, t = [0.0] * len(cycles), [0.0] * len(cycles), 0.0
+        hidden = [0.0] * len(cycles)
+        cmds = program.commands
+        for first, end in op_groups(program):
+            group = cmds[first:end]
+            work, floor = overlapped_op_cycles(params, group, cycles[first:end])
+            if is_chain(group):
+                s = t
+                for i in range(first, end):
+                    starts[i] = s
+                    s += cycles[i]
+            else:
+                s_dma = t
+                s_eng = t + (params.dma_latency if any(c.kind in ("load", "store") and c.bytes > 0
+                                                        for c in group) else 0.0)
+                for i in range(first, end):
+                    if cmds[i].kind in ("load", "store"):
+                        starts[i] = s_dma
+                        s_dma += cycles[i]
+                    else:
+                        starts[i] = s_eng
+                        s_eng += cycles[i]
+            if work < floor:
+                idle[end - 1] = floor - work
+            # the part of the op's command cycles that ran beside others (shown on the op's DMA)
+            hidden[end - 1 if is_chain(group) else first] += sum(cycles[first:end]) - work
+            t += max(work, floor)
+        return Timeline(starts, idle, t, hidden)
+
+
+SCHEDULES = {"overlap": OverlapSchedule, "sequential": SequentialSchedule}
+DEFAULT_SCHEDULE = "overlap"

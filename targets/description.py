@@ -23,6 +23,7 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
     "clock.hz": NUMBER,
     "sram.bytes": int,
     "sram.weight_buffer_bytes": int,
+    "sram.resident_weights": bool,
     "tensor.macs_per_cycle": NUMBER,
     "tensor.channel_granularity": int,
     "tensor.row_granularity": int,
@@ -75,7 +76,7 @@ class NpuTarget(Target):
                 value = _lookup(data, field)
             except KeyError:
                 raise TargetError(f"target description {source} has no field '{field}'") from None
-            if isinstance(value, bool) or not isinstance(value, typ):
+            if (isinstance(value, bool) and typ is not bool) or not isinstance(value, typ):
                 want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
                 raise TargetError(f"target description {source}: field '{field}' must be {want}, got {value!r}")
             if typ in (int, NUMBER) and (value <= 0 if field in POSITIVE else value < 0):
@@ -88,6 +89,20 @@ class NpuTarget(Target):
         self.row_granularity = int(data["tensor"]["row_granularity"])
         self._params = None
         self._geometry = None
+
+    @property
+    def validation(self) -> dict | None:
+        """How well this target predicts measured latencies, as ``bench/fit_exynos2400.py``
+        computed it (``<target>.validation.json`` beside the TOML; None when there is none)."""
+        if self.source.startswith("<"):
+            return None
+        path = Path(self.source).with_suffix(".validation.json")
+        try:
+            import json
+
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
 
     def __getitem__(self, dotted: str) -> Any:
         return _lookup(self.data, dotted)
@@ -139,7 +154,7 @@ class NpuTarget(Target):
 
         return lower(graph, self, precision)
 
-    def profile(self, graph, precision: str = "as-built", schedule: str = "sequential", model: str = ""):
+    def profile(self, graph, precision: str = "as-built", schedule: str = "overlap", model: str = ""):
         """Lower and price ``graph``: a :class:`edgefc.targets.profile.Profile`."""
         from edgefc.targets.profile import build_profile
 

@@ -14,7 +14,8 @@ Each graph node becomes commands on one engine:
 
 Byte sizes come from each tensor's deployed type: the graph's dtypes (``as-built``), where a
 tensor passing through QuantizeLinear/DequantizeLinear is priced at the quantized type; or a
-what-if precision (``fp32``, ``fp16``, ``w8a16``: INT8 weights, INT16 activations, INT32 biases).
+what-if precision (``fp32``, ``fp16``, ``w8a16``: INT8 weights, INT16 activations, INT32 biases;
+``w8a8``: INT8 weights and activations, INT32 biases, as MLPerf Mobile runs its networks).
 
 Residency: activations stay in SRAM while they fit together with everything else live at that
 point; otherwise the tensor whose next use is furthest is stored to DRAM and loaded back where
@@ -46,7 +47,7 @@ from edgefc.components import detect_component
 from edgefc.errors import BuildError
 from edgefc.targets.program import Command, OpInfo, Program
 
-PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16")
+PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
 
 BYTES = {"fp64": 8, "fp32": 4, "fp16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "bool": 1}
 
@@ -84,9 +85,12 @@ INPUT_SIZED = {"Softmax", "LayerNormalization", "GroupNormalization", "InstanceN
 # for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
 # of DRAM when the producer writes it row by row and the consumer reads it row by row.
 _ROWWISE = {k for k in VECTOR_PASSES if k not in INPUT_SIZED and k != "Softmax"}   # elementwise / activations
-STREAM_PRODUCERS = TENSOR_OPS | _ROWWISE | {"GroupNormalization", "GroupNormSiLU", "InstanceNormalization",
-                                            "LayerNormalization", "Gelu", "GeGLU", "Resize"}
-STREAM_CONSUMERS = TENSOR_OPS | _ROWWISE | {"Gelu", "GeGLU", "Resize"}
+# DepthToSpace / SpaceToDepth (pixel shuffle) are spatially local too: output rows 2h, 2h+1 come
+# from input row h, a strided write pattern of the stripe.
+_SPATIAL = {"Resize", "DepthToSpace", "SpaceToDepth"}
+STREAM_PRODUCERS = TENSOR_OPS | _ROWWISE | _SPATIAL | {"GroupNormalization", "GroupNormSiLU",
+                                                       "InstanceNormalization", "LayerNormalization", "Gelu", "GeGLU"}
+STREAM_CONSUMERS = TENSOR_OPS | _ROWWISE | _SPATIAL | {"Gelu", "GeGLU"}
 
 _NP_CODE = {np.dtype(np.float64): "fp64", np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16",
             np.dtype(np.int64): "int64", np.dtype(np.uint64): "int64", np.dtype(np.int32): "int32",
@@ -129,6 +133,14 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
+def contraction(cin: int, taps: int, g: int) -> int:
+    """Padded contraction length of a convolution with ``cin`` input channels (per group) and
+    ``taps`` kernel taps: channels padded to the granularity, times the taps; a layer with fewer
+    input channels than the granularity folds the taps into the contraction instead (im2col of a
+    first layer: 3 channels x 9 taps = 27 -> 32, not 3 -> 32 x 9)."""
+    return pad(cin * taps, g) if cin < g else pad(cin, g) * taps
+
+
 def precision_key(weight: str, act: str) -> str:
     """Operand precision of a tensor-engine op (a key of [tensor.rate])."""
     if is_float(weight) or is_float(act):
@@ -148,11 +160,12 @@ class Geometry:
     row_granularity: int
     sram_bytes: int
     weight_buffer_bytes: int
+    resident_weights: bool = False
 
     @classmethod
     def from_target(cls, t) -> Geometry:
         return cls(int(t["tensor.channel_granularity"]), int(t["tensor.row_granularity"]),
-                   int(t["sram.bytes"]), int(t["sram.weight_buffer_bytes"]))
+                   int(t["sram.bytes"]), int(t["sram.weight_buffer_bytes"]), bool(t["sram.resident_weights"]))
 
 
 def attention_io_bytes(spec: AttentionSpec, geo: Geometry) -> dict[str, tuple[int, int]]:
@@ -360,9 +373,9 @@ class _Types:
             if precision == "as-built" or (not is_float(graph_code) and r not in qtype):
                 self.code[r] = qtype.get(r, graph_code)
             elif r in self.const:
-                self.code[r] = {"fp32": "fp32", "fp16": "fp16", "w8a16": "int8"}[precision]
+                self.code[r] = WHAT_IF[precision][0]
             else:
-                self.code[r] = {"fp32": "fp32", "fp16": "fp16", "w8a16": "int16"}[precision]
+                self.code[r] = WHAT_IF[precision][1]
 
     def find(self, name: str) -> str:
         while name in self.root:
@@ -377,11 +390,13 @@ class _Types:
 
     def bias(self, t: gs.Tensor) -> str:
         """A tensor-engine bias: INT32 in integer precisions, else the weights' float type."""
-        return "int32" if self.precision == "w8a16" else self.of(t)
+        return "int32" if self.precision in ("w8a16", "w8a8") else self.of(t)
 
     def host_data(self, t: gs.Tensor) -> bool:
-        """Integer/bool in the graph itself (not merely quantized): data only the host handles."""
-        return t.dtype is not None and not is_float(dtype_code(t.dtype)) and self.find(t.name) not in self.quantized
+        """Integer data in the graph itself (not merely quantized): indices only the host handles.
+        Boolean masks (comparison results, ``Where`` conditions) are vector-engine data."""
+        code = dtype_code(t.dtype) if t.dtype is not None else "fp32"
+        return not is_float(code) and code != "bool" and self.find(t.name) not in self.quantized
 
 
 def attention_spec(node: gs.Node, act_bytes: int) -> AttentionSpec:
@@ -411,20 +426,32 @@ def lower(graph: gs.Graph, target, precision: str = "as-built") -> Program:
     if precision not in PRECISION_CHOICES:
         raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISION_CHOICES)})")
     geo = Geometry.from_target(target)
-    return _Lowering(graph, geo, precision).run()
+    prog = _Lowering(graph, geo, precision).run()
+    # Weights that fit in SRAM beside the activations stay there across inferences: loaded once
+    # with the model (outside a timed inference, as MLPerf's steady-state latency measures it),
+    # not streamed per op. The activations then get the SRAM the weights leave.
+    total_w = prog.weight_bytes
+    if geo.resident_weights and 0 < total_w and total_w + prog.sram_peak_bytes <= geo.sram_bytes - geo.weight_buffer_bytes:
+        resident = _Lowering(graph, geo, precision, resident_weights=total_w).run()
+        if resident.sram_peak_bytes + total_w <= geo.sram_bytes - geo.weight_buffer_bytes:
+            return resident
+    return prog
 
 
 _NEVER = 1 << 62
+# what-if precision -> (weight type, activation type) of float tensors
+WHAT_IF = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "w8a16": ("int8", "int16"), "w8a8": ("int8", "int8")}
 
 
 class _Lowering:
     """One pass over the nodes in order, emitting commands and deciding residency."""
 
-    def __init__(self, graph: gs.Graph, geo: Geometry, precision: str):
+    def __init__(self, graph: gs.Graph, geo: Geometry, precision: str, resident_weights: int = 0):
         self.graph, self.geo, self.precision = graph, geo, precision
+        self.resident_weights = int(resident_weights)
         self.types = _Types(graph, precision)
         self.prog = Program(precision=precision, component=component_of(graph))
-        self.budget = geo.sram_bytes - geo.weight_buffer_bytes
+        self.budget = geo.sram_bytes - geo.weight_buffer_bytes - self.resident_weights
         self.loops = 0
         self.io: dict[str, tuple[int, int]] = {}   # alias root -> (DRAM bytes, run) of attention operands
         self.size: dict[str, int] = {}
@@ -577,18 +604,27 @@ class _Lowering:
                     in_dram.add(r)
                     if r not in streamed:
                         resident[r] = self.size[r]
+            keep = pinned | graph_out
+            casc_out = [r for r in outs if r in streamed and self.can_stream(r, i, node, nodes, kinds, uses, keep)]
             wbytes = self.weight_bytes(node)
-            if wbytes:
-                prog.emit(Command("load", node.name, node.op, tensor=f"{node.name}:weights", bytes=wbytes))
+            prog.weight_bytes += wbytes
+            if wbytes and not self.resident_weights:
+                # in a cascade the op runs once per row stripe; weights that do not stay in the
+                # weight buffer are fetched again for every stripe
+                stripe = sum(self.size[r] for r in act_in if r in cascaded) + sum(self.size[r] for r in casc_out)
+                tiles = max(1, -(-stripe // max(self.budget, 1))) if wbytes > self.geo.weight_buffer_bytes else 1
+                prog.emit(Command("load", node.name, node.op, tensor=f"{node.name}:weights", bytes=wbytes,
+                                  repeat=int(tiles)))
             prog.emit(self.tensor_command(node) if kind == "tensor" else self.vector_command(node))
-            peak = max(peak, working_set() + min(wbytes, self.geo.weight_buffer_bytes))
+            peak = max(peak, working_set() + (0 if self.resident_weights else min(wbytes, self.geo.weight_buffer_bytes)))
             for r in act_in:
                 if r in streamed:
                     resident.pop(r, None)
             for r in outs:
-                if r in streamed and self.can_stream(r, i, node, nodes, kinds, uses, pinned | graph_out):
+                if r in casc_out:
                     cascaded.add(r)
-                    why[r] = f"too big for SRAM: streamed from {node.name} to {nodes[uses[r][0]].name}"
+                    why[r] = (f"too big for SRAM: kept on chip in row stripes from {node.name} to "
+                              f"{nodes[uses[r][-1]].name}")
                     continue
                 if r in streamed or r in pinned or r in graph_out:
                     self._dma("store", node, r, spill=r in streamed and r not in pinned and r not in graph_out)
@@ -606,21 +642,31 @@ class _Lowering:
                 why.pop(r, None)
         prog.tensor_bytes = dict(self.size)
         prog.sram_peak_bytes = int(peak)
+        prog.resident_weight_bytes = self.resident_weights
         return prog
 
     def can_stream(self, r: str, i: int, node: gs.Node, nodes, kinds, uses, keep: set[str]) -> bool:
-        """Whether output ``r`` of node ``i`` (too big for SRAM) streams to its consumer: one use,
-        by the next op, which reads it row by row as its activation input (not as weights)."""
-        if r in keep or node.op not in STREAM_PRODUCERS or len(uses.get(r, ())) != 1:
+        """Whether output ``r`` of node ``i`` (too big for SRAM) stays on chip in a spatial cascade:
+        every op from the producer to the last use of ``r`` reads its activations row by row (a
+        convolution, a matmul with constant weights, an elementwise op or activation), and each use
+        reads ``r`` as such an activation (not as weights). The cascade then runs in row stripes
+        (Vela's cascading): only a stripe of ``r`` is ever in SRAM, and it never goes to DRAM."""
+        if r in keep or node.op not in STREAM_PRODUCERS or not uses.get(r):
             return False
-        j = uses[r][0]
-        if any(kinds[k] != "none" for k in range(i + 1, j)) or kinds[j] not in ("tensor", "vector"):
-            return False
-        consumer = nodes[j]
-        if consumer.op not in STREAM_CONSUMERS:
-            return False
-        if consumer.op in TENSOR_OPS:
-            return self.types.find(consumer.inputs[0].name) == r
+        last = uses[r][-1]
+        for k in range(i + 1, last + 1):
+            if kinds[k] == "none":
+                continue
+            if kinds[k] not in ("tensor", "vector") or nodes[k].op not in STREAM_CONSUMERS:
+                return False
+        for j in uses[r]:
+            consumer = nodes[j]
+            if consumer.op in TENSOR_OPS:
+                ins = [self.types.find(t.name) if t is not None and t.name else "" for t in consumer.inputs]
+                # the weights (or a matmul's second operand) are needed whole; the activation
+                # input and a fused residual are read row by row
+                if len(ins) > 1 and ins[1] == r:
+                    return False
         return True
 
     # weights ----------------------------------------------------------------------------------
@@ -665,7 +711,10 @@ class _Lowering:
                 rows = ys[0] * int(math.prod(ys[2:]))
                 cin_g, cout_g = ws_[1], ys[1] // grp
             macs = grp * rows * cin_g * k * cout_g
-            padded = grp * pad(rows, rg) * pad(cin_g, g) * k * pad(cout_g, g)
+            padded = grp * pad(rows, rg) * contraction(cin_g, k, g) * pad(cout_g, g)
+            if cin_g == 1 and cout_g == 1 and grp > 1:
+                # depthwise: the channels take the output lanes, the kernel taps the contraction
+                padded = pad(rows, rg) * pad(k, g) * pad(grp, g)
         else:  # MatMul / FusedMatMul / Gemm
             if node.op == "Gemm":
                 m, kk = (xs[1], xs[0]) if node.attrs.get("transA", 0) else (xs[0], xs[1])

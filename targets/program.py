@@ -88,7 +88,9 @@ class Program:
     residency: dict[str, str] = field(default_factory=dict)   # tensor -> sram | dram | stream
     reasons: dict[str, str] = field(default_factory=dict)     # tensor -> why it is not in SRAM
     tensor_bytes: dict[str, int] = field(default_factory=dict)
-    sram_peak_bytes: int = 0
+    sram_peak_bytes: int = 0       # activations (and the running op's weight buffer)
+    weight_bytes: int = 0          # all weights of the model at their deployed types
+    resident_weight_bytes: int = 0  # weights kept in SRAM across inferences (0: streamed per op)
     precision: str = "as-built"
     component: str = ""
 

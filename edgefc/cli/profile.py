@@ -15,7 +15,7 @@ import click
 
 from edgefc.errors import BuildError, ModelLoadError, TargetError
 
-PRECISIONS = ("as-built", "fp32", "fp16", "w8a16")
+PRECISIONS = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
 
 
 def load_for_profile(path: Path, shapes: dict | None = None, progress=None):
@@ -76,8 +76,9 @@ def _registered(name: str) -> bool:
 @click.option("--target", "-t", default="exynos2400", show_default=True,
               help="Target name (exynos2400) or a target description .toml file.")
 @click.option("--precision", default="as-built", show_default=True, metavar="|".join(PRECISIONS),
-              help="Price as built (the graph's dtypes and Q/DQ), or as if deployed at fp32, fp16 or "
-                   "w8a16 (INT8 weights, INT16 activations); the graph itself is not changed.")
+              help="Price as built (the graph's dtypes and Q/DQ), or as if deployed at fp32, fp16, "
+                   "w8a16 (INT8 weights, INT16 activations) or w8a8 (INT8 weights and activations, as "
+                   "MLPerf Mobile runs); the graph itself is not changed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the profile as JSON (total_ms, ops, attention_breakdown, ...).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Write per-op rows as CSV.")
