@@ -94,6 +94,7 @@ MODELS = {"text-encoder": ("text-encoder-bk-sdm-tiny.onnx", "fp16"),
           "mobilebert": ("mobilebert.onnx", "w8a8"),
           "edsr": ("edsr.onnx", "w8a8")}
 MLPERF = ("mobilenet-edgetpu", "mobilebert", "edsr")
+LOSS = os.environ.get("EDGEFC_FIT_LOSS", "soft_l1")
 
 
 def table6_block():
@@ -143,8 +144,12 @@ class Features:
                                      for c in cmds], float) for prec in PRECISIONS}
         self.out = np.array([c.out_elements if c.kind == "tensor" else 0 for c in cmds], float)
         self.handoffs = np.array([c.handoffs for c in cmds], float)
-        self.vector = {cls: np.array([c.elements * sum(k for x, k in c.passes if x == cls) if c.kind == "vector"
-                                      else 0 for c in cmds], float) for cls in VECTOR_CLASSES}
+        self.vector = {cls: np.array([c.elements * sum(k for x, k in c.passes if x == cls)
+                                      if c.kind == "vector" and c.elem_bytes != 1 else 0 for c in cmds], float)
+                       for cls in VECTOR_CLASSES}
+        self.vector8 = {cls: np.array([c.elements * sum(k for x, k in c.passes if x == cls)
+                                       if c.kind == "vector" and c.elem_bytes == 1 else 0 for c in cmds], float)
+                        for cls in VECTOR_CLASSES}
         self.is_host = kind == "host"
         self.host_elements = np.array([c.elements if c.kind == "host" else 0 for c in cmds], float)
 
@@ -159,6 +164,7 @@ class Features:
                 comp = comp + m / (p.macs_per_cycle * p.rate[prec] * p.tensor_efficiency)
         comp = comp + self.out / p.output_elements_per_cycle + self.handoffs * p.handoff
         comp = comp + sum(e * p.vector_cpe[c] for c, e in self.vector.items()) / p.lanes
+        comp = comp + sum(e * p.vector_cpe_int8[c] for c, e in self.vector8.items()) / (p.lanes * p.int8_per_lane)
         comp = comp + np.where(self.is_host, p.host_sync + self.host_elements * p.host_cpe, 0.0)
         return comp * self.repeat, dma
 
@@ -299,7 +305,7 @@ def fit(model: Model, x0: np.ndarray, starts: int, seed: int, drop=(), quiet=Fal
 
     best = None
     for i, z0 in enumerate(inits):
-        out = least_squares(res, z0, bounds=(lo, hi), x_scale=1.0, diff_step=1e-4, max_nfev=300)
+        out = least_squares(res, z0, bounds=(lo, hi), x_scale=1.0, diff_step=1e-4, max_nfev=300, loss=LOSS, f_scale=1.0)
         cost = float(np.sum(out.fun ** 2))
         if not quiet:
             print(f"  start {i}: cost {cost:.4f} ({out.nfev} evaluations)", file=sys.stderr)

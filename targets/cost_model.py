@@ -19,6 +19,9 @@ One formula per command kind, shared by every op (no per-op or per-table-row con
       cycles = elements * sum(passes_c * vector.cycles_per_element[c]) / vector.lanes
                + handoffs * handoff.cycles
 
+  (INT8 elements: ``vector.int8.elements_per_lane`` per lane, exp / divide at
+  ``vector.int8.exp`` / ``vector.int8.divide``: 256-entry table lookups);
+
 * host: ``host.sync_cycles + elements * host.cycles_per_element``.
 
 A command costs ``repeat`` times one instance. Launching an op takes ``dispatch.cycles``
@@ -42,6 +45,7 @@ from edgefc.targets.program import Command, Program
 
 VECTOR_CLASSES = ("arith", "max", "reduce", "exp", "divide")
 PRECISIONS = ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")
+INT8_LUT = ("exp", "divide")   # classes the INT8 path computes by a 256-entry table lookup
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class CostParams:
     rate: dict
     lanes: float
     vector_cpe: dict
+    vector_cpe_int8: dict            # lane-cycles per element of the INT8 path (exp / divide: table lookups)
+    int8_per_lane: float             # INT8 elements one 16-bit lane handles per cycle
     dma_bytes_per_cycle: float       # bandwidth * efficiency / clock
     dma_latency: float
     burst_bytes: float
@@ -74,6 +80,9 @@ class CostParams:
             rate={p: float(t[f"tensor.rate.{p}"]) for p in PRECISIONS},
             lanes=float(t["vector.lanes"]),
             vector_cpe={c: float(t[f"vector.cycles_per_element.{c}"]) for c in VECTOR_CLASSES},
+            vector_cpe_int8={c: float(t[f"vector.int8.{c}"]) if c in INT8_LUT else float(t[f"vector.cycles_per_element.{c}"])
+                             for c in VECTOR_CLASSES},
+            int8_per_lane=float(t["vector.int8.elements_per_lane"]),
             dma_bytes_per_cycle=float(t["dma.bandwidth_bytes_per_s"]) * float(t["dma.efficiency"]) / clock,
             dma_latency=float(t["dma.latency_cycles"]),
             burst_bytes=float(t["dma.burst_bytes"]),
@@ -106,9 +115,14 @@ def tensor_cycles(p: CostParams, padded_macs: float, out_elements: float, precis
             + out_elements / p.output_elements_per_cycle + handoffs * p.handoff)
 
 
-def vector_cycles(p: CostParams, elements: float, passes, handoffs: int = 0) -> float:
-    """One vector-engine op: element passes per op class over ``vector.lanes`` lanes."""
-    per_element = sum(n * p.vector_cpe[c] for c, n in passes)
+def vector_cycles(p: CostParams, elements: float, passes, handoffs: int = 0, elem_bytes: int = 2) -> float:
+    """One vector-engine op: element passes per op class over ``vector.lanes`` lanes. INT8
+    elements take the INT8 path: ``vector.int8.elements_per_lane`` per lane, and the
+    exponential and division by a table lookup (``vector.int8.exp`` / ``.divide``)."""
+    if elem_bytes == 1:
+        per_element = sum(n * p.vector_cpe_int8[c] for c, n in passes) / p.int8_per_lane
+    else:
+        per_element = sum(n * p.vector_cpe[c] for c, n in passes)
     return elements * per_element / p.lanes + handoffs * p.handoff
 
 
@@ -125,7 +139,7 @@ def command_cycles(p: CostParams, c: Command) -> float:
     elif c.kind == "tensor":
         one = tensor_cycles(p, c.padded_macs, c.out_elements, c.precision, c.handoffs)
     elif c.kind == "vector":
-        one = vector_cycles(p, c.elements, c.passes, c.handoffs)
+        one = vector_cycles(p, c.elements, c.passes, c.handoffs, c.elem_bytes)
     elif c.kind == "host":
         one = host_cycles(p, c.elements)
     else:

@@ -40,6 +40,9 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
     "vector.cycles_per_element.reduce": NUMBER,
     "vector.cycles_per_element.exp": NUMBER,
     "vector.cycles_per_element.divide": NUMBER,
+    "vector.int8.elements_per_lane": NUMBER,
+    "vector.int8.exp": NUMBER,
+    "vector.int8.divide": NUMBER,
     "dma.bandwidth_bytes_per_s": NUMBER,
     "dma.efficiency": NUMBER,
     "dma.latency_cycles": NUMBER,
@@ -53,7 +56,7 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
 POSITIVE = {"clock.hz", "sram.bytes", "tensor.macs_per_cycle", "tensor.channel_granularity",
             "tensor.row_granularity", "tensor.efficiency", "tensor.output_elements_per_cycle",
             "tensor.rate.int8xint8", "tensor.rate.int8xint16", "tensor.rate.int16xint16", "tensor.rate.fp16",
-            "tensor.rate.fp32", "vector.lanes", "dma.bandwidth_bytes_per_s", "dma.efficiency", "dma.burst_bytes"}
+            "tensor.rate.fp32", "vector.lanes", "vector.int8.elements_per_lane", "dma.bandwidth_bytes_per_s", "dma.efficiency", "dma.burst_bytes"}
 
 
 def _lookup(data: dict, dotted: str) -> Any:

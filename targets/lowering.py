@@ -261,7 +261,7 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, op: s
             if spill:
                 cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * b, role="store_s_in", **kw))
                 cmds.append(Command("load", tensor=f"{op}:S_in", bytes=s * b, role="load_s_in", **kw))
-            cmds.append(Command("vector", elements=s, passes=softmax, handoffs=2,
+            cmds.append(Command("vector", elements=s, passes=softmax, handoffs=2, elem_bytes=min(int(b), 4),
                                 role="softmax", **kw))
             if spill:
                 cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * b, role="store_s_out", **kw))
@@ -735,5 +735,7 @@ class _Lowering:
             elements = _elements(node.inputs[0])
         else:
             elements = sum(_elements(t) for t in node.outputs if t is not None and t.name)
+        x = node.inputs[0] if node.op in INPUT_SIZED or not node.outputs else node.outputs[0]
+        width = min(BYTES[self.types.of(x)], 4)
         return Command("vector", node.name, node.op, elements=int(elements),
-                       passes=VECTOR_PASSES.get(node.op, _COPY), dispatches=1)
+                       passes=VECTOR_PASSES.get(node.op, _COPY), dispatches=1, elem_bytes=width)

@@ -46,6 +46,7 @@ class Command:
     precision: str = ""       # tensor: operand precision key of [tensor.rate]
     elements: int = 0         # vector/host: elements of one instance
     passes: tuple = ()        # vector: ((op class, passes over the elements), ...)
+    elem_bytes: int = 2       # vector: bytes per element (1: the INT8 path of the vector engine)
     dispatches: int = 0       # engine command launches (charged once, not per repeat)
     handoffs: int = 0         # engine-to-engine hand-offs of one instance (tiled attention)
     repeat: int = 1           # identical instances
