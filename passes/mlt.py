@@ -238,13 +238,15 @@ _ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Quantiz
 
 def deployed_act_bytes(tensor: gs.Tensor, precision: str | None = None) -> int:
     """Bytes per activation element as deployed: the ``--precision`` when it fixes it (fp16, w8a16:
-    2; fp32: 4), else the graph's own, as the cost model reads it: a tensor that passes through a
+    2; fp32: 4; w8a8: 1), else the graph's own, as the cost model reads it: a tensor that passes through a
     QuantizeLinear/DequantizeLinear (along alias ops: Reshape, Squeeze, Identity, Q/DQ ...) has the
     quantized type (int16 -> 2), otherwise its dtype."""
     if precision in ("fp16", "w8a16"):
         return 2
     if precision == "fp32":
         return 4
+    if precision == "w8a8":
+        return 1
 
     def nbytes(t):
         return int(np.dtype(t.dtype).itemsize)

@@ -24,6 +24,7 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
     "sram.bytes": int,
     "sram.weight_buffer_bytes": int,
     "sram.resident_weights": bool,
+    "sram.cascade": bool,
     "tensor.macs_per_cycle": NUMBER,
     "tensor.channel_granularity": int,
     "tensor.row_granularity": int,

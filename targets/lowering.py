@@ -161,11 +161,13 @@ class Geometry:
     sram_bytes: int
     weight_buffer_bytes: int
     resident_weights: bool = False
+    cascade: bool = True
 
     @classmethod
     def from_target(cls, t) -> Geometry:
         return cls(int(t["tensor.channel_granularity"]), int(t["tensor.row_granularity"]),
-                   int(t["sram.bytes"]), int(t["sram.weight_buffer_bytes"]), bool(t["sram.resident_weights"]))
+                   int(t["sram.bytes"]), int(t["sram.weight_buffer_bytes"]), bool(t["sram.resident_weights"]),
+                   bool(t["sram.cascade"]))
 
 
 def attention_io_bytes(spec: AttentionSpec, geo: Geometry) -> dict[str, tuple[int, int]]:
@@ -653,6 +655,8 @@ class _Lowering:
         (Vela's cascading): only a stripe of ``r`` is ever in SRAM, and it never goes to DRAM."""
         if r in keep or node.op not in STREAM_PRODUCERS or not uses.get(r):
             return False
+        if not self.geo.cascade and (len(uses[r]) != 1 or any(kinds[k] != "none" for k in range(i + 1, uses[r][0]))):
+            return False   # without cascades: a two-op hand-off to the very next op only
         last = uses[r][-1]
         for k in range(i + 1, last + 1):
             if kinds[k] == "none":

@@ -95,8 +95,11 @@ def _registered(name: str) -> bool:
               help="SRAM budget for --explain-tiling (default: the target's SRAM minus the MLT reserve).")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2x...",
               help="Static shape for an input of a raw ONNX export (repeatable).")
+@click.option("--schedule", default="overlap", show_default=True, metavar="overlap|sequential",
+              help="overlap: an op's DMA runs beside its compute (double buffering); sequential: every "
+                   "command one after another (the paper's baseline view).")
 def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_path, top, attention_breakdown,
-                explain_tiling, sram_budget, shapes):
+                explain_tiling, sram_budget, shapes, schedule):
     """Profile MODEL (a build folder or an ONNX file) on an NPU target with the cost model.
 
     Prints a table per op (name, op type, engine, MACs, DMA bytes, cycles, ms, share), per block
@@ -107,6 +110,10 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
 
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    from edgefc.targets.cost_model import SCHEDULES
+
+    if schedule not in SCHEDULES:
+        raise BuildError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
     if top < 0:
         raise BuildError(f"--top must be 0 or more, got {top}")
     if sram_budget is not None and not explain_tiling:
@@ -118,7 +125,7 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
     start = time.perf_counter()
     graph = load_for_profile(model, shape_map, progress=lambda m: click.echo(m, err=True))
     loaded = time.perf_counter()
-    prof = tgt.profile(graph, precision=precision, model=model.name)
+    prof = tgt.profile(graph, precision=precision, schedule=schedule, model=model.name)
     priced = time.perf_counter()
     click.echo(prof.table(top=top or None, breakdown=attention_breakdown), nl=False)
     if explain_tiling:
