@@ -86,6 +86,9 @@ class NpuTarget(Target):
             if typ in (int, NUMBER) and (value <= 0 if field in POSITIVE else value < 0):
                 bound = "positive" if field in POSITIVE else "zero or more"
                 raise TargetError(f"target description {source}: field '{field}' must be {bound}, got {value!r}")
+        if int(data["sram"]["weight_buffer_bytes"]) >= int(data["sram"]["bytes"]):
+            raise TargetError(f"target description {source}: sram.weight_buffer_bytes must be smaller than "
+                              f"sram.bytes (the activations need the rest)")
         self.name = data["target"]["name"]
         self.is_npu = data["target"]["kind"] == "npu"
         self.sram_bytes = int(data["sram"]["bytes"])

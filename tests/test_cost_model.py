@@ -410,10 +410,18 @@ def test_target_file_negative_field_is_named(tmp_path):
         NpuTarget.from_toml(_write(tmp_path, text))
 
 
-def test_every_number_in_the_target_file_says_where_it_comes_from():
+def test_weight_buffer_that_leaves_no_activation_sram_is_an_error(tmp_path):
+    text = (TARGET_DIR / "exynos2400.toml").read_text().replace("weight_buffer_bytes = 524_288",
+                                                                "weight_buffer_bytes = 6_291_456")
+    with pytest.raises(TargetError, match="weight_buffer_bytes must be smaller"):
+        NpuTarget.from_toml(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("name", ["exynos2400", "exynos2200"])
+def test_every_number_in_the_target_file_says_where_it_comes_from(name):
     """Each value carries a comment on its line or in the comment block right above it."""
     covered = False   # a comment block covers the value lines right below it
-    for line in (TARGET_DIR / "exynos2400.toml").read_text().splitlines():
+    for line in (TARGET_DIR / f"{name}.toml").read_text().splitlines():
         s = line.strip()
         if s.startswith("#"):
             covered = True
