@@ -376,12 +376,13 @@ def report(model: Model, x: np.ndarray, title: str) -> dict:
     return f
 
 
-def leave_one_out(model: Model, x: np.ndarray) -> None:
+def leave_one_out(model: Model, x: np.ndarray) -> dict:
     """Refit without each figure in turn (Table 6 counts as one figure: its 16 terms come from one
     measurement) and print how well the refit predicts the dropped one."""
     print("\n== leave-one-out (refit without the figure, from the full fit; then predict it)")
     print(f"{'dropped figure':<20} {'predicted':>10} {'measured':>9} {'error':>8}   {'refit cost':>10}")
     groups = [n for n in TIMES if n in model.features or n == "unet-tiled"] + ["T6"]
+    errors = {}
     for g in groups:
         xg, cost = fit(model, x, 0, 0, drop=(g,), quiet=True)
         f = model.figures(xg)
@@ -393,7 +394,11 @@ def leave_one_out(model: Model, x: np.ndarray) -> None:
             continue
         want = TIMES[g][0]
         got = f["ms"][g]
+        errors[g] = round(100 * (got - want) / want, 1)
         print(f"{g:<20} {got:>10.4g} {want:>9.4g} {100 * (got - want) / want:>+7.1f} %   {cost:>10.3f}{note}")
+    absd = [abs(e) for e in errors.values()]
+    print(f"leave-one-out: median |error| {np.median(absd):.1f} %, worst {max(absd):.1f} %")
+    return errors
 
 
 def unconstrained(model: Model, x: np.ndarray, drop: str) -> list[str]:
@@ -482,12 +487,15 @@ def main(argv=None):
     print(f"fitted in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     x = rounded(x)
     f = report(model, x, "fitted values (4 significant digits, as written)")
-    if not args.no_loo:
-        leave_one_out(model, x)
+    loo = None if args.no_loo else leave_one_out(model, x)
     if args.write:
         write_toml(Path(args.target), x)
-        fresh = model.figures(x)
-        out = write_validation(Path(args.target), validation(fresh), "python bench/fit_exynos2400.py --write")
+        val = validation(model.figures(x))
+        if loo:
+            absd = [abs(e) for e in loo.values()]
+            val.update(loo_errors_pct=loo, loo_median_abs_error_pct=round(float(np.median(absd)), 1),
+                       loo_worst_abs_error_pct=round(max(absd), 1))
+        out = write_validation(Path(args.target), val, "python bench/fit_exynos2400.py --write")
         print(f"\nwrote {args.target} and {out}")
 
 

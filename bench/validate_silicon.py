@@ -33,6 +33,9 @@ SD = {"text-encoder": ("text-encoder-bk-sdm-tiny.onnx", "fp16", 52.2, "mean of 5
       "unet (BK-SDM-Tiny, untiled)": ("unet-bk-sdm-tiny.onnx", "w8a16", 454.3, "EdgeFusion, MLT no"),
       "unet (SD-v1.5, untiled)": ("unet-sd-v1.5.onnx", "w8a16", 1350.3, "SD-v1.5, MLT no")}
 TOLERANCE = 0.35
+# Public Exynos 2200 figures held out of its target file (nothing there is fitted to them):
+# ISSCC 2022 / JSSC 2023 (Park et al.): "MobileNetEdgeTPU reaches 3433 inference/s" (a throughput).
+HELD_OUT = {"exynos2200": {"mobilenet-edgetpu": (1e3 / 3433, "ISSCC 2022: 3,433 inferences/s (throughput)")}}
 
 
 def main(argv=None) -> int:
@@ -63,7 +66,13 @@ def main(argv=None) -> int:
         graph = load_for_profile(path)
         for prec in PRECISIONS:
             prof = tgt.profile(graph, precision=prec, model=path.name)
+            held = HELD_OUT.get(tgt.name, {}).get(name)
             meas = p50 if (prec == "w8a8" and measured_chip) else None
+            if held and prec == "w8a8":
+                err = (prof.total_ms - held[0]) / held[0]
+                print(f"{name + ' ' + shape:<30} {prec:<9} {len(prof.ops):>5} {prof.total_ms:>13.4g} "
+                      f"{held[0]:>12.4g} {100 * err:+7.1f} %   held out: {held[1]}")
+                continue
             err = (prof.total_ms - meas) / meas if meas else None
             if err is not None:
                 ok &= abs(err) <= TOLERANCE

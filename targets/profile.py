@@ -364,8 +364,12 @@ def validation_line(v: dict | None) -> str:
     """One line on how far the target's predictions are from measured latencies."""
     if not v:
         return "target not validated against measurements (no <target>.validation.json)"
-    return (f"target validated on {v['figures']} measured latencies: median |error| {v['median_abs_error_pct']:g} %, "
+    line = (f"target validated on {v['figures']} measured latencies: median |error| {v['median_abs_error_pct']:g} %, "
             f"worst {v['worst_abs_error_pct']:g} % ({v['worst_figure']})")
+    if "loo_median_abs_error_pct" in v:
+        line += (f"; each left out of the fit: median {v['loo_median_abs_error_pct']:g} %, "
+                 f"worst {v['loo_worst_abs_error_pct']:g} %")
+    return line
 
 
 def role_cycles(target, spec, tiling) -> dict[str, float]:

@@ -110,7 +110,9 @@ def test_profile_states_the_targets_validation(tmp_path):
     v = json.loads((TARGET_DIR / "exynos2400.validation.json").read_text())
     assert "bench/fit_exynos2400.py" in v["made_by"]
     line = (f"target validated on {v['figures']} measured latencies: median |error| "
-            f"{v['median_abs_error_pct']:g} %, worst {v['worst_abs_error_pct']:g} % ({v['worst_figure']})")
+            f"{v['median_abs_error_pct']:g} %, worst {v['worst_abs_error_pct']:g} % ({v['worst_figure']}); "
+            f"each left out of the fit: median {v['loo_median_abs_error_pct']:g} %, "
+            f"worst {v['loo_worst_abs_error_pct']:g} %")
     assert line in out
     p = json.loads((tmp_path / "p.json").read_text())
     assert p["validation"] == v and p["validation_summary"] == line
