@@ -298,9 +298,20 @@ def test_qdq_graph_is_priced_at_its_quantized_types(target):
 
 def test_precision_changes_throughput(target):
     g = graph_of(npu_graphs.matmul_model(256, 256, 256))
-    cyc = {p: target.profile(g, p).by_command_engine()["tensor"] for p in ("fp32", "fp16", "w8a16")}
-    assert cyc["fp32"] > cyc["fp16"]
-    assert cyc["w8a16"] == pytest.approx(cyc["fp16"])   # INT8xINT16 and FP16 both at half the INT8 rate
+    cyc = {p: target.profile(g, p).by_command_engine()["tensor"] for p in ("fp32", "fp16", "w8a16", "w8a8")}
+    assert cyc["fp32"] > cyc["fp16"] and cyc["w8a16"] > cyc["w8a8"]
+    # the MAC term scales with 1 / rate (the write-back term is the same in both)
+    out = 256 * 256 / num("tensor.output_elements_per_cycle")
+    ratio = (cyc["w8a16"] - out) / (cyc["fp16"] - out)
+    assert ratio == pytest.approx(num("tensor.rate.fp16") / num("tensor.rate.int8xint16"), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["exynos2400", "exynos2200"])
+def test_rates_never_rise_with_precision(name):
+    """A wider operand never runs faster: INT8 >= INT8xINT16 >= INT16xINT16, FP16 >= FP32."""
+    r = edgefc.get_target(name)
+    rate = {k: r[f"tensor.rate.{k}"] for k in ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")}
+    assert rate["int8xint8"] >= rate["int8xint16"] >= rate["int16xint16"] and rate["fp16"] >= rate["fp32"]
 
 
 def test_unknown_precision_is_a_user_error(target):
