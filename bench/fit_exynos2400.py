@@ -203,7 +203,7 @@ def lowered(comp: str, path: Path, precision: str, target, cache: Path):
     if f.is_file():
         with open(f, "rb") as fh:
             return pickle.load(fh)
-    from edgefc.cli.profile import load_for_profile
+    from edgefc.build_folder import load_for_profile
 
     t0 = time.perf_counter()
     graph = load_for_profile(path)

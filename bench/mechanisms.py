@@ -43,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--models", default=os.environ.get("EDGEFC_FIT_MODELS", default_dir))
     ap.add_argument("--no-sd", action="store_true", help="only the MLPerf networks")
     args = ap.parse_args(argv)
-    from edgefc.cli.profile import load_for_profile
+    from edgefc.build_folder import load_for_profile
     from edgefc.target import get_target
 
     base = get_target("exynos2400")

@@ -52,10 +52,11 @@ def _light_graph(model_path: str):
 
 
 def _samples(model_path: str, component: str | None, n: int, seed: int, evenly: bool):
+    from edgefc.components import detect_component
     from edgefc.passes import calibration as cal
 
     g = _light_graph(model_path)
-    component = component or cal.detect_component(t.name for t in g.inputs)
+    component = component or detect_component(t.name for t in g.inputs)
     return cal.generate(g, component, n, seed, evenly=evenly)
 
 
@@ -90,7 +91,7 @@ def step_ours(model: str, calib: str, out: str, component: str | None) -> dict:
 
 def _low_memory_calibration() -> None:
     """Place onnxruntime's calibration reductions so its reverse-DFS schedule runs them early
-    (the same ordering edgefc's own probes use: edgefc.passes.calibration.order_probes)."""
+    (the same ordering edgefc's own probes use: edgefc.passes.disk_model.order_probes)."""
     import onnx
     from onnxruntime.quantization import calibrate
 
@@ -166,21 +167,19 @@ def step_ort(model: str, calib: str, out: str, max_intermediate: int | None, low
 
 
 def step_eval(reference: str, models: dict, heldout: str) -> dict:
-    import onnxruntime as ort
-
-    from edgefc.passes.calibration import session_options
-    from edgefc.passes.quantize import sqnr_db
+    from edgefc import ort
+    from edgefc.metrics import cosine, sqnr_db
 
     data = dict(np.load(heldout))
     n = next(iter(data.values())).shape[0]
     feeds = [{k: v[i] for k, v in data.items()} for i in range(n)]
-    sess = ort.InferenceSession(reference, session_options(), providers=["CPUExecutionProvider"])
+    sess = ort.session(reference, arena=False)
     names = [o.name for o in sess.get_outputs()]
     refs = [sess.run(names, f) for f in feeds]
     del sess
     out = {}
     for label, path in models.items():
-        sess = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
+        sess = ort.session(path, arena=False)
         sq, cos, secs = [], [], []
         for f, r in zip(feeds, refs):
             t = time.perf_counter()
@@ -189,7 +188,7 @@ def step_eval(reference: str, models: dict, heldout: str) -> dict:
             rv = np.concatenate([np.asarray(a, np.float64).ravel() for a in r])
             gv = np.concatenate([np.asarray(a, np.float64).ravel() for a in got])
             sq.append(sqnr_db(rv, gv))
-            cos.append(float(rv @ gv / (np.linalg.norm(rv) * np.linalg.norm(gv))))
+            cos.append(cosine(rv, gv))
         del sess
         out[label] = {"sqnr_db_per_input": [round(x, 3) for x in sq], "sqnr_db": round(float(np.mean(sq)), 3),
                       "sqnr_db_worst": round(float(np.min(sq)), 3), "cosine": round(float(np.mean(cos)), 7),

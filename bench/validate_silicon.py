@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sd", action="store_true", help="also the Stable Diffusion components of Table 7")
     args = ap.parse_args(argv)
 
-    from edgefc.cli.profile import load_for_profile
+    from edgefc.build_folder import load_for_profile
     from edgefc.target import get_target
 
     tgt = get_target(args.target)

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from edgefc import ir
+from edgefc.model_inputs import input_specs, random_input
 
 
 def session_options(*, threads: int | None = None, optimize: bool = False, arena: bool = True) -> ort.SessionOptions:
@@ -59,34 +60,14 @@ def session(model: onnx.ModelProto | gs.Graph | str | os.PathLike, threads: int 
         return ort.InferenceSession(str(path), opts, providers=providers)
 
 
-def input_specs(model: onnx.ModelProto | gs.Graph) -> list[tuple[str, tuple[int, ...], np.dtype]]:
-    """(name, static shape, numpy dtype) of each real graph input (initializers excluded)."""
-    if isinstance(model, gs.Graph):
-        return [(t.name, ir.static_shape(t), np.dtype(t.dtype)) for t in model.inputs]
-    init = {t.name for t in model.graph.initializer}
-    specs = []
-    for i in model.graph.input:
-        if i.name in init:
-            continue
-        tt = i.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
-        specs.append((i.name, shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))))
-    return specs
-
-
 def random_inputs(model: onnx.ModelProto | gs.Graph, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random inputs: standard normal floats, integers in [0, 1000) (timesteps, token ids)."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for name, shape, dtype in input_specs(model):
-        if shape is None or any(d < 0 for d in shape):
-            raise ValueError(f"input '{name}' has no static shape")
-        if np.issubdtype(dtype, np.integer):
-            feeds[name] = rng.integers(0, 1000, size=shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[name] = np.ones(shape, dtype=bool)
-        else:
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
+    for spec in input_specs(model):
+        if not spec.static:
+            raise ValueError(f"input '{spec.name}' has no static shape")
+        feeds[spec.name] = random_input(spec, rng)
     return feeds
 
 

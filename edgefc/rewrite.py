@@ -26,10 +26,3 @@ def bypass(graph: gs.Graph, node: gs.Node) -> bool:
     node.outputs.clear()
     return True
 
-
-def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
-    """Make every consumer of ``old`` read ``new`` instead."""
-    for consumer in list(old.outputs):
-        for i, t in enumerate(consumer.inputs):
-            if t is old:
-                consumer.inputs[i] = new

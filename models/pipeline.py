@@ -611,10 +611,8 @@ def _cost_model(target: str):
     tgt = get_target(target)
     if not hasattr(tgt, "profile"):
         raise TargetError(f"target '{tgt.name}' has no cost model, so --target cannot report NPU time.")
-    try:
-        from edgefc.cli.profile import load_for_profile
-    except ImportError:
-        raise TargetError("the cost model (edgefc profile) is not available in this installation.") from None
+    from edgefc.build_folder import load_for_profile
+
     return tgt, load_for_profile
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgefc import functions, ir
+from edgefc import functions
 from edgefc.errors import PassError
 from edgefc.pass_base import Pass, PassContext
 from edgefc.pattern import RewriteLog
@@ -56,10 +56,6 @@ def epilogue_capable(target) -> bool:
     return bool(getattr(target, "is_npu", False))
 
 
-def shape_of(t: gs.Tensor) -> tuple[int, ...] | None:
-    return ir.static_shape(t)
-
-
 def per_channel(values: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
     """A constant that broadcasts along axis 1 only (shape [C], [C,1,...], [1,C,1,...] or a
     scalar) against a rank-``rank`` tensor of ``channels`` channels, as a [C] vector; else None."""
@@ -88,6 +84,3 @@ def const(name: str, values: np.ndarray, like: gs.Tensor | None = None) -> gs.Co
         arr = arr.astype(np.dtype(like.dtype), copy=False)
     return gs.Constant(name, np.ascontiguousarray(arr))
 
-
-def variable_like(name: str, like: gs.Tensor, shape=None) -> gs.Variable:
-    return gs.Variable(name, dtype=like.dtype, shape=list(shape if shape is not None else like.shape or []))

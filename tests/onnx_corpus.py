@@ -14,7 +14,9 @@ and never ``crash`` (any other exception, or a pass's unexpected exception repor
 :class:`edgefc.errors.InternalError`) nor be ``wrong``.
 
 Run as a script for the whole corpus or another stride: ``python -m tests.onnx_corpus [EVERY]
-[OFFSET]`` prints every verdict that is not ``ok``/``n/a`` and the counts.
+[OFFSET] [--default | --precision=P]`` prints every verdict that is not ``ok``/``n/a`` and the counts; with
+``--default`` the compile runs the default pipeline (quantization, tiling: lossy, so only the
+outputs' names, shapes and dtypes are checked).
 """
 
 from __future__ import annotations
@@ -66,8 +68,16 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
-def run_case(case, folder: Path) -> Verdict:
-    """Compile one case into ``folder`` and judge it."""
+#: the corpus's compile options: fp32 and no tiling, so the result must match exactly
+EXACT = {"precision": "fp32", "no_mlt": True}
+
+
+def run_case(case, folder: Path, options: dict | None = None) -> Verdict:
+    """Compile one case into ``folder`` with ``options`` (default :data:`EXACT`) and judge it.
+    With other options (quantization: lossy) only the outputs' names, shapes and dtypes are
+    checked."""
+    exact = options is None
+    options = EXACT if options is None else options
     if not case.data_sets:
         return Verdict(case.name, "n/a", "no data set")
     inputs, expected = case.data_sets[0]
@@ -89,7 +99,7 @@ def run_case(case, folder: Path) -> Verdict:
     shapes = {n: a.shape for n, a in feeds.items()}
     try:
         edgefc.compile(path, "exynos2400", output=folder / "build", shapes=shapes,
-                       options={"precision": "fp32", "no_mlt": True})
+                       options=dict(options))
     except InternalError as e:
         return Verdict(case.name, "crash", str(e))
     except EdgefcError as e:
@@ -100,6 +110,11 @@ def run_case(case, folder: Path) -> Verdict:
         compiled = ort.run(str(folder / "build" / "model.onnx"), feeds)
     except Exception as e:  # noqa: BLE001 - the compiled model does not run: a wrong answer
         return Verdict(case.name, "wrong", f"the compiled model does not run in onnxruntime: {_first_line(e)}")
+    if not exact:
+        diff = ort.compare(original, compiled)
+        if diff.reason and "nan" not in diff.reason and "inf" not in diff.reason:
+            return Verdict(case.name, "wrong", f"vs the original in onnxruntime: {diff.reason}")
+        return Verdict(case.name, "ok")
     low = any(a.dtype in (np.float16,) for a in original.values())
     for against, what, tol in ((original, "the original in onnxruntime", FP16_TOLERANCE if low else TOLERANCE),
                                (reference, "the case's reference", REFERENCE_TOLERANCE)):
@@ -109,13 +124,13 @@ def run_case(case, folder: Path) -> Verdict:
     return Verdict(case.name, "ok")
 
 
-def run_all(selected, progress=None) -> list[Verdict]:
+def run_all(selected, progress=None, options: dict | None = None) -> list[Verdict]:
     verdicts = []
     for case in selected:
         with tempfile.TemporaryDirectory(prefix="edgefc-corpus-") as tmp:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                verdicts.append(run_case(case, Path(tmp)))
+                verdicts.append(run_case(case, Path(tmp), options))
         if progress:
             progress(verdicts[-1])
     return verdicts
@@ -130,9 +145,14 @@ def summary(verdicts: list[Verdict]) -> str:
 
 
 if __name__ == "__main__":
-    every = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-    offset = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    every = int(args[0]) if args else 1
+    offset = int(args[1]) if len(args) > 1 else 0
     start = time.perf_counter()
     selected = cases(every, offset)
-    verdicts = run_all(selected, progress=lambda v: v.status in ("ok", "n/a") or print(v, flush=True))
+    options = {} if "--default" in sys.argv else None  # --default: the default pipeline (quantization, tiling)
+    for a in sys.argv[1:]:
+        if a.startswith("--precision="):
+            options = {"precision": a.split("=", 1)[1]}
+    verdicts = run_all(selected, progress=lambda v: v.status in ("ok", "n/a") or print(v, flush=True), options=options)
     print(summary(verdicts), f"in {time.perf_counter() - start:.0f} s")

@@ -284,7 +284,7 @@ def test_find_builds_by_name_and_inputs(tiny_build):
 
 def test_target_prints_cost_model_times(cache, tiny_build, tmp_path, capsys):
     import edgefc
-    from edgefc.cli.profile import load_for_profile
+    from edgefc.build_folder import load_for_profile
 
     out = tmp_path / "n.png"
     code, stdout, stderr = _cli(["generate", "--prompt", "a cat", "--build", str(tiny_build), "--steps", "4",

@@ -115,7 +115,10 @@ def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_afte
                             dump_after=list(dump_after) or None, options=pass_options, progress=_progress)
     for r in result.records:
         click.echo(f"  {r.name:<14} {r.seconds:8.2f} s  nodes {r.nodes_before} -> {r.nodes_after}")
-    click.echo(f"wrote {result.output}/model.onnx and report.json")
+    from edgefc.summary import build_summary
+
+    for line in build_summary(result.output):
+        click.echo(line)
 
 
 @click.command("passes")

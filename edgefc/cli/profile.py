@@ -13,62 +13,10 @@ from pathlib import Path
 
 import click
 
-from edgefc.errors import BuildError, ModelLoadError, TargetError
+from edgefc.build_folder import load_for_profile
+from edgefc.errors import BuildError, TargetError
 
 PRECISIONS = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
-
-
-def load_for_profile(path: Path, shapes: dict | None = None, progress=None):
-    """The graph to price: a build folder's model.onnx as built, or an ONNX file (canonicalized
-    and fused first when it is a raw export, i.e. below the pipeline's opset 23)."""
-    import onnx_graphsurgeon as gs
-
-    from edgefc import ir
-
-    if not path.exists():
-        raise ModelLoadError(f"no such model file or build folder: {path}")
-    built = path.is_dir()
-    if built:
-        model_file = path / "model.onnx"
-        if not model_file.is_file():
-            raise BuildError(f"{path} is not a build folder (no model.onnx); run 'edgefc compile' first "
-                             f"or pass an ONNX file")
-    else:
-        model_file = path
-    head = ir._read_model_proto(model_file)  # clear errors for missing / non-ONNX files
-    opset = next((o.version for o in head.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if built or opset >= 23:
-        # as compiled: shapes were saved with the graph; the weights' values are not needed
-        graph = gs.import_onnx(head)
-        if any(t.shape is None for n in graph.nodes for t in n.outputs):
-            ir.infer_shapes(graph)
-        return graph
-    # a raw export: the same steps as edgefc.load, on the proto already read (parsed once)
-    from onnx import external_data_helper
-
-    import edgefc
-
-    ir._check_external_data(head, model_file.parent)
-    if shapes:
-        ir._apply_input_shapes(head, dict(shapes))
-    external_data_helper.load_external_data_for_model(head, str(model_file.parent))
-    graph = ir.infer_shapes(gs.import_onnx(head))
-    del head
-    names = [n for n in ("canonicalize", "fuse") if _registered(n)]
-    if progress:
-        progress(f"raw export (opset {opset}): running {', '.join(names)} in memory")
-    return edgefc.PassManager(names).run(graph, edgefc.PassContext(options={"shapes": dict(shapes or {})}))
-
-
-def _registered(name: str) -> bool:
-    from edgefc.errors import PassError
-    from edgefc.registry import resolve_pass_id
-
-    try:
-        resolve_pass_id(name)
-        return True
-    except PassError:
-        return False
 
 
 @click.command("profile")

@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from edgefc.errors import BuildError, VerificationError
+from edgefc.metrics import sqnr_db
 
 FP32_TOLERANCE = 1e-4   # max |tvm - ref| / max |ref| against the original model, fp32 builds
 # Reduced-precision builds (W8A16, FP16): the TVM output may be at most twice as far (RMS) from the
@@ -37,16 +38,6 @@ def _load_inputs(path: Path) -> dict[str, np.ndarray]:
     if arrays is None:
         raise BuildError(f"{path} is not a readable .npz file of named input arrays")
     return arrays
-
-
-def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio of ``out`` against ``ref`` in dB (inf when equal)."""
-    ref = np.asarray(ref, np.float64)
-    err = np.sum((np.asarray(out, np.float64) - ref) ** 2)
-    sig = np.sum(ref ** 2)
-    if err == 0:
-        return math.inf
-    return float(10 * math.log10(sig / err)) if sig > 0 else -math.inf
 
 
 def _reduced_precision(build: Path, report: dict) -> tuple[bool, float | None]:

@@ -1,0 +1,114 @@
+"""The few lines ``edgefc compile`` ends with: what the build is, drawn from its report and profile.
+
+Everything here is read back from the build folder's ``report.json`` (what each pass decided) and
+``profile.json`` (the cost model's pricing of the build as built), so the summary says nothing
+the files do not: fusions made and missed (paper Sec. 3), the deployed precision and its SQNR
+against FP32 (Sec. 2.3 / 4.2), the attentions tiled by MLT (Sec. 2.3), the modelled time on the
+target and its most expensive block, and where the build is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def summary_lines(report: dict, profile: dict | None, build: Path | None = None) -> list[str]:
+    """The summary of a compile, one line per topic (topics whose stage did not run are left out)."""
+    lines = []
+    fusion = report.get("fusion")
+    if isinstance(fusion, dict):
+        lines.append("fusion:    " + _fusion(fusion))
+    quant = report.get("quantization")
+    if isinstance(quant, dict):
+        lines.append("precision: " + _precision(quant))
+    tiling = report.get("tiling")
+    if isinstance(tiling, dict):
+        lines.append("tiling:    " + _tiling(tiling))
+    if profile is not None:
+        lines.append("target:    " + _target(profile))
+    if build is not None:
+        files = sorted(p.name for p in Path(build).iterdir() if p.is_file())
+        lines.append(f"build:     {build}  ({', '.join(files)})")
+    return lines
+
+
+def build_summary(build: Path) -> list[str]:
+    """:func:`summary_lines` of a build folder (its ``report.json`` and, if written, ``profile.json``)."""
+    build = Path(build)
+    report = json.loads((build / "report.json").read_text())
+    profile_file = build / "profile.json"
+    profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
+    return summary_lines(report, profile, build)
+
+
+def _fusion(f: dict) -> str:
+    counts = {k: int(v) for k, v in f.items() if k not in ("misses", "skipped") and isinstance(v, int)}
+    done = sum(counts.values())
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if v)
+    misses = f.get("misses") or {}
+    missed = sum(len(v) for v in misses.values())
+    out = f"{done} fused" + (f" ({kinds})" if kinds else "")
+    if missed:
+        first = next(iter(misses.items()))
+        kind, miss = first[0], first[1][0]
+        by_kind = ", ".join(f"{k} {len(v)}" for k, v in misses.items())
+        out += f"; {missed} missed ({by_kind}; e.g. {kind} at {miss['node']}: {miss['reason']})"
+    else:
+        out += "; none missed"
+    if f.get("skipped"):
+        out += f"; skipped by --no-fuse: {', '.join(f['skipped'])}"
+    return out
+
+
+def _precision(q: dict) -> str:
+    out = str(q.get("precision"))
+    if q.get("component"):
+        out += f" ({q['component']})"
+    if q.get("precision") == "fp32":
+        return out + (f": {q['reason']}" if q.get("reason") else "")
+    sqnr = q.get("sqnr_db")
+    if sqnr is None:
+        return out + f"; SQNR not measured ({q.get('reason_no_sqnr', 'no held-out inputs')})"
+    n = len(q.get("sqnr_db_per_input") or [])
+    out += f"; SQNR {sqnr:.1f} dB vs FP32 (mean of {n} held-out input{'s' if n != 1 else ''}"
+    if q.get("sqnr_db_worst_input") is not None:
+        out += f", worst {q['sqnr_db_worst_input']:.1f} dB"
+    out += ")"
+    if q.get("cosine") is not None:
+        out += f", cosine {q['cosine']:.6f}"
+    return out
+
+
+def _tiling(t: dict) -> str:
+    if t.get("skipped"):
+        return f"not run ({t['skipped']})"
+    blocks = t.get("blocks") or []
+    tiled = [b for b in blocks if b.get("tiling")]
+    out = f"{len(tiled)} of {len(blocks)} attention{'s' if len(blocks) != 1 else ''} tiled"
+    if tiled:
+        tiles = sorted({int(b["tiling"]["tiles"]) for b in tiled})
+        out += f" ({'/'.join(map(str, tiles))} tiles)"
+    spilled = [b for b in blocks if b.get("min_budget_bytes")]
+    if spilled:
+        out += f", {len(spilled)} spill S_in/S_out to DRAM (no tiling fits)"
+    if "budget_bytes" in t:
+        out += f"; SRAM budget {_mib(t['budget_bytes'])}"
+    return out
+
+
+def _target(p: dict) -> str:
+    total = float(p["total_ms"])
+    priced = "as built" if p.get("precision") == "as-built" else f"priced at {p.get('precision')}"
+    out = f"{p.get('target')}: {total:.3f} ms modelled by the cost model ({priced})"
+    blocks = p.get("blocks_ms") or {}
+    if blocks:
+        name, ms = max(blocks.items(), key=lambda kv: kv[1])
+        share = ms / total if total > 0 else 0.0
+        out += f"; top block {name} {ms:.3f} ms ({share:.1%})"
+    out += f"; SRAM peak {_mib(p['sram_peak_bytes'])}"
+    return out
+
+
+def _mib(n) -> str:
+    return f"{int(n) / 2**20:.2f} MiB"

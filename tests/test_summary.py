@@ -1,0 +1,100 @@
+"""The summary ``edgefc compile`` ends with (edgefc.summary): every figure is the report's or the profile's."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from edgefc.summary import summary_lines
+
+REPORT = {
+    "fusion": {"attention": 16, "groupnorm": 22, "gelu": 0, "residual": 22,
+               "misses": {"layernorm": [{"node": "/ln/Div", "reason": "epsilon is not a constant"},
+                                        {"node": "/ln2/Div", "reason": "epsilon is not a constant"}],
+                          "epilogue": [{"node": "/conv/Conv", "reason": "output feeds two consumers"}]},
+               "skipped": ["geglu"]},
+    "quantization": {"precision": "w8a16", "component": "unet", "sqnr_db": 41.234,
+                     "sqnr_db_per_input": [40.1, 42.368], "sqnr_db_worst_input": 40.1, "cosine": 0.9999876},
+    "tiling": {"blocks": [{"name": "a1", "tiling": {"tiles": 8}}, {"name": "a2", "tiling": {"tiles": 2}},
+                          {"name": "a3", "tiling": None}, {"name": "a4", "tiling": None, "min_budget_bytes": 1 << 20}],
+               "tiled": 2, "left_alone": 2, "budget_bytes": 6 << 20},
+}
+PROFILE = {"target": "exynos2400", "precision": "as-built", "total_ms": 200.0, "sram_peak_bytes": 3 << 20,
+           "blocks_ms": {"down_blocks.0": 50.0, "mid_block": 80.0, "up_blocks.1": 70.0}}
+
+
+def test_summary_lines_say_what_the_report_and_profile_hold():
+    assert summary_lines(REPORT, PROFILE) == [
+        "fusion:    60 fused (groupnorm 22, residual 22, attention 16); 3 missed (layernorm 2, epilogue 1; "
+        "e.g. layernorm at /ln/Div: epsilon is not a constant); skipped by --no-fuse: geglu",
+        "precision: w8a16 (unet); SQNR 41.2 dB vs FP32 (mean of 2 held-out inputs, worst 40.1 dB), cosine 0.999988",
+        "tiling:    2 of 4 attentions tiled (2/8 tiles), 1 spill S_in/S_out to DRAM (no tiling fits); "
+        "SRAM budget 6.00 MiB",
+        "target:    exynos2400: 200.000 ms modelled by the cost model (as built); top block mid_block 80.000 ms "
+        "(40.0%); SRAM peak 3.00 MiB",
+    ]
+
+
+def test_summary_lines_for_stages_that_did_little():
+    report = {"fusion": {"attention": 0, "misses": {}},
+              "quantization": {"precision": "fp32", "component": None, "reason": "auto: not a known component"},
+              "tiling": {"blocks": [], "tiled": 0, "left_alone": 0, "skipped": "no NPU target"}}
+    assert summary_lines(report, None) == [
+        "fusion:    0 fused; none missed",
+        "precision: fp32: auto: not a known component",
+        "tiling:    not run (no NPU target)",
+    ]
+    report = {"quantization": {"precision": "fp16", "component": "vae-decoder", "sqnr_db": None,
+                               "reason_no_sqnr": "--eval-samples 0"}}
+    assert summary_lines(report, {**PROFILE, "precision": "w8a16", "blocks_ms": {}}) == [
+        "precision: fp16 (vae-decoder); SQNR not measured (--eval-samples 0)",
+        "target:    exynos2400: 200.000 ms modelled by the cost model (priced at w8a16); SRAM peak 3.00 MiB",
+    ]
+    assert summary_lines({}, None) == []
+
+
+def test_compile_ends_with_the_summary_of_its_build(tiny_models, tmp_path):
+    out = tmp_path / "unet-build"
+    proc = subprocess.run([sys.executable, "-c", "from edgefc.cli import main; main()", "compile",
+                           str(tiny_models["unet"]), "-o", str(out), "--calib-samples", "1", "--eval-samples", "1"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # stdout: one line per pass, then the summary, and nothing else
+    said = proc.stdout.splitlines()
+    assert [ln.split()[0] for ln in said[:4]] == ["canonicalize", "fuse", "quantize", "mlt"], proc.stdout
+    lines = said[4:]
+    assert [ln.split(":")[0] for ln in lines] == ["fusion", "precision", "tiling", "target", "build"], proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    profile = json.loads((out / "profile.json").read_text())
+    fusion, quant, tiling = report["fusion"], report["quantization"], report["tiling"]
+    # fusion: the total and each kind are the report's counts
+    done = sum(v for k, v in fusion.items() if k not in ("misses", "skipped"))
+    assert done > 0
+    m = re.match(r"fusion:    (\d+) fused \((.*?)\); (.*)$", lines[0])
+    assert m and int(m.group(1)) == done, lines[0]
+    assert dict((k, int(v)) for k, v in (p.rsplit(" ", 1) for p in m.group(2).split(", "))) == \
+        {k: v for k, v in fusion.items() if k not in ("misses", "skipped") and v}
+    missed = sum(len(v) for v in fusion["misses"].values())
+    if missed:
+        assert m.group(3).startswith(f"{missed} missed ("), lines[0]
+    else:
+        assert m.group(3) == "none missed", lines[0]
+    # precision and SQNR: the quantization report's
+    assert quant["precision"] == "w8a16" and quant["sqnr_db"] is not None
+    assert lines[1].startswith(f"precision: w8a16 (unet); SQNR {quant['sqnr_db']:.1f} dB vs FP32 (mean of 1 held-out "
+                               f"input, worst {quant['sqnr_db_worst_input']:.1f} dB), cosine {quant['cosine']:.6f}")
+    # tiling: the mlt report's blocks
+    n_tiled = sum(1 for b in tiling["blocks"] if b.get("tiling"))
+    assert n_tiled == tiling["tiled"]
+    assert lines[2].startswith(f"tiling:    {n_tiled} of {len(tiling['blocks'])} attentions tiled"), lines[2]
+    assert len(tiling["blocks"]) > 0
+    # target: the profile's total and its most expensive block
+    top = max(profile["blocks_ms"], key=profile["blocks_ms"].get)
+    assert lines[3] == (f"target:    exynos2400: {profile['total_ms']:.3f} ms modelled by the cost model (as built); "
+                        f"top block {top} {profile['blocks_ms'][top]:.3f} ms "
+                        f"({profile['blocks_ms'][top] / profile['total_ms']:.1%}); "
+                        f"SRAM peak {profile['sram_peak_bytes'] / 2**20:.2f} MiB"), lines[3]
+    assert profile["total_ms"] == report["profile"]["total_ms"]
+    assert lines[4] == f"build:     {out}  (model.onnx, profile.json, report.json)", lines[4]
