@@ -320,3 +320,28 @@ def test_cli_build_folder_is_readable_by_others(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+# --- quantization leaves what it cannot quantize as it is -----------------------------------------
+
+@pytest.mark.parametrize("precision", ["w8a16", "fp16"])
+def test_model_without_fp32_tensors_is_left_as_it_is(tmp_path, precision):
+    model = _model([helper.make_node("BitShift", ["x", "s"], ["y"], direction="LEFT")],
+                   [_vi("x", [3], TensorProto.UINT32), _vi("s", [3], TensorProto.UINT32)], [_vi("y", [3], TensorProto.UINT32)], 17)
+    path = tmp_path / "int.onnx"
+    onnx.save(model, str(path))
+    result = edgefc.compile(path, "exynos2400", output=tmp_path / "build", options={"precision": precision})
+    assert "no FP32 tensors" in result.report["quantization"]["reason"]
+    feeds = {"x": np.array([1, 2, 3], np.uint32), "s": np.array([1, 2, 3], np.uint32)}
+    ort.check(ort.run(str(path), feeds), ort.run(str(tmp_path / "build" / "model.onnx"), feeds), 0.0)
+
+
+def test_fp16_conversion_keeps_each_output_type(tmp_path):
+    """An FP32 model with one FP16 output: after --precision fp16 that output is still FP16."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Cast", ["y"], ["h"], to=TensorProto.FLOAT16)]
+    model = _model(nodes, [_vi("x", [2, 3])], [_vi("y", [2, 3]), _vi("h", [2, 3], TensorProto.FLOAT16)], 17)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    edgefc.compile(path, "exynos2400", output=tmp_path / "build", options={"precision": "fp16", "eval_samples": 0})
+    feeds = {"x": np.linspace(-2, 2, 6, dtype=np.float32).reshape(2, 3)}
+    ort.check(ort.run(str(path), feeds), ort.run(str(tmp_path / "build" / "model.onnx"), feeds), 1e-3)
