@@ -1,7 +1,7 @@
 """U-Net latency and the tiles MLT picks per attention, for SRAM sizes from 0.5 to 16 MiB.
 
 For each SRAM size the target file is copied with ``sram.bytes`` replaced (a hypothetical NPU with
-that scratchpad; everything else as in the target file), the fused U-Net is tiled by the ``mlt``
+that scratchpad, its weight buffer scaled in proportion; everything else as in the target file), the fused U-Net is tiled by the ``mlt``
 pass at that target's default budget (SRAM minus the reserve) and priced by the cost model
 (``target.profile``), next to the same graph untiled. Prints a table (latency untiled / with MLT,
 and per distinct attention shape the chosen ``row_tiles x head_tiles``: ``fits`` when the block is
@@ -28,9 +28,11 @@ DEFAULT_SIZES = (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16)
 
 
 def sized_target(base, sram_bytes: int):
-    """``base`` with ``sram.bytes`` replaced."""
+    """``base`` with ``sram.bytes`` replaced (and the weight buffer scaled with it)."""
     if hasattr(base, "with_fields"):
-        return base.with_fields({"sram.bytes": int(sram_bytes)})
+        # the weight buffer keeps its share of the scratchpad (512 KiB of 6 MiB on the 2400)
+        wb = int(base["sram.weight_buffer_bytes"] * sram_bytes / base["sram.bytes"])
+        return base.with_fields({"sram.bytes": int(sram_bytes), "sram.weight_buffer_bytes": wb})
     import copy
 
     t = copy.copy(base)

@@ -109,6 +109,7 @@ def convert_fp16(graph: gs.Graph, kept: dict[str, str]) -> dict:
     for t in graph.inputs:
         if is_float(t):
             dtype_of[t.name] = np.dtype(t.dtype)
+    out_dtype = {t.name: np.dtype(t.dtype) for t in graph.outputs if is_float(t)}
     new_nodes: list[gs.Node] = []
     counts = Counter()
 
@@ -159,13 +160,14 @@ def convert_fp16(graph: gs.Graph, kept: dict[str, str]) -> dict:
                 t.dtype = dt
         counts["fp32 nodes" if prec == F32 else "fp16 nodes"] += 1
     graph.nodes.extend(new_nodes)
-    # model outputs stay FP32 under their own names
+    # model outputs keep their own type (FP32 for an FP32 model) under their own names
     for k, t in enumerate(list(graph.outputs)):
-        if is_float(t) and dtype_of.get(t.name) == F16:
+        want = out_dtype.get(t.name, F32)
+        if is_float(t) and dtype_of.get(t.name) == F16 and want != F16:
             name = t.name
             t.name = f"{name}__fp16"
-            out = gs.Variable(name, dtype=F32, shape=t.shape)
-            graph.nodes.append(gs.Node("Cast", name=f"{name}__cast_out", attrs={"to": onnx.TensorProto.FLOAT},
+            out = gs.Variable(name, dtype=want, shape=t.shape)
+            graph.nodes.append(gs.Node("Cast", name=f"{name}__cast_out", attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(want)},
                                        inputs=[t], outputs=[out]))
             graph.outputs[k] = out
             counts["casts"] += 1

@@ -244,15 +244,17 @@ _ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Quantiz
 
 
 def deployed_act_dtype(tensor: gs.Tensor, precision: str | None = None) -> str:
-    """Element type of an activation as deployed (``fp32``, ``fp16``, ``int16`` ...): the
-    ``--precision`` when it fixes it (fp16: ``fp16``, w8a16: ``int16``, fp32: ``fp32``), else the
-    graph's own, as the cost model reads it: a tensor that passes through a
+    """Element type of an activation as deployed (``fp32``, ``fp16``, ``int16``, ``int8``): the
+    ``--precision`` when it fixes it (fp16: ``fp16``, w8a16: ``int16``, w8a8: ``int8``, fp32:
+    ``fp32``), else the graph's own, as the cost model reads it: a tensor that passes through a
     QuantizeLinear/DequantizeLinear (along alias ops: Reshape, Squeeze, Identity, Q/DQ ...) has the
     quantized type, otherwise its dtype."""
     if precision in ("fp16", "fp32"):
         return precision
     if precision == "w8a16":
         return "int16"
+    if precision == "w8a8":
+        return "int8"
 
     seen, todo = set(), [tensor]
     while todo:

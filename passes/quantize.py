@@ -175,6 +175,13 @@ def _summarise_kept(kept: dict[str, str], limit: int = 8) -> dict:
     return {rule: {"count": len(names), "examples": names[:limit]} for rule, names in sorted(by_rule.items())}
 
 
+
+def _is_fp32(t: gs.Tensor) -> bool:
+    try:
+        return t.dtype is not None and np.dtype(t.dtype) == np.float32
+    except TypeError:  # a type numpy does not have (bfloat16, float8 ...)
+        return False
+
 @register_pass("quantize", namespace="edgefc")
 class Quantize(Pass):
     """Mixed-precision PTQ: W8A16 U-Net, FP16 text encoder and VAE decoder, checked against FP32 (paper Sec. 2.3/4.2)."""
@@ -192,6 +199,11 @@ class Quantize(Pass):
             if opts["precision"] == "auto":
                 report["reason"] = ("auto: the model is not a text encoder, U-Net or VAE decoder (by its input names); "
                                     "nothing quantized - give --component or --precision")
+            ctx.report["quantization"] = report
+            return graph
+        if not any(_is_fp32(t) for t in graph.tensors().values()):
+            report["reason"] = "the model has no FP32 tensors (integer, FP16 or FP64 only): nothing to quantize"
+            report["precision"] = "as-is"
             ctx.report["quantization"] = report
             return graph
         if any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes):

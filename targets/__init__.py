@@ -11,4 +11,5 @@ from edgefc.targets.description import NpuTarget
 TARGET_DIR = Path(__file__).parent
 
 register_target("exynos2400", lambda: NpuTarget.from_toml(TARGET_DIR / "exynos2400.toml"))
+register_target("exynos2200", lambda: NpuTarget.from_toml(TARGET_DIR / "exynos2200.toml"))
 register_target_file_loader(NpuTarget.from_toml)

@@ -110,6 +110,7 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, granu
                 cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * b, role="store_s_in", **kw))
                 cmds.append(Command("load", tensor=f"{op}:S_in", bytes=s * b, role="load_s_in", **kw))
             cmds.append(Command("vector", elements=s, passes=softmax, handoffs=geo.handoffs_softmax,
+                                elem_bytes=min(int(b), 4),
                                 role="softmax", **kw))
             if spill:
                 cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * b, role="store_s_out", **kw))

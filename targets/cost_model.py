@@ -19,6 +19,9 @@ One formula per command kind, shared by every op (no per-op or per-table-row con
       cycles = elements * sum(passes_c * vector.cycles_per_element[c]) / vector.lanes
                + handoffs * handoff.cycles
 
+  (INT8 elements: ``vector.int8.elements_per_lane`` per lane, exp / divide at
+  ``vector.int8.exp`` / ``vector.int8.divide``: 256-entry table lookups);
+
 * host: ``host.sync_cycles + elements * host.cycles_per_element``.
 
 A command costs ``repeat`` times one instance. Launching an op takes ``dispatch.cycles``
@@ -42,6 +45,8 @@ from edgefc.targets.description import RATE_KEYS as PRECISIONS
 from edgefc.targets.description import VECTOR_CLASSES
 from edgefc.targets.program import Command, Program
 
+INT8_LUT = ("exp", "divide")   # classes the INT8 path computes by a 256-entry table lookup
+
 
 @dataclass(frozen=True)
 class CostParams:
@@ -54,6 +59,8 @@ class CostParams:
     rate: dict
     lanes: float
     vector_cpe: dict
+    vector_cpe_int8: dict            # lane-cycles per element of the INT8 path (exp / divide: table lookups)
+    int8_per_lane: float             # INT8 elements one 16-bit lane handles per cycle
     dma_bytes_per_cycle: float       # bandwidth * efficiency / clock
     dma_latency: float
     burst_bytes: float
@@ -73,6 +80,9 @@ class CostParams:
             rate={p: float(t[f"tensor.rate.{p}"]) for p in PRECISIONS},
             lanes=float(t["vector.lanes"]),
             vector_cpe={c: float(t[f"vector.cycles_per_element.{c}"]) for c in VECTOR_CLASSES},
+            vector_cpe_int8={c: float(t[f"vector.int8.{c}"]) if c in INT8_LUT else float(t[f"vector.cycles_per_element.{c}"])
+                             for c in VECTOR_CLASSES},
+            int8_per_lane=float(t["vector.int8.elements_per_lane"]),
             dma_bytes_per_cycle=float(t["dma.bandwidth_bytes_per_s"]) * float(t["dma.efficiency"]) / clock,
             dma_latency=float(t["dma.latency_cycles"]),
             burst_bytes=float(t["dma.burst_bytes"]),
@@ -105,9 +115,14 @@ def tensor_cycles(p: CostParams, padded_macs: float, out_elements: float, precis
             + out_elements / p.output_elements_per_cycle + handoffs * p.handoff)
 
 
-def vector_cycles(p: CostParams, elements: float, passes, handoffs: int = 0) -> float:
-    """One vector-engine op: element passes per op class over ``vector.lanes`` lanes."""
-    per_element = sum(n * p.vector_cpe[c] for c, n in passes)
+def vector_cycles(p: CostParams, elements: float, passes, handoffs: int = 0, elem_bytes: int = 2) -> float:
+    """One vector-engine op: element passes per op class over ``vector.lanes`` lanes. INT8
+    elements take the INT8 path: ``vector.int8.elements_per_lane`` per lane, and the
+    exponential and division by a table lookup (``vector.int8.exp`` / ``.divide``)."""
+    if elem_bytes == 1:
+        per_element = sum(n * p.vector_cpe_int8[c] for c, n in passes) / p.int8_per_lane
+    else:
+        per_element = sum(n * p.vector_cpe[c] for c, n in passes)
     return elements * per_element / p.lanes + handoffs * p.handoff
 
 
@@ -124,7 +139,7 @@ def command_cycles(p: CostParams, c: Command) -> float:
     elif c.kind == "tensor":
         one = tensor_cycles(p, c.padded_macs, c.out_elements, c.precision, c.handoffs)
     elif c.kind == "vector":
-        one = vector_cycles(p, c.elements, c.passes, c.handoffs)
+        one = vector_cycles(p, c.elements, c.passes, c.handoffs, c.elem_bytes)
     elif c.kind == "host":
         one = host_cycles(p, c.elements)
     else:
@@ -160,6 +175,11 @@ class Timeline:
     starts: list[float]
     idle: list[float]
     total: float
+    hidden: list[float] = None   # per command: cycles that ran beside other commands of its op
+
+    def __post_init__(self):
+        if self.hidden is None:
+            self.hidden = [0.0] * len(self.starts)
 
 
 class Schedule:
@@ -196,4 +216,77 @@ class SequentialSchedule(Schedule):
         return Timeline(starts, idle, t)
 
 
-SCHEDULES = {"sequential": SequentialSchedule}
+def is_chain(cmds) -> bool:
+    """Whether an op's commands form a dependent chain that cannot overlap: the steps of an
+    attention block (each consumes the previous one's result: QK^T -> S_in spill -> softmax ->
+    S_out spill -> S x V; the paper's Table 6 times them one after another) and host ops."""
+    return any(c.role or c.kind == "host" for c in cmds)
+
+
+def overlapped_op_cycles(p: CostParams, cmds, cycles) -> tuple[float, float]:
+    """(work cycles, dispatch floor) of one op under the overlapped schedule:
+
+        work = max(exposed latency + compute, transfers)
+
+    compute: the op's tensor / vector commands back to back; transfers: its DMA commands
+    (weights, streamed activations, spills, each with its own latency) back to back on the DMA
+    engine, running beside the compute through double buffers (the weight buffer, the stripe
+    buffers); exposed latency: the first transfer's ``dma.latency_cycles``, which the engines wait
+    for (Arm Vela's estimator likewise takes the max of the NPU cycles and the memory-access
+    cycles of a pass, with the memory latency added per transfer). A dependent chain
+    (:func:`is_chain`) is the sum of its commands."""
+    floor = p.dispatch * sum(c.dispatches for c in cmds)
+    if is_chain(cmds):
+        return float(sum(cycles)), floor
+    compute = transfer = 0.0
+    first_latency = None
+    for c, cyc in zip(cmds, cycles):
+        if c.kind in ("load", "store"):
+            transfer += cyc
+            if first_latency is None and c.bytes > 0:
+                first_latency = p.dma_latency
+        else:
+            compute += cyc
+    return max((first_latency or 0.0) + compute, transfer), floor
+
+
+class OverlapSchedule(Schedule):
+    """DMA runs beside the engines (double buffering within the SRAM budget): an op lasts
+    ``max(compute, transfers) + exposed latency`` (:func:`overlapped_op_cycles`), at least its
+    dispatch time; ops run one after another. The default schedule (PERFORMANCE.md)."""
+
+    name = "overlap"
+
+    def run(self, program, cycles, params):
+        starts, idle, t = [0.0] * len(cycles), [0.0] * len(cycles), 0.0
+        hidden = [0.0] * len(cycles)
+        cmds = program.commands
+        for first, end in op_groups(program):
+            group = cmds[first:end]
+            work, floor = overlapped_op_cycles(params, group, cycles[first:end])
+            if is_chain(group):
+                s = t
+                for i in range(first, end):
+                    starts[i] = s
+                    s += cycles[i]
+            else:
+                s_dma = t
+                s_eng = t + (params.dma_latency if any(c.kind in ("load", "store") and c.bytes > 0
+                                                        for c in group) else 0.0)
+                for i in range(first, end):
+                    if cmds[i].kind in ("load", "store"):
+                        starts[i] = s_dma
+                        s_dma += cycles[i]
+                    else:
+                        starts[i] = s_eng
+                        s_eng += cycles[i]
+            if work < floor:
+                idle[end - 1] = floor - work
+            # the part of the op's command cycles that ran beside others (shown on the op's DMA)
+            hidden[end - 1 if is_chain(group) else first] += sum(cycles[first:end]) - work
+            t += max(work, floor)
+        return Timeline(starts, idle, t, hidden)
+
+
+SCHEDULES = {"overlap": OverlapSchedule, "sequential": SequentialSchedule}
+DEFAULT_SCHEDULE = "overlap"

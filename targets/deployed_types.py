@@ -14,6 +14,9 @@ from edgefc.ir import dtype_code
 from edgefc.targets.geometry import is_float
 from edgefc.targets.placement import ALIAS_OPS
 
+# what-if precision -> (weight type, activation type) of float tensors
+WHAT_IF = {"fp32": ("fp32", "fp32"), "fp16": ("fp16", "fp16"), "w8a16": ("int8", "int16"), "w8a8": ("int8", "int8")}
+
 
 class DeployedTypes:
     """Deployed element type of every tensor, and which tensors are weights (compile-time data).
@@ -57,9 +60,9 @@ class DeployedTypes:
             if precision == "as-built" or (not is_float(graph_code) and r not in qtype):
                 self.code[r] = qtype.get(r, graph_code)
             elif r in self.const:
-                self.code[r] = {"fp32": "fp32", "fp16": "fp16", "w8a16": "int8"}[precision]
+                self.code[r] = WHAT_IF[precision][0]
             else:
-                self.code[r] = {"fp32": "fp32", "fp16": "fp16", "w8a16": "int16"}[precision]
+                self.code[r] = WHAT_IF[precision][1]
 
     def find(self, name: str) -> str:
         while name in self.root:
@@ -74,4 +77,4 @@ class DeployedTypes:
 
     def bias(self, t: gs.Tensor) -> str:
         """A tensor-engine bias: INT32 in integer precisions, else the weights' float type."""
-        return "int32" if self.precision == "w8a16" else self.of(t)
+        return "int32" if self.precision in ("w8a16", "w8a8") else self.of(t)

@@ -46,6 +46,8 @@ SCHEMA: dict[str, tuple] = {
     "sram.bytes": (int, REQUIRED),
     "sram.weight_buffer_bytes": (int, REQUIRED),
     "sram.reserve_bytes": (int, 0),
+    "sram.resident_weights": (bool, REQUIRED),
+    "sram.cascade": (bool, REQUIRED),
     "tensor.macs_per_cycle": (NUMBER, REQUIRED),
     "tensor.channel_granularity": (int, REQUIRED),
     "tensor.row_granularity": (int, REQUIRED),
@@ -55,6 +57,9 @@ SCHEMA: dict[str, tuple] = {
     **{f"tensor.rate.{k}": (NUMBER, REQUIRED) for k in RATE_KEYS},
     "vector.lanes": (NUMBER, REQUIRED),
     **{f"vector.cycles_per_element.{c}": (NUMBER, REQUIRED) for c in VECTOR_CLASSES},
+    "vector.int8.elements_per_lane": (NUMBER, REQUIRED),
+    "vector.int8.exp": (NUMBER, REQUIRED),
+    "vector.int8.divide": (NUMBER, REQUIRED),
     **{f"vector.passes.{c}": (Passes, REQUIRED) for c in PASS_CLASSES},
     "dma.bandwidth_bytes_per_s": (NUMBER, REQUIRED),
     "dma.efficiency": (NUMBER, REQUIRED),
@@ -75,7 +80,8 @@ SCHEMA: dict[str, tuple] = {
 # numeric fields that must be > 0 (the rest must be >= 0)
 POSITIVE = {"clock.hz", "sram.bytes", "tensor.macs_per_cycle", "tensor.channel_granularity",
             "tensor.row_granularity", "tensor.efficiency", "tensor.output_elements_per_cycle",
-            *(f"tensor.rate.{k}" for k in RATE_KEYS), "vector.lanes", "dma.bandwidth_bytes_per_s",
+            *(f"tensor.rate.{k}" for k in RATE_KEYS), "vector.lanes", "vector.int8.elements_per_lane",
+            "dma.bandwidth_bytes_per_s",
             "dma.efficiency", "dma.burst_bytes", "host.cpu.num_cores"}
 _TABLES = {".".join(f.split(".")[:i]) for f in SCHEMA for i in range(1, f.count(".") + 1)}
 
@@ -124,6 +130,10 @@ def _check(field: str, typ, value, source: str) -> None:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             bad(_type_name(typ))
         return
+    if typ is bool:
+        if not isinstance(value, bool):
+            bad("bool")
+        return
     if isinstance(value, bool) or not isinstance(value, typ):
         bad(_type_name(typ))
     if typ in (int, NUMBER) and (value <= 0 if field in POSITIVE else value < 0):
@@ -156,6 +166,9 @@ class NpuTarget(Target):
         if self.values["sram.reserve_bytes"] >= self.values["sram.bytes"]:
             raise TargetError(f"target description {source}: field 'sram.reserve_bytes' must be less than "
                               f"sram.bytes, got {self.values['sram.reserve_bytes']!r}")
+        if self.values["sram.weight_buffer_bytes"] >= self.values["sram.bytes"]:
+            raise TargetError(f"target description {source}: sram.weight_buffer_bytes must be smaller than "
+                              f"sram.bytes (the activations need the rest)")
         self.data = data
         self.name = self.values["target.name"]
         self.is_npu = self.values["target.kind"] == "npu"
@@ -165,6 +178,20 @@ class NpuTarget(Target):
         self.row_granularity = int(self.values["tensor.row_granularity"])
         self._params = None
         self._geometry = None
+
+    @property
+    def validation(self) -> dict | None:
+        """How well this target predicts measured latencies, as ``bench/fit_exynos2400.py``
+        computed it (``<target>.validation.json`` beside the TOML; None when there is none)."""
+        if self.source.startswith("<"):
+            return None
+        path = Path(self.source).with_suffix(".validation.json")
+        try:
+            import json
+
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
 
     def __getitem__(self, dotted: str) -> Any:
         """A schema field's value (its default when the file leaves it out)."""
@@ -219,7 +246,7 @@ class NpuTarget(Target):
 
         return lower(graph, self, precision)
 
-    def profile(self, graph, precision: str = "as-built", schedule: str = "sequential", model: str = ""):
+    def profile(self, graph, precision: str = "as-built", schedule: str = "overlap", model: str = ""):
         """Lower and price ``graph``: a :class:`edgefc.targets.profile.Profile`."""
         from edgefc.targets.profile import build_profile
 

@@ -29,6 +29,14 @@ def precision_key(weight: str, act: str) -> str:
     return f"int{a}xint{b}"
 
 
+def contraction(cin: int, taps: int, g: int) -> int:
+    """Padded contraction length of a convolution with ``cin`` input channels (per group) and
+    ``taps`` kernel taps: channels padded to the granularity, times the taps; a layer with fewer
+    input channels than the granularity folds the taps into the contraction instead (im2col of a
+    first layer: 3 channels x 9 taps = 27 -> 32, not 3 -> 32 x 9)."""
+    return pad(cin * taps, g) if cin < g else pad(cin, g) * taps
+
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -43,6 +51,8 @@ class Geometry:
     handoffs_matmul: int
     handoffs_softmax: int
     dtypes: tuple = ("fp32", "fp16", "int16", "int8")
+    resident_weights: bool = False
+    cascade: bool = True
 
     @classmethod
     def from_target(cls, t) -> Geometry:
@@ -52,7 +62,8 @@ class Geometry:
                   for c in PASS_CLASSES}
         return cls(int(t["tensor.channel_granularity"]), int(t["tensor.row_granularity"]),
                    int(t["sram.bytes"]), int(t["sram.weight_buffer_bytes"]), passes,
-                   int(t["handoff.per_matmul"]), int(t["handoff.per_softmax"]), tuple(t["tensor.dtypes"]))
+                   int(t["handoff.per_matmul"]), int(t["handoff.per_softmax"]), tuple(t["tensor.dtypes"]),
+                   bool(t["sram.resident_weights"]), bool(t["sram.cascade"]))
 
     def vector_passes(self, op_type: str) -> tuple:
         """The element passes of one op of ``op_type`` (its class's, ``copy`` if unlisted)."""

@@ -10,7 +10,8 @@ add DMA commands.
 Byte sizes come from each tensor's deployed type (``targets/deployed_types.py``): the graph's
 dtypes (``as-built``), where a tensor passing through QuantizeLinear/DequantizeLinear is priced
 at the quantized type; or a what-if precision (``fp32``, ``fp16``, ``w8a16``: INT8 weights, INT16
-activations, INT32 biases).
+activations, INT32 biases; ``w8a8``: INT8 weights and activations, INT32 biases, as MLPerf Mobile
+runs its networks).
 
 Residency: activations stay in SRAM while they fit together with everything else live at that
 point; otherwise the tensor whose next use is furthest is stored to DRAM and loaded back where
@@ -38,20 +39,23 @@ from edgefc.components import detect_component
 from edgefc.errors import BuildError
 from edgefc.targets.attention_block import attention_io_bytes, attention_sram_bytes, lower_attention
 from edgefc.targets.deployed_types import DeployedTypes
-from edgefc.targets.geometry import BYTES, Geometry, pad, precision_key
+from edgefc.targets.geometry import BYTES, Geometry, contraction, pad, precision_key
 from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place
 from edgefc.targets.program import Command, OpInfo, Program
 
-PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16")
+PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
 
 
 # Producer -> consumer streaming (a two-op cascade, as Arm Vela's cascading): a tensor too big
 # for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
 # of DRAM when the producer writes it row by row and the consumer reads it row by row.
 _ROWWISE = {k for k in VECTOR_CLASS if k not in INPUT_SIZED and k != "Softmax"}   # elementwise / activations
-STREAM_PRODUCERS = TENSOR_OPS | _ROWWISE | {"GroupNormalization", "GroupNormSiLU", "InstanceNormalization",
-                                            "LayerNormalization", "Gelu", "GeGLU", "Resize"}
-STREAM_CONSUMERS = TENSOR_OPS | _ROWWISE | {"Gelu", "GeGLU", "Resize"}
+# DepthToSpace / SpaceToDepth (pixel shuffle) are spatially local too: output rows 2h, 2h+1 come
+# from input row h, a strided write pattern of the stripe.
+_SPATIAL = {"Resize", "DepthToSpace", "SpaceToDepth"}
+STREAM_PRODUCERS = TENSOR_OPS | _ROWWISE | _SPATIAL | {"GroupNormalization", "GroupNormSiLU",
+                                                       "InstanceNormalization", "LayerNormalization", "Gelu", "GeGLU"}
+STREAM_CONSUMERS = TENSOR_OPS | _ROWWISE | _SPATIAL | {"Gelu", "GeGLU"}
 
 # --- graph lowering ---------------------------------------------------------------------------
 
@@ -132,7 +136,16 @@ def lower(graph: gs.Graph, target, precision: str = "as-built") -> Program:
     if precision not in PRECISION_CHOICES:
         raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISION_CHOICES)})")
     geo = Geometry.from_target(target)
-    return _Lowering(graph, geo, precision).run()
+    prog = _Lowering(graph, geo, precision).run()
+    # Weights that fit in SRAM beside the activations stay there across inferences: loaded once
+    # with the model (outside a timed inference, as MLPerf's steady-state latency measures it),
+    # not streamed per op. The activations then get the SRAM the weights leave.
+    total_w = prog.weight_bytes
+    if geo.resident_weights and 0 < total_w and total_w + prog.sram_peak_bytes <= geo.sram_bytes - geo.weight_buffer_bytes:
+        resident = _Lowering(graph, geo, precision, resident_weights=total_w).run()
+        if resident.sram_peak_bytes + total_w <= geo.sram_bytes - geo.weight_buffer_bytes:
+            return resident
+    return prog
 
 
 _NEVER = 1 << 62
@@ -141,11 +154,12 @@ _NEVER = 1 << 62
 class _Lowering:
     """One pass over the nodes in order, emitting commands and deciding residency."""
 
-    def __init__(self, graph: gs.Graph, geo: Geometry, precision: str):
+    def __init__(self, graph: gs.Graph, geo: Geometry, precision: str, resident_weights: int = 0):
         self.graph, self.geo, self.precision = graph, geo, precision
+        self.resident_weights = int(resident_weights)
         self.types = DeployedTypes(graph, precision)
         self.prog = Program(precision=precision, component=component_of(graph))
-        self.budget = geo.sram_bytes - geo.weight_buffer_bytes
+        self.budget = geo.sram_bytes - geo.weight_buffer_bytes - self.resident_weights
         self.loops = 0
         self.io: dict[str, tuple[int, int]] = {}   # alias root -> (DRAM bytes, run) of attention operands
         self.size: dict[str, int] = {}
@@ -300,18 +314,27 @@ class _Lowering:
                     in_dram.add(r)
                     if r not in streamed:
                         resident[r] = self.size[r]
+            keep = pinned | graph_out
+            casc_out = [r for r in outs if r in streamed and self.can_stream(r, i, node, nodes, kinds, uses, keep)]
             wbytes = self.weight_bytes(node)
-            if wbytes:
-                prog.emit(Command("load", self.nm(node), node.op, tensor=f"{self.nm(node)}:weights", bytes=wbytes))
+            prog.weight_bytes += wbytes
+            if wbytes and not self.resident_weights:
+                # in a cascade the op runs once per row stripe; weights that do not stay in the
+                # weight buffer are fetched again for every stripe
+                stripe = sum(self.size[r] for r in act_in if r in cascaded) + sum(self.size[r] for r in casc_out)
+                tiles = max(1, -(-stripe // max(self.budget, 1))) if wbytes > self.geo.weight_buffer_bytes else 1
+                prog.emit(Command("load", self.nm(node), node.op, tensor=f"{self.nm(node)}:weights", bytes=wbytes,
+                                  repeat=int(tiles)))
             prog.emit(self.tensor_command(node) if kind == "tensor" else self.vector_command(node))
-            peak = max(peak, working_set() + min(wbytes, self.geo.weight_buffer_bytes))
+            peak = max(peak, working_set() + (0 if self.resident_weights else min(wbytes, self.geo.weight_buffer_bytes)))
             for r in act_in:
                 if r in streamed:
                     resident.pop(r, None)
             for r in outs:
-                if r in streamed and self.can_stream(r, i, node, nodes, kinds, uses, pinned | graph_out):
+                if r in casc_out:
                     cascaded.add(r)
-                    why[r] = f"too big for SRAM: streamed from {self.nm(node)} to {self.nm(nodes[uses[r][0]])}"
+                    why[r] = (f"too big for SRAM: kept on chip in row stripes from {self.nm(node)} to "
+                              f"{self.nm(nodes[uses[r][-1]])}")
                     continue
                 if r in streamed or r in pinned or r in graph_out:
                     self._dma("store", node, r, spill=r in streamed and r not in pinned and r not in graph_out)
@@ -329,21 +352,33 @@ class _Lowering:
                 why.pop(r, None)
         prog.tensor_bytes = dict(self.size)
         prog.sram_peak_bytes = int(peak)
+        prog.resident_weight_bytes = self.resident_weights
         return prog
 
     def can_stream(self, r: str, i: int, node: gs.Node, nodes, kinds, uses, keep: set[str]) -> bool:
-        """Whether output ``r`` of node ``i`` (too big for SRAM) streams to its consumer: one use,
-        by the next op, which reads it row by row as its activation input (not as weights)."""
-        if r in keep or node.op not in STREAM_PRODUCERS or len(uses.get(r, ())) != 1:
+        """Whether output ``r`` of node ``i`` (too big for SRAM) stays on chip in a spatial cascade:
+        every op from the producer to the last use of ``r`` reads its activations row by row (a
+        convolution, a matmul with constant weights, an elementwise op or activation), and each use
+        reads ``r`` as such an activation (not as weights). The cascade then runs in row stripes
+        (Vela's cascading): only a stripe of ``r`` is ever in SRAM, and it never goes to DRAM."""
+        if r in keep or node.op not in STREAM_PRODUCERS or not uses.get(r):
             return False
-        j = uses[r][0]
-        if any(kinds[k] != "none" for k in range(i + 1, j)) or kinds[j] not in ("tensor", "vector"):
-            return False
-        consumer = nodes[j]
-        if consumer.op not in STREAM_CONSUMERS:
-            return False
-        if consumer.op in TENSOR_OPS:
-            return self.types.find(consumer.inputs[0].name) == r
+        if not self.geo.cascade and (len(uses[r]) != 1 or any(kinds[k] != "none" for k in range(i + 1, uses[r][0]))):
+            return False   # without cascades: a two-op hand-off to the very next op only
+        last = uses[r][-1]
+        for k in range(i + 1, last + 1):
+            if kinds[k] == "none":
+                continue
+            if kinds[k] not in ("tensor", "vector") or nodes[k].op not in STREAM_CONSUMERS:
+                return False
+        for j in uses[r]:
+            consumer = nodes[j]
+            if consumer.op in TENSOR_OPS:
+                ins = [self.types.find(t.name) if t is not None and t.name else "" for t in consumer.inputs]
+                # the weights (or a matmul's second operand) are needed whole; the activation
+                # input and a fused residual are read row by row
+                if len(ins) > 1 and ins[1] == r:
+                    return False
         return True
 
     # weights ----------------------------------------------------------------------------------
@@ -388,7 +423,10 @@ class _Lowering:
                 rows = ys[0] * int(math.prod(ys[2:]))
                 cin_g, cout_g = ws_[1], ys[1] // grp
             macs = grp * rows * cin_g * k * cout_g
-            padded = grp * pad(rows, rg) * pad(cin_g, g) * k * pad(cout_g, g)
+            padded = grp * pad(rows, rg) * contraction(cin_g, k, g) * pad(cout_g, g)
+            if cin_g == 1 and cout_g == 1 and grp > 1:
+                # depthwise: the channels take the output lanes, the kernel taps the contraction
+                padded = pad(rows, rg) * pad(k, g) * pad(grp, g)
         else:  # MatMul / FusedMatMul / Gemm
             if node.op == "Gemm":
                 m, kk = (xs[1], xs[0]) if node.attrs.get("transA", 0) else (xs[0], xs[1])
@@ -409,5 +447,7 @@ class _Lowering:
             elements = _elements(node.inputs[0])
         else:
             elements = sum(_elements(t) for t in node.outputs if t is not None and t.name)
+        x = node.inputs[0] if node.op in INPUT_SIZED or not node.outputs else node.outputs[0]
+        width = min(BYTES[self.types.of(x)], 4)
         return Command("vector", self.nm(node), node.op, elements=int(elements),
-                       passes=self.geo.vector_passes(node.op), dispatches=1)
+                       passes=self.geo.vector_passes(node.op), dispatches=1, elem_bytes=width)

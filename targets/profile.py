@@ -57,10 +57,12 @@ class Profile:
     starts: list[float]
     total_cycles: float
     idle: list[float] = field(default_factory=list)   # exposed dispatch after each command
-    schedule: str = "sequential"
+    hidden: list[float] = field(default_factory=list)  # cycles of each command overlapped by others
+    schedule: str = "overlap"
     model: str = ""
     attention_breakdown: dict | None = None
     ops: list[OpRow] = field(default_factory=list)
+    validation: dict | None = None   # the target's validation figures (bench/fit_exynos2400.py)
 
     def __post_init__(self):
         if not self.ops:
@@ -77,7 +79,9 @@ class Profile:
     def _op_rows(self) -> list[OpRow]:
         rows = {o.name: OpRow(o.name, o.op_type, o.engine, o.block) for o in self.program.ops}
         idle = self.idle or [0.0] * len(self.cycles)
-        for c, cyc, gap in zip(self.program.commands, self.cycles, idle):
+        hidden = self.hidden or [0.0] * len(self.cycles)
+        for c, cyc, gap, hid in zip(self.program.commands, self.cycles, idle, hidden):
+            cyc = cyc - hid
             row = rows.get(c.op)
             if row is None:
                 row = rows[c.op] = OpRow(c.op, c.op_type, c.engine, "(top)")
@@ -125,6 +129,8 @@ class Profile:
             "macs": int(self.program.macs()),
             "dma_bytes": int(self.program.dma_bytes()),
             "sram_peak_bytes": int(self.program.sram_peak_bytes),
+            "weight_bytes": int(self.program.weight_bytes),
+            "resident_weight_bytes": int(self.program.resident_weight_bytes),
             "engines_ms": {e: round(self.ms(c), 6) for e, c in eng.items()},
             "blocks_ms": {k: round(self.ms(v), 6) for k, v in self.by("block").items()},
             "op_types_ms": {k: round(self.ms(v), 6) for k, v in self.by("op_type").items()},
@@ -132,6 +138,8 @@ class Profile:
             "attention_blocks": self.attention_blocks(),
             "ops": [r.as_dict() for r in self.ops],
             "attention_breakdown": self.attention_breakdown,
+            "validation": self.validation,
+            "validation_summary": validation_line(self.validation),
         }
 
     def residency(self) -> dict:
@@ -167,6 +175,7 @@ class Profile:
         w = out.write
         w(f"{self.model or self.program.component}  on {self.target}  ({self.program.precision}, "
           f"{self.schedule} schedule)\n")
+        w(validation_line(self.validation) + "\n")
         w(f"total {self.total_ms:.2f} ms   MACs {d['macs'] / 1e9:.2f} G   DMA {d['dma_bytes'] / 1e6:.1f} MB   "
           f"SRAM peak {d['sram_peak_bytes'] / 2**20:.2f} MiB   ops {len(self.ops)}\n")
         w("engines: " + "   ".join(f"{e} {ms:.2f} ms ({ms / max(self.total_ms, 1e-12):.1%})"
@@ -334,7 +343,7 @@ def _atomic_write(path, text: str) -> None:
 
 # --- building a profile ----------------------------------------------------------------------
 
-def build_profile(target, graph, precision: str = "as-built", schedule: str = "sequential",
+def build_profile(target, graph, precision: str = "as-built", schedule: str = "overlap",
                   model: str = "") -> Profile:
     """Lower ``graph`` for ``target`` at ``precision``, price every command, schedule them."""
     from edgefc.targets.cost_model import SCHEDULES, command_cycles
@@ -349,9 +358,22 @@ def build_profile(target, graph, precision: str = "as-built", schedule: str = "s
     cycles = [command_cycles(p, c) for c in program.commands]
     tl = SCHEDULES[schedule]().run(program, cycles, p)
     prof = Profile(target=target.name, clock_hz=p.clock_hz, program=program, cycles=cycles, starts=tl.starts,
-                   total_cycles=tl.total, idle=tl.idle, schedule=schedule, model=model)
+                   total_cycles=tl.total, idle=tl.idle, hidden=tl.hidden, schedule=schedule, model=model)
     prof.attention_breakdown = attention_breakdown(target, program)
+    prof.validation = getattr(target, "validation", None)
     return prof
+
+
+def validation_line(v: dict | None) -> str:
+    """One line on how far the target's predictions are from measured latencies."""
+    if not v:
+        return "target not validated against measurements (no <target>.validation.json)"
+    line = (f"target validated on {v['figures']} measured latencies: median |error| {v['median_abs_error_pct']:g} %, "
+            f"worst {v['worst_abs_error_pct']:g} % ({v['worst_figure']})")
+    if "loo_median_abs_error_pct" in v:
+        line += (f"; each left out of the fit: median {v['loo_median_abs_error_pct']:g} %, "
+                 f"worst {v['loo_worst_abs_error_pct']:g} %")
+    return line
 
 
 def role_cycles(target, spec, tiling) -> dict[str, float]:

@@ -48,6 +48,7 @@ class Command:
     precision: str = ""       # tensor: operand precision key of [tensor.rate]
     elements: int = 0         # vector/host: elements of one instance
     passes: tuple = ()        # vector: ((op class, passes over the elements), ...)
+    elem_bytes: int = 2       # vector: bytes per element (1: the INT8 path of the vector engine)
     dispatches: int = 0       # engine command launches (charged once, not per repeat)
     handoffs: int = 0         # engine-to-engine hand-offs of one instance (tiled attention)
     repeat: int = 1           # identical instances
@@ -92,7 +93,9 @@ class Program:
     placement: dict[str, str] = field(default_factory=dict)   # node -> none | host | tensor | vector
     host_reasons: dict[str, str] = field(default_factory=dict)  # node on the host -> why
     tensor_bytes: dict[str, int] = field(default_factory=dict)
-    sram_peak_bytes: int = 0
+    sram_peak_bytes: int = 0       # activations (and the running op's weight buffer)
+    weight_bytes: int = 0          # all weights of the model at their deployed types
+    resident_weight_bytes: int = 0  # weights kept in SRAM across inferences (0: streamed per op)
     precision: str = "as-built"
     component: str = ""
 

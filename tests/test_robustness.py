@@ -148,7 +148,7 @@ def test_unknown_sequence_shapes_are_refused_cleanly(tmp_path):
     model = _model(nodes, [_vi("x", [2, 3])], [_vi("y", ["n", 3])], 17)
     path = tmp_path / "seq.onnx"
     onnx.save(model, str(path))
-    with pytest.raises(edgefc.ShapeError, match="'y' .output of ConcatFromSequence node.*shape inference cannot"):
+    with pytest.raises(edgefc.ShapeError, match="shape inference cannot determine it .tensor 'y', output of ConcatFromSequence node"):
         edgefc.compile(path, "exynos2400", options={"precision": "fp32"})
 
 
@@ -158,7 +158,7 @@ def test_data_dependent_output_shape_is_refused_naming_the_input(tmp_path):
     onnx.save(model, str(path))
     out = tmp_path / "build"
     rc, text = run_cli("compile", str(path), "--precision", "fp32", "-o", str(out))
-    assert_user_error(rc, text, "'y' (output of NonZero node", "values of input 'x'")
+    assert_user_error(rc, text, "no static shape: it depends on the values of input 'x' (tensor 'y', output of NonZero node")
     assert not out.exists() and not list(tmp_path.glob(".build*"))
 
 
@@ -320,3 +320,28 @@ def test_cli_build_folder_is_readable_by_others(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+# --- quantization leaves what it cannot quantize as it is -----------------------------------------
+
+@pytest.mark.parametrize("precision", ["w8a16", "fp16"])
+def test_model_without_fp32_tensors_is_left_as_it_is(tmp_path, precision):
+    model = _model([helper.make_node("BitShift", ["x", "s"], ["y"], direction="LEFT")],
+                   [_vi("x", [3], TensorProto.UINT32), _vi("s", [3], TensorProto.UINT32)], [_vi("y", [3], TensorProto.UINT32)], 17)
+    path = tmp_path / "int.onnx"
+    onnx.save(model, str(path))
+    result = edgefc.compile(path, "exynos2400", output=tmp_path / "build", options={"precision": precision})
+    assert "no FP32 tensors" in result.report["quantization"]["reason"]
+    feeds = {"x": np.array([1, 2, 3], np.uint32), "s": np.array([1, 2, 3], np.uint32)}
+    ort.check(ort.run(str(path), feeds), ort.run(str(tmp_path / "build" / "model.onnx"), feeds), 0.0)
+
+
+def test_fp16_conversion_keeps_each_output_type(tmp_path):
+    """An FP32 model with one FP16 output: after --precision fp16 that output is still FP16."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Cast", ["y"], ["h"], to=TensorProto.FLOAT16)]
+    model = _model(nodes, [_vi("x", [2, 3])], [_vi("y", [2, 3]), _vi("h", [2, 3], TensorProto.FLOAT16)], 17)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    edgefc.compile(path, "exynos2400", output=tmp_path / "build", options={"precision": "fp16", "eval_samples": 0})
+    feeds = {"x": np.linspace(-2, 2, 6, dtype=np.float32).reshape(2, 3)}
+    ort.check(ort.run(str(path), feeds), ort.run(str(tmp_path / "build" / "model.onnx"), feeds), 1e-3)

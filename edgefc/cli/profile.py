@@ -16,7 +16,7 @@ import click
 from edgefc.build_folder import load_for_profile
 from edgefc.errors import BuildError, TargetError
 
-PRECISIONS = ("as-built", "fp32", "fp16", "w8a16")
+PRECISIONS = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
 
 
 @click.command("profile")
@@ -24,8 +24,9 @@ PRECISIONS = ("as-built", "fp32", "fp16", "w8a16")
 @click.option("--target", "-t", default="exynos2400", show_default=True,
               help="Target name (exynos2400) or a target description .toml file.")
 @click.option("--precision", default="as-built", show_default=True, metavar="|".join(PRECISIONS),
-              help="Price as built (the graph's dtypes and Q/DQ), or as if deployed at fp32, fp16 or "
-                   "w8a16 (INT8 weights, INT16 activations); the graph itself is not changed.")
+              help="Price as built (the graph's dtypes and Q/DQ), or as if deployed at fp32, fp16, "
+                   "w8a16 (INT8 weights, INT16 activations) or w8a8 (INT8 weights and activations, as "
+                   "MLPerf Mobile runs); the graph itself is not changed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the profile as JSON (total_ms, ops, attention_breakdown, ...).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Write per-op rows as CSV.")
@@ -42,8 +43,11 @@ PRECISIONS = ("as-built", "fp32", "fp16", "w8a16")
               help="SRAM budget for --explain-tiling (default: the target's SRAM minus the MLT reserve).")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2x...",
               help="Static shape for an input of a raw ONNX export (repeatable).")
+@click.option("--schedule", default="overlap", show_default=True, metavar="overlap|sequential",
+              help="overlap: an op's DMA runs beside its compute (double buffering); sequential: every "
+                   "command one after another (the paper's baseline view).")
 def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_path, top, attention_breakdown,
-                explain_tiling, sram_budget, shapes):
+                explain_tiling, sram_budget, shapes, schedule):
     """Profile MODEL (a build folder or an ONNX file) on an NPU target with the cost model.
 
     Prints a table per op (name, op type, engine, MACs, DMA bytes, cycles, ms, share), per block
@@ -54,6 +58,10 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
 
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    from edgefc.targets.cost_model import SCHEDULES
+
+    if schedule not in SCHEDULES:
+        raise BuildError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
     if top < 0:
         raise BuildError(f"--top must be 0 or more, got {top}")
     if sram_budget is not None and not explain_tiling:
@@ -65,7 +73,7 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
     start = time.perf_counter()
     graph = load_for_profile(model, shape_map, progress=lambda m: click.echo(m, err=True))
     loaded = time.perf_counter()
-    prof = tgt.profile(graph, precision=precision, model=model.name)
+    prof = tgt.profile(graph, precision=precision, schedule=schedule, model=model.name)
     priced = time.perf_counter()
     click.echo(prof.table(top=top or None, breakdown=attention_breakdown), nl=False)
     if explain_tiling:
