@@ -132,7 +132,7 @@ def check_resume_dir(path: Path, kind: str) -> dict:
         raise TrainingError(f"--resume {path}: state.json is not valid JSON.") from None
     if state.get("kind") != kind:
         raise TrainingError(f"--resume {path} is a {state.get('kind')!r} checkpoint, not a {kind!r} one.")
-    for need in ("unet/config.json", "optimizer.safetensors", "rng-0.safetensors"):
+    for need in (f"{state.get('trainable', 'unet')}/config.json", "optimizer.safetensors", "rng-0.safetensors"):
         if not (path / need).is_file():
             raise TrainingError(f"--resume {path} is incomplete: {need} is missing.")
     return state
@@ -152,9 +152,14 @@ def _atomic_replace(tmp: Path, final: Path):
 # ----------------------------------------------------------------------------- recipe
 
 class Recipe:
-    """A distillation recipe: which models to build and the loss of one batch."""
+    """A training recipe: which models to build and the loss of one batch."""
 
     kind = "base"
+    #: Subfolder of a checkpoint holding the trained model (a diffusers model folder).
+    trainable = "unet"
+    #: Whether the loop encodes each batch to VAE latents / text embeddings before ``loss``.
+    needs_latents = True
+    needs_text = True
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -329,8 +334,11 @@ def _run(recipe: Recipe) -> TrainResult:
             gen.set_state(fixed_rng)
         with torch.no_grad():
             pixels = batch["pixel_values"].to(accelerator.device, dtype=torch.float32)
-            latents = components.vae.encode(pixels).latent_dist.sample(generator=gen).float() * vae_scale
-            ehs = components.text_encoder(batch["input_ids"].to(accelerator.device))[0].float()
+            latents = ehs = None
+            if recipe.needs_latents:
+                latents = components.vae.encode(pixels).latent_dist.sample(generator=gen).float() * vae_scale
+            if recipe.needs_text:
+                ehs = components.text_encoder(batch["input_ids"].to(accelerator.device))[0].float()
         with accelerator.autocast():
             loss, parts = recipe.loss(batch, latents, ehs, gen)
         if not torch.isfinite(loss):
@@ -374,12 +382,12 @@ def _save_checkpoint(out: Path, step: int, recipe, student, optimizer, gen, hist
     accelerator.wait_for_everyone()
     save_file({"generator": gen.get_state()}, str(tmp / f"rng-{accelerator.process_index}.safetensors"))
     if accelerator.is_main_process:
-        accelerator.unwrap_model(student).save_pretrained(tmp / "unet", safe_serialization=True)
+        accelerator.unwrap_model(student).save_pretrained(tmp / recipe.trainable, safe_serialization=True)
         for name, model in recipe.extra_models().items():
             model.save_pretrained(tmp / name, safe_serialization=True)
         _save_optimizer(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                         tmp / "optimizer.safetensors")
-        state = {"kind": recipe.kind, "step": step, "num_processes": accelerator.num_processes,
+        state = {"kind": recipe.kind, "trainable": recipe.trainable, "step": step, "num_processes": accelerator.num_processes,
                  "config": config_dict(recipe.cfg), "losses": history}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     accelerator.wait_for_everyone()
@@ -394,13 +402,15 @@ def _load_checkpoint(path: Path, recipe, student, optimizer, gen, rank: int):
     from safetensors.torch import load_file
 
     def load_into(model, folder: Path):
+        model = getattr(model, "module", model)  # accelerate's wrapper, if any
+        cls = type(model) if hasattr(type(model), "from_pretrained") else UNet2DConditionModel
         try:
-            saved = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
+            saved = cls.from_pretrained(folder, local_files_only=True)
             model.load_state_dict(saved.state_dict())
         except (OSError, RuntimeError, ValueError) as e:
             raise TrainingError(f"--resume {path}: cannot load {folder.name}/: {str(e).splitlines()[0]}") from None
 
-    load_into(student, path / "unet")
+    load_into(student, path / recipe.trainable)
     for name, model in recipe.extra_models().items():
         load_into(model, path / name)
     try:
@@ -421,8 +431,12 @@ def _save_final(out: Path, recipe, student, components, history, accelerator, se
     models = recipe.final_models(accelerator.unwrap_model(student))
     for name, model in models.items():
         model.save_pretrained(tmp / name, safe_serialization=True)
-    components.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    components.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    if "text_encoder" not in models:
+        components.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    if "vae" not in models:
+        components.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    if "unet" not in models:  # a recipe that trains another part keeps the base pipeline's U-Net
+        components.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     recipe.scheduler_for_output().save_pretrained(tmp / "scheduler")
     tok = components.tokenizer
     if getattr(tok, "kind", "") == "clip":
