@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 #: The recipe's budget (steps, batch, learning rate per stage) for ~30-35 min on 2 cores.
-FULL = {"train": 2000, "heldout": 64, "vae": (500, 16, 2e-3), "teacher": (1500, 32, 1e-3),
+FULL = {"train": 2000, "heldout": 64, "vae": (400, 16, 1e-3), "teacher": (1500, 32, 1e-3),
         "kd": (600, 32, 5e-4), "lcm": (300, 32, 1e-4), "eval_steps": 25, "calib": 16}
 SMALL = {"train": 200, "heldout": 16, "vae": (20, 8, 2e-3), "teacher": (20, 8, 1e-3),
          "kd": (10, 8, 5e-4), "lcm": (10, 8, 1e-4), "eval_steps": 4, "calib": 4}
@@ -78,6 +78,7 @@ class Stages:
     def __init__(self, out: Path):
         self.out = out
         self.times: dict[str, dict] = {}
+        self.extra: dict[str, float] = {}  # CPU seconds of the parallel parts of a stage
         self.path = out / "stage_times.json"
         if self.path.is_file():
             self.times = json.loads(self.path.read_text())
@@ -94,32 +95,59 @@ class Stages:
         if skipped and name in self.times:
             say(f"   {name}: already done (kept its recorded times)")
         else:
-            self.times[name] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+            self.times[name] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                                **{f"cpu_s_{k}": round(v, 1) for k, v in self.extra.items()}}
+            self.extra = {}
             self.path.write_text(json.dumps(self.times, indent=1))
             say(f"   {name}: {wall:.0f} s wall, {cpu:.0f} s CPU")
 
 
-def edgefc(*args: str) -> None:
-    """One ``edgefc`` CLI call in a subprocess; its progress goes to our stderr."""
+def start(*args: str) -> subprocess.Popen:
+    """Start one ``edgefc`` CLI call in a subprocess; its progress goes to our stderr."""
     cmd = [sys.executable, "-c", "from edgefc.cli import main; main()", *map(str, args)]
     say("   $ edgefc " + " ".join(map(str, args)))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if proc.stdout.strip():
-        say("   " + proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc.args_short = f"edgefc {args[0]} {args[1] if len(args) > 1 else ''}"
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> float:
+    """Wait for a started call; its own CPU seconds (user + system, from wait4)."""
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if out.strip():
+        say("   " + out.strip().splitlines()[-1])
     if proc.returncode != 0:
-        raise SystemExit(f"edgefc {args[0]} {args[1] if len(args) > 1 else ''} failed (exit {proc.returncode})")
+        raise SystemExit(f"{proc.args_short} failed (exit {proc.returncode})")
+    return usage.ru_utime + usage.ru_stime
 
 
-def train(out: Path, recipe: str, *args: str, steps: int, batch: int, lr: float, threads: int) -> bool:
-    """``edgefc train RECIPE``: skipped when finished, resumed from the last checkpoint when interrupted."""
-    if (out / "train.json").is_file():
-        return True
+def edgefc(*args: str) -> float:
+    """One ``edgefc`` CLI call, waited for; returns its CPU seconds."""
+    return finish(start(*args))
+
+
+def train_cmd(out: Path, recipe: str, *args: str, steps: int, batch: int, lr: float, threads: int) -> list | None:
+    """The ``edgefc train RECIPE`` call of a stage: None when it is finished at this budget; resumes
+    from the last checkpoint when interrupted (or when the budget grew)."""
+    done = out / "train.json"
+    if done.is_file() and json.loads(done.read_text()).get("steps") == steps:
+        return None
     cmd = ["train", recipe, *args, "--data", out.parent / "data" / "train", "--resolution", SIZE, "-o", out,
            "--steps", steps, "--batch-size", batch, "--lr", lr, "--threads", threads,
-           "--save-every", max(1, steps // 4)]
+           "--save-every", max(1, steps // 4), "--quiet"]
     ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if out.is_dir() else []
+    ckpts = [c for c in ckpts if int(c.name.split("-")[1]) < steps]
     if ckpts:
         cmd += ["--resume", ckpts[-1]]
+    return cmd
+
+
+def train(*a, **kw) -> bool:
+    cmd = train_cmd(*a, **kw)
+    if cmd is None:
+        return True
     edgefc(*cmd)
     return False
 
@@ -315,10 +343,19 @@ def main(argv=None) -> int:
     st.run("teacher", lambda: train(out / "teacher", "sd", "--teacher", out / "vae", steps=b["teacher"][0],
                                     batch=b["teacher"][1], lr=b["teacher"][2], threads=thr))
     kd_steps, kd_batch, kd_lr = b["kd"]
-    st.run("kd", lambda: train(out / "kd", "kd", "--teacher", out / "teacher", "--student-arch", "bk-sdm-tiny",
-                               steps=kd_steps, batch=kd_batch, lr=kd_lr, threads=thr))
-    st.run("scratch", lambda: train(out / "scratch", "sd", "--teacher", out / "teacher", "--unet-arch", "bk-sdm-tiny",
-                                    steps=kd_steps, batch=kd_batch, lr=kd_lr, threads=thr))
+    students = {"kd": train_cmd(out / "kd", "kd", "--teacher", out / "teacher", "--student-arch", "bk-sdm-tiny",
+                                steps=kd_steps, batch=kd_batch, lr=kd_lr, threads=thr),
+                "scratch": train_cmd(out / "scratch", "sd", "--teacher", out / "teacher", "--unet-arch", "bk-sdm-tiny",
+                                     steps=kd_steps, batch=kd_batch, lr=kd_lr, threads=thr)}
+
+    def stage_students():
+        """KD and the from-scratch student are independent: both run at once (one thread each)."""
+        procs = {k: start(*c) for k, c in students.items() if c is not None}
+        for k, p in procs.items():
+            st.extra[k] = finish(p)
+        return not procs
+
+    st.run("kd+scratch", stage_students)
     w = GUIDANCE - 1
     st.run("lcm", lambda: train(out / "lcm", "lcm", "--teacher", out / "teacher", "--init", out / "kd",
                                 "--bake-guidance", w, "--w-min", max(0.0, w - 1), "--w-max", w + 1,
@@ -433,7 +470,7 @@ def main(argv=None) -> int:
             f"inputs) vs {sqnr['random weights, generated inputs (compile report)']:.1f} dB with random weights")
 
     minutes = (time.perf_counter() - t_start) / 60
-    if len(st.times) and all(k in st.times for k in ("data", "vae", "teacher", "kd", "scratch", "lcm")):
+    if all(k in st.times for k in ("data", "vae", "teacher", "kd+scratch", "lcm")):
         minutes = max(minutes, sum(v["wall_s"] for v in st.times.values()) / 60)  # a resumed run: all stages
     result = {"minutes": round(minutes, 2), "cpu_minutes": round(sum(v["cpu_s"] for v in st.times.values()) / 60, 2),
               "rows": rows, "sqnr_db": sqnr, "stage_times": st.times, "guidance": GUIDANCE,

@@ -24,7 +24,7 @@ attributes that were read back; ``alignment`` is the mean over all asked attribu
 
 Fréchet distance (:func:`frechet_distance`): the Fréchet distance between Gaussians fitted to a
 16-number feature vector per image (background and foreground mean colours, mask centroid,
-area, bounding box, fill ratio, top/bottom width ratio, colour spread) of two image sets, as
+area, bounding box, fill ratio, top third's share of the top and bottom thirds, colour spread) of two image sets, as
 FID does with Inception features.
 """
 
@@ -137,7 +137,7 @@ def _features(img: np.ndarray, bg_rgb: np.ndarray, mask: np.ndarray) -> np.ndarr
         f[8] = mask.mean()
         f[9], f[10] = bw, bh
         f[11] = mask.sum() / max(1, (y1 - y0) * (x1 - x0))
-        f[12] = top / max(1.0, bottom)
+        f[12] = top / max(1.0, top + bottom)  # apex-up triangle ~0.1, square / circle ~0.5
         f[13:16] = img[mask].std(axis=0) / 255
     return f
 

@@ -328,17 +328,18 @@ def _run(recipe: Recipe) -> TrainResult:
                disable=not (cfg.progress and accelerator.is_local_main_process), dynamic_ncols=True)
     step = start_step
     vae_scale = components.vae.config.scaling_factor
+    frozen = FrozenCache(components, accelerator.device, recipe.needs_latents, recipe.needs_text)
     t_loop = time.perf_counter()  # time_s in the log: seconds since this run's first step began
     for batch in loader:
         if fixed_rng is not None:  # --fixed-batch: the same batch *and* the same random draws every step
             gen.set_state(fixed_rng)
         with torch.no_grad():
-            pixels = batch["pixel_values"].to(accelerator.device, dtype=torch.float32)
             latents = ehs = None
+            if recipe.needs_latents or recipe.needs_text:
+                mean, std, ehs = frozen.get(batch)
             if recipe.needs_latents:
-                latents = components.vae.encode(pixels).latent_dist.sample(generator=gen).float() * vae_scale
-            if recipe.needs_text:
-                ehs = components.text_encoder(batch["input_ids"].to(accelerator.device))[0].float()
+                noise = torch.randn(mean.shape, generator=gen, device=mean.device, dtype=mean.dtype)
+                latents = (mean + std * noise).float() * vae_scale  # = latent_dist.sample(generator=gen)
         with accelerator.autocast():
             loss, parts = recipe.loss(batch, latents, ehs, gen)
         if not torch.isfinite(loss):
@@ -369,6 +370,44 @@ def _run(recipe: Recipe) -> TrainResult:
         _save_final(out, recipe, student, components, history, accelerator, time.perf_counter() - t0)
     accelerator.wait_for_everyone()
     return TrainResult(out, step, history, time.perf_counter() - t0, accelerator.is_main_process)
+
+
+class FrozenCache:
+    """The frozen encoders' outputs per training item: VAE posterior mean/std and text embedding.
+
+    The VAE encoder and text encoder are frozen, so what they give for an item never changes:
+    each item is encoded once, alone (batch 1, so the value does not depend on the batch it first
+    came in and a resumed run sees the same numbers), and reused at every later epoch. The
+    latent is then drawn as ``mean + std * randn(generator)``, exactly as diffusers'
+    ``DiagonalGaussianDistribution.sample``. At the tiny scale the 12-layer text encoder costs
+    more than the U-Net's training step; this removes it after the first epoch.
+    """
+
+    def __init__(self, components, device, latents: bool, text: bool):
+        self.c, self.device, self.latents, self.text = components, device, latents, text
+        self.items: dict[int, tuple] = {}
+
+    def _encode(self, pixels, ids):
+        import torch
+
+        mean = std = ehs = None
+        if self.latents:
+            dist = self.c.vae.encode(pixels[None].to(self.device, dtype=torch.float32)).latent_dist
+            mean, std = dist.mean[0], dist.std[0]
+        if self.text:
+            ehs = self.c.text_encoder(ids[None].to(self.device))[0][0].float()
+        return mean, std, ehs
+
+    def get(self, batch):
+        import torch
+
+        idx = batch["index"].tolist()
+        for k, i in enumerate(idx):
+            if i not in self.items:
+                self.items[i] = self._encode(batch["pixel_values"][k], batch["input_ids"][k])
+        rows = [self.items[i] for i in idx]
+        stack = [torch.stack([r[j] for r in rows]) if rows[0][j] is not None else None for j in range(3)]
+        return stack[0], stack[1], stack[2]
 
 
 def _save_checkpoint(out: Path, step: int, recipe, student, optimizer, gen, history, accelerator):
