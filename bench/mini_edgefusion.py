@@ -21,8 +21,9 @@ export      ``edgefc export`` of the LCM pipeline's three components (and of a r
             U-Net of the same layout, for the SQNR comparison)
 compile     ``edgefc compile`` with the default NPU pipeline: FP16 text encoder and VAE decoder,
             W8A16 U-Net calibrated on real U-Net inputs (LCM trajectories of training captions)
-generate    ``edgefc generate`` (:func:`edgefc.models.pipeline.generate`) with 1, 2 and 4 steps:
-            FP32 (``--weights``, exported ONNX) and W8A16 (``--build``), same prompts and seeds
+generate    ``edgefc generate`` (:func:`edgefc.models.pipeline.generate_many`) with 1, 2 and 4
+            steps: FP32 (``--weights``: exported ONNX) and W8A16 (``--build`` with ``--weights`` for
+            the scheduler and VAE scaling), same prompts and seeds
 ==========  ================================================================================
 
 Every generated set is scored by the verifier (``edgefc eval``: text alignment and the Fréchet
@@ -57,8 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 #: The recipe's budget (steps, batch, learning rate per stage) for ~30-35 min on 2 cores.
-FULL = {"train": 2000, "heldout": 64, "vae": (400, 16, 1e-3), "teacher": (1500, 32, 1e-3),
-        "kd": (600, 32, 5e-4), "lcm": (300, 32, 1e-4), "eval_steps": 25, "calib": 16}
+FULL = {"train": 2000, "heldout": 64, "vae": (600, 8, 2e-3), "teacher": (1000, 16, 1e-3),
+        "kd": (400, 16, 5e-4), "lcm": (200, 16, 1e-4), "eval_steps": 25, "calib": 16}
 SMALL = {"train": 200, "heldout": 16, "vae": (20, 8, 2e-3), "teacher": (20, 8, 1e-3),
          "kd": (10, 8, 5e-4), "lcm": (10, 8, 1e-4), "eval_steps": 4, "calib": 4}
 #: Classifier-free guidance scale G of the 25-step samples; LCM's w = G - 1 (lcm.py docstring).
@@ -338,7 +339,8 @@ def main(argv=None) -> int:
 
     st.run("data", stage_data)
     thr = args.threads
-    st.run("vae", lambda: train(out / "vae", "vae", "--teacher-arch", "mini", steps=b["vae"][0], batch=b["vae"][1],
+    st.run("vae", lambda: train(out / "vae", "vae", "--teacher-arch", "mini", "--fg-weight", 4,
+                                steps=b["vae"][0], batch=b["vae"][1],
                                 lr=b["vae"][2], threads=thr))
     st.run("teacher", lambda: train(out / "teacher", "sd", "--teacher", out / "vae", steps=b["teacher"][0],
                                     batch=b["teacher"][1], lr=b["teacher"][2], threads=thr))
@@ -435,13 +437,14 @@ def main(argv=None) -> int:
 
     def stage_generate():
         for steps in LCM_STEPS:
-            for precision, kw in (("fp32", {"weights": out / "lcm"}), ("w8a16", {"build": build})):
+            for precision, kw in (("fp32", {"weights": out / "lcm"}), ("w8a16", {"build": build, "weights": out / "lcm"})):
                 d = samples / f"lcm-{steps}-{precision}"
                 if (d / f"{len(held_prompts) - 1:04d}.png").is_file():
                     continue
                 d.mkdir(parents=True, exist_ok=True)
-                for i, (p, s) in enumerate(zip(held_prompts, seeds)):
-                    pipeline.generate(p, steps=steps, seed=s, output=d / f"{i:04d}.png", progress=False, **kw)
+                pipeline.generate_many(held_prompts, seeds, [d / f"{i:04d}.png" for i in range(len(seeds))],
+                                       steps=steps, **kw)
+                for i, p in enumerate(held_prompts):
                     (d / f"{i:04d}.txt").write_text(p + "\n")
                 say(f"   generated {d.name}")
         return False

@@ -126,8 +126,17 @@ def _check_size(name: str, value: int) -> int:
     return value
 
 
-def default_size(scale: str) -> int:
-    """Image height and width when none is given: 512 at full scale, 64 at tiny scale."""
+def default_size(scale: str, weights: Path | None = None) -> int:
+    """Image height and width when none is given: with a weights folder, the size its U-Net was
+    trained for (``sample_size`` x 8: 512 for SD-v1.5, 64 for the miniature recipe's models), else
+    512 at full scale, 64 at tiny scale."""
+    if weights is not None and (weights / "unet" / "config.json").is_file():
+        try:
+            sample = json.loads((weights / "unet" / "config.json").read_text()).get("sample_size")
+        except ValueError:
+            sample = None
+        if isinstance(sample, int) and sample > 0 and (sample * 8) % SIZE_MULTIPLE == 0:
+            return sample * 8
     return configs.DEFAULT_IMAGE_SIZE[scale]
 
 
@@ -208,8 +217,8 @@ def plan(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.png"
     else:
         if runtime == "tvm":
             raise GenerateError("--runtime tvm needs --build with TVM builds (edgefc compile --emit tvm).")
-        height = int(height) if height is not None else default_size(scale)
-        width = int(width) if width is not None else default_size(scale)
+        height = int(height) if height is not None else default_size(scale, wroot)
+        width = int(width) if width is not None else default_size(scale, wroot)
     return Plan(prompt=prompt, steps=steps, output=out, height=height, width=width, seed=int(seed),
                 guidance=float(guidance), arch=arch, scale=scale, weights=wroot, builds=builds,
                 models=models, target=target, runtime=runtime)
@@ -289,9 +298,23 @@ def generate(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.
     return run_plan(p, progress=progress)
 
 
-def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
-    """Run a checked :class:`Plan`."""
+def run_plan(p: Plan, progress: bool = True, sessions: dict | None = None) -> GenerateResult:
+    """Run a checked :class:`Plan`.
+
+    Each component's session is opened for its stage and dropped after it (at full size the
+    three models need not be in memory together). With ``sessions`` (a dict kept by the caller)
+    the sessions are kept there and reused by later calls with the same models: many images from
+    one model set (:func:`generate_many`) then open each model once.
+    """
     import torch
+
+    def open_session(component: str):
+        key = (component, str(models[component]), p.runtime)
+        if sessions is None:
+            return open_runner(component, models[component], p.runtime)
+        if key not in sessions:
+            sessions[key] = open_runner(component, models[component], p.runtime)
+        return sessions[key]
 
     from edgefc.models.tokenizer import load_tokenizer
 
@@ -316,7 +339,7 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     else:
         _say(progress, f"      tokenizer: CLIP from {p.weights}")
     texts = [p.prompt] + ([""] if p.cfg else [])
-    runner = open_runner("text-encoder", models["text-encoder"], p.runtime)
+    runner = open_session("text-encoder")
     backends["text-encoder"] = runner.backend
     ids = tokenizer.encode(texts)
     n_tokens = runner.inputs["input_ids"].shape[-1]
@@ -331,7 +354,7 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     # 2. U-Net with the LCM scheduler
     t = _stage(progress, 2, f"U-Net, {p.steps} LCM step{'s' if p.steps > 1 else ''}"
                             f"{f', classifier-free guidance {p.guidance:g}' if p.cfg else ''} ({models['unet']})")
-    runner = open_runner("unet", models["unet"], p.runtime)
+    runner = open_session("unet")
     backends["unet"] = runner.backend
     sample_shape = [int(d) for d in runner.inputs["sample"].shape]
     ehs_dim = runner.inputs["encoder_hidden_states"].shape[-1]
@@ -368,7 +391,7 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
 
     # 3. VAE decoder
     t = _stage(progress, 3, f"VAE decoder ({models['vae-decoder']})")
-    runner = open_runner("vae-decoder", models["vae-decoder"], p.runtime)
+    runner = open_session("vae-decoder")
     backends["vae-decoder"] = runner.backend
     z = (denoised / vae_scaling(p.weights)).numpy()
     sample = runner.run({"latent_sample": z})["sample"]
@@ -386,6 +409,18 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     result = GenerateResult(output=p.output, image=image, plan=p, models=models, backends=backends,
                             tokenizer=tokenizer.kind, timesteps=timesteps, seconds=seconds)
     return result
+
+
+def generate_many(prompts: list[str], seeds: list[int], outputs: list, progress: bool = False,
+                  **kwargs) -> list[GenerateResult]:
+    """One image per (prompt, seed, output), all with the same models and options (the keywords of
+    :func:`generate`); every image is exactly what :func:`generate` gives for it, but each model is
+    loaded once for the whole list."""
+    if not len(prompts) == len(seeds) == len(outputs):
+        raise GenerateError("generate_many needs as many seeds and outputs as prompts.")
+    plans = [plan(pr, seed=sd, output=out, **kwargs) for pr, sd, out in zip(prompts, seeds, outputs)]
+    sessions: dict = {}
+    return [run_plan(pl, progress=progress, sessions=sessions) for pl in plans]
 
 
 def _bar(progress: bool, total: int, desc: str):

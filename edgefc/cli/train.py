@@ -79,6 +79,9 @@ def train_group():
 @train_group.command("vae")
 @_common
 @click.option("--kl-weight", type=float, default=1e-6, show_default=True, help="Weight of the KL term.")
+@click.option("--fg-weight", type=float, default=0.0, show_default=True,
+              help="Extra reconstruction weight of pixels away from the image's median colour (small objects on a "
+                   "plain background learn faster).")
 def vae_cmd(lr, quiet, **kw):
     """Train the base pipeline's VAE (AutoencoderKL) from scratch: L1 + MSE reconstruction + KL.
 

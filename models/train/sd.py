@@ -6,7 +6,8 @@ distilled from it). None can be downloaded here, so the miniature recipe
 
 * ``train vae`` -- the base pipeline's VAE (``--teacher`` folder or ``--teacher-arch``; ``mini``
   is the small one the bench uses) re-initialised from its config and trained as an autoencoder:
-  ``L1 + MSE`` reconstruction plus a small KL term (``--kl-weight``, as the SD VAE's
+  ``L1 + MSE`` reconstruction (pixels farther than 0.2 from the image's median colour, i.e. the
+  objects of a scene, weighted ``1 + --fg-weight``, normalised to mean 1) plus a small KL term (``--kl-weight``, as the SD VAE's
   ``kl_weight`` 1e-6) on a posterior sample. Like SD's VAE, the latent is scaled to unit
   variance: the saved config's ``scaling_factor`` is ``1 / RMS`` of the posterior means over the
   last ``SCALE_WINDOW`` training batches. The output folder is a whole pipeline (the base's
@@ -39,6 +40,7 @@ SCALE_WINDOW = 32
 @dataclass
 class VAEConfig(TrainConfig):
     kl_weight: float = 1e-6
+    fg_weight: float = 0.0
 
 
 @dataclass
@@ -65,14 +67,17 @@ class VAERecipe(Recipe):
         return vae
 
     def loss(self, batch, latents, ehs, gen):
-        import torch.nn.functional as F
 
         x = batch["pixel_values"].to(next(self.student.parameters()).device)
         post = self.student.encode(x).latent_dist
         z = post.sample(generator=gen)
         rec = self.student.decode(z).sample
         kl = post.kl().mean()
-        l1, l2 = F.l1_loss(rec, x), F.mse_loss(rec, x)
+        # pixels away from the image's median colour (objects on a background) weigh 1 + fg_weight
+        med = x.flatten(2).median(dim=2).values[:, :, None, None]
+        w = 1.0 + self.cfg.fg_weight * ((x - med).abs().amax(dim=1, keepdim=True) > 0.2).float()
+        w = w / w.mean()
+        l1, l2 = (w * (rec - x).abs()).mean(), (w * (rec - x) ** 2).mean()
         self.sq = (self.sq + [float(post.mean.detach().pow(2).mean())])[-SCALE_WINDOW:]
         return l1 + l2 + self.cfg.kl_weight * kl, {"l1": l1.item(), "mse": l2.item(), "kl": kl.item()}
 
@@ -136,6 +141,8 @@ def train_vae(cfg: VAEConfig) -> TrainResult:
     """Train the base pipeline's VAE from scratch (see the module docstring)."""
     if cfg.kl_weight < 0:
         raise TrainingError("--kl-weight must not be negative.")
+    if cfg.fg_weight < 0:
+        raise TrainingError("--fg-weight must not be negative.")
     return run(VAERecipe(cfg))
 
 
