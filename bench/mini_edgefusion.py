@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 #: The recipe's budget (steps, batch, learning rate per stage) for ~30-35 min on 2 cores.
-FULL = {"train": 2000, "heldout": 64, "vae": (600, 8, 2e-3), "teacher": (1000, 16, 1e-3),
+FULL = {"train": 2000, "heldout": 64, "vae": (500, 16, 1e-3), "teacher": (1000, 16, 1e-3),
         "kd": (400, 16, 5e-4), "lcm": (200, 16, 1e-4), "eval_steps": 25, "calib": 16}
 SMALL = {"train": 200, "heldout": 16, "vae": (20, 8, 2e-3), "teacher": (20, 8, 1e-3),
          "kd": (10, 8, 5e-4), "lcm": (10, 8, 1e-4), "eval_steps": 4, "calib": 4}
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
 
     st.run("data", stage_data)
     thr = args.threads
-    st.run("vae", lambda: train(out / "vae", "vae", "--teacher-arch", "mini", "--fg-weight", 4,
+    st.run("vae", lambda: train(out / "vae", "vae", "--teacher-arch", "mini", "--fg-weight", 1,
                                 steps=b["vae"][0], batch=b["vae"][1],
                                 lr=b["vae"][2], threads=thr))
     st.run("teacher", lambda: train(out / "teacher", "sd", "--teacher", out / "vae", steps=b["teacher"][0],
