@@ -87,8 +87,9 @@ def check_static(graph: gs.Graph) -> None:
         for t in node.outputs:
             if not t.name or getattr(t, "type", "tensor_type") != "tensor_type" or ir.static_shape(t) is not None:
                 continue
-            raise ShapeError(f"tensor '{t.name}' (output of {node.op} node '{node.name}') has no static shape: "
-                             f"{_why_dynamic(graph, node)}; edgefc compiles models whose shapes are known at compile time")
+            # the reason first: tools that show only the start of the line still show why
+            raise ShapeError(f"no static shape: {_why_dynamic(graph, node)} (tensor '{t.name}', output of {node.op} node "
+                             f"'{node.name}'); edgefc compiles models whose shapes are known at compile time")
 
 
 def _is_noop(node: gs.Node) -> bool:
