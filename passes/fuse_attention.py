@@ -374,8 +374,7 @@ def _to_3d(rw: Rewriter, head: _Head, name: str) -> gs.Tensor:
 
 @register_pass("fuse-attention", namespace="edgefc")
 class FuseAttention(FusionPass):
-    """Fuse exported scaled-dot-product attention (self, cross, causal; any scale placement and
-    head layout) into Attention-23 (3D form)."""
+    """Fuse scaled-dot-product attention, by its math (any scale placement, head layout), into Attention-23."""
 
     kinds = ("attention",)
 

@@ -143,7 +143,7 @@ def test_fused_model_file_checks_inlines_and_reloads(tiny, tmp_path):
 def test_compile_writes_fusion_report(tiny_models, tmp_path):
     result = edgefc.compile(tiny_models["vae-decoder"], None, output=tmp_path / "vae")
     report = json.loads((tmp_path / "vae" / "report.json").read_text())
-    assert [p["name"] for p in report["passes"]] == ["canonicalize", "fuse"]
+    assert [p["name"] for p in report["passes"]] == ["canonicalize", *ORDER]
     assert report["fusion"]["attention"] == configs.expected_attention_count("vae-decoder", "bk-sdm-tiny", "tiny")
     assert report["fusion"]["misses"] == {} and result.report["fusion"] == report["fusion"]
     assert ort.run(str(tmp_path / "vae" / "model.onnx"), ort.random_inputs(result.graph))
