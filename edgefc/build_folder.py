@@ -37,7 +37,7 @@ def load_for_profile(path: Path, shapes: dict | None = None, progress=None) -> g
     opset = next((o.version for o in head.opset_import if o.domain in ("", "ai.onnx")), 0)
     if built or opset >= 23:
         # as compiled: shapes were saved with the graph; the weights' values are not needed
-        graph = gs.import_onnx(head)
+        graph = ir.import_model(head)
         if any(t.shape is None for n in graph.nodes for t in n.outputs):
             ir.infer_shapes(graph)
         return graph
@@ -48,7 +48,7 @@ def load_for_profile(path: Path, shapes: dict | None = None, progress=None) -> g
     if shapes:
         ir._apply_input_shapes(head, dict(shapes))
     external_data_helper.load_external_data_for_model(head, str(model_file.parent))
-    graph = ir.infer_shapes(gs.import_onnx(head))
+    graph = ir.infer_shapes(ir.import_model(head))
     del head
     names = [n for n in ("canonicalize", "fuse") if is_known(n)]  # "fuse" is a pipeline
     if progress:

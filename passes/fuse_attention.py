@@ -254,6 +254,22 @@ def _merge(pv: gs.Node, b: int, h: int, graph_outputs) -> tuple[gs.Tensor, list[
     return out, [], False
 
 
+def _nan_guard(probs: gs.Tensor, graph_outputs) -> list[gs.Node]:
+    """``[IsNaN, Where]`` when the softmax output goes through ``Where(IsNaN(P), 0, P)`` (torch's
+    dynamo export of SDPA with a mask guards fully masked rows so), else []."""
+    users = _users(probs)
+    if probs.name in graph_outputs or len(users) != 2 or {u.op for u in users} != {"IsNaN", "Where"}:
+        return []
+    isnan = next(u for u in users if u.op == "IsNaN")
+    where = next(u for u in users if u.op == "Where")
+    zero = where.inputs[1] if len(where.inputs) == 3 else None
+    if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs or \
+            not isinstance(zero, gs.Constant) or scalar(zero) != 0.0 or _users(isnan.outputs[0]) != [where] or \
+            ir.static_shape(where.outputs[0]) != ir.static_shape(probs):
+        return []
+    return [isnan, where]
+
+
 def _match(softmax: gs.Node, graph_outputs) -> AttentionMatch:
     s_in, probs = softmax.inputs[0], softmax.outputs[0]
     s_shape = ir.static_shape(s_in)
@@ -262,10 +278,13 @@ def _match(softmax: gs.Node, graph_outputs) -> AttentionMatch:
     rank = len(s_shape)
     if int(softmax.attrs.get("axis", -1)) % rank != rank - 1:
         raise _NoMatch(f"softmax is over axis {softmax.attrs.get('axis')}, not the last")
+    guard = _nan_guard(probs, graph_outputs)
+    if guard:
+        probs = guard[-1].outputs[0]
     pv = _only_consumer(probs, graph_outputs)
     if pv.op != "MatMul" or pv.inputs[0] is not probs:
         raise _NoMatch(f"softmax output feeds {_label(pv)}, not MatMul(P, V)")
-    nodes = [softmax, pv]
+    nodes = [softmax, *guard, pv]
     _only_consumer(s_in, graph_outputs)
     # backward from the scores: scalar scales and additive masks down to MatMul(Q, K^T)
     factor, masks = 1.0, []
@@ -311,6 +330,10 @@ def _match(softmax: gs.Node, graph_outputs) -> AttentionMatch:
     nodes.extend(merge_nodes)
     sq, skv = s_shape[-2], s_shape[-1]
     mask, causal = _mask(masks, sq, skv, q.heads, q.batch, s_shape)
+    if guard and mask is not None and (isinstance(mask, (gs.Tensor, tuple)) or
+                                       np.any(np.all(np.isneginf(mask), axis=-1))):
+        raise _NoMatch("the softmax has a NaN guard (Where(IsNaN(P), 0, P)) and the mask may remove a whole "
+                       "row, where the guard gives 0 and Attention would not")
     return AttentionMatch(q, k, v, factor * q.scale * k.scale, mask, causal, out,
                           None if merged else list(ir.static_shape(out)), nodes)
 

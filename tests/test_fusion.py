@@ -406,6 +406,7 @@ def test_edgefc_function_bodies_are_exact():
                                      name="gn", attrs={"epsilon": 1e-5, "num_groups": 2}))
     nodes.append(functions.make_node("GeGLU", [x], [ge], name="ge"))
     graph = functions.ensure_functions(gs.Graph(nodes=nodes, inputs=[x, r, img, rimg], outputs=outs + [gn, ge], opset=23))
+    assert not graph.functions  # the functions are stamped on export, not kept in graphsurgeon
     model = ir.to_model(graph)
     onnx.checker.check_model(model, full_check=True)
     feeds = ort.random_inputs(model, seed=4)
@@ -427,3 +428,26 @@ def test_edgefc_function_bodies_are_exact():
     assert np.abs(got["gn"] - want).max() <= 1e-5 * np.abs(want).max()
     want = f["x"][..., :8] * acts["gelu"](f["x"][..., 8:])
     assert np.abs(got["ge"] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+# --- both torch exporters, every fusion a visible pass ---------------------------------------------
+
+@pytest.mark.parametrize("component", ("text-encoder", "unet", "vae-decoder"))
+@pytest.mark.parametrize("exporter", ("torchscript", "dynamo"))
+def test_both_exporters_fuse_everything_and_verify_names_each_fusion(request, exporter, component):
+    """Each tiny component from either exporter: --verify with the default pipeline names every
+    fusion pass, every attention and GroupNorm is fused, nothing unfused left, and the result
+    matches onnxruntime on the export within 1e-4."""
+    path = request.getfixturevalue("tiny_models" if exporter == "torchscript" else "tiny_dynamo")[component]
+    result = edgefc.compile(path, None, verify=True)
+    assert [r.name for r in result.records] == ["canonicalize", *ORDER]
+    assert all(r.verify_rel_error is not None and r.verify_rel_error <= 1e-4 for r in result.records)
+    ops, want = _ops(result.graph), configs.expected_attention_count(component, "bk-sdm-tiny", "tiny")
+    assert ops["Attention"] == want == result.report["fusion"]["attention"], result.report["fusion"]["misses"]
+    assert not {op: ops[op] for op in ("Softmax", "Erf", "InstanceNormalization") if ops[op]}
+    assert result.report["fusion"]["misses"].get("attention") is None
+    if component != "text-encoder":
+        assert ops["GroupNormalization"] + ops["GroupNormSiLU"] > 0 and "groupnorm" not in result.report["fusion"]["misses"]
+    feeds = ort.random_inputs(result.graph, seed=5)
+    _, rel, _ = ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(result.graph), feeds))
+    assert rel <= 1e-4
