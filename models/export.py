@@ -47,6 +47,7 @@ from edgefc.models import configs
 OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"
+DYNAMO_MIN_OPSET = 18
 #: models above this size are written with their weights in ``<output>.data`` (protobuf's 2 GB limit)
 EXTERNAL_DATA_BYTES = 1 << 31
 
@@ -381,6 +382,11 @@ def export_component(component: str, arch: str, output: str | os.PathLike, *, we
         raise ExportError(f"unknown exporter {exporter!r} (choose from {', '.join(EXPORTERS)}).")
     if opset is not None and not 7 <= int(opset) <= 23:
         raise ExportError(f"--opset {opset} is outside 7..23.")
+    if exporter == "dynamo" and opset is not None and int(opset) < DYNAMO_MIN_OPSET:
+        # torch 2.13 down-converts with onnx's version converter and writes e.g. Split(num_outputs)
+        # into an opset-17 model, which the ONNX checker rejects
+        raise ExportError(f"the dynamo exporter writes valid models from opset {DYNAMO_MIN_OPSET} on; "
+                          f"for opset {opset} use --exporter torchscript.")
     height, width = resolve_size(component, arch, scale, height, width)
     check_weights(component, weights)
     if weights is not None and scale != "full":

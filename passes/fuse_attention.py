@@ -49,8 +49,11 @@ MASKED = -1e9
 LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 #: how far back a Q/K/V operand is traced to its projection.
 MAX_CHAIN = 16
-#: the permutation of [B, S, H, d] that each matmul operand must equal.
-PERM = {"Q": (0, 2, 1, 3), "K": (0, 2, 3, 1), "V": (0, 2, 1, 3)}
+#: the permutation of [B, S, H, d] that each matmul operand must equal ("K4": K as Attention-23's
+#: 4D input takes it, [B, H, S, d], not transposed).
+PERM = {"Q": (0, 2, 1, 3), "K": (0, 2, 3, 1), "V": (0, 2, 1, 3), "K4": (0, 2, 1, 3)}
+#: attributes of a 4D Attention-23 that the 3D form it is rewritten to cannot carry unchanged.
+_NATIVE_BLOCKERS = {"softcap": 0.0, "qk_matmul_output_mode": 0}
 
 
 def _label(node: gs.Node) -> str:
@@ -395,6 +398,32 @@ def _to_3d(rw: Rewriter, head: _Head, name: str) -> gs.Tensor:
     return y
 
 
+def match_native(node: gs.Node, graph_outputs) -> AttentionMatch | Miss:
+    """An Attention-23 in the 4D form (``[B, H, S, d]`` inputs, as torch's dynamo exporter writes
+    SDPA at opset 23): the same tracing finds the [B, S, H*d] projections and the head merge, so
+    it can be rewritten to the 3D form the rest of the pipeline (tiling, the cost model) reads."""
+    try:
+        if len(node.outputs) != 1 or len(node.inputs) > 4 or any(
+                float(node.attrs.get(k, v)) != v for k, v in _NATIVE_BLOCKERS.items()):
+            raise _NoMatch("4D Attention with past key/value, softcap or extra outputs is left as it is")
+        q4 = ir.static_shape(node.inputs[0])
+        if q4 is None or len(q4) != 4:
+            raise _NoMatch("Attention is not in the 4D form")
+        q = _trace_head(node.inputs[0], "Q", (q4[0], q4[1]))
+        k = _trace_head(node.inputs[1], "K4", (q.batch, q.heads))
+        v = _trace_head(node.inputs[2], "V", (q.batch, q.heads))
+        scale = node.attrs.get("scale")
+        scale = float(scale) * q.scale * k.scale if scale is not None else q.head_dim ** -0.5 * q.scale * k.scale
+        if v.scale != 1.0:
+            raise _NoMatch(f"V is scaled by {v.scale:g}")
+        out, merge_nodes, merged = _merge(node, q.batch, q.heads, graph_outputs)
+        mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+        return AttentionMatch(q, k, v, scale, mask, bool(node.attrs.get("is_causal", 0)), out,
+                              None if merged else list(ir.static_shape(out)), [node, *merge_nodes])
+    except _NoMatch as e:
+        return Miss(str(e))
+
+
 @register_pass("fuse-attention", namespace="edgefc")
 class FuseAttention(FusionPass):
     """Fuse scaled-dot-product attention, by its math (any scale placement, head layout), into Attention-23."""
@@ -403,10 +432,15 @@ class FuseAttention(FusionPass):
 
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
         rw = Rewriter(graph, log)
-        for softmax in rw.nodes("Softmax"):
+        for softmax in rw.nodes("Softmax", "Attention"):
             if not rw.alive(softmax):
                 continue
-            m = match_attention(softmax, rw.graph_outputs)
+            if softmax.op == "Attention":
+                if len(ir.static_shape(softmax.inputs[0]) or ()) != 4:
+                    continue  # already the 3D form
+                m = match_native(softmax, rw.graph_outputs)
+            else:
+                m = match_attention(softmax, rw.graph_outputs)
             if not m:
                 log.miss("attention", softmax, m.reason)
                 continue

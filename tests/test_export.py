@@ -82,6 +82,8 @@ def test_unknown_exporter_and_bad_opset_are_user_errors(tmp_path, capfd):
         ex.export_component("unet", "bk-sdm-tiny", tmp_path / "u.onnx", scale="tiny", exporter="jit")
     rc, err = _cli(["export", "unet", "--scale", "tiny", "--exporter", "jit", "-o", str(tmp_path / "u.onnx")], capfd)
     assert rc == 2 and "jit" in err and "Traceback" not in err
+    with pytest.raises(ExportError, match="from opset 18 on; for opset 17 use --exporter torchscript"):
+        ex.export_component("unet", "bk-sdm-tiny", tmp_path / "u.onnx", scale="tiny", exporter="dynamo", opset=17)
     assert not list(tmp_path.iterdir())
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -451,3 +452,68 @@ def test_both_exporters_fuse_everything_and_verify_names_each_fusion(request, ex
     feeds = ort.random_inputs(result.graph, seed=5)
     _, rel, _ = ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(result.graph), feeds))
     assert rel <= 1e-4
+
+
+# --- fusion by the math: diffusers blocks x exporters x opsets -------------------------------------
+
+_BLOCK_EXPORTS: dict = {}
+
+
+def _diffusers_block(variant: str):
+    """A tiny diffusers Transformer2DModel (GroupNorm, proj in/out, self + cross attention, GEGLU,
+    LayerNorms) in one of the configurations U-Nets use, with its inputs."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    heads, head_dim = {"heads1": (1, 16), "heads4": (4, 4)}.get(variant, (2, 8))
+    block = Transformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
+                               norm_num_groups=4, cross_attention_dim=12, num_layers=2 if variant == "layers2" else 1,
+                               use_linear_projection=variant == "linear", activation_fn="geglu",
+                               upcast_attention=variant == "upcast").eval()
+    for m in block.modules():
+        if hasattr(m, "set_processor"):
+            m.set_processor(AttnProcessor() if variant == "classic" else AttnProcessor2_0())
+
+    class Wrap(nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            self.b = b
+
+        def forward(self, x, ctx):
+            return self.b(x, encoder_hidden_states=ctx, return_dict=False)[0]
+
+    torch.manual_seed(0)
+    return Wrap(block), (torch.randn(1, 16, 4, 4), torch.randn(1, 5, 12))
+
+
+@pytest.mark.parametrize("variant, exporter, opset", [
+    ("sdpa", "torchscript", 14), ("sdpa", "torchscript", 17), ("classic", "torchscript", 17),
+    ("linear", "torchscript", 20), ("heads1", "torchscript", 17), ("heads4", "torchscript", 17),
+    ("layers2", "torchscript", 17), ("upcast", "torchscript", 17),
+    ("sdpa", "dynamo", 18), ("classic", "dynamo", 20), ("linear", "dynamo", 23), ("heads1", "dynamo", 20),
+])
+def test_diffusers_transformer_blocks_fuse_from_any_exporter(tmp_path, variant, exporter, opset):
+    """Every attention, GroupNorm, LayerNorm and GEGLU of a diffusers transformer block is fused,
+    whatever processor (SDPA or the classic baddbmm one), projection, head layout, exporter and
+    opset produced it, and the fused graph computes what the export does."""
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    module, inputs = _diffusers_block(variant)
+    path = tmp_path / f"{variant}-{exporter}-{opset}.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, str(path), dynamo=exporter == "dynamo", opset_version=opset,
+                          input_names=["x", "ctx"], output_names=["y"])
+    source = _ops(edgefc.load(path))
+    ctx = PassContext()
+    graph = edgefc.PassManager(["canonicalize", "fuse"]).run(edgefc.load(path), ctx)
+    ops, layers = _ops(graph), 2 if variant == "layers2" else 1
+    assert ops["Attention"] == 2 * layers == ctx.report["fusion"]["attention"], ctx.report["fusion"]["misses"]
+    assert ops["GroupNormalization"] + ops["GroupNormSiLU"] == 1 and ops["GeGLU"] == layers
+    assert ops["LayerNormalization"] == 3 * layers
+    assert not {op: ops[op] for op in ("Softmax", "Erf", "InstanceNormalization", "ReduceMean") if ops[op]}
+    assert source["Softmax"] + source["Attention"] == 2 * layers  # opset 23 dynamo: 4D Attention-23, made 3D
+    assert all(len(ir.static_shape(n.inputs[0])) == 3 for n in graph.nodes if n.op == "Attention")
+    feeds = {"x": inputs[0].numpy(), "ctx": inputs[1].numpy()}
+    _, rel, _ = ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(graph), feeds))
+    assert rel <= 1e-5
