@@ -38,10 +38,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import ir
+from edgefc.matcher import Miss
 from edgefc.pass_base import PassContext
 from edgefc.passes.fusion_base import FusionPass, const
-from edgefc.pattern import Miss, RewriteLog, Rewriter, scalar
+from edgefc.pattern import scalar
 from edgefc.registry import register_pass
+from edgefc.rewriter import RewriteLog, Rewriter
 
 #: an additive mask value at or below this removes a score exactly (exp underflows to 0 in fp32).
 MASKED = -1e9

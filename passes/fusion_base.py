@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from edgefc import functions
 from edgefc.errors import PassError
 from edgefc.pass_base import Pass, PassContext
-from edgefc.pattern import RewriteLog
+from edgefc.rewriter import RewriteLog
 
 
 def record(ctx: PassContext, log: RewriteLog, kinds: tuple[str, ...]) -> None:
