@@ -243,7 +243,7 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def make_node(op: str, inputs, outputs, *, name: str, attrs: dict | None = None) -> gs.Node:
-    """An edgefc-domain node (its function is added by :func:`ensure_functions`)."""
+    """An edgefc-domain node (its function is stamped on export by :func:`attach_functions`)."""
     if op not in OPS:
         raise PassError(f"unknown edgefc op '{op}'")
     attrs = dict(attrs or {})

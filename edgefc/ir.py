@@ -369,7 +369,7 @@ def _convert_node(graph: gs.Graph, node: gs.Node, old: int, new: int) -> list[gs
     g = onnx.helper.make_graph([E.export_node(node)], "node", inputs, outputs, initializer=inits)
     model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", old)])
     converted = version_converter.convert_version(model, new)
-    part = gs.import_onnx(converted)
+    part = import_model(converted)
     outer = {t.name: t for t in list(node.inputs) + list(node.outputs) if t.name}
     prefix = f"{node.name or node.op}_opset{new}_"
     for t in part.tensors().values():
