@@ -517,3 +517,28 @@ def test_diffusers_transformer_blocks_fuse_from_any_exporter(tmp_path, variant, 
     feeds = {"x": inputs[0].numpy(), "ctx": inputs[1].numpy()}
     _, rel, _ = ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(graph), feeds))
     assert rel <= 1e-5
+
+
+def test_native_groupnormalization_takes_its_silu(tmp_path):
+    """A GroupNormalization-21 already in the export (dynamo at opset 21+) followed by SiLU becomes
+    GroupNormSiLU, exactly; a second run finds nothing to do."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    rng = np.random.default_rng(0)
+    vi = [h.make_tensor_value_info(n, T.FLOAT, [1, 8, 4, 4]) for n in ("x", "g", "sg", "y")]
+    inits = [onnx.numpy_helper.from_array(rng.random(8).astype(np.float32), n) for n in ("s", "b")]
+    nodes = [h.make_node("GroupNormalization", ["x", "s", "b"], ["g"], name="gn", num_groups=2, epsilon=1e-5),
+             h.make_node("Sigmoid", ["g"], ["sg"], name="sig"), h.make_node("Mul", ["g", "sg"], ["y"], name="mul")]
+    model = h.make_model(h.make_graph(nodes, "g", [vi[0]], [vi[3]], inits, value_info=vi[1:3]),
+                         opset_imports=[h.make_opsetid("", 21)])
+    path = tmp_path / "gn21.onnx"
+    onnx.save(model, path)
+    ctx = PassContext()
+    graph = edgefc.PassManager(["canonicalize", "fuse"]).run(edgefc.load(path), ctx)
+    assert _ops(graph) == {"GroupNormSiLU": 1} and ctx.report["fusion"]["groupnorm_silu"] == 1
+    feeds = ort.random_inputs(graph, 1)
+    assert ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(graph), feeds)).rel_error == 0.0
+    again = PassContext()
+    edgefc.PassManager(["fuse"]).run(graph, again)
+    assert all(v == 0 for k, v in again.report["fusion"].items() if k != "misses")
