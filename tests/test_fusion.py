@@ -542,3 +542,25 @@ def test_native_groupnormalization_takes_its_silu(tmp_path):
     again = PassContext()
     edgefc.PassManager(["fuse"]).run(graph, again)
     assert all(v == 0 for k, v in again.report["fusion"].items() if k != "misses")
+
+
+def test_optimum_style_dynamic_export_fuses_once_shapes_are_fixed(tmp_path):
+    """What optimum's ONNX export writes (TorchScript exporter, opset 14, dynamic batch, spatial
+    and sequence axes), compiled with ``shapes`` (``--shape``): every attention and the GroupNorm
+    fused, and the result matches the export at the fixed shapes."""
+    module, inputs = _diffusers_block("sdpa")
+    path = tmp_path / "dynamic.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=14, input_names=["x", "ctx"],
+                          output_names=["y"], dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"},
+                                                            "ctx": {0: "batch", 1: "sequence"}, "y": {0: "batch"}})
+    assert any(d.dim_param for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim)
+    shapes = {"x": (2, 16, 6, 4), "ctx": (2, 9, 12)}
+    result = edgefc.compile(path, None, shapes=shapes)
+    ops = _ops(result.graph)
+    assert ops["Attention"] == 2 and ops["GroupNormalization"] + ops["GroupNormSiLU"] == 1, result.report["fusion"]
+    assert not {op: ops[op] for op in ("Softmax", "Erf", "InstanceNormalization") if ops[op]}
+    rng = np.random.default_rng(3)
+    feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    assert ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(result.graph), feeds)).rel_error <= 1e-5
