@@ -54,8 +54,11 @@ MAX_CHAIN = 16
 #: the permutation of [B, S, H, d] that each matmul operand must equal ("K4": K as Attention-23's
 #: 4D input takes it, [B, H, S, d], not transposed).
 PERM = {"Q": (0, 2, 1, 3), "K": (0, 2, 3, 1), "V": (0, 2, 1, 3), "K4": (0, 2, 1, 3)}
-#: attributes of a 4D Attention-23 that the 3D form it is rewritten to cannot carry unchanged.
+#: attributes of a 4D Attention that the 3D form it is rewritten to cannot carry unless they hold
+#: these values; any attribute not named here or in _NATIVE_KEPT (e.g. opset 24's window sizes)
+#: leaves the node as it is.
 _NATIVE_BLOCKERS = {"softcap": 0.0, "qk_matmul_output_mode": 0}
+_NATIVE_KEPT = {"scale", "is_causal", "softmax_precision", "q_num_heads", "kv_num_heads"}
 
 
 def _label(node: gs.Node) -> str:
@@ -408,6 +411,9 @@ def match_native(node: gs.Node, graph_outputs) -> AttentionMatch | Miss:
         if len(node.outputs) != 1 or len(node.inputs) > 4 or any(
                 float(node.attrs.get(k, v)) != v for k, v in _NATIVE_BLOCKERS.items()):
             raise _NoMatch("4D Attention with past key/value, softcap or extra outputs is left as it is")
+        other = sorted(set(node.attrs) - _NATIVE_KEPT - set(_NATIVE_BLOCKERS))
+        if other:
+            raise _NoMatch(f"4D Attention with attribute(s) {', '.join(other)} is left as it is")
         q4 = ir.static_shape(node.inputs[0])
         if q4 is None or len(q4) != 4:
             raise _NoMatch("Attention is not in the 4D form")
@@ -420,8 +426,10 @@ def match_native(node: gs.Node, graph_outputs) -> AttentionMatch | Miss:
             raise _NoMatch(f"V is scaled by {v.scale:g}")
         out, merge_nodes, merged = _merge(node, q.batch, q.heads, graph_outputs)
         mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
-        return AttentionMatch(q, k, v, scale, mask, bool(node.attrs.get("is_causal", 0)), out,
-                              None if merged else list(ir.static_shape(out)), [node, *merge_nodes])
+        m = AttentionMatch(q, k, v, scale, mask, bool(node.attrs.get("is_causal", 0)), out,
+                           None if merged else list(ir.static_shape(out)), [node, *merge_nodes])
+        m.extra_attrs = {k: node.attrs[k] for k in ("softmax_precision",) if k in node.attrs}
+        return m
     except _NoMatch as e:
         return Miss(str(e))
 
@@ -479,7 +487,7 @@ class FuseAttention(FusionPass):
                                 outputs=[m.output])]
             node = gs.Node("Attention", name=name, inputs=inputs, outputs=[out], attrs={
                 "q_num_heads": m.q.heads, "kv_num_heads": m.k.heads, "scale": float(m.scale),
-                "is_causal": int(m.causal)})
+                "is_causal": int(m.causal), **getattr(m, "extra_attrs", {})})
             rw.replace(m.nodes, [node] + new)
             log.count("attention")
         rw.commit()
