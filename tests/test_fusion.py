@@ -450,8 +450,7 @@ def test_both_exporters_fuse_everything_and_verify_names_each_fusion(request, ex
     if component != "text-encoder":
         assert ops["GroupNormalization"] + ops["GroupNormSiLU"] > 0 and "groupnorm" not in result.report["fusion"]["misses"]
     feeds = ort.random_inputs(result.graph, seed=5)
-    _, rel, _ = ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(result.graph), feeds))
-    assert rel <= 1e-4
+    ort.check(ort.run(str(path), feeds), ort.run(ir.to_model(result.graph), feeds), 1e-4)
 
 
 # --- fusion by the math: diffusers blocks x exporters x opsets -------------------------------------
@@ -515,8 +514,7 @@ def test_diffusers_transformer_blocks_fuse_from_any_exporter(tmp_path, variant, 
     assert source["Softmax"] + source["Attention"] == 2 * layers  # opset 23 dynamo: 4D Attention-23, made 3D
     assert all(len(ir.static_shape(n.inputs[0])) == 3 for n in graph.nodes if n.op == "Attention")
     feeds = {"x": inputs[0].numpy(), "ctx": inputs[1].numpy()}
-    _, rel, _ = ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(graph), feeds))
-    assert rel <= 1e-5
+    ort.check(ort.run(str(path), feeds), ort.run(ir.to_model(graph), feeds), 1e-5)
 
 
 def test_native_groupnormalization_takes_its_silu(tmp_path):
@@ -538,7 +536,7 @@ def test_native_groupnormalization_takes_its_silu(tmp_path):
     graph = edgefc.PassManager(["canonicalize", "fuse"]).run(edgefc.load(path), ctx)
     assert _ops(graph) == {"GroupNormSiLU": 1} and ctx.report["fusion"]["groupnorm_silu"] == 1
     feeds = ort.random_inputs(graph, 1)
-    assert ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(graph), feeds)).rel_error == 0.0
+    ort.check(ort.run(str(path), feeds), ort.run(ir.to_model(graph), feeds), 0.0)
     again = PassContext()
     edgefc.PassManager(["fuse"]).run(graph, again)
     assert all(v == 0 for k, v in again.report["fusion"].items() if k != "misses")
@@ -563,4 +561,4 @@ def test_optimum_style_dynamic_export_fuses_once_shapes_are_fixed(tmp_path):
     assert not {op: ops[op] for op in ("Softmax", "Erf", "InstanceNormalization") if ops[op]}
     rng = np.random.default_rng(3)
     feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
-    assert ort.compare(ort.run(str(path), feeds), ort.run(ir.to_model(result.graph), feeds)).rel_error <= 1e-5
+    ort.check(ort.run(str(path), feeds), ort.run(ir.to_model(result.graph), feeds), 1e-5)
