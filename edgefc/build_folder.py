@@ -13,10 +13,10 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 
 from edgefc import ir
-from edgefc.errors import BuildError, ModelLoadError, PassError
+from edgefc.errors import BuildError, ModelLoadError
 from edgefc.pass_base import PassContext
 from edgefc.pass_manager import PassManager
-from edgefc.registry import resolve_pass_id
+from edgefc.registry import is_known
 
 
 def load_for_profile(path: Path, shapes: dict | None = None, progress=None) -> gs.Graph:
@@ -37,7 +37,7 @@ def load_for_profile(path: Path, shapes: dict | None = None, progress=None) -> g
     opset = next((o.version for o in head.opset_import if o.domain in ("", "ai.onnx")), 0)
     if built or opset >= 23:
         # as compiled: shapes were saved with the graph; the weights' values are not needed
-        graph = gs.import_onnx(head)
+        graph = ir.import_model(head)
         if any(t.shape is None for n in graph.nodes for t in n.outputs):
             ir.infer_shapes(graph)
         return graph
@@ -48,17 +48,10 @@ def load_for_profile(path: Path, shapes: dict | None = None, progress=None) -> g
     if shapes:
         ir._apply_input_shapes(head, dict(shapes))
     external_data_helper.load_external_data_for_model(head, str(model_file.parent))
-    graph = ir.infer_shapes(gs.import_onnx(head))
+    graph = ir.infer_shapes(ir.import_model(head))
     del head
-    names = [n for n in ("canonicalize", "fuse") if _registered(n)]
+    names = [n for n in ("canonicalize", "fuse") if is_known(n)]  # "fuse" is a pipeline
     if progress:
         progress(f"raw export (opset {opset}): running {', '.join(names)} in memory")
     return PassManager(names).run(graph, PassContext(options={"shapes": dict(shapes or {})}))
 
-
-def _registered(name: str) -> bool:
-    try:
-        resolve_pass_id(name)
-        return True
-    except PassError:
-        return False

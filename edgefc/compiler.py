@@ -1,7 +1,8 @@
 """``edgefc.compile``: load -> pass pipeline -> artifacts, written atomically.
 
 The data flow of DESIGN.md in one function: the ONNX file is loaded as a Graph, the pipeline
-(a list of pass names, data not code) transforms it, and the build folder receives
+(a named list of passes, data not code: ``npu`` or ``default``, see :mod:`edgefc.registry`)
+transforms it, and the build folder receives
 ``model.onnx`` (still runnable by onnxruntime), ``report.json`` (what every stage decided) and
 whatever the target adds (``profile.json``, TVM libraries). Everything is written into a
 temporary folder beside the destination and moved into place at the end, so a failure leaves
@@ -24,32 +25,28 @@ from edgefc import ir
 from edgefc.errors import PassError
 from edgefc.pass_base import PassContext
 from edgefc.pass_manager import PassManager, PassRecord
-from edgefc.registry import _PASSES, _load_builtins, resolve_pass_id
+from edgefc.registry import expand, is_known, list_pipelines
 from edgefc.staging import staging_dir
 from edgefc.target import Target, get_target
 
-# The default pipeline for each kind of target, in order. A stage runs when its condition on
-# the compile options holds (see ``default_pipeline``).
-DEFAULT_PIPELINE = ("canonicalize", "fuse", "quantize", "mlt")
-
 
 def default_pipeline(target: Target | None, options: dict) -> list[str]:
-    """The passes ``edgefc compile`` runs when ``--passes`` is not given.
+    """The pipeline ``edgefc compile`` runs when ``--passes`` is not given, as a list of names.
 
-    canonicalize -> fuse -> quantize (NPU targets, unless ``--precision fp32``) -> mlt (NPU
-    targets, unless ``--no-mlt``). Quantization comes before tiling so the tile solver sees the
-    deployed byte sizes.
+    NPU targets run the ``npu`` pipeline (canonicalize -> fuse -> quantize -> mlt), others the
+    ``default`` one (canonicalize -> fuse); the options edit the list: ``--precision fp32``
+    removes quantize, ``--no-mlt`` removes mlt (``--no-fuse`` removes single fusions, see
+    :func:`edgefc.pass_manager.skipped_fusions`). Quantization comes before tiling so the tile
+    solver sees the deployed byte sizes.
     """
-    _load_builtins()
     npu = bool(target is not None and target.is_npu)
-    wanted = {
-        "canonicalize": True,
-        "fuse": True,
-        "quantize": npu and options.get("precision", "auto") != "fp32",
-        "mlt": npu and not options.get("no_mlt", False),
-    }
-    registered = {pid.split("::", 1)[1] for pid in _PASSES}
-    return [name for name in DEFAULT_PIPELINE if wanted[name] and name in registered]
+    names = list(list_pipelines()["npu" if npu else "default"])
+    drop = set()
+    if options.get("precision", "auto") == "fp32":
+        drop.add("quantize")
+    if options.get("no_mlt", False):
+        drop.add("mlt")
+    return [n for n in names if n not in drop and is_known(n)]
 
 
 @dataclass
@@ -82,8 +79,8 @@ def compile(model: str | os.PathLike | gs.Graph, target: str | Target | None = "
     options["shapes"] = dict(shapes or {})
     tgt = get_target(target) if target is not None else None
     names = passes if passes is not None else default_pipeline(tgt, options)
-    for name in names:
-        resolve_pass_id(name)  # unknown passes fail before any work is done
+    expand(names)  # unknown passes fail before any work is done
+    PassManager(names).prepare(PassContext(target=tgt, options=dict(options)))  # and bad options
     source = None
     if isinstance(model, gs.Graph):
         graph = model

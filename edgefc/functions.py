@@ -25,20 +25,23 @@ after the activation.
 activations, with or without the residual input; a missing optional input cannot be
 referenced in a body). They are ONNX function *overloads* (IR version 10: ``FunctionProto.overload``
 / ``NodeProto.overload``), named ``<activation>`` or ``<activation>_residual``, which
-onnxruntime, the ONNX checker, shape inference and the inliner resolve. onnx-graphsurgeon 0.6
-drops both fields, so :func:`install_graphsurgeon_overloads` (run when this module is imported)
-teaches its exporter to write them: a node's overload is derived from its op, ``activation``
-and input count, so passes that rewire inputs keep it right; a function's overload is kept in
-the first line of its doc string (``[overload: silu_residual] ...``), which survives import
-and ``copy()``.
+onnxruntime, the ONNX checker, shape inference and the inliner resolve.
+
+**Where the functions live.** The bodies are derived data: a node's variant follows from its
+op, ``activation`` and input count. So the in-memory graph (onnx-graphsurgeon, which knows no
+overloads) holds only the edgefc *nodes*; the functions are stamped once, on the way out, by
+:func:`attach_functions` (``edgefc.ir.to_model`` / ``save`` / the shape-inference skeleton),
+and dropped on the way in by :func:`strip_functions` (``edgefc.ir.import_model``) before
+graphsurgeon, which would merge the overloads of one name, sees them. Nothing of
+graphsurgeon is patched.
 """
 
 from __future__ import annotations
 
-import re
 from typing import List  # noqa: UP035 (graphsurgeon's attribute-type table is keyed by typing.List)
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from edgefc.errors import PassError
@@ -60,8 +63,6 @@ RESIDUAL_INPUT = 3
 #: graphsurgeon's name for the INTS attribute type (``list[int]`` is not in its table).
 INTS = List[int]  # noqa: UP006
 
-_OVERLOAD_RE = re.compile(r"^\[overload: ([A-Za-z0-9_]+)\]")
-
 
 # --- variants ----------------------------------------------------------------------------------
 
@@ -80,11 +81,6 @@ def node_overload(node: gs.Node) -> str | None:
     if isinstance(activation, bytes):
         activation = activation.decode()
     return overload_name(str(activation), len(node.inputs) > RESIDUAL_INPUT)
-
-
-def function_overload(func: gs.Function) -> str:
-    m = _OVERLOAD_RE.match(func.doc_string or "")
-    return m.group(1) if m else ""
 
 
 # --- bodies ------------------------------------------------------------------------------------
@@ -113,12 +109,11 @@ class _Body:
             return self.op("Mul", [z, self.op("Sigmoid", [z])])
         return z
 
-    def function(self, name: str, output, doc: str, attrs: dict, overload: str = "") -> gs.Function:
+    def function(self, name: str, output, doc: str, attrs: dict) -> gs.Function:
         # The body's last node writes the function output ``Y``.
         if output in self.inputs:  # identity body (cannot happen for the ops below)
             output = self.op("Identity", [output])
         output.name = "Y"
-        doc = f"[overload: {overload}] {doc}" if overload else doc
         return gs.Function(name, domain=DOMAIN, nodes=self.nodes, inputs=self.inputs, outputs=[output],
                            doc_string=doc, opset=BODY_OPSET, attrs=attrs)
 
@@ -152,7 +147,7 @@ def fused_matmul(activation: str, residual: bool) -> gs.Function:
     if residual:
         y = b.op("Add", [y, b.inputs[3]])
     doc = f"Y = {activation}(A @ B + bias)" + (" + residual" if residual else "")
-    return b.function("FusedMatMul", y, doc, {"activation": None}, overload_name(activation, residual))
+    return b.function("FusedMatMul", y, doc, {"activation": None})
 
 
 def fused_conv(activation: str, residual: bool) -> gs.Function:
@@ -165,8 +160,7 @@ def fused_conv(activation: str, residual: bool) -> gs.Function:
     if residual:
         y = b.op("Add", [y, b.inputs[3]])
     doc = f"Y = {activation}(Conv(X, W, B))" + (" + residual" if residual else "")
-    return b.function("FusedConv", y, doc, {"activation": None, **{a: None for a in CONV_ATTRS}},
-                      overload_name(activation, residual))
+    return b.function("FusedConv", y, doc, {"activation": None, **{a: None for a in CONV_ATTRS}})
 
 
 def function_for(node: gs.Node) -> gs.Function:
@@ -187,28 +181,69 @@ OPS = ("GroupNormSiLU", "GeGLU", "FusedMatMul", "FusedConv")
 
 
 def ensure_functions(graph: gs.Graph) -> gs.Graph:
-    """Give ``graph`` the local function of every edgefc op (of :data:`OPS`) that its nodes use.
-
-    Also raises the IR version to 10 (overloads) and checks that the standard opset is recent
-    enough for the bodies. Functions already present are kept; unused ones are left alone.
-    """
-    have = {(f.domain, f.name, function_overload(f)) for f in graph.functions}
-    for node in graph.nodes:
-        if node.domain != DOMAIN or node.op not in OPS:
-            continue
-        key = (DOMAIN, node.op, node_overload(node) or "")
-        if key not in have:
-            graph.functions.append(function_for(node))
-            have.add(key)
-    if any(f.domain == DOMAIN for f in graph.functions):
+    """Check that ``graph`` can carry the functions of its edgefc ops (standard opset >= 21 for the
+    bodies) and raise its IR version to 10 (overloads). The functions themselves are stamped when
+    the graph is exported (:func:`attach_functions`)."""
+    if any(n.domain == DOMAIN and n.op in OPS for n in graph.nodes):
         if int(graph.opset) < 21:
             raise PassError(f"edgefc fused ops need standard opset >= 21 (the graph has {graph.opset}); run canonicalize first")
         graph.ir_version = max(int(graph.ir_version or 0), MIN_IR_VERSION)
     return graph
 
 
+def _node_overload(node: onnx.NodeProto) -> str | None:
+    """The overload a NodeProto of FusedMatMul/FusedConv calls (from ``activation`` and its inputs)."""
+    if node.domain != DOMAIN or node.op_type not in OVERLOADED:
+        return None
+    activation = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "activation"), b"none")
+    if isinstance(activation, bytes):
+        activation = activation.decode()
+    inputs = list(node.input)
+    return overload_name(str(activation), len(inputs) > RESIDUAL_INPUT and inputs[RESIDUAL_INPUT] != "")
+
+
+def strip_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove the functions of edgefc ops (derived data) from ``model``, in place, before it is
+    imported into graphsurgeon (which keys functions by domain and name, merging overloads)."""
+    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name in OPS)]
+    if len(keep) != len(model.functions):
+        del model.functions[:]
+        model.functions.extend(keep)
+    return model
+
+
+def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give an exported ``model`` (in place) the local function of every edgefc op its graph uses,
+    with the overload on each FusedMatMul/FusedConv node and function, and IR version >= 10."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    strip_functions(model)
+    wanted: dict[tuple[str, str], onnx.NodeProto] = {}
+    for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type in OPS:
+            ov = _node_overload(node)
+            if ov:
+                node.overload = ov
+            wanted.setdefault((node.op_type, ov or ""), node)
+    if not wanted:
+        return model
+    for (op, ov), _ in sorted(wanted.items()):
+        if op in OVERLOADED:
+            activation, residual = ov.removesuffix("_residual"), ov.endswith("_residual")
+            func = (fused_matmul if op == "FusedMatMul" else fused_conv)(activation, residual)
+        else:
+            func = group_norm_silu() if op == "GroupNormSiLU" else geglu()
+        proto = OnnxExporter.export_function(func)
+        proto.overload = ov
+        model.functions.append(proto)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    model.ir_version = max(int(model.ir_version), MIN_IR_VERSION)
+    return model
+
+
 def make_node(op: str, inputs, outputs, *, name: str, attrs: dict | None = None) -> gs.Node:
-    """An edgefc-domain node (its function is added by :func:`ensure_functions`)."""
+    """An edgefc-domain node (its function is stamped on export by :func:`attach_functions`)."""
     if op not in OPS:
         raise PassError(f"unknown edgefc op '{op}'")
     attrs = dict(attrs or {})
@@ -216,41 +251,6 @@ def make_node(op: str, inputs, outputs, *, name: str, attrs: dict | None = None)
         attrs.setdefault("activation", "none")
         overload_name(attrs["activation"], False)  # validates
     return gs.Node(op, name=name, attrs=attrs, inputs=list(inputs), outputs=list(outputs), domain=DOMAIN)
-
-
-# --- onnx-graphsurgeon overload support ---------------------------------------------------------
-
-def install_graphsurgeon_overloads() -> None:
-    """Make onnx-graphsurgeon's exporter write ``overload`` on edgefc nodes and functions, and
-    tell its function registry that overloads are distinct functions. Idempotent."""
-    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
-    if getattr(OnnxExporter, "_edgefc_overloads", False):
-        return
-    export_node, export_function = OnnxExporter.export_node, OnnxExporter.export_function
-
-    def _export_node(node):
-        proto = export_node(node)
-        ov = node_overload(node)
-        if ov and not proto.overload:
-            proto.overload = ov
-        return proto
-
-    def _export_function(func):
-        proto = export_function(func)
-        ov = function_overload(func)
-        if ov and not proto.overload:
-            proto.overload = ov
-        return proto
-
-    OnnxExporter.export_node = staticmethod(_export_node)
-    OnnxExporter.export_function = staticmethod(_export_function)
-    # Function identity (duplicate detection, topological sorting of functions) includes the overload.
-    gs.Function.unique_id = property(lambda self: (self.domain, self.name, function_overload(self)))
-    OnnxExporter._edgefc_overloads = True
-
-
-install_graphsurgeon_overloads()
 
 
 def constant(name: str, values) -> gs.Constant:

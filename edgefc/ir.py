@@ -20,9 +20,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-# Imported for its side effect: graphsurgeon learns ONNX function overloads, which the fused
-# FusedMatMul/FusedConv variants need to survive every import and export (see edgefc.functions).
-from edgefc import functions as _functions  # noqa: F401
+from edgefc import functions
 from edgefc.errors import ModelLoadError, ShapeError
 
 Graph = gs.Graph
@@ -128,9 +126,15 @@ def load(path: str | os.PathLike, shapes: dict | None = None) -> gs.Graph:
     data (named) and external data that resolves outside the model's folder.
     """
     model = load_model_proto(path, shapes)
-    graph = gs.import_onnx(model)
+    graph = import_model(model)
     infer_shapes(graph)
     return graph
+
+
+def import_model(model: onnx.ModelProto) -> gs.Graph:
+    """``gs.import_onnx`` without the edgefc functions (derived data, stamped again on export;
+    see :mod:`edgefc.functions`). Strips them from ``model`` in place."""
+    return gs.import_onnx(functions.strip_functions(model))
 
 
 def _tensor_nbytes(t: onnx.TensorProto) -> int:
@@ -201,7 +205,7 @@ def skeleton_model(graph: gs.Graph, min_bytes: int = 1024) -> onnx.ModelProto:
                                    functions=[E.export_function(f) for f in graph.functions])
     if graph.ir_version is not None:
         model.ir_version = graph.ir_version
-    return model
+    return functions.attach_functions(model)
 
 
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
@@ -235,8 +239,9 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def to_model(graph: gs.Graph) -> onnx.ModelProto:
-    """Export ``graph`` to a ModelProto (no checks; large models stay in memory)."""
-    return gs.export_onnx(graph, do_type_check=False)
+    """Export ``graph`` to a ModelProto (no checks; large models stay in memory), with the local
+    functions of its edgefc ops."""
+    return functions.attach_functions(gs.export_onnx(graph, do_type_check=False))
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -364,7 +369,7 @@ def _convert_node(graph: gs.Graph, node: gs.Node, old: int, new: int) -> list[gs
     g = onnx.helper.make_graph([E.export_node(node)], "node", inputs, outputs, initializer=inits)
     model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", old)])
     converted = version_converter.convert_version(model, new)
-    part = gs.import_onnx(converted)
+    part = import_model(converted)
     outer = {t.name: t for t in list(node.inputs) + list(node.outputs) if t.name}
     prefix = f"{node.name or node.op}_opset{new}_"
     for t in part.tensors().values():
@@ -402,7 +407,7 @@ def upgrade_opset(graph: gs.Graph, version: int) -> gs.Graph:
     real_inputs = {t.name for t in graph.inputs}
     try:
         converted = version_converter.convert_version(skeleton_model(graph), version)
-        new = gs.import_onnx(converted)
+        new = import_model(converted)
     except Exception:  # noqa: BLE001 - the converter raises plain RuntimeErrors: try op by op
         return _upgrade_op_by_op(graph, old, version)
     new.inputs = [t for t in new.inputs if t.name in real_inputs]

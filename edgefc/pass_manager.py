@@ -1,4 +1,9 @@
-"""The pass manager: runs an ordered pipeline of passes, timing and counting each one.
+"""The pass manager: expands a pipeline (pass and pipeline names, see :mod:`edgefc.registry`)
+to its passes and runs them in order, timing and counting each one.
+
+Before any pass runs, the compile-wide options are checked against what the registered passes
+declare (:func:`edgefc.pass_base.check_options`) and each pass receives the values of its own
+options; ``no_fuse`` (``--no-fuse NAME``) removes fusion passes from the list.
 
 With ``verify=True`` the graph after every pass is run in onnxruntime on seeded random inputs
 and compared with the graph before that pass (the original model for the first pass), each
@@ -18,8 +23,34 @@ import onnx_graphsurgeon as gs
 
 from edgefc import ir, ort
 from edgefc.errors import EdgefcError, InternalError, PassError, VerificationError
-from edgefc.pass_base import Pass, PassContext
-from edgefc.registry import get_pass, resolve_pass_id
+from edgefc.pass_base import Pass, PassContext, check_options
+from edgefc.registry import expand, get_pass, pass_classes
+
+#: the pipeline whose passes ``--no-fuse`` may remove
+FUSION_PIPELINE = "fuse"
+
+
+def fusion_names() -> list[str]:
+    """Short names of the fusion passes, in order (the ``fuse`` pipeline)."""
+    return [pid.split("::", 1)[1] for pid in expand([FUSION_PIPELINE])]
+
+
+def skipped_fusions(no_fuse) -> list[str]:
+    """The fusion passes ``--no-fuse`` names (``attention`` or ``fuse-attention``), in pipeline
+    order; PassError for a name that is no fusion."""
+    if isinstance(no_fuse, str):
+        no_fuse = no_fuse.split(",")
+    known = fusion_names()
+    wanted = set()
+    for raw in no_fuse or ():
+        name = raw.strip()
+        if not name:
+            continue
+        full = name if name.startswith("fuse-") else f"fuse-{name}"
+        if full not in known:
+            raise PassError(f"--no-fuse {name}: no such fusion (known: {', '.join(n.removeprefix('fuse-') for n in known)})")
+        wanted.add(full)
+    return [n for n in known if n in wanted]
 
 
 @dataclass
@@ -60,26 +91,49 @@ def internal_error(pass_name: str, error: Exception) -> InternalError:
 class PassManager:
     """An ordered pipeline of passes.
 
-    >>> pm = PassManager(["canonicalize", "fuse"])
+    >>> pm = PassManager(["canonicalize", "fuse"])          # "fuse" is a pipeline: 8 passes
     >>> graph = pm.run(edgefc.load("unet.onnx"), PassContext(target=...))
-    >>> [r.name for r in pm.records]
+    >>> [r.name for r in pm.records]                        # canonicalize, fuse-identity, ...
     """
 
     def __init__(self, passes, *, verify: bool = False, verify_seed: int = 0,
                  dump_after: dict[str, Path] | None = None, progress=None):
-        self.passes: list[Pass] = [p if isinstance(p, Pass) else get_pass(p) for p in passes]
+        self.passes: list[Pass] = []
+        for p in passes:
+            if isinstance(p, Pass):
+                self.passes.append(p)
+            else:
+                self.passes.extend(get_pass(pid) for pid in expand([p]))
         self.verify = verify
         self.verify_seed = verify_seed
-        self.dump_after = {resolve_pass_id(k): Path(v) for k, v in (dump_after or {}).items()}
-        missing = [k for k in self.dump_after if k not in {p.id for p in self.passes}]
-        if missing:
-            raise PassError(f"--dump-after names {missing[0].split('::')[1]}, which is not in the pipeline "
-                            f"({', '.join(p.name for p in self.passes)})")
+        self.dump_after: dict[str, Path] = {}
+        for k, v in (dump_after or {}).items():
+            # a pipeline name means: after its last pass
+            ids = expand([k])
+            if not ids or ids[-1] not in {p.id for p in self.passes}:
+                raise PassError(f"--dump-after names {k}, which is not in the pipeline "
+                                f"({', '.join(p.name for p in self.passes)})")
+            self.dump_after[ids[-1]] = Path(v)
         self.progress = progress
         self.records: list[PassRecord] = []
 
+    def prepare(self, ctx: PassContext) -> None:
+        """Check the compile-wide options, drop the fusions ``no_fuse`` names, give each pass its
+        options. Called by :meth:`run`; callers may call it first to fail before loading a model."""
+        check_options(ctx.options, pass_classes())
+        skipped = skipped_fusions(ctx.options.get("no_fuse"))
+        if skipped:
+            self.passes = [p for p in self.passes if p.name not in skipped]
+            ctx.report.setdefault("fusion", {"misses": {}})["skipped"] = skipped
+            lost = [k for k in self.dump_after if k not in {p.id for p in self.passes}]
+            if lost:
+                raise PassError(f"--dump-after names {lost[0].split('::')[1]}, which --no-fuse removes")
+        for p in self.passes:
+            p.configure(ctx.options)
+
     def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> gs.Graph:
         ctx = ctx or PassContext()
+        self.prepare(ctx)
         reference = feeds = None
         if self.verify:
             feeds = ort.random_inputs(graph, self.verify_seed)
@@ -89,6 +143,7 @@ class PassManager:
                 self.progress(p)
             before = len(graph.nodes)
             start = time.perf_counter()
+            ctx.pass_options = p.options
             try:
                 graph = p.run(graph, ctx)
                 graph.cleanup().toposort()
@@ -96,6 +151,8 @@ class PassManager:
                 raise
             except Exception as e:  # a bug or an unhandled model: one line naming the pass and node
                 raise internal_error(p.name, e) from e
+            finally:
+                ctx.pass_options = None
             seconds = time.perf_counter() - start
             record = PassRecord(p.name, round(seconds, 4), before, len(graph.nodes))
             if self.verify:

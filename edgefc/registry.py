@@ -1,4 +1,11 @@
-"""The pass registry: passes are found by id (``"namespace::name"``) or by unique short name.
+"""The pass registry: passes are found by id (``"namespace::name"``) or by unique short name;
+pipelines are named lists of passes and pipelines (data), expanded to pass ids here.
+
+Built-in pipelines: ``fuse`` (every fusion pass, in order; registered by ``passes/fusion.py``),
+``default`` (what a target-free or host compile runs) and ``npu`` (what an NPU target runs).
+A pipeline name may stand wherever a pass name may: ``--passes canonicalize,fuse`` runs the
+eight fusion passes one by one, so ``--verify``, ``--dump-after``, timings and node counts name
+each of them.
 
 Built-in passes (``edgefc.passes``) and targets (``edgefc.targets``) are imported here, lazily,
 the first time a lookup needs them; this is the only place core reaches into those packages.
@@ -8,6 +15,7 @@ typically from a ``--plugin`` file.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -20,21 +28,81 @@ from edgefc.errors import PassError
 from edgefc.pass_base import FunctionPass, Pass
 
 _PASSES: dict[str, type[Pass]] = {}
+_PIPELINES: dict[str, tuple[str, ...]] = {
+    "default": ("canonicalize", "fuse"),
+    "npu": ("canonicalize", "fuse", "quantize", "mlt"),
+}
 _builtins_loaded = False
 
 
-def _load_builtins() -> None:
+def load_builtins() -> None:
+    """Import the built-in passes (once); every lookup calls it."""
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
         importlib.import_module("edgefc.passes")
 
 
-def register_pass(name: str | None = None, *, namespace: str = "user", replace: bool = False):
+def register_pipeline(name: str, passes, *, replace: bool = False) -> None:
+    """Register a named pipeline: an ordered list of pass and pipeline names (data, expanded when
+    a PassManager is built). A pipeline may not share a name with a pass."""
+    if name in _PIPELINES and not replace:
+        raise PassError(f"a pipeline named '{name}' is already registered")
+    if any(pid.split("::", 1)[1] == name for pid in _PASSES):
+        raise PassError(f"'{name}' is already the name of a pass")
+    _PIPELINES[name] = tuple(passes)
+
+
+def list_pipelines() -> dict[str, tuple[str, ...]]:
+    """Registered pipelines, name -> its list (not expanded)."""
+    load_builtins()
+    return dict(sorted(_PIPELINES.items()))
+
+
+def is_pipeline(name: str) -> bool:
+    load_builtins()
+    return name in _PIPELINES
+
+
+def is_known(name: str) -> bool:
+    """Whether ``name`` is a registered pipeline or resolves to exactly one pass."""
+    if is_pipeline(name):
+        return True
+    try:
+        resolve_pass_id(name)
+        return True
+    except PassError:
+        return False
+
+
+def expand(names, _seen: tuple[str, ...] = ()) -> list[str]:
+    """Pass ids of a list of pass and pipeline names, pipelines expanded in place; PassError for
+    an unknown name (before any work is done)."""
+    load_builtins()
+    out: list[str] = []
+    for name in names:
+        if name in _PIPELINES:
+            if name in _seen:
+                raise PassError(f"pipeline '{name}' includes itself")
+            out.extend(expand(_PIPELINES[name], _seen + (name,)))
+        else:
+            out.append(resolve_pass_id(name))
+    return out
+
+
+def pass_classes() -> dict[str, type[Pass]]:
+    """Every registered pass class by id (loads the built-ins)."""
+    load_builtins()
+    return dict(_PASSES)
+
+
+def register_pass(name: str | None = None, *, namespace: str = "user", replace: bool = False,
+                  options: type | None = None):
     """Decorator registering a :class:`Pass` subclass or a ``fn(graph, ctx) -> graph`` function.
 
     The id is ``namespace::name`` (``name`` defaults to the class/function name with ``_`` -> ``-``).
-    Registering an id twice is an error unless ``replace=True``.
+    Registering an id twice is an error unless ``replace=True``. ``options``: the dataclass of
+    options a function pass reads (a class declares ``Options`` itself).
 
     >>> @register_pass("my-pass")
     ... def my_pass(graph, ctx):
@@ -49,7 +117,13 @@ def register_pass(name: str | None = None, *, namespace: str = "user", replace: 
             cls = type(obj.__name__, (FunctionPass,), {"fn": staticmethod(obj), "__doc__": obj.__doc__})
         else:
             raise PassError(f"register_pass expects a Pass subclass or a function, got {obj!r}")
+        if options is not None:
+            if not dataclasses.is_dataclass(options):
+                raise PassError(f"register_pass({short!r}): options must be a dataclass, got {options!r}")
+            cls.Options = options
         pid = f"{namespace}::{short}"
+        if short in _PIPELINES:
+            raise PassError(f"'{short}' is already the name of a pipeline")
         if pid in _PASSES and not replace:
             raise PassError(f"a pass with id '{pid}' is already registered")
         cls.name, cls.namespace = short, namespace
@@ -66,7 +140,7 @@ def unregister_pass(pass_id: str) -> None:
 
 def resolve_pass_id(name: str) -> str:
     """``"canonicalize"`` or ``"edgefc::canonicalize"`` -> the registered id; PassError if unknown/ambiguous."""
-    _load_builtins()
+    load_builtins()
     if name in _PASSES:
         return name
     matches = [pid for pid in _PASSES if pid.split("::", 1)[1] == name]
@@ -75,17 +149,19 @@ def resolve_pass_id(name: str) -> str:
     if len(matches) > 1:
         raise PassError(f"pass name '{name}' is ambiguous: use one of {', '.join(sorted(matches))}")
     known = ", ".join(sorted(pid.split("::", 1)[1] for pid in _PASSES))
-    raise PassError(f"unknown pass '{name}' (registered: {known}; see `edgefc passes`)")
+    pipelines = ", ".join(sorted(_PIPELINES))
+    raise PassError(f"unknown pass '{name}' (registered: {known}; pipelines: {pipelines}; see `edgefc passes`)")
 
 
 def get_pass(name: str, **options) -> Pass:
-    """An instance of the pass registered under ``name`` (id or short name)."""
+    """An instance of the pass registered under ``name`` (id or short name), with ``options``
+    checked against its declared ``Options`` (PassError naming the pass and the option)."""
     return _PASSES[resolve_pass_id(name)](**options)
 
 
 def list_passes() -> dict[str, type[Pass]]:
     """All registered passes, id -> class, sorted by id."""
-    _load_builtins()
+    load_builtins()
     return dict(sorted(_PASSES.items()))
 
 

@@ -38,6 +38,11 @@ step also runs the U-Net on the empty prompt's embedding and uses
 ``uncond + guidance * (cond - uncond)`` (twice the U-Net work); ``guidance = 1`` (default)
 runs one U-Net pass per step, which is how EdgeFusion is deployed and what Table 7 prices.
 
+The module is the planning and running of one image; its other concerns live beside it and are
+re-exported here: build folders (:mod:`edgefc.models.builds`), the export cache
+(:mod:`edgefc.models.export_cache`), the sessions a component runs in
+(:mod:`edgefc.models.runners`) and the modelled NPU time (:mod:`edgefc.models.npu_time`).
+
 With ``target`` (``exynos2400``) the modelled NPU time of each component comes from the
 target's cost model (:mod:`edgefc.targets`), priced at the paper's deployed precisions (text
 encoder and VAE decoder FP16, U-Net W8A16), per invocation and times the invocations this run
@@ -46,7 +51,6 @@ made, like the paper's Table 7.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -57,138 +61,25 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefc.components import SIGNATURES, detect_component
+from edgefc.components import SIGNATURES, detect_component  # noqa: F401 - part of this module's API
 from edgefc.errors import BuildError, EdgefcError, ExportError
 from edgefc.models import configs
+from edgefc.models.builds import _build_shapes, build_inputs, find_builds  # noqa: F401
+from edgefc.models.configs import COMPONENTS, DEPLOYED_PRECISION, LABELS  # noqa: F401
+from edgefc.models.export_cache import cache_root, ensure_exports, export_dir  # noqa: F401
+from edgefc.models.npu_time import _built_precision, _cost_model, format_npu_table, npu_times  # noqa: F401
+from edgefc.models.runners import RUNTIMES, InputSpec, Runner, TvmRunner, has_tvm_build, open_runner  # noqa: F401
 
-COMPONENTS = ("text-encoder", "unet", "vae-decoder")
-LABELS = {"text-encoder": "text encoder", "unet": "U-Net", "vae-decoder": "VAE decoder"}
 STEPS = (1, 2, 4)
 #: Image height and width must be multiples of this (the SD-v1.5 U-Net downsamples the 1/8
 #: latent three times; one rule for every arch keeps builds interchangeable).
 SIZE_MULTIPLE = 64
 #: The SD VAE's latent scaling factor (diffusers ``AutoencoderKL.config.scaling_factor``).
 VAE_SCALING = 0.18215
-#: Precision each component is deployed at in the paper (Sec. 2.3, Table 7), for the NPU timing.
-DEPLOYED_PRECISION = {"text-encoder": "fp16", "unet": "w8a16", "vae-decoder": "fp16"}
 
 
 class GenerateError(EdgefcError):
     """Bad ``edgefc generate`` arguments (steps, size, guidance, output path)."""
-
-
-# --- component detection and build folders ------------------------------------------------------
-
-def _onnx_inputs(path: Path) -> dict[str, tuple[list[int], str]]:
-    """Real graph inputs of an ONNX file: name -> (shape, numpy dtype name); weights are not read."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a broken build file
-        raise BuildError(f"cannot read {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    init = {t.name for t in model.graph.initializer}
-    out = {}
-    for i in model.graph.input:
-        if i.name in init:
-            continue
-        tt = i.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-        out[i.name] = (shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).name)
-    return out
-
-
-def build_inputs(build: Path) -> dict[str, list[int]]:
-    """Input name -> shape of a build folder: from ``report.json`` ``inputs``, else ``model.onnx``."""
-    report = build / "report.json"
-    if report.is_file():
-        try:
-            data = json.loads(report.read_text())
-            inputs = {i["name"]: list(i.get("shape") or []) for i in data.get("inputs") or []}
-            if inputs:
-                return inputs
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass  # an unreadable report: the model itself still says what it takes
-    return {name: shape for name, (shape, _) in _onnx_inputs(build / "model.onnx").items()}
-
-
-def find_builds(build_dir: str | os.PathLike) -> dict[str, Path]:
-    """Component -> build folder inside ``build_dir`` (see the module docstring for the layout).
-
-    Raises :class:`~edgefc.errors.BuildError` when ``build_dir`` is missing, a component has no
-    build, or two unnamed builds claim the same component.
-    """
-    root = Path(build_dir).expanduser()
-    if not root.is_dir():
-        raise BuildError(f"build folder {str(root)!r} does not exist or is not a folder.")
-    found: dict[str, Path] = {}
-    for component in COMPONENTS:
-        sub = root / component
-        if (sub / "model.onnx").is_file():
-            kind = detect_component(build_inputs(sub))
-            if kind != component:
-                raise BuildError(f"build {str(sub)!r} is named {component} but its inputs "
-                                 f"{sorted(build_inputs(sub))} are not a {component}'s.")
-            found[component] = sub
-    for sub in sorted(p for p in root.iterdir()
-                      if p.is_dir() and p.name not in COMPONENTS and not p.name.startswith(".")):  # not staging
-        if not (sub / "model.onnx").is_file():
-            continue
-        kind = detect_component(build_inputs(sub))
-        if kind is None or kind in found and found[kind].name == kind:
-            continue  # a named build of that component wins
-        if kind in found:
-            raise BuildError(f"build folder {str(root)!r} has two {kind} builds ({found[kind].name}, {sub.name}); "
-                             f"name the one to use {kind}/.")
-        found[kind] = sub
-    missing = [c for c in COMPONENTS if c not in found]
-    if missing:
-        c = missing[0]
-        raise BuildError(f"build folder {str(root)!r} has no {c} build (expected {c}/model.onnx, or a build "
-                         f"whose inputs are {', '.join(sorted(dict(SIGNATURES)[c]))}).")
-    return found
-
-
-# --- the export cache ---------------------------------------------------------------------------
-
-def cache_root() -> Path:
-    """``$EDGEFC_CACHE`` if set, else ``~/.cache/edgefc/models``."""
-    env = os.environ.get("EDGEFC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgefc" / "models"
-
-
-def _weights_key(weights: Path) -> str:
-    """Short hash of a weights folder's path and its files' sizes and times (a changed folder re-exports)."""
-    h = hashlib.sha1(str(weights.resolve()).encode())
-    for sub in ("text_encoder", "unet", "vae"):
-        for f in sorted((weights / sub).glob("*")):
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{sub}/{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
-
-
-def export_dir(arch: str, scale: str, height: int, width: int, weights: Path | None = None) -> Path:
-    """The cache folder of one exported model set."""
-    name = f"weights-{_weights_key(weights)}" if weights is not None else f"{arch}-{scale}"
-    return cache_root() / f"{name}-{height}x{width}"
-
-
-def ensure_exports(arch: str, scale: str, height: int, width: int, weights: Path | None = None,
-                   progress: bool = True) -> dict[str, Path]:
-    """Component -> exported ONNX in the cache, exporting what is not there yet."""
-    from edgefc.models.export import export_component
-
-    folder = export_dir(arch, scale, height, width, weights)
-    paths = {}
-    for component in COMPONENTS:
-        path = folder / f"{component}.onnx"
-        if not path.is_file():
-            _say(progress, f"exporting {LABELS[component]} once into the cache: {path}")
-            export_component(component, arch, path, weights=weights, height=height, width=width,
-                             scale=scale, seed=0, progress=progress)
-        paths[component] = path
-    return paths
 
 
 # --- planning (all checks before any work) ------------------------------------------------------
@@ -235,8 +126,17 @@ def _check_size(name: str, value: int) -> int:
     return value
 
 
-def default_size(scale: str) -> int:
-    """Image height and width when none is given: 512 at full scale, 64 at tiny scale."""
+def default_size(scale: str, weights: Path | None = None) -> int:
+    """Image height and width when none is given: with a weights folder, the size its U-Net was
+    trained for (``sample_size`` x 8: 512 for SD-v1.5, 64 for the miniature recipe's models), else
+    512 at full scale, 64 at tiny scale."""
+    if weights is not None and (weights / "unet" / "config.json").is_file():
+        try:
+            sample = json.loads((weights / "unet" / "config.json").read_text()).get("sample_size")
+        except ValueError:
+            sample = None
+        if isinstance(sample, int) and sample > 0 and (sample * 8) % SIZE_MULTIPLE == 0:
+            return sample * 8
     return configs.DEFAULT_IMAGE_SIZE[scale]
 
 
@@ -266,26 +166,6 @@ def guidance_embedding_dim(weights: Path | None) -> int | None:
         return json.loads((weights / "unet" / "config.json").read_text()).get("time_cond_proj_dim")
     except ValueError:
         return None
-
-
-def _build_shapes(builds: dict[str, Path]) -> tuple[int, int]:
-    """Image size implied by the builds; checks that the three builds chain."""
-    shapes = {c: build_inputs(b) for c, b in builds.items()}
-    sample = shapes["unet"]["sample"]
-    latent = shapes["vae-decoder"]["latent_sample"]
-    ehs = shapes["unet"]["encoder_hidden_states"]
-    ids = shapes["text-encoder"]["input_ids"]
-    for name, shape, rank in (("unet sample", sample, 4), ("vae-decoder latent_sample", latent, 4),
-                              ("unet encoder_hidden_states", ehs, 3), ("text-encoder input_ids", ids, 2)):
-        if len(shape) != rank or any(d is None or d <= 0 for d in shape):
-            raise BuildError(f"the {name} input of the build has no static shape ({shape}); "
-                             "compile the exported model (static shapes) instead.")
-    if list(sample[2:]) != list(latent[2:]):
-        raise BuildError(f"the U-Net build's latent {sample[2]}x{sample[3]} does not match the VAE decoder build's "
-                         f"{latent[2]}x{latent[3]}; compile both for the same image size.")
-    if ids[1] != ehs[1]:
-        raise BuildError(f"the text encoder build takes {ids[1]} tokens but the U-Net build expects {ehs[1]}.")
-    return sample[2] * 8, sample[3] * 8
 
 
 def plan(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.png", build=None, weights=None,
@@ -337,8 +217,8 @@ def plan(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.png"
     else:
         if runtime == "tvm":
             raise GenerateError("--runtime tvm needs --build with TVM builds (edgefc compile --emit tvm).")
-        height = int(height) if height is not None else default_size(scale)
-        width = int(width) if width is not None else default_size(scale)
+        height = int(height) if height is not None else default_size(scale, wroot)
+        width = int(width) if width is not None else default_size(scale, wroot)
     return Plan(prompt=prompt, steps=steps, output=out, height=height, width=width, seed=int(seed),
                 guidance=float(guidance), arch=arch, scale=scale, weights=wroot, builds=builds,
                 models=models, target=target, runtime=runtime)
@@ -350,82 +230,6 @@ def _say(progress: bool, message: str) -> None:
     if progress:
         print(message, file=sys.stderr, flush=True)
 
-
-@dataclass
-class InputSpec:
-    """One model input: its static shape (ints; -1 where dynamic) and numpy dtype."""
-
-    shape: list[int]
-    dtype: np.dtype
-
-
-class Runner:
-    """One component's model in an onnxruntime CPU session (graph optimisations on)."""
-
-    backend = "onnxruntime"
-
-    def __init__(self, component: str, path: Path):
-        from edgefc import ort
-
-        self.component, self.path = component, Path(path)
-        try:  # graph optimisations on; no arena: one run per session, lower peak memory
-            self.session = ort.session(self.path, optimize=True, arena=False)
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BuildError(f"onnxruntime cannot load {self.path}: {first}") from None
-        self.inputs = {i.name: InputSpec([d if isinstance(d, int) else -1 for d in i.shape],
-                                         np.dtype(_ORT_TYPES.get(i.type, np.float32)))
-                       for i in self.session.get_inputs()}
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        typed = {n: np.ascontiguousarray(v, dtype=self.inputs[n].dtype) for n, v in feeds.items()}
-        names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, typed)))
-
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32}
-
-
-class TvmRunner:
-    """A build's local TVM library (``edgefc compile --emit tvm``) in the Relax VM, NPU composites
-    through edgefc's NPU runtime (:func:`edgefc.targets.tvm_runtime.load_build`, as ``edgefc run``)."""
-
-    backend = "tvm"
-
-    def __init__(self, component: str, path: Path):
-        from edgefc.targets import tvm_runtime
-
-        self.component, self.path = component, Path(path)
-        self.build = tvm_runtime.load_build(self.path.parent)
-        self.inputs = {i["name"]: InputSpec(list(i["shape"]), np.dtype(i["dtype"])) for i in self.build.inputs}
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        typed = {n: np.ascontiguousarray(v, dtype=self.inputs[n].dtype) for n, v in feeds.items()}
-        return self.build.run(typed)
-
-
-RUNTIMES = ("auto", "onnxruntime", "tvm")
-
-
-def has_tvm_build(path: Path) -> bool:
-    """Whether ``path`` is a build's model.onnx with a local TVM build beside it."""
-    path = Path(path)
-    if path.name != "model.onnx":
-        return False
-    try:
-        from edgefc.targets.tvm_runtime import BUILD_FILES
-    except ImportError:  # TVM (or the lowering) is not installed: onnxruntime runs the build
-        return False
-    return all((path.parent / f).is_file() for f in BUILD_FILES)
-
-
-def open_runner(component: str, path: Path, runtime: str = "auto"):
-    """The session a component runs in: the build's TVM library when it has one (``auto``/``tvm``),
-    else onnxruntime on the ONNX file. Tests replace this to see which files are loaded."""
-    if runtime != "onnxruntime" and has_tvm_build(path):
-        return TvmRunner(component, path)
-    return Runner(component, path)
 
 
 def load_scheduler(weights: Path | None):
@@ -494,9 +298,23 @@ def generate(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.
     return run_plan(p, progress=progress)
 
 
-def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
-    """Run a checked :class:`Plan`."""
+def run_plan(p: Plan, progress: bool = True, sessions: dict | None = None) -> GenerateResult:
+    """Run a checked :class:`Plan`.
+
+    Each component's session is opened for its stage and dropped after it (at full size the
+    three models need not be in memory together). With ``sessions`` (a dict kept by the caller)
+    the sessions are kept there and reused by later calls with the same models: many images from
+    one model set (:func:`generate_many`) then open each model once.
+    """
     import torch
+
+    def open_session(component: str):
+        key = (component, str(models[component]), p.runtime)
+        if sessions is None:
+            return open_runner(component, models[component], p.runtime)
+        if key not in sessions:
+            sessions[key] = open_runner(component, models[component], p.runtime)
+        return sessions[key]
 
     from edgefc.models.tokenizer import load_tokenizer
 
@@ -521,7 +339,7 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     else:
         _say(progress, f"      tokenizer: CLIP from {p.weights}")
     texts = [p.prompt] + ([""] if p.cfg else [])
-    runner = open_runner("text-encoder", models["text-encoder"], p.runtime)
+    runner = open_session("text-encoder")
     backends["text-encoder"] = runner.backend
     ids = tokenizer.encode(texts)
     n_tokens = runner.inputs["input_ids"].shape[-1]
@@ -536,7 +354,7 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     # 2. U-Net with the LCM scheduler
     t = _stage(progress, 2, f"U-Net, {p.steps} LCM step{'s' if p.steps > 1 else ''}"
                             f"{f', classifier-free guidance {p.guidance:g}' if p.cfg else ''} ({models['unet']})")
-    runner = open_runner("unet", models["unet"], p.runtime)
+    runner = open_session("unet")
     backends["unet"] = runner.backend
     sample_shape = [int(d) for d in runner.inputs["sample"].shape]
     ehs_dim = runner.inputs["encoder_hidden_states"].shape[-1]
@@ -573,7 +391,7 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
 
     # 3. VAE decoder
     t = _stage(progress, 3, f"VAE decoder ({models['vae-decoder']})")
-    runner = open_runner("vae-decoder", models["vae-decoder"], p.runtime)
+    runner = open_session("vae-decoder")
     backends["vae-decoder"] = runner.backend
     z = (denoised / vae_scaling(p.weights)).numpy()
     sample = runner.run({"latent_sample": z})["sample"]
@@ -593,6 +411,18 @@ def run_plan(p: Plan, progress: bool = True) -> GenerateResult:
     return result
 
 
+def generate_many(prompts: list[str], seeds: list[int], outputs: list, progress: bool = False,
+                  **kwargs) -> list[GenerateResult]:
+    """One image per (prompt, seed, output), all with the same models and options (the keywords of
+    :func:`generate`); every image is exactly what :func:`generate` gives for it, but each model is
+    loaded once for the whole list."""
+    if not len(prompts) == len(seeds) == len(outputs):
+        raise GenerateError("generate_many needs as many seeds and outputs as prompts.")
+    plans = [plan(pr, seed=sd, output=out, **kwargs) for pr, sd, out in zip(prompts, seeds, outputs)]
+    sessions: dict = {}
+    return [run_plan(pl, progress=progress, sessions=sessions) for pl in plans]
+
+
 def _bar(progress: bool, total: int, desc: str):
     if not progress:
         return None
@@ -601,77 +431,3 @@ def _bar(progress: bool, total: int, desc: str):
     return tqdm(total=total, desc=f"      {desc}", file=sys.stderr, leave=True)
 
 
-# --- modelled NPU time (the target's cost model) ------------------------------------------------
-
-def _cost_model(target: str):
-    """The target and the cost model's graph loader, or a one-sentence error when either is missing."""
-    from edgefc.errors import TargetError
-    from edgefc.target import get_target
-
-    tgt = get_target(target)
-    if not hasattr(tgt, "profile"):
-        raise TargetError(f"target '{tgt.name}' has no cost model, so --target cannot report NPU time.")
-    from edgefc.build_folder import load_for_profile
-
-    return tgt, load_for_profile
-
-
-def _built_precision(model: Path) -> str | None:
-    """The precision the quantize pass gave a build (its report's ``quantization.precision``), or None
-    when it did not run (then the build is fp32 and is priced at the deployed precision instead)."""
-    report = model.parent / "report.json"
-    if model.name != "model.onnx" or not report.is_file():
-        return None
-    try:
-        q = json.loads(report.read_text()).get("quantization") or {}
-    except (ValueError, AttributeError):
-        return None
-    precision = str(q.get("precision") or "").lower() if isinstance(q, dict) else ""
-    return precision if precision and precision not in ("fp32", "none") else None
-
-
-def npu_times(result: GenerateResult, target: str, progress: bool = True) -> dict:
-    """Modelled NPU time of each component that ran, per invocation and for this run's invocations.
-
-    Each model file is priced by the target's cost model (what ``edgefc profile`` reports for it):
-    a quantized build as built (labelled e.g. "w8a16 (built)"), anything else as deployed in the paper (text encoder and VAE
-    decoder FP16, U-Net W8A16), like Table 7. Returns ``{"target", "components": {component:
-    {"precision", "per_run_ms", "runs", "total_ms", "model"}}, "total_ms"}``; also stored in
-    ``result.npu``.
-    """
-    tgt, load_for_profile = _cost_model(target)
-    runs = result.plan.runs
-    rows = {}
-    for component in COMPONENTS:
-        model = Path(result.models[component])
-        built = _built_precision(model)
-        precision = "as-built" if built else DEPLOYED_PRECISION[component]
-        label = f"{built} (built)" if built else precision
-        t = time.perf_counter()
-        _say(progress, f"cost model: {LABELS[component]} on {tgt.name} ({label}) ...")
-        graph = load_for_profile(model.parent if model.name == "model.onnx" else model,
-                                 progress=lambda m: _say(progress, "      " + m))
-        prof = tgt.profile(graph, precision=precision, model=model.name)
-        del graph
-        per_run = float(prof.total_ms)
-        rows[component] = {"precision": label, "per_run_ms": per_run, "runs": runs[component],
-                           "total_ms": per_run * runs[component], "model": str(model)}
-        _say(progress, f"      {per_run:.1f} ms per run [{time.perf_counter() - t:.1f} s]")
-    npu = {"target": tgt.name, "components": rows, "total_ms": sum(r["total_ms"] for r in rows.values())}
-    result.npu = npu
-    return npu
-
-
-def format_npu_table(npu: dict) -> str:
-    """The modelled NPU times as a small table (per invocation, invocations, total), like Table 7."""
-    lines = [f"modelled NPU time on {npu['target']} (edgefc cost model, sequential commands; Table 7 layout)",
-             f"  {'component':<14}{'precision':<15}{'per run (ms)':>13}{'runs':>6}{'total (ms)':>12}"]
-    for component, r in npu["components"].items():
-        lines.append(f"  {LABELS[component]:<14}{r['precision']:<15}{r['per_run_ms']:>13.1f}{r['runs']:>6}"
-                     f"{r['total_ms']:>12.1f}")
-    lines.append(f"  {'total':<14}{'':<15}{'':>13}{'':>6}{npu['total_ms']:>12.1f}")
-    one = sum(r["per_run_ms"] for r in npu["components"].values())
-    unet = npu["components"]["unet"]
-    lines.append(f"  (Table 7 counts each component once: {one:.1f} ms; this image ran the U-Net "
-                 f"{unet['runs']} x {unet['per_run_ms']:.1f} ms)")
-    return "\n".join(lines)

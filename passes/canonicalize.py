@@ -23,6 +23,8 @@ Emits: the same computation with only static shapes, which TVM Relax's ONNX impo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -104,12 +106,20 @@ def _is_noop(node: gs.Node) -> bool:
     return False
 
 
+@dataclass
+class CanonicalizeOptions:
+    """Options of ``canonicalize`` (Python API)."""
+
+    opset: int | None = None   # the standard opset to convert to (default: Canonicalize.opset)
+
+
 @register_pass("canonicalize", namespace="edgefc")
 class Canonicalize(Pass):
     """Static shapes, shape inference, constant/shape folding, no-op removal, topological order."""
 
     max_rounds = 6
     opset = 23
+    Options = CanonicalizeOptions
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         apply_input_shapes(graph, ctx.option("shapes", {}))

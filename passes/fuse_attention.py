@@ -1,25 +1,32 @@
-"""Pass ``fuse-attention``: scaled-dot-product attention as exported -> ``Attention``-23 (3D form).
+"""Pass ``fuse-attention``: scaled-dot-product attention, found by its math -> ``Attention``-23 (3D form).
 
 Paper Sec. 3: "we fuse operators using a kernel fusion method [FlashAttention]" before
 model-level tiling; the fused attention is what MLT tiles (Sec. 2.3).
 
-Matches, anchored at the ``Softmax``, torch's decomposition of
-``F.scaled_dot_product_attention`` (diffusers' U-Net self/cross attention and VAE mid-block
-attention) and of CLIP's causal self-attention::
+What is matched is the computation, not one exporter's node sequence. Anchored at each
+``Softmax`` over the last axis::
 
-    Q4 = Transpose(Reshape(Q, [B, Sq, H, dk]), [0, 2, 1, 3])        (Q, K, V: the projections)
-    Kt = Transpose(Reshape(K, [B, Skv, H, dk]), [0, 2, 3, 1])       (or [0,2,1,3] then a last-two swap)
-    V4 = Transpose(Reshape(V, [B, Skv, H, dv]), [0, 2, 1, 3])
-    S  = MatMul(Q4 * sq, Kt * sk) * ss [+ mask]                     (scales: Mul/Div by scalars,
-    Y  = Reshape(Transpose(MatMul(Softmax(S, -1), V4), [0, 2, 1, 3]), [B, Sq, H*dv])   anywhere)
+    S = MatMul(Qop, Kop) [* s | / s ...] [+ mask ...]        (scalar scales anywhere on the chain)
+    Y = MatMul(Softmax(S), Vop)
 
-``sq``, ``sk``, ``ss`` are scalar constants on Q (before or after the head split), K or S (the
-exporter splits ``1/sqrt(dk)`` as ``sqrt`` on each of Q and K); their product becomes ``scale``.
+where ``Qop``, ``Kop`` and ``Vop`` are reached from 3D projections ``[B, S, H*d]`` by any chain of
+pure data-movement ops (Reshape, Transpose, Squeeze, Unsqueeze, Flatten, Identity) and scalar
+``Mul``/``Div`` constants. Whether a chain is the head split is decided by what it *does*, not by
+its ops: the chain is applied to an index array of the source's elements and compared with
+``[B, S, H, d] -> [B, H, S, d]`` (Q, V) or ``-> [B, H, d, S]`` (K transposed), in 4D
+``[B, H, S, d]`` or 3D ``[B*H, S, d]`` layouts alike. So the scale may sit on Q, on K, split
+across both (torch's dynamo export of SDPA), on the product, as Mul or Div; the head split may
+be one Reshape+Transpose or several (dynamo's ``[B*H, S, d]`` detour). The product of all
+scales becomes ``scale``. On the output side the head merge (``[B, H, Sq, d] -> [B, Sq, H*d]``)
+is found the same way; when there is none, the fused op's output is reshaped back to the
+layout ``MatMul(P, V)`` had.
+
 An additive mask on S is folded into ``is_causal=1`` when it is the causal mask (0 on and below
 the diagonal, <= -1e9 above, as CLIP's is); any other mask becomes the ``attn_mask`` input.
 Emits: ``Attention(Q, K, V[, attn_mask]; q_num_heads=H, kv_num_heads=H, scale, is_causal)``
 reading the projection outputs directly, so the Q/K/V projection MatMuls and the output
-projection stay visible (the cost model prices them).
+projection stay visible (the cost model prices them). The split/scale chains left without a
+reader are removed by the pass manager's clean-up.
 Misses: every ``Softmax`` not absorbed, with the reason (kind ``attention``).
 """
 
@@ -31,13 +38,27 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import ir
+from edgefc.matcher import Miss
 from edgefc.pass_base import PassContext
 from edgefc.passes.fusion_base import FusionPass, const
-from edgefc.pattern import Miss, RewriteLog, Rewriter, scalar
+from edgefc.pattern import scalar
 from edgefc.registry import register_pass
+from edgefc.rewriter import RewriteLog, Rewriter
 
 #: an additive mask value at or below this removes a score exactly (exp underflows to 0 in fp32).
 MASKED = -1e9
+#: ops that only move elements (what a head split / merge is made of).
+LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+#: how far back a Q/K/V operand is traced to its projection.
+MAX_CHAIN = 16
+#: the permutation of [B, S, H, d] that each matmul operand must equal ("K4": K as Attention-23's
+#: 4D input takes it, [B, H, S, d], not transposed).
+PERM = {"Q": (0, 2, 1, 3), "K": (0, 2, 3, 1), "V": (0, 2, 1, 3), "K4": (0, 2, 1, 3)}
+#: attributes of a 4D Attention that the 3D form it is rewritten to cannot carry unless they hold
+#: these values; any attribute not named here or in _NATIVE_KEPT (e.g. opset 24's window sizes)
+#: leaves the node as it is.
+_NATIVE_BLOCKERS = {"softcap": 0.0, "qk_matmul_output_mode": 0}
+_NATIVE_KEPT = {"scale", "is_causal", "softmax_precision", "q_num_heads", "kv_num_heads"}
 
 
 def _label(node: gs.Node) -> str:
@@ -88,6 +109,10 @@ def _factor(node: gs.Node) -> float:
     return 1.0 / v if node.op == "Div" else v
 
 
+def _is_layout(node: gs.Node) -> bool:
+    return node.op in LAYOUT_OPS and bool(node.inputs) and not isinstance(node.inputs[0], gs.Constant)
+
+
 def _reaches_matmul(t: gs.Tensor, depth: int = 6) -> bool:
     """Whether ``t`` comes from a MatMul through scalar scales and Adds (the score chain)."""
     for _ in range(depth):
@@ -105,12 +130,21 @@ def _reaches_matmul(t: gs.Tensor, depth: int = 6) -> bool:
     return False
 
 
-def _compose(perms: list[list[int]]) -> list[int]:
-    """The single permutation equal to applying ``perms`` in order (Transpose semantics)."""
-    total = list(range(len(perms[0]))) if perms else []
-    for p in perms:
-        total = [total[i] for i in p]
-    return total
+def apply_layout(node: gs.Node, idx: np.ndarray) -> np.ndarray | None:
+    """What the data-movement op ``node`` does to an array (used on index arrays), or None when
+    its output shape is not static."""
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm")
+        return idx.transpose(list(perm) if perm is not None else None)
+    shape = ir.static_shape(node.outputs[0])
+    if shape is None or int(np.prod(shape, dtype=np.int64)) != idx.size:
+        return None
+    return idx.reshape(shape)
+
+
+def _head_layout(b: int, s: int, h: int, d: int, perm) -> np.ndarray:
+    """Where each element of a [B, S, H*d] projection lands after the canonical head split."""
+    return np.arange(b * s * h * d, dtype=np.int64).reshape(b, s, h, d).transpose(perm)
 
 
 @dataclass
@@ -118,50 +152,68 @@ class _Head:
     """One of Q, K, V traced back from the attention matmul to its 3D projection output."""
 
     source: gs.Tensor
+    batch: int
     heads: int
     head_dim: int
     scale: float
-    nodes: list = field(default_factory=list)
+    #: nodes to insert when the source had to be made 3D (a 4D operand with no split in sight)
+    prologue: list = field(default_factory=list)
 
 
-def _trace_head(t: gs.Tensor, want_perm: list[int], role: str, graph_outputs) -> _Head:
-    """Walk back from the 4D operand ``t`` of a matmul through scalar Mul/Div, Transposes and
-    the head-split Reshape to the 3D tensor [B, S, H*d] it came from (scalar scales applied to
-    that 3D tensor are absorbed too when nothing else reads them)."""
-    nodes, perms, scale, reshape = [], [], 1.0, None
-    cur = t
-    while (node := _producer(cur)) is not None:
-        if reshape is not None and len(_users(cur)) != 1:
-            break  # the projection output is read elsewhere too: it is the source
+def _trace_head(t: gs.Tensor, role: str, want: tuple[int, int] | None) -> _Head:
+    """Walk back from the matmul operand ``t`` through data-movement ops and scalar scales and
+    return the farthest tensor [B, S, H*d] whose elements land where the head split puts them.
+    ``want``: (B, H) already fixed by another operand."""
+    shape = ir.static_shape(t)
+    if shape is None or len(shape) < 3:
+        raise _NoMatch(f"{role} operand '{t.name}' has no static shape of rank >= 3")
+    d, s = (shape[-2], shape[-1]) if role == "K" else (shape[-1], shape[-2])
+    lead = int(np.prod(shape[:-2], dtype=np.int64))
+    path: list[gs.Node] = []  # data-movement nodes from the candidate to the operand (reversed)
+    candidates = [(t, [], 1.0)]
+    scale, cur = 1.0, t
+    for _ in range(MAX_CHAIN):
+        node = _producer(cur)
+        if node is None:
+            break
         if _chain_operand(node) is not None:
             scale *= _factor(node)
-            src = _chain_operand(node)
-        elif node.op == "Transpose" and reshape is None:
-            perms.insert(0, list(node.attrs.get("perm", [])))
-            src = node.inputs[0]
-        elif node.op == "Reshape" and reshape is None:
-            reshape = node
-            src = node.inputs[0]
+            cur = _chain_operand(node)
+        elif _is_layout(node):
+            path.append(node)
+            cur = node.inputs[0]
         else:
             break
-        _only_consumer(cur, graph_outputs)
-        nodes.append(node)
-        cur = src
-    if reshape is None:
-        raise _NoMatch(f"{role} is not split into heads by a Reshape (traced back to '{cur.name}')")
-    src_shape, split = ir.static_shape(reshape.inputs[0]), ir.static_shape(reshape.outputs[0])
-    if src_shape is None or split is None:
-        raise _NoMatch(f"{role} head split '{reshape.name}' has no static shapes")
-    if len(src_shape) != 3 or len(split) != 4 or tuple(split[:2]) != tuple(src_shape[:2]) \
-            or split[2] * split[3] != src_shape[2]:
-        raise _NoMatch(f"{role} head split '{reshape.name}' reshapes {list(src_shape)} to {list(split)}, "
-                       f"want [B, S, H*d] -> [B, S, H, d]")
-    perm = _compose(perms) if perms else [0, 1, 2, 3]
-    if perm != want_perm:
-        raise _NoMatch(f"{role} heads are permuted {perm}, want {want_perm}")
-    if ir.static_shape(cur) is None:
-        raise _NoMatch(f"{role} source '{cur.name}' has no static shape")
-    return _Head(cur, int(split[2]), int(split[3]), scale, nodes)
+        candidates.append((cur, path[::-1], scale))
+    seen = []
+    for src, nodes, sc in reversed(candidates):
+        ss = ir.static_shape(src)
+        if ss is None or len(ss) != 3 or ss[1] != s or ss[2] % d:
+            continue
+        b, _, e = ss
+        h = e // d
+        if b * h != lead or (want is not None and (b, h) != want):
+            seen.append(f"'{src.name}' {list(ss)}")
+            continue
+        idx = np.arange(b * s * e, dtype=np.int64).reshape(ss)
+        for n in nodes:
+            idx = apply_layout(n, idx)
+            if idx is None:
+                break
+        expect = _head_layout(b, s, h, d, PERM[role])
+        if idx is not None and idx.size == expect.size and np.array_equal(idx.reshape(expect.shape), expect):
+            return _Head(src, b, h, d, sc)
+        seen.append(f"'{src.name}' {list(ss)}")
+    # no projection in sight: a 4D [B, H, S, d] operand (after its scales) is made 3D here
+    src, nodes, sc = next(((c, n, f) for c, n, f in reversed(candidates) if not n), candidates[0])
+    ss = ir.static_shape(src)
+    if len(ss) == 4 and (want is None or tuple(ss[:2]) == want):
+        b, h = ss[0], ss[1]
+        back = (0, 3, 1, 2) if role == "K" else (0, 2, 1, 3)
+        return _Head(src, b, h, d, sc, prologue=[back])
+    tried = ", ".join(seen) or "no rank-3 tensor"
+    raise _NoMatch(f"{role} operand '{t.name}' {list(shape)} is not a head split of a [B, S, H*{d}] projection "
+                   f"(traced through data-movement ops to {tried})")
 
 
 @dataclass
@@ -170,9 +222,11 @@ class AttentionMatch:
     k: _Head
     v: _Head
     scale: float
-    mask: gs.Tensor | None
+    mask: gs.Tensor | np.ndarray | None
     causal: bool
     output: gs.Tensor
+    #: the layout the output must be given back in when no head merge follows (else None)
+    output_shape: list | None
     nodes: list
 
 
@@ -183,29 +237,62 @@ def match_attention(softmax: gs.Node, graph_outputs) -> AttentionMatch | Miss:
         return Miss(str(e))
 
 
+def _merge(pv: gs.Node, b: int, h: int, graph_outputs) -> tuple[gs.Tensor, list[gs.Node], bool]:
+    """Follow ``MatMul(P, V)`` forward through single-consumer data-movement ops to the first
+    tensor that is the head merge [B, Sq, H*dv]; (tensor, nodes, True), or (P@V output, [], False)."""
+    out = pv.outputs[0]
+    shape = ir.static_shape(out)
+    sq, dv = shape[-2], shape[-1]
+    expect = _head_layout(b, sq, h, dv, (0, 2, 1, 3))  # [B, H, Sq, dv] from [B, Sq, H*dv]
+    merged_at = expect.reshape(-1)  # [B, H, Sq, dv] element -> its position in [B, Sq, H*dv]
+    idx, cur, nodes = np.arange(expect.size, dtype=np.int64).reshape(shape), out, []
+    for _ in range(MAX_CHAIN):
+        if cur.name in graph_outputs or len(_users(cur)) != 1:
+            break
+        node = _users(cur)[0]
+        if not _is_layout(node) or node.inputs[0] is not cur:
+            break
+        idx = apply_layout(node, idx)
+        if idx is None:
+            break
+        nodes.append(node)
+        cur = node.outputs[0]
+        if idx.shape == (b, sq, h * dv) and np.array_equal(merged_at[idx.reshape(-1)], np.arange(idx.size)):
+            return cur, nodes, True
+    return out, [], False
+
+
+def _nan_guard(probs: gs.Tensor, graph_outputs) -> list[gs.Node]:
+    """``[IsNaN, Where]`` when the softmax output goes through ``Where(IsNaN(P), 0, P)`` (torch's
+    dynamo export of SDPA with a mask guards fully masked rows so), else []."""
+    users = _users(probs)
+    if probs.name in graph_outputs or len(users) != 2 or {u.op for u in users} != {"IsNaN", "Where"}:
+        return []
+    isnan = next(u for u in users if u.op == "IsNaN")
+    where = next(u for u in users if u.op == "Where")
+    zero = where.inputs[1] if len(where.inputs) == 3 else None
+    if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs or \
+            not isinstance(zero, gs.Constant) or scalar(zero) != 0.0 or _users(isnan.outputs[0]) != [where] or \
+            ir.static_shape(where.outputs[0]) != ir.static_shape(probs):
+        return []
+    return [isnan, where]
+
+
 def _match(softmax: gs.Node, graph_outputs) -> AttentionMatch:
     s_in, probs = softmax.inputs[0], softmax.outputs[0]
-    rank = len(s_in.shape or [])
-    if rank != 4:
-        raise _NoMatch(f"softmax input '{s_in.name}' is not 4D [B, H, Sq, Skv]")
-    if int(softmax.attrs.get("axis", -1)) % 4 != 3:
+    s_shape = ir.static_shape(s_in)
+    if s_shape is None or len(s_shape) not in (3, 4):
+        raise _NoMatch(f"softmax input '{s_in.name}' is not static [B, H, Sq, Skv] or [B*H, Sq, Skv]")
+    rank = len(s_shape)
+    if int(softmax.attrs.get("axis", -1)) % rank != rank - 1:
         raise _NoMatch(f"softmax is over axis {softmax.attrs.get('axis')}, not the last")
-    # forward: P @ V -> [0,2,1,3] -> [B, Sq, H*dv]
+    guard = _nan_guard(probs, graph_outputs)
+    if guard:
+        probs = guard[-1].outputs[0]
     pv = _only_consumer(probs, graph_outputs)
     if pv.op != "MatMul" or pv.inputs[0] is not probs:
         raise _NoMatch(f"softmax output feeds {_label(pv)}, not MatMul(P, V)")
-    tr = _only_consumer(pv.outputs[0], graph_outputs)
-    if tr.op != "Transpose" or list(tr.attrs.get("perm", [])) != [0, 2, 1, 3]:
-        raise _NoMatch(f"P @ V feeds {_label(tr)}, not Transpose [0, 2, 1, 3] (head merge)")
-    merge = _only_consumer(tr.outputs[0], graph_outputs)
-    if merge.op != "Reshape":
-        raise _NoMatch(f"the head merge is {_label(merge)}, not a Reshape to [B, Sq, H*dv]")
-    out = merge.outputs[0]
-    out_shape, pv_shape = ir.static_shape(out), ir.static_shape(pv.outputs[0])
-    if out_shape is None or pv_shape is None or len(out_shape) != 3 or \
-            tuple(out_shape) != (pv_shape[0], pv_shape[2], pv_shape[1] * pv_shape[3]):
-        raise _NoMatch(f"head merge '{merge.name}' gives {out_shape}, not [B, Sq, H*dv] from {pv_shape}")
-    nodes = [softmax, pv, tr, merge]
+    nodes = [softmax, *guard, pv]
     _only_consumer(s_in, graph_outputs)
     # backward from the scores: scalar scales and additive masks down to MatMul(Q, K^T)
     factor, masks = 1.0, []
@@ -237,28 +324,31 @@ def _match(softmax: gs.Node, graph_outputs) -> AttentionMatch:
                            f"and a mask Add are absorbed)")
         nodes.append(node)
     nodes.append(qk)
-    _only_consumer(qk.outputs[0], graph_outputs)
-    q = _trace_head(qk.inputs[0], [0, 2, 1, 3], "Q", graph_outputs)
-    k = _trace_head(qk.inputs[1], [0, 2, 3, 1], "K", graph_outputs)
-    v = _trace_head(pv.inputs[1], [0, 2, 1, 3], "V", graph_outputs)
-    for h in (q, k, v):
-        nodes.extend(h.nodes)
-    if not (q.heads == k.heads == v.heads):
-        raise _NoMatch(f"head counts differ: Q {q.heads}, K {k.heads}, V {v.heads}")
+    if ir.static_shape(qk.outputs[0]) != s_shape:
+        raise _NoMatch(f"the scale/mask chain broadcasts the scores {ir.static_shape(qk.outputs[0])} to {s_shape}")
+    want = tuple(s_shape[:2]) if rank == 4 else None
+    q = _trace_head(qk.inputs[0], "Q", want)
+    k = _trace_head(qk.inputs[1], "K", (q.batch, q.heads))
+    v = _trace_head(pv.inputs[1], "V", (q.batch, q.heads))
     if q.head_dim != k.head_dim:
         raise _NoMatch(f"Q and K head sizes differ ({q.head_dim} vs {k.head_dim})")
-    qs, ks, vs = (ir.static_shape(h.source) for h in (q, k, v))
-    if qs[0] != ks[0] or ks[:2] != vs[:2]:
-        raise _NoMatch(f"Q {list(qs)}, K {list(ks)}, V {list(vs)} do not agree on batch / key length")
     if v.scale != 1.0:
         raise _NoMatch(f"V is scaled by {v.scale:g}")
-    mask, causal = _mask(masks, qs[1], ks[1], q.heads, qs[0])
-    return AttentionMatch(q, k, v, factor * q.scale * k.scale, mask, causal, out, nodes)
+    out, merge_nodes, merged = _merge(pv, q.batch, q.heads, graph_outputs)
+    nodes.extend(merge_nodes)
+    sq, skv = s_shape[-2], s_shape[-1]
+    mask, causal = _mask(masks, sq, skv, q.heads, q.batch, s_shape)
+    if guard and mask is not None and (isinstance(mask, (gs.Tensor, tuple)) or
+                                       np.any(np.all(np.isneginf(mask), axis=-1))):
+        raise _NoMatch("the softmax has a NaN guard (Where(IsNaN(P), 0, P)) and the mask may remove a whole "
+                       "row, where the guard gives 0 and Attention would not")
+    return AttentionMatch(q, k, v, factor * q.scale * k.scale, mask, causal, out,
+                          None if merged else list(ir.static_shape(out)), nodes)
 
 
-def _mask(masks, sq: int, skv: int, heads: int, batch: int) -> tuple[gs.Tensor | np.ndarray | None, bool]:
+def _mask(masks, sq: int, skv: int, heads: int, batch: int, s_shape) -> tuple[gs.Tensor | np.ndarray | None, bool]:
     """Combine the additive masks: (None, True) for the causal mask, (None, False) for none,
-    else (mask tensor or array, False)."""
+    else (mask tensor or array of shape [B|1, H|1, Sq, Skv], False)."""
     if not masks:
         return None, False
     consts = [(m, f) for m, f in masks if isinstance(m, gs.Constant)]
@@ -268,14 +358,20 @@ def _mask(masks, sq: int, skv: int, heads: int, batch: int) -> tuple[gs.Tensor |
     if variables and consts:
         raise _NoMatch("both constant and non-constant masks are added to the scores")
     if variables:
-        shape = ir.static_shape(variables[0][0])
+        m = variables[0][0]
+        shape = ir.static_shape(m)
         if shape is None or len(shape) < 2 or tuple(shape[-2:]) != (sq, skv):
-            raise _NoMatch(f"mask '{variables[0][0].name}' of shape {shape} is not [..., {sq}, {skv}] "
+            raise _NoMatch(f"mask '{m.name}' of shape {shape} is not [..., {sq}, {skv}] "
                            f"(Attention's attn_mask does not broadcast the sequence axes)")
-        return variables[0][0], False
+        lead = int(np.prod(shape[:-2], dtype=np.int64))
+        if len(s_shape) == 3 and lead not in (1, batch * heads):
+            raise _NoMatch(f"mask '{m.name}' of shape {shape} does not split into [B, H] ({batch}, {heads})")
+        if len(s_shape) == 3 and lead == batch * heads and lead > 1:
+            return (m, [batch, heads, sq, skv]), False
+        return m, False
     total = sum(np.asarray(m.values, dtype=np.float64) * f for m, f in consts)
     try:
-        full = np.broadcast_to(total, (batch, heads, sq, skv))
+        full = np.broadcast_to(total, tuple(s_shape)).reshape(batch, heads, sq, skv)
     except ValueError:
         raise _NoMatch(f"mask of shape {list(np.shape(total))} does not broadcast to the scores") from None
     plane = full[0, 0]
@@ -285,22 +381,76 @@ def _mask(masks, sq: int, skv: int, heads: int, batch: int) -> tuple[gs.Tensor |
             return None, True
     if np.all(full == 0):
         return None, False
-    lead = (1,) * (4 - total.ndim) + total.shape[:-2] if total.ndim >= 2 else (1, 1)
-    return np.ascontiguousarray(np.broadcast_to(total, tuple(lead[-2:]) + (sq, skv))).astype(np.float32), False
+    if np.all(full == plane):
+        return np.ascontiguousarray(plane[None, None]).astype(np.float32), False
+    return np.ascontiguousarray(full).astype(np.float32), False
+
+
+def _to_3d(rw: Rewriter, head: _Head, name: str) -> gs.Tensor:
+    """The [B, S, H*d] tensor the Attention reads for ``head`` (inserting the split's inverse for
+    a 4D operand that had no projection in sight)."""
+    if not head.prologue:
+        return head.source
+    (perm,) = head.prologue
+    shape4 = ir.static_shape(head.source)
+    bshd = [shape4[p] for p in perm]
+    t = gs.Variable(f"{name}_bshd", dtype=head.source.dtype, shape=bshd)
+    y = gs.Variable(f"{name}_3d", dtype=head.source.dtype, shape=[bshd[0], bshd[1], bshd[2] * bshd[3]])
+    rw.replace([], [gs.Node("Transpose", name=f"{name}_transpose", inputs=[head.source], outputs=[t],
+                            attrs={"perm": list(perm)}),
+                    gs.Node("Reshape", name=f"{name}_reshape",
+                            inputs=[t, const(f"{name}_shape", np.array(y.shape, dtype=np.int64))], outputs=[y])])
+    return y
+
+
+def match_native(node: gs.Node, graph_outputs) -> AttentionMatch | Miss:
+    """An Attention-23 in the 4D form (``[B, H, S, d]`` inputs, as torch's dynamo exporter writes
+    SDPA at opset 23): the same tracing finds the [B, S, H*d] projections and the head merge, so
+    it can be rewritten to the 3D form the rest of the pipeline (tiling, the cost model) reads."""
+    try:
+        if len(node.outputs) != 1 or len(node.inputs) > 4 or any(
+                float(node.attrs.get(k, v)) != v for k, v in _NATIVE_BLOCKERS.items()):
+            raise _NoMatch("4D Attention with past key/value, softcap or extra outputs is left as it is")
+        other = sorted(set(node.attrs) - _NATIVE_KEPT - set(_NATIVE_BLOCKERS))
+        if other:
+            raise _NoMatch(f"4D Attention with attribute(s) {', '.join(other)} is left as it is")
+        q4 = ir.static_shape(node.inputs[0])
+        if q4 is None or len(q4) != 4:
+            raise _NoMatch("Attention is not in the 4D form")
+        q = _trace_head(node.inputs[0], "Q", (q4[0], q4[1]))
+        k = _trace_head(node.inputs[1], "K4", (q.batch, q.heads))
+        v = _trace_head(node.inputs[2], "V", (q.batch, q.heads))
+        scale = node.attrs.get("scale")
+        scale = float(scale) * q.scale * k.scale if scale is not None else q.head_dim ** -0.5 * q.scale * k.scale
+        if v.scale != 1.0:
+            raise _NoMatch(f"V is scaled by {v.scale:g}")
+        out, merge_nodes, merged = _merge(node, q.batch, q.heads, graph_outputs)
+        mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+        m = AttentionMatch(q, k, v, scale, mask, bool(node.attrs.get("is_causal", 0)), out,
+                           None if merged else list(ir.static_shape(out)), [node, *merge_nodes])
+        m.extra_attrs = {k: node.attrs[k] for k in ("softmax_precision",) if k in node.attrs}
+        return m
+    except _NoMatch as e:
+        return Miss(str(e))
 
 
 @register_pass("fuse-attention", namespace="edgefc")
 class FuseAttention(FusionPass):
-    """Fuse exported scaled-dot-product attention (self, cross, causal) into Attention-23 (3D form)."""
+    """Fuse scaled-dot-product attention, by its math (any scale placement, head layout), into Attention-23."""
 
     kinds = ("attention",)
 
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
         rw = Rewriter(graph, log)
-        for softmax in rw.nodes("Softmax"):
+        for softmax in rw.nodes("Softmax", "Attention"):
             if not rw.alive(softmax):
                 continue
-            m = match_attention(softmax, rw.graph_outputs)
+            if softmax.op == "Attention":
+                if len(ir.static_shape(softmax.inputs[0]) or ()) != 4:
+                    continue  # already the 3D form
+                m = match_native(softmax, rw.graph_outputs)
+            else:
+                m = match_attention(softmax, rw.graph_outputs)
             if not m:
                 log.miss("attention", softmax, m.reason)
                 continue
@@ -308,12 +458,36 @@ class FuseAttention(FusionPass):
                 log.miss("attention", softmax, "overlaps an attention fused already")
                 continue
             name = rw.unique_name(softmax.name.rsplit("/", 1)[0] + "/Attention")
-            inputs = [m.q.source, m.k.source, m.v.source]
+            inputs = [_to_3d(rw, h, f"{name}.{r}") for h, r in ((m.q, "q"), (m.k, "k"), (m.v, "v"))]
+            new = []
             if m.mask is not None:
-                inputs.append(m.mask if isinstance(m.mask, gs.Tensor) else const(f"{name}.mask", m.mask))
-            node = gs.Node("Attention", name=name, inputs=inputs, outputs=[m.output], attrs={
+                if isinstance(m.mask, tuple):  # a [B*H, Sq, Skv] mask, split into [B, H, Sq, Skv]
+                    mask, shape = m.mask
+                    split = gs.Variable(f"{name}.mask4d", dtype=mask.dtype, shape=shape)
+                    new.append(gs.Node("Reshape", name=f"{name}.mask_reshape", outputs=[split], inputs=[
+                        mask, const(f"{name}.mask_shape", np.array(shape, dtype=np.int64))]))
+                    inputs.append(split)
+                else:
+                    inputs.append(m.mask if isinstance(m.mask, gs.Tensor) else
+                                  const(f"{name}.mask", m.mask, like=m.q.source))
+            out = m.output
+            if m.output_shape is not None:  # no head merge after P @ V: give its layout back
+                b, h, dv = m.q.batch, m.q.heads, m.v.head_dim
+                sq = m.output_shape[-2]
+                out = gs.Variable(f"{name}.out", dtype=m.output.dtype, shape=[b, sq, h * dv])
+                split = gs.Variable(f"{name}.out_bshd", dtype=m.output.dtype, shape=[b, sq, h, dv])
+                perm = gs.Variable(f"{name}.out_bhsd", dtype=m.output.dtype, shape=[b, h, sq, dv])
+                new += [gs.Node("Reshape", name=f"{name}.out_split", inputs=[
+                            out, const(f"{name}.out_split_shape", np.array(split.shape, dtype=np.int64))],
+                                outputs=[split]),
+                        gs.Node("Transpose", name=f"{name}.out_transpose", inputs=[split], outputs=[perm],
+                                attrs={"perm": [0, 2, 1, 3]}),
+                        gs.Node("Reshape", name=f"{name}.out_reshape", inputs=[
+                            perm, const(f"{name}.out_shape", np.array(m.output_shape, dtype=np.int64))],
+                                outputs=[m.output])]
+            node = gs.Node("Attention", name=name, inputs=inputs, outputs=[out], attrs={
                 "q_num_heads": m.q.heads, "kv_num_heads": m.k.heads, "scale": float(m.scale),
-                "is_causal": int(m.causal)})
-            rw.replace(m.nodes, [node])
+                "is_causal": int(m.causal), **getattr(m, "extra_attrs", {})})
+            rw.replace(m.nodes, [node] + new)
             log.count("attention")
         rw.commit()

@@ -29,8 +29,9 @@ import onnx_graphsurgeon as gs
 from edgefc import functions, ir
 from edgefc.pass_base import PassContext
 from edgefc.passes.fusion_base import FusionPass, const, epilogue_capable, last_axis_vector, per_channel
-from edgefc.pattern import Pattern, RewriteLog, Rewriter
+from edgefc.pattern import Pattern
 from edgefc.registry import register_pass
+from edgefc.rewriter import RewriteLog, Rewriter
 
 PRODUCERS = ("FusedMatMul", "FusedConv", "Conv", "Gemm")
 FUSED = {"FusedMatMul": "FusedMatMul", "Gemm": "FusedMatMul", "FusedConv": "FusedConv", "Conv": "FusedConv"}

@@ -20,8 +20,9 @@ import onnx_graphsurgeon as gs
 from edgefc import functions, ir
 from edgefc.pass_base import PassContext
 from edgefc.passes.fusion_base import FusionPass
-from edgefc.pattern import Pattern, RewriteLog, Rewriter
+from edgefc.pattern import Pattern
 from edgefc.registry import register_pass
+from edgefc.rewriter import RewriteLog, Rewriter
 
 
 def _erf_gelu(value) -> bool | str:

@@ -21,8 +21,9 @@ import onnx_graphsurgeon as gs
 
 from edgefc.pass_base import PassContext
 from edgefc.passes.fusion_base import FusionPass
-from edgefc.pattern import Pattern, RewriteLog, Rewriter, Value, is_scalar
+from edgefc.pattern import Pattern, Value, is_scalar
 from edgefc.registry import register_pass
+from edgefc.rewriter import RewriteLog, Rewriter
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

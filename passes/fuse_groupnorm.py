@@ -15,6 +15,9 @@ scale and bias are per *channel*; opset 18 had them per group, which is why the 
 opset >= 21) or, with the SiLU, ``edgefc.GroupNormSiLU`` with the same inputs and attributes.
 The InstanceNormalization's own per-group scale/bias (1 and 0 as exported) are folded into the
 per-channel ones: ``scale_c = gamma_c * s_g(c)``, ``bias_c = gamma_c * b_g(c) + beta_c``.
+A ``GroupNormalization`` already in the export (torch's dynamo exporter at opset 18+, brought to
+21 by canonicalize) takes a following SiLU the same way (``GroupNormSiLU``; counted under
+``groupnorm_silu`` only, as the norm itself was not fused here).
 Misses: every ``InstanceNormalization`` not absorbed (kind ``groupnorm``), and every fused
 GroupNorm whose output feeds a ``Sigmoid`` that could not be folded (kind ``groupnorm_silu``),
 with the reason. Paper Sec. 3 (kernel fusion).
@@ -28,8 +31,9 @@ import onnx_graphsurgeon as gs
 from edgefc import functions, ir
 from edgefc.pass_base import PassContext
 from edgefc.passes.fusion_base import FusionPass, const, per_channel
-from edgefc.pattern import Pattern, RewriteLog, Rewriter
+from edgefc.pattern import Pattern
 from edgefc.registry import register_pass
+from edgefc.rewriter import RewriteLog, Rewriter
 
 
 def _core(affine: bool, silu: bool) -> Pattern:
@@ -87,6 +91,19 @@ def _where(m) -> bool | str:
 PATTERNS = [_core(True, True), _core(True, False), _core(False, True), _core(False, False)]
 
 
+def _native_silu() -> Pattern:
+    """A GroupNormalization-21 (already one op: exported natively, canonicalize brought it to 21)
+    followed by SiLU."""
+    p = Pattern("groupnorm21-silu")
+    x, s, b = p.input("x"), p.input("scale"), p.input("bias")
+    y = p.op("GroupNormalization", x, s, b, name="gn")
+    p.op("Mul", y, p.op("Sigmoid", y, name="sigmoid"), name="silu")
+    return p
+
+
+NATIVE_SILU = _native_silu()
+
+
 def group_norm_params(m) -> tuple[np.ndarray, np.ndarray, float, int]:
     """Per-channel scale and bias, epsilon and number of groups of a match."""
     c, g, shape = _groups(m)
@@ -108,6 +125,7 @@ class FuseGroupNorm(FusionPass):
 
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
         rw = Rewriter(graph, log)
+        self._made: set[str] = set()
         for node in rw.nodes("InstanceNormalization"):
             if not rw.alive(node):
                 continue
@@ -134,6 +152,20 @@ class FuseGroupNorm(FusionPass):
                 log.count("groupnorm_silu")
             else:
                 new = gs.Node("GroupNormalization", name=name, attrs=attrs, inputs=inputs, outputs=m.outputs)
+                self._made.add(name)
             rw.replace(m, [new])
             log.count("groupnorm")
+        for node in rw.nodes("GroupNormalization"):  # native ones (GroupNormalization-18/21 in the export)
+            if not rw.alive(node) or node.name in self._made:
+                continue  # already one op: only its SiLU is left to fold (counted as groupnorm_silu)
+            m = rw.match(NATIVE_SILU, node, "gn")
+            if not m:
+                if any(c.op == "Sigmoid" for c in node.outputs[0].outputs):
+                    log.miss("groupnorm_silu", node, m.reason)
+                continue
+            name = rw.unique_name(node.name.rsplit("/", 1)[0] + "/GroupNormSiLU")
+            rw.replace(m, [functions.make_node("GroupNormSiLU", [m["x"], m["scale"], m["bias"]], m.outputs, name=name,
+                                               attrs={"epsilon": float(node.attrs.get("epsilon", 1e-5)),
+                                                      "num_groups": int(node.attrs["num_groups"])})])
+            log.count("groupnorm_silu")
         rw.commit()

@@ -18,9 +18,9 @@ import onnx_graphsurgeon as gs
 from edgefc import ir
 from edgefc.pass_base import PassContext
 from edgefc.passes.fusion_base import FusionPass
-from edgefc.pattern import RewriteLog
 from edgefc.registry import register_pass
 from edgefc.rewrite import bypass
+from edgefc.rewriter import RewriteLog
 
 IDENTITY = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
 COMMUTATIVE = {"Mul", "Add"}

@@ -23,8 +23,9 @@ import onnx_graphsurgeon as gs
 from edgefc import ir
 from edgefc.pass_base import PassContext
 from edgefc.passes.fusion_base import FusionPass, const
-from edgefc.pattern import Pattern, RewriteLog, Rewriter, any_scalar, is_scalar
+from edgefc.pattern import Pattern, any_scalar, is_scalar
 from edgefc.registry import register_pass
+from edgefc.rewriter import RewriteLog, Rewriter
 
 
 def _axes(node: gs.Node) -> list[int] | None:

@@ -21,8 +21,9 @@ import onnx_graphsurgeon as gs
 from edgefc import functions, ir
 from edgefc.pass_base import PassContext
 from edgefc.passes.fusion_base import FusionPass, const, last_axis_vector
-from edgefc.pattern import Pattern, RewriteLog, Rewriter
+from edgefc.pattern import Pattern
 from edgefc.registry import register_pass
+from edgefc.rewriter import RewriteLog, Rewriter
 
 
 def _weight(c: gs.Constant) -> bool | str:

@@ -1,9 +1,10 @@
-"""Pass ``fuse``: every operator fusion, in a fixed order (paper Sec. 3, "kernel fusion").
+"""Pipeline ``fuse``: every operator fusion, one pass each, in a fixed order (paper Sec. 3, "kernel fusion").
 
 EdgeFusion fuses operators "using a kernel fusion method [FlashAttention]" before model-level
 tiling: the attention block becomes one op that MLT can tile, and normalisations, activations
-and epilogues stop being separate DRAM round trips. ``fuse`` runs these passes (each is also
-registered on its own, see docs/passes.md):
+and epilogues stop being separate DRAM round trips. ``fuse`` is a pipeline (data, see
+:mod:`edgefc.registry`) of these passes, each run, timed, verified and dumpable on its own
+(``--verify`` and ``--dump-after fuse-attention`` name them; docs/passes.md):
 
 ====================  ============================================================  ===========
 pass                  fuses                                                         emits
@@ -24,18 +25,14 @@ takes its SiLU before the epilogue pass could see it; attention before the bias 
 output projection is fused afterwards like any other linear layer; epilogues last, once every
 producer is in its final form.
 
-``--no-fuse NAME`` (``ctx.options["no_fuse"]``) skips fusions by name (``attention`` or
-``fuse-attention``). The report section ``ctx.report["fusion"]`` holds a count per kind and,
+``--no-fuse NAME`` (``ctx.options["no_fuse"]``) removes fusions from the pipeline by name
+(``attention`` or ``fuse-attention``; the pass manager edits the list and reports them as
+``fusion.skipped``). The report section ``ctx.report["fusion"]`` holds a count per kind and,
 per kind, the candidates that did not fuse with the reason (``misses``).
 """
 
 from __future__ import annotations
 
-import onnx_graphsurgeon as gs
-
-from edgefc import functions
-from edgefc.errors import PassError
-from edgefc.pass_base import Pass, PassContext
 from edgefc.passes import (  # noqa: F401  (registers the fusion passes)
     fuse_attention,
     fuse_epilogue,
@@ -46,39 +43,9 @@ from edgefc.passes import (  # noqa: F401  (registers the fusion passes)
     fuse_layernorm,
     fuse_matmul,
 )
-from edgefc.registry import get_pass, register_pass
+from edgefc.registry import register_pipeline
 
 ORDER = ("fuse-identity", "fuse-layernorm", "fuse-gelu", "fuse-geglu", "fuse-groupnorm", "fuse-attention",
          "fuse-matmul-bias", "fuse-epilogue")
 
-
-def _skipped(ctx: PassContext) -> set[str]:
-    names = ctx.option("no_fuse", ()) or ()
-    if isinstance(names, str):
-        names = [n for n in names.split(",") if n.strip()]
-    skipped = set()
-    for raw in names:
-        name = raw.strip()
-        full = name if name.startswith("fuse-") else f"fuse-{name}"
-        if full not in ORDER:
-            known = ", ".join(n.removeprefix("fuse-") for n in ORDER)
-            raise PassError(f"--no-fuse {name}: no such fusion (known: {known})")
-        skipped.add(full)
-    return skipped
-
-
-@register_pass("fuse", namespace="edgefc")
-class Fuse(Pass):
-    """Operator fusion: attention, GroupNorm(+SiLU), LayerNorm, GELU/GEGLU, matmul bias, epilogues."""
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-        skipped = _skipped(ctx)
-        for name in ORDER:
-            if name not in skipped:
-                graph = get_pass(f"edgefc::{name}").run(graph, ctx)
-        graph.cleanup()
-        functions.ensure_functions(graph)
-        ctx.report.setdefault("fusion", {"misses": {}})
-        if skipped:
-            ctx.report["fusion"]["skipped"] = sorted(skipped)
-        return graph
+register_pipeline("fuse", ORDER)

@@ -4,7 +4,7 @@ Each fusion pass (``passes/fuse_*.py``) subclasses :class:`FusionPass`: it imple
 ``fuse(graph, ctx, log)`` with the pattern helper (:mod:`edgefc.pattern`) and declares the report
 ``kinds`` it owns. Running it records, in ``ctx.report["fusion"]``, how many fusions of each kind
 it made and every candidate that did not match with the reason (``misses``), and gives the graph
-the local functions of the edgefc ops it emitted (:func:`edgefc.functions.ensure_functions`).
+the IR version its edgefc ops need (:func:`edgefc.functions.ensure_functions`; their functions are stamped on export).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from edgefc import functions
 from edgefc.errors import PassError
 from edgefc.pass_base import Pass, PassContext
-from edgefc.pattern import RewriteLog
+from edgefc.rewriter import RewriteLog
 
 
 def record(ctx: PassContext, log: RewriteLog, kinds: tuple[str, ...]) -> None:

@@ -34,6 +34,7 @@ solver evaluated, the solver's time, and the reason for the decision.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -299,9 +300,20 @@ def _tiling_dict(spec: AttentionSpec, tiling: Tiling, granularity: int) -> dict:
             "tile_rows": grid.rows, "heads_per_tile": grid.heads}
 
 
+@dataclass
+class MltOptions:
+    """Options of ``mlt`` (``edgefc compile`` flags)."""
+
+    sram_budget: int | str | None = None   # --sram-budget: bytes or "4MiB"; None: target SRAM - reserve
+    no_mlt: bool = False                    # --no-mlt: leave every attention untiled
+    precision: str | None = None            # --precision: the deployed byte sizes the solver prices
+
+
 @register_pass("mlt", namespace="edgefc")
 class ModelLevelTiling(Pass):
     """Model-level tiling (paper Sec. 2.3): attentions too big for SRAM become TiledAttention, tiles from the solver."""
+
+    Options = MltOptions
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         target = ctx.target

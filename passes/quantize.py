@@ -57,6 +57,8 @@ import dataclasses
 import tempfile
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -182,11 +184,30 @@ def _is_fp32(t: gs.Tensor) -> bool:
     except TypeError:  # a type numpy does not have (bfloat16, float8 ...)
         return False
 
+
+@dataclasses.dataclass
+class QuantizeOptions:
+    """Options of ``quantize`` (see the module docstring; validated again by ``_options``)."""
+
+    precision: str | None = None
+    component: str | None = None
+    calib: Path | None = None           # a .npz of calibration inputs
+    calib_method: str | None = None
+    calib_samples: int | None = None
+    keep_fp32: tuple[str, ...] = ()
+    eval_samples: int | None = None
+    quant_policy: Any = None            # a QuantPolicy or a dict of its fields (Python API)
+    calib_percentile: float | None = None
+    calib_chunk_mb: float | None = None
+    progress: bool = True
+
+
 @register_pass("quantize", namespace="edgefc")
 class Quantize(Pass):
     """Mixed-precision PTQ: W8A16 U-Net, FP16 text encoder and VAE decoder, checked against FP32 (paper Sec. 2.3/4.2)."""
 
     verify_tolerance = 0.1
+    Options = QuantizeOptions
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         opts = _options(ctx)

@@ -27,12 +27,12 @@ def _export_cache(tmp_path_factory) -> Path:
     return folder
 
 
-def _tiny_export(folder: Path, component: str, arch: str) -> Path:
+def _tiny_export(folder: Path, component: str, arch: str, exporter: str = "torchscript") -> Path:
     from edgefc.models.export import export_component
 
-    path = folder / f"{component}-{arch}-tiny.onnx"
+    path = folder / f"{component}-{arch}-tiny{'' if exporter == 'torchscript' else '-' + exporter}.onnx"
     if not path.is_file():
-        export_component(component, arch, path, scale="tiny", progress=False)
+        export_component(component, arch, path, scale="tiny", progress=False, exporter=exporter)
     return path
 
 
@@ -45,6 +45,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """
     folder = _export_cache(tmp_path_factory)
     return {c: _tiny_export(folder, c, "bk-sdm-tiny") for c in ("text-encoder", "unet", "vae-decoder")}
+
+
+@pytest.fixture(scope="session")
+def tiny_dynamo(tmp_path_factory) -> dict[str, Path]:
+    """The same tiny bk-sdm-tiny components through torch's default exporter (``--exporter dynamo``)."""
+    pytest.importorskip("onnxscript")
+    folder = _export_cache(tmp_path_factory)
+    return {c: _tiny_export(folder, c, "bk-sdm-tiny", "dynamo") for c in ("text-encoder", "unet", "vae-decoder")}
 
 
 @pytest.fixture(scope="session")

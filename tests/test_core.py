@@ -275,3 +275,82 @@ def test_every_compile_flag_is_in_help_and_readme():
     missing_help = [f for f in flags if not names(f, result.output)]
     missing_readme = [f for f in flags if not names(f, section)]
     assert missing_help == [] and missing_readme == [], (missing_help, missing_readme)
+
+
+# --- pipelines are data, pass options are typed ---------------------------------------------------
+
+def test_pipelines_expand_to_their_passes_and_unknown_names_fail(mlp):
+    from edgefc.registry import expand, list_pipelines
+
+    fusions = [f"edgefc::{n}" for n in list_pipelines()["fuse"]]
+    assert len(fusions) == 8 and expand(["canonicalize", "fuse"]) == ["edgefc::canonicalize", *fusions]
+    assert expand(["npu"]) == ["edgefc::canonicalize", *fusions, "edgefc::quantize", "edgefc::mlt"]
+    pm = edgefc.PassManager(["canonicalize", "fuse"])
+    pm.run(edgefc.load(mlp))
+    assert [r.name for r in pm.records] == ["canonicalize", *(f.split("::")[1] for f in fusions)]
+    with pytest.raises(edgefc.PassError, match="unknown pass 'fusee'.*pipelines: default, fuse, npu"):
+        edgefc.PassManager(["canonicalize", "fusee"])
+    with pytest.raises(edgefc.PassError, match="already the name of a pipeline"):
+        edgefc.register_pass("fuse")(lambda g, c: g)
+    assert edgefc.default_pipeline(edgefc.get_target("exynos2400"), {"no_mlt": True, "precision": "fp32"}) == \
+        ["canonicalize", "fuse"]
+
+
+def test_no_fuse_edits_the_pipeline_and_dump_after_names_single_fusions(mlp, tmp_path):
+    res = edgefc.compile(mlp, None, output=tmp_path / "b", options={"no_fuse": ("attention", "fuse-gelu")},
+                         dump_after=["fuse-identity", "fuse"])
+    names = [r.name for r in res.records]
+    assert "fuse-attention" not in names and "fuse-gelu" not in names and "fuse-layernorm" in names
+    assert res.report["fusion"]["skipped"] == ["fuse-gelu", "fuse-attention"]
+    assert (tmp_path / "b" / "after-fuse-identity.onnx").is_file() and (tmp_path / "b" / "after-fuse.onnx").is_file()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"precison": "fp16"}, "unknown option 'precison'"),
+    ({"calib_samples": "3"}, "pass 'quantize' option 'calib_samples' must be int or None, got '3'"),
+    ({"no_mlt": "yes"}, "pass 'mlt' option 'no_mlt' must be bool"),
+    ({"emit": 3}, "pass 'compile' option 'emit' must be a list of str"),
+])
+def test_unknown_or_mistyped_compile_options_are_errors(mlp, tmp_path, options, message):
+    with pytest.raises(edgefc.PassError, match=message):
+        edgefc.compile(mlp, None, output=tmp_path / "o", options=options)
+    assert [p.name for p in tmp_path.iterdir()] == ["mlp.onnx"]  # failed before any work: nothing written
+
+
+def test_custom_pass_declares_typed_options_as_in_readme(mlp):
+    from dataclasses import dataclass
+
+    @dataclass
+    class ScaleOptions:
+        factor: float = 1.0
+        label: str | None = None
+
+        def __post_init__(self):
+            if self.factor <= 0:
+                raise ValueError(f"option 'factor' must be positive, got {self.factor}")
+
+    seen = []
+
+    @edgefc.register_pass("scale-probe", options=ScaleOptions)
+    def scale_probe(graph, ctx):
+        seen.append((ctx.option("factor"), ctx.option("label")))
+        return graph
+
+    try:
+        edgefc.PassManager([edgefc.get_pass("scale-probe", factor=2)]).run(edgefc.load(mlp))
+        edgefc.compile(mlp, None, passes=["scale-probe"], options={"factor": 3, "label": "x"})
+        assert seen == [(2.0, None), (3.0, "x")]
+        with pytest.raises(edgefc.PassError, match="pass 'scale-probe' has no option 'factr'"):
+            edgefc.get_pass("scale-probe", factr=2)
+        with pytest.raises(edgefc.PassError, match="pass 'scale-probe' option 'factor' must be float"):
+            edgefc.get_pass("scale-probe", factor="2")
+        with pytest.raises(edgefc.PassError, match="pass 'scale-probe': option 'factor' must be positive"):
+            edgefc.compile(mlp, None, passes=["scale-probe"], options={"factor": -1.0})
+    finally:
+        edgefc.registry.unregister_pass("scale-probe")
+
+
+def test_cli_mistyped_pass_option_is_one_line(mlp, tmp_path):
+    rc, out = run_cli("compile", str(mlp), "--passes", "canonicalize,fuse-nope", "-o", str(tmp_path / "o"))
+    assert_user_error(rc, out, "unknown pass 'fuse-nope'")
+    assert not (tmp_path / "o").exists()

@@ -64,6 +64,30 @@ def test_tiny_export_matches_torch(tiny_models, component):
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
+def test_tiny_dynamo_export_matches_torch(tiny_dynamo, component):
+    """--exporter dynamo: torch's default exporter, same interface, opset 18 or later, same numbers."""
+    feeds, want = _torch_outputs(component, "bk-sdm-tiny", scale="tiny")
+    model = onnx.load(str(tiny_dynamo[component]), load_external_data=False)
+    assert [i.name for i in model.graph.input] == ex.INPUT_NAMES[component]
+    assert [o.name for o in model.graph.output] == ex.OUTPUT_NAMES[component]
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    got = _run(tiny_dynamo[component], feeds)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        _assert_close(g, w)
+
+
+def test_unknown_exporter_and_bad_opset_are_user_errors(tmp_path, capfd):
+    with pytest.raises(ExportError, match="unknown exporter 'jit'"):
+        ex.export_component("unet", "bk-sdm-tiny", tmp_path / "u.onnx", scale="tiny", exporter="jit")
+    rc, err = _cli(["export", "unet", "--scale", "tiny", "--exporter", "jit", "-o", str(tmp_path / "u.onnx")], capfd)
+    assert rc == 2 and "jit" in err and "Traceback" not in err
+    with pytest.raises(ExportError, match="from opset 18 on; for opset 17 use --exporter torchscript"):
+        ex.export_component("unet", "bk-sdm-tiny", tmp_path / "u.onnx", scale="tiny", exporter="dynamo", opset=17)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_every_parameter_is_its_own_initializer(tiny_models, component):
     """ONNX initializer elements == torch parameters: nothing merged (the exporter merges equal
     tensors, e.g. all-zero biases) and nothing but the weights stored."""

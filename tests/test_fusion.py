@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -143,7 +144,7 @@ def test_fused_model_file_checks_inlines_and_reloads(tiny, tmp_path):
 def test_compile_writes_fusion_report(tiny_models, tmp_path):
     result = edgefc.compile(tiny_models["vae-decoder"], None, output=tmp_path / "vae")
     report = json.loads((tmp_path / "vae" / "report.json").read_text())
-    assert [p["name"] for p in report["passes"]] == ["canonicalize", "fuse"]
+    assert [p["name"] for p in report["passes"]] == ["canonicalize", *ORDER]
     assert report["fusion"]["attention"] == configs.expected_attention_count("vae-decoder", "bk-sdm-tiny", "tiny")
     assert report["fusion"]["misses"] == {} and result.report["fusion"] == report["fusion"]
     assert ort.run(str(tmp_path / "vae" / "model.onnx"), ort.random_inputs(result.graph))
@@ -406,6 +407,7 @@ def test_edgefc_function_bodies_are_exact():
                                      name="gn", attrs={"epsilon": 1e-5, "num_groups": 2}))
     nodes.append(functions.make_node("GeGLU", [x], [ge], name="ge"))
     graph = functions.ensure_functions(gs.Graph(nodes=nodes, inputs=[x, r, img, rimg], outputs=outs + [gn, ge], opset=23))
+    assert not graph.functions  # the functions are stamped on export, not kept in graphsurgeon
     model = ir.to_model(graph)
     onnx.checker.check_model(model, full_check=True)
     feeds = ort.random_inputs(model, seed=4)
@@ -427,3 +429,136 @@ def test_edgefc_function_bodies_are_exact():
     assert np.abs(got["gn"] - want).max() <= 1e-5 * np.abs(want).max()
     want = f["x"][..., :8] * acts["gelu"](f["x"][..., 8:])
     assert np.abs(got["ge"] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+# --- both torch exporters, every fusion a visible pass ---------------------------------------------
+
+@pytest.mark.parametrize("component", ("text-encoder", "unet", "vae-decoder"))
+@pytest.mark.parametrize("exporter", ("torchscript", "dynamo"))
+def test_both_exporters_fuse_everything_and_verify_names_each_fusion(request, exporter, component):
+    """Each tiny component from either exporter: --verify with the default pipeline names every
+    fusion pass, every attention and GroupNorm is fused, nothing unfused left, and the result
+    matches onnxruntime on the export within 1e-4."""
+    path = request.getfixturevalue("tiny_models" if exporter == "torchscript" else "tiny_dynamo")[component]
+    result = edgefc.compile(path, None, verify=True)
+    assert [r.name for r in result.records] == ["canonicalize", *ORDER]
+    assert all(r.verify_rel_error is not None and r.verify_rel_error <= 1e-4 for r in result.records)
+    ops, want = _ops(result.graph), configs.expected_attention_count(component, "bk-sdm-tiny", "tiny")
+    assert ops["Attention"] == want == result.report["fusion"]["attention"], result.report["fusion"]["misses"]
+    assert not {op: ops[op] for op in ("Softmax", "Erf", "InstanceNormalization") if ops[op]}
+    assert result.report["fusion"]["misses"].get("attention") is None
+    if component != "text-encoder":
+        assert ops["GroupNormalization"] + ops["GroupNormSiLU"] > 0 and "groupnorm" not in result.report["fusion"]["misses"]
+    feeds = ort.random_inputs(result.graph, seed=5)
+    ort.check(ort.run(str(path), feeds), ort.run(ir.to_model(result.graph), feeds), 1e-4)
+
+
+# --- fusion by the math: diffusers blocks x exporters x opsets -------------------------------------
+
+_BLOCK_EXPORTS: dict = {}
+
+
+def _diffusers_block(variant: str):
+    """A tiny diffusers Transformer2DModel (GroupNorm, proj in/out, self + cross attention, GEGLU,
+    LayerNorms) in one of the configurations U-Nets use, with its inputs."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    heads, head_dim = {"heads1": (1, 16), "heads4": (4, 4)}.get(variant, (2, 8))
+    block = Transformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
+                               norm_num_groups=4, cross_attention_dim=12, num_layers=2 if variant == "layers2" else 1,
+                               use_linear_projection=variant == "linear", activation_fn="geglu",
+                               upcast_attention=variant == "upcast").eval()
+    for m in block.modules():
+        if hasattr(m, "set_processor"):
+            m.set_processor(AttnProcessor() if variant == "classic" else AttnProcessor2_0())
+
+    class Wrap(nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            self.b = b
+
+        def forward(self, x, ctx):
+            return self.b(x, encoder_hidden_states=ctx, return_dict=False)[0]
+
+    torch.manual_seed(0)
+    return Wrap(block), (torch.randn(1, 16, 4, 4), torch.randn(1, 5, 12))
+
+
+@pytest.mark.parametrize("variant, exporter, opset", [
+    ("sdpa", "torchscript", 14), ("sdpa", "torchscript", 17), ("classic", "torchscript", 17),
+    ("linear", "torchscript", 20), ("heads1", "torchscript", 17), ("heads4", "torchscript", 17),
+    ("layers2", "torchscript", 17), ("upcast", "torchscript", 17),
+    ("sdpa", "dynamo", 18), ("classic", "dynamo", 20), ("linear", "dynamo", 23), ("heads1", "dynamo", 20),
+])
+def test_diffusers_transformer_blocks_fuse_from_any_exporter(tmp_path, variant, exporter, opset):
+    """Every attention, GroupNorm, LayerNorm and GEGLU of a diffusers transformer block is fused,
+    whatever processor (SDPA or the classic baddbmm one), projection, head layout, exporter and
+    opset produced it, and the fused graph computes what the export does."""
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    module, inputs = _diffusers_block(variant)
+    path = tmp_path / f"{variant}-{exporter}-{opset}.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, str(path), dynamo=exporter == "dynamo", opset_version=opset,
+                          input_names=["x", "ctx"], output_names=["y"])
+    source = _ops(edgefc.load(path))
+    ctx = PassContext()
+    graph = edgefc.PassManager(["canonicalize", "fuse"]).run(edgefc.load(path), ctx)
+    ops, layers = _ops(graph), 2 if variant == "layers2" else 1
+    assert ops["Attention"] == 2 * layers == ctx.report["fusion"]["attention"], ctx.report["fusion"]["misses"]
+    assert ops["GroupNormalization"] + ops["GroupNormSiLU"] == 1 and ops["GeGLU"] == layers
+    assert ops["LayerNormalization"] == 3 * layers
+    assert not {op: ops[op] for op in ("Softmax", "Erf", "InstanceNormalization", "ReduceMean") if ops[op]}
+    assert source["Softmax"] + source["Attention"] == 2 * layers  # opset 23 dynamo: 4D Attention-23, made 3D
+    assert all(len(ir.static_shape(n.inputs[0])) == 3 for n in graph.nodes if n.op == "Attention")
+    feeds = {"x": inputs[0].numpy(), "ctx": inputs[1].numpy()}
+    ort.check(ort.run(str(path), feeds), ort.run(ir.to_model(graph), feeds), 1e-5)
+
+
+def test_native_groupnormalization_takes_its_silu(tmp_path):
+    """A GroupNormalization-21 already in the export (dynamo at opset 21+) followed by SiLU becomes
+    GroupNormSiLU, exactly; a second run finds nothing to do."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    rng = np.random.default_rng(0)
+    vi = [h.make_tensor_value_info(n, T.FLOAT, [1, 8, 4, 4]) for n in ("x", "g", "sg", "y")]
+    inits = [onnx.numpy_helper.from_array(rng.random(8).astype(np.float32), n) for n in ("s", "b")]
+    nodes = [h.make_node("GroupNormalization", ["x", "s", "b"], ["g"], name="gn", num_groups=2, epsilon=1e-5),
+             h.make_node("Sigmoid", ["g"], ["sg"], name="sig"), h.make_node("Mul", ["g", "sg"], ["y"], name="mul")]
+    model = h.make_model(h.make_graph(nodes, "g", [vi[0]], [vi[3]], inits, value_info=vi[1:3]),
+                         opset_imports=[h.make_opsetid("", 21)])
+    path = tmp_path / "gn21.onnx"
+    onnx.save(model, path)
+    ctx = PassContext()
+    graph = edgefc.PassManager(["canonicalize", "fuse"]).run(edgefc.load(path), ctx)
+    assert _ops(graph) == {"GroupNormSiLU": 1} and ctx.report["fusion"]["groupnorm_silu"] == 1
+    feeds = ort.random_inputs(graph, 1)
+    ort.check(ort.run(str(path), feeds), ort.run(ir.to_model(graph), feeds), 0.0)
+    again = PassContext()
+    edgefc.PassManager(["fuse"]).run(graph, again)
+    assert all(v == 0 for k, v in again.report["fusion"].items() if k != "misses")
+
+
+def test_optimum_style_dynamic_export_fuses_once_shapes_are_fixed(tmp_path):
+    """What optimum's ONNX export writes (TorchScript exporter, opset 14, dynamic batch, spatial
+    and sequence axes), compiled with ``shapes`` (``--shape``): every attention and the GroupNorm
+    fused, and the result matches the export at the fixed shapes."""
+    module, inputs = _diffusers_block("sdpa")
+    path = tmp_path / "dynamic.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=14, input_names=["x", "ctx"],
+                          output_names=["y"], dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"},
+                                                            "ctx": {0: "batch", 1: "sequence"}, "y": {0: "batch"}})
+    assert any(d.dim_param for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim)
+    shapes = {"x": (2, 16, 6, 4), "ctx": (2, 9, 12)}
+    result = edgefc.compile(path, None, shapes=shapes)
+    ops = _ops(result.graph)
+    assert ops["Attention"] == 2 and ops["GroupNormalization"] + ops["GroupNormSiLU"] == 1, result.report["fusion"]
+    assert not {op: ops[op] for op in ("Softmax", "Erf", "InstanceNormalization") if ops[op]}
+    rng = np.random.default_rng(3)
+    feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    ort.check(ort.run(str(path), feeds), ort.run(ir.to_model(result.graph), feeds), 1e-5)

@@ -8,7 +8,8 @@ import pytest
 
 from edgefc import ort
 from edgefc.errors import PassError
-from edgefc.pattern import Pattern, RewriteLog, Rewriter, is_scalar, rewrite_all, scalar
+from edgefc.pattern import Pattern, is_scalar, scalar
+from edgefc.rewriter import RewriteLog, Rewriter, rewrite_all
 
 
 def _v(name, shape=(2, 3)):

@@ -172,6 +172,29 @@ def test_same_seed_same_image(cache, tmp_path):
     assert not np.array_equal(a.image, d.image), "the prompt must change the image"
 
 
+def test_generate_many_opens_each_model_once_and_matches_generate(cache, spy, tmp_path):
+    kw = {"steps": 2, "scale": "tiny"}
+    prompts, seeds = ["a red bicycle", "a blue boat", "a red bicycle"], [7, 3, 8]
+    outs = [tmp_path / f"m{i}.png" for i in range(3)]
+    opened = []
+    real = pipeline.open_runner
+
+    def counting(component, path, runtime="auto"):
+        opened.append(component)
+        return real(component, path, runtime)
+
+    pipeline.open_runner, saved = counting, pipeline.open_runner
+    try:
+        many = pipeline.generate_many(prompts, seeds, outs, **kw)
+    finally:
+        pipeline.open_runner = saved
+    assert sorted(opened) == sorted(COMPONENTS)  # once each for three images
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        one = pipeline.generate(p, output=tmp_path / f"o{i}.png", seed=s, progress=False, **kw)
+        assert np.array_equal(one.image, many[i].image)
+        assert outs[i].read_bytes() == (tmp_path / f"o{i}.png").read_bytes()
+
+
 def test_four_steps_with_guidance(cache, spy, tmp_path):
     r = pipeline.generate("a cat", steps=4, guidance=2.5, output=tmp_path / "g.png", scale="tiny", progress=False)
     _, runs = spy

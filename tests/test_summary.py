@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+from edgefc.passes.fusion import ORDER as FUSIONS
 from edgefc.summary import summary_lines
 
 REPORT = {
@@ -63,8 +64,9 @@ def test_compile_ends_with_the_summary_of_its_build(tiny_models, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # stdout: one line per pass, then the summary, and nothing else
     said = proc.stdout.splitlines()
-    assert [ln.split()[0] for ln in said[:4]] == ["canonicalize", "fuse", "quantize", "mlt"], proc.stdout
-    lines = said[4:]
+    passes = ["canonicalize", *FUSIONS, "quantize", "mlt"]  # the fuse pipeline, one line per fusion pass
+    assert [ln.split()[0] for ln in said[:len(passes)]] == passes, proc.stdout
+    lines = said[len(passes):]
     assert [ln.split(":")[0] for ln in lines] == ["fusion", "precision", "tiling", "target", "build"], proc.stdout
     report = json.loads((out / "report.json").read_text())
     profile = json.loads((out / "profile.json").read_text())

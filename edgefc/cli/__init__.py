@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "generate": "edgefc.cli.generate:generate_cmd",
     "train": "edgefc.cli.train:train_group",
     "data": "edgefc.cli.data:data_group",
+    "eval": "edgefc.cli.eval:eval_cmd",
     "run": "edgefc.cli.run:run_cmd",
 }
 
@@ -34,7 +35,8 @@ SHORT_HELP: dict[str, str] = {
     "export": "Export a text encoder / U-Net / VAE decoder from diffusers to ONNX.",
     "generate": "Text-to-image: text encoder -> U-Net (LCM steps) -> VAE decoder, writes a PNG.",
     "train": "Distil U-Nets: BK-SDM knowledge distillation (kd), latent consistency distillation (lcm).",
-    "data": "Curate image/caption training data (dedup, size filter, crop choice).",
+    "data": "Prepare image/caption training data: curate real pairs, or synthesize attribute-controlled ones.",
+    "eval": "Score images against their prompts with the deterministic verifier (alignment, Fréchet distance).",
     "run": "Run a TVM build (--emit tvm) on inputs from an .npz; --check compares with onnxruntime.",
 }
 

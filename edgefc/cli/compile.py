@@ -55,7 +55,8 @@ def _calib_file(ctx, param, value):
               help="Target name (exynos2400) or a target description .toml file.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="Build folder to write (default: build/<model name>).")
-@click.option("--passes", help="Comma-separated pass list replacing the default pipeline, e.g. canonicalize,fuse.")
+@click.option("--passes", help="Comma-separated passes and pipelines replacing the default pipeline, "
+                               "e.g. canonicalize,fuse (fuse is the pipeline of every fusion pass).")
 @click.option("--plugin", multiple=True, metavar="FILE.py|MODULE",
               help="Import a file or module that registers passes (repeatable).")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2x...",
@@ -74,8 +75,8 @@ def _calib_file(ctx, param, value):
 @click.option("--emit", multiple=True, type=click.Choice(["tvm"]),
               help="Also lower to TVM: host_aarch64.so (phone), host_local.so (this machine) + NPU programs.")
 @click.option("--no-fuse", "no_fuse", multiple=True, metavar="FUSION",
-              help="Skip one fusion of the fuse pass (attention, groupnorm, layernorm, gelu, geglu, matmul-bias, "
-                   "epilogue, identity; repeatable).")
+              help="Remove one fusion pass from the pipeline (attention, groupnorm, layernorm, gelu, geglu, "
+                   "matmul-bias, epilogue, identity; repeatable).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "w8a16"]), default="auto", show_default=True,
               help="Deployed precision (quantize): auto = FP16 text encoder / VAE decoder, W8A16 U-Net on NPU targets.")
 @click.option("--component", type=click.Choice(["text-encoder", "unet", "vae-decoder"]),
@@ -114,7 +115,7 @@ def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_afte
     result = edgefc.compile(model, target, output=output, passes=pass_list, shapes=shape_map, verify=verify,
                             dump_after=list(dump_after) or None, options=pass_options, progress=_progress)
     for r in result.records:
-        click.echo(f"  {r.name:<14} {r.seconds:8.2f} s  nodes {r.nodes_before} -> {r.nodes_after}")
+        click.echo(f"  {r.name:<18} {r.seconds:8.2f} s  nodes {r.nodes_before} -> {r.nodes_after}")
     from edgefc.summary import build_summary
 
     for line in build_summary(result.output):
@@ -124,11 +125,19 @@ def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_afte
 @click.command("passes")
 @click.option("--plugin", multiple=True, metavar="FILE.py|MODULE", help="Also load passes from a plugin.")
 def passes_cmd(plugin):
-    """List the registered passes (id and one-line description)."""
+    """List the registered passes (id, one-line description, options) and pipelines."""
+    import dataclasses
+
     import edgefc
-    from edgefc.registry import one_line_doc
+    from edgefc.registry import list_pipelines, one_line_doc
 
     for spec in plugin:
         edgefc.load_plugin(spec)
     for pid, cls in edgefc.list_passes().items():
         click.echo(f"{pid:<28} {one_line_doc(cls)}")
+        names = [f.name for f in dataclasses.fields(cls.Options)]
+        if names:
+            click.echo(f"{'':<28}   options: {', '.join(names)}")
+    click.echo("pipelines:")
+    for name, items in list_pipelines().items():
+        click.echo(f"  {name:<26} {', '.join(items)}")

@@ -1,11 +1,13 @@
-"""``edgefc data curate``: deduplicate, size-filter and square-crop an image/caption dataset.
+"""``edgefc data curate`` (deduplicate, size-filter and square-crop an image/caption dataset) and
+``edgefc data synth`` (render attribute-controlled synthetic image/caption pairs).
 
-The work is in :mod:`edgefc.models.train.curate` (numpy + PIL, no torch). Progress goes to
-stderr; a one-line summary to stdout; the full record is DST/manifest.json.
+The work is in :mod:`edgefc.models.train.curate` and :mod:`edgefc.models.synth` (numpy + PIL, no
+torch). Progress goes to stderr; a one-line summary to stdout; the full record is DST/manifest.json.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -17,7 +19,7 @@ CROP_CHOICES = tuple(CROP_SCORERS)
 
 @click.group("data")
 def data_group():
-    """Prepare training data for ``edgefc train``."""
+    """Prepare training data for ``edgefc train`` (curate real pairs, or synthesize them)."""
 
 
 @data_group.command("curate")
@@ -41,3 +43,33 @@ def curate_cmd(src, dst, min_size, dedup_threshold, crop, quiet):
     c = m["counts"]
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if k not in ("input", "kept"))
     click.echo(f"{dst}: kept {c['kept']} of {c['input']}" + (f" (dropped: {dropped})" if dropped else ""))
+
+
+@data_group.command("synth")
+@click.option("-o", "--output", "dst", type=click.Path(path_type=Path), required=True,
+              help="Output folder (must not exist or be empty): NNNNNN.png + NNNNNN.txt pairs + manifest.json.")
+@click.option("--count", type=int, default=1000, show_default=True, help="Number of image/caption pairs.")
+@click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels (a multiple of 8).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Data set seed: the same seed, count, size and level give the same bytes.")
+@click.option("--level", type=click.IntRange(1, 3), default=1, show_default=True,
+              help="Difficulty: 1 = one object (shape, colour, quadrant) on a background; 2 = also a size "
+                   "(small/large); 3 = two objects in different quadrants.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def synth_cmd(dst, count, size, seed, level, quiet):
+    """Render COUNT synthetic scenes with captions written from their attributes (paper Sec. 2.2)."""
+    from tqdm import tqdm
+
+    from edgefc.models.synth import synthesize
+
+    bars = []  # opened on the first image, so a refused run prints only its error line
+
+    def progress(i):
+        if not bars:
+            bars.append(tqdm(total=count, desc="synth", unit="img", file=sys.stderr))
+        bars[0].update(1)
+
+    m = synthesize(dst, count, size=size, seed=seed, level=level, progress=None if quiet else progress)
+    for bar in bars:
+        bar.close()
+    click.echo(f"{dst}: {m['count']} pairs ({m['size']}x{m['size']}, level {m['level']}, seed {m['seed']})")

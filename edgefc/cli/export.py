@@ -10,6 +10,10 @@ import click
 
 from edgefc.models.configs import ARCHS, COMPONENTS, DEFAULT_IMAGE_SIZE, SCALES
 
+#: kept here (not imported from edgefc.models.export) so the CLI never loads torch to show --help
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_EXPORTER = "torchscript"
+
 
 @click.command("export")
 @click.argument("component", type=click.Choice(COMPONENTS))
@@ -27,16 +31,22 @@ from edgefc.models.configs import ARCHS, COMPONENTS, DEFAULT_IMAGE_SIZE, SCALES
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Output .onnx file. Default: COMPONENT-ARCH[-tiny].onnx in the current folder.")
-def export_cmd(component, arch, weights, height, width, scale, seed, output):
+@click.option("--exporter", type=click.Choice(EXPORTERS), default=DEFAULT_EXPORTER, show_default=True,
+              help="torch exporter: torchscript (torch.onnx.export dynamo=False; the form the project's figures "
+                   "were measured on) or dynamo (torch's own default; needs onnxscript).")
+@click.option("--opset", type=click.IntRange(7, 23), default=None,
+              help="ONNX opset to export at (default: 17 for torchscript, the exporter's own for dynamo).")
+def export_cmd(component, arch, weights, height, width, scale, seed, output, exporter, opset):
     """Export COMPONENT (text-encoder, unet or vae-decoder) to ONNX.
 
-    Static shapes, batch 1, opset 17 (TorchScript exporter). Models over 2 GB get one external
-    data file OUTPUT.data beside the .onnx. Progress goes to stderr; the written path to stdout.
+    Static shapes, batch 1 (TorchScript exporter at opset 17 unless --exporter/--opset say
+    otherwise). Models over 2 GB get one external data file OUTPUT.data beside the .onnx.
+    Progress goes to stderr; the written path to stdout.
     """
     from edgefc.models.export import export_component
 
     if output is None:
         output = f"{component}-{arch}{'-tiny' if scale == 'tiny' else ''}.onnx"
     path = export_component(component, arch, output, weights=weights, height=height, width=width,
-                            scale=scale, seed=seed, progress=True)
+                            scale=scale, seed=seed, progress=True, exporter=exporter, opset=opset)
     click.echo(str(path))

@@ -27,7 +27,8 @@ from edgefc.models.configs import ARCHS, DEFAULT_IMAGE_SIZE, SCALES
                    "(the exported U-Net has no LCM guidance embedding input).")
 @click.option("--height", type=int, default=None,
               help=f"Image height, a multiple of 64. Default {DEFAULT_IMAGE_SIZE['full']} (--scale full), "
-                   f"{DEFAULT_IMAGE_SIZE['tiny']} (--scale tiny), or the build's size with --build.")
+                   f"{DEFAULT_IMAGE_SIZE['tiny']} (--scale tiny), the build's size with --build, or the size the "
+                   "--weights U-Net was trained for (its sample_size x 8).")
 @click.option("--width", type=int, default=None, help="Image width, a multiple of 64; defaults as --height.")
 @click.option("--scale", type=click.Choice(SCALES), default="full", show_default=True,
               help="Built-in models: full (the published sizes) or tiny (same topology, small; for tests).")

@@ -1,4 +1,5 @@
-"""``edgefc train kd|lcm``: the training companion (BK-SDM distillation, LCM distillation).
+"""``edgefc train vae|sd|kd|lcm``: the training companion (from-scratch VAE and U-Net training,
+BK-SDM distillation, LCM distillation).
 
 The work is in :mod:`edgefc.models.train` (imported only when a command runs). Runs on one CPU
 as is; ``accelerate launch -m edgefc.cli.train ...`` or ``accelerate launch $(which edgefc) train
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import click
 
-TEACHER_ARCHS = ("sd-v1.5", "tiny")
+TEACHER_ARCHS = ("sd-v1.5", "tiny", "mini")
 STUDENT_ARCHS = ("bk-sdm-tiny", "tiny")
 
 _P = click.Path(path_type=Path)
@@ -32,7 +33,7 @@ def _common(f):
                      help="Output folder: checkpoint-STEP/ folders, the final diffusers-style model, train_log.jsonl."),
         click.option("--steps", type=int, default=1000, show_default=True, help="Total optimizer steps."),
         click.option("--batch-size", type=int, default=4, show_default=True, help="Images per step and process."),
-        click.option("--lr", type=float, default=None, help="AdamW learning rate, constant. Default: 5e-5 for kd (BK-SDM), 1e-6 for lcm (the LCM recipe)."),
+        click.option("--lr", type=float, default=None, help="AdamW learning rate, constant. Default: 1e-3 for vae and sd, 5e-5 for kd (BK-SDM), 1e-6 for lcm (the LCM recipe)."),
         click.option("--resume", type=_P, default=None,
                      help="Continue from a checkpoint-STEP folder (same data, teacher, seed, batch size)."),
         click.option("--seed", type=int, default=0, show_default=True,
@@ -65,12 +66,50 @@ def _report(result):
 
 @click.group("train")
 def train_group():
-    """Distil compact diffusion U-Nets (thin recipes on diffusers + accelerate).
+    """Train and distil compact diffusion models (thin recipes on diffusers + accelerate).
 
     \b
+    edgefc train vae --teacher-arch mini --data pairs/ --resolution 64 -o vae/
+    edgefc train sd  --teacher vae/ --data pairs/ --resolution 64 -o teacher/
     edgefc train kd  --teacher-arch tiny --student-arch bk-sdm-tiny --data pairs/ -o kd/
     edgefc train lcm --teacher kd/ --init kd/ --data pairs/ -o lcm/
     """
+
+
+@train_group.command("vae")
+@_common
+@click.option("--kl-weight", type=float, default=1e-6, show_default=True, help="Weight of the KL term.")
+@click.option("--fg-weight", type=float, default=0.0, show_default=True,
+              help="Extra reconstruction weight of pixels away from the image's median colour (small objects on a "
+                   "plain background learn faster).")
+def vae_cmd(lr, quiet, **kw):
+    """Train the base pipeline's VAE (AutoencoderKL) from scratch: L1 + MSE reconstruction + KL.
+
+    --teacher / --teacher-arch name the base pipeline; the output is that pipeline with the trained vae/
+    (its scaling_factor set to unit latent variance).
+    """
+    from edgefc.models.train.sd import VAEConfig, train_vae
+
+    cfg = VAEConfig(lr=1e-3 if lr is None else lr, progress=not quiet, **kw)
+    _report(train_vae(cfg))
+
+
+@train_group.command("sd")
+@_common
+@click.option("--unet-arch", type=click.Choice(["sd-v1.5", "bk-sdm-tiny"]), default="sd-v1.5", show_default=True,
+              help="sd-v1.5: the base pipeline's U-Net layout (the teacher); bk-sdm-tiny: its BK-SDM-Tiny block "
+                   "removal, trained from scratch (the baseline for train kd).")
+@click.option("--caption-dropout", type=float, default=0.1, show_default=True,
+              help="Fraction of captions replaced by the empty prompt (for classifier-free guidance).")
+def sd_cmd(lr, quiet, **kw):
+    """Train a U-Net from scratch with the SD objective; the base's text encoder and VAE stay frozen.
+
+    --teacher / --teacher-arch name the base pipeline (e.g. the output of train vae).
+    """
+    from edgefc.models.train.sd import SDConfig, train_sd
+
+    cfg = SDConfig(lr=1e-3 if lr is None else lr, progress=not quiet, **kw)
+    _report(train_sd(cfg))
 
 
 @train_group.command("kd")
@@ -104,6 +143,9 @@ def kd_cmd(lr, quiet, student_arch, **kw):
 @click.option("--ema-decay", type=float, default=0.95, show_default=True, help="EMA rate of the target network.")
 @click.option("--time-cond-proj-dim", type=int, default=256, show_default=True,
               help="Width of the guidance-scale embedding added to a student that has none.")
+@click.option("--bake-guidance", type=float, default=None, metavar="W",
+              help="Also fold the guidance embedding at w=W into the time embedding: unet/ is then the EMA "
+                   "network without a guidance input (exports with the fixed U-Net interface), unet_lcm/ keeps it.")
 def lcm_cmd(lr, quiet, **kw):
     """Latent consistency distillation (skipping-step DDIM teacher with CFG, EMA target, Huber/L2)."""
     from edgefc.models.train.lcm import LCMConfig, train_lcm

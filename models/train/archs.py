@@ -12,6 +12,10 @@ with seeded random weights:
   SD VAE (``vae/config.json``: [128, 256, 512, 512], 2 layers per block, scaling 0.18215).
 * ``tiny`` -- the same topology (same block types, mid block, 2 layers per block, an 8x VAE)
   with small widths, for tests and worked examples on a CPU.
+* ``mini`` -- the ``tiny`` text encoder and U-Net with a smaller VAE (widths [8, 16, 32, 32],
+  one ResNet per block; still the AutoencoderKL layout with its 8x downsampling and mid-block
+  attention): the base the miniature EdgeFusion (bench/mini_edgefusion.py) trains from scratch
+  on 64x64 synthetic scenes in minutes on a CPU (issue 13).
 
 The configs are those of ``edgefc export`` (``edgefc.models.configs``, ``sd-v1.5`` at scale
 ``full`` / ``tiny``), so what is trained here exports with the same topology.
@@ -42,7 +46,9 @@ from pathlib import Path
 from edgefc.models.configs import get_config
 from edgefc.models.train.errors import TrainingError
 
-TEACHER_ARCHS = ("sd-v1.5", "tiny")
+TEACHER_ARCHS = ("sd-v1.5", "tiny", "mini")
+#: The ``mini`` VAE: the tiny VAE narrowed at its full-resolution stages (see the module docstring).
+MINI_VAE = {"block_out_channels": [8, 16, 32, 32], "layers_per_block": 1}
 STUDENT_ARCHS = ("bk-sdm-tiny", "tiny")
 
 # SD-v1.5 scheduler (scheduler/scheduler_config.json): scaled-linear betas, 1000 steps, epsilon.
@@ -60,8 +66,10 @@ SD_SCHEDULER = {
 def _arch_configs(teacher_arch: str) -> tuple[dict, dict, dict]:
     """(U-Net, text encoder, VAE) constructor keywords; shared with ``edgefc export`` (configs.py)."""
     scale = "full" if teacher_arch == "sd-v1.5" else "tiny"
-    return (get_config("unet", "sd-v1.5", scale), get_config("text-encoder", "sd-v1.5", scale),
-            get_config("vae-decoder", "sd-v1.5", scale))
+    vae = get_config("vae-decoder", "sd-v1.5", scale)
+    if teacher_arch == "mini":
+        vae.update(MINI_VAE)
+    return (get_config("unet", "sd-v1.5", scale), get_config("text-encoder", "sd-v1.5", scale), vae)
 
 
 def bk_sdm_tiny_config(teacher: dict) -> dict:

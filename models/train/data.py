@@ -139,7 +139,7 @@ def center_square(img, resolution: int):
 
 
 class ImageCaptionDataset:
-    """torch-style dataset: ``{"pixel_values": f32 [3,R,R] in [-1,1], "input_ids": int64 [77]}``."""
+    """torch-style dataset: ``{"pixel_values": f32 [3,R,R] in [-1,1], "input_ids": int64 [77], "index": i}``."""
 
     def __init__(self, samples: list[Sample], resolution: int, tokenizer):
         self.samples = samples
@@ -156,7 +156,8 @@ class ImageCaptionDataset:
         img = center_square(s.open_image(), self.resolution)
         arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         ids = self.tokenizer.encode([s.caption])[0]
-        return {"pixel_values": torch.from_numpy(arr.transpose(2, 0, 1).copy()), "input_ids": torch.from_numpy(ids)}
+        return {"pixel_values": torch.from_numpy(arr.transpose(2, 0, 1).copy()), "input_ids": torch.from_numpy(ids),
+                "index": i}
 
 
 class StepBatchSampler:

@@ -25,6 +25,14 @@ architecture), else from the teacher. The output folder's ``unet/`` is the EMA (
 network, ``unet_online/`` the online one, ``scheduler/`` an ``LCMScheduler`` config. At
 inference, a guidance scale G (Imagen/diffusers convention) corresponds to ``w = G - 1``: embed
 ``G - 1`` as diffusers' ``LatentConsistencyModelPipeline`` does.
+
+Deployment at a fixed guidance (``--bake-guidance W``): the exported U-Net has the fixed
+interface (``sample``, ``timestep``, ``encoder_hidden_states``) and no ``timestep_cond`` input.
+The guidance embedding enters the U-Net only as ``linear_1(t_emb + cond_proj(e(w)))`` in the time
+embedding, so for one ``w`` it is the constant ``linear_1.weight @ cond_proj(e(w))`` added to
+``linear_1.bias`` (:func:`bake_guidance`, exact up to float rounding). With the flag, the output's
+``unet/`` is that baked EMA network (no ``time_cond_proj_dim``; exports, compiles and runs in
+``edgefc generate --weights`` as is) and ``unet_lcm/`` the EMA network with its embedding.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ class LCMConfig(TrainConfig):
     ema_decay: float = 0.95
     timestep_scaling: float = 10.0
     time_cond_proj_dim: int = 256
+    bake_guidance: float | None = None
 
     def __post_init__(self):
         self.identity_fields = tuple(self.identity_fields) + ("num_ddim_timesteps", "time_cond_proj_dim")
@@ -74,6 +83,31 @@ def boundary_scalings(t, sigma_data: float = 0.5, timestep_scaling: float = 10.0
     c_skip = sigma_data**2 / (st**2 + sigma_data**2)
     c_out = st / (st**2 + sigma_data**2) ** 0.5
     return c_skip[:, None, None, None], c_out[:, None, None, None]
+
+
+def bake_guidance(unet, w: float):
+    """A copy of ``unet`` without the guidance-embedding input, its time embedding fixed at ``w``.
+
+    ``linear_1(t + cond_proj(e(w))) = linear_1(t) + linear_1.weight @ cond_proj(e(w))``: the second
+    term is folded into ``linear_1.bias`` (see the module docstring).
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    dim = unet.config.time_cond_proj_dim
+    if dim is None:
+        raise TrainingError("the U-Net has no guidance embedding (time_cond_proj_dim) to bake.")
+    te = unet.time_embedding
+    with torch.no_grad():
+        c = te.cond_proj(guidance_scale_embedding(torch.tensor([float(w)]), dim).to(te.cond_proj.weight.dtype))[0]
+        shift = te.linear_1.weight @ c
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    cfg["time_cond_proj_dim"] = None
+    baked = UNet2DConditionModel.from_config(cfg)
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("time_embedding.cond_proj")}
+    state["time_embedding.linear_1.bias"] = state["time_embedding.linear_1.bias"] + shift
+    baked.load_state_dict(state)
+    return baked.eval()
 
 
 class DDIMSolver:
@@ -254,6 +288,9 @@ class LCMRecipe(Recipe):
         return {"unet_target": self.target}
 
     def final_models(self, student) -> dict:
+        if self.cfg.bake_guidance is not None:
+            return {"unet": bake_guidance(self.target, self.cfg.bake_guidance), "unet_lcm": self.target,
+                    "unet_online": student}
         return {"unet": self.target, "unet_online": student}
 
     def scheduler_for_output(self):

@@ -1,0 +1,101 @@
+"""The miniature EdgeFusion recipe (issue 13): from-scratch VAE / U-Net training, guidance baking for
+deployment, and (slow) the whole bench at a few-minute budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cli import assert_user_error, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bake_guidance_is_exact():
+    """The baked U-Net (no guidance input) equals the LCM U-Net fed the guidance embedding of w."""
+    torch = pytest.importorskip("torch")
+    from diffusers import UNet2DConditionModel
+
+    from edgefc.models.configs import get_config
+    from edgefc.models.train.lcm import bake_guidance, guidance_scale_embedding
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**get_config("unet", "bk-sdm-tiny", "tiny"), "time_cond_proj_dim": 32})
+    with torch.no_grad():  # a non-zero guidance path (cond_proj starts random; make it matter)
+        unet.time_embedding.cond_proj.weight.mul_(20)
+    unet.eval()
+    w = 2.5
+    baked = bake_guidance(unet, w)
+    assert baked.config.time_cond_proj_dim is None
+    assert not any(k.startswith("time_embedding.cond_proj") for k in baked.state_dict())
+    x, t, e = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        want = unet(x, t, e, timestep_cond=guidance_scale_embedding(torch.tensor([w]), 32)).sample
+        other = unet(x, t, e, timestep_cond=guidance_scale_embedding(torch.tensor([w + 3]), 32)).sample
+        got = baked(x, t, e).sample
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, other, rtol=1e-3, atol=1e-3)  # the guidance really changes the output
+
+
+def test_train_vae_and_sd_user_errors(tmp_path):
+    rc, out = run_cli("data", "synth", "-o", str(tmp_path / "d"), "--count", "2", "--quiet")
+    assert rc == 0, out
+    base = ["--teacher-arch", "mini", "--data", str(tmp_path / "d"), "--resolution", "64", "--steps", "1"]
+    assert_user_error(*run_cli("train", "sd", *base, "-o", str(tmp_path / "o1"), "--caption-dropout", "1.5"),
+                      "--caption-dropout")
+    assert_user_error(*run_cli("train", "vae", *base, "-o", str(tmp_path / "o2"), "--kl-weight", "-1"), "--kl-weight")
+    assert_user_error(*run_cli("train", "sd", "--teacher", str(tmp_path / "nope"), "--data", str(tmp_path / "d"),
+                               "-o", str(tmp_path / "o3")), "does not exist")
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+def test_train_vae_sets_latent_scale_and_sd_resumes(tmp_path):
+    """train vae writes a whole pipeline with the VAE's scaling_factor measured; train sd trains a U-Net
+    from it and a resumed run reproduces the uninterrupted run's losses."""
+    pytest.importorskip("torch")
+    rc, out = run_cli("data", "synth", "-o", str(tmp_path / "d"), "--count", "8", "--quiet")
+    assert rc == 0, out
+    common = ["--data", str(tmp_path / "d"), "--resolution", "64", "--batch-size", "2", "--threads", "1", "--quiet"]
+    rc, out = run_cli("train", "vae", "--teacher-arch", "mini", *common, "--steps", "2", "-o", str(tmp_path / "vae"))
+    assert rc == 0, out
+    cfg = json.loads((tmp_path / "vae" / "vae" / "config.json").read_text())
+    assert cfg["block_out_channels"] == [8, 16, 32, 32] and cfg["scaling_factor"] != 0.18215
+    for sub in ("unet", "text_encoder", "scheduler"):
+        assert (tmp_path / "vae" / sub).is_dir()
+    sd = ["train", "sd", "--teacher", str(tmp_path / "vae"), *common, "--steps", "4", "--save-every", "2"]
+    rc, out = run_cli(*sd, "-o", str(tmp_path / "a"))
+    assert rc == 0, out
+    rc, out = run_cli(*sd, "-o", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "checkpoint-2"))
+    assert rc == 0, out
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert la == lb and len(la) == 4
+
+
+@pytest.mark.slow
+def test_mini_edgefusion_small(tmp_path):
+    """The whole recipe at a few-minute budget: every stage runs, results.json has the issue's schema."""
+    out = tmp_path / "mini"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "mini_edgefusion.py"), "--out", str(out), "--small",
+                           "--threads", "1"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert isinstance(r["minutes"], float)
+    models = {(x["model"], x["steps"], x["precision"]) for x in r["rows"]}
+    for need in [("data", None, "fp32"), ("teacher", 4, "fp32"), ("kd-student", 4, "fp32"),
+                 ("scratch-student", 4, "fp32")] + [("lcm-student", s, p) for s in (1, 2, 4) for p in ("fp32", "w8a16")]:
+        assert need in models, need
+    for x in r["rows"]:
+        assert 0.0 <= x["alignment"] <= 1.0
+    assert [x for x in r["rows"] if x["model"] == "data"][0]["alignment"] >= 0.95
+    assert (out / "fp32_vs_w8a16.png").stat().st_size > 0 and (out / "results.md").is_file()
+    # the trained folder works with edgefc generate --weights
+    rc, text = run_cli("generate", "--weights", str(out / "lcm"), "--prompt",
+                       "a red circle in the top left on a grey background", "--steps", "2", "--height", "64",
+                       "--width", "64", "-o", str(tmp_path / "x.png"))
+    assert rc == 0, text
+    assert (tmp_path / "x.png").is_file()
