@@ -42,6 +42,9 @@ VECTOR_CLASS: dict[str, str] = {
     "Elu": "silu", "Selu": "silu",
     "ReduceMean": "reduce_mean", "GlobalAveragePool": "reduce_mean", "ReduceSum": "reduce_sum",
     "ReduceMax": "reduce_max", "ReduceMin": "reduce_max", "ReduceL2": "reduce_l2",
+    # boolean masks (comparison results, Where conditions) are vector-engine data (issue 14:
+    # MobileBERT's attention masks would otherwise make 72 host round trips)
+    "Where": "copy", "And": "copy", "IsNaN": "max",
 }
 # Ops whose work scales with their input elements (reductions, normalisations); others: output.
 INPUT_SIZED = {"Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
@@ -50,7 +53,7 @@ INPUT_SIZED = {"Softmax", "LayerNormalization", "GroupNormalization", "InstanceN
 DATA_MOVEMENT_OPS = {"Transpose", "Concat", "Slice", "Split", "Resize", "Expand", "Cast", "DepthToSpace",
                      "SpaceToDepth"}
 
-# Op types the NPU has a kernel for. Everything else (ConvTranspose, pooling, Gather, Where, Pad,
+# Op types the NPU has a kernel for. Everything else (ConvTranspose, pooling, Gather, Pad,
 # Clip with tensor bounds, LeakyRelu, Max/Min of two tensors, ArgMax, ...) runs on the host.
 NPU_OPS = TENSOR_OPS | ATTENTION_OPS | set(VECTOR_CLASS) | DATA_MOVEMENT_OPS
 
@@ -107,7 +110,7 @@ def place(node: gs.Node, types, npu_dtypes) -> tuple[str, str]:
     acts = [t for t in node.inputs if t is not None and t.name and not types.is_const(t)]
     for t in acts + [t for t in node.outputs if t is not None and t.name]:
         code = types.of(t)
-        if code not in npu_dtypes:
+        if code not in npu_dtypes and not (code == "bool" and op not in TENSOR_OPS and op not in ATTENTION_OPS):
             return "host", f"{op} on {code} tensors (the NPU holds {', '.join(npu_dtypes)})"
     reason = _attr_reason(node)
     if reason:

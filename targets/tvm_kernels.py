@@ -72,12 +72,13 @@ _UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "relax.nn.silu": lambda x: np.asarray(x, np.float64) * _sigmoid(x),
     "relax.nn.gelu": _gelu,
     "relax.nn.gelu_tanh": _gelu_tanh,
+    "relax.isnan": lambda x: np.isnan(x),
 }
 
 _BINARY = {
     "relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
     "relax.divide": np.divide, "relax.maximum": np.maximum, "relax.minimum": np.minimum,
-    "relax.power": np.power,
+    "relax.power": np.power, "relax.logical_and": np.logical_and,
 }
 
 
@@ -298,6 +299,7 @@ KERNELS: dict[str, Callable] = {
     "relax.max": _reduce(np.max),
     "relax.min": _reduce(np.min),
     "relax.clip": lambda a, at, s, d: np.clip(a[0], a[1], a[2]),
+    "relax.where": lambda a, at, s, d: np.where(a[0], a[1], a[2]),
     "relax.astype": lambda a, at, s, d: a[0],
     "relax.quantize": _quantize,
     "relax.dequantize": _dequantize,

@@ -84,7 +84,7 @@ def pattern_table(check) -> list[tuple]:
     for op in KERNELS:
         short = op.removeprefix("relax.").replace(".", "_")
         nargs = {"relax.nn.conv2d": 2, "relax.matmul": 2, "relax.nn.attention": 3, "relax.nn.layer_norm": 3,
-                 "relax.nn.group_norm": 3, "relax.quantize": 3, "relax.dequantize": 3, "relax.clip": 3,
+                 "relax.nn.group_norm": 3, "relax.quantize": 3, "relax.dequantize": 3, "relax.clip": 3, "relax.where": 3,
                  "relax.reshape": 2, "relax.broadcast_to": 2, "relax.image.resize2d": 2}.get(op)
         if op in _BINARY:
             nargs = 2

@@ -622,3 +622,32 @@ def test_unknown_edgefc_op_is_named():
                                       [h.make_tensor_value_info("y", TP.FLOAT, [1, 4])]), opset_imports=OPSET)
     with pytest.raises(BuildError, match="edgefc.Frobnicate"):
         tvm_lowering.lower(model, program_of(model))
+
+
+def mask_model() -> onnx.ModelProto:
+    """A boolean-mask chain as MobileBERT's attention masks and dynamo's softmax NaN guard make:
+    Where(IsNaN(x) And m, 0, x) + x."""
+    x = h.make_tensor_value_info("x", TP.FLOAT, [2, 64])
+    m = h.make_tensor_value_info("m", TP.BOOL, [2, 64])
+    y = h.make_tensor_value_info("y", TP.FLOAT, [2, 64])
+    zero = nh.from_array(np.zeros((1,), np.float32), "zero")
+    nodes = [h.make_node("IsNaN", ["x"], ["nan"], name="isnan"), h.make_node("And", ["nan", "m"], ["c"], name="and"),
+             h.make_node("Where", ["c", "zero", "x"], ["w"], name="where"), h.make_node("Add", ["w", "x"], ["y"], name="add")]
+    return h.make_model(h.make_graph(nodes, "g", [x, m], [y], [zero]), opset_imports=OPSET[:1])
+
+
+def test_boolean_masks_run_on_the_npu(tmp_path):
+    """IsNaN / And / Where are vector-engine ops in the Program (boolean masks are vector data),
+    the TVM build runs them on the NPU, and the answer is the original's (NaNs masked included)."""
+    model = mask_model()
+    program = program_of(model)
+    assert {o.name: o.engine for o in program.ops} == {"isnan": "vector", "and": "vector", "where": "vector",
+                                                        "add": "vector"}
+    runner, lowering = _build(model, tmp_path)
+    assert {o["name"]: o["where"] for o in lowering.partition["ops"]} == dict.fromkeys(("isnan", "and", "where", "add"), "npu")
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    x[0, :5] = np.nan
+    feeds = {"x": x, "m": np.random.default_rng(1).random((2, 64)) > 0.5}
+    ref, out = ort.run(model, feeds)["y"], runner.run(feeds)["y"]
+    assert np.array_equal(np.isnan(ref), np.isnan(out))
+    assert np.allclose(ref[~np.isnan(ref)], out[~np.isnan(out)], rtol=0, atol=1e-6)
