@@ -252,43 +252,6 @@ def _lift_params(mod, min_bytes: int = PARAM_MIN_BYTES):
     return mod, params
 
 
-def _lift_params(mod, min_bytes: int = PARAM_MIN_BYTES):
-    """Constants of ``min_bytes`` or more in ``main`` become trailing parameters of ``main``."""
-    from tvm import relax
-
-    params: list[tuple[str, np.ndarray]] = []
-    seen: dict[int, relax.Var] = {}
-
-    @relax.expr_functor.mutator
-    class Lifter(relax.PyExprMutator):
-        def visit_generic_const_(self, const):
-            arr = const.value
-            if not hasattr(arr, "shape"):
-                return const
-            nbytes = int(np.prod(arr.shape)) * np.dtype(str(arr.dtype)).itemsize if arr.shape else 0
-            if nbytes < min_bytes:
-                return const
-            key = const.__hash__()
-            if key not in seen:
-                name = f"p{len(params)}"
-                seen[key] = relax.Var(name, relax.TensorType([int(d) for d in arr.shape], str(arr.dtype)))
-                params.append((name, arr))
-            return seen[key]
-
-    main = mod["main"]
-    if not isinstance(main, relax.Function):
-        raise BuildError("the imported module has no Relax main function")
-    lifter = Lifter(mod)
-    body = lifter.visit_expr(main.body)
-    if not params:
-        return mod, []
-    new_params = list(main.params) + [seen[k] for k in seen]
-    new_main = relax.Function(new_params, body, main.ty.ret if hasattr(main.ty, "ret") else None,
-                              main.is_pure, main.attrs, main.span)
-    mod["main"] = new_main
-    return mod, params
-
-
 def lower(model: onnx.ModelProto, program, progress=None, consume: bool = False) -> Lowering:
     """Import, partition by ``program`` (the :class:`edgefc.targets.program.Program` of the same
     graph: its ``placement``), report and codegen ``model`` (the compiled graph, weights included).
