@@ -118,10 +118,6 @@ def _options(ctx: PassContext) -> dict:
 
 # --- report helpers -----------------------------------------------------------------------------
 
-_NP_NAME = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.int8): "int8",
-            np.dtype(np.int16): "int16", np.dtype(np.int32): "int32", np.dtype(np.int64): "int64"}
-
-
 def dtype_summary(graph: gs.Graph) -> dict:
     """Deployed type of every weight and activation: {"weights"|"activations": {dtype: {tensors, bytes}}}.
 
@@ -135,9 +131,9 @@ def dtype_summary(graph: gs.Graph) -> dict:
         for t in node.inputs:
             if isinstance(t, gs.Constant) and t.name not in seen and t.values.size > 1:
                 seen.add(t.name)
-                dt = np.dtype(t.dtype)
-                out["weights"][_NP_NAME.get(dt, dt.name)][0] += 1
-                out["weights"][_NP_NAME.get(dt, dt.name)][1] += int(t.values.nbytes)
+                entry = out["weights"][np.dtype(t.dtype).name]
+                entry[0] += 1
+                entry[1] += int(t.values.nbytes)
     acts = list(graph.inputs) + [t for n in graph.nodes if n.op not in skip_ops for t in n.outputs]
     for t in acts:
         if t.dtype is None or t.name in seen:
@@ -150,9 +146,9 @@ def dtype_summary(graph: gs.Graph) -> dict:
         if q:
             dt = np.dtype(q[0].outputs[0].dtype)
         n = int(np.prod(t.shape)) if t.shape is not None and all(isinstance(d, (int, np.integer)) for d in t.shape) else 0
-        key = _NP_NAME.get(dt, dt.name)
-        out["activations"][key][0] += 1
-        out["activations"][key][1] += n * dt.itemsize
+        entry = out["activations"][dt.name]
+        entry[0] += 1
+        entry[1] += n * dt.itemsize
     return {k: {d: {"tensors": c, "bytes": b} for d, (c, b) in sorted(v.items())} for k, v in out.items()}
 
 
