@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from edgefc import composites
 from edgefc.errors import PassError
 
 DOMAIN = "edgefc"
@@ -53,7 +54,9 @@ BODY_OPSET = 23
 #: function overloads need IR version 10.
 MIN_IR_VERSION = 10
 
-ACTIVATIONS = ("none", "gelu", "silu")
+#: the ``activation`` values of FusedMatMul / FusedConv: none, and the epilogue activations of
+#: :mod:`edgefc.composites`.
+ACTIVATIONS = ("none", *composites.ACTIVATIONS)
 #: edgefc ops whose function has overloads (one body per activation x residual).
 OVERLOADED = ("FusedMatMul", "FusedConv")
 CONV_ATTRS = ("dilations", "group", "kernel_shape", "pads", "strides")
@@ -103,11 +106,14 @@ class _Body:
         return outs[0] if outputs == 1 else outs
 
     def activation(self, z, activation: str):
-        if activation == "gelu":
-            return self.op("Gelu", [z])
-        if activation == "silu":
-            return self.op("Mul", [z, self.op("Sigmoid", [z])])
-        return z
+        """``activation`` (a name of :data:`ACTIVATIONS`) applied to ``z``, in its ONNX form."""
+        if activation == "none":
+            return z
+        act = composites.ACTIVATIONS[activation]
+        attrs = {k: next(v for v in vals if v is not None) for k, vals in act.onnx_attrs.items()
+                 if None not in vals}   # an attribute whose default is accepted stays absent
+        y = self.op(act.onnx_op, [z], attrs)
+        return self.op("Mul", [z, y]) if act.gated else y
 
     def function(self, name: str, output, doc: str, attrs: dict) -> gs.Function:
         # The body's last node writes the function output ``Y``.
@@ -126,7 +132,7 @@ def group_norm_silu() -> gs.Function:
     """GroupNormSiLU(X, scale[C], bias[C]; epsilon, num_groups) = SiLU(GroupNormalization-21(...))."""
     b = _Body("X", "scale", "bias")
     g = b.op("GroupNormalization", b.inputs, {"epsilon": _ref("epsilon", float), "num_groups": _ref("num_groups", int)})
-    y = b.activation(g, "silu")
+    y = b.activation(g, composites.GROUP_NORM_SILU.activation.name)
     return b.function("GroupNormSiLU", y, "GroupNormalization-21 followed by SiLU (x * Sigmoid(x)).",
                       {"epsilon": None, "num_groups": None})
 
@@ -135,7 +141,7 @@ def geglu() -> gs.Function:
     """GeGLU(X) = A * Gelu(B) with A, B the halves of X's last axis."""
     b = _Body("X")
     a, gate = b.op("Split", b.inputs, {"axis": -1, "num_outputs": 2}, outputs=2)
-    y = b.op("Mul", [a, b.op("Gelu", [gate])])
+    y = b.op("Mul", [a, b.activation(gate, composites.GEGLU.activation.name)])
     return b.function("GeGLU", y, "GEGLU: split the last axis in half, first half * Gelu(second half).", {})
 
 

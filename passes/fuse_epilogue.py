@@ -26,15 +26,23 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgefc import functions, ir
+from edgefc import composites, functions, ir
 from edgefc.pass_base import PassContext
-from edgefc.passes.fusion_base import FusionPass, const, epilogue_capable, last_axis_vector, per_channel
+from edgefc.passes.fusion_base import (
+    FusionPass,
+    activation,
+    const,
+    epilogue_capable,
+    last_axis_vector,
+    per_channel,
+)
 from edgefc.pattern import Pattern
 from edgefc.registry import register_pass
 from edgefc.rewriter import RewriteLog, Rewriter
 
-PRODUCERS = ("FusedMatMul", "FusedConv", "Conv", "Gemm")
-FUSED = {"FusedMatMul": "FusedMatMul", "Gemm": "FusedMatMul", "FusedConv": "FusedConv", "Conv": "FusedConv"}
+#: the tensor-engine ops an epilogue folds into, and the fused op each becomes (edgefc.composites).
+FUSED = {op: root.fused_op for root in composites.TENSOR_ROOTS for op in root.onnx_ops}
+PRODUCERS = tuple(FUSED)
 
 
 def _users(t: gs.Tensor) -> list[gs.Node]:
@@ -98,33 +106,38 @@ def _residual_check(order: dict[int, int]):
 @dataclass
 class Variant:
     pattern: Pattern
-    activation: str
-    residual: bool
+    composite: composites.Epilogue
+
+    @property
+    def activation(self) -> str:
+        return self.composite.activation.name if self.composite.activation else "none"
+
+    @property
+    def residual(self) -> bool:
+        return self.composite.residual
 
 
-def variants(order: dict[int, int]) -> list[Variant]:
-    """The epilogue patterns, most folded first (``order`` decides which op takes a shared residual)."""
-    out = []
-    for act in ("silu", "gelu", "none"):
-        for residual in (True, False):
-            if act == "none" and not residual:
-                continue
-            p = Pattern(f"epilogue-{act}{'-residual' if residual else ''}",
-                        where=_residual_check(order) if residual else None)
-            z = p.op(PRODUCERS, name="producer", extra_inputs=True, check=_producer_check(act != "none", residual))
-            if act == "silu":
-                y = p.op("Mul", z, p.op("Sigmoid", z, name="sigmoid"), name="silu")
-            elif act == "gelu":
-                y = p.op("Gelu", z, name="gelu", attrs={"approximate": lambda v: v in (None, "none", b"none")})
-            else:
-                y = z
-            if residual:
-                p.op("Add", y, p.input("residual"), name="add_residual")
-            out.append(Variant(p, act, residual))
+def variants(order: dict[int, int]) -> dict[str, list[Variant]]:
+    """The epilogue patterns per ONNX producer op, most folded first: one per
+    :data:`edgefc.composites.EPILOGUES` variant that folds an activation or a residual, named
+    after it (``order`` decides which op takes a shared residual)."""
+    out: dict[str, list[Variant]] = {op: [] for op in PRODUCERS}
+    for e in composites.EPILOGUES:
+        if e.activation is None and not e.residual:
+            continue  # the bias alone: CONV_BIAS below, fuse-matmul-bias, or the op itself (Gemm)
+        p = Pattern(e.name, where=_residual_check(order) if e.residual else None)
+        z = p.op(e.root.onnx_ops, name="producer", extra_inputs=True,
+                 check=_producer_check(e.activation is not None, e.residual))
+        y = activation(p, z, e.activation) if e.activation else z
+        if e.residual:
+            p.op("Add", y, p.input("residual"), name="add_residual")
+        for op in e.root.onnx_ops:
+            out[op].append(Variant(p, e))
     return out
 
 
-BIAS_PATTERN = Pattern("conv-bias")
+#: a bias-free Conv and the per-channel constant Add after it: the ``conv2d_bias`` composite.
+BIAS_PATTERN = Pattern(composites.epilogue(composites.CONV2D, None, False).name)
 _conv = BIAS_PATTERN.op("Conv", BIAS_PATTERN.input("X"), BIAS_PATTERN.const("W"), name="conv")
 BIAS_PATTERN.op("Add", _conv, BIAS_PATTERN.const("bias"), name="add")
 
@@ -169,14 +182,14 @@ class FuseEpilogue(FusionPass):
         capable = epilogue_capable(ctx.target)
         order = {id(n): i for i, n in enumerate(graph.nodes)}
         vs = variants(order)
-        by_name = {v.pattern.name: v for v in vs}
-        patterns = [v.pattern for v in vs]
+        by_name = {v.pattern.name: v for op_vs in vs.values() for v in op_vs}
+        patterns = {op: [v.pattern for v in op_vs] for op, op_vs in vs.items()}
         rw = Rewriter(graph, log)
         if capable:
             for node in rw.nodes(*PRODUCERS):
                 if not rw.alive(node):
                     continue
-                m = rw.match_any(patterns, node, "producer")
+                m = rw.match_any(patterns[node.op], node, "producer")
                 if not m:
                     continue
                 v = by_name[m.pattern.name]
@@ -206,7 +219,7 @@ class FuseEpilogue(FusionPass):
             elif not capable:
                 reason = f"target '{getattr(ctx.target, 'name', ctx.target)}' runs elementwise epilogues as separate kernels"
             else:
-                reason = rw.match_any(patterns, node, "producer").reason
+                reason = rw.match_any(patterns[node.op], node, "producer").reason
             log.miss("epilogue", node, reason)
 
     def _conv_bias(self, graph: gs.Graph, log: RewriteLog) -> None:

@@ -18,15 +18,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import functions, ir
+from edgefc.composites import GEGLU
 from edgefc.pass_base import PassContext
-from edgefc.passes.fusion_base import FusionPass
+from edgefc.passes.fusion_base import FusionPass, activation
 from edgefc.pattern import Pattern
 from edgefc.registry import register_pass
 from edgefc.rewriter import RewriteLog, Rewriter
-
-
-def _erf_gelu(value) -> bool | str:
-    return True if value in (None, "none", b"none") else f"approximate={value!r} (GeGLU uses the erf GELU)"
 
 
 def _slice_range(node: gs.Node, rank: int, dim: int) -> tuple[int, int] | str:
@@ -79,11 +76,11 @@ def _patterns() -> list[Pattern]:
     x = p1.input("X")
     a = p1.op("Slice", x, name="slice_a", extra_inputs=True)
     b = p1.op("Slice", x, name="slice_b", extra_inputs=True)
-    p1.op("Mul", a, p1.op("Gelu", b, name="gelu", attrs={"approximate": _erf_gelu}), name="mul")
+    p1.op("Mul", a, activation(p1, b, GEGLU.activation), name="mul")
     p2 = Pattern("geglu-split", where=_where_split)
     x = p2.input("X")
-    a, b = p2.op("Split", x, name="split", outputs=2, extra_inputs=True)
-    p2.op("Mul", a, p2.op("Gelu", b, name="gelu", attrs={"approximate": _erf_gelu}), name="mul")
+    a, b = p2.op(GEGLU.onnx_split, x, name="split", outputs=2, extra_inputs=True)
+    p2.op("Mul", a, activation(p2, b, GEGLU.activation), name="mul")
     return [p1, p2]
 
 
@@ -98,14 +95,14 @@ class FuseGeGLU(FusionPass):
 
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
         rw = Rewriter(graph, log)
-        for node in rw.nodes("Gelu"):
+        for node in rw.nodes(GEGLU.activation.onnx_op):
             if not rw.alive(node) or not any(c.op == "Mul" for c in node.outputs[0].outputs):
                 continue
-            m = rw.match_any(PATTERNS, node, "gelu")
+            m = rw.match_any(PATTERNS, node, GEGLU.activation.name)
             if not m:
                 log.miss("geglu", node, m.reason)
                 continue
             name = rw.unique_name(node.name.rsplit("/", 1)[0] + "/GeGLU")
-            rw.replace(m, [functions.make_node("GeGLU", [m["X"]], m.outputs, name=name)])
+            rw.replace(m, [functions.make_node(GEGLU.fused_op, [m["X"]], m.outputs, name=name)])
             log.count("geglu")
         rw.commit()

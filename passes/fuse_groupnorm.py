@@ -29,8 +29,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import functions, ir
+from edgefc.composites import GROUP_NORM_SILU
 from edgefc.pass_base import PassContext
-from edgefc.passes.fusion_base import FusionPass, const, per_channel
+from edgefc.passes.fusion_base import FusionPass, activation, const, per_channel
 from edgefc.pattern import Pattern
 from edgefc.registry import register_pass
 from edgefc.rewriter import RewriteLog, Rewriter
@@ -49,8 +50,7 @@ def _core(affine: bool, silu: bool) -> Pattern:
     name = "groupnorm" + ("-affine" if affine else "") + ("-silu" if silu else "")
     p = Pattern.from_graphsurgeon(gp, name, commutative=True, where=_where)
     if silu:
-        out = p.node("add" if affine else "reshape_out").outputs[0]
-        p.op("Mul", out, p.op("Sigmoid", out, name="sigmoid"), name="silu")
+        activation(p, p.node("add" if affine else "reshape_out").outputs[0], GROUP_NORM_SILU.activation)
     return p
 
 
@@ -97,7 +97,7 @@ def _native_silu() -> Pattern:
     p = Pattern("groupnorm21-silu")
     x, s, b = p.input("x"), p.input("scale"), p.input("bias")
     y = p.op("GroupNormalization", x, s, b, name="gn")
-    p.op("Mul", y, p.op("Sigmoid", y, name="sigmoid"), name="silu")
+    activation(p, y, GROUP_NORM_SILU.activation)
     return p
 
 
@@ -148,7 +148,7 @@ class FuseGroupNorm(FusionPass):
             inputs = [x, const(f"{name}.scale", scale.astype(dtype)), const(f"{name}.bias", bias.astype(dtype))]
             attrs = {"epsilon": eps, "num_groups": int(groups)}
             if silu:
-                new = functions.make_node("GroupNormSiLU", inputs, m.outputs, name=name, attrs=attrs)
+                new = functions.make_node(GROUP_NORM_SILU.root.fused_op, inputs, m.outputs, name=name, attrs=attrs)
                 log.count("groupnorm_silu")
             else:
                 new = gs.Node("GroupNormalization", name=name, attrs=attrs, inputs=inputs, outputs=m.outputs)
@@ -164,7 +164,7 @@ class FuseGroupNorm(FusionPass):
                     log.miss("groupnorm_silu", node, m.reason)
                 continue
             name = rw.unique_name(node.name.rsplit("/", 1)[0] + "/GroupNormSiLU")
-            rw.replace(m, [functions.make_node("GroupNormSiLU", [m["x"], m["scale"], m["bias"]], m.outputs, name=name,
+            rw.replace(m, [functions.make_node(GROUP_NORM_SILU.root.fused_op, [m["x"], m["scale"], m["bias"]], m.outputs, name=name,
                                                attrs={"epsilon": float(node.attrs.get("epsilon", 1e-5)),
                                                       "num_groups": int(node.attrs["num_groups"])})])
             log.count("groupnorm_silu")

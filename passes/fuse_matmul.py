@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from edgefc import functions, ir
+from edgefc import composites, functions, ir
 from edgefc.pass_base import PassContext
 from edgefc.passes.fusion_base import FusionPass, const, last_axis_vector
 from edgefc.pattern import Pattern
@@ -43,7 +43,8 @@ def _where(m) -> bool | str:
     return True
 
 
-PATTERN = Pattern("matmul-bias", where=_where)
+#: MatMul + bias Add: the ``matmul_bias`` composite (edgefc.composites).
+PATTERN = Pattern(composites.epilogue(composites.MATMUL, None, False).name, where=_where)
 _a = PATTERN.input("A")
 _mm = PATTERN.op("MatMul", _a, PATTERN.const("W", _weight), name="matmul")
 PATTERN.op("Add", _mm, PATTERN.const("bias"), name="add")

@@ -13,8 +13,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import functions
+from edgefc.composites import Activation, attr_accepts
 from edgefc.errors import PassError
 from edgefc.pass_base import Pass, PassContext
+from edgefc.pattern import Pattern
 from edgefc.rewriter import RewriteLog
 
 
@@ -41,6 +43,20 @@ class FusionPass(Pass):
 
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
         raise NotImplementedError
+
+
+def activation(p: Pattern, z, act: Activation):
+    """Add the ONNX form of ``act`` (:mod:`edgefc.composites`) applied to ``z`` to pattern ``p``;
+    return its output. Pattern nodes: ``act.name`` (the op that writes the result; for a gated
+    activation the ``Mul``, with the gate named after its op: ``sigmoid``)."""
+    def accepts(key):
+        want = "/".join(repr(v) for v in act.onnx_attrs[key] if v is not None)
+        return lambda v: attr_accepts(act, key, v) or f"{key}={v!r} (the fused '{act.name}' is {act.onnx_op} with {key}={want})"
+
+    attrs = {key: accepts(key) for key in act.onnx_attrs}
+    if act.gated:
+        return p.op("Mul", z, p.op(act.onnx_op, z, name=act.onnx_op.lower(), attrs=attrs), name=act.name)
+    return p.op(act.onnx_op, z, name=act.name, attrs=attrs)
 
 
 def epilogue_capable(target) -> bool:

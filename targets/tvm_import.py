@@ -39,6 +39,7 @@ import warnings
 import onnx
 import onnx.inliner
 
+from edgefc import composites
 from edgefc.attention import Tiling, tile_grid
 from edgefc.errors import BuildError
 
@@ -102,20 +103,16 @@ def _dtype(e) -> str:
 
 
 def _activation(bb, y, name: str):
-    relax = _rx()
+    """The activation ``name`` of a fused op (:data:`edgefc.composites.ACTIVATIONS`) as its Relax op."""
     if name in ("", "none"):
         return y
-    if name == "silu":
-        return bb.normalize(relax.op.nn.silu(y))
-    if name == "gelu":
-        return bb.normalize(relax.op.nn.gelu(y))
-    if name in ("gelu_tanh", "gelu-tanh"):
-        return bb.normalize(relax.op.nn.gelu_tanh(y))
-    if name == "relu":
-        return bb.normalize(relax.op.nn.relu(y))
-    if name == "sigmoid":
-        return bb.normalize(relax.op.sigmoid(y))
-    raise BuildError(f"unsupported activation '{name}' in a fused edgefc op")
+    act = composites.ACTIVATIONS.get(name)
+    if act is None:
+        raise BuildError(f"unsupported activation '{name}' in a fused edgefc op")
+    op = _rx().op
+    for part in act.relax_op.split(".")[1:]:   # "relax.nn.silu" -> relax.op.nn.silu
+        op = getattr(op, part)
+    return bb.normalize(op(y))
 
 
 def _group_norm(bb, inputs, attrs, node):
@@ -143,7 +140,7 @@ def _group_norm(bb, inputs, attrs, node):
 
 
 def _group_norm_silu(bb, inputs, attrs, node):
-    return _activation(bb, _group_norm(bb, inputs, attrs, node), "silu")
+    return _activation(bb, _group_norm(bb, inputs, attrs, node), composites.GROUP_NORM_SILU.activation.name)
 
 
 def _geglu(bb, inputs, attrs, node):
@@ -154,8 +151,7 @@ def _geglu(bb, inputs, attrs, node):
     parts = bb.normalize(relax.op.split(x, 2, axis=-1))
     a = bb.normalize(relax.TupleGetItem(parts, 0))
     b = bb.normalize(relax.TupleGetItem(parts, 1))
-    approx = _s(attrs.get("approximate"), "none")
-    g = _activation(bb, b, "gelu_tanh" if approx == "tanh" else "gelu")
+    g = _activation(bb, b, composites.GEGLU.activation.name)
     return bb.normalize(relax.op.multiply(a, g))
 
 

@@ -5,6 +5,8 @@ composite, lowest priority first, in the shape of TVM's NPU BYOC template
 (``relax/backend/contrib/example_npu``): conv2d and matmul with their epilogues (bias,
 activation, residual add), one attention tile with the slices that cut it, group norm + SiLU,
 GeGLU, and every single operator the NPU has a kernel for. Patterns run before ``LegalizeOps``.
+The composites, their parts, activations and priority order are generated from
+:mod:`edgefc.composites`, the description the ONNX fusion passes build their patterns from.
 
 The patterns do not decide what runs where: ``check`` is built from the Program's placement
 (:func:`placement_check`), so ``FuseOpsByPattern`` only groups calls of nodes the Program put on
@@ -13,6 +15,7 @@ the NPU, and never a call the kernels cannot execute.
 
 from __future__ import annotations
 
+from edgefc import composites
 from edgefc.targets.tvm_import import node_of
 from edgefc.targets.tvm_kernels import _BINARY, KERNELS, kernel_rejects
 
@@ -36,88 +39,78 @@ def placement_check(host_nodes: set[str]):
     return check
 
 
-ACTIVATIONS = ("relax.nn.silu", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.relu", "relax.sigmoid")
-
-
-def _act(y):
+def _act(y, act: composites.Activation):
+    """``act`` applied to ``y``, as the Relax op, or for a gated activation also as the exporters
+    write it (SiLU: ``x * sigmoid(x)``)."""
     from tvm.relax.dpl.pattern import is_op
 
-    pat = None
-    for name in ACTIVATIONS:
-        p = is_op(name)(y)
-        pat = p if pat is None else pat | p
-    # SiLU as the exporters write it: x * sigmoid(x)
-    return pat | is_op("relax.multiply")(y, is_op("relax.sigmoid")(y))
+    pat = is_op(act.relax_op)(y)
+    if act.gated:
+        pat = pat | is_op("relax.multiply")(y, is_op(act.relax_gate_op)(y))
+    return pat
 
 
-def _epilogue_patterns(root_name: str, make_root, check) -> list:
-    """root, root+bias, root+bias+act, root+bias+act+residual, root+bias+residual, root+act."""
+def _epilogue(e: composites.Epilogue, check) -> tuple:
+    """The (name, pattern, annotations, check) of an epilogue composite: root, bias add (the bias
+    possibly reshaped, as TVM's Conv converter writes it), activation, residual add."""
     from tvm.relax.dpl.pattern import is_op, wildcard
 
-    out = []
-    for bias in (False, True):
-        for act in (False, True):
-            for res in (False, True):
-                if not (bias or act or res):
-                    continue
-                root = make_root()
-                y = root
-                if bias:
-                    b = is_op("relax.reshape")(wildcard(), wildcard()) | wildcard()
-                    y = is_op("relax.add")(y, b)
-                if act:
-                    y = _act(y)
-                if res:
-                    y = is_op("relax.add")(y, wildcard())
-                name = root_name + ("_bias" if bias else "") + ("_act" if act else "") + ("_residual" if res else "")
-                out.append((PREFIX + name, y, {"root": root}, check))
-    # longer chains win: residual, then activation, then bias
-    out.sort(key=lambda p: p[0].count("_"))
-    return out
+    root = is_op(e.root.relax_op)(*[wildcard() for _ in range(_NARGS.get(e.root.relax_op, 1))])
+    y = root
+    if e.bias:
+        y = is_op("relax.add")(y, is_op("relax.reshape")(wildcard(), wildcard()) | wildcard())
+    if e.activation:
+        y = _act(y, e.activation)
+    if e.residual:
+        y = is_op("relax.add")(y, wildcard())
+    return PREFIX + e.name, y, {"root": root}, check
+
+
+def _single(op: str, check) -> tuple:
+    from tvm.relax.dpl.pattern import is_op, wildcard
+
+    nargs = 2 if op in _BINARY else _NARGS.get(op, 1)
+    if op == composites.ATTENTION_TILE.relax_slice:
+        pat = is_op(op)(wildcard(), wildcard(), wildcard(), wildcard(), varg_default_wildcard=True)
+    else:
+        pat = is_op(op)(*[wildcard() for _ in range(nargs)])
+    return PREFIX + op.removeprefix("relax.").replace(".", "_"), pat, {"root": pat}, check
+
+
+# the number of arguments of the kernels' ops that take more than one (the binary ops: 2)
+_NARGS = {"relax.nn.conv2d": 2, "relax.matmul": 2, "relax.nn.attention": 3, "relax.nn.layer_norm": 3,
+          "relax.nn.group_norm": 3, "relax.quantize": 3, "relax.dequantize": 3, "relax.clip": 3, "relax.where": 3,
+          "relax.reshape": 2, "relax.broadcast_to": 2, "relax.image.resize2d": 2}
 
 
 def pattern_table(check) -> list[tuple]:
-    """(name, pattern, annotations, check) for every NPU pattern, lowest priority first."""
+    """(name, pattern, annotations, check) for every NPU pattern, lowest priority first: the
+    single-op kernels, the attention tiles, the epilogues (:data:`edgefc.composites.EPILOGUES`,
+    reversed), group norm + SiLU, GeGLU."""
     from tvm.relax.dpl.pattern import is_op, is_tuple_get_item, wildcard
 
-    singles = []
-    for op in KERNELS:
-        short = op.removeprefix("relax.").replace(".", "_")
-        nargs = {"relax.nn.conv2d": 2, "relax.matmul": 2, "relax.nn.attention": 3, "relax.nn.layer_norm": 3,
-                 "relax.nn.group_norm": 3, "relax.quantize": 3, "relax.dequantize": 3, "relax.clip": 3, "relax.where": 3,
-                 "relax.reshape": 2, "relax.broadcast_to": 2, "relax.image.resize2d": 2}.get(op)
-        if op in _BINARY:
-            nargs = 2
-        if op == "relax.strided_slice":
-            pat = is_op(op)(wildcard(), wildcard(), wildcard(), wildcard(), varg_default_wildcard=True)
-        elif nargs:
-            pat = is_op(op)(*[wildcard() for _ in range(nargs)])
-        else:
-            pat = is_op(op)(wildcard())
-        singles.append((PREFIX + short, pat, {"root": pat}, check))
-
-    def conv():
-        return is_op("relax.nn.conv2d")(wildcard(), wildcard())
-
-    def matmul():
-        return is_op("relax.matmul")(wildcard(), wildcard())
+    singles = [_single(op, check) for op in KERNELS]
 
     # One attention tile with the strided slices that cut its Q rows / K,V prefix out of the
     # block (the tile's DMA loads); a slice shared by several tiles (a head group's K and V)
     # leaks out of the match, so the check rejects that variant and a smaller one applies.
+    tile = composites.ATTENTION_TILE
     tiles = []
-    for mask in range(1, 8):
-        ins = [is_op("relax.strided_slice")(wildcard(), wildcard(), wildcard(), wildcard(), varg_default_wildcard=True)
-               if mask & (1 << i) else wildcard() for i in range(3)]
-        att = is_op("relax.nn.attention")(*ins)
-        tiles.append((mask.bit_count(), (PREFIX + "attention_tile" + "".join("_" + "qkv"[i] for i in range(3) if mask & (1 << i)),
-                                             att, {"root": att}, check)))
-    tiles = [t for _, t in sorted(tiles, key=lambda x: x[0])]
-    gn = is_op("relax.nn.group_norm")(wildcard(), wildcard(), wildcard())
-    gn_silu = (PREFIX + "group_norm_silu", _act(gn), {"root": gn}, check)
-    split = is_op("relax.split")(wildcard())
-    gelu_b = is_op("relax.nn.gelu")(is_tuple_get_item(split, 1)) | is_op("relax.nn.gelu_tanh")(is_tuple_get_item(split, 1))
-    geglu = is_op("relax.multiply")(is_tuple_get_item(split, 0), gelu_b)
-    return [*singles, *tiles, *_epilogue_patterns("conv2d", conv, check), *_epilogue_patterns("matmul", matmul, check), gn_silu,
-            (PREFIX + "geglu", geglu, {"root": split}, check)]
+    for name, sliced in tile.variants():
+        ins = [_single(tile.relax_slice, check)[1] if cut else wildcard() for cut in sliced]
+        att = is_op(tile.relax_op)(*ins)
+        tiles.append((PREFIX + name, att, {"root": att}, check))
+    epilogues = [_epilogue(e, check) for e in reversed(composites.EPILOGUES)]
+    gn_silu = composites.GROUP_NORM_SILU
+    gn = is_op(gn_silu.root.relax_op)(wildcard(), wildcard(), wildcard())
+    gate = composites.GEGLU
+    split = is_op(gate.relax_split)(wildcard())
+    glu = is_op("relax.multiply")(is_tuple_get_item(split, 0), _act(is_tuple_get_item(split, 1), gate.activation))
+    return [*singles, *tiles, *epilogues, (PREFIX + gn_silu.name, _act(gn, gn_silu.activation), {"root": gn}, check),
+            (PREFIX + gate.name, glu, {"root": split}, check)]
 
+
+def composite_names() -> set[str]:
+    """The names (without the prefix) of the table's composites of more than one op."""
+    singles = {_single(op, None)[0] for op in KERNELS}
+    return {name.removeprefix(PREFIX) for name, *_ in pattern_table(None) if name not in singles}

@@ -22,8 +22,9 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import edgefc
-from edgefc import ort
+from edgefc import composites, functions, ort
 from edgefc.errors import BuildError
+from edgefc.passes import fuse_epilogue, fuse_geglu, fuse_groupnorm, fuse_matmul
 from edgefc.targets import tvm_build, tvm_lowering, tvm_patterns, tvm_runtime
 
 OPSET = [h.make_opsetid("", 23), h.make_opsetid("edgefc", 1)]
@@ -464,7 +465,7 @@ def test_fused_ops_match_onnxruntime(tmp_path, causal, row_tiles, head_tiles):
     assert part["npu_mac_share"] == 1.0 and part["counts"]["host"] == 0 and part["counts"]["split"] == 0
     assert _attention_commands(lowering.programs) == 1 + row_tiles * head_tiles
     kinds = collections.Counter(c["composite"] for p in lowering.programs for c in p["commands"])
-    for k in ("conv2d_bias_act", "conv2d_bias_residual", "group_norm_silu", "geglu", "matmul_bias_act_residual",
+    for k in ("conv2d_bias_silu", "conv2d_bias_residual", "group_norm_silu", "geglu", "matmul_bias_gelu_residual",
               "nn_group_norm", "nn_layer_norm"):
         assert kinds[tvm_patterns.PREFIX + k] >= 1, k
     by_type = {o["op_type"]: o for o in part["ops"]}
@@ -651,3 +652,41 @@ def test_boolean_masks_run_on_the_npu(tmp_path):
     ref, out = ort.run(model, feeds)["y"], runner.run(feeds)["y"]
     assert np.array_equal(np.isnan(ref), np.isnan(out))
     assert np.allclose(ref[~np.isnan(ref)], out[~np.isnan(out)], rtol=0, atol=1e-6)
+
+
+# --- one description of the composites (edgefc.composites) serves fusion and partitioning ---------
+
+def _onnx_composites() -> set[str]:
+    """The composites the ONNX side generates: the fusion patterns named after them, and what each
+    variant of a fused edgefc op stands for."""
+    names = {v.pattern.name for vs in fuse_epilogue.variants({}).values() for v in vs}
+    names |= {fuse_epilogue.BIAS_PATTERN.name, fuse_matmul.PATTERN.name}
+    fused = composites.fused_op_composites()
+    for op in functions.OPS:   # every fused op the ONNX side emits is a composite
+        names |= set(fused[op])
+    for root in composites.TENSOR_ROOTS:   # one composite per overload of FusedConv / FusedMatMul
+        names |= {composites.epilogue(root, act, res).name for act in functions.ACTIVATIONS for res in (False, True)}
+    return names
+
+
+def test_fusion_and_partition_composites_are_one_set():
+    tvm_side = tvm_patterns.composite_names() - {name for name, _ in composites.ATTENTION_TILE.variants()}
+    assert _onnx_composites() == tvm_side
+    # each overload of a fused op is exactly one fusion pattern (the bias-only one: conv-bias / matmul-bias)
+    fusion = sorted(v.pattern.name for vs in fuse_epilogue.variants({}).values() for v in vs)
+    assert len(fusion) == len(set(fusion)) * 2  # every pattern anchors at both ONNX ops of its root
+    assert len(set(fusion)) + 2 == 2 * len(functions.ACTIVATIONS) * 2
+    # the ONNX patterns of group norm + SiLU and of the GeGLU gate fold the description's activation
+    assert all(composites.GROUP_NORM_SILU.activation.name in {n.name for n in p.nodes}
+               for p in (fuse_groupnorm.PATTERNS[0], fuse_groupnorm.NATIVE_SILU))
+    assert all(composites.GEGLU.activation.name in {n.name for n in p.nodes} for p in fuse_geglu.PATTERNS)
+
+
+def test_composite_priority_is_the_description_order():
+    """TVM applies the table lowest priority first; the fusion pass tries its patterns in order."""
+    table = [name.removeprefix(tvm_patterns.PREFIX) for name, *_ in tvm_patterns.pattern_table(None)]
+    epilogues = [e.name for e in composites.EPILOGUES]
+    assert [n for n in table if n in set(epilogues)] == epilogues[::-1]
+    for op, vs in fuse_epilogue.variants({}).items():
+        assert [v.pattern.name for v in vs] == [e.name for e in composites.EPILOGUES
+                                                if op in e.root.onnx_ops and (e.activation or e.residual)]
