@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgefc.dtypes import DTYPE_BYTES, dtype_code
 from edgefc.errors import TargetError
-from edgefc.ir import DTYPE_BYTES, dtype_code
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Matches: the whole graph. Does, once:
   * brings the standard domain to opset 23 (``--opset``), the opset of the standard fused ops
     later passes emit (Attention-23, GroupNormalization-21, Gelu-20, int16 QDQ-21): the whole
     model through ONNX's version converter, or op by op where that fails (ops whose schema did
-    not change stay untouched, :func:`edgefc.ir.upgrade_opset`); newer models stay as they are;
+    not change stay untouched, :func:`edgefc.opset.upgrade_opset`); newer models stay as they are;
 then, until nothing changes:
   * static input shapes (from ``--shape NAME=D1xD2..``, else the model's own static shapes; a
     dynamic input with no ``--shape`` is a :class:`ShapeError`);
@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from edgefc import folding, ir
+from edgefc import folding, ir, opset
 from edgefc.errors import ShapeError
 from edgefc.pass_base import Pass, PassContext
 from edgefc.registry import register_pass
@@ -123,7 +123,7 @@ class Canonicalize(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         apply_input_shapes(graph, ctx.option("shapes", {}))
-        graph = ir.upgrade_opset(graph, int(ctx.option("opset", self.opset)))
+        graph = opset.upgrade_opset(graph, int(ctx.option("opset", self.opset)))
         for _ in range(self.max_rounds):
             before = (len(graph.nodes), sum(ir.static_shape(t) is None for t in graph.tensors().values()))
             ir.infer_shapes(graph)

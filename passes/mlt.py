@@ -51,8 +51,8 @@ from edgefc.attention import (
     spec_from_node,
     tile_grid,
 )
+from edgefc.dtypes import dtype_code
 from edgefc.errors import PassError
-from edgefc.ir import dtype_code
 from edgefc.pass_base import Pass, PassContext
 from edgefc.registry import register_pass
 

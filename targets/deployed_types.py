@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from edgefc.ir import dtype_code
+from edgefc.dtypes import dtype_code
 from edgefc.targets.geometry import is_float
 from edgefc.targets.placement import ALIAS_OPS
 

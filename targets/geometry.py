@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgefc.ir import DTYPE_BYTES as BYTES
+from edgefc.dtypes import DTYPE_BYTES as BYTES
 from edgefc.targets.placement import VECTOR_CLASS
 
 
