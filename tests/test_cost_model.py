@@ -16,8 +16,8 @@ from edgefc.errors import TargetError
 from edgefc.targets import TARGET_DIR
 from edgefc.targets.cost_model import Schedule, Timeline, command_cycles, dma_cycles, op_cycles
 from edgefc.targets.description import NpuTarget
-from edgefc.targets.profile import role_cycles
 from edgefc.targets.program import ATTENTION_ROLES
+from edgefc.targets.table6 import role_cycles
 from tests import npu_graphs
 
 TOML = tomllib.loads((TARGET_DIR / "exynos2400.toml").read_text())

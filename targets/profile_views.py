@@ -1,0 +1,219 @@
+"""The views of a :class:`~edgefc.targets.profile.Profile`: a terminal table (per op, per block,
+per engine), CSV (per op), a Chrome/Perfetto trace (one track per engine plus DMA; tiled
+attention loops expanded tile by tile), a PNG (time by op type and by block, matplotlib Agg),
+and the text of the paper's Table 6 (:func:`format_breakdown`). The data itself is
+``targets/profile.py``; every file is written atomically (a temporary file, then a rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgefc.targets.program import ATTENTION_ROLES, Command
+
+if TYPE_CHECKING:
+    from edgefc.targets.profile import Profile
+
+TRACK_IDS = {"dma": 1, "tensor": 2, "vector": 3, "host": 4, "dispatch": 5}
+TRACK_NAMES = {"dma": "DMA (DRAM <-> SRAM)", "tensor": "tensor engines", "vector": "vector engines",
+               "host": "host CPU", "dispatch": "dispatch (exposed)"}
+
+
+def validation_line(v: dict | None) -> str:
+    """One line on how far the target's predictions are from measured latencies."""
+    if not v:
+        return "target not validated against measurements (no <target>.validation.json)"
+    line = (f"target validated on {v['figures']} measured latencies: median |error| {v['median_abs_error_pct']:g} %, "
+            f"worst {v['worst_abs_error_pct']:g} % ({v['worst_figure']})")
+    if "loo_median_abs_error_pct" in v:
+        line += (f"; each left out of the fit: median {v['loo_median_abs_error_pct']:g} %, "
+                 f"worst {v['loo_worst_abs_error_pct']:g} %")
+    return line
+
+
+def table(prof: Profile, top: int | None = 20, breakdown: bool = False) -> str:
+    """The terminal view: totals, engines, the top ops, residency, blocks [, Table 6]."""
+    out = io.StringIO()
+    d = prof.to_dict()
+    w = out.write
+    w(f"{prof.model or prof.program.component}  on {prof.target}  ({prof.program.precision}, "
+      f"{prof.schedule} schedule)\n")
+    w(validation_line(prof.validation) + "\n")
+    w(f"total {prof.total_ms:.2f} ms   MACs {d['macs'] / 1e9:.2f} G   DMA {d['dma_bytes'] / 1e6:.1f} MB   "
+      f"SRAM peak {d['sram_peak_bytes'] / 2**20:.2f} MiB   ops {len(prof.ops)}\n")
+    w("engines: " + "   ".join(f"{e} {ms:.2f} ms ({ms / max(prof.total_ms, 1e-12):.1%})"
+                               for e, ms in d["engines_ms"].items() if ms > 0) + "\n\n")
+    rows = sorted(prof.ops, key=lambda r: -r.cycles)
+    shown = rows if not top else rows[:top]
+    w(f"{'op':<48} {'type':<16} {'engine':<7} {'MACs':>10} {'DMA bytes':>12} {'cycles':>13} "
+      f"{'ms':>9} {'share':>7}\n")
+    for r in shown:
+        name = r.name if len(r.name) <= 48 else "..." + r.name[-45:]
+        w(f"{name:<48} {r.op_type[:16]:<16} {r.engine:<7} {_si(r.macs):>10} {_si(r.dma_bytes):>12} "
+          f"{r.cycles:>13,.0f} {r.ms:>9.3f} {r.share:>7.1%}\n")
+    if top and len(rows) > top:
+        rest = rows[top:]
+        w(f"{'(' + str(len(rest)) + ' more ops)':<48} {'':<16} {'':<7} {_si(sum(r.macs for r in rest)):>10} "
+          f"{_si(sum(r.dma_bytes for r in rest)):>12} {sum(r.cycles for r in rest):>13,.0f} "
+          f"{prof.ms(sum(r.cycles for r in rest)):>9.3f} {sum(r.share for r in rest):>7.1%}\n")
+    res = d["residency"]
+    w(f"\nresidency: {res['sram']} tensors kept in SRAM, {res['dram']} through DRAM "
+      f"({res['dram_bytes'] / 1e6:.1f} MB), {res['stream']} streamed op to op\n")
+    for t in [t for t in res["tensors"] if t["where"] == "dram"][:5]:
+        w(f"  {t['name'][-46:]:<46} {_si(t['bytes']):>9}B  {t['reason']}\n")
+    w(f"\n{'block':<48} {'ms':>9} {'share':>7}\n")
+    for k, cyc in prof.by("block").items():
+        w(f"{k[:48]:<48} {prof.ms(cyc):>9.3f} {cyc / max(prof.total_cycles, 1e-12):>7.1%}\n")
+    if breakdown:
+        w("\n" + format_breakdown(prof.attention_breakdown))
+    return out.getvalue()
+
+
+def write_json(prof: Profile, path) -> None:
+    """profile.json: :meth:`Profile.to_dict`."""
+    _atomic_write(path, json.dumps(prof.to_dict(), indent=1) + "\n")
+
+
+def write_csv(prof: Profile, path) -> None:
+    """One row per op (the ``--csv`` view)."""
+    buf = io.StringIO()
+    wr = csv.writer(buf)
+    wr.writerow(["name", "op_type", "engine", "block", "precision", "macs", "dma_bytes", "cycles", "ms", "share"])
+    for r in prof.ops:
+        wr.writerow([r.name, r.op_type, r.engine, r.block, r.precision, r.macs, r.dma_bytes, f"{r.cycles:.1f}",
+                     f"{r.ms:.6f}", f"{r.share:.6f}"])
+    _atomic_write(path, buf.getvalue())
+
+
+def trace_events(prof: Profile) -> list[dict]:
+    """Chrome trace events (``X`` complete events, microseconds), one track per engine."""
+    us = 1e6 / prof.clock_hz
+    events: list[dict] = [{"ph": "M", "pid": 1, "name": "process_name",
+                           "args": {"name": f"{prof.target}: {prof.model or prof.program.component}"}}]
+    for eng, tid in TRACK_IDS.items():
+        events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": TRACK_NAMES[eng]}})
+        events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_sort_index", "args": {"sort_index": tid}})
+    cmds, cyc, starts = prof.program.commands, prof.cycles, prof.starts
+    idle = prof.idle or [0.0] * len(cmds)
+    i = 0
+    while i < len(cmds):
+        c = cmds[i]
+        if c.loop < 0 or c.repeat == 1:
+            events.append(_event(c, starts[i], cyc[i], us))
+            j = i + 1
+        else:
+            j = i
+            while j < len(cmds) and cmds[j].loop == c.loop:
+                j += 1
+            t = starts[i]
+            for rep in range(c.repeat):
+                for k in range(i, j):
+                    one = cyc[k] / cmds[k].repeat
+                    events.append(_event(cmds[k], t, one, us, instance=rep))
+                    t += one
+        for k in range(i, j):
+            if idle[k] > 0:
+                events.append({"ph": "X", "pid": 1, "tid": TRACK_IDS["dispatch"], "name": "dispatch",
+                               "cat": "dispatch", "ts": round((starts[k] + cyc[k]) * us, 4),
+                               "dur": round(idle[k] * us, 4), "args": {"op": cmds[k].op}})
+        i = j
+    return events
+
+
+def write_trace(prof: Profile, path) -> None:
+    """A Chrome/Perfetto trace file of :func:`trace_events`."""
+    _atomic_write(path, json.dumps({"traceEvents": trace_events(prof), "displayTimeUnit": "ms"}) + "\n")
+
+
+def write_plot(prof: Profile, path, top: int = 15) -> None:
+    """A PNG: time by op type and by block (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_type = list(prof.by("op_type").items())[:top]
+    by_block = list(prof.by("block").items())[:top]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * max(len(by_type), len(by_block)) + 2))
+    for ax, data, title in ((axes[0], by_type, "time by op type"), (axes[1], by_block, "time by block")):
+        labels = [k for k, _ in data][::-1]
+        values = [prof.ms(v) for _, v in data][::-1]
+        ax.barh(labels, values, color="#4477aa")
+        ax.set_xlabel("ms")
+        ax.set_title(title)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"{prof.model or prof.program.component} on {prof.target} ({prof.program.precision}): "
+                 f"{prof.total_ms:.1f} ms")
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _event(c: Command, start: float, cycles: float, us: float, instance: int | None = None) -> dict:
+    name = c.role or (f"{c.kind} {c.tensor}" if c.kind in ("load", "store") else c.op_type)
+    args = {"op": c.op, "op_type": c.op_type}
+    if c.kind in ("load", "store"):
+        args.update(kind=c.kind, tensor=c.tensor, bytes=c.bytes)
+    elif c.kind == "tensor":
+        args.update(macs=c.macs, padded_macs=c.padded_macs, precision=c.precision)
+    else:
+        args.update(elements=c.elements)
+    if instance is not None:
+        args["tile"] = instance
+    return {"ph": "X", "pid": 1, "tid": TRACK_IDS[c.engine], "name": name, "cat": c.kind,
+            "ts": round(start * us, 4), "dur": round(cycles * us, 4), "args": args}
+
+
+def _si(n: float) -> str:
+    if not n:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_breakdown(bd: dict | None) -> str:
+    """The paper's Table 6 view of an attention breakdown."""
+    if not bd:
+        return "attention breakdown: the model has no attention block\n"
+    rows, mlt = bd.get("rows") or {}, bd.get("rows_mlt")
+    out = [f"attention breakdown (Table 6): {bd['block']}  {bd.get('shape', '')}",
+           f"  untiled block {bd.get('untiled_ms', 0):.3f} ms"
+           + (f"; MLT tiling {bd['tiling_mlt']['row_tiles']} row x {bd['tiling_mlt']['head_tiles']} head tiles"
+              f" ({bd.get('tiling_mlt_source', '')})" if bd.get("tiling_mlt") else ""),
+           f"  {'step':<14} {'w/o MLT %':>10} {'w/ MLT %':>10}"]
+    for k in ATTENTION_ROLES:
+        m = "" if mlt is None else ("-" if not mlt.get(k) else f"{mlt[k]:.1f}")
+        out.append(f"  {k:<14} {rows.get(k, 0):>10.1f} {m:>10}")
+    tot_m = "" if mlt is None else f"{sum(mlt.values()):.1f}"
+    out.append(f"  {'total':<14} {sum(rows.values()):>10.1f} {tot_m:>10}")
+    return "\n".join(out) + "\n"
+
+
+def _atomic_write(path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
