@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from edgefc.errors import BuildError
-from edgefc.targets import tvm_codegen, tvm_import
+from edgefc.targets import tvm_codegen, tvm_import, tvm_node_stamps
 from edgefc.targets.tvm_build import find_cross_linker, write_build
 from edgefc.targets.tvm_kernels import kernel_rejects
 from edgefc.targets.tvm_patterns import PREFIX, pattern_table, placement_check
@@ -130,10 +130,10 @@ def attribute_npu_ops(before: list, mod) -> dict:
     ``before`` (``main``'s calls before partitioning, each stamped with its node) without those
     left in ``main``; each NPU op takes the first of them with the same operator and types (calls
     that are structurally equal have equal MACs, bytes and precision)."""
-    left = collections.Counter((_signature(c), tvm_import.node_of(c)) for c in _main_calls(mod["main"]))
+    left = collections.Counter((_signature(c), tvm_node_stamps.node_of(c)) for c in _main_calls(mod["main"]))
     pool: dict[tuple, collections.deque] = {}
     for c in before:
-        key = (_signature(c), tvm_import.node_of(c))
+        key = (_signature(c), tvm_node_stamps.node_of(c))
         if left[key]:
             left[key] -= 1
         else:
@@ -158,10 +158,10 @@ def partition_report(before: list, mod, nodes: list[tuple[str, str]], program) -
     :func:`lower`)."""
     from tvm import relax
 
-    total_calls = collections.Counter(tvm_import.node_of(c) for c in before)
+    total_calls = collections.Counter(tvm_node_stamps.node_of(c) for c in before)
     host_calls: dict[str, list] = {}
     for call in _main_calls(mod["main"]):
-        host_calls.setdefault(tvm_import.node_of(call), []).append(call)
+        host_calls.setdefault(tvm_node_stamps.node_of(call), []).append(call)
     decided = _program_ops(program)
     ops, disagreements = [], []
     fallbacks: dict[str, int] = {}

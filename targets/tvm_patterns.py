@@ -16,8 +16,8 @@ the NPU, and never a call the kernels cannot execute.
 from __future__ import annotations
 
 from edgefc import composites
-from edgefc.targets.tvm_import import node_of
 from edgefc.targets.tvm_kernels import _BINARY, KERNELS, kernel_rejects
+from edgefc.targets.tvm_node_stamps import node_of
 
 CODEGEN = "edgefc_npu"
 PREFIX = CODEGEN + "."
