@@ -20,7 +20,7 @@ from edgefc import ir, ort, tile_solver
 from edgefc.attention import AttentionSpec, Tiling, tile_rows
 from edgefc.errors import PassError
 from edgefc.pass_base import PassContext
-from edgefc.passes import mlt
+from edgefc.passes import mlt, tiled_attention
 from tests.cli import run_cli
 from tests.mlt_fake_target import FakeNpu
 
@@ -41,7 +41,7 @@ def attention_node_model(b, sq, skv, heads, dk, dv, *, causal=0, scale=0.3, tili
         attrs["row_granularity"] = 1 if granularity is None else granularity
         node = helper.make_node("TiledAttention", ["Q", "K", "V"], ["Y"], domain="edgefc", name="attn",
                                 row_tiles=tiling.row_tiles, head_tiles=tiling.head_tiles, **attrs)
-        functions = [mlt.tiled_attention_function_proto(23)]
+        functions = [tiled_attention.tiled_attention_function_proto(23)]
     graph = helper.make_graph([node], "attention",
                               [helper.make_tensor_value_info("Q", dtype, [b, sq, heads * dk]),
                                helper.make_tensor_value_info("K", dtype, [b, skv, heads * dk]),
@@ -120,9 +120,9 @@ def test_numpy_tile_by_tile_equals_untiled(b, sq, skv, heads, dk, dv, causal, g,
     q, k, v = qkv(rng, b, sq, skv, heads, dk, dv)
     seen = []
     spec = AttentionSpec("t", b, heads, sq, skv, dk, dv, "fp32", bool(causal))
-    y = mlt.tiled_attention_numpy(q, k, v, heads, 0.3, bool(causal), tiling, g,
+    y = tiled_attention.tiled_attention_numpy(q, k, v, heads, 0.3, bool(causal), tiling, g,
                                   on_tile=lambda t, rows, hp, s: seen.append((t, s.shape)))
-    ref = mlt.reference_attention(q, k, v, heads, 0.3, bool(causal))
+    ref = tiled_attention.reference_attention(q, k, v, heads, 0.3, bool(causal))
     assert np.abs(y - ref).max() <= 1e-5
     rows = tile_rows(spec, tiling, g)
     assert [t for t, _ in seen] == list(range(tiling.tiles))
@@ -139,7 +139,7 @@ def test_onnxruntime_tiled_attention_equals_attention(b, sq, skv, heads, dk, dv,
     y_ref = run_model(attention_node_model(b, sq, skv, heads, dk, dv, causal=causal), feeds)
     y = run_model(tiled, feeds)
     assert y.shape == y_ref.shape and np.abs(y - y_ref).max() <= 1e-5
-    assert np.abs(y - mlt.reference_attention(q, k, v, heads, 0.3, bool(causal))).max() <= 1e-5
+    assert np.abs(y - tiled_attention.reference_attention(q, k, v, heads, 0.3, bool(causal))).max() <= 1e-5
     # The body is plain ONNX: inlining the function gives the same graph onnxruntime ran.
     inlined = onnx.inliner.inline_local_functions(tiled)
     assert not inlined.functions and "TiledAttention" not in {n.op_type for n in inlined.graph.node}
@@ -162,7 +162,7 @@ def test_onnx_body_builds_the_tiles_the_cost_model_prices(b, sq, skv, heads, dk,
     inlined.graph.output.append(helper.make_tensor_value_info(loop.output[0], TensorProto.FLOAT, None))
     out = ort.run(inlined, {"Q": q, "K": k, "V": v})
     assert out[loop.output[0]].shape == (grid.tiles, b, grid.heads, grid.rows, dv)
-    assert np.abs(out["Y"] - mlt.reference_attention(q, k, v, heads, 0.3, bool(causal))).max() <= 1e-5
+    assert np.abs(out["Y"] - tiled_attention.reference_attention(q, k, v, heads, 0.3, bool(causal))).max() <= 1e-5
     # the Program prices those tiles (rows padded to the target's granularity, real MACs exact)
     target = edgefc.get_target("exynos2400")
     prog = target.lower(edgefc.infer_shapes(gs.import_onnx(model)))
@@ -473,7 +473,7 @@ def test_full_size_self_attention_tile_by_tile():
     q, k, v = qkv(rng, 1, 4096, 4096, 8, 40, 40)
     scale = 40 ** -0.5
     ref = run_model(attention_node_model(1, 4096, 4096, 8, 40, 40, scale=scale), {"Q": q, "K": k, "V": v})
-    y = mlt.tiled_attention_numpy(q, k, v, 8, scale, False, sol.tiling, edgefc.attention.row_granularity(tgt))
+    y = tiled_attention.tiled_attention_numpy(q, k, v, 8, scale, False, sol.tiling, edgefc.attention.row_granularity(tgt))
     assert np.abs(y - ref).max() <= 1e-5
     y = run_model(attention_node_model(1, 4096, 4096, 8, 40, 40, scale=scale, tiling=sol.tiling), {"Q": q, "K": k, "V": v})
     assert np.abs(y - ref).max() <= 1e-5
