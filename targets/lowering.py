@@ -25,7 +25,6 @@ trip (the paper's Sec. 2.3 and Table 6).
 from __future__ import annotations
 
 import math
-import re
 
 import onnx_graphsurgeon as gs
 
@@ -35,9 +34,9 @@ from edgefc.attention import (
     spec_from_node,
     tiling_from_node,
 )
-from edgefc.components import detect_component
 from edgefc.errors import BuildError
 from edgefc.targets.attention_block import attention_io_bytes, attention_sram_bytes, lower_attention
+from edgefc.targets.blocks import block_of, component_of
 from edgefc.targets.deployed_types import DeployedTypes
 from edgefc.targets.geometry import BYTES, Geometry, contraction, pad, precision_key
 from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place
@@ -58,37 +57,6 @@ STREAM_PRODUCERS = TENSOR_OPS | _ROWWISE | _SPATIAL | {"GroupNormalization", "Gr
 STREAM_CONSUMERS = TENSOR_OPS | _ROWWISE | _SPATIAL | {"Gelu", "GeGLU"}
 
 # --- graph lowering ---------------------------------------------------------------------------
-
-def component_of(graph: gs.Graph) -> str:
-    """unet / text-encoder / vae-decoder from the input names (edgefc.components), else "model"."""
-    return detect_component(t.name for t in graph.inputs) or "model"
-
-
-_INDEXED = re.compile(r"^[A-Za-z_]+\.\d+$")
-_WRAPPERS = {"unet", "text_encoder", "vae", "vae_decoder", "model", "module"}
-_CONTAINERS = {"encoder", "decoder", "text_model"}
-
-
-def block_of(name: str) -> str:
-    """The model block a node belongs to, from its (exporter-given) scope name, e.g.
-    ``/unet/down_blocks.0/attentions.0/transformer_blocks.0/attn1/MatMul`` -> ``down_blocks.0/attentions.0``,
-    ``/text_encoder/encoder/layers.3/mlp/fc1/MatMul`` -> ``encoder/layers.3``,
-    ``/decoder/up_blocks.3/resnets.0/conv1/Conv`` -> ``decoder/up_blocks.3/resnets.0``."""
-    parts = [p for p in name.strip("/").split("/") if p][:-1]   # the scopes, without the op's own name
-    while parts and parts[0] in _WRAPPERS:
-        parts = parts[1:]
-    keep: list[str] = []
-    indexed = 0
-    for p in parts:
-        is_idx = bool(_INDEXED.match(p))
-        if keep and not is_idx and (indexed or keep[-1] not in _CONTAINERS):
-            break
-        keep.append(p)
-        indexed += is_idx
-        if indexed == 2:
-            break
-    return "/".join(keep) or "(top)"
-
 
 def _shape(t: gs.Tensor) -> tuple[int, ...] | None:
     s = t.shape
