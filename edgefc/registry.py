@@ -32,15 +32,12 @@ _PIPELINES: dict[str, tuple[str, ...]] = {
     "default": ("canonicalize", "fuse"),
     "npu": ("canonicalize", "fuse", "quantize", "mlt"),
 }
-_builtins_loaded = False
 
 
 def load_builtins() -> None:
-    """Import the built-in passes (once); every lookup calls it."""
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        importlib.import_module("edgefc.passes")
+    """Import the built-in passes; every lookup calls it (after the first import, Python's module
+    cache makes it a dictionary lookup)."""
+    importlib.import_module("edgefc.passes")
 
 
 def register_pipeline(name: str, passes, *, replace: bool = False) -> None:

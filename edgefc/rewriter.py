@@ -9,7 +9,7 @@ counts rewrites and keeps, per kind, every candidate that did not match with the
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import onnx_graphsurgeon as gs
@@ -91,6 +91,14 @@ class Rewriter:
             order = {id(n): i for i, n in enumerate(self.graph.nodes)}
             found.sort(key=lambda n: order.get(id(n), len(order)))
         return [n for n in found if id(n) not in self.removed]
+
+    def candidates(self, *ops: str, feeding: str | None = None) -> Iterator[gs.Node]:
+        """The anchors a fusion tries: :meth:`nodes` of ``ops``, each yielded only if it is still
+        alive when its turn comes (an earlier rewrite may have taken it) and, with ``feeding``,
+        only if its first output feeds an op of that type."""
+        for node in self.nodes(*ops):
+            if self.alive(node) and (feeding is None or any(c.op == feeding for c in node.outputs[0].outputs)):
+                yield node
 
     def alive(self, node: gs.Node) -> bool:
         return id(node) not in self.removed

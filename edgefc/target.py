@@ -16,7 +16,6 @@ from edgefc.errors import TargetError
 
 _TARGETS: dict[str, Callable[[], "Target"]] = {}
 _file_loader: Callable[[str], "Target"] | None = None
-_builtins_loaded = False
 
 
 class Target:
@@ -53,10 +52,8 @@ def register_target_file_loader(loader: Callable[[str], Target]) -> None:
 
 
 def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        importlib.import_module("edgefc.targets")
+    """Import the built-in targets; every lookup calls it (a dictionary lookup after the first)."""
+    importlib.import_module("edgefc.targets")
 
 
 def list_targets() -> list[str]:

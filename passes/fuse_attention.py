@@ -70,9 +70,7 @@ class FuseAttention(FusionPass):
 
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
         rw = Rewriter(graph, log)
-        for softmax in rw.nodes("Softmax", "Attention"):
-            if not rw.alive(softmax):
-                continue
+        for softmax in rw.candidates("Softmax", "Attention"):
             if softmax.op == "Attention":
                 if len(ir.static_shape(softmax.inputs[0]) or ()) != 4:
                     continue  # already the 3D form

@@ -186,9 +186,7 @@ class FuseEpilogue(FusionPass):
         patterns = {op: [v.pattern for v in op_vs] for op, op_vs in vs.items()}
         rw = Rewriter(graph, log)
         if capable:
-            for node in rw.nodes(*PRODUCERS):
-                if not rw.alive(node):
-                    continue
+            for node in rw.candidates(*PRODUCERS):
                 m = rw.match_any(patterns[node.op], node, "producer")
                 if not m:
                     continue
@@ -224,8 +222,8 @@ class FuseEpilogue(FusionPass):
 
     def _conv_bias(self, graph: gs.Graph, log: RewriteLog) -> None:
         rw = Rewriter(graph, log)
-        for node in rw.nodes("Conv"):
-            if len(node.inputs) != 2 or not rw.alive(node):
+        for node in rw.candidates("Conv", feeding="Add"):
+            if len(node.inputs) != 2:
                 continue
             m = rw.match(BIAS_PATTERN, node, "conv")
             if not m:

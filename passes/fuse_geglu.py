@@ -95,9 +95,7 @@ class FuseGeGLU(FusionPass):
 
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
         rw = Rewriter(graph, log)
-        for node in rw.nodes(GEGLU.activation.onnx_op):
-            if not rw.alive(node) or not any(c.op == "Mul" for c in node.outputs[0].outputs):
-                continue
+        for node in rw.candidates(GEGLU.activation.onnx_op, feeding="Mul"):
             m = rw.match_any(PATTERNS, node, GEGLU.activation.name)
             if not m:
                 log.miss("geglu", node, m.reason)

@@ -93,9 +93,7 @@ class FuseGelu(FusionPass):
 
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
         rw = Rewriter(graph, log)
-        for node in rw.nodes("Erf", "Tanh"):
-            if not rw.alive(node):
-                continue
+        for node in rw.candidates("Erf", "Tanh"):
             if node.op == "Tanh" and not (node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Mul"):
                 continue  # a plain tanh activation, not a GELU candidate
             erf = node.op == "Erf"

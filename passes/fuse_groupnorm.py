@@ -126,9 +126,7 @@ class FuseGroupNorm(FusionPass):
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
         rw = Rewriter(graph, log)
         self._made: set[str] = set()
-        for node in rw.nodes("InstanceNormalization"):
-            if not rw.alive(node):
-                continue
+        for node in rw.candidates("InstanceNormalization"):
             m = rw.match_any(PATTERNS, node, "inorm")
             if not m:
                 log.miss("groupnorm", node, m.reason)
@@ -155,8 +153,8 @@ class FuseGroupNorm(FusionPass):
                 self._made.add(name)
             rw.replace(m, [new])
             log.count("groupnorm")
-        for node in rw.nodes("GroupNormalization"):  # native ones (GroupNormalization-18/21 in the export)
-            if not rw.alive(node) or node.name in self._made:
+        for node in rw.candidates("GroupNormalization"):  # native ones (GroupNormalization-18/21 in the export)
+            if node.name in self._made:
                 continue  # already one op: only its SiLU is left to fold (counted as groupnorm_silu)
             m = rw.match(NATIVE_SILU, node, "gn")
             if not m:

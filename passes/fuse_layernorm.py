@@ -117,9 +117,7 @@ class FuseLayerNorm(FusionPass):
 
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
         rw = Rewriter(graph, log)
-        for node in rw.nodes("ReduceMean"):
-            if not rw.alive(node) or not any(c.op == "Sub" for c in node.outputs[0].outputs):
-                continue
+        for node in rw.candidates("ReduceMean", feeding="Sub"):
             m = rw.match_any(PATTERNS, node, "mean")
             if not m:
                 log.miss("layernorm", node, m.reason)

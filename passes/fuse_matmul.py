@@ -58,10 +58,9 @@ class FuseMatMulBias(FusionPass):
 
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
         rw = Rewriter(graph, log)
-        for node in rw.nodes("MatMul"):
+        for node in rw.candidates("MatMul", feeding="Add"):
             w = node.inputs[1] if len(node.inputs) == 2 else None
-            if not rw.alive(node) or not isinstance(w, gs.Constant) or len(w.shape) != 2 \
-                    or not any(c.op == "Add" for c in node.outputs[0].outputs):
+            if not isinstance(w, gs.Constant) or len(w.shape) != 2:
                 continue
             m = rw.match(PATTERN, node, "matmul")
             if not m:
