@@ -69,3 +69,17 @@ def test_bench_scripts_do_not_import_the_cli():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n == "edgefc.cli" or n.startswith("edgefc.cli.")]
     assert offenders == []
+
+
+def test_module_map_names_every_module():
+    """docs/modules.md has one line per module of edgefc/, passes/, targets/ and models/, and no
+    line for a module that is gone."""
+    import re
+
+    text = (ROOT / "docs" / "modules.md").read_text()
+    mapped = re.findall(r"^\| `([\w/]+\.py)` \|", text, flags=re.M)
+    tree = {str(p.relative_to(ROOT)) for d in ("edgefc", "passes", "targets", "models") for p in (ROOT / d).rglob("*.py")}
+    assert len(mapped) == len(set(mapped)), "docs/modules.md names a module twice"
+    missing, gone = sorted(tree - set(mapped)), sorted(set(mapped) - tree)
+    assert not missing and not gone, (f"docs/modules.md lacks {missing} (add one line each: what it holds)"
+                                      f" and names modules that are gone: {gone}")
