@@ -185,10 +185,8 @@ def sample_ddim(folder: Path, prompts: list[str], seeds: list[int], steps: int, 
     import torch
     from diffusers import DDIMScheduler
 
-    from edgefc.models.train.archs import SD_SCHEDULER
-
     unet, te, vae, tok = load_pipe(folder)
-    sched = DDIMScheduler(**SD_SCHEDULER)
+    sched = DDIMScheduler.from_config(DDIMScheduler.load_config(folder / "scheduler"))  # the trained objective
     sched.set_timesteps(steps)
     images = []
     for i in range(0, len(prompts), 32):
@@ -339,7 +337,8 @@ def main(argv=None) -> int:
 
     st.run("data", stage_data)
     thr = args.threads
-    st.run("vae", lambda: train(out / "vae", "vae", "--teacher-arch", "mini", "--fg-weight", 1,
+    st.run("vae", lambda: train(out / "vae", "vae", "--teacher-arch", "mini", "--tokenizer", data / "tokenizer",
+                                "--fg-weight", 1,
                                 steps=b["vae"][0], batch=b["vae"][1],
                                 lr=b["vae"][2], threads=thr))
     st.run("teacher", lambda: train(out / "teacher", "sd", "--teacher", out / "vae", steps=b["teacher"][0],
@@ -387,12 +386,14 @@ def main(argv=None) -> int:
                  "per_attribute": r["per_attribute"]})
 
     def stage_sample():
+        done = True
         for name, folder in (("teacher", out / "teacher"), ("kd-student", out / "kd"),
                              ("scratch-student", out / "scratch")):
             d = samples / f"{name}-{ev}"
             if not (d / f"{len(held_prompts) - 1:04d}.png").is_file():
                 save_set(d, sample_ddim(folder, held_prompts, seeds, ev, GUIDANCE), held_prompts)
-        return False
+                done = False
+        return done  # all sets already there (a resumed run): keep the recorded times
 
     st.run("sample", stage_sample)
     for name in ("teacher", "kd-student", "scratch-student"):
@@ -436,18 +437,20 @@ def main(argv=None) -> int:
     from edgefc.models import pipeline
 
     def stage_generate():
+        done = True
         for steps in LCM_STEPS:
             for precision, kw in (("fp32", {"weights": out / "lcm"}), ("w8a16", {"build": build, "weights": out / "lcm"})):
                 d = samples / f"lcm-{steps}-{precision}"
                 if (d / f"{len(held_prompts) - 1:04d}.png").is_file():
                     continue
+                done = False
                 d.mkdir(parents=True, exist_ok=True)
                 pipeline.generate_many(held_prompts, seeds, [d / f"{i:04d}.png" for i in range(len(seeds))],
                                        steps=steps, **kw)
                 for i, p in enumerate(held_prompts):
                     (d / f"{i:04d}.txt").write_text(p + "\n")
                 say(f"   generated {d.name}")
-        return False
+        return done
 
     st.run("generate", stage_generate)
     for steps in LCM_STEPS:

@@ -78,6 +78,13 @@ class Scene:
     caption: str
 
 
+def caption_words() -> list[str]:
+    """Every word a caption can contain (templates and attribute names), sorted: the vocabulary of
+    the word-level tokenizer that ``edgefc data synth`` writes beside the data."""
+    text = " ".join((*_TEMPLATES_ONE, *_TEMPLATES_TWO, *SHAPES, *COLOURS, *BACKGROUNDS, *POSITIONS, *SIZES))
+    return sorted(set(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", text))))
+
+
 def _centre(position: str) -> tuple[float, float]:
     """Quadrant centre as (x, y) fractions of the image side."""
     return (0.75 if "right" in position else 0.25), (0.75 if "bottom" in position else 0.25)
@@ -182,7 +189,8 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 def synthesize(output: str | os.PathLike, count: int, size: int = 64, seed: int = 0, level: int = 1,
                progress=None) -> dict:
-    """Write ``count`` pairs ``NNNNNN.png`` + ``NNNNNN.txt`` and ``manifest.json`` into ``output``.
+    """Write ``count`` pairs ``NNNNNN.png`` + ``NNNNNN.txt``, ``manifest.json`` and ``tokenizer/`` (a
+    CLIP tokenizer with one token per caption word, :func:`caption_words`) into ``output``.
 
     The folder must not exist or be empty; everything is written into a temporary folder beside it
     and renamed into place, so a failed run leaves nothing half-written. Returns the manifest.
@@ -213,8 +221,11 @@ def synthesize(output: str | os.PathLike, count: int, size: int = 64, seed: int 
         manifest = {"generator": "edgefc data synth", "seed": seed, "size": size, "level": level,
                     "count": count, "attributes": list(ATTRIBUTES[level]), "shapes": list(SHAPES),
                     "colours": list(COLOURS), "backgrounds": list(BACKGROUNDS),
-                    "positions": list(POSITIONS), "items": items}
+                    "positions": list(POSITIONS), "tokenizer": "tokenizer", "items": items}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        from edgefc.models.tokenizer import write_word_tokenizer
+
+        write_word_tokenizer(tmp / "tokenizer", caption_words())
         if out.exists():
             out.rmdir()
         tmp.rename(out)

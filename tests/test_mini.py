@@ -50,7 +50,12 @@ def test_train_vae_and_sd_user_errors(tmp_path):
     assert_user_error(*run_cli("train", "vae", *base, "-o", str(tmp_path / "o2"), "--kl-weight", "-1"), "--kl-weight")
     assert_user_error(*run_cli("train", "sd", "--teacher", str(tmp_path / "nope"), "--data", str(tmp_path / "d"),
                                "-o", str(tmp_path / "o3")), "does not exist")
-    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    assert_user_error(*run_cli("train", "vae", *base, "-o", str(tmp_path / "o4"), "--tokenizer", str(tmp_path)),
+                      "not a CLIP tokenizer folder")
+    assert_user_error(*run_cli("train", "sd", "--teacher", str(tmp_path / "nope"), "--tokenizer",
+                               str(tmp_path / "d" / "tokenizer"), "--data", str(tmp_path / "d"),
+                               "-o", str(tmp_path / "o5")), "--tokenizer goes with --teacher-arch")
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3, 4, 5))
 
 
 def test_train_vae_sets_latent_scale_and_sd_resumes(tmp_path):
@@ -60,13 +65,18 @@ def test_train_vae_sets_latent_scale_and_sd_resumes(tmp_path):
     rc, out = run_cli("data", "synth", "-o", str(tmp_path / "d"), "--count", "8", "--quiet")
     assert rc == 0, out
     common = ["--data", str(tmp_path / "d"), "--resolution", "64", "--batch-size", "2", "--threads", "1", "--quiet"]
-    rc, out = run_cli("train", "vae", "--teacher-arch", "mini", *common, "--steps", "2", "-o", str(tmp_path / "vae"))
+    rc, out = run_cli("train", "vae", "--teacher-arch", "mini", "--tokenizer", str(tmp_path / "d" / "tokenizer"),
+                      *common, "--steps", "2", "-o", str(tmp_path / "vae"))
     assert rc == 0, out
+    from edgefc.models.tokenizer import load_tokenizer
+
+    assert load_tokenizer(tmp_path / "vae").kind == "clip"  # the data's tokenizer travels with the pipeline
     cfg = json.loads((tmp_path / "vae" / "vae" / "config.json").read_text())
     assert cfg["block_out_channels"] == [8, 16, 32, 32] and cfg["scaling_factor"] != 0.18215
     for sub in ("unet", "text_encoder", "scheduler"):
         assert (tmp_path / "vae" / sub).is_dir()
-    sd = ["train", "sd", "--teacher", str(tmp_path / "vae"), *common, "--steps", "4", "--save-every", "2"]
+    sd = ["train", "sd", "--teacher", str(tmp_path / "vae"), *common, "--steps", "4", "--save-every", "2",
+          "--prediction-type", "v_prediction"]
     rc, out = run_cli(*sd, "-o", str(tmp_path / "a"))
     assert rc == 0, out
     rc, out = run_cli(*sd, "-o", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "checkpoint-2"))
@@ -74,6 +84,9 @@ def test_train_vae_sets_latent_scale_and_sd_resumes(tmp_path):
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert la == lb and len(la) == 4
+    sched = json.loads((tmp_path / "b" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"  # kd, lcm and sampling follow the trained objective
+    assert json.loads((tmp_path / "vae" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
 
 
 @pytest.mark.slow

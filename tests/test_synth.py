@@ -82,6 +82,10 @@ def test_synth_cli_is_deterministic_and_eval_reads_it(tmp_path):
     manifest = json.loads((a / "manifest.json").read_text())
     assert manifest["count"] == 12 and len(manifest["items"]) == 12
     assert (a / "000000.txt").read_text().strip() == manifest["items"][0]["caption"]
+    from edgefc.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(a / "tokenizer")  # one token per caption word
+    assert tok.kind == "clip" and int((tok.encode(manifest["items"][0]["caption"])[0] != 49407).sum()) <= 16
     rc, text = run_cli("eval", str(a), "--reference", str(c), "--json")
     assert rc == 0, text
     r = json.loads(text)

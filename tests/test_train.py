@@ -297,6 +297,34 @@ def test_fallback_tokenizer_is_clip_bpe_without_merges(tmp_path):
     assert long[0] == BOS_ID and long[-1] == EOS_ID and (long[1:-1] < BOS_ID).all()
 
 
+def test_word_tokenizer_gives_one_token_per_caption_word(tmp_path):
+    """write_word_tokenizer: every listed word is one CLIP token (the real CLIPTokenizer reads the
+    folder), other words still tokenise, and a save/reload (what training writes) keeps the ids."""
+    from edgefc.models.synth import caption_words
+    from edgefc.models.tokenizer import BOS_ID, EOS_ID, ByteTokenizer, load_tokenizer, write_word_tokenizer
+
+    words = caption_words()
+    assert {"circle", "triangle", "yellow", "background", "bottom"} <= set(words)
+    tok = load_tokenizer(write_word_tokenizer(tmp_path / "tok", words))
+    assert tok.kind == "clip"
+    ids = tok.encode(" ".join(words))[0].tolist()
+    assert ids[: len(words) + 2] == [BOS_ID, *ids[1 : len(words) + 1], EOS_ID]
+    assert len(set(ids[1 : len(words) + 1])) == len(words) and max(ids[1 : len(words) + 1]) < BOS_ID
+    assert tok.encode("grey background, red circle")[0, 1:6].tolist() == [
+        tok.encode(w)[0, 1] for w in ("grey", "background", ",", "red", "circle")]
+    # an unknown word: byte symbols (and merges of them), never an unknown token
+    odd = tok.encode("a purple hexagon")[0]
+    assert (odd[1:] != 0).all() and (odd < 49408).all() and int((odd != EOS_ID).sum()) > 4
+    assert tok.encode("a")[0, 1] == ByteTokenizer().encode("a")[0, 1]  # single bytes keep CLIP's ids
+    tok.save(tmp_path / "saved" / "tokenizer")
+    again = load_tokenizer(tmp_path / "saved")
+    assert again.kind == "clip"
+    texts = ["a red circle in the top left on a grey background", "there is a blue square", ""]
+    assert (again.encode(texts) == tok.encode(texts)).all()
+    with pytest.raises(ValueError):
+        write_word_tokenizer(tmp_path / "bad", ["Red"])
+
+
 # ----------------------------------------------------------------------------- user errors
 
 def _cli_error(capsys, argv):

@@ -47,7 +47,8 @@ def curate_cmd(src, dst, min_size, dedup_threshold, crop, quiet):
 
 @data_group.command("synth")
 @click.option("-o", "--output", "dst", type=click.Path(path_type=Path), required=True,
-              help="Output folder (must not exist or be empty): NNNNNN.png + NNNNNN.txt pairs + manifest.json.")
+              help="Output folder (must not exist or be empty): NNNNNN.png + NNNNNN.txt pairs, manifest.json and "
+                   "tokenizer/ (a CLIP tokenizer with one token per caption word, for `train --tokenizer`).")
 @click.option("--count", type=int, default=1000, show_default=True, help="Number of image/caption pairs.")
 @click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels (a multiple of 8).")
 @click.option("--seed", type=int, default=0, show_default=True,

@@ -27,6 +27,10 @@ def _common(f):
                           "scheduler/). Never downloads."),
         click.option("--teacher-arch", type=click.Choice(TEACHER_ARCHS), default=None,
                      help="Teacher built from its config with random weights from --seed (instead of --teacher)."),
+        click.option("--tokenizer", type=_P, default=None,
+                     help="With --teacher-arch: a CLIP tokenizer folder (vocab.json + merges.txt, e.g. the "
+                          "tokenizer/ that `edgefc data synth` writes) instead of the byte-level fallback; "
+                          "saved into the output's tokenizer/. (A --teacher folder brings its own.)"),
         click.option("--data", type=_P, default=None,
                      help="Training data: a folder of NAME.jpg/png + NAME.txt pairs, or a webdataset .tar shard."),
         click.option("-o", "--output", type=_P, required=True,
@@ -101,6 +105,10 @@ def vae_cmd(lr, quiet, **kw):
                    "removal, trained from scratch (the baseline for train kd).")
 @click.option("--caption-dropout", type=float, default=0.1, show_default=True,
               help="Fraction of captions replaced by the empty prompt (for classifier-free guidance).")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="What the U-Net predicts (default: the base's scheduler's; SD-v1 epsilon). v_prediction "
+                   "(SD 2's) weighs the high-noise steps that decide a scene's layout and colours more; "
+                   "written into the output's scheduler/, which kd and lcm follow.")
 def sd_cmd(lr, quiet, **kw):
     """Train a U-Net from scratch with the SD objective; the base's text encoder and VAE stay frozen.
 

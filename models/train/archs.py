@@ -12,7 +12,10 @@ with seeded random weights:
   SD VAE (``vae/config.json``: [128, 256, 512, 512], 2 layers per block, scaling 0.18215).
 * ``tiny`` -- the same topology (same block types, mid block, 2 layers per block, an 8x VAE)
   with small widths, for tests and worked examples on a CPU.
-* ``mini`` -- the ``tiny`` text encoder and U-Net with a smaller VAE (widths [8, 16, 32, 32],
+* ``mini`` -- the ``tiny`` U-Net, the ``tiny`` text encoder cut to 2 transformer layers (still
+  the CLIP layout at width 64; frozen and random, a shallow stack keeps each token's own
+  embedding dominant in its output, so the U-Net's cross-attention sees one clean key per word
+  of the word-level tokenizer ``--tokenizer``), and a smaller VAE (widths [8, 16, 32, 32],
   one ResNet per block; still the AutoencoderKL layout with its 8x downsampling and mid-block
   attention): the base the miniature EdgeFusion (bench/mini_edgefusion.py) trains from scratch
   on 64x64 synthetic scenes in minutes on a CPU (issue 13).
@@ -49,6 +52,8 @@ from edgefc.models.train.errors import TrainingError
 TEACHER_ARCHS = ("sd-v1.5", "tiny", "mini")
 #: The ``mini`` VAE: the tiny VAE narrowed at its full-resolution stages (see the module docstring).
 MINI_VAE = {"block_out_channels": [8, 16, 32, 32], "layers_per_block": 1}
+#: The ``mini`` text encoder: the tiny CLIP text encoder with 2 of its 12 layers (see the module docstring).
+MINI_TEXT = {"num_hidden_layers": 2}
 STUDENT_ARCHS = ("bk-sdm-tiny", "tiny")
 
 # SD-v1.5 scheduler (scheduler/scheduler_config.json): scaled-linear betas, 1000 steps, epsilon.
@@ -67,9 +72,11 @@ def _arch_configs(teacher_arch: str) -> tuple[dict, dict, dict]:
     """(U-Net, text encoder, VAE) constructor keywords; shared with ``edgefc export`` (configs.py)."""
     scale = "full" if teacher_arch == "sd-v1.5" else "tiny"
     vae = get_config("vae-decoder", "sd-v1.5", scale)
+    text = get_config("text-encoder", "sd-v1.5", scale)
     if teacher_arch == "mini":
         vae.update(MINI_VAE)
-    return (get_config("unet", "sd-v1.5", scale), get_config("text-encoder", "sd-v1.5", scale), vae)
+        text.update(MINI_TEXT)
+    return (get_config("unet", "sd-v1.5", scale), text, vae)
 
 
 def bk_sdm_tiny_config(teacher: dict) -> dict:
@@ -122,8 +129,10 @@ def check_teacher_dir(root: Path) -> None:
             raise TrainingError(f"teacher folder {root} has no {sub}/config.json (expected a diffusers folder).")
 
 
-def build_teacher(teacher_dir: str | Path | None, teacher_arch: str | None, seed: int) -> Components:
-    """Teacher U-Net, text encoder, VAE, tokenizer and noise scheduler, from a folder or an arch."""
+def build_teacher(teacher_dir: str | Path | None, teacher_arch: str | None, seed: int,
+                  tokenizer: str | Path | None = None) -> Components:
+    """Teacher U-Net, text encoder, VAE, tokenizer and noise scheduler, from a folder or an arch
+    (``tokenizer``: a CLIP tokenizer folder for the arch; None gives the byte-level fallback)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -152,7 +161,7 @@ def build_teacher(teacher_dir: str | Path | None, teacher_arch: str | None, seed
     unet = _unet_from_config(unet_cfg)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
     vae = AutoencoderKL.from_config(vae_cfg)
-    return Components(unet, text_encoder, vae, load_tokenizer(None), DDPMScheduler(**SD_SCHEDULER),
+    return Components(unet, text_encoder, vae, load_tokenizer(tokenizer), DDPMScheduler(**SD_SCHEDULER),
                       f"arch:{teacher_arch}")
 
 

@@ -43,6 +43,7 @@ class TrainConfig:
     data: Path | None = None
     teacher: Path | None = None
     teacher_arch: str | None = None
+    tokenizer: Path | None = None  # a CLIP tokenizer folder for a --teacher-arch base (None: fallback)
     steps: int = 1000
     batch_size: int = 4
     lr: float = 1e-4
@@ -57,7 +58,7 @@ class TrainConfig:
     fixed_batch: bool = False  # overfitting check: same batch, noise, timesteps (and w) at every step
     progress: bool = True
     # options that must match between a checkpoint and the run resuming it
-    identity_fields: tuple = field(default=("teacher", "teacher_arch", "seed", "batch_size", "resolution",
+    identity_fields: tuple = field(default=("teacher", "teacher_arch", "tokenizer", "seed", "batch_size", "resolution",
                                             "fixed_batch", "data"), repr=False)
 
 
@@ -207,6 +208,12 @@ def _validate(cfg, kind: str) -> dict | None:
         raise TrainingError("give a teacher: --teacher DIR (a local diffusers folder) or --teacher-arch NAME.")
     if cfg.teacher is not None and cfg.teacher_arch is not None:
         raise TrainingError("give either --teacher or --teacher-arch, not both.")
+    if cfg.tokenizer is not None:
+        if cfg.teacher is not None:
+            raise TrainingError("--tokenizer goes with --teacher-arch; a --teacher folder brings its own tokenizer/.")
+        tok = Path(cfg.tokenizer)
+        if not ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()):
+            raise TrainingError(f"--tokenizer {tok} is not a CLIP tokenizer folder (vocab.json and merges.txt).")
     if cfg.teacher is not None:
         from edgefc.models.train.archs import check_teacher_dir
 
@@ -286,7 +293,7 @@ def _run(recipe: Recipe) -> TrainResult:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     out = Path(cfg.output)
 
-    components = build_teacher(cfg.teacher, cfg.teacher_arch, cfg.seed)
+    components = build_teacher(cfg.teacher, cfg.teacher_arch, cfg.seed, cfg.tokenizer)
     recipe.components = components
     for m in (components.unet, components.text_encoder, components.vae):
         m.requires_grad_(False)
@@ -479,7 +486,7 @@ def _save_final(out: Path, recipe, student, components, history, accelerator, se
     recipe.scheduler_for_output().save_pretrained(tmp / "scheduler")
     tok = components.tokenizer
     if getattr(tok, "kind", "") == "clip":
-        tok.tok.save_pretrained(str(tmp / "tokenizer"))
+        tok.save(tmp / "tokenizer")
     summary = {
         "kind": recipe.kind,
         "steps": history[-1]["step"] if history else 0,

@@ -16,7 +16,10 @@ distilled from it). None can be downloaded here, so the miniature recipe
   (epsilon MSE at uniform timesteps, DDPM scaled-linear schedule), the base folder's text
   encoder and VAE frozen. ``--caption-dropout p`` replaces a fraction ``p`` of the captions by
   the empty prompt so the model also learns the unconditional prediction that classifier-free
-  guidance (and LCM's guided teacher) needs. ``--unet-arch sd-v1.5`` trains the base's U-Net
+  guidance (and LCM's guided teacher) needs. ``--prediction-type v_prediction`` trains SD 2's
+  v-objective instead of SD-v1's epsilon (same U-Net; the MSE on v weighs each timestep by
+  ``1 + 1/SNR`` relative to the epsilon MSE, so the high-noise steps where a scene's layout and
+  colours are decided count), written into the output's ``scheduler/`` for kd, lcm and sampling. ``--unet-arch sd-v1.5`` trains the base's U-Net
   layout (the teacher); ``bk-sdm-tiny`` its BK-SDM-Tiny block removal from scratch, the
   baseline that ``train kd`` (initialised from the teacher, with KD losses) is compared with at
   the same step budget (BK-SDM, Table 3).
@@ -47,6 +50,7 @@ class VAEConfig(TrainConfig):
 class SDConfig(TrainConfig):
     unet_arch: str = "sd-v1.5"
     caption_dropout: float = 0.1
+    prediction_type: str | None = None  # None: the base scheduler's
 
     def __post_init__(self):
         self.identity_fields = tuple(self.identity_fields) + ("unet_arch",)
@@ -105,6 +109,10 @@ class SDRecipe(Recipe):
         cfg.pop("time_cond_proj_dim", None)
         torch.manual_seed(self.cfg.seed + 11)
         self.scheduler = components.noise_scheduler
+        if self.cfg.prediction_type is not None:
+            from diffusers import DDPMScheduler
+
+            self.scheduler = DDPMScheduler.from_config(self.scheduler.config, prediction_type=self.cfg.prediction_type)
         self.uncond = None
         return UNet2DConditionModel.from_config(cfg)
 
@@ -136,6 +144,9 @@ class SDRecipe(Recipe):
         pred = self.student(noisy, t, ehs).sample
         return F.mse_loss(pred.float(), target.float()), {}
 
+    def scheduler_for_output(self):
+        return self.scheduler
+
 
 def train_vae(cfg: VAEConfig) -> TrainResult:
     """Train the base pipeline's VAE from scratch (see the module docstring)."""
@@ -152,4 +163,6 @@ def train_sd(cfg: SDConfig) -> TrainResult:
         raise TrainingError(f"unknown --unet-arch {cfg.unet_arch!r}; choose one of {', '.join(UNET_ARCHS)}.")
     if not 0.0 <= cfg.caption_dropout < 1.0:
         raise TrainingError("--caption-dropout must be in [0, 1).")
+    if cfg.prediction_type not in (None, "epsilon", "v_prediction"):
+        raise TrainingError(f"unknown --prediction-type {cfg.prediction_type!r}; choose epsilon or v_prediction.")
     return run(SDRecipe(cfg))
