@@ -14,8 +14,8 @@ from tests.cli import assert_user_error, run_cli
 
 def _digest(folder) -> str:
     h = hashlib.sha256()
-    for p in sorted(folder.iterdir()):
-        h.update(p.name.encode())
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(folder)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()
 
