@@ -1,4 +1,4 @@
-"""The training loop shared by ``edgefc train kd`` and ``edgefc train lcm``.
+"""The training loop every recipe shares (``edgefc train vae``, ``sd``, ``kd``, ``lcm``).
 
 Thin on purpose: devices, processes and mixed precision are `accelerate`'s
 (``accelerate launch edgefc train ...`` runs the same code on many GPUs or nodes); models,
@@ -9,11 +9,8 @@ recipe needs around them:
 * a data order that is a pure function of (seed, step) and a per-process ``torch.Generator``
   for every random draw (noise, timesteps, guidance scales, VAE sampling), so a run resumed
   from a checkpoint reproduces the uninterrupted run's losses exactly;
-* checkpoints in safetensors only (never pickle): ``checkpoint-STEP/`` holds the trainable
-  U-Net (and any EMA target) as diffusers folders, ``optimizer.safetensors`` (AdamW moments +
-  step counts, hyper-parameters in the metadata), ``rng-RANK.safetensors`` (generator states)
-  and ``state.json`` (step, loss history, the options that define the run). Every checkpoint
-  and the final model are written to a temporary folder and renamed into place.
+* checkpoints in safetensors only, written atomically (:mod:`edgefc.models.train.checkpoints`);
+* the frozen encoders' outputs computed once per item (:mod:`edgefc.models.train.frozen_cache`).
 
 A recipe subclasses :class:`Recipe` and implements ``build`` (models) and ``loss`` (one batch).
 """
@@ -23,16 +20,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgefc.models.train.checkpoints import (
+    CHECKPOINT_PREFIX,
+    LOG_NAME,
+    check_resume_dir,
+    config_dict,
+    load_checkpoint,
+    save_checkpoint,
+    save_final,
+)
 from edgefc.models.train.errors import DataError, TrainingError
-
-CHECKPOINT_PREFIX = "checkpoint-"
-LOG_NAME = "train_log.jsonl"
+from edgefc.models.train.frozen_cache import FrozenCache
 
 
 @dataclass
@@ -70,87 +73,6 @@ class TrainResult:
     seconds: float
     is_main_process: bool = True
 
-
-def _jsonable(v):
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, tuple):
-        return list(v)
-    return v
-
-
-def config_dict(cfg) -> dict:
-    d = {k: _jsonable(v) for k, v in asdict(cfg).items() if k != "identity_fields"}
-    return d
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def _save_optimizer(optimizer, path: Path):
-    """AdamW state as safetensors: tensors ``state.<param>.<name>``, the rest as JSON metadata."""
-    import torch
-    from safetensors.torch import save_file
-
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for name, val in st.items():
-            if torch.is_tensor(val):
-                tensors[f"state.{pid}.{name}"] = val.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = val
-    meta = {"param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars)}
-    save_file(tensors, str(path), metadata=meta)
-
-
-def _load_optimizer(optimizer, path: Path):
-    from safetensors import safe_open
-
-    state: dict = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = f.get_tensor(key)
-    for key, val in json.loads(meta.get("scalars", "{}")).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = val
-    groups = json.loads(meta["param_groups"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def check_resume_dir(path: Path, kind: str) -> dict:
-    """Validate a checkpoint folder before anything is built; returns its state.json."""
-    path = Path(path)
-    if not path.is_dir():
-        raise TrainingError(f"--resume {path} is not a folder.")
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        raise TrainingError(f"--resume {path} is not an edgefc checkpoint (no state.json).")
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError:
-        raise TrainingError(f"--resume {path}: state.json is not valid JSON.") from None
-    if state.get("kind") != kind:
-        raise TrainingError(f"--resume {path} is a {state.get('kind')!r} checkpoint, not a {kind!r} one.")
-    for need in (f"{state.get('trainable', 'unet')}/config.json", "optimizer.safetensors", "rng-0.safetensors"):
-        if not (path / need).is_file():
-            raise TrainingError(f"--resume {path} is incomplete: {need} is missing.")
-    return state
-
-
-def _atomic_replace(tmp: Path, final: Path):
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-
-
-# ----------------------------------------------------------------------------- recipe
 
 class Recipe:
     """A training recipe: which models to build and the loss of one batch."""
@@ -317,7 +239,7 @@ def _run(recipe: Recipe) -> TrainResult:
     gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1_000_003 + 7919 * rank)
     fixed_rng = gen.get_state() if cfg.fixed_batch else None
     if resume_state is not None:
-        _load_checkpoint(Path(cfg.resume), recipe, student, optimizer, gen, rank)
+        load_checkpoint(Path(cfg.resume), recipe, student, optimizer, gen, rank)
         start_step, history = resume_state["step"], list(resume_state.get("losses", []))
 
     dataset = ImageCaptionDataset(sample_list.samples, cfg.resolution, components.tokenizer)
@@ -370,135 +292,12 @@ def _run(recipe: Recipe) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-            _save_checkpoint(out, step, recipe, student, optimizer, gen, history, accelerator)
+            save_checkpoint(out, step, recipe, student, optimizer, gen, history, accelerator)
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(out, recipe, student, components, history, accelerator, time.perf_counter() - t0)
+        save_final(out, recipe, student, components, history, accelerator, time.perf_counter() - t0)
     accelerator.wait_for_everyone()
     return TrainResult(out, step, history, time.perf_counter() - t0, accelerator.is_main_process)
 
 
-class FrozenCache:
-    """The frozen encoders' outputs per training item: VAE posterior mean/std and text embedding.
-
-    The VAE encoder and text encoder are frozen, so what they give for an item never changes:
-    each item is encoded once, alone (batch 1, so the value does not depend on the batch it first
-    came in and a resumed run sees the same numbers), and reused at every later epoch. The
-    latent is then drawn as ``mean + std * randn(generator)``, exactly as diffusers'
-    ``DiagonalGaussianDistribution.sample``. At the tiny scale the 12-layer text encoder costs
-    more than the U-Net's training step; this removes it after the first epoch.
-    """
-
-    def __init__(self, components, device, latents: bool, text: bool):
-        self.c, self.device, self.latents, self.text = components, device, latents, text
-        self.items: dict[int, tuple] = {}
-
-    def _encode(self, pixels, ids):
-        import torch
-
-        mean = std = ehs = None
-        if self.latents:
-            dist = self.c.vae.encode(pixels[None].to(self.device, dtype=torch.float32)).latent_dist
-            mean, std = dist.mean[0], dist.std[0]
-        if self.text:
-            ehs = self.c.text_encoder(ids[None].to(self.device))[0][0].float()
-        return mean, std, ehs
-
-    def get(self, batch):
-        import torch
-
-        idx = batch["index"].tolist()
-        for k, i in enumerate(idx):
-            if i not in self.items:
-                self.items[i] = self._encode(batch["pixel_values"][k], batch["input_ids"][k])
-        rows = [self.items[i] for i in idx]
-        stack = [torch.stack([r[j] for r in rows]) if rows[0][j] is not None else None for j in range(3)]
-        return stack[0], stack[1], stack[2]
-
-
-def _save_checkpoint(out: Path, step: int, recipe, student, optimizer, gen, history, accelerator):
-    from safetensors.torch import save_file
-
-    final = out / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = out / f".{CHECKPOINT_PREFIX}{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_file({"generator": gen.get_state()}, str(tmp / f"rng-{accelerator.process_index}.safetensors"))
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(student).save_pretrained(tmp / recipe.trainable, safe_serialization=True)
-        for name, model in recipe.extra_models().items():
-            model.save_pretrained(tmp / name, safe_serialization=True)
-        _save_optimizer(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                        tmp / "optimizer.safetensors")
-        state = {"kind": recipe.kind, "trainable": recipe.trainable, "step": step, "num_processes": accelerator.num_processes,
-                 "config": config_dict(recipe.cfg), "losses": history}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _atomic_replace(tmp, final)
-    accelerator.wait_for_everyone()
-
-
-def _load_checkpoint(path: Path, recipe, student, optimizer, gen, rank: int):
-    import torch
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    def load_into(model, folder: Path):
-        model = getattr(model, "module", model)  # accelerate's wrapper, if any
-        cls = type(model) if hasattr(type(model), "from_pretrained") else UNet2DConditionModel
-        try:
-            saved = cls.from_pretrained(folder, local_files_only=True)
-            model.load_state_dict(saved.state_dict())
-        except (OSError, RuntimeError, ValueError) as e:
-            raise TrainingError(f"--resume {path}: cannot load {folder.name}/: {str(e).splitlines()[0]}") from None
-
-    load_into(student, path / recipe.trainable)
-    for name, model in recipe.extra_models().items():
-        load_into(model, path / name)
-    try:
-        _load_optimizer(optimizer, path / "optimizer.safetensors")
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise TrainingError(f"--resume {path}: optimizer state does not fit this model ({str(e).splitlines()[0] if str(e) else type(e).__name__}).") from None
-    rng_file = path / f"rng-{rank}.safetensors"
-    if not rng_file.is_file():
-        raise TrainingError(f"--resume {path} has no rng-{rank}.safetensors (was it made with fewer processes?).")
-    gen.set_state(load_file(str(rng_file))["generator"].to(torch.uint8))
-
-
-def _save_final(out: Path, recipe, student, components, history, accelerator, seconds: float):
-    """Write a diffusers-style folder: the trained U-Net(s), text encoder, VAE, scheduler, tokenizer."""
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    models = recipe.final_models(accelerator.unwrap_model(student))
-    for name, model in models.items():
-        model.save_pretrained(tmp / name, safe_serialization=True)
-    if "text_encoder" not in models:
-        components.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    if "vae" not in models:
-        components.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    if "unet" not in models:  # a recipe that trains another part keeps the base pipeline's U-Net
-        components.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    recipe.scheduler_for_output().save_pretrained(tmp / "scheduler")
-    tok = components.tokenizer
-    if getattr(tok, "kind", "") == "clip":
-        tok.save(tmp / "tokenizer")
-    summary = {
-        "kind": recipe.kind,
-        "steps": history[-1]["step"] if history else 0,
-        "teacher": components.source,
-        "config": config_dict(recipe.cfg),
-        "tokenizer": getattr(tok, "kind", "unknown"),
-        "seconds_this_run": round(seconds, 3),
-        "first_loss": history[0]["loss"] if history else None,
-        "last_loss": history[-1]["loss"] if history else None,
-        "outputs": sorted(p.name for p in tmp.iterdir()),
-    }
-    (tmp / "train.json").write_text(json.dumps(summary, indent=1))
-    for p in list(tmp.iterdir()):
-        _atomic_replace(p, out / p.name) if p.is_dir() else p.replace(out / p.name)
-    shutil.rmtree(tmp, ignore_errors=True)
