@@ -189,10 +189,9 @@ def lowered(comp: str, path: Path, precision: str, target, cache: Path):
     from edgefc.targets.cost_model import SCHEDULES, command_cycles
 
     src = Path(__file__).resolve().parents[1]
-    code = hashlib.sha1(b"".join((src / f).read_bytes() for f in
-                                 ("targets/lowering.py", "targets/placement.py", "targets/geometry.py",
-                                  "targets/attention_block.py", "targets/deployed_types.py",
-                                  "targets/cost_model.py", "targets/program.py", "edgefc/attention.py"))).hexdigest()[:8]
+    # every module of the core and the targets (a hand-kept list went stale when lowering was split)
+    code = hashlib.sha1(b"".join(f.read_bytes() for d in ("edgefc", "targets")
+                                 for f in sorted((src / d).glob("*.py")))).hexdigest()[:8]
     stamp = int((path / "model.onnx" if path.is_dir() else path).stat().st_mtime)
     key = f"{comp}-{precision}-{geometry_key(target)}-{code}-{stamp}"
     f = cache / f"fit-{key}.pkl"
