@@ -39,13 +39,19 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
-def _configs(scale: str) -> dict:
-    """The project's model configs (models/configs.py is plain data: loaded by path, so this step
-    needs neither edgefc nor its dependencies)."""
-    spec = importlib.util.spec_from_file_location("edgefc_configs", ROOT / "models" / "configs.py")
+def _project_module(name: str):
+    """``models/NAME.py`` loaded by path: configs.py and tokenizer.py need only numpy, so the
+    export step runs in optimum's venv without edgefc or its dependencies."""
+    spec = importlib.util.spec_from_file_location(f"edgefc_{name}", ROOT / "models" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return {c: mod.get_config(c, "bk-sdm-tiny", scale) for c in ("unet", "text-encoder", "vae-decoder")}
+    return mod
+
+
+def _configs(scale: str) -> dict:
+    """The project's model configs of the BK-SDM-Tiny components at ``scale``."""
+    configs = _project_module("configs")
+    return {c: configs.get_config(c, "bk-sdm-tiny", scale) for c in ("unet", "text-encoder", "vae-decoder")}
 
 
 def export(out: Path, scale: str) -> None:
@@ -53,23 +59,15 @@ def export(out: Path, scale: str) -> None:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from optimum.exporters.onnx import main_export
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     cfg = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in _configs(scale).items()}
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg["unet"])
     vae = AutoencoderKL(**cfg["vae-decoder"])
     text = CLIPTextModel(CLIPTextConfig(**cfg["text-encoder"]))
-    # CLIP's byte-level BPE with no merges: every byte its own token (what a vocabulary gives
-    # when none can be downloaded); the ids fit any CLIP text encoder's embedding table.
-    chars = list(bytes_to_unicode().values())
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    if len(vocab) > cfg["text-encoder"]["vocab_size"]:
-        sys.exit(f"the text encoder's vocabulary ({cfg['text-encoder']['vocab_size']}) is smaller than {len(vocab)}")
-    tok_dir = out / "tokenizer-files"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    # CLIP's byte-level BPE with no merges (every byte its own token, CLIP's ids: what edgefc's
+    # no-download fallback emits), written by the project's own tokenizer module
+    tok_dir = _project_module("tokenizer").write_word_tokenizer(out / "tokenizer-files", [])
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                    scheduler=PNDMScheduler(), safety_checker=None, feature_extractor=None,
