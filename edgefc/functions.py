@@ -76,16 +76,6 @@ def overload_name(activation: str, residual: bool) -> str:
     return f"{activation}_residual" if residual else activation
 
 
-def node_overload(node: gs.Node) -> str | None:
-    """The overload a node calls: derived from the node itself (op, ``activation``, inputs)."""
-    if node.domain != DOMAIN or node.op not in OVERLOADED:
-        return None
-    activation = node.attrs.get("activation", "none")
-    if isinstance(activation, bytes):
-        activation = activation.decode()
-    return overload_name(str(activation), len(node.inputs) > RESIDUAL_INPUT)
-
-
 # --- bodies ------------------------------------------------------------------------------------
 
 class _Body:
@@ -169,17 +159,16 @@ def fused_conv(activation: str, residual: bool) -> gs.Function:
     return b.function("FusedConv", y, doc, {"activation": None, **{a: None for a in CONV_ATTRS}})
 
 
-def function_for(node: gs.Node) -> gs.Function:
-    """The local function an edgefc node needs."""
-    if node.op == "GroupNormSiLU":
+def function_for(op: str, overload: str = "") -> gs.Function:
+    """The local function of edgefc op ``op`` (FusedMatMul / FusedConv: of its ``overload``)."""
+    if op in OVERLOADED:
+        activation, residual = overload.removesuffix("_residual"), overload.endswith("_residual")
+        return (fused_matmul if op == "FusedMatMul" else fused_conv)(activation, residual)
+    if op == "GroupNormSiLU":
         return group_norm_silu()
-    if node.op == "GeGLU":
+    if op == "GeGLU":
         return geglu()
-    if node.op in OVERLOADED:
-        ov = node_overload(node)
-        activation, residual = ov.removesuffix("_residual"), ov.endswith("_residual")
-        return (fused_matmul if node.op == "FusedMatMul" else fused_conv)(activation, residual)
-    raise PassError(f"no edgefc function is defined for op '{node.op}'")
+    raise PassError(f"no edgefc function is defined for op '{op}'")
 
 
 #: ops whose functions this module defines.
@@ -224,22 +213,17 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
     strip_functions(model)
-    wanted: dict[tuple[str, str], onnx.NodeProto] = {}
+    wanted: set[tuple[str, str]] = set()
     for node in model.graph.node:
         if node.domain == DOMAIN and node.op_type in OPS:
             ov = _node_overload(node)
             if ov:
                 node.overload = ov
-            wanted.setdefault((node.op_type, ov or ""), node)
+            wanted.add((node.op_type, ov or ""))
     if not wanted:
         return model
-    for (op, ov), _ in sorted(wanted.items()):
-        if op in OVERLOADED:
-            activation, residual = ov.removesuffix("_residual"), ov.endswith("_residual")
-            func = (fused_matmul if op == "FusedMatMul" else fused_conv)(activation, residual)
-        else:
-            func = group_norm_silu() if op == "GroupNormSiLU" else geglu()
-        proto = OnnxExporter.export_function(func)
+    for op, ov in sorted(wanted):
+        proto = OnnxExporter.export_function(function_for(op, ov))
         proto.overload = ov
         model.functions.append(proto)
     if not any(o.domain == DOMAIN for o in model.opset_import):
