@@ -289,4 +289,3 @@ class OverlapSchedule(Schedule):
 
 
 SCHEDULES = {"overlap": OverlapSchedule, "sequential": SequentialSchedule}
-DEFAULT_SCHEDULE = "overlap"
