@@ -146,7 +146,6 @@ def apply_w8a16(graph: gs.Graph, plan: qp.W8A16Plan, ranges: dict[str, tuple[flo
     new_nodes: list[gs.Node] = []
     done: dict[str, tuple[gs.Variable, np.ndarray]] = {}
     corrected = skipped = 0
-    weight_elems = 0
     for node_name, idx, axis in plan.weights:
         node = by_name[node_name]
         w = node.inputs[idx]
@@ -162,7 +161,6 @@ def apply_w8a16(graph: gs.Graph, plan: qp.W8A16Plan, ranges: dict[str, tuple[flo
                 outputs=[dq]))
             delta = dequantize_weight(q, scale, axis) - wf if policy.bias_correction else None
             done[w.name] = (dq, delta)
-            weight_elems += wf.size
         dq, delta = done[w.name]
         node.inputs[idx] = dq
         x = plan.bias_inputs.get(node_name)
