@@ -30,8 +30,8 @@ def _jsonable(v):
 
 
 def config_dict(cfg) -> dict:
-    d = {k: _jsonable(v) for k, v in asdict(cfg).items() if k != "identity_fields"}
-    return d
+    """The run's options as JSON values (what ``state.json`` and ``train.json`` record)."""
+    return {k: _jsonable(v) for k, v in asdict(cfg).items() if k != "identity_fields"}
 
 
 def save_optimizer(optimizer, path: Path):
