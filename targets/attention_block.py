@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from edgefc.attention import AttentionSpec, Tiling, tile_grid
 from edgefc.errors import BuildError
-from edgefc.targets.geometry import Geometry, pad, precision_key
+from edgefc.precision import rate_key
+from edgefc.targets.geometry import Geometry, pad
 from edgefc.targets.program import Command
 
 
@@ -84,7 +85,7 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, granu
     op = op or spec.name
     g, b = geo.channel_granularity, spec.act_bytes
     dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
-    prec = precision_key(spec.act_dtype, spec.act_dtype)
+    prec = rate_key(spec.act_dtype, spec.act_dtype)
     spill = attention_sram_bytes(spec, tiling, geo, granularity) > geo.sram_bytes
     tiled = tiling.tiles > 1
     softmax = geo.passes["softmax"] + (geo.passes["causal_mask"] if spec.causal else ())

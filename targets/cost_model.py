@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgefc.errors import TargetError
-from edgefc.targets.description import RATE_KEYS as PRECISIONS
+from edgefc.precision import RATE_KEYS
 from edgefc.targets.description import VECTOR_CLASSES
 from edgefc.targets.program import Command, Program
 
@@ -77,7 +77,7 @@ class CostParams:
             macs_per_cycle=float(t["tensor.macs_per_cycle"]),
             tensor_efficiency=float(t["tensor.efficiency"]),
             output_elements_per_cycle=float(t["tensor.output_elements_per_cycle"]),
-            rate={p: float(t[f"tensor.rate.{p}"]) for p in PRECISIONS},
+            rate={p: float(t[f"tensor.rate.{p}"]) for p in RATE_KEYS},
             lanes=float(t["vector.lanes"]),
             vector_cpe={c: float(t[f"vector.cycles_per_element.{c}"]) for c in VECTOR_CLASSES},
             vector_cpe_int8={c: float(t[f"vector.int8.{c}"]) if c in INT8_LUT else float(t[f"vector.cycles_per_element.{c}"])

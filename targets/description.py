@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from edgefc.errors import TargetError
+from edgefc.precision import ELEMENT_TYPES, RATE_KEYS
 from edgefc.target import Target
 
 REQUIRED = object()   # a field without a default
 NUMBER = (int, float)
 VECTOR_CLASSES = ("arith", "max", "reduce", "exp", "divide")
-RATE_KEYS = ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")
-ELEMENT_TYPES = ("fp32", "fp16", "int16", "int8")
 # Vector-engine op classes: each names the element passes (per vector class) one op of the class
 # makes; edgefc.targets.lowering maps op types onto them.
 PASS_CLASSES = ("softmax", "causal_mask", "norm", "norm_silu", "silu", "gelu", "geglu", "sigmoid", "tanh", "erf",

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from edgefc.precision import STORAGE_ALIAS_OPS
+
 TENSOR_OPS = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm"}
 ATTENTION_OPS = {"Attention", "TiledAttention"}
-ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "QuantizeLinear", "DequantizeLinear"}
 METADATA_OPS = {"Shape", "Size", "Constant"}
 
 # Vector-engine op class of each op type: the pass counts per class are the target's
@@ -99,7 +100,7 @@ def place(node: gs.Node, types, npu_dtypes) -> tuple[str, str]:
     ``host`` (see the module docstring); ``reason`` says why a node is on the host ("" otherwise).
     ``types`` is the lowering's deployed-type table, ``npu_dtypes`` the target's ``tensor.dtypes``."""
     op = node.op
-    if op in METADATA_OPS or op in ALIAS_OPS:
+    if op in METADATA_OPS or op in STORAGE_ALIAS_OPS:
         return "none", ""
     if op == "Cast" and (types.is_const(node.inputs[0]) or types.of(node.inputs[0]) == types.of(node.outputs[0])):
         return "none", ""

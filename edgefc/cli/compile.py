@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgefc.errors import ExportError
+from edgefc.precision import COMPONENTS, REQUESTS
 
 DEMO_CACHE = Path.home() / ".cache" / "edgefc" / "demo"
 
@@ -77,9 +78,9 @@ def _calib_file(ctx, param, value):
 @click.option("--no-fuse", "no_fuse", multiple=True, metavar="FUSION",
               help="Remove one fusion pass from the pipeline (attention, groupnorm, layernorm, gelu, geglu, "
                    "matmul-bias, epilogue, identity; repeatable).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "w8a16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(REQUESTS), default="auto", show_default=True,
               help="Deployed precision (quantize): auto = FP16 text encoder / VAE decoder, W8A16 U-Net on NPU targets.")
-@click.option("--component", type=click.Choice(["text-encoder", "unet", "vae-decoder"]),
+@click.option("--component", type=click.Choice(COMPONENTS),
               help="Which model this is, for --precision auto and calibration data (default: from the input names).")
 @click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), callback=_calib_file, metavar="FILE.npz",
               help="Calibration inputs: one array per model input ([N, *shape]); default: generated per component.")
