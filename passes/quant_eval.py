@@ -51,9 +51,9 @@ from edgefc.passes.disk_model import DiskModel
 WORST_LAYERS = 10
 FLOOR_LAYERS = 3
 EVAL_SOURCES = ("eval", "calib-heldout", "generated")
-#: the default quality floor (dB, pooled SQNR of the worst float output on the evaluation inputs):
-#: from the verifier-alignment-vs-SQNR curve of the trained miniature EdgeFusion
-#: (bench/quant_floor.py, docs/quantization.md "The quality floor").
+#: the default quality floor (dB, pooled SQNR of the worst float output on the evaluation inputs).
+#: Provisional: to be replaced by the value read off the verifier-alignment-vs-SQNR curve of the
+#: trained miniature EdgeFusion (docs/quantization.md) once that curve is measured.
 DEFAULT_MIN_SQNR_DB = 25.0
 
 

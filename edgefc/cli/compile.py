@@ -104,7 +104,7 @@ def _min_sqnr(ctx, param, value):
 @click.option("--min-sqnr", type=float, callback=_min_sqnr, metavar="DB",
               help="Quality floor: a quantized build whose worst output measures below DB dB SQNR on the evaluation "
                    "inputs fails the compile (one line naming the worst layers, nothing written). Default "
-                   f"{DEFAULT_MIN_SQNR_DB:g} dB (docs/quantization.md: alignment vs SQNR on the trained miniature); -inf for none.")
+                   f"{DEFAULT_MIN_SQNR_DB:g} dB (docs/quantization.md); -inf for none.")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax", show_default=True,
               help="How W8A16 activation ranges are chosen from the calibration data.")
 @click.option("--calib-samples", type=click.IntRange(min=1), metavar="N",
