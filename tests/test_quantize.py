@@ -452,16 +452,15 @@ def test_default_compile_quantizes_and_verifies(tiny_models, tmp_path):
 
 
 def test_cost_model_prices_quantized_dtypes(graphs):
-    from edgefc.targets.lowering import lower
 
     # weights streamed per op (the tiny U-Net's would otherwise stay resident in SRAM)
     target = edgefc.get_target("exynos2400").with_fields({"sram.resident_weights": False})
     base = graphs["unet"]["fused"]
     w8, _ = quantize(base, precision="w8a16", eval_samples=0, calib_samples=1)
     f16, _ = quantize(base, precision="fp16", eval_samples=0, calib_samples=1)
-    bytes_ = {name: lower(g, target, "as-built").dma_bytes() for name, g in (("fp32", base), ("w8a16", w8), ("fp16", f16))}
+    bytes_ = {name: target.lower(g, "as-built").dma_bytes() for name, g in (("fp32", base), ("w8a16", w8), ("fp16", f16))}
     assert bytes_["w8a16"] < bytes_["fp16"] < bytes_["fp32"]
-    prog = lower(w8, target, "as-built")
+    prog = target.lower(w8, "as-built")
     conv = next(n for n in w8.nodes if n.op in ("Conv", "FusedConv"))
     w = conv.inputs[1]
     loads = [c for c in prog.commands if c.kind == "load" and c.op == conv.name]
@@ -477,7 +476,7 @@ def test_cost_model_prices_quantized_dtypes(graphs):
     # INT8 weights x INT16 activations: priced at [tensor.rate] int8xint16
     (mm,) = [c for c in prog.commands if c.kind == "tensor" and c.op == conv.name]
     assert mm.precision == "int8xint16"
-    f16prog = lower(f16, target, "as-built")
+    f16prog = target.lower(f16, "as-built")
     conv16 = next(n for n in f16.nodes if n.name == conv.name)
     w16 = [c for c in f16prog.commands if c.kind == "load" and c.op == conv16.name and c.tensor.endswith(":weights")]
     assert w16 and w16[0].bytes == 2 * welems + 2 * bias  # FP16 weights and bias
@@ -504,7 +503,6 @@ def test_precision_record_is_written_once_and_read_after_saving(graphs, tmp_path
     """quantize records each op's precision on the node; the record survives saving the build; the
     lowering's rate keys read it and agree with the operands' stored types; mlt keeps it."""
     from edgefc.deployed_types import DeployedTypes
-    from edgefc.targets.lowering import lower
 
     target = edgefc.get_target("exynos2400")
     w8, r = quantize(graphs["unet"]["fused"], precision="w8a16", eval_samples=0, calib_samples=1)
@@ -528,11 +526,11 @@ def test_precision_record_is_written_once_and_read_after_saving(graphs, tmp_path
     assert meta[conv.name] == {"edgefc.precision": "w8a16"}
     back = edgefc.load(path)
     assert precision.recorded_plan(back) == plan
-    a, b = lower(w8, target, "as-built"), lower(back, target, "as-built")
+    a, b = target.lower(w8, "as-built"), target.lower(back, "as-built")
     assert [(c.op, c.precision, c.bytes) for c in a.commands] == [(c.op, c.precision, c.bytes) for c in b.commands]
     # a record is what the lowering reads: a conv recorded at W8A8 is priced at int8xint8
     precision.set_op_precision(next(n for n in back.nodes if n.name == conv.name), "w8a8")
-    (cmd,) = [c for c in lower(back, target, "as-built").commands if c.kind == "tensor" and c.op == conv.name]
+    (cmd,) = [c for c in target.lower(back, "as-built").commands if c.kind == "tensor" and c.op == conv.name]
     assert cmd.precision == "int8xint8"
     # the FP16 build: fp16 ops, the policy's FP32 islands, Casts without a record
     f16, r16 = quantize(graphs["unet"]["fused"], precision="fp16", eval_samples=0, calib_samples=1)
