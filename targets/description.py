@@ -15,6 +15,7 @@ from typing import Any
 
 from edgefc.errors import TargetError
 from edgefc.target import Target
+from edgefc.targets.op_support import OpSupport
 
 REQUIRED = object()   # a field without a default
 NUMBER = (int, float)
@@ -24,8 +25,8 @@ ELEMENT_TYPES = ("fp32", "fp16", "int16", "int8")
 # Vector-engine op classes: each names the element passes (per vector class) one op of the class
 # makes; edgefc.targets.lowering maps op types onto them.
 PASS_CLASSES = ("softmax", "causal_mask", "norm", "norm_silu", "silu", "gelu", "geglu", "sigmoid", "tanh", "erf",
-                "exp", "trig", "pow", "divide", "copy", "max", "clip", "hard_sigmoid", "reduce_mean", "reduce_sum",
-                "reduce_max", "reduce_l2")
+                "exp", "trig", "pow", "divide", "copy", "max", "clip", "hard_sigmoid", "leaky_relu", "reduce_mean",
+                "reduce_sum", "reduce_max", "reduce_l2")
 
 
 class Passes:
@@ -100,7 +101,7 @@ def _unknown_fields(data: dict, prefix: str = "") -> list[str]:
     out = []
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if dotted in SCHEMA:
+        if dotted in SCHEMA or dotted == "ops":   # [ops]: validated by OpSupport
             continue
         if dotted in _TABLES and isinstance(value, dict):
             out += _unknown_fields(value, dotted + ".")
@@ -169,6 +170,7 @@ class NpuTarget(Target):
         if self.values["sram.weight_buffer_bytes"] >= self.values["sram.bytes"]:
             raise TargetError(f"target description {source}: sram.weight_buffer_bytes must be smaller than "
                               f"sram.bytes (the activations need the rest)")
+        self.ops = OpSupport.from_table(data.get("ops"), source)   # what the NPU's engines run
         self.data = data
         self.name = self.values["target.name"]
         self.is_npu = self.values["target.kind"] == "npu"

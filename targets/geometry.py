@@ -53,6 +53,7 @@ class Geometry:
     dtypes: tuple = ("fp32", "fp16", "int16", "int8")
     resident_weights: bool = False
     cascade: bool = True
+    ops: object = None   # the target's [ops] table (edgefc.targets.op_support.OpSupport)
 
     @classmethod
     def from_target(cls, t) -> Geometry:
@@ -63,7 +64,7 @@ class Geometry:
         return cls(int(t["tensor.channel_granularity"]), int(t["tensor.row_granularity"]),
                    int(t["sram.bytes"]), int(t["sram.weight_buffer_bytes"]), passes,
                    int(t["handoff.per_matmul"]), int(t["handoff.per_softmax"]), tuple(t["tensor.dtypes"]),
-                   bool(t["sram.resident_weights"]), bool(t["sram.cascade"]))
+                   bool(t["sram.resident_weights"]), bool(t["sram.cascade"]), t.ops)
 
     def vector_passes(self, op_type: str) -> tuple:
         """The element passes of one op of ``op_type`` (its class's, ``copy`` if unlisted)."""

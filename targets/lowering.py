@@ -39,7 +39,7 @@ from edgefc.targets.attention_block import attention_io_bytes, attention_sram_by
 from edgefc.targets.blocks import block_of, component_of
 from edgefc.targets.deployed_types import DeployedTypes
 from edgefc.targets.geometry import BYTES, Geometry, contraction, pad, precision_key
-from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place
+from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place, vector_passes
 from edgefc.targets.program import Command, OpInfo, Program
 
 PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
@@ -132,6 +132,7 @@ class _Lowering:
         self.io: dict[str, tuple[int, int]] = {}   # alias root -> (DRAM bytes, run) of attention operands
         self.size: dict[str, int] = {}
         self._names: dict[int, str] = {}
+        self.graph_outputs = frozenset(t.name for t in graph.outputs)
 
     def nm(self, node: gs.Node) -> str:
         """The node's name in the Program (``placement.node_names``)."""
@@ -139,7 +140,7 @@ class _Lowering:
 
     def classify(self, node: gs.Node, name: str) -> str:
         """The node's kind (``edgefc.targets.placement.place``), recorded in the Program."""
-        kind, reason = place(node, self.types, self.geo.dtypes)
+        kind, reason = place(node, self.types, self.geo.dtypes, self.geo.ops, self.graph_outputs)
         if kind == "attention":
             try:  # an attention the NPU block does not take (grouped heads, past key/value): the host runs it
                 attention_spec(node, "fp16")
@@ -418,4 +419,4 @@ class _Lowering:
         x = node.inputs[0] if node.op in INPUT_SIZED or not node.outputs else node.outputs[0]
         width = min(BYTES[self.types.of(x)], 4)
         return Command("vector", self.nm(node), node.op, elements=int(elements),
-                       passes=self.geo.vector_passes(node.op), dispatches=1, elem_bytes=width)
+                       passes=vector_passes(node, self.geo.passes), dispatches=1, elem_bytes=width)
