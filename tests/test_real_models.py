@@ -174,7 +174,7 @@ def _target_text():
 
 
 def _load(tmp_path, text):
-    from edgefc.targets.description import NpuTarget
+    from edgefc.targets.npu import NpuTarget
 
     p = tmp_path / "npu.toml"
     p.write_text(text)
@@ -185,7 +185,7 @@ def test_placement_reads_the_target_files_op_table(tmp_path):
     """Dropping MaxPool from [ops] puts it on the host ("no NPU kernel"); every entry has a source."""
     text = _target_text()
     target = _load(tmp_path, text)
-    assert all(k.source for k in target.ops.kinds.values()) and target.ops.engine("MaxPool") == "vector"
+    assert all(k.source for k in target.arch.ops.kinds.values()) and target.arch.ops.engine("MaxPool") == "vector"
     line = next(x for x in text.splitlines() if x.startswith("MaxPool = "))
     without = _load(tmp_path, text.replace(line + "\n", ""))
     model = _model([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], name="pool")],
