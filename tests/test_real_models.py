@@ -52,6 +52,57 @@ def test_inference_dropout_is_removed(tmp_path):
     _matches(tmp_path, path, {"x": RNG.standard_normal((2, 3)).astype(np.float32)})
 
 
+def _bn_consts(prefix, c):
+    return [_const(f"{prefix}{k}", v.astype(np.float32)) for k, v in
+            (("s", RNG.random(c) + 0.5), ("b", RNG.standard_normal(c)), ("m", RNG.standard_normal(c)), ("v", RNG.random(c) + 0.5))]
+
+
+def _bn(x, y, prefix, **attrs):
+    return helper.make_node("BatchNormalization", [x] + [f"{prefix}{k}" for k in "sbmv"], [y], **attrs)
+
+
+def fold_model() -> onnx.ModelProto:
+    """Conv -> BN -> Mul(per channel) -> Add(scalar) -> Sub -> Div, ConvTranspose (2 groups) -> BN,
+    Gemm (transB) -> BN; a BN on the graph input; a conv read twice, a spatially varying Add, c - y."""
+    f = np.float32
+    inits = [_const("w", RNG.standard_normal((6, 3, 3, 3)).astype(f)), _const("wb", RNG.standard_normal(6).astype(f)),
+             _const("wt", RNG.standard_normal((6, 3, 2, 2)).astype(f)), _const("fc", RNG.standard_normal((5, 24)).astype(f)),
+             _const("fcb", RNG.standard_normal(5).astype(f)), _const("per", RNG.standard_normal((6, 1, 1)).astype(f)),
+             _const("two", np.array(2.0, f)), _const("sub", RNG.standard_normal((1, 6, 1, 1)).astype(f)),
+             _const("div", (RNG.random((6, 1, 1)) + 0.5).astype(f)), _const("spatial", RNG.standard_normal((1, 1, 6, 6)).astype(f)),
+             _const("shape", np.array([1, 24], np.int64)), _const("w2", RNG.standard_normal((4, 6, 1, 1)).astype(f)),
+             *_bn_consts("a", 6), *_bn_consts("t", 6), *_bn_consts("g", 5), *_bn_consts("i", 3)]
+    nodes = [_bn("x", "xn", "i"),
+             helper.make_node("Conv", ["xn", "w", "wb"], ["c"], pads=[1, 1, 1, 1]), _bn("c", "cn", "a"),
+             helper.make_node("Mul", ["per", "cn"], ["m"]), helper.make_node("Add", ["m", "two"], ["a"]),
+             helper.make_node("Sub", ["a", "sub"], ["s"]), helper.make_node("Div", ["s", "div"], ["d"]),
+             helper.make_node("ConvTranspose", ["d", "wt"], ["ct"], strides=[2, 2], group=2), _bn("ct", "ctn", "t"),
+             helper.make_node("Conv", ["d", "w2"], ["c2"]),           # read by two nodes: nothing folds into it
+             helper.make_node("Add", ["c2", "two"], ["c2a"]), helper.make_node("Relu", ["c2"], ["c2r"]),
+             helper.make_node("Conv", ["d", "w2"], ["c3"]), helper.make_node("Add", ["c3", "spatial"], ["c3a"]),
+             helper.make_node("Conv", ["d", "w2"], ["c4"]), helper.make_node("Sub", ["two", "c4"], ["c4s"]),
+             helper.make_node("GlobalAveragePool", ["d"], ["p"]), helper.make_node("Reshape", ["p", "shape"], ["fl"]),
+             helper.make_node("Gemm", ["fl", "fc", "fcb"], ["g"], transB=1, beta=0.5), _bn("g", "y", "g")]
+    outs = [_vi("ctn", [1, 6, 12, 12]), _vi("c2a", [1, 4, 6, 6]), _vi("c2r", [1, 4, 6, 6]), _vi("c3a", [1, 4, 6, 6]),
+            _vi("c4s", [1, 4, 6, 6]), _vi("y", [1, 5])]
+    inits[3] = _const("fc", RNG.standard_normal((5, 6)).astype(f))
+    inits[10] = _const("shape", np.array([1, 6], np.int64))
+    return _model(nodes, [_vi("x", [1, 3, 6, 6])], outs, inits)
+
+
+def test_batchnorm_and_constant_scale_shift_fold_into_the_convolution(tmp_path):
+    """The folds of :func:`fold_model` all happen, the graph input's BN becomes a Mul and an Add,
+    and a conv read twice, a spatially varying Add and c - y do not fold."""
+    result, path = _compile(tmp_path, fold_model())
+    ops = [n.op for n in result.graph.nodes]
+    assert "BatchNormalization" not in ops and "Div" not in ops and ops.count("Mul") == 1, ops
+    assert result.report["canonicalize"]["folded"] == {"batchnorm_to_scale_shift": 1, "batchnorm_into_conv": 2,
+                                                       "scale_shift_into_conv": 4, "batchnorm_into_gemm": 1}
+    assert ops.count("Add") == 3 and ops.count("Sub") == 1   # BN shift, the read-twice and spatial Adds; c - y
+    for seed in (0, 1):
+        _matches(tmp_path, path, {"x": np.random.default_rng(seed).standard_normal((1, 3, 6, 6)).astype(np.float32)})
+
+
 # --- the NPU's op kinds: placement, pricing, TVM build --------------------------------------------
 
 def cnn_ops_model() -> onnx.ModelProto:
