@@ -158,7 +158,7 @@ def write_build(result: CompileResult, plan: staging.OutputPlan, target: Target 
                        f"options and with optimisations off, in a child process")
         checks.append(handover.check_model_file(model_file, last))
     result.report["handover"] = checks
-    if target is not None and hasattr(target, "write_artifacts"):
+    if target is not None:
         _say(progress, "target: pricing the build (profile.json)")
         target.write_artifacts(result.graph, tmp, ctx, result.report)
     report_file = tmp / "report.json"
@@ -186,8 +186,8 @@ def reproducibility(target: Target | None, options: dict, provenance: dict | Non
            "numpy": v("numpy"), "tvm": v("apache-tvm") or v("tvm"), "platform": platform.platform()}
     if target is not None:
         out["target"] = target.name
-        src = getattr(target, "source", None)
-        if isinstance(src, str) and not src.startswith("<") and Path(src).is_file():
+        src = target.description_file
+        if src and Path(src).is_file():
             out["target_file"] = src
             out["target_sha256"] = hashlib.sha256(Path(src).read_bytes()).hexdigest()
     out["options"] = {k: _plain(val) for k, val in sorted(options.items())

@@ -208,7 +208,7 @@ def _compile(model, target, output, passes, plugin, shapes, verify, dump_after, 
         edgefc.load_plugin(spec)
     shape_map = parse_shapes(shapes)
     pass_list = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
-    edgefc.get_target(target)  # fail on an unknown target before any work
+    target = edgefc.get_target(target)  # read and validated once; fails on an unknown target before any work
     if model is not None:
         if not model.exists():
             raise edgefc.ModelLoadError(f"model file not found: {model}")
