@@ -40,7 +40,7 @@ from edgefc.targets.blocks import block_of, component_of
 from edgefc.targets.deployed_types import DeployedTypes
 from edgefc.targets.description import Architecture
 from edgefc.targets.geometry import BYTES, contraction, pad, precision_key
-from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place
+from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place, vector_passes
 from edgefc.targets.program import Command, OpInfo, Program
 
 PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
@@ -133,6 +133,7 @@ class _Lowering:
         self.io: dict[str, tuple[int, int]] = {}   # alias root -> (DRAM bytes, run) of attention operands
         self.size: dict[str, int] = {}
         self._names: dict[int, str] = {}
+        self.graph_outputs = frozenset(t.name for t in graph.outputs)
 
     def nm(self, node: gs.Node) -> str:
         """The node's name in the Program (``placement.node_names``)."""
@@ -140,7 +141,7 @@ class _Lowering:
 
     def classify(self, node: gs.Node, name: str) -> str:
         """The node's kind (``edgefc.targets.placement.place``), recorded in the Program."""
-        kind, reason = place(node, self.types, self.arch.tensor.dtypes)
+        kind, reason = place(node, self.types, self.arch.tensor.dtypes, self.arch.ops, self.graph_outputs)
         if kind == "attention":
             try:  # an attention the NPU block does not take (grouped heads, past key/value): the host runs it
                 attention_spec(node, "fp16")
@@ -420,5 +421,4 @@ class _Lowering:
         x = node.inputs[0] if node.op in INPUT_SIZED or not node.outputs else node.outputs[0]
         width = min(BYTES[self.types.of(x)], 4)
         return Command("vector", self.nm(node), node.op, elements=int(elements),
-                       passes=self.arch.vector.passes[VECTOR_CLASS.get(node.op, "copy")], dispatches=1,
-                       elem_bytes=width)
+                       passes=vector_passes(node, self.arch.vector.passes), dispatches=1, elem_bytes=width)
