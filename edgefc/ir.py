@@ -89,6 +89,21 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def parse_shapes(texts) -> dict[str, tuple[int, ...]]:
+    """Parse repeated ``--shape NAME=D1xD2x...`` options; the same input named twice is an error
+    (one-line ShapeError) instead of the last one silently winning."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in texts or ():
+        name, shape = parse_shape(text)
+        if name in shapes:
+            if shapes[name] == shape:
+                raise ShapeError(f"--shape {name} is given twice")
+            raise ShapeError(f"--shape {name} is given twice ({'x'.join(map(str, shapes[name]))} and "
+                             f"{'x'.join(map(str, shape))}); give each input once")
+        shapes[name] = shape
+    return shapes
+
+
 def _apply_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
     inputs = {i.name: i for i in model.graph.input}
     for name, shape in shapes.items():
@@ -239,10 +254,22 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return sum(_tensor_nbytes(t) for t in external_data_helper._get_all_tensors(model))
 
 
+def raise_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Raise ``model.ir_version`` (in place) to the least its opsets need: a model converted from
+    opset 9 keeps IR version 3 otherwise, which the ONNX checker refuses for opset 23 (and where
+    every initializer would have to be a graph input)."""
+    try:
+        need = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except (ValueError, TypeError):  # an opset newer than this onnx knows: leave it
+        return model
+    model.ir_version = max(int(model.ir_version), int(need))
+    return model
+
+
 def to_model(graph: gs.Graph) -> onnx.ModelProto:
     """Export ``graph`` to a ModelProto (no checks; large models stay in memory), with the local
-    functions of its edgefc ops."""
-    return functions.attach_functions(gs.export_onnx(graph, do_type_check=False))
+    functions of its edgefc ops and the IR version its opsets need."""
+    return raise_ir_version(functions.attach_functions(gs.export_onnx(graph, do_type_check=False)))
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -289,7 +316,7 @@ def save(graph: gs.Graph, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".edgefc-save-", dir=path.parent))
     try:
-        model = skeleton_model(graph, EXTERNAL_TENSOR_MIN_BYTES)
+        model = raise_ir_version(skeleton_model(graph, EXTERNAL_TENSOR_MIN_BYTES))
         large = {t.name: t for t in constants if _constant_nbytes(t) >= EXTERNAL_TENSOR_MIN_BYTES}
         keep = [i for i in model.graph.input if i.name not in large]
         del model.graph.input[:]

@@ -54,7 +54,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,18 +255,13 @@ def to_image(sample: np.ndarray) -> np.ndarray:
 
 
 def write_png(image: np.ndarray, output: Path) -> Path:
-    """Write ``image`` as a PNG at ``output`` atomically (temporary file beside it, then rename)."""
+    """Write ``image`` as a PNG at ``output`` atomically (temporary file beside it, then rename), with a
+    plain file's permissions (0644 under umask 022)."""
     from PIL import Image
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image, "RGB").save(f, format="PNG")
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return output
+    from edgefc.staging import write_file
+
+    return write_file(output, lambda tmp: Image.fromarray(image, "RGB").save(tmp, format="PNG"))
 
 
 @dataclass

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -85,6 +85,7 @@ from edgefc.passes import fp16 as fp16_mod
 from edgefc.passes import quant_policy as qp
 from edgefc.passes.disk_model import DiskModel
 from edgefc.registry import register_pass
+from edgefc.staging import temp_dir
 
 # --- options ------------------------------------------------------------------------------------
 
@@ -183,6 +184,19 @@ def _unique_names(graph: gs.Graph) -> None:
 
 
 
+def _say_eval_cost(n: int, source: str, calib_info: dict, n_calib: int, layer_samples: int = 2) -> None:
+    """One line before the SQNR measurement: what it runs, roughly how long (from calibration's
+    time per forward pass) and how to skip it -- on the VAE decoder it is most of the compile."""
+    k = min(layer_samples, n)
+    line = (f"  quantize: measuring SQNR vs FP32 on {n} {source} input{'s' if n != 1 else ''} (FP32 reference, "
+            f"deployed model, per-layer probes on the first {k})")
+    seconds = calib_info.get("seconds")
+    if isinstance(seconds, (int, float)) and seconds > 0 and n_calib:
+        per = seconds / n_calib
+        line += f", about {per * (2 * n + 2 * k):.0f} s at calibration's {per:.1f} s per forward pass"
+    print(line + "; --eval-samples 0 skips it", file=sys.stderr, flush=True)
+
+
 def _summarise_kept(kept: dict[str, str], limit: int = 8) -> dict:
     by_rule = defaultdict(list)
     for name, reason in kept.items():
@@ -253,7 +267,8 @@ class Quantize(Pass):
         calib_info["method"] = opts["method"] if precision == "w8a16" else "minmax (FP16 overflow guard)"
         report["eval_source"] = evals.source
         report["min_sqnr_db"] = opts["floor"] if math.isfinite(opts["floor"]) else None
-        with tempfile.TemporaryDirectory(prefix="edgefc-quant-") as tmp:
+        n_calib = len(samples)
+        with temp_dir("quant") as tmp:  # edgefc-quant-PID-*: a later run removes it if this one is killed
             ref = DiskModel(graph, tmp, "reference")
             if precision == "w8a16":
                 details, aliases = self._w8a16(graph, ctx, ref, samples, opts, calib_info)
@@ -264,6 +279,8 @@ class Quantize(Pass):
             report.update(details)
             report["dtypes"] = dtype_summary(graph)
             if evals.samples:
+                if progress:
+                    _say_eval_cost(len(evals.samples), evals.source, calib_info, n_calib)
                 reference = quant_eval.Reference.compute(ref, evals, progress)
                 dep = DiskModel(graph, tmp, "deployed")
                 m = quant_eval.measure(reference, dep, aliases, progress=progress)

@@ -364,7 +364,8 @@ def _plugin(tmp_path: Path, sram: int) -> Path:
 
 def one_line_error(rc, out, *needles):
     assert rc == 2 and "Traceback" not in out, out
-    lines = [line for line in out.splitlines() if line.strip() and not line.startswith("compiling")]
+    lines = [line for line in out.splitlines()  # progress lines (indented) may come first
+             if line.strip() and not line.startswith("compiling") and not line.startswith("  ")]
     assert len(lines) == 1 and lines[0].startswith("error:"), out
     for n in needles:
         assert n in lines[0], lines[0]
