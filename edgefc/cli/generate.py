@@ -48,7 +48,10 @@ def generate_cmd(prompt, steps, build, weights, seed, guidance, height, width, s
     edgefc generate --prompt "a cat" --build build/ --target exynos2400 -o cat.png
     """
     from edgefc.models import pipeline
+    from edgefc.staging import check_output_file
 
+    if output.lower().endswith(".png"):  # (another suffix is refused by the plan, naming it)
+        check_output_file(output, "-o")  # an unwritable PNG fails before anything runs
     p = pipeline.plan(prompt, steps=steps, output=output, build=build, weights=weights, seed=seed,
                       guidance=guidance, height=height, width=width, scale=scale, arch=arch, target=target,
                       runtime=runtime)
