@@ -204,7 +204,7 @@ def check_output_file(path: str | os.PathLike, option: str = "-o", *, protect=()
     if not anc.is_dir():
         raise OutputError(f"{option} {path}: {anc} is a file, not a folder")
     if anc != p.parent and not create_parents:
-        raise OutputError(f"{option} {path}: folder {p.parent} does not exist")
+        raise OutputError(f"{option} {path}: the output folder {p.parent} does not exist")
     why = _probe(anc)
     if why is not None:
         raise OutputError(f"{option} {path}: cannot write into {anc} ({why})")
