@@ -102,5 +102,7 @@ class DiskModel:
         try:
             return edgefc_ort.session(path or self.path, arena=False)  # one large run at a time: no arena
         except Exception as e:
-            raise QuantizationError(f"onnxruntime cannot load the {self.name} model: {str(e).strip().splitlines()[0]}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = "; --precision fp32 deploys the model unquantized" if self.name == "deployed" else ""
+            raise QuantizationError(f"onnxruntime cannot load the {self.name} model: {first[:300]}{hint}") from None
 

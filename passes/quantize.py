@@ -7,8 +7,8 @@ fused) graph, checks the result against the FP32 graph in onnxruntime, and repor
 
 Options (``edgefc compile`` flags -> ``ctx.options``):
   ``precision``      ``auto`` (default: FP16 for the text encoder and VAE decoder, W8A16 for the
-                     U-Net; FP32 - nothing to do - for a model that is none of them), ``fp32``,
-                     ``fp16``, ``w8a16``;
+                     U-Net, W8A16 for any other model on an NPU target - FP32 without one - and a
+                     model that is already quantized kept as given), ``fp32``, ``fp16``, ``w8a16``;
   ``component``      ``text-encoder`` | ``unet`` | ``vae-decoder``; by default detected from the
                      input names (sample+timestep+encoder_hidden_states, input_ids, latent_sample);
   ``calib``          a ``.npz`` of calibration inputs (else generated per component);
@@ -228,22 +228,30 @@ class Quantize(Pass):
         opts = _options(ctx)
         detected = detect_component(t.name for t in graph.inputs)
         component = opts["component"] or detected
-        precision = qp.resolve_precision(opts["precision"], component)
+        npu = bool(ctx.target is not None and ctx.target.is_npu)
+        precision = qp.resolve_precision(opts["precision"], component, npu=npu)
         report: dict = {"precision": precision, "requested": opts["precision"], "component": component,
                         "component_source": "--component" if opts["component"] else ("inputs" if detected else None)}
+        if opts["precision"] == "auto" and component not in qp.AUTO_PRECISION:
+            report["reason"] = (f"auto: not a text encoder, U-Net or VAE decoder (by its input names): "
+                                f"{precision.upper()}{' on an NPU target' if npu else ' (no NPU target)'}; "
+                                "--precision or --component choose otherwise")
         if precision == "fp32":
-            if opts["precision"] == "auto":
-                report["reason"] = ("auto: the model is not a text encoder, U-Net or VAE decoder (by its input names); "
-                                    "nothing quantized - give --component or --precision")
             ctx.report["quantization"] = report
             return graph
-        if not any(_is_fp32(t) for t in graph.tensors().values()):
-            report["reason"] = "the model has no FP32 tensors (integer, FP16 or FP64 only): nothing to quantize"
+        if not any(_is_fp32(t) for n in graph.nodes for t in n.inputs if not isinstance(t, gs.Constant)):
+            report["reason"] = ("no node computes on an FP32 activation (the model is integer, FP16 or FP64, or its "
+                                "outputs are constants): nothing to quantize")
             report["precision"] = "as-is"
             ctx.report["quantization"] = report
             return graph
         if any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes):
-            raise QuantizationError("the model is already quantized (it has QuantizeLinear/DequantizeLinear nodes)")
+            if opts["precision"] != "auto":
+                raise QuantizationError("the model is already quantized (it has QuantizeLinear/DequantizeLinear nodes)")
+            report["reason"] = "auto: the model is already quantized (QuantizeLinear/DequantizeLinear): kept as given"
+            report["precision"] = "as-is"
+            ctx.report["quantization"] = report
+            return graph
         _unique_names(graph)
         detach_from_proto(graph)
         progress = opts["progress"]

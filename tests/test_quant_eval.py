@@ -135,3 +135,47 @@ def test_compile_under_the_floor_exits_2_and_writes_nothing(tiny_models, tmp_pat
     assert_user_error(rc, text, "evaluation file not found")
     rc, text = run_cli("compile", str(tiny_models["unet"]), "-o", str(out), "--min-sqnr", "nan")
     assert rc == 2 and "Traceback" not in text and "not a floor" in text
+
+
+# --- --precision auto on any model (issue 20 part 7) ------------------------------------------------
+
+def _tiny(nodes, inputs, outputs):
+    return gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, opset=23)
+
+
+def test_auto_quantizes_other_models_on_npu_targets_only(tmp_path):
+    x = gs.Variable("x", dtype=np.float32, shape=[1, 8, 6, 6])
+    y = gs.Variable("y", dtype=np.float32, shape=[1, 4, 6, 6])
+    w = np.random.default_rng(0).standard_normal((4, 8, 3, 3)).astype(np.float32)
+    g = _tiny([gs.Node("Conv", name="conv", inputs=[x, gs.Constant("w", w)], outputs=[y], attrs={"pads": [1, 1, 1, 1]})],
+              [x], [y])
+    path = tmp_path / "conv.onnx"
+    edgefc.save(g, path)
+    npu = edgefc.compile(path, "exynos2400", options={"progress": False, "no_mlt": True})
+    q = npu.report["quantization"]
+    assert q["precision"] == "w8a16" and q["eval_source"] == "generated" and "auto: not a text encoder" in q["reason"]
+    assert q["sqnr_db"] > 30 and any(n.op == "DequantizeLinear" for n in npu.graph.nodes)
+    host = edgefc.compile(path, None, passes=["canonicalize", "quantize"], options={"progress": False})
+    assert host.report["quantization"]["precision"] == "fp32" and "no NPU target" in host.report["quantization"]["reason"]
+
+
+def test_auto_is_sane_on_operator_graphs():
+    """Constant-valued tensors and Pow exponents stay exact; integer-only outputs are compared for
+    agreement; NaN that FP32 itself produces is left out, not blamed on the build."""
+    x = gs.Variable("x", dtype=np.float32, shape=[2, 8])
+    three = gs.Variable("three", dtype=np.float32, shape=[])
+    cube = gs.Variable("cube", dtype=np.float32, shape=[2, 8])
+    g = _tiny([gs.Node("CastLike", name="cl", inputs=[gs.Constant("c3", np.array(3.0, np.float32)), x], outputs=[three]),
+               gs.Node("Pow", name="pow", inputs=[x, three], outputs=[cube])], [x], [cube])
+    q, r = quantize(g, precision="w8a16", eval_samples=4)  # a rounded 3 would make x^3 NaN for x < 0
+    assert r["sqnr_db"] > 30 and r["kept_higher_precision"]["constant-values"]["count"] == 1
+    idx = gs.Variable("idx", dtype=np.int64, shape=[2])
+    g = _tiny([gs.Node("ArgMax", name="am", inputs=[x], outputs=[idx], attrs={"axis": 1, "keepdims": 0})], [x], [idx])
+    _, r = quantize(g, precision="w8a16", eval_samples=4)
+    assert r["sqnr_db"] is None and r["reason_no_sqnr"] == "the model has no float output"
+    assert 0.5 <= r["agreement_per_output"]["idx"] <= 1.0
+    e = gs.Variable("e", dtype=np.float32, shape=[2, 8])
+    z = gs.Variable("z", dtype=np.float32, shape=[2, 8])
+    g = _tiny([gs.Node("Pow", name="pow", inputs=[x, e], outputs=[z])], [x, e], [z])  # NaN for x < 0 in FP32 too
+    _, r = quantize(g, precision="w8a16", eval_samples=4, min_sqnr=-math.inf)
+    assert r["nonfinite_in_fp32"]["z"] > 0 and r["sqnr_db"] is not None
