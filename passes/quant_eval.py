@@ -57,7 +57,8 @@ EVAL_SOURCES = ("eval", "calib-heldout", "generated")
 DEFAULT_MIN_SQNR_DB = 25.0
 
 
-def _finite(x: float) -> float | None:
+def finite_db(x: float) -> float | None:
+    """A dB figure for JSON: rounded; +inf (no error at all) as 999, -inf / NaN as None."""
     return round(float(x), 3) if math.isfinite(x) else (999.0 if x > 0 else None)
 
 
@@ -186,13 +187,13 @@ class Measurement:
         """The figures as ``report.json`` ``quantization`` keys."""
         out = {
             "eval_source": self.inputs.source,
-            "sqnr_db": None if self.sqnr_db is None else _finite(self.sqnr_db),
+            "sqnr_db": None if self.sqnr_db is None else finite_db(self.sqnr_db),
             "sqnr_definition": "10 log10(sum ref^2 / sum (ref - out)^2) over all evaluation inputs pooled, first float output",
-            "sqnr_db_per_output": {k: _finite(v) for k, v in self.sqnr_db_per_output.items()},
-            "sqnr_db_per_input": [_finite(v) for v in self.sqnr_db_per_input],
-            "sqnr_db_worst_input": _finite(min(self.sqnr_db_per_input)) if self.sqnr_db_per_input else None,
+            "sqnr_db_per_output": {k: finite_db(v) for k, v in self.sqnr_db_per_output.items()},
+            "sqnr_db_per_input": [finite_db(v) for v in self.sqnr_db_per_input],
+            "sqnr_db_worst_input": finite_db(min(self.sqnr_db_per_input)) if self.sqnr_db_per_input else None,
             "cosine": None if self.sqnr_db is None else round(float(self.cosine), 7),
-            "worst_layers": [{"layer": x.layer, "op": x.op, "sqnr_db": _finite(x.sqnr_db)} for x in self.worst_layers()],
+            "worst_layers": [{"layer": x.layer, "op": x.op, "sqnr_db": finite_db(x.sqnr_db)} for x in self.worst_layers()],
             "layers_checked": len(self.layers),
             "layer_sqnr_inputs": self.layer_samples,
             "eval_inputs": self.inputs.describe(),
@@ -361,15 +362,21 @@ def layer_losses(reference: Reference, dep: DiskModel, aliases: dict[str, str], 
 
 
 def measure(reference: Reference, dep: DiskModel, aliases: dict[str, str] | None = None, *,
-            layer_samples: int = 2, progress: bool = True) -> Measurement:
+            layer_samples: int = 2, progress: bool = True, as_written: bool = False) -> Measurement:
     """The deployed graph ``dep`` against ``reference`` on its evaluation inputs: pooled SQNR per
     float output, per input, cosine, the conditioning ratio (when the inputs have an
     unconditional value) and, on the first ``layer_samples`` inputs, every layer's own SQNR.
-    A NaN/Inf in a deployed output is a one-line :class:`~edgefc.errors.QuantizationError`."""
+    A NaN/Inf in a deployed output is a one-line :class:`~edgefc.errors.QuantizationError`.
+
+    The build runs in an onnxruntime session with its **default graph optimisations**, as a user
+    (or an outside check) runs ``model.onnx``: onnxruntime rewrites some QDQ patterns into its own
+    kernels (``DequantizeLinear`` of INT8 weights + ``MatMul`` -> ``MatMulNBits``, which by default
+    computes with INT8 activations: ``session.qdq_matmulnbits_accuracy_level`` 4), and that is what
+    the user gets. ``as_written``: the graph exactly as written (the QDQ arithmetic the NPU runs)."""
     start = time.perf_counter()
     aliases = aliases or {}
     inputs = reference.inputs
-    sess = dep.session()
+    sess = dep.session(optimize=not as_written)
     dep_names = [o.name for o in sess.get_outputs()]
     missing = [o for o in reference.outputs if o not in dep_names]
     if missing:

@@ -276,6 +276,9 @@ class Quantize(Pass):
                 dep = DiskModel(graph, tmp, "deployed")
                 m = quant_eval.measure(reference, dep, aliases, progress=progress)
                 report.update(m.report())
+                exact = quant_eval.measure(reference, dep, aliases, layer_samples=0, progress=progress, as_written=True)
+                if exact.sqnr_db is not None:
+                    report["sqnr_db_as_written"] = quant_eval.finite_db(exact.sqnr_db)
                 report["seconds"] = round(time.perf_counter() - start, 2)
                 ctx.report["quantization"] = report
                 quant_eval.check_floor(m, opts["floor"], precision)
