@@ -88,10 +88,21 @@ def main() -> None:
         say("recording real U-Net inputs (edgefc calibrate)")
         calibrate(out / "calib.txt", cal, eval_prompts_file=out / "eval.txt", weights=weights, steps=STEPS,
                   progress=False)
+    onnx_dir = mini / "onnx"
+    if not all((onnx_dir / f"{c}.onnx").is_file() for c in ("text-encoder", "unet", "vae-decoder")):
+        from edgefc.models.export import export_component
+
+        onnx_dir = out / "onnx"  # the mini bench has not exported yet: export the LCM pipeline here
+        for comp in ("text-encoder", "unet", "vae-decoder"):
+            if not (onnx_dir / f"{comp}.onnx").is_file():
+                say(f"exporting {comp}")
+                export_component(comp, "bk-sdm-tiny", onnx_dir / f"{comp}.onnx", weights=weights,
+                                 height=pipeline.default_size("full", weights), width=pipeline.default_size("full", weights),
+                                 progress=False)
     builds = out / "builds"
     for comp in ("text-encoder", "vae-decoder"):
         if not (builds / "common" / comp / "report.json").is_file():
-            edgefc.compile(mini / "onnx" / f"{comp}.onnx", "exynos2400", output=builds / "common" / comp,
+            edgefc.compile(onnx_dir / f"{comp}.onnx", "exynos2400", output=builds / "common" / comp,
                            options={"progress": False})
     results_file = out / "floor.json"
     rows = json.loads(results_file.read_text())["rows"] if results_file.is_file() else []
@@ -107,7 +118,7 @@ def main() -> None:
         b = builds / slug
         say(f"compiling: {name}")
         t = time.perf_counter()
-        edgefc.compile(mini / "onnx" / "unet.onnx", "exynos2400", output=b / "unet",
+        edgefc.compile(onnx_dir / "unet.onnx", "exynos2400", output=b / "unet",
                        options={**options, "calib": str(cal / "unet.npz"), "eval_file": str(cal / "unet.eval.npz"),
                                 "min_sqnr": -math.inf, "progress": False})
         for comp in ("text-encoder", "vae-decoder"):

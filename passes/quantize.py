@@ -240,8 +240,8 @@ class Quantize(Pass):
             ctx.report["quantization"] = report
             return graph
         if not any(_is_fp32(t) for n in graph.nodes for t in n.inputs if not isinstance(t, gs.Constant)):
-            report["reason"] = ("no node computes on an FP32 activation (the model is integer, FP16 or FP64, or its "
-                                "outputs are constants): nothing to quantize")
+            report["reason"] = ("no FP32 tensors reach a node (the model is integer, FP16 or FP64 only, or its outputs "
+                                "are constants): nothing to quantize")
             report["precision"] = "as-is"
             ctx.report["quantization"] = report
             return graph
