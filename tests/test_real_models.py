@@ -207,7 +207,7 @@ def test_cnn_op_kinds_run_on_the_npu_priced_and_built(tmp_path):
     for name, engine in placed.items():
         assert part[name]["where"] == ("host" if engine == "host" else "npu"), part[name]
     (tmp_path / "tvm").mkdir()
-    tvm_build.write_build(lowering, tmp_path / "tvm", aarch64=False)
+    tvm_build.write_tvm_files(lowering, tmp_path / "tvm", aarch64=False)
     runner = tvm_runtime.load_build(tmp_path / "tvm")
     feeds = {"x": RNG.standard_normal((1, 4, 9, 10)).astype(np.float32), "x1": RNG.standard_normal((1, 4, 12)).astype(np.float32),
              "x_lo": np.array(-0.5, np.float32)}
