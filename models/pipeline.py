@@ -64,9 +64,9 @@ from edgefc.components import SIGNATURES, detect_component  # noqa: F401 - part 
 from edgefc.errors import BuildError, EdgefcError, ExportError
 from edgefc.models import configs
 from edgefc.models.builds import _build_shapes, build_inputs, find_builds  # noqa: F401
-from edgefc.models.configs import COMPONENTS, DEPLOYED_PRECISION, LABELS  # noqa: F401
+from edgefc.models.configs import COMPONENTS, LABELS  # noqa: F401
 from edgefc.models.export_cache import cache_root, ensure_exports, export_dir  # noqa: F401
-from edgefc.models.npu_time import _built_precision, _cost_model, format_npu_table, npu_times  # noqa: F401
+from edgefc.models.npu_time import _cost_model, format_npu_table, npu_times  # noqa: F401
 from edgefc.models.runners import RUNTIMES, InputSpec, Runner, TvmRunner, has_tvm_build, open_runner  # noqa: F401
 
 STEPS = (1, 2, 4)

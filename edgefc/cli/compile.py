@@ -11,6 +11,7 @@ import click
 
 from edgefc.errors import ExportError
 from edgefc.passes.quant_eval import DEFAULT_MIN_SQNR_DB
+from edgefc.precision import COMPONENTS, REQUESTS
 
 #: where ``--demo`` exported its U-Net before it shared the export cache of ``edgefc generate``
 #: (moved into that cache on first use, so the 1.3 GB model is never kept twice)
@@ -134,9 +135,9 @@ def _min_sqnr(ctx, param, value):
 @click.option("--no-fuse", "no_fuse", multiple=True, metavar="FUSION",
               help="Remove one fusion pass from the pipeline (attention, groupnorm, layernorm, gelu, geglu, "
                    "matmul-bias, epilogue, identity; repeatable).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "w8a16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(REQUESTS), default="auto", show_default=True,
               help="Deployed precision (quantize): auto = FP16 text encoder / VAE decoder, W8A16 U-Net on NPU targets.")
-@click.option("--component", type=click.Choice(["text-encoder", "unet", "vae-decoder"]),
+@click.option("--component", type=click.Choice(COMPONENTS),
               help="Which model this is, for --precision auto and calibration data (default: from the input names).")
 @click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), callback=_calib_file, metavar="FILE.npz",
               help="Calibration inputs: one array per model input ([N, *shape]); default: generated per component.")
