@@ -54,7 +54,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,9 +64,9 @@ from edgefc.components import SIGNATURES, detect_component  # noqa: F401 - part 
 from edgefc.errors import BuildError, EdgefcError, ExportError
 from edgefc.models import configs
 from edgefc.models.builds import _build_shapes, build_inputs, find_builds  # noqa: F401
-from edgefc.models.configs import COMPONENTS, DEPLOYED_PRECISION, LABELS  # noqa: F401
+from edgefc.models.configs import COMPONENTS, LABELS  # noqa: F401
 from edgefc.models.export_cache import cache_root, ensure_exports, export_dir  # noqa: F401
-from edgefc.models.npu_time import _built_precision, _cost_model, format_npu_table, npu_times  # noqa: F401
+from edgefc.models.npu_time import _cost_model, format_npu_table, npu_times  # noqa: F401
 from edgefc.models.runners import RUNTIMES, InputSpec, Runner, TvmRunner, has_tvm_build, open_runner  # noqa: F401
 
 STEPS = (1, 2, 4)
@@ -256,18 +255,13 @@ def to_image(sample: np.ndarray) -> np.ndarray:
 
 
 def write_png(image: np.ndarray, output: Path) -> Path:
-    """Write ``image`` as a PNG at ``output`` atomically (temporary file beside it, then rename)."""
+    """Write ``image`` as a PNG at ``output`` atomically (temporary file beside it, then rename), with a
+    plain file's permissions (0644 under umask 022)."""
     from PIL import Image
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image, "RGB").save(f, format="PNG")
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return output
+    from edgefc.staging import write_file
+
+    return write_file(output, lambda tmp: Image.fromarray(image, "RGB").save(tmp, format="PNG"))
 
 
 @dataclass
@@ -491,15 +485,14 @@ def generate_folder(prompts: list[str], folder: str | os.PathLike, *, seed: int 
         if created and not any(root.iterdir()):
             root.rmdir()
         raise
+    from edgefc.staging import write_file
+
     sessions: dict = {}
     results = []
     bar = _bar(progress, len(plans), "images")
     for pl, name in zip(plans, names):
         results.append(run_plan(pl, progress=False, sessions=sessions))
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=root)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(pl.prompt + "\n")
-        os.replace(tmp, root / f"{name}.txt")
+        write_file(root / f"{name}.txt", lambda tmp, text=pl.prompt + "\n": Path(tmp).write_text(text, encoding="utf-8"))
         if bar is not None:
             bar.update(1)
     if bar is not None:

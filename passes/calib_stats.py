@@ -30,10 +30,26 @@ from edgefc.passes.observers import HistogramObserver
 
 
 def progress_bar(iterable, desc: str, total: int | None = None, enabled: bool = True):
-    """``iterable`` with a progress bar on stderr when ``enabled``."""
+    """``iterable`` with progress on stderr when ``enabled``: a bar on a terminal; in a log or a
+    pipe, where a bar's carriage returns pile up, one flushed line per item (for long loops: every
+    tenth of the way or 30 s) with the time so far."""
     if not enabled:
         return iterable
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+    return _progress_lines(iterable, desc, total)
+
+
+def _progress_lines(iterable, desc: str, total: int | None):
+    start = last = time.perf_counter()
+    every = max(1, total // 10) if total and total > 50 else 1
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        if i % every == 0 or i == total or now - last >= 30:
+            of = f"/{total}" if total else ""
+            print(f"  {desc}: {i}{of} done, {now - start:.1f} s", file=sys.stderr, flush=True)
+            last = now
 
 
 def run_session(sess, names: list[str], feeds: dict, what: str = "calibration") -> list:

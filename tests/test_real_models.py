@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgefc
@@ -206,7 +207,7 @@ def test_cnn_op_kinds_run_on_the_npu_priced_and_built(tmp_path):
     for name, engine in placed.items():
         assert part[name]["where"] == ("host" if engine == "host" else "npu"), part[name]
     (tmp_path / "tvm").mkdir()
-    tvm_build.write_build(lowering, tmp_path / "tvm", aarch64=False)
+    tvm_build.write_tvm_files(lowering, tmp_path / "tvm", aarch64=False)
     runner = tvm_runtime.load_build(tmp_path / "tvm")
     feeds = {"x": RNG.standard_normal((1, 4, 9, 10)).astype(np.float32), "x1": RNG.standard_normal((1, 4, 12)).astype(np.float32),
              "x_lo": np.array(-0.5, np.float32)}
@@ -249,8 +250,6 @@ def test_placement_reads_the_target_files_op_table(tmp_path):
 
 
 def test_bad_op_table_entries_are_named(tmp_path):
-    import pytest
-
     from edgefc.errors import TargetError
 
     text = _target_text()
@@ -267,3 +266,32 @@ def test_bad_op_table_entries_are_named(tmp_path):
     for bad, needle in cases.items():
         with pytest.raises(TargetError, match=needle):
             _load(tmp_path, text.replace(line, bad))
+
+
+def test_profile_groups_host_ops_by_type_with_the_reason(tmp_path):
+    """``edgefc profile`` prints, under its table, the host ops by op type with placement's reason
+    and their share of the modelled time; profile.json has the same (``host_ops``)."""
+    import json
+
+    from tests.cli import run_cli
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+             helper.make_node("Atan", ["p"], ["a"]), helper.make_node("Atan", ["a"], ["y"])]
+    model = _model(nodes, [_vi("x", [1, 4, 9, 9])], [_vi("y", [1, 8, 5, 5])],
+                   [_const("w", RNG.standard_normal((8, 4, 3, 3)).astype(np.float32))])
+    _compile(tmp_path, model)
+    host = json.loads((tmp_path / "build" / "profile.json").read_text())["host_ops"]
+    by = {g["op_type"]: g for g in host["by_op_type"]}
+    assert host["count"] == 3 and set(by) == {"MaxPool", "Atan"}
+    assert by["Atan"]["count"] == 2 and by["Atan"]["reasons"] == {"no NPU kernel for Atan": 2}
+    assert list(by["MaxPool"]["reasons"]) == ["MaxPool ceil_mode=1 (the NPU's kernel takes 0)"]
+    assert 0 < by["MaxPool"]["share"] < host["share"] <= 1 and host["share"] == pytest.approx(
+        by["MaxPool"]["share"] + by["Atan"]["share"], abs=2e-4)
+    rc, out = run_cli("profile", str(tmp_path / "build"))
+    assert rc == 0, out
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("host ops: 3 ("))
+    assert "of the modelled time" in lines[at]
+    assert lines[at + 1].split()[:3] == ["Atan", "2", "ops"] and lines[at + 1].endswith("no NPU kernel for Atan")
+    assert lines[at + 2].split()[:3] == ["MaxPool", "1", "op"] and "ceil_mode=1" in lines[at + 2]

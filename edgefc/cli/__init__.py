@@ -83,24 +83,31 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+#: the arguments of this run (after ``edgefc``), for the reproducibility block of report.json
+ARGV: list[str] = []
+
+
 def main(argv=None):
-    """Entry point: run the CLI, turning user errors into one line and exit status 2; SIGTERM
-    cleans up like Ctrl-C and exits with status 143."""
+    """Entry point: run the CLI, turning user errors into one line and exit status 2 (a build that
+    fails its handover check: 3); SIGTERM cleans up like Ctrl-C and exits with status 143."""
+    ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, standalone_mode=False)
     except EdgefcError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_status", 2))  # 2: the user's input; 3: a build failed its handover check
     except click.exceptions.Abort as e:
         if isinstance(e.__cause__, Terminated):
             click.echo("terminated", err=True)
             sys.exit(143)
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # a bad or missing argument or option: one line, like every user error
+        where = " ".join(["edgefc", *e.ctx.command_path.split()[1:]]) if isinstance(e, click.UsageError) and e.ctx else "edgefc"
+        message = " ".join(e.format_message().split())
+        click.echo(f"error: {message} (see '{where} --help')", err=True)
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
