@@ -60,6 +60,14 @@ def table(prof, top: int | None = 20, breakdown: bool = False) -> str:
         w(f"{'(' + str(len(rest)) + ' more ops)':<{NAME_WIDTH}} {'':<16} {'':<7} {_si(sum(r.macs for r in rest)):>10} "
           f"{_si(sum(r.dma_bytes for r in rest)):>12} {sum(r.cycles for r in rest):>13,.0f} "
           f"{prof.ms(sum(r.cycles for r in rest)):>9.3f} {sum(r.share for r in rest):>7.1%}\n")
+    host = d["host_ops"]
+    if host["count"]:
+        w(f"\nhost ops: {host['count']} ({host['ms']:.3f} ms, {host['share']:.1%} of the modelled time), by op type:\n")
+        for g in host["by_op_type"]:
+            reasons = "; ".join(f"{r or 'no reason recorded'}" + (f" ({n})" if len(g["reasons"]) > 1 else "")
+                                for r, n in g["reasons"].items())
+            w(f"  {g['op_type'][:24]:<24} {g['count']:>5} {'op ' if g['count'] == 1 else 'ops'} {g['ms']:>9.3f} ms "
+              f"{g['share']:>7.1%}  {reasons}\n")
     res = d["residency"]
     w(f"\nresidency: {res['sram']} tensors kept in SRAM, {res['dram']} through DRAM "
       f"({res['dram_bytes'] / 1e6:.1f} MB), {res['stream']} streamed op to op\n")

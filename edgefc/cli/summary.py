@@ -17,6 +17,16 @@ from pathlib import Path
 def summary_lines(report: dict, profile: dict | None, build: Path | None = None) -> list[str]:
     """The summary of a compile, one line per topic (topics whose stage did not run are left out)."""
     lines = []
+    canon = report.get("canonicalize")
+    if isinstance(canon, dict):
+        lines += [f"warning:   {w}" for w in canon.get("warnings", [])]
+    sub = report.get("subgraphs")
+    if isinstance(sub, dict) and sub.get("nodes"):
+        nodes = sub["nodes"]
+        lines.append(f"note:      the bodies of {len(nodes)} control-flow node{'s' if len(nodes) != 1 else ''} "
+                     f"({', '.join(nodes[:3])}{', ...' if len(nodes) > 3 else ''}) are compiled as they are: "
+                     f"{len(sub.get('left_as_they_are_by', []))} passes rewrite the main graph only "
+                     f"(report.json subgraphs)")
     fusion = report.get("fusion")
     if isinstance(fusion, dict):
         lines.append("fusion:    " + _fusion(fusion))
