@@ -6,7 +6,6 @@ the console, one cache for the demo U-Net, the README's sample summary, generate
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -176,16 +175,6 @@ def test_demo_shares_the_export_cache_of_generate(tmp_path, monkeypatch):
     path = cc._demo_model(quiet=True)  # moved into the shared cache, not exported again or copied
     assert path == cc.demo_model_path() and path.read_bytes() == b"an older edgefc's demo export"
     assert not old.exists()
-
-
-def test_readme_sample_summary_is_the_demo_build():
-    text = (ROOT / "README.md").read_text()
-    block = text[text.index("fusion:    "):]
-    caption = block[block.index("```"):][:300]
-    assert "tiny test U-Net" not in caption
-    ms = float(re.search(r"target:    exynos2400: ([\d.]+) ms", block).group(1))
-    assert ms > 20  # full-size figures (the tiny U-Net is under 2 ms)
-    assert "edgefc compile --demo" in caption
 
 
 def test_generated_png_is_0644_under_umask_022(tmp_path):
