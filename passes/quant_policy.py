@@ -59,6 +59,12 @@ Higher-precision regions (rules; each can be switched off in ``QuantPolicy.rules
         65504, headroom for inputs beyond the calibration set) is produced and consumed in FP32.
     ``typed-outputs`` (FP16 only)
         Ops whose output type is an attribute (ConstantOfShape, EyeLike, Random*) stay FP32.
+    ``constant-values`` (W8A16)
+        A float tensor whose value does not depend on the model's inputs (computed from constants;
+        ``CastLike`` reads only the type of its second input) is a constant, not an activation: no
+        Q/DQ. The exponent of ``Pow`` stays exact too: a rounded exponent (3.00009 for 3) on a
+        negative base is NaN. (Found in the onnx operator tests that ``--precision auto`` now
+        quantizes: an exported tanh-GELU's ``Pow(x, CastLike(3, x))``.)
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ from edgefc import ir
 from edgefc.errors import QuantizationError
 from edgefc.precision import ALIAS_OPS
 
-RULES = ("attention-scores", "norm-statistics", "periodic-arguments", "fp16-overflow", "typed-outputs")
+RULES = ("attention-scores", "norm-statistics", "periodic-arguments", "fp16-overflow", "typed-outputs",
+         "constant-values")
 
 #: op -> (weight input index, output-channel axis of that weight); Gemm's axis depends on transB.
 WEIGHT_OPS = {
@@ -282,6 +289,30 @@ def periodic_argument_tensors(graph: gs.Graph) -> tuple[dict[str, str], set[str]
     return found, nodes
 
 
+#: (op, input index) whose input contributes only its type, not its value.
+TYPE_ONLY_INPUTS = {("CastLike", 1)}
+
+
+def constant_value_tensors(graph: gs.Graph) -> dict[str, str]:
+    """Float tensors whose value does not depend on any model input (rule ``constant-values``),
+    and the exponents of ``Pow``: name -> reason."""
+    dependent = {t.name for t in graph.inputs}
+    found = {}
+    for node in graph.nodes:  # topological order
+        reads = [t for i, t in enumerate(node.inputs)
+                 if t is not None and not isinstance(t, gs.Constant) and (node.op, i) not in TYPE_ONLY_INPUTS]
+        if any(t.name in dependent for t in reads) or any(a for a in node.attrs.values() if isinstance(a, gs.Graph)):
+            dependent.update(t.name for t in node.outputs)
+        else:
+            for t in node.outputs:
+                if is_float_tensor(t):
+                    found[t.name] = f"constant-values: {node.name} (independent of the inputs)"
+        if node.op == "Pow" and len(node.inputs) > 1 and node.inputs[1] is not None \
+                and not isinstance(node.inputs[1], gs.Constant) and is_float_tensor(node.inputs[1]):
+            found[node.inputs[1].name] = f"constant-values: exponent of {node.name}"
+    return found
+
+
 @dataclass
 class W8A16Plan:
     """What the W8A16 rewrite quantizes (names), and what it keeps in FP32 and why."""
@@ -311,6 +342,8 @@ def plan_w8a16(graph: gs.Graph, policy: QuantPolicy) -> W8A16Plan:
     if policy.rule("periodic-arguments"):
         found, periodic_nodes = periodic_argument_tensors(graph)
         kept.update(found)
+    if policy.rule("constant-values"):
+        kept.update({k: v for k, v in constant_value_tensors(graph).items() if k not in kept})
     kept_nodes = set(user)
 
     weights = []

@@ -18,6 +18,7 @@ from edgefc.errors import EdgefcError
 # command name -> "module:attribute"; one line per subcommand.
 COMMANDS: dict[str, str] = {
     "compile": "edgefc.cli.compile:compile_cmd",
+    "calibrate": "edgefc.cli.calibrate:calibrate_cmd",
     "profile": "edgefc.cli.profile:profile_cmd",
     "passes": "edgefc.cli.compile:passes_cmd",
     "export": "edgefc.cli.export:export_cmd",
@@ -30,6 +31,7 @@ COMMANDS: dict[str, str] = {
 
 SHORT_HELP: dict[str, str] = {
     "compile": "Compile an ONNX model for a target (passes + lowering).",
+    "calibrate": "Record every component's real inputs from the FP32 pipeline (for compile --calib/--eval).",
     "profile": "Cycle/DMA cost-model report of a model or build on an NPU target (table, JSON, trace, PNG).",
     "passes": "List the registered passes.",
     "export": "Export a text encoder / U-Net / VAE decoder from diffusers to ONNX.",
