@@ -82,10 +82,13 @@ def compile(model: str | os.PathLike | gs.Graph, target: str | Target | None = "
             output: str | os.PathLike | None = None, passes: list[str] | None = None,
             shapes: dict[str, tuple[int, ...]] | None = None, verify: bool = False,
             dump_after: dict[str, str | os.PathLike] | None = None, options: dict | None = None,
-            progress=None, force: bool = False, provenance: dict | None = None) -> CompileResult:
+            progress=None, force: bool = False, provenance: dict | None = None,
+            consts: dict | None = None) -> CompileResult:
     """Compile an ONNX model (path or Graph) for ``target``.
 
-    ``passes`` overrides the default pipeline; ``shapes`` fixes input shapes; ``verify`` checks
+    ``passes`` overrides the default pipeline; ``shapes`` fixes input shapes; ``consts`` fixes
+    inputs to constant values (``{"sr": "16000"}``, :func:`edgefc.ir.fix_inputs`: they leave the
+    model's inputs, and canonicalize folds what depends on them); ``verify`` checks
     every pass against onnxruntime; ``dump_after`` names passes after which the graph is written
     (``<output>/after-<pass>.onnx``, or the paths given in a dict); ``options`` are pass options
     (``precision``, ``no_mlt``, ``sram_budget`` ...). With ``output`` the build folder is written
@@ -105,10 +108,8 @@ def compile(model: str | os.PathLike | gs.Graph, target: str | Target | None = "
     plan = None
     if output is not None:  # an output that cannot be written, or must not be: fail before any work
         plan = staging.plan_output(output, force=force, protect=_input_files(source))
-    if source is None:
-        graph = model
-    else:
-        graph = ir.load(source, shapes)
+    graph = model if source is None else ir.load(source, shapes)
+    fixed = ir.fix_inputs(graph, consts) if consts else {}
     ctx = PassContext(target=tgt, options=options)
     ctx.options["source_model"] = str(source) if source else None
     inputs = [_tensor_info(t) for t in graph.inputs]
@@ -128,6 +129,7 @@ def compile(model: str | os.PathLike | gs.Graph, target: str | Target | None = "
             "passes": [r.as_dict() for r in pm.records],
             "seconds": round(time.perf_counter() - start, 3),
             "inputs": inputs,
+            **({"constants": fixed} if fixed else {}),
             "outputs": [_tensor_info(t) for t in graph.outputs],
             **ctx.report,
             "reproducibility": reproducibility(tgt, options, provenance),

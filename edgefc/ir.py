@@ -105,6 +105,58 @@ def parse_shapes(texts) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parse_consts(texts) -> dict[str, str]:
+    """Parse repeated ``--const NAME=VALUE`` options (VALUE: a number, or numbers separated by
+    commas); the same input named twice is an error."""
+    consts: dict[str, str] = {}
+    for text in texts or ():
+        name, sep, value = str(text).partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            raise ShapeError(f"bad --const '{text}': expected NAME=VALUE, e.g. sr=16000")
+        if name in consts:
+            raise ShapeError(f"--const {name} is given twice; give each input once")
+        consts[name] = value
+    return consts
+
+
+def fix_inputs(graph: gs.Graph, consts: dict) -> dict[str, list]:
+    """Turn the graph inputs ``consts`` names into constants (``canonicalize`` then folds what
+    depends on them: an ``If`` on a sample rate, a shape computed from a length ...). A value is a
+    number (filling the input's shape) or numbers separated by commas (one per element), given as
+    text, a number or a list; it takes the input's element type. Returns the values fixed, by
+    name. ShapeError for an unknown input, a value that does not fit its type or element count,
+    or an input whose shape is not static (give it with --shape)."""
+    by_name = {t.name: t for t in graph.inputs}
+    fixed: dict[str, list] = {}
+    for name, raw in (consts or {}).items():
+        t = by_name.get(name)
+        if t is None:
+            raise ShapeError(f"--const names input '{name}', but the model's inputs are: {', '.join(by_name) or 'none'}")
+        items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",") if isinstance(raw, str) else [raw]
+        try:
+            numbers = [float(x) for x in items]
+        except (TypeError, ValueError):
+            raise ShapeError(f"--const {name}={raw}: not a number (or numbers separated by commas)") from None
+        dtype = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
+        if dtype.kind in "iub" and any(not float(x).is_integer() for x in numbers):
+            raise ShapeError(f"--const {name}={raw}: input '{name}' is {dtype.name}; give whole numbers")
+        shape = static_shape(t)
+        if shape is None:
+            shape = () if t.shape is not None and len(t.shape) == 0 else None
+        if shape is None:
+            raise ShapeError(f"--const {name}: input '{name}' has no static shape; give it with --shape {name}=D1xD2x...")
+        size = int(np.prod(shape, dtype=np.int64))
+        if len(numbers) not in (1, size):
+            raise ShapeError(f"--const {name}: {len(numbers)} values for an input of {size} elements (shape "
+                             f"{'x'.join(map(str, shape)) or 'scalar'}); give one value or {size}")
+        value = np.full(shape, numbers[0]) if len(numbers) == 1 else np.asarray(numbers).reshape(shape)
+        graph.inputs.remove(t)
+        t.to_constant(np.ascontiguousarray(value.astype(dtype)))
+        fixed[name] = [v.item() for v in np.asarray(t.values).reshape(-1)[:16]]
+    return fixed
+
+
 def _apply_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
     inputs = {i.name: i for i in model.graph.input}
     for name, shape in shapes.items():
@@ -260,7 +312,8 @@ def skeleton_model(graph: gs.Graph, min_bytes: int = 1024) -> onnx.ModelProto:
 
 
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
-    """Run ONNX shape inference (with data propagation) and write the results into ``graph``.
+    """Run ONNX shape inference (with data propagation) and write the results into ``graph`` and
+    its subgraphs (If branches, Loop / Scan bodies: each scope from its own inferred graph).
 
     Runs on a weight-free skeleton of the graph, so it is fast and works for models over 2 GB.
     """
@@ -268,8 +321,17 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
         inferred = onnx.shape_inference.infer_shapes(skeleton_model(graph), strict_mode=False, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise ShapeError(f"shape inference failed: {str(e).splitlines()[0]}") from None
-    infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    for name, tensor in graph.tensors().items():
+    _write_inferred(graph, inferred.graph, top=True)
+    return graph
+
+
+def _write_inferred(graph: gs.Graph, proto: onnx.GraphProto, top: bool) -> None:
+    """Shapes and types of ``proto`` (the inferred export of ``graph``) into ``graph``'s tensors;
+    then the same for every subgraph (the export keeps the node order)."""
+    infos = {vi.name: vi for vi in list(proto.value_info) + list(proto.output) + ([] if top else list(proto.input))}
+    tensors = graph.tensors() if top else {t.name: t for n in graph.nodes for t in list(n.inputs) + list(n.outputs)
+                                           if t is not None and t.name}
+    for name, tensor in tensors.items():
         if isinstance(tensor, gs.Constant) or name not in infos:
             continue
         kind = infos[name].type.WhichOneof("value")
@@ -281,7 +343,13 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
             tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if tt.HasField("shape"):
             tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-    return graph
+    if len(proto.node) != len(graph.nodes):
+        return
+    for node, pnode in zip(graph.nodes, proto.node):
+        bodies = {a.name: a.g for a in pnode.attribute if a.type == onnx.AttributeProto.GRAPH}
+        for name, sub in node.attrs.items():
+            if isinstance(sub, gs.Graph) and name in bodies:
+                _write_inferred(sub, bodies[name], top=False)
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:

@@ -167,6 +167,7 @@ class PassManager:
             finally:
                 ctx.pass_options = None
             seconds = time.perf_counter() - start
+            _note_subgraphs(p, graph, ctx)
             record = PassRecord(p.name, round(seconds, 4), before, len(graph.nodes), renamed_nodes=renamed)
             if self.verify:
                 record.verify_rel_error, reference = self._verify(p, graph, reference, feeds)
@@ -192,3 +193,15 @@ class PassManager:
             raise VerificationError(f"pass '{p.name}' changed output '{diff.output}': max abs error {diff.abs_error:.3g}, "
                                     f"max rel error {diff.rel_error:.3g} (tolerance {p.verify_tolerance:g})")
         return diff.rel_error, actual
+
+
+def _note_subgraphs(p: Pass, graph: gs.Graph, ctx: PassContext) -> None:
+    """``report.json`` ``subgraphs``: the control-flow nodes whose bodies the graph still holds,
+    and the passes that left those bodies as they are (they rewrite the main graph only)."""
+    holders = [n.name for n in graph.nodes if any(isinstance(v, gs.Graph) for v in n.attrs.values())]
+    if not holders or p.handles_subgraphs:
+        return
+    section = ctx.report.setdefault("subgraphs", {"nodes": [], "left_as_they_are_by": []})
+    section["nodes"] = holders
+    if p.name not in section["left_as_they_are_by"]:
+        section["left_as_they_are_by"].append(p.name)

@@ -77,14 +77,22 @@ def act_type(precision: str) -> str:
     return OPERAND_TYPES[precision][1]
 
 
-def resolve(request: str, component: str | None) -> str:
+#: what ``--precision auto`` deploys on an NPU target for a model that is none of the components:
+#: the NPU's integer path, INT8 weights with INT16 activations (held to the quality floor, issue 20).
+AUTO_OTHER = "w8a16"
+
+
+def resolve(request: str, component: str | None, npu: bool = False) -> str:
     """A ``--precision`` request -> the precision: ``auto`` is the component's deployed precision
-    (:data:`DEPLOYED`; ``fp32`` for a model that is no known component)."""
+    (:data:`DEPLOYED`); for a model that is no known component :data:`AUTO_OTHER` on an NPU target
+    (``npu``), else ``fp32``."""
     if request not in REQUESTS:
         raise ValueError(f"unknown precision '{request}' (choose from {', '.join(REQUESTS)})")
     if request != "auto":
         return request
-    return DEPLOYED.get(component or "", "fp32")
+    if component in DEPLOYED:
+        return DEPLOYED[component]
+    return AUTO_OTHER if npu else "fp32"
 
 
 def is_float_type(code: str) -> bool:

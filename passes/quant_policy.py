@@ -34,13 +34,32 @@ W8A16 (``precision="w8a16"``)
       Flatten, Squeeze, Unsqueeze, Identity) get no Q/DQ of their own (the cost model and MLT
       follow aliases to the producer's type).
 
+W8A8 (``precision="w8a8"``)
+    * Weights as W8A16. Activations: INT8, one scale per tensor, **asymmetric** by default (stored
+      as uint8 with a zero point, the form onnxruntime's CPU kernels take): 8 bits cannot spare
+      the bit a symmetric range wastes on one-sided tensors; ``int8_symmetric=True`` selects
+      symmetric. Ranges: the calibration min/max without headroom (``int8_headroom``: at 8 bits a
+      bit of headroom costs more than the rare clipped outlier).
+    * Wider by rule (below): the softmax internals of every attention (INT16), the time
+      embedding (W8A16), the norm statistics and the periodic arguments (FP32).
+
+Per-op plans (``--layer-precision PATTERN=PRECISION``, the rescue, ``--precision search``)
+    :func:`plan_precisions` gives every op one precision; :func:`plan_qdq` turns it into storage:
+    a tensor is stored at the widest integer type its readers compute at (else at its producer's);
+    a reader computing at a narrower type reads a requantisation of it (a second Q/DQ pair: the
+    conversion the cost model prices), an FP16 reader reads it through a Cast, an FP32 reader reads
+    the tensor unquantized.
+
 Higher-precision regions (rules; each can be switched off in ``QuantPolicy.rules``)
     ``attention-scores``
         S_in = Q K^T (and its scaling/masking) and S_out = Softmax(S_in) of an *unfused*
         attention stay FP32 (W8A16) / the Softmax runs in FP32 (FP16). A per-tensor INT16 scale
         over 4096 keys leaves ~35 dB on S_out (probabilities near 1/4096 with a step of 1/32767);
         on the NPU these are the vector engine's FP16 softmax internals. A fused ``Attention``
-        hides them already: its Q, K, V inputs and its output are quantized like any tensor.
+        hides them already: its Q, K, V inputs and its output are quantized like any tensor; in
+        W8A8 its internals S_in and S_out are INT16 (recorded as ``edgefc.scores``: QK^T at
+        ``int8xint8``, S_out x V at ``int8xint16``) - an INT8 S_out would leave probabilities
+        near 1/4096 on a grid of 1/255.
     ``norm-statistics``
         Decomposed normalisation statistics (ReduceMean, ReduceSumSquare, ReduceL2, Pow, Sqrt,
         Reciprocal and the elementwise ops on their reduced results) stay FP32; squares of
@@ -54,11 +73,21 @@ Higher-precision regions (rules; each can be switched off in ``QuantPolicy.rules
         needs absolute precision of its argument (an INT16 step over [0, 999] is 0.03 rad; the
         FP16 spacing at 999 is 0.5 rad), and a calibration range that misses the largest
         timestep clips the embedding (the 13.9 dB outlier of onnxruntime's quantizer).
+    ``time-embedding`` (W8A8)
+        Ops that depend on nothing but the U-Net's timestep (the sinusoidal projection's MLP and
+        every ResNet's ``time_emb_proj``: vectors of one row, free on the tensor engine) stay
+        W8A16: INT8 would put a rounding error into every ResNet block of every step.
     ``fp16-overflow`` (FP16 only)
         A tensor whose calibrated magnitude exceeds :data:`FP16_SAFE_MAX` (a quarter of FP16's
         65504, headroom for inputs beyond the calibration set) is produced and consumed in FP32.
     ``typed-outputs`` (FP16 only)
         Ops whose output type is an attribute (ConstantOfShape, EyeLike, Random*) stay FP32.
+    ``constant-values`` (W8A16)
+        A float tensor whose value does not depend on the model's inputs (computed from constants;
+        ``CastLike`` reads only the type of its second input) is a constant, not an activation: no
+        Q/DQ. The exponent of ``Pow`` stays exact too: a rounded exponent (3.00009 for 3) on a
+        negative base is NaN. (Found in the onnx operator tests that ``--precision auto`` now
+        quantizes: an exported tanh-GELU's ``Pow(x, CastLike(3, x))``.)
 """
 
 from __future__ import annotations
@@ -75,7 +104,7 @@ from edgefc.errors import QuantizationError
 from edgefc.precision import ALIAS_OPS, INTEGER_PRECISIONS, PRECISIONS, act_type
 
 RULES = ("attention-scores", "norm-statistics", "periodic-arguments", "time-embedding", "fp16-overflow",
-         "typed-outputs")
+         "typed-outputs", "constant-values")
 
 #: op -> (weight input index, output-channel axis of that weight); Gemm's axis depends on transB.
 WEIGHT_OPS = {
@@ -311,6 +340,30 @@ def periodic_argument_tensors(graph: gs.Graph) -> tuple[dict[str, str], set[str]
     return found, nodes
 
 
+#: (op, input index) whose input contributes only its type, not its value.
+TYPE_ONLY_INPUTS = {("CastLike", 1)}
+
+
+def constant_value_tensors(graph: gs.Graph) -> dict[str, str]:
+    """Float tensors whose value does not depend on any model input (rule ``constant-values``),
+    and the exponents of ``Pow``: name -> reason."""
+    dependent = {t.name for t in graph.inputs}
+    found = {}
+    for node in graph.nodes:  # topological order
+        reads = [t for i, t in enumerate(node.inputs)
+                 if t is not None and not isinstance(t, gs.Constant) and (node.op, i) not in TYPE_ONLY_INPUTS]
+        if any(t.name in dependent for t in reads) or any(a for a in node.attrs.values() if isinstance(a, gs.Graph)):
+            dependent.update(t.name for t in node.outputs)
+        else:
+            for t in node.outputs:
+                if is_float_tensor(t):
+                    found[t.name] = f"constant-values: {node.name} (independent of the inputs)"
+        if node.op == "Pow" and len(node.inputs) > 1 and node.inputs[1] is not None \
+                and not isinstance(node.inputs[1], gs.Constant) and is_float_tensor(node.inputs[1]):
+            found[node.inputs[1].name] = f"constant-values: exponent of {node.name}"
+    return found
+
+
 def input_only_tensors(graph: gs.Graph, name: str) -> set[str]:
     """Tensors computed from the graph input ``name`` and constants only (the U-Net's time
     embedding: everything that depends on nothing but the timestep)."""
@@ -376,6 +429,8 @@ def plan_precisions(graph: gs.Graph, requested: str, policy: QuantPolicy, time_i
     if policy.rule("periodic-arguments"):
         found, periodic_nodes = periodic_argument_tensors(graph)
         kept.update(found)
+    if policy.rule("constant-values"):
+        kept.update({k: v for k, v in constant_value_tensors(graph).items() if k not in kept})
     timestep_only = input_only_tensors(graph, time_input) if time_input and requested == "w8a8" \
         and policy.rule("time-embedding") else set()
     ops: dict[str, str] = {}

@@ -7,8 +7,9 @@ fused) graph, checks the result against the FP32 graph in onnxruntime, and repor
 
 Options (``edgefc compile`` flags; :class:`QuantizeOptions`, read through ``ctx.option``):
   ``precision``      ``auto`` (default: :data:`edgefc.precision.DEPLOYED`, FP16 for the text
-                     encoder and VAE decoder, W8A16 for the U-Net; FP32 - nothing to do - for a
-                     model that is none of them), ``fp32``, ``fp16``, ``w8a16``;
+                     encoder and VAE decoder, W8A16 for the U-Net; for any other model W8A16 on an
+                     NPU target (:data:`edgefc.precision.AUTO_OTHER`), FP32 without one; a model
+                     that is already quantized is kept as given), ``fp32``, ``fp16``, ``w8a16``;
   ``component``      ``text-encoder`` | ``unet`` | ``vae-decoder``; by default detected from the
                      input names (sample+timestep+encoder_hidden_states, input_ids, latent_sample);
   ``calib``          a ``.npz`` of calibration inputs (else generated per component);
@@ -203,11 +204,11 @@ def _say_eval_cost(n: int, source: str, calib_info: dict, n_calib: int, layer_sa
     time per forward pass) and how to skip it -- on the VAE decoder it is most of the compile."""
     k = min(layer_samples, n)
     line = (f"  quantize: measuring SQNR vs FP32 on {n} {source} input{'s' if n != 1 else ''} (FP32 reference, "
-            f"deployed model, per-layer probes on the first {k})")
+            f"deployed model in a default and an unoptimised session, per-layer probes on the first {k})")
     seconds = calib_info.get("seconds")
     if isinstance(seconds, (int, float)) and seconds > 0 and n_calib:
         per = seconds / n_calib
-        line += f", about {per * (2 * n + 2 * k):.0f} s at calibration's {per:.1f} s per forward pass"
+        line += f", about {per * (3 * n + 2 * k):.0f} s at calibration's {per:.1f} s per forward pass"
     print(line + "; --eval-samples 0 skips it", file=sys.stderr, flush=True)
 
 
@@ -290,22 +291,30 @@ class Quantize(Pass):
         opts = _options(ctx)
         detected = detect_component(t.name for t in graph.inputs)
         component = opts["component"] or detected
-        precision = pr.resolve(opts["precision"], component)
+        npu = bool(ctx.target is not None and ctx.target.is_npu)
+        precision = pr.resolve(opts["precision"], component, npu=npu)
         report: dict = {"precision": precision, "requested": opts["precision"], "component": component,
                         "component_source": "--component" if opts["component"] else ("inputs" if detected else None)}
+        if opts["precision"] == "auto" and component not in pr.DEPLOYED:
+            report["reason"] = (f"auto: not a text encoder, U-Net or VAE decoder (by its input names): "
+                                f"{precision.upper()}{' on an NPU target' if npu else ' (no NPU target)'}; "
+                                "--precision or --component choose otherwise")
         if precision == "fp32":
-            if opts["precision"] == "auto":
-                report["reason"] = ("auto: the model is not a text encoder, U-Net or VAE decoder (by its input names); "
-                                    "nothing quantized - give --component or --precision")
             ctx.report["quantization"] = report
             return graph
-        if not any(_is_fp32(t) for t in graph.tensors().values()):
-            report["reason"] = "the model has no FP32 tensors (integer, FP16 or FP64 only): nothing to quantize"
+        if not any(_is_fp32(t) for n in graph.nodes for t in n.inputs if not isinstance(t, gs.Constant)):
+            report["reason"] = ("no FP32 tensors reach a node (the model is integer, FP16 or FP64 only, or its outputs "
+                                "are constants): nothing to quantize")
             report["precision"] = "as-is"
             ctx.report["quantization"] = report
             return graph
         if any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes):
-            raise QuantizationError("the model is already quantized (it has QuantizeLinear/DequantizeLinear nodes)")
+            if opts["precision"] != "auto":
+                raise QuantizationError("the model is already quantized (it has QuantizeLinear/DequantizeLinear nodes)")
+            report["reason"] = "auto: the model is already quantized (QuantizeLinear/DequantizeLinear): kept as given"
+            report["precision"] = "as-is"
+            ctx.report["quantization"] = report
+            return graph
         _unique_names(graph)
         detach_from_proto(graph)
         progress = opts["progress"]
@@ -334,6 +343,9 @@ class Quantize(Pass):
                 dep = DiskModel(graph, tmp, "deployed")
                 m = quant_eval.measure(reference, dep, aliases, progress=progress)
                 report.update(m.report())
+                exact = quant_eval.measure(reference, dep, aliases, layer_samples=0, progress=progress, as_written=True)
+                if exact.sqnr_db is not None:
+                    report["sqnr_db_as_written"] = quant_eval.finite_db(exact.sqnr_db)
                 report["seconds"] = round(time.perf_counter() - start, 2)
                 ctx.report["quantization"] = report
                 quant_eval.check_floor(m, opts["floor"], precision)

@@ -25,6 +25,7 @@ trip (the paper's Sec. 2.3 and Table 6).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import onnx_graphsurgeon as gs
@@ -41,6 +42,7 @@ from edgefc.errors import BuildError
 from edgefc.precision import PRICINGS
 from edgefc.targets.attention_block import attention_io_bytes, attention_sram_bytes, lower_attention
 from edgefc.targets.blocks import block_of, component_of
+from edgefc.targets.control_flow import CONTROL_FLOW, control_flow_commands, reads
 from edgefc.targets.description import Architecture
 from edgefc.targets.geometry import contraction, pad
 from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place, vector_passes
@@ -180,7 +182,7 @@ class _Lowering:
         uses: dict[str, list[int]] = {}
         for i, (n, kind) in enumerate(zip(nodes, kinds)):
             if kind != "none":
-                for t in n.inputs:
+                for t in reads(n):
                     if t is not None and t.name and not types.is_const(t):
                         uses.setdefault(types.find(t.name), []).append(i)
         graph_in = {types.find(t.name) for t in graph.inputs}
@@ -205,7 +207,7 @@ class _Lowering:
             prog.ops.append(info := OpInfo(self.nm(node), node.op, "tensor" if kind == "attention" else kind,
                                            block_of(self.nm(node))))
             act_in: list[str] = []
-            for t in node.inputs:
+            for t in reads(node):
                 if t is not None and t.name and not types.is_const(t):
                     r = types.find(t.name)
                     if r not in act_in:
@@ -228,7 +230,12 @@ class _Lowering:
                         in_dram.add(r)
                     why.setdefault(r, f"read from DRAM by {'the host' if kind == 'host' else 'attention'} op {self.nm(node)}")
                     resident.pop(r, None)
-                if kind == "host":
+                if kind == "host" and node.op in CONTROL_FLOW:
+                    # the host drives it; its body's commands are priced (targets/control_flow.py)
+                    cmds, note = control_flow_commands(node, self.nm(node), self.arch, self.precision, lower)
+                    prog.commands.extend(dataclasses.replace(c, loop=-1) for c in cmds)
+                    prog.host_reasons[self.nm(node)] = note
+                elif kind == "host":
                     prog.emit(Command("host", self.nm(node), node.op,
                                       elements=sum(_elements(t) for t in node.outputs if t is not None and t.name)))
                 else:

@@ -34,6 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc.precision import STORAGE_ALIAS_OPS
+from edgefc.targets.control_flow import reads
 from edgefc.targets.op_support import ATTENTION_WORK, TENSOR_WORK, OpSupport
 
 TENSOR_OPS = set(TENSOR_WORK)
@@ -135,7 +136,7 @@ def place(node: gs.Node, types, npu_dtypes, ops: OpSupport, graph_outputs: froze
         return "none", ""  # a Q/DQ is the producer writing (the consumer reading) the quantized type
     if op == "Cast" and (types.is_const(node.inputs[0]) or types.of(node.inputs[0]) == types.of(node.outputs[0])):
         return "none", ""
-    if all(types.is_const(t) for t in node.inputs if t is not None and t.name):
+    if all(types.is_const(t) for t in reads(node) if t is not None and t.name):
         return "none", ""  # folded at compile time
     engine = ops.engine(op)
     if engine is None:

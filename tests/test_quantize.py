@@ -277,6 +277,7 @@ def test_component_detection_and_auto_precision():
     assert precision.resolve("auto", "text-encoder") == "fp16"
     assert precision.resolve("auto", "vae-decoder") == "fp16"
     assert precision.resolve("auto", None) == "fp32"
+    assert precision.resolve("auto", None, npu=True) == "w8a16"  # any other model on an NPU target (issue 20 part 7)
     assert precision.resolve("w8a16", "text-encoder") == "w8a16"
 
 
@@ -287,12 +288,13 @@ def test_auto_is_the_npu_default_per_component(graphs):
     # --component overrides the input names (the VAE treated as a U-Net is W8A16)
     _, r = quantize(graphs["vae-decoder"]["fused"], component="unet", eval_samples=1, calib_samples=1)
     assert r["precision"] == "w8a16" and r["component_source"] == "--component"
-    # unknown model under auto: left in FP32, with the reason
+    # unknown model under auto with no target: left in FP32, with the reason (NPU targets: W8A16,
+    # tests/test_quant_eval.py)
     x = gs.Variable("x", dtype=np.float32, shape=[1, 4])
     y = gs.Variable("y", dtype=np.float32, shape=[1, 4])
     g = gs.Graph(nodes=[gs.Node("Relu", inputs=[x], outputs=[y])], inputs=[x], outputs=[y], opset=23)
     q, r = quantize(g)
-    assert r["precision"] == "fp32" and "reason" in r and _ops(q) == ["Relu"]
+    assert r["precision"] == "fp32" and "no NPU target" in r["reason"] and _ops(q) == ["Relu"]
     assert "quantize" in edgefc.default_pipeline(edgefc.get_target("exynos2400"), {})
     assert "quantize" not in edgefc.default_pipeline(edgefc.get_target("exynos2400"), {"precision": "fp32"})
 

@@ -110,6 +110,10 @@ def _min_sqnr(ctx, param, value):
               help="Import a file or module that registers passes (repeatable).")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2x...",
               help="Static shape for an input, e.g. sample=1x4x64x64 (repeatable).")
+@click.option("--const", "consts", multiple=True, metavar="NAME=VALUE",
+              help="Fix an input to a constant, e.g. sr=16000 (a number fills the input; numbers separated by "
+                   "commas give each element): it leaves the model's inputs, and canonicalize folds what depends on it "
+                   "(an If on a sample rate, a length). Repeatable.")
 @click.option("--verify", is_flag=True,
               help="Check every pass against onnxruntime on seeded random inputs; fail on a mismatch.")
 @click.option("--dump-after", multiple=True, metavar="PASS",
@@ -166,8 +170,8 @@ def _min_sqnr(ctx, param, value):
               help="Evaluation inputs for the quantization SQNR in report.json (default: all of --eval or the "
                    "held-out part of --calib up to 64, 4 for the VAE decoder; generated: 8, 2 for the VAE decoder; "
                    "0 skips the measurement and the floor).")
-def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_after, demo, force, quiet, json_result,
-                **pass_options):
+def compile_cmd(model, target, output, passes, plugin, shapes, consts, verify, dump_after, demo, force, quiet,
+                json_result, **pass_options):
     """Compile an ONNX MODEL for a target and write a build folder.
 
     The build folder holds model.onnx (the compiled graph, runnable by onnxruntime) and
@@ -182,7 +186,7 @@ def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_afte
         json_result = check_output_file(json_result, "--json-result")
     try:
         result = _compile(model, target, output, passes, plugin, shapes, verify, dump_after, demo, force, quiet,
-                          pass_options)
+                          pass_options, consts)
     except EdgefcError as e:
         if json_result is not None:
             _write_json_result(json_result, {"status": "error", "exit_status": getattr(e, "exit_status", 2),
@@ -204,9 +208,10 @@ def _write_json_result(path: Path, data: dict) -> None:
     write_text_file(path, json.dumps(data, indent=2) + "\n")
 
 
-def _compile(model, target, output, passes, plugin, shapes, verify, dump_after, demo, force, quiet, pass_options):
+def _compile(model, target, output, passes, plugin, shapes, verify, dump_after, demo, force, quiet, pass_options,
+             consts=()):
     import edgefc
-    from edgefc.ir import parse_shapes
+    from edgefc.ir import parse_consts, parse_shapes
     from edgefc.staging import check_output_folder
 
     if demo == (model is not None):
@@ -214,6 +219,7 @@ def _compile(model, target, output, passes, plugin, shapes, verify, dump_after, 
     for spec in plugin:
         edgefc.load_plugin(spec)
     shape_map = parse_shapes(shapes)
+    const_map = parse_consts(consts)
     pass_list = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
     target = edgefc.get_target(target)  # read and validated once; fails on an unknown target before any work
     if model is not None:
@@ -229,7 +235,7 @@ def _compile(model, target, output, passes, plugin, shapes, verify, dump_after, 
         pass_options["progress"] = False
     return edgefc.compile(model, target, output=output, passes=pass_list, shapes=shape_map, verify=verify,
                           dump_after=list(dump_after) or None, options=pass_options,
-                          progress=None if quiet else _progress, force=force,
+                          progress=None if quiet else _progress, force=force, consts=const_map,
                           provenance={"command": "edgefc " + " ".join(_argv()), "argv": _argv()})
 
 

@@ -17,6 +17,16 @@ from pathlib import Path
 def summary_lines(report: dict, profile: dict | None, build: Path | None = None) -> list[str]:
     """The summary of a compile, one line per topic (topics whose stage did not run are left out)."""
     lines = []
+    canon = report.get("canonicalize")
+    if isinstance(canon, dict):
+        lines += [f"warning:   {w}" for w in canon.get("warnings", [])]
+    sub = report.get("subgraphs")
+    if isinstance(sub, dict) and sub.get("nodes"):
+        nodes = sub["nodes"]
+        lines.append(f"note:      the bodies of {len(nodes)} control-flow node{'s' if len(nodes) != 1 else ''} "
+                     f"({', '.join(nodes[:3])}{', ...' if len(nodes) > 3 else ''}) are compiled as they are: "
+                     f"{len(sub.get('left_as_they_are_by', []))} passes rewrite the main graph only "
+                     f"(report.json subgraphs)")
     fusion = report.get("fusion")
     if isinstance(fusion, dict):
         lines.append("fusion:    " + _fusion(fusion))
@@ -26,6 +36,9 @@ def summary_lines(report: dict, profile: dict | None, build: Path | None = None)
     tiling = report.get("tiling")
     if isinstance(tiling, dict):
         lines.append("tiling:    " + _tiling(tiling))
+    checked = [r for r in report.get("passes") or [] if r.get("verify_rel_error") is not None]
+    if checked:
+        lines.append("verify:    " + _verify(checked))
     if profile is not None:
         lines.append("target:    " + _target(profile))
     if build is not None:
@@ -151,6 +164,13 @@ def _tiling(t: dict) -> str:
     if "budget_bytes" in t:
         out += f"; SRAM budget {_mib(t['budget_bytes'])}"
     return out
+
+
+def _verify(checked: list[dict]) -> str:
+    worst = max(checked, key=lambda r: r["verify_rel_error"])
+    return (f"{len(checked)} pass{'es' if len(checked) != 1 else ''} checked against onnxruntime on seeded random "
+            f"inputs (--verify), each within its tolerance; largest max rel error {worst['verify_rel_error']:.3g} "
+            f"({worst['name']})")
 
 
 def _target(p: dict) -> str:
