@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import precision as pr
+from edgefc.deployed_types import DeployedTypes
 from edgefc.errors import QuantizationError
 from edgefc.memory import release_memory
 from edgefc.passes import quant_policy as qp
@@ -45,11 +46,11 @@ def dequantize_weight(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray
 
 #: integer activation type -> (largest symmetric magnitude, levels - 1)
 INT_TYPES = {"int16": (qp.INT16_MAX, 65535.0), "int8": (qp.INT8_MAX, 255.0)}
-#: the ONNX element type of a (type, symmetric) activation: asymmetric INT8 is stored as uint8 with
-#: its zero point (the same grid as int8 with the zero point moved by 128), the form onnxruntime's
-#: CPU kernels take (its optimizer rewrites int8 activations to uint8 itself, and fails on int8 Q/DQ
-#: it moves across a Reshape/Unsqueeze).
-STORAGE = {("int16", True): np.int16, ("int16", False): np.int16, ("int8", True): np.int8, ("int8", False): np.uint8}
+#: the ONNX element type of a (type, symmetric) activation: INT8 is stored as uint8 with its zero
+#: point moved by 128 (the same grid; symmetric: zero point 128), the form onnxruntime's CPU kernels
+#: take (its optimizer rewrites int8 activations to uint8 itself, and then fails on the int8 Q/DQ it
+#: moves across a Reshape/Unsqueeze: "output_dtype INT8 does not match y_zero_point type UINT8").
+STORAGE = {("int16", True): np.int16, ("int16", False): np.int16, ("int8", True): np.uint8, ("int8", False): np.uint8}
 
 
 def activation_qparams(lo: float, hi: float, symmetric: bool, dtype: str = "int16") -> tuple[float, np.generic]:
@@ -61,11 +62,12 @@ def activation_qparams(lo: float, hi: float, symmetric: bool, dtype: str = "int1
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise QuantizationError("calibration produced a non-finite activation range (NaN/Inf in the model's outputs)")
+    middle = 0 if info.min < 0 else (info.max + 1) // 2
     if symmetric:
         a = max(-lo, hi)
-        return (a / qmax if a > 0 else 1.0 / qmax), np_type(0)
+        return (a / qmax if a > 0 else 1.0 / qmax), np_type(middle)
     if hi - lo <= 0:
-        return 1.0 / qmax, np_type(0 if info.min < 0 else -info.min)
+        return 1.0 / qmax, np_type(middle)
     scale = (hi - lo) / levels
     zp = int(np.clip(np.rint(info.min - lo / scale), info.min, info.max))
     return scale, np_type(zp)
@@ -82,7 +84,7 @@ def mean_axes(node: gs.Node, x: gs.Tensor) -> tuple[int, ...] | None:
     return None
 
 
-def _bias_shift(node: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+def bias_shift(node: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
     """Expected output shift E[(W_q - W) x] per output channel, from the input channel means."""
     if node.op in ("Conv", "FusedConv"):
         g = int(node.attrs.get("group", 1))
@@ -193,10 +195,11 @@ def _convert(node: gs.Node, dq: gs.Variable, scale: float, zp: np.generic, dtype
 
 def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, float]],
               means: dict[str, np.ndarray], policy: qp.QuantPolicy, headroom: dict[str, float] | None = None,
-              exact: set[str] = frozenset()) -> dict:
+              exact: set[str] = frozenset(), weight_cache: dict | None = None) -> dict:
     """Rewrite ``graph`` in place: INT8 weights, INT16/INT8 Q/DQ activations and their conversions,
     bias correction. ``ranges`` are the calibrated ranges of ``plan.calibrated``, widened by
-    ``headroom[type]`` (except the ``exact`` ones)."""
+    ``headroom[type]`` (except the ``exact`` ones). ``weight_cache`` (weight name -> quantized
+    weight) lets builds of several plans of one graph quantize each weight once."""
     headroom = headroom or {}
     by_name = {n.name: n for n in graph.nodes}
     new_nodes: list[gs.Node] = []
@@ -205,9 +208,15 @@ def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, 
     for node_name, idx, axis in plan.weights:
         node = by_name[node_name]
         w = node.inputs[idx]
-        wf = np.asarray(w.values, dtype=np.float32)
         if w.name not in done:
-            q, scale = quantize_weight(wf, axis)
+            key = (w.name, axis)
+            if weight_cache is not None and key in weight_cache:
+                q, scale, wf = weight_cache[key]
+            else:
+                wf = np.asarray(w.values, dtype=np.float32)
+                q, scale = quantize_weight(wf, axis)
+                if weight_cache is not None:
+                    weight_cache[key] = (q, scale, wf)
             base = w.name
             dq = gs.Variable(f"{base}__dq", dtype=np.float32, shape=list(wf.shape))
             new_nodes.append(gs.Node(
@@ -221,7 +230,7 @@ def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, 
         node.inputs[idx] = dq
         x = plan.bias_inputs.get(node_name)
         if delta is not None and x in means:
-            shift = _bias_shift(node, delta, np.asarray(means[x], dtype=np.float32))
+            shift = bias_shift(node, delta, np.asarray(means[x], dtype=np.float32))
             if shift is not None and np.any(shift):
                 if _apply_bias(graph, node, shift):
                     corrected += 1
@@ -259,12 +268,12 @@ def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, 
 
 def apply_plan(graph: gs.Graph, plan: qp.PrecisionPlan, qplan: qp.QdqPlan, ranges: dict[str, tuple[float, float]],
                means: dict[str, np.ndarray], policy: qp.QuantPolicy, headroom: dict[str, float] | None = None,
-               exact: set[str] = frozenset()) -> dict:
+               exact: set[str] = frozenset(), weight_cache: dict | None = None) -> dict:
     """Build ``plan`` into ``graph`` in place: the integer ops as Q/DQ (:func:`apply_qdq`), then the
     FP16 ops (:func:`edgefc.passes.fp16.convert_fp16` on them alone: FP16 weights, Casts in and out,
     priced as conversions), and the softmax internals of attention blocks the policy keeps wider
     (``edgefc.scores``). Returns the rewrite's counts."""
-    counts = apply_qdq(graph, qplan, ranges, means, policy, headroom, exact)
+    counts = apply_qdq(graph, qplan, ranges, means, policy, headroom, exact, weight_cache)
     fp16_ops = {n for n, p in plan.ops.items() if p == "fp16"}
     if fp16_ops:
         others = {n.name: "not fp16 in the plan" for n in graph.nodes if n.name not in fp16_ops}
@@ -274,4 +283,28 @@ def apply_plan(graph: gs.Graph, plan: qp.PrecisionPlan, qplan: qp.QdqPlan, range
     for node in graph.nodes:
         if node.name in plan.scores:
             pr.metadata(node)[pr.SCORES_KEY] = plan.scores[node.name]
+    counts["op_precisions"] = record_precisions(graph, {n for n, p in plan.ops.items() if p == "fp32"})
     return counts
+
+
+#: ops that convert between precisions (no precision of their own).
+CONVERSION_OPS = pr.QDQ_OPS | {"Cast", "CastLike"}
+
+
+def record_precisions(graph: gs.Graph, fp32_nodes: set[str]) -> dict[str, int]:
+    """Write the precision of every op onto it (:func:`edgefc.precision.set_op_precision`): FP32
+    for ``fp32_nodes`` (kept by the policy), else the precision its operands are stored at
+    (weights and activation inputs, after the rewrite); conversions (Cast, Q/DQ) and ops without
+    float operands get none. Returns the count per precision."""
+    types = DeployedTypes(graph)
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in CONVERSION_OPS:
+            continue
+        p = pr.operand_precision(types.operand_types(node))
+        if p is not None and node.name in fp32_nodes:
+            p = "fp32"
+        pr.set_op_precision(node, p)
+        if p is not None:
+            counts[p] = counts.get(p, 0) + 1
+    return dict(sorted(counts.items()))
