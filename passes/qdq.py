@@ -137,20 +137,23 @@ def _apply_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> bool:
     return False
 
 
-def _qdq_pair(base: str, t: gs.Tensor, scale: float, zp: np.generic, dtype: str, nodes: list) -> gs.Variable:
+def _qdq_pair(base: str, t: gs.Tensor, scale, zp, dtype: str, nodes: list, axis: int | None = None) -> gs.Variable:
     """QuantizeLinear -> DequantizeLinear of ``t`` at ``dtype`` (the zero point's numpy type is the
-    storage type); returns the dequantized tensor."""
+    storage type; vectors and ``axis``: one scale per slice along the axis); returns the
+    dequantized tensor."""
     np_type = np.asarray(zp).dtype.type
     sc = gs.Constant(f"{base}__scale", np.array(scale, dtype=np.float32))
     z = gs.Constant(f"{base}__zero_point", np.array(zp, dtype=np_type))
     q = gs.Variable(f"{base}__q{dtype[3:]}", dtype=np_type, shape=t.shape)
     dq = gs.Variable(f"{base}__dq", dtype=np.float32, shape=t.shape)
-    nodes.append(gs.Node("QuantizeLinear", name=f"{base}/QuantizeLinear", inputs=[t, sc, z], outputs=[q]))
-    nodes.append(gs.Node("DequantizeLinear", name=f"{base}/DequantizeLinear", inputs=[q, sc, z], outputs=[dq]))
+    attrs = {} if axis is None else {"axis": int(axis)}
+    nodes.append(gs.Node("QuantizeLinear", name=f"{base}/QuantizeLinear", inputs=[t, sc, z], outputs=[q], attrs=dict(attrs)))
+    nodes.append(gs.Node("DequantizeLinear", name=f"{base}/DequantizeLinear", inputs=[q, sc, z], outputs=[dq],
+                         attrs=dict(attrs)))
     return dq
 
 
-def _qdq(graph: gs.Graph, t: gs.Tensor, scale: float, zp: np.generic, dtype: str, skip: set[str],
+def _qdq(graph: gs.Graph, t: gs.Tensor, scale, zp, axis: int | None, dtype: str, skip: set[str],
          nodes: list) -> gs.Variable | None:
     """Insert QuantizeLinear -> DequantizeLinear (``dtype``) after ``t``; consumers (not ``skip``)
     read the dequantized tensor, which is returned. A graph output keeps its name on it."""
@@ -159,7 +162,7 @@ def _qdq(graph: gs.Graph, t: gs.Tensor, scale: float, zp: np.generic, dtype: str
     if not consumers and not is_output:
         return None
     base = t.name
-    dq = _qdq_pair(base, t, scale, zp, dtype, nodes)
+    dq = _qdq_pair(base, t, scale, zp, dtype, nodes, axis)
     for c in consumers:
         for i, x in enumerate(c.inputs):
             if x is t:
@@ -178,7 +181,7 @@ def _alias_root(t: gs.Tensor) -> gs.Tensor:
     return t
 
 
-def _convert(node: gs.Node, dq: gs.Variable, scale: float, zp: np.generic, dtype: str, cache: dict, nodes: list) -> bool:
+def _convert(node: gs.Node, dq: gs.Variable, scale, zp, axis: int | None, dtype: str, cache: dict, nodes: list) -> bool:
     """Rewire every input of ``node`` that reads ``dq`` (directly or through alias ops) to its
     requantisation at ``dtype`` (one per tensor and type, shared)."""
     changed = False
@@ -187,7 +190,7 @@ def _convert(node: gs.Node, dq: gs.Variable, scale: float, zp: np.generic, dtype
             continue
         key = (x.name, dtype)
         if key not in cache:
-            cache[key] = _qdq_pair(f"{x.name}__to_{dtype}", x, scale, zp, dtype, nodes)
+            cache[key] = _qdq_pair(f"{x.name}__to_{dtype}", x, scale, zp, dtype, nodes, axis)
         node.inputs[i] = cache[key]
         changed = True
     return changed
@@ -239,17 +242,32 @@ def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, 
     done.clear()
     release_memory()
 
-    def qparams(root: str, dtype: str) -> tuple[float, np.generic]:
+    tensors = graph.tensors()
+    segmented = concat_segments(graph, plan, ranges) if policy.rule("concat-segments") else {}
+
+    def one(root: str, dtype: str) -> tuple[float, np.generic]:
         lo, hi = ranges[root]
         h = 1.0 if root in exact else headroom.get(dtype, 1.0)
         symmetric = policy.activation_symmetric if dtype == "int16" else policy.int8_symmetric
         return activation_qparams(lo * h, hi * h, symmetric, dtype)
 
-    tensors = graph.tensors()
+    def qparams(name: str, dtype: str) -> tuple:
+        """(scale, zero point, axis) of tensor ``name`` at ``dtype``: its scale root's range, or one
+        scale per concatenated input (``concat-segments``)."""
+        root = plan.inherits.get(name, name)
+        if root in segmented:
+            root = name   # a per-axis source: its reader's own range (calibrated for every stored tensor)
+        if name in segmented:
+            axis, parts = segmented[name]
+            params = [(one(src, dtype), size) for src, size in parts]
+            scale = np.concatenate([np.full(size, sc, np.float32) for (sc, _), size in params])
+            zp = np.concatenate([np.full(size, z, np.asarray(z).dtype) for (_, z), size in params])
+            return scale, zp, axis
+        return (*one(root, dtype), None)
+
     dqs: dict[str, gs.Variable] = {}
     for name, dtype in plan.storage.items():
-        dq = _qdq(graph, tensors[name], *qparams(plan.inherits.get(name, name), dtype), dtype, plan.fp32_readers,
-                  new_nodes)
+        dq = _qdq(graph, tensors[name], *qparams(name, dtype), dtype, plan.fp32_readers, new_nodes)
         if dq is not None:
             dqs[name] = dq
     cache: dict = {}
@@ -258,12 +276,43 @@ def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, 
         if name not in dqs:
             continue
         for dtype, readers in by_type.items():
-            params = qparams(plan.inherits.get(name, name), dtype)
+            params = qparams(name, dtype)
             for r in readers:
                 converted += _convert(by_name[r], dqs[name], *params, dtype, cache, new_nodes)
     graph.nodes.extend(new_nodes)
     graph.toposort()
-    return {"bias_corrected_layers": corrected, "bias_correction_skipped": skipped, "conversions": len(cache)}
+    return {"bias_corrected_layers": corrected, "bias_correction_skipped": skipped, "conversions": len(cache),
+            **({"concat_segments": sorted(segmented)} if segmented else {})}
+
+
+def concat_segments(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, float]]) -> dict:
+    """Stored Concat outputs whose inputs' ranges differ by more than
+    :data:`~edgefc.passes.quant_policy.SEGMENT_RATIO`: tensor -> (axis, [(input's range root, size
+    along the axis)]) (rule ``concat-segments``)."""
+    out = {}
+    tensors = graph.tensors()
+    for name in plan.storage:
+        t = tensors.get(name)
+        node = t.inputs[0] if t is not None and t.inputs else None
+        if node is None or node.op != "Concat" or len(node.inputs) < 2 or t.shape is None:
+            continue
+        rank = len(t.shape)
+        axis = int(node.attrs.get("axis", 0)) % max(rank, 1)
+        parts = []
+        for x in node.inputs:
+            root = _alias_root(x).name if isinstance(x, gs.Variable) else None
+            root = plan.inherits.get(root, root)
+            shape = x.shape
+            if root not in ranges or shape is None or len(shape) != rank or not isinstance(shape[axis], (int, np.integer)):
+                parts = None
+                break
+            parts.append((root, int(shape[axis])))
+        if not parts:
+            continue
+        amax = [max(abs(ranges[r][0]), abs(ranges[r][1])) for r, _ in parts]
+        if min(amax) > 0 and max(amax) / min(amax) > qp.SEGMENT_RATIO:
+            out[name] = (axis, parts)
+    return out
 
 
 def apply_plan(graph: gs.Graph, plan: qp.PrecisionPlan, qplan: qp.QdqPlan, ranges: dict[str, tuple[float, float]],
