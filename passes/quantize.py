@@ -360,7 +360,7 @@ class Quantize(Pass):
                         report.update(details)
                         report["op_precisions"] = details["op_precisions"]
                 m, dep = built[4], built[5]
-                if state is not None:
+                if state is not None and (precision == "search" or "rescue" in report):
                     report["precision"] = pr.describe_plan(pr.recorded_plan(graph)) or precision
                 report["dtypes"] = dtype_summary(graph)
                 report.update(m.report())
