@@ -473,7 +473,8 @@ class Quantize(Pass):
         until the build meets the floor (:func:`edgefc.passes.precision_search.rescue_plan`)."""
         floor, progress = opts["floor"], opts["progress"]
         m = built[4]
-        attempts, changed = [], []
+        attempts = [{"layers_raised": 0, "sqnr_db": quant_eval.finite_db(m.worst_output[1])}]
+        changed = []
         count = 1
         for r in range(RESCUE_ROUNDS):
             if m.worst_output[1] >= floor or not m.layers:
@@ -491,7 +492,9 @@ class Quantize(Pass):
             m = built[4]
             attempts.append({"layers_raised": len(changed), "sqnr_db": quant_eval.finite_db(m.worst_output[1])})
             count *= 2
-        if attempts:
+            if len(attempts) >= 3 and m.worst_output[1] < max(a["sqnr_db"] or -1e9 for a in attempts[:-2]) + 0.5:
+                break   # two rounds without a gain: the loss is not in the layers' own errors
+        if changed:
             report["rescue"] = {"floor_db": floor, "rounds": attempts, "layers": changed,
                                 "met_floor": bool(m.worst_output[1] >= floor)}
         return built
