@@ -264,20 +264,37 @@ def raise_one(precision: str) -> str | None:
     return LADDER[i + 1] if i + 1 < len(LADDER) else None
 
 
-def rescue_plan(plan: qp.PrecisionPlan, layers: list, count: int) -> tuple[qp.PrecisionPlan, list[dict]]:
+def rescue_plan(plan: qp.PrecisionPlan, layers: list, count: int, graph: gs.Graph) -> tuple[qp.PrecisionPlan, list[dict]]:
     """``plan`` with the ``count`` worst ``layers`` (:class:`~edgefc.passes.quant_eval.LayerLoss`,
-    worst first) that can go higher each one precision higher; and what changed, with the reason."""
-    changes, notes = {}, []
+    worst first) that can go higher each one precision higher - and the ops that read its outputs
+    at least as high, so the layer's output is stored and read at the wider type too: a layer's own
+    error is that of its inputs, weights *and* output rounding; and what changed, with the reason."""
+    by_name = {n.name: n for n in graph.nodes}
+    changes: dict[str, str] = {}
+    notes = []
+
+    def current(name: str) -> str:
+        return changes.get(name, plan.ops[name])
+
     ranked = [x for x in layers if x.layer in plan.ops and raise_one(plan.ops[x.layer])]
     for rank, x in enumerate(ranked[:count], 1):
-        new = raise_one(plan.ops[x.layer])
+        new = raise_one(current(x.layer)) or current(x.layer)
         changes[x.layer] = new
+        readers = []
+        node = by_name.get(x.layer)
+        for t in (node.outputs if node is not None else []):
+            for r in qp.readers(t):
+                if r.name in plan.ops and LADDER.index(current(r.name)) < LADDER.index(new):
+                    changes[r.name] = new
+                    readers.append(r.name)
         notes.append({"layer": x.layer, "op": x.op, "from": plan.ops[x.layer], "to": new,
                       "reason": f"rescue: its own SQNR {x.sqnr_db:.1f} dB is the {_ordinal(rank)} lowest of "
-                                f"{len(layers)} layers"})
+                                f"{len(layers)} layers", **({"readers_raised": readers} if readers else {})})
     new_plan = plan.with_ops(changes, "rescue")
     for n in notes:
         new_plan.reasons[n["layer"]] = n["reason"]
+        for r in n.get("readers_raised", ()):
+            new_plan.reasons.setdefault(r, f"rescue: reads {n['layer']} at {n['to']}")
     new_plan.scores = {k: v for k, v in plan.scores.items() if new_plan.ops.get(k) == "w8a8"}
     return new_plan, notes
 

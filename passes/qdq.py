@@ -246,6 +246,10 @@ def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, 
     segmented = concat_segments(graph, plan, ranges) if policy.rule("concat-segments") else {}
 
     def one(root: str, dtype: str) -> tuple[float, np.generic]:
+        if root not in ranges and root in tensors:
+            # a view (Reshape ...) stored in its own right by this plan: its source's range, the same values
+            src = _alias_root(tensors[root]).name
+            root = plan.inherits.get(src, src)
         lo, hi = ranges[root]
         h = 1.0 if root in exact else headroom.get(dtype, 1.0)
         symmetric = policy.activation_symmetric if dtype == "int16" else policy.int8_symmetric

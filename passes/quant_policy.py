@@ -532,7 +532,7 @@ def plan_precisions(graph: gs.Graph, requested: str, policy: QuantPolicy, time_i
     return PrecisionPlan(requested, ops, reasons, kept, scores)
 
 
-def _readers(t: gs.Tensor) -> list[gs.Node]:
+def readers(t: gs.Tensor) -> list[gs.Node]:
     """The nodes that read ``t``'s values: its consumers, through alias ops (Reshape ...)."""
     out, stack = [], [t]
     while stack:
@@ -600,7 +600,7 @@ def plan_qdq(graph: gs.Graph, plan: PrecisionPlan, policy: QuantPolicy) -> QdqPl
 
     def decide(t: gs.Tensor, producer_precision: str | None) -> str | None:
         demand: dict[str, list[str]] = {}
-        for r in _readers(t):
+        for r in readers(t):
             p = ops.get(r.name)
             if p is None:
                 continue

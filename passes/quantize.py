@@ -479,7 +479,7 @@ class Quantize(Pass):
         for r in range(RESCUE_ROUNDS):
             if m.worst_output[1] >= floor or not m.layers:
                 break
-            plan, notes = precision_search.rescue_plan(state.plan, m.layers, count)
+            plan, notes = precision_search.rescue_plan(state.plan, m.layers, count, state.fp32)
             if not notes:
                 break
             if progress:
@@ -492,8 +492,9 @@ class Quantize(Pass):
             m = built[4]
             attempts.append({"layers_raised": len(changed), "sqnr_db": quant_eval.finite_db(m.worst_output[1])})
             count *= 2
-            if len(attempts) >= 3 and m.worst_output[1] < max(a["sqnr_db"] or -1e9 for a in attempts[:-2]) + 0.5:
-                break   # two rounds without a gain: the loss is not in the layers' own errors
+            best_before = max(a["sqnr_db"] or -1e9 for a in attempts[:-3]) if len(attempts) > 3 else None
+            if best_before is not None and max(a["sqnr_db"] or -1e9 for a in attempts[-3:]) < best_before + 0.1:
+                break   # three rounds without a gain: the loss is not in the layers' own errors
         if changed:
             report["rescue"] = {"floor_db": floor, "rounds": attempts, "layers": changed,
                                 "met_floor": bool(m.worst_output[1] >= floor)}
