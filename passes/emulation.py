@@ -1,4 +1,4 @@
-"""Precision plans measured without building each one (pass ``quantize``'s search and rescue,
+"""Precision plans measured without building each one (pass ``quantize``'s ``--precision search``,
 issue 20; the measurement itself is :mod:`edgefc.passes.quant_eval`'s).
 
 Building and loading a candidate build of a full-size U-Net costs onnxruntime a new session each
