@@ -25,7 +25,7 @@ from edgefc import ir
 from edgefc.errors import PassError
 from edgefc.pass_base import PassContext
 from edgefc.pass_manager import PassManager, PassRecord
-from edgefc.registry import expand, is_known, list_pipelines
+from edgefc.registry import insert_passes, is_known, list_pipelines
 from edgefc.staging import staging_dir
 from edgefc.target import Target, get_target
 
@@ -66,10 +66,12 @@ def compile(model: str | os.PathLike | gs.Graph, target: str | Target | None = "
             output: str | os.PathLike | None = None, passes: list[str] | None = None,
             shapes: dict[str, tuple[int, ...]] | None = None, verify: bool = False,
             dump_after: dict[str, str | os.PathLike] | None = None, options: dict | None = None,
-            progress=None) -> CompileResult:
+            progress=None, insert_after: dict | None = None, insert_before: dict | None = None) -> CompileResult:
     """Compile an ONNX model (path or Graph) for ``target``.
 
-    ``passes`` overrides the default pipeline; ``shapes`` fixes input shapes; ``verify`` checks
+    ``passes`` overrides the default pipeline; ``insert_after`` / ``insert_before`` place more
+    passes into it, ``{anchor: pass or [passes]}`` (``{"fuse-epilogue": "my-pass"}``, see
+    :func:`edgefc.registry.insert_passes`); ``shapes`` fixes input shapes; ``verify`` checks
     every pass against onnxruntime; ``dump_after`` names passes after which the graph is written
     (``<output>/after-<pass>.onnx``, or the paths given in a dict); ``options`` are pass options
     (``precision``, ``no_mlt``, ``sram_budget`` ...). With ``output`` the build folder is written
@@ -79,7 +81,7 @@ def compile(model: str | os.PathLike | gs.Graph, target: str | Target | None = "
     options["shapes"] = dict(shapes or {})
     tgt = get_target(target) if target is not None else None
     names = passes if passes is not None else default_pipeline(tgt, options)
-    expand(names)  # unknown passes fail before any work is done
+    names = insert_passes(names, after=insert_after, before=insert_before)  # unknown passes fail before any work
     PassManager(names).prepare(PassContext(target=tgt, options=dict(options)))  # and bad options
     source = None
     if isinstance(model, gs.Graph):

@@ -40,6 +40,22 @@ def _demo_model() -> Path:
     return path
 
 
+def _insertions(ctx, param, value) -> dict[str, list[str]]:
+    """--insert-after / --insert-before ANCHOR=PASS[,PASS]: anchor -> passes (one-line error, exit 2,
+    for a malformed value; unknown names fail in edgefc.compile before any work)."""
+    from edgefc.errors import PassError
+
+    table: dict[str, list[str]] = {}
+    for item in value:
+        anchor, sep, passes = item.partition("=")
+        names = [n.strip() for n in passes.split(",") if n.strip()]
+        if not sep or not anchor.strip() or not names:
+            raise PassError(f"--{param.name.replace('_', '-')} {item}: expected ANCHOR=PASS[,PASS...], "
+                            f"e.g. fuse-epilogue=my-pass")
+        table.setdefault(anchor.strip(), []).extend(names)
+    return table
+
+
 def _calib_file(ctx, param, value):
     """Fail before any compiling when --calib names no file (one line, exit 2)."""
     if value is not None and not value.is_file():
@@ -59,6 +75,11 @@ def _calib_file(ctx, param, value):
                                "e.g. canonicalize,fuse (fuse is the pipeline of every fusion pass).")
 @click.option("--plugin", multiple=True, metavar="FILE.py|MODULE",
               help="Import a file or module that registers passes (repeatable).")
+@click.option("--insert-after", "insert_after", multiple=True, metavar="ANCHOR=PASS[,PASS]", callback=_insertions,
+              help="Run PASS right after ANCHOR (a pass or pipeline of the pipeline being run), e.g. "
+                   "fuse-epilogue=fuse-hardswish with --plugin hardswish.py (repeatable).")
+@click.option("--insert-before", "insert_before", multiple=True, metavar="ANCHOR=PASS[,PASS]", callback=_insertions,
+              help="Run PASS right before ANCHOR, e.g. quantize=my-pass (repeatable).")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2x...",
               help="Static shape for an input, e.g. sample=1x4x64x64 (repeatable).")
 @click.option("--verify", is_flag=True,
@@ -91,7 +112,8 @@ def _calib_file(ctx, param, value):
               help="Keep matching nodes in FP32: node-name glob, re:REGEX or op type (repeatable).")
 @click.option("--eval-samples", type=click.IntRange(min=0), metavar="N",
               help="Held-out inputs for the quantization SQNR in report.json (default 8; 2 for the VAE; 0 skips).")
-def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_after, demo, **pass_options):
+def compile_cmd(model, target, output, passes, plugin, insert_after, insert_before, shapes, verify, dump_after, demo,
+                **pass_options):
     """Compile an ONNX MODEL for a target and write a build folder.
 
     The build folder holds model.onnx (the compiled graph, runnable by onnxruntime) and
@@ -113,7 +135,8 @@ def compile_cmd(model, target, output, passes, plugin, shapes, verify, dump_afte
         raise edgefc.ModelLoadError(f"model file not found: {model}")
     output = output or Path("build") / model.stem
     result = edgefc.compile(model, target, output=output, passes=pass_list, shapes=shape_map, verify=verify,
-                            dump_after=list(dump_after) or None, options=pass_options, progress=_progress)
+                            dump_after=list(dump_after) or None, options=pass_options, progress=_progress,
+                            insert_after=insert_after, insert_before=insert_before)
     for r in result.records:
         click.echo(f"  {r.name:<18} {r.seconds:8.2f} s  nodes {r.nodes_before} -> {r.nodes_after}")
     from edgefc.summary import build_summary
