@@ -125,7 +125,7 @@ def resolve_precision(precision: str, component: str | None) -> str:
     return AUTO_PRECISION.get(component or "", "fp32")
 
 
-class Pattern:
+class KeepPattern:
     """A ``--keep-fp32`` pattern: ``re:REGEX`` (searched in node names), else a glob matched
     against the node name or the op type (``Softmax``, ``*attn1*``, ``/unet/conv_out/*``)."""
 
@@ -148,7 +148,7 @@ class Pattern:
         return fnmatch.fnmatchcase(name, self.text) or fnmatch.fnmatchcase(node.op, self.text)
 
     def __repr__(self):
-        return f"Pattern({self.text!r})"
+        return f"KeepPattern({self.text!r})"
 
 
 @dataclass
@@ -169,7 +169,7 @@ class QuantPolicy:
         self.rules = {**{r: True for r in RULES}, **self.rules}
         if not self.activation_headroom >= 1.0:
             raise QuantizationError(f"activation_headroom must be at least 1 (got {self.activation_headroom})")
-        self.patterns = [Pattern(p) for p in self.keep_fp32]
+        self.patterns = [KeepPattern(p) for p in self.keep_fp32]
 
     def rule(self, name: str) -> bool:
         return bool(self.rules.get(name, True))
