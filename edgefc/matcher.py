@@ -85,9 +85,6 @@ class Match:
         except KeyError:
             return default
 
-    def tensor(self, value: Value) -> gs.Tensor:
-        return self._values[id(value)]
-
     def const(self, name: str) -> np.ndarray:
         """The values of a constant placeholder (or of any constant-bound placeholder)."""
         t = self.tensors[name]

@@ -8,8 +8,8 @@ eight fusion passes one by one, so ``--verify``, ``--dump-after``, timings and n
 each of them. :func:`insert_passes` places passes into a pipeline next to one of its passes
 (``--insert-after fuse-epilogue=my-pass``), so a user pass joins ``npu`` without spelling it out.
 
-Built-in passes (``edgefc.passes``) and targets (``edgefc.targets``) are imported here, lazily,
-the first time a lookup needs them; this is the only place core reaches into those packages.
+The built-in passes (``edgefc.passes``) are imported here, lazily, the first time a lookup needs
+them (as :mod:`edgefc.target` imports ``edgefc.targets``); core never imports them otherwise.
 User passes register themselves the same way the built-in ones do (``@edgefc.register_pass``),
 typically from a ``--plugin`` file.
 """

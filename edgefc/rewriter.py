@@ -194,19 +194,6 @@ class Rewriter:
             return Miss(f"{label(node)} was already rewritten", 0)
         return match(pattern, node, anchor, graph_outputs=self.graph_outputs, taken=self.removed)
 
-    def match_any(self, patterns: Sequence[Pattern], node: gs.Node, anchor: str | None = None) -> Match | Miss:
-        """The first pattern that matches at ``node`` (anchored at its node ``anchor`` where it
-        has one, else at its first node of ``node``'s op), else the deepest miss among them."""
-        best: Miss | None = None
-        for p in patterns:
-            anc = anchor if anchor is None or any(n.name == anchor for n in p.nodes) else None
-            m = self.match(p, node, anc)
-            if m:
-                return m
-            if best is None or m.depth > best.depth:
-                best = m
-        return best if best is not None else Miss("no pattern given")
-
     def bind(self, fusion: Fusion, node: gs.Node):
         """The match of ``fusion`` at ``node`` (its matcher, else its first pattern whose anchor
         takes ``node``'s op), else the deepest miss."""

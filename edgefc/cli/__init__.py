@@ -81,15 +81,28 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+#: the packages of the ``models`` extra (pyproject.toml): a companion command that needs one which is
+#: not installed says so in one line (the compiler commands never import them)
+MODELS_EXTRA = frozenset({"torch", "diffusers", "transformers", "accelerate", "safetensors", "onnxscript"})
+
+
 def main(argv=None):
-    """Entry point: run the CLI, turning user errors into one line and exit status 2; SIGTERM
-    cleans up like Ctrl-C and exits with status 143."""
+    """Entry point: run the CLI, turning user errors into one line and exit status 2 (a companion
+    command run without the ``models`` extra too); SIGTERM cleans up like Ctrl-C and exits with
+    status 143."""
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, standalone_mode=False)
     except EdgefcError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as e:
+        package = (e.name or "").split(".")[0]
+        if package not in MODELS_EXTRA:
+            raise
+        click.echo(f"error: this command needs the models extra ({package} is not installed): "
+                   f"pip install 'edgefc[models]'", err=True)
         sys.exit(2)
     except click.exceptions.Abort as e:
         if isinstance(e.__cause__, Terminated):
