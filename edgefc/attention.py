@@ -77,12 +77,12 @@ class Tiling:
 
 
 def row_granularity(target) -> int:
-    """The target's row granularity (``target.row_granularity``; the core interface's default is
-    1, rows not padded)."""
-    g = getattr(target, "row_granularity", None)
+    """The target's row granularity (``target.row_granularity`` of ``edgefc.target.Target``; the
+    interface's default is 1, rows not padded), checked to be a positive whole number."""
+    g = target.row_granularity
     if isinstance(g, (int, np.integer)) and not isinstance(g, bool) and g > 0:
         return int(g)
-    raise TargetError(f"target {getattr(target, 'name', target)!r} has no positive integer row_granularity (got {g!r})")
+    raise TargetError(f"target {target.name!r} has no positive integer row_granularity (got {g!r})")
 
 
 def padded_rows(q_len: int, granularity: int) -> int:

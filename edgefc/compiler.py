@@ -133,7 +133,7 @@ def write_build(result: CompileResult, output: Path, target: Target | None, ctx:
     tmp = tmp or staging_dir(output)
     try:
         ir.save(result.graph, tmp / "model.onnx")
-        if target is not None and hasattr(target, "write_artifacts"):
+        if target is not None:
             target.write_artifacts(result.graph, tmp, ctx, result.report)
         (tmp / "report.json").write_text(json.dumps(result.report, indent=2, default=_json_default) + "\n")
         if output.exists():

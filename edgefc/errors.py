@@ -46,5 +46,9 @@ class QuantizationError(EdgefcError):
     """Bad calibration data or quantization options."""
 
 
+class QualityFloorError(QuantizationError):
+    """A quantized build measures below its quality floor (``--min-sqnr``) on its evaluation inputs."""
+
+
 class BuildError(EdgefcError):
     """A build folder is missing or incomplete, or a lowering cannot proceed."""

@@ -61,6 +61,14 @@ def _fusion(f: dict) -> str:
     return out
 
 
+#: how the summary names each evaluation source (report.json ``quantization.eval_source``).
+EVAL_SOURCE_WORDS = {
+    "eval": "held-out real input{s} from --eval",
+    "calib-heldout": "real input{s} held out of --calib",
+    "generated": "generated input{s}",
+}
+
+
 def _precision(q: dict) -> str:
     out = str(q.get("precision"))
     if q.get("component"):
@@ -71,12 +79,20 @@ def _precision(q: dict) -> str:
     if sqnr is None:
         return out + f"; SQNR not measured ({q.get('reason_no_sqnr', 'no held-out inputs')})"
     n = len(q.get("sqnr_db_per_input") or [])
-    out += f"; SQNR {sqnr:.1f} dB vs FP32 (mean of {n} held-out input{'s' if n != 1 else ''}"
+    source = q.get("eval_source")
+    words = EVAL_SOURCE_WORDS.get(source, "held-out input{s}").format(s="s" if n != 1 else "")
+    out += f"; SQNR {sqnr:.1f} dB vs FP32 on {n} {words}"
     if q.get("sqnr_db_worst_input") is not None:
-        out += f", worst {q['sqnr_db_worst_input']:.1f} dB"
-    out += ")"
+        out += f" (worst input {q['sqnr_db_worst_input']:.1f} dB)"
     if q.get("cosine") is not None:
         out += f", cosine {q['cosine']:.6f}"
+    if q.get("conditioning") is not None:
+        out += f", conditioning {q['conditioning']:.3f} of FP32's"
+    if q.get("min_sqnr_db") is not None:
+        out += f"; floor {q['min_sqnr_db']:g} dB"
+    if source == "generated":
+        out += ("; NOTE: generated inputs, not a measurement on real data - record real ones with "
+                "`edgefc calibrate` (or your own .npz) and compile with --calib/--eval")
     return out
 
 

@@ -24,7 +24,7 @@ def _cost_model(target: str):
     from edgefc.target import get_target
 
     tgt = get_target(target)
-    if not hasattr(tgt, "profile"):
+    if not tgt.has_cost_model:
         raise TargetError(f"target '{tgt.name}' has no cost model, so --target cannot report NPU time.")
     from edgefc.build_folder import load_for_profile
 

@@ -11,10 +11,14 @@ then, until nothing changes:
   * ONNX shape inference (with data propagation), then constant and shape folding
     (:mod:`edgefc.folding`: ``Shape``/``Size`` of static tensors, ``If`` on a constant,
     constant subgraphs evaluated in onnxruntime);
-  * removal of dead nodes, Identity, Cast to the input's own type, and Reshape to the input's
-    own shape;
+  * removal of dead nodes, Identity, Dropout (inference: the identity; not when training_mode
+    is set or its mask is read), Cast to the input's own type, and Reshape to the input's own
+    shape;
   * topological order;
-and refuses (:class:`ShapeError`) a model with a tensor whose shape is still not static, naming
+then folds per-channel scales and shifts into the convolution before them
+(:mod:`edgefc.passes.fold_affine`: BatchNormalization into Conv / ConvTranspose / Gemm, a
+constant Mul / Div / Add / Sub into Conv / ConvTranspose, any other BatchNormalization into a
+Mul and an Add; counts in ``report.json`` ``canonicalize.folded``), and refuses (:class:`ShapeError`) a model with a tensor whose shape is still not static, naming
 the node and the inputs whose values decide it (``Unique``, ``NonZero``, a ``Reshape`` to a
 shape given as an input ...).
 Emits: the same computation with only static shapes, which TVM Relax's ONNX importer needs
@@ -33,6 +37,7 @@ from edgefc import folding, ir, opset
 from edgefc.errors import ShapeError
 from edgefc.graph_edit import bypass
 from edgefc.pass_base import Pass, PassContext
+from edgefc.passes.fold_affine import fold_affine
 from edgefc.registry import register_pass
 
 
@@ -94,9 +99,17 @@ def check_static(graph: gs.Graph) -> None:
                              f"'{node.name}'); edgefc compiles models whose shapes are known at compile time")
 
 
-def _is_noop(node: gs.Node) -> bool:
+def _is_noop(node: gs.Node, graph_outputs: set[str] = frozenset()) -> bool:
     if node.op == "Identity":
         return True
+    if node.op == "Dropout":
+        # inference: Dropout is the identity unless training_mode is true at run time; its mask
+        # output (when anything reads it) is not
+        training = node.inputs[2] if len(node.inputs) > 2 else None
+        mask = node.outputs[1] if len(node.outputs) > 1 else None
+        return ((training is None or not training.name
+                 or (isinstance(training, gs.Constant) and not bool(np.asarray(training.values).any())))
+                and (mask is None or not mask.name or (not mask.outputs and mask.name not in graph_outputs)))
     if node.op == "Cast" and node.inputs and node.inputs[0].dtype is not None:
         to = onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
         return np.dtype(node.inputs[0].dtype) == np.dtype(to)
@@ -129,7 +142,8 @@ class Canonicalize(Pass):
             ir.infer_shapes(graph)
             folding.fold(graph)
             graph.cleanup(remove_unused_graph_inputs=False)
-            for node in [n for n in graph.nodes if _is_noop(n)]:
+            outputs = {t.name for t in graph.outputs}
+            for node in [n for n in graph.nodes if _is_noop(n, outputs)]:
                 bypass(graph, node)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
             ir.infer_shapes(graph)
@@ -137,4 +151,9 @@ class Canonicalize(Pass):
             if after == before:
                 break
         check_static(graph)
+        folded = fold_affine(graph)
+        if folded:
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            ir.infer_shapes(graph)
+        ctx.report.setdefault("canonicalize", {})["folded"] = folded
         return graph

@@ -37,15 +37,12 @@ def activation(p: Pattern, z, act: Activation):
 
 def epilogue_capable(target) -> bool:
     """Whether ``target`` runs elementwise epilogues (activation, residual add) inside the kernel
-    of the tensor-engine op they follow. A target may say so with a ``fuses_epilogues``
-    attribute or method; otherwise NPU targets can and other targets cannot. With no target
-    (a target-free compile) the fusion is made: it keeps the graph exact either way."""
+    of the tensor-engine op they follow: its ``fuses_epilogues`` (``edgefc.target.Target``; NPU
+    targets do unless they say otherwise). With no target (a target-free compile) the fusion is
+    made: it keeps the graph exact either way."""
     if target is None:
         return True
-    cap = getattr(target, "fuses_epilogues", None)
-    if cap is not None:
-        return bool(cap() if callable(cap) else cap)
-    return bool(getattr(target, "is_npu", False))
+    return bool(target.fuses_epilogues)
 
 
 def per_channel(values: np.ndarray, channels: int, rank: int) -> np.ndarray | None:

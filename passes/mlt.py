@@ -21,8 +21,8 @@ cost model and the TVM lowering read the two attributes and price/emit per-tile 
 (its body and numpy numerics) is ``passes/tiled_attention.py``; this module is the pass.
 
 Budget: ``--sram-budget BYTES|xKiB|xMiB`` (``ctx.options["sram_budget"]``), at most the target's
-SRAM; by default the target's SRAM minus a reserve (``tile_solver.sram_reserve``: the target's
-``sram.reserve_bytes``, else 1/16 of the SRAM). With an explicit budget, an attention that no tiling
+SRAM; by default the target's SRAM minus a reserve (``target.sram.tiles``: the target file's
+``sram.reserve_bytes`` left to what else is live). With an explicit budget, an attention that no tiling
 fits is an error naming the smallest budget that works; with the default budget it is left untiled
 and reported. ``--no-mlt`` (``ctx.options["no_mlt"]``) removes the pass from the default pipeline
 (and makes an explicitly listed ``mlt`` a no-op).
@@ -98,13 +98,12 @@ def deployed_act_dtype(tensor: gs.Tensor, precision: str | None = None) -> str:
 def _budget(ctx: PassContext, target) -> tuple[int, str]:
     raw = ctx.option("sram_budget")
     if raw is None:
-        reserve = tile_solver.sram_reserve(target)
         return tile_solver.default_budget(target), (
-            f"target SRAM {target.sram_bytes} bytes minus reserve {reserve} bytes")
+            f"target SRAM {target.sram.total} bytes minus reserve {target.sram.reserve} bytes")
     budget = tile_solver.parse_budget(raw)
-    if budget > target.sram_bytes:
+    if budget > target.sram.total:
         raise PassError(f"--sram-budget {tile_solver.fmt_bytes(budget)} exceeds the SRAM of target "
-                        f"'{target.name}' ({tile_solver.fmt_bytes(target.sram_bytes)}); to study a larger SRAM, "
+                        f"'{target.name}' ({tile_solver.fmt_bytes(target.sram.total)}); to study a larger SRAM, "
                         f"use a target file with a larger sram.bytes")
     return budget, "--sram-budget"
 
@@ -137,17 +136,17 @@ class ModelLevelTiling(Pass):
         if ctx.option("no_mlt", False):
             report["skipped"] = "disabled by --no-mlt"
             return graph
-        if target is None or not getattr(target, "is_npu", False):
+        if target is None or not target.is_npu:
             report["skipped"] = "no NPU target"
             return graph
-        if not tile_solver.has_cost_model(target):
+        if not target.has_cost_model:
             report["skipped"] = (f"target '{target.name}' has no attention cost model "
                                  f"(attention_cycles / attention_sram_bytes)")
             return graph
         budget, source = _budget(ctx, target)
         explicit = ctx.option("sram_budget") is not None
         g = row_granularity(target)
-        report.update({"budget_bytes": budget, "budget_source": source, "sram_bytes": int(target.sram_bytes),
+        report.update({"budget_bytes": budget, "budget_source": source, "sram_bytes": int(target.sram.total),
                        "row_granularity": g})
         precision = ctx.option("precision")
         changed = False
@@ -221,7 +220,7 @@ def explain_tiling(graph: gs.Graph, target, budget=None, precision: str | None =
 
     ``budget``: bytes or a ``--sram-budget`` string; default the target's default budget.
     """
-    if not tile_solver.has_cost_model(target):
+    if not target.has_cost_model:
         raise PassError(f"target '{target.name}' has no attention cost model (attention_cycles / attention_sram_bytes)")
     budget = tile_solver.default_budget(target) if budget is None else tile_solver.parse_budget(budget)
     tables = []

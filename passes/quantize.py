@@ -12,10 +12,17 @@ Options (``edgefc compile`` flags -> ``ctx.options``):
   ``component``      ``text-encoder`` | ``unet`` | ``vae-decoder``; by default detected from the
                      input names (sample+timestep+encoder_hidden_states, input_ids, latent_sample);
   ``calib``          a ``.npz`` of calibration inputs (else generated per component);
+  ``eval_file``      a ``.npz`` of held-out evaluation inputs (``--eval``; else the last quarter of
+                     ``calib``, else generated: :func:`edgefc.passes.calibration.choose_inputs`);
+  ``min_sqnr``       the quality floor in dB (``--min-sqnr``; default
+                     :data:`edgefc.passes.quant_eval.DEFAULT_MIN_SQNR_DB`, ``-inf`` for none): a build
+                     whose worst float output measures below it on the evaluation inputs fails the
+                     compile (one line naming the worst layers) instead of being written;
   ``calib_method``   ``minmax`` (default) | ``percentile`` | ``mse`` (activation ranges);
   ``calib_samples``  how many calibration inputs (default per component, see calibration.py);
   ``keep_fp32``      node-name globs / ``re:`` regexes / op types kept in FP32 (repeatable);
-  ``eval_samples``   held-out inputs for the SQNR (0 skips the check);
+  ``eval_samples``   evaluation inputs for the SQNR (default: every one of a file up to a cap, else
+                     8 generated; 0 skips the measurement and the floor);
   Python API only: ``quant_policy`` (a :class:`~edgefc.passes.quant_policy.QuantPolicy`),
   ``calib_percentile`` (default 99.999), ``calib_chunk_mb`` (histogram chunk size, 512).
 
@@ -30,13 +37,17 @@ input channel: "bias correction", Nagel et al. 2019). For **FP16**: :mod:`edgefc
 
 Report (``ctx.report["quantization"]``): ``precision``, ``component``, the calibration used,
 ``dtypes`` (per-tensor deployed types: counts and bytes of weights and activations), what was
-kept in higher precision and why, ``sqnr_db`` (whole model: mean over the held-out inputs of
-10 log10(sum ref^2 / sum (ref - out)^2) over all float outputs), ``sqnr_db_per_input``,
-``cosine`` (mean; ``cosine_per_input``), and ``worst_layers``: the ten layers with the lowest
-per-layer SQNR - each layer run in its deployed precision on the FP32 model's own activations
-(its quantized inputs, weights and output), so each figure is that layer's own error, summed over
-the first two held-out inputs (these probes double the reference's compute). Held-out inputs come
-from the calibration generator with another seed (U-Net: timesteps evenly spanning 0..999).
+kept in higher precision and why, ``eval_source`` (``eval`` | ``calib-heldout`` | ``generated``),
+``min_sqnr_db`` (the floor the build was held to), and the figures of
+:class:`edgefc.passes.quant_eval.Measurement`: ``sqnr_db`` (10 log10(sum ref^2 / sum (ref - out)^2)
+over every evaluation input pooled, first float output), ``sqnr_db_per_output``,
+``sqnr_db_per_input``, ``cosine``, ``conditioning`` (U-Net with an empty-prompt embedding in its
+inputs: how much the text still steers the build, 1 = as much as FP32), and ``worst_layers``: the
+ten layers with the lowest per-layer SQNR - each layer run in its deployed precision on the FP32
+model's own activations (its quantized inputs, weights and output), so each figure is that layer's
+own error, summed over the first two evaluation inputs (these probes double the reference's
+compute). Generated evaluation inputs come from the calibration generator with another seed
+(U-Net: timesteps evenly spanning 0..999).
 
 Modules: :mod:`~edgefc.passes.quant_policy` (what stays in higher precision),
 :mod:`~edgefc.passes.calibration` (which inputs), :mod:`~edgefc.passes.calib_stats` and
@@ -54,6 +65,7 @@ probed tensor at once. Full-size BK-SDM-Tiny U-Net: the whole default compile pe
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -93,6 +105,10 @@ def _options(ctx: PassContext) -> dict:
     evals = o.get("eval_samples")
     if evals is not None and int(evals) < 0:
         raise QuantizationError(f"--eval-samples must be 0 or more (got {evals})")
+    floor = o.get("min_sqnr")
+    floor = quant_eval.DEFAULT_MIN_SQNR_DB if floor is None else float(floor)
+    if math.isnan(floor) or floor == math.inf:
+        raise QuantizationError(f"--min-sqnr must be a number of dB or -inf (got {floor})")
     keep = o.get("keep_fp32") or ()
     if isinstance(keep, str):
         keep = [keep]
@@ -109,6 +125,7 @@ def _options(ctx: PassContext) -> dict:
     return {
         "precision": precision, "component": component, "calib": o.get("calib"), "method": method,
         "samples": None if samples is None else int(samples), "eval": None if evals is None else int(evals),
+        "eval_file": o.get("eval_file"), "floor": floor,
         "policy": policy, "percentile": percentile,
         "chunk_bytes": int(float(o.get("calib_chunk_mb") or 512) * (1 << 20)),
         "progress": bool(o.get("progress", True)),
@@ -188,6 +205,8 @@ class QuantizeOptions:
     precision: str | None = None
     component: str | None = None
     calib: Path | None = None           # a .npz of calibration inputs
+    eval_file: Path | None = None       # a .npz of held-out evaluation inputs (--eval)
+    min_sqnr: float | None = None       # the quality floor in dB (--min-sqnr; -inf: none)
     calib_method: str | None = None
     calib_samples: int | None = None
     keep_fp32: tuple[str, ...] = ()
@@ -229,31 +248,32 @@ class Quantize(Pass):
         detach_from_proto(graph)
         progress = opts["progress"]
         start = time.perf_counter()
-        n_calib = opts["samples"] or cal.DEFAULT_CALIB_SAMPLES.get(component, cal.DEFAULT_CALIB_SAMPLES[None])
-        n_eval = opts["eval"] if opts["eval"] is not None else cal.DEFAULT_EVAL_SAMPLES.get(component, 4)
-        if opts["calib"]:
-            samples, calib_info = cal.load_npz(opts["calib"], graph, opts["samples"])
-        else:
-            samples, calib_info = cal.generate(graph, component, n_calib, cal.CALIB_SEED)
+        samples, calib_info, evals = cal.choose_inputs(graph, component, calib=opts["calib"], eval_file=opts["eval_file"],
+                                                       calib_samples=opts["samples"], eval_samples=opts["eval"])
         calib_info["method"] = opts["method"] if precision == "w8a16" else "minmax (FP16 overflow guard)"
-        heldout, heldout_info = cal.generate(graph, component, n_eval, cal.HELDOUT_SEED, evenly=True)
+        report["eval_source"] = evals.source
+        report["min_sqnr_db"] = opts["floor"] if math.isfinite(opts["floor"]) else None
         with tempfile.TemporaryDirectory(prefix="edgefc-quant-") as tmp:
             ref = DiskModel(graph, tmp, "reference")
             if precision == "w8a16":
                 details, aliases = self._w8a16(graph, ctx, ref, samples, opts, calib_info)
             else:
                 details, aliases = self._fp16(graph, ref, samples, opts, calib_info)
+            del samples
             report["calibration"] = calib_info
             report.update(details)
             report["dtypes"] = dtype_summary(graph)
-            if n_eval > 0:
+            if evals.samples:
+                reference = quant_eval.Reference.compute(ref, evals, progress)
                 dep = DiskModel(graph, tmp, "deployed")
-                ev = quant_eval.evaluate(ref, dep, aliases, heldout, progress)
-                ev["eval_inputs"] = {k: v for k, v in heldout_info.items() if k != "source"}
-                report.update(ev)
+                m = quant_eval.measure(reference, dep, aliases, progress=progress)
+                report.update(m.report())
+                report["seconds"] = round(time.perf_counter() - start, 2)
+                ctx.report["quantization"] = report
+                quant_eval.check_floor(m, opts["floor"], precision)
             else:
                 report["sqnr_db"] = None
-                report["reason_no_sqnr"] = "--eval-samples 0"
+                report["reason_no_sqnr"] = "--eval-samples 0: not measured, and the --min-sqnr floor not checked"
         report["seconds"] = round(time.perf_counter() - start, 2)
         ctx.report["quantization"] = report
         return graph

@@ -38,8 +38,9 @@ from edgefc.errors import BuildError
 from edgefc.targets.attention_block import attention_io_bytes, attention_sram_bytes, lower_attention
 from edgefc.targets.blocks import block_of, component_of
 from edgefc.targets.deployed_types import DeployedTypes
-from edgefc.targets.geometry import BYTES, Geometry, contraction, pad, precision_key
-from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place
+from edgefc.targets.description import Architecture
+from edgefc.targets.geometry import BYTES, contraction, pad, precision_key
+from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place, vector_passes
 from edgefc.targets.program import Command, OpInfo, Program
 
 PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
@@ -99,19 +100,19 @@ def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
         raise BuildError(f"cannot lower attention '{node.name}': {e}") from None
 
 
-def lower(graph: gs.Graph, target, precision: str = "as-built") -> Program:
-    """Lower a (canonicalized, fused) graph to a Program for ``target`` at ``precision``."""
+def lower(graph: gs.Graph, arch: Architecture, precision: str = "as-built") -> Program:
+    """Lower a (canonicalized, fused) graph to a Program for the architecture ``arch`` at ``precision``."""
     if precision not in PRECISION_CHOICES:
         raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISION_CHOICES)})")
-    geo = Geometry.from_target(target)
-    prog = _Lowering(graph, geo, precision).run()
+    prog = _Lowering(graph, arch, precision).run()
     # Weights that fit in SRAM beside the activations stay there across inferences: loaded once
     # with the model (outside a timed inference, as MLPerf's steady-state latency measures it),
     # not streamed per op. The activations then get the SRAM the weights leave.
     total_w = prog.weight_bytes
-    if geo.resident_weights and 0 < total_w and total_w + prog.sram_peak_bytes <= geo.sram_bytes - geo.weight_buffer_bytes:
-        resident = _Lowering(graph, geo, precision, resident_weights=total_w).run()
-        if resident.sram_peak_bytes + total_w <= geo.sram_bytes - geo.weight_buffer_bytes:
+    room = arch.sram.activations
+    if arch.resident_weights and 0 < total_w and total_w + prog.sram_peak_bytes <= room:
+        resident = _Lowering(graph, arch, precision, resident_weights=total_w).run()
+        if resident.sram_peak_bytes + total_w <= room:
             return resident
     return prog
 
@@ -122,16 +123,17 @@ _NEVER = 1 << 62
 class _Lowering:
     """One pass over the nodes in order, emitting commands and deciding residency."""
 
-    def __init__(self, graph: gs.Graph, geo: Geometry, precision: str, resident_weights: int = 0):
-        self.graph, self.geo, self.precision = graph, geo, precision
+    def __init__(self, graph: gs.Graph, arch: Architecture, precision: str, resident_weights: int = 0):
+        self.graph, self.arch, self.precision = graph, arch, precision
         self.resident_weights = int(resident_weights)
         self.types = DeployedTypes(graph, precision)
         self.prog = Program(precision=precision, component=component_of(graph))
-        self.budget = geo.sram_bytes - geo.weight_buffer_bytes - self.resident_weights
+        self.budget = arch.sram.activations - self.resident_weights
         self.loops = 0
         self.io: dict[str, tuple[int, int]] = {}   # alias root -> (DRAM bytes, run) of attention operands
         self.size: dict[str, int] = {}
         self._names: dict[int, str] = {}
+        self.graph_outputs = frozenset(t.name for t in graph.outputs)
 
     def nm(self, node: gs.Node) -> str:
         """The node's name in the Program (``placement.node_names``)."""
@@ -139,7 +141,7 @@ class _Lowering:
 
     def classify(self, node: gs.Node, name: str) -> str:
         """The node's kind (``edgefc.targets.placement.place``), recorded in the Program."""
-        kind, reason = place(node, self.types, self.geo.dtypes)
+        kind, reason = place(node, self.types, self.arch.tensor.dtypes, self.arch.ops, self.graph_outputs)
         if kind == "attention":
             try:  # an attention the NPU block does not take (grouped heads, past key/value): the host runs it
                 attention_spec(node, "fp16")
@@ -170,7 +172,7 @@ class _Lowering:
             if kind == "attention":
                 spec = attention_spec(n, types.of(n.inputs[0]))
                 specs[self.nm(n)] = spec
-                io = attention_io_bytes(spec, self.geo)
+                io = attention_io_bytes(spec, self.arch)
                 for key, t in zip(("q", "k", "v", "out"), list(n.inputs[:3]) + [n.outputs[0]]):
                     self.io[types.find(t.name)] = (io[key][0], 0)
         pinned = set(self.io)
@@ -232,10 +234,11 @@ class _Lowering:
                     spec, tiling = specs[self.nm(node)], tiling_from_node(node)
                     built_g = granularity_from_node(node)
                     info.attention = (spec, tiling)
-                    need = min(attention_sram_bytes(spec, tiling, self.geo, built_g), self.geo.sram_bytes)
+                    limit = self.arch.sram.attention
+                    need = min(attention_sram_bytes(spec, tiling, self.arch, built_g), limit)
                     # the block's tiles take the SRAM they need: evict what is live, furthest use first
                     for r in sorted(resident, key=lambda r: -next_use(r, i)):
-                        if sum(resident.values()) + need <= self.geo.sram_bytes:
+                        if sum(resident.values()) + need <= limit:
                             break
                         if r not in in_dram:
                             self._dma("store", node, r, spill=True)
@@ -244,7 +247,7 @@ class _Lowering:
                         del resident[r]
                     for r in act_in[3:]:   # a mask input: read once from DRAM
                         self._dma("load", node, r, spill=False)
-                    prog.commands.extend(lower_attention(spec, tiling, self.geo, granularity=built_g, op=self.nm(node), op_type=node.op,
+                    prog.commands.extend(lower_attention(spec, tiling, self.arch, granularity=built_g, op=self.nm(node), op_type=node.op,
                                                          loop_base=self.loops))
                     self.loops += 1 << 20
                     peak = max(peak, sum(resident.values()) + need)
@@ -290,11 +293,11 @@ class _Lowering:
                 # in a cascade the op runs once per row stripe; weights that do not stay in the
                 # weight buffer are fetched again for every stripe
                 stripe = sum(self.size[r] for r in act_in if r in cascaded) + sum(self.size[r] for r in casc_out)
-                tiles = max(1, -(-stripe // max(self.budget, 1))) if wbytes > self.geo.weight_buffer_bytes else 1
+                tiles = max(1, -(-stripe // max(self.budget, 1))) if wbytes > self.arch.sram.weight_buffer else 1
                 prog.emit(Command("load", self.nm(node), node.op, tensor=f"{self.nm(node)}:weights", bytes=wbytes,
                                   repeat=int(tiles)))
             prog.emit(self.tensor_command(node) if kind == "tensor" else self.vector_command(node))
-            peak = max(peak, working_set() + (0 if self.resident_weights else min(wbytes, self.geo.weight_buffer_bytes)))
+            peak = max(peak, working_set() + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
             for r in act_in:
                 if r in streamed:
                     resident.pop(r, None)
@@ -331,7 +334,7 @@ class _Lowering:
         (Vela's cascading): only a stripe of ``r`` is ever in SRAM, and it never goes to DRAM."""
         if r in keep or node.op not in STREAM_PRODUCERS or not uses.get(r):
             return False
-        if not self.geo.cascade and (len(uses[r]) != 1 or any(kinds[k] != "none" for k in range(i + 1, uses[r][0]))):
+        if not self.arch.cascade and (len(uses[r]) != 1 or any(kinds[k] != "none" for k in range(i + 1, uses[r][0]))):
             return False   # without cascades: a two-op hand-off to the very next op only
         last = uses[r][-1]
         for k in range(i + 1, last + 1):
@@ -375,7 +378,7 @@ class _Lowering:
     def tensor_command(self, node: gs.Node) -> Command:
         """MACs, padded MACs (rows to the row granularity, input and output channels to the
         channel granularity) and the output elements of a convolution or matmul."""
-        g, rg = self.geo.channel_granularity, self.geo.row_granularity
+        g, rg = self.arch.tensor.channel_granularity, self.arch.tensor.row_granularity
         types = self.types
         x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
         xs, ws_, ys = _shape(x), _shape(w), _shape(y)
@@ -418,4 +421,4 @@ class _Lowering:
         x = node.inputs[0] if node.op in INPUT_SIZED or not node.outputs else node.outputs[0]
         width = min(BYTES[self.types.of(x)], 4)
         return Command("vector", self.nm(node), node.op, elements=int(elements),
-                       passes=self.geo.vector_passes(node.op), dispatches=1, elem_bytes=width)
+                       passes=vector_passes(node, self.arch.vector.passes), dispatches=1, elem_bytes=width)

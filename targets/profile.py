@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from edgefc.errors import TargetError
 from edgefc.targets import profile_views as views
+from edgefc.targets.cost_model import SCHEDULES, command_cycles
+from edgefc.targets.lowering import lower
 from edgefc.targets.profile_views import validation_line
 from edgefc.targets.program import ENGINES, Program
 from edgefc.targets.table6 import attention_breakdown, role_cycles
@@ -190,20 +193,16 @@ class Profile:
 
 def build_profile(target, graph, precision: str = "as-built", schedule: str = "overlap",
                   model: str = "") -> Profile:
-    """Lower ``graph`` for ``target`` at ``precision``, price every command, schedule them."""
-    from edgefc.targets.cost_model import SCHEDULES, command_cycles
-    from edgefc.targets.lowering import lower
-
+    """Lower ``graph`` for ``target`` (an :class:`~edgefc.targets.npu.NpuTarget`) at ``precision``,
+    price every command, schedule them."""
     if schedule not in SCHEDULES:
-        from edgefc.errors import TargetError
-
         raise TargetError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
-    program = lower(graph, target, precision)
-    p = target.params
-    cycles = [command_cycles(p, c) for c in program.commands]
-    tl = SCHEDULES[schedule]().run(program, cycles, p)
-    prof = Profile(target=target.name, clock_hz=p.clock_hz, program=program, cycles=cycles, starts=tl.starts,
+    arch = target.arch
+    program = lower(graph, arch, precision)
+    cycles = [command_cycles(arch, c) for c in program.commands]
+    tl = SCHEDULES[schedule]().run(program, cycles, arch)
+    prof = Profile(target=arch.name, clock_hz=arch.clock_hz, program=program, cycles=cycles, starts=tl.starts,
                    total_cycles=tl.total, idle=tl.idle, hidden=tl.hidden, schedule=schedule, model=model)
-    prof.attention_breakdown = attention_breakdown(target, program)
-    prof.validation = getattr(target, "validation", None)
+    prof.attention_breakdown = attention_breakdown(target, arch, program)
+    prof.validation = arch.validation
     return prof

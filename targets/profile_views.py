@@ -2,7 +2,8 @@
 per engine), CSV (per op), a Chrome/Perfetto trace (one track per engine plus DMA; tiled
 attention loops expanded tile by tile), a PNG (time by op type and by block, matplotlib Agg),
 and the text of the paper's Table 6 (:func:`format_breakdown`). The data itself is
-``targets/profile.py``; every file is written atomically (a temporary file, then a rename).
+``targets/profile.py`` (which imports this module, not the other way round: ``prof`` below is
+its ``Profile``); every file is written atomically (a temporary file, then a rename).
 """
 
 from __future__ import annotations
@@ -13,12 +14,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from edgefc.targets.program import ATTENTION_ROLES, Command
-
-if TYPE_CHECKING:
-    from edgefc.targets.profile import Profile
 
 TRACK_IDS = {"dma": 1, "tensor": 2, "vector": 3, "host": 4, "dispatch": 5}
 TRACK_NAMES = {"dma": "DMA (DRAM <-> SRAM)", "tensor": "tensor engines", "vector": "vector engines",
@@ -37,7 +34,7 @@ def validation_line(v: dict | None) -> str:
     return line
 
 
-def table(prof: Profile, top: int | None = 20, breakdown: bool = False) -> str:
+def table(prof, top: int | None = 20, breakdown: bool = False) -> str:
     """The terminal view: totals, engines, the top ops, residency, blocks [, Table 6]."""
     out = io.StringIO()
     d = prof.to_dict()
@@ -75,12 +72,12 @@ def table(prof: Profile, top: int | None = 20, breakdown: bool = False) -> str:
     return out.getvalue()
 
 
-def write_json(prof: Profile, path) -> None:
+def write_json(prof, path) -> None:
     """profile.json: :meth:`Profile.to_dict`."""
     _atomic_write(path, json.dumps(prof.to_dict(), indent=1) + "\n")
 
 
-def write_csv(prof: Profile, path) -> None:
+def write_csv(prof, path) -> None:
     """One row per op (the ``--csv`` view)."""
     buf = io.StringIO()
     wr = csv.writer(buf)
@@ -91,7 +88,7 @@ def write_csv(prof: Profile, path) -> None:
     _atomic_write(path, buf.getvalue())
 
 
-def trace_events(prof: Profile) -> list[dict]:
+def trace_events(prof) -> list[dict]:
     """Chrome trace events (``X`` complete events, microseconds), one track per engine."""
     us = 1e6 / prof.clock_hz
     events: list[dict] = [{"ph": "M", "pid": 1, "name": "process_name",
@@ -126,12 +123,12 @@ def trace_events(prof: Profile) -> list[dict]:
     return events
 
 
-def write_trace(prof: Profile, path) -> None:
+def write_trace(prof, path) -> None:
     """A Chrome/Perfetto trace file of :func:`trace_events`."""
     _atomic_write(path, json.dumps({"traceEvents": trace_events(prof), "displayTimeUnit": "ms"}) + "\n")
 
 
-def write_plot(prof: Profile, path, top: int = 15) -> None:
+def write_plot(prof, path, top: int = 15) -> None:
     """A PNG: time by op type and by block (matplotlib Agg)."""
     import matplotlib
 

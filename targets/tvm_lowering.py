@@ -302,9 +302,9 @@ def lower(model: onnx.ModelProto, program, progress=None, consume: bool = False)
     return Lowering(mod, programs, params, inputs, outputs, partition, seconds)
 
 
-def emit_tvm(graph, out_dir, ctx, report, program) -> None:
+def emit_tvm(graph, out_dir, ctx, report, program, arch) -> None:
     """``--emit tvm``: lower the compiled ``graph`` by its ``program`` (the one ``profile.json``
-    prices) and write the TVM build into ``out_dir``.
+    prices) and write the TVM build into ``out_dir``, the phone library for ``arch``'s host CPU.
 
     Adds ``report["partition"]`` (and ``ctx.report["partition"]``) and ``report["tvm"]``.
     """
@@ -316,4 +316,4 @@ def emit_tvm(graph, out_dir, ctx, report, program) -> None:
     find_cross_linker()  # no linker: fail before any work
     lowering = lower(ir.to_model(graph), program, progress=progress, consume=True)
     report["partition"] = ctx.report["partition"] = lowering.partition
-    report["tvm"] = write_build(lowering, Path(out_dir), ctx.target, progress=progress)
+    report["tvm"] = write_build(lowering, Path(out_dir), arch, progress=progress)

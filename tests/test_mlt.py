@@ -159,9 +159,9 @@ def test_onnx_body_builds_the_tiles_the_cost_model_prices(b, sq, skv, heads, dk,
     grid = tile_grid(sq, heads, tiling, g)
     inlined = onnx.inliner.inline_local_functions(model)
     (loop,) = [n for n in inlined.graph.node if n.op_type == "Loop"]
-    inlined.graph.output.append(helper.make_tensor_value_info(loop.output[0], TensorProto.FLOAT, None))
+    inlined.graph.output.append(helper.make_tensor_value_info(loop.output[-1], TensorProto.FLOAT, None))  # the scan output
     out = ort.run(inlined, {"Q": q, "K": k, "V": v})
-    assert out[loop.output[0]].shape == (grid.tiles, b, grid.heads, grid.rows, dv)
+    assert out[loop.output[-1]].shape == (grid.tiles, b, grid.heads, grid.rows, dv)
     assert np.abs(out["Y"] - edgefc.attention.reference(q, k, v, 0.3, "TopLeft" if causal else None, heads=heads)).max() <= 1e-5
     # the Program prices those tiles (rows padded to the target's granularity, real MACs exact)
     target = edgefc.get_target("exynos2400")
@@ -172,7 +172,7 @@ def test_onnx_body_builds_the_tiles_the_cost_model_prices(b, sq, skv, heads, dk,
     keys = [min(r1, skv) if causal and grid.row_tiles > 1 else skv for _, r1 in grid.row_bounds()]
     real = [r1 - r0 for r0, r1 in grid.row_bounds()]
     assert sum(c.total_macs for c in qk) == b * heads * dk * sum(r * k for r, k in zip(real, keys))
-    rg, cg = target.row_granularity, int(target["tensor.channel_granularity"])
+    rg, cg = target.row_granularity, target.arch.tensor.channel_granularity
     pad = lambda n, m: -(-n // m) * m
     assert {c.padded_macs for c in qk} == {grid.heads * pad(grid.rows, rg) * pad(k, cg) * pad(dk, cg) for k in keys}
 
@@ -273,11 +273,14 @@ def test_no_mlt_and_targets_without_cost_model(transformer):
     res = compile_fake(transformer, no_mlt=True)
     assert res.report["tiling"]["skipped"] == "disabled by --no-mlt"
     assert not any(n.op == "TiledAttention" for n in res.graph.nodes)
-    cpu = edgefc.Target()
+    class Cpu(edgefc.Target):
+        name = "cpu"
+
+    cpu = Cpu()
     assert edgefc.compile(transformer, None, passes=["mlt"]).report["tiling"]["skipped"] == "no NPU target"
     assert edgefc.compile(transformer, cpu, passes=["mlt"]).report["tiling"]["skipped"] == "no NPU target"
     bare = FakeNpu()
-    bare.attention_cycles = None
+    bare.has_cost_model = False
     assert "no attention cost model" in compile_fake(transformer, bare).report["tiling"]["skipped"]
 
 
@@ -440,7 +443,7 @@ def test_tiny_unet_tiled_matches_onnxruntime(tiny_models):
 def test_cli_profile_explain_tiling(tmp_path):
     import edgefc.cli as cli_mod
 
-    assert tile_solver.has_cost_model(edgefc.get_target("exynos2400"))
+    assert edgefc.get_target("exynos2400").has_cost_model
     path = tmp_path / "t.onnx"
     onnx.save_model(transformer_model(seq=1024, channels=320, heads=8, ctx_channels=768), str(path))
     res = CliRunner().invoke(cli_mod.cli, ["profile", str(path), "--explain-tiling", "--precision", "w8a16", "--top", "3"])
@@ -465,7 +468,7 @@ def test_full_size_self_attention_tile_by_tile():
     """The 64x64 self-attention of the BK-SDM-Tiny U-Net (8 heads x 4096 x 4096, head dim 40) at the
     real target's tiling: numpy tile by tile and onnxruntime's TiledAttention vs the untiled op."""
     tgt = edgefc.get_target("exynos2400")
-    assert tile_solver.has_cost_model(tgt)
+    assert tgt.has_cost_model
     spec = AttentionSpec("self64", 1, 8, 4096, 4096, 40, 40, "int16")
     sol = tile_solver.solve(spec, tgt, tile_solver.default_budget(tgt))
     assert sol.tiling.tiles > 1
@@ -492,3 +495,73 @@ def test_full_size_unet_tiled_matches_onnxruntime(full_unet):
     ref = ort.run(full_unet, feeds)
     for k in ref:
         assert np.abs(ref[k] - out[k]).max() <= 1e-4 * float(np.abs(ref[k]).max())
+
+
+# --- loading as users do: onnxruntime's default session options --------------------------------
+
+_LOAD_AND_RUN = """
+import sys, numpy as np, onnxruntime as ort
+path = sys.argv[1]
+feeds = dict(np.load(sys.argv[2]))
+outs = {}
+for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+    opts = ort.SessionOptions()          # the defaults a user gets (ORT_ENABLE_ALL), then none
+    opts.graph_optimization_level = level
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    outs[str(level)] = sess.run(None, feeds)[0]
+a, b = outs.values()
+print(float(np.abs(a - b).max()))
+"""
+
+
+def load_with_default_options(model_path, feeds, tmp_path) -> float:
+    """Create onnxruntime sessions of ``model_path`` in a child process (an abort must not end the
+    test run) with the default session options (all graph optimisations) and with none; both run
+    ``feeds``. Returns the max abs difference of their first outputs; fails naming the child's
+    exit status and last stderr line."""
+    import subprocess
+    import sys
+
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    proc = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(model_path), str(tmp_path / "feeds.npz")],
+                          capture_output=True, text=True, timeout=600, check=False)
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    assert proc.returncode == 0, f"onnxruntime exit status {proc.returncode}: {last}"
+    return float(proc.stdout.split()[-1])
+
+
+def dq_tiled_attention_model(b, sq, skv, heads, d, tiling) -> onnx.ModelProto:
+    """Q, K, V arrive as int16 and pass a DequantizeLinear each before a TiledAttention, as in a
+    W8A16 build: the pattern onnxruntime's QDQ propagation meets after inlining the function."""
+    attrs = {"q_num_heads": heads, "kv_num_heads": heads, "scale": 0.3, "is_causal": 0, "row_granularity": 1,
+             "row_tiles": tiling.row_tiles, "head_tiles": tiling.head_tiles}
+    nodes = [helper.make_node("DequantizeLinear", [f"{x}16", "s", "z"], [x], name=f"dq_{x}") for x in "QKV"]
+    nodes.append(helper.make_node("TiledAttention", ["Q", "K", "V"], ["Y"], domain="edgefc", name="attn", **attrs))
+    inits = [numpy_helper.from_array(np.float32(0.01), "s"), numpy_helper.from_array(np.int16(0), "z")]
+    graph = helper.make_graph(nodes, "dq_attention",
+                              [helper.make_tensor_value_info("Q16", TensorProto.INT16, [b, sq, heads * d]),
+                               helper.make_tensor_value_info("K16", TensorProto.INT16, [b, skv, heads * d]),
+                               helper.make_tensor_value_info("V16", TensorProto.INT16, [b, skv, heads * d])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [b, sq, heads * d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("edgefc", 1)],
+                              functions=[tiled_attention.tiled_attention_function_proto(23)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("tiling", [Tiling(2, 1), Tiling(2, 2), Tiling(1, 2)])
+def test_tiled_attention_behind_dequantize_loads_with_default_session_options(tmp_path, tiling):
+    """onnxruntime 1.32's QDQ propagation (a level-1 optimizer, on by default) moves a
+    DequantizeLinear forward through Reshape/Transpose; when such a tensor was read by the Loop
+    body as an outer-scope (implicit) value, it rewired an input index that does not exist and
+    aborted the process (issue 18 item 1). The body now hands the Loop its operands explicitly."""
+    model = dq_tiled_attention_model(1, 32, 16, 4, 8, tiling)
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    rng = np.random.default_rng(0)
+    feeds = {f"{x}16": rng.integers(-3000, 3000, (1, 32 if x == "Q" else 16, 32)).astype(np.int16) for x in "QKV"}
+    assert load_with_default_options(path, feeds, tmp_path) <= 1e-5
+    q, k, v = (feeds[f"{x}16"].astype(np.float32) * 0.01 for x in "QKV")
+    y = run_model(model, feeds)
+    assert np.abs(y - edgefc.attention.reference(q, k, v, 0.3, heads=4)).max() <= 1e-4

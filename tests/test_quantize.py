@@ -147,10 +147,15 @@ def test_timestep_domain_ranges_cover_unseen_timesteps(graphs, tmp_path, monkeyp
         s["timestep"] = np.array([300 + 80 * i], dtype=np.int64)
     path = tmp_path / "narrow.npz"
     np.savez(path, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
+    held, _ = cal.generate(g, "unet", 8, cal.HELDOUT_SEED, evenly=True)  # timesteps 0, 143, ... 999
+    ev = tmp_path / "eval.npz"
+    np.savez(ev, **{k: np.stack([s[k] for s in held]) for k in held[0]})
     policy = qp.QuantPolicy(activation_headroom=1.0, rules={"periodic-arguments": False})
-    _, good = quantize(g, precision="w8a16", calib=str(path), eval_samples=8, quant_policy=policy)
+    _, good = quantize(g, precision="w8a16", calib=str(path), eval_file=str(ev), eval_samples=8, quant_policy=policy,
+                       min_sqnr=-np.inf)
     monkeypatch.setattr(cal, "enumerable_input", lambda graph, component: None)
-    _, bad = quantize(g, precision="w8a16", calib=str(path), eval_samples=8, quant_policy=policy)
+    _, bad = quantize(g, precision="w8a16", calib=str(path), eval_file=str(ev), eval_samples=8, quant_policy=policy,
+                       min_sqnr=-np.inf)
     late = slice(5, 8)  # held-out timesteps 714, 856, 999: above every calibration timestep
     assert min(good["sqnr_db_per_input"][late]) > 20, (good["sqnr_db_per_input"], bad["sqnr_db_per_input"])
     assert max(bad["sqnr_db_per_input"][late]) < min(good["sqnr_db_per_input"][late]) - 4, (good["sqnr_db_per_input"], bad["sqnr_db_per_input"])
@@ -313,9 +318,12 @@ def test_calib_npz(graphs, tmp_path):
     path = tmp_path / "calib.npz"
     np.savez(path, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
     _, r = quantize(g, precision="w8a16", calib=str(path), eval_samples=1)
-    assert r["calibration"]["source"] == str(path) and r["calibration"]["samples"] == 3
-    _, r = quantize(g, precision="w8a16", calib=str(path), calib_samples=2, eval_samples=1)
-    assert r["calibration"]["samples"] == 2
+    # without --eval the last quarter (at least one sample) is held out: never used for ranges
+    assert r["calibration"]["source"] == str(path) and r["calibration"]["samples"] == 2
+    assert r["calibration"]["held_out_for_eval"] == 1 and r["eval_source"] == "calib-heldout"
+    assert r["eval_inputs"] == {"source": "calib-heldout", "file": str(path), "first": 2, "available": 1, "samples": 1}
+    _, r = quantize(g, precision="w8a16", calib=str(path), calib_samples=1, eval_samples=1)
+    assert r["calibration"]["samples"] == 1
     loaded, _ = cal.load_npz(path, g)
     assert len(loaded) == len(samples) == 3
     for a, b in zip(loaded, samples):

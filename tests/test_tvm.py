@@ -537,7 +537,7 @@ def test_host_fallback_has_reasons(tmp_path):
 def test_exynos2400_target_tag():
     import edgefc
 
-    target = tvm_build.phone_target(edgefc.get_target("exynos2400"))
+    target = tvm_build.phone_target(edgefc.get_target("exynos2400").arch)
     assert str(target.attrs["mtriple"]) == "aarch64-linux-gnu"
     assert str(target.attrs["mcpu"]) == "cortex-x4"
     assert int(target.attrs["num-cores"]) == 10

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgefc.errors import ExportError
+from edgefc.passes.quant_eval import DEFAULT_MIN_SQNR_DB
 
 DEMO_CACHE = Path.home() / ".cache" / "edgefc" / "demo"
 
@@ -57,11 +58,23 @@ def _insertions(ctx, param, value) -> dict[str, list[str]]:
 
 
 def _calib_file(ctx, param, value):
-    """Fail before any compiling when --calib names no file (one line, exit 2)."""
+    """Fail before any compiling when --calib / --eval names no file (one line, exit 2)."""
     if value is not None and not value.is_file():
         from edgefc.errors import QuantizationError
 
-        raise QuantizationError(f"calibration file not found: {value}")
+        what = "evaluation" if param.name == "eval_file" else "calibration"
+        raise QuantizationError(f"{what} file not found: {value}")
+    return value
+
+
+def _min_sqnr(ctx, param, value):
+    """--min-sqnr: a number of dB, or -inf for no floor (NaN / +inf are one-line errors)."""
+    if value is None:
+        return None
+    import math
+
+    if math.isnan(value) or value == math.inf:
+        raise click.BadParameter(f"{value} is not a floor; give a number of dB or -inf", param=param)
     return value
 
 
@@ -104,6 +117,15 @@ def _calib_file(ctx, param, value):
               help="Which model this is, for --precision auto and calibration data (default: from the input names).")
 @click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), callback=_calib_file, metavar="FILE.npz",
               help="Calibration inputs: one array per model input ([N, *shape]); default: generated per component.")
+@click.option("--eval", "eval_file", type=click.Path(dir_okay=False, path_type=Path), callback=_calib_file,
+              metavar="FILE.npz",
+              help="Held-out evaluation inputs (same format as --calib, e.g. CALIB/unet.eval.npz from `edgefc "
+                   "calibrate`): report.json's SQNR and the --min-sqnr floor are measured on them. Default: the "
+                   "last quarter of --calib (then not used for ranges), else generated inputs (not real data).")
+@click.option("--min-sqnr", type=float, callback=_min_sqnr, metavar="DB",
+              help="Quality floor: a quantized build whose worst output measures below DB dB SQNR on the evaluation "
+                   "inputs fails the compile (one line naming the worst layers, nothing written). Default "
+                   f"{DEFAULT_MIN_SQNR_DB:g} dB (docs/quantization.md); -inf for none.")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax", show_default=True,
               help="How W8A16 activation ranges are chosen from the calibration data.")
 @click.option("--calib-samples", type=click.IntRange(min=1), metavar="N",
@@ -111,7 +133,9 @@ def _calib_file(ctx, param, value):
 @click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="PATTERN",
               help="Keep matching nodes in FP32: node-name glob, re:REGEX or op type (repeatable).")
 @click.option("--eval-samples", type=click.IntRange(min=0), metavar="N",
-              help="Held-out inputs for the quantization SQNR in report.json (default 8; 2 for the VAE; 0 skips).")
+              help="Evaluation inputs for the quantization SQNR in report.json (default: all of --eval or the "
+                   "held-out part of --calib up to 64, 4 for the VAE decoder; generated: 8, 2 for the VAE decoder; "
+                   "0 skips the measurement and the floor).")
 def compile_cmd(model, target, output, passes, plugin, insert_after, insert_before, shapes, verify, dump_after, demo,
                 **pass_options):
     """Compile an ONNX MODEL for a target and write a build folder.
@@ -128,7 +152,7 @@ def compile_cmd(model, target, output, passes, plugin, insert_after, insert_befo
         edgefc.load_plugin(spec)
     shape_map = dict(parse_shape(s) for s in shapes)
     pass_list = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
-    edgefc.get_target(target)  # fail on an unknown target before any work
+    target = edgefc.get_target(target)  # read and validated once; fails on an unknown target before any work
     if demo:
         model = _demo_model()
     if not model.exists():

@@ -67,7 +67,7 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
     if sram_budget is not None and not explain_tiling:
         raise BuildError("--sram-budget only applies to --explain-tiling (the profile prices the build's own tiling)")
     tgt = edgefc.get_target(target)
-    if not hasattr(tgt, "profile"):
+    if not tgt.has_cost_model:
         raise TargetError(f"target '{tgt.name}' has no cost model to profile with")
     shape_map = dict(parse_shape(s) for s in shapes)
     start = time.perf_counter()

@@ -1,0 +1,269 @@
+"""Real trained models (issue 22): canonical folds, the NPU's op kinds as target data, the new
+kernels priced and built, control flow priced by its bodies, ``--const``, shape conflicts.
+
+Every model here is a small hand-built ONNX graph with the structure the trained models have
+(``bench/wheel_models.py`` runs the trained ones)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import edgefc
+from edgefc import ort
+
+RNG = np.random.default_rng(0)
+
+
+def _const(name, arr):
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    graph = helper.make_graph(nodes, "m", inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _vi(name, shape, dtype=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _compile(tmp_path, model, options=None, **kw):
+    """Compile ``model`` (fp32, no MLT unless ``options`` say otherwise); returns (result, source path)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    opts = {"precision": "fp32", "no_mlt": True, **(options or {})}
+    return edgefc.compile(path, "exynos2400", output=tmp_path / "build", options=opts, **kw), path
+
+
+def _matches(tmp_path, path, feeds, tol=1e-5):
+    ort.check(ort.run(str(path), feeds), ort.run(str(tmp_path / "build" / "model.onnx"), feeds), tol)
+
+
+# --- canonicalize ---------------------------------------------------------------------------------
+
+def test_inference_dropout_is_removed(tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Dropout", ["r"], ["d"]),
+             helper.make_node("Dropout", ["d", "ratio"], ["y", "mask"])]
+    model = _model(nodes, [_vi("x", [2, 3])], [_vi("y", [2, 3])], [_const("ratio", np.array(0.3, np.float32))])
+    result, path = _compile(tmp_path, model)
+    assert [n.op for n in result.graph.nodes] == ["Relu"]
+    _matches(tmp_path, path, {"x": RNG.standard_normal((2, 3)).astype(np.float32)})
+
+
+def _bn_consts(prefix, c):
+    return [_const(f"{prefix}{k}", v.astype(np.float32)) for k, v in
+            (("s", RNG.random(c) + 0.5), ("b", RNG.standard_normal(c)), ("m", RNG.standard_normal(c)), ("v", RNG.random(c) + 0.5))]
+
+
+def _bn(x, y, prefix, **attrs):
+    return helper.make_node("BatchNormalization", [x] + [f"{prefix}{k}" for k in "sbmv"], [y], **attrs)
+
+
+def fold_model() -> onnx.ModelProto:
+    """Conv -> BN -> Mul(per channel) -> Add(scalar) -> Sub -> Div, ConvTranspose (2 groups) -> BN,
+    Gemm (transB) -> BN; a BN on the graph input; a conv read twice, a spatially varying Add, c - y."""
+    f = np.float32
+    inits = [_const("w", RNG.standard_normal((6, 3, 3, 3)).astype(f)), _const("wb", RNG.standard_normal(6).astype(f)),
+             _const("wt", RNG.standard_normal((6, 3, 2, 2)).astype(f)), _const("fc", RNG.standard_normal((5, 24)).astype(f)),
+             _const("fcb", RNG.standard_normal(5).astype(f)), _const("per", RNG.standard_normal((6, 1, 1)).astype(f)),
+             _const("two", np.array(2.0, f)), _const("sub", RNG.standard_normal((1, 6, 1, 1)).astype(f)),
+             _const("div", (RNG.random((6, 1, 1)) + 0.5).astype(f)), _const("spatial", RNG.standard_normal((1, 1, 6, 6)).astype(f)),
+             _const("shape", np.array([1, 24], np.int64)), _const("w2", RNG.standard_normal((4, 6, 1, 1)).astype(f)),
+             *_bn_consts("a", 6), *_bn_consts("t", 6), *_bn_consts("g", 5), *_bn_consts("i", 3)]
+    nodes = [_bn("x", "xn", "i"),
+             helper.make_node("Conv", ["xn", "w", "wb"], ["c"], pads=[1, 1, 1, 1]), _bn("c", "cn", "a"),
+             helper.make_node("Mul", ["per", "cn"], ["m"]), helper.make_node("Add", ["m", "two"], ["a"]),
+             helper.make_node("Sub", ["a", "sub"], ["s"]), helper.make_node("Div", ["s", "div"], ["d"]),
+             helper.make_node("ConvTranspose", ["d", "wt"], ["ct"], strides=[2, 2], group=2), _bn("ct", "ctn", "t"),
+             helper.make_node("Conv", ["d", "w2"], ["c2"]),           # read by two nodes: nothing folds into it
+             helper.make_node("Add", ["c2", "two"], ["c2a"]), helper.make_node("Relu", ["c2"], ["c2r"]),
+             helper.make_node("Conv", ["d", "w2"], ["c3"]), helper.make_node("Add", ["c3", "spatial"], ["c3a"]),
+             helper.make_node("Conv", ["d", "w2"], ["c4"]), helper.make_node("Sub", ["two", "c4"], ["c4s"]),
+             helper.make_node("GlobalAveragePool", ["d"], ["p"]), helper.make_node("Reshape", ["p", "shape"], ["fl"]),
+             helper.make_node("Gemm", ["fl", "fc", "fcb"], ["g"], transB=1, beta=0.5), _bn("g", "y", "g")]
+    outs = [_vi("ctn", [1, 6, 12, 12]), _vi("c2a", [1, 4, 6, 6]), _vi("c2r", [1, 4, 6, 6]), _vi("c3a", [1, 4, 6, 6]),
+            _vi("c4s", [1, 4, 6, 6]), _vi("y", [1, 5])]
+    inits[3] = _const("fc", RNG.standard_normal((5, 6)).astype(f))
+    inits[10] = _const("shape", np.array([1, 6], np.int64))
+    return _model(nodes, [_vi("x", [1, 3, 6, 6])], outs, inits)
+
+
+def test_batchnorm_and_constant_scale_shift_fold_into_the_convolution(tmp_path):
+    """The folds of :func:`fold_model` all happen, the graph input's BN becomes a Mul and an Add,
+    and a conv read twice, a spatially varying Add and c - y do not fold."""
+    result, path = _compile(tmp_path, fold_model())
+    ops = [n.op for n in result.graph.nodes]
+    assert "BatchNormalization" not in ops and "Div" not in ops and ops.count("Mul") == 1, ops
+    assert result.report["canonicalize"]["folded"] == {"batchnorm_to_scale_shift": 1, "batchnorm_into_conv": 2,
+                                                       "scale_shift_into_conv": 4, "batchnorm_into_gemm": 1}
+    assert ops.count("Add") == 3 and ops.count("Sub") == 1   # BN shift, the read-twice and spatial Adds; c - y
+    for seed in (0, 1):
+        _matches(tmp_path, path, {"x": np.random.default_rng(seed).standard_normal((1, 3, 6, 6)).astype(np.float32)})
+
+
+# --- the NPU's op kinds: placement, pricing, TVM build --------------------------------------------
+
+def cnn_ops_model() -> onnx.ModelProto:
+    """One node of every op kind trained CNNs use beyond the convolution, each output a graph
+    output (each kernel is checked on its own); the ``host_*`` nodes sit outside their kernel's
+    limits (the target file's [ops] entries)."""
+    c = _const
+    f32 = np.float32
+    inits = [c("w", RNG.standard_normal((8, 4, 3, 3)).astype(f32)), c("wt", RNG.standard_normal((8, 2, 3, 3)).astype(f32)),
+             c("wt1", RNG.standard_normal((6, 3, 4)).astype(f32)), c("w1", RNG.standard_normal((6, 4, 3)).astype(f32)),
+             c("slope", RNG.random((8, 1, 1)).astype(f32)), c("lo", np.array(0, f32)), c("hi", np.array(6, f32)),
+             c("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)), c("pads1", np.array([0, 0, 2, 0, 0, 1], np.int64)),
+             c("nine", np.array(9, f32)), c("neg", np.array([0, 0, -1, 0, 0, 0, 0, 0], np.int64)),
+             c("up2", np.array([1, 1, 2, 2], f32)), c("size", np.array([1, 8, 13, 11], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["conv", "lo", "hi"], ["relu6"]),
+             helper.make_node("MaxPool", ["conv"], ["maxpool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["conv"], ["avgpool"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["conv"], ["avgpool_incl"], kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 1],
+                              count_include_pad=1),
+             helper.make_node("HardSwish", ["conv"], ["hardswish"]),
+             helper.make_node("HardSigmoid", ["conv"], ["hardsigmoid"], alpha=0.2),
+             helper.make_node("LeakyRelu", ["conv"], ["leaky"], alpha=0.1),
+             helper.make_node("PRelu", ["conv", "slope"], ["prelu"]),
+             helper.make_node("Max", ["conv", "relu6", "slope"], ["max3"]),
+             helper.make_node("Min", ["conv", "leaky"], ["min2"]),
+             helper.make_node("Sum", ["conv", "relu6", "leaky"], ["sum3"]),
+             helper.make_node("ConvTranspose", ["conv", "wt"], ["deconv"], strides=[2, 2], pads=[1, 1, 1, 1],
+                              output_padding=[1, 0], group=2),
+             helper.make_node("Pad", ["conv", "pads"], ["pad0"], mode="constant"),
+             helper.make_node("Pad", ["conv", "pads"], ["padr"], mode="reflect"),
+             helper.make_node("Pad", ["conv", "pads"], ["pade"], mode="edge"),
+             helper.make_node("DepthToSpace", ["conv"], ["d2s_crd"], blocksize=2, mode="CRD"),
+             helper.make_node("DepthToSpace", ["conv"], ["d2s_dcr"], blocksize=2, mode="DCR"),
+             helper.make_node("Resize", ["conv", "", "up2"], ["bilinear"], mode="linear"),
+             helper.make_node("Resize", ["conv", "", "", "size"], ["bilinear_ac"], mode="linear",
+                              coordinate_transformation_mode="align_corners"),
+             helper.make_node("Resize", ["conv", "", "", "size"], ["bilinear_pt"], mode="linear",
+                              coordinate_transformation_mode="pytorch_half_pixel"),
+             helper.make_node("Resize", ["conv", "", "up2"], ["nearest_asym"], mode="nearest",
+                              coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+             helper.make_node("GlobalMaxPool", ["conv"], ["gmp"]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["gap"]),
+             helper.make_node("Conv", ["x1", "w1"], ["conv1d"], pads=[1, 1]),
+             helper.make_node("MaxPool", ["conv1d"], ["maxpool1d"], kernel_shape=[2], strides=[2]),
+             helper.make_node("AveragePool", ["conv1d"], ["avgpool1d"], kernel_shape=[3], pads=[1, 1]),
+             helper.make_node("ConvTranspose", ["conv1d", "wt1"], ["deconv1d"], strides=[2], pads=[1, 1]),
+             helper.make_node("Pad", ["conv1d", "pads1"], ["pad1d"], mode="reflect"),
+             # outside the kernels' limits: the host runs them
+             helper.make_node("MaxPool", ["conv"], ["host_ceil"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+             helper.make_node("Pad", ["conv", "pads", "nine"], ["host_pad9"], mode="constant"),
+             helper.make_node("Pad", ["conv", "neg"], ["host_crop"], mode="constant"),
+             helper.make_node("Clip", ["conv", "x_lo"], ["host_clip"]),
+             helper.make_node("Resize", ["conv", "", "up2"], ["host_cubic"], mode="cubic")]
+    for n in nodes:
+        n.name = n.output[0]
+    outs = [o for n in nodes for o in n.output]
+    graph = helper.make_graph(nodes, "cnn_ops", [_vi("x", [1, 4, 9, 10]), _vi("x1", [1, 4, 12]), _vi("x_lo", [])],
+                              [_vi("conv", [1, 8, 9, 10])], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    model.graph.value_info.append(model.graph.output[0])
+    del model.graph.output[:]
+    model.graph.output.extend(next(v for v in model.graph.value_info if v.name == o) for o in outs)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+HOST = {"host_ceil": "MaxPool ceil_mode=1", "host_pad9": "non-zero input 2", "host_crop": "negative input 1",
+        "host_clip": "run-time input 1", "host_cubic": "Resize mode=cubic"}
+
+
+def test_cnn_op_kinds_run_on_the_npu_priced_and_built(tmp_path):
+    """Every op kind of :func:`cnn_ops_model` is placed where its [ops] entry says, priced by the
+    shared vector formula (pooling per window tap), and the TVM build partitions the same way;
+    every output matches onnxruntime (NPU kernels and host fallbacks)."""
+    from edgefc.targets import tvm_build, tvm_lowering, tvm_runtime
+
+    model = cnn_ops_model()
+    result, path = _compile(tmp_path, model)
+    target = edgefc.get_target("exynos2400")
+    program = target.lower(result.graph)
+    placed = {op.name: op.engine for op in program.ops}
+    for name, why in HOST.items():
+        assert placed[name] == "host" and why in program.host_reasons[name], (name, program.host_reasons.get(name))
+    npu = {n for n, e in placed.items() if e != "host"}
+    assert npu == set(placed) - set(HOST), sorted(set(placed) - npu)
+    assert placed["deconv"] == placed["conv1d"] == placed["deconv1d"] == "tensor"
+    # pooling: one pass of its class per window tap over the output (and the average's scale)
+    vec = {c.op: c for c in program.commands if c.kind == "vector"}
+    assert dict(vec["maxpool"].passes) == {"max": 9} and vec["maxpool"].elements == 8 * 5 * 5
+    assert dict(vec["avgpool"].passes) == {"reduce": 9, "arith": 1}
+    assert dict(vec["bilinear"].passes) == {"arith": 4} and dict(vec["nearest_asym"].passes) == {"arith": 1}
+    assert dict(vec["max3"].passes) == {"max": 2} and dict(vec["relu6"].passes) == {"max": 2}
+    # ConvTranspose MACs: every input position times its kernel taps, per group
+    deconv = next(c for c in program.commands if c.op == "deconv" and c.kind == "tensor")
+    assert deconv.macs == 9 * 10 * 2 * (4 * 9 * 2)
+    # the TVM build: the same partition, and the same numbers as onnxruntime
+    lowering = tvm_lowering.lower(edgefc.ir.to_model(result.graph), program)
+    part = {o["name"]: o for o in lowering.partition["ops"]}
+    assert lowering.partition["disagreements"] == []
+    for name, engine in placed.items():
+        assert part[name]["where"] == ("host" if engine == "host" else "npu"), part[name]
+    (tmp_path / "tvm").mkdir()
+    tvm_build.write_build(lowering, tmp_path / "tvm", aarch64=False)
+    runner = tvm_runtime.load_build(tmp_path / "tvm")
+    feeds = {"x": RNG.standard_normal((1, 4, 9, 10)).astype(np.float32), "x1": RNG.standard_normal((1, 4, 12)).astype(np.float32),
+             "x_lo": np.array(-0.5, np.float32)}
+    ref, got = ort.run(str(path), feeds), runner.run(feeds)
+    for name in ref:
+        assert np.allclose(got[name], ref[name], rtol=1e-4, atol=1e-4 * np.abs(ref[name]).max()), name
+    _matches(tmp_path, path, feeds)
+
+
+# --- the [ops] table of the target file -----------------------------------------------------------
+
+def _target_text():
+    from edgefc.targets import TARGET_DIR
+
+    return (TARGET_DIR / "exynos2400.toml").read_text()
+
+
+def _load(tmp_path, text):
+    from edgefc.targets.npu import NpuTarget
+
+    p = tmp_path / "npu.toml"
+    p.write_text(text)
+    return NpuTarget.from_toml(p)
+
+
+def test_placement_reads_the_target_files_op_table(tmp_path):
+    """Dropping MaxPool from [ops] puts it on the host ("no NPU kernel"); every entry has a source."""
+    text = _target_text()
+    target = _load(tmp_path, text)
+    assert all(k.source for k in target.arch.ops.kinds.values()) and target.arch.ops.engine("MaxPool") == "vector"
+    line = next(x for x in text.splitlines() if x.startswith("MaxPool = "))
+    without = _load(tmp_path, text.replace(line + "\n", ""))
+    model = _model([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], name="pool")],
+                   [_vi("x", [1, 8, 8, 8])], [_vi("y", [1, 8, 4, 4])])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    graph = edgefc.compile(tmp_path / "m.onnx", target, options={"precision": "fp32"}).graph
+    assert target.lower(graph).placement["pool"] == "vector"
+    program = without.lower(graph)
+    assert program.placement["pool"] == "host" and program.host_reasons["pool"] == "no NPU kernel for MaxPool"
+
+
+def test_bad_op_table_entries_are_named(tmp_path):
+    import pytest
+
+    from edgefc.errors import TargetError
+
+    text = _target_text()
+    start = text.index("\n[ops]")
+    with pytest.raises(TargetError, match="no table 'ops'"):
+        _load(tmp_path, text[:start] + "\n")
+    cases = {'Relu = { engine = "tensor", source = "x" }': "counts tensor-engine work only",
+             'Relu = { engine = "gpu", source = "x" }': "engine must be one of",
+             'Relu = { engine = "vector" }': "source must say where",
+             'Relu = { engine = "vector", source = "x", kernels = 2 }': "unknown field 'ops.Relu.kernels'",
+             'Relu = { engine = "vector", source = "x", spatial_ranks = [-1] }': "ops.Relu.spatial_ranks",
+             'Relu = { engine = "vector", source = "x", attrs = { alpha = 1 } }': "attrs must be a table"}
+    line = next(x for x in text.splitlines() if x.startswith("Relu = "))
+    for bad, needle in cases.items():
+        with pytest.raises(TargetError, match=needle):
+            _load(tmp_path, text.replace(line, bad))
