@@ -18,7 +18,8 @@ then, until nothing changes:
 then folds per-channel scales and shifts into the convolution before them
 (:mod:`edgefc.passes.fold_affine`: BatchNormalization into Conv / ConvTranspose / Gemm, a
 constant Mul / Div / Add / Sub into Conv / ConvTranspose, any other BatchNormalization into a
-Mul and an Add; counts in ``report.json`` ``canonicalize.folded``), and refuses (:class:`ShapeError`) a model with a tensor whose shape is still not static, naming
+Mul and an Add; counts in ``report.json`` ``canonicalize.folded``), and reports (``report.json`` ``canonicalize.warnings``) a graph output whose declared shape the
+graph contradicts, using the inferred one; and refuses (:class:`ShapeError`) a model with a tensor whose shape is still not static, naming
 the node and the inputs whose values decide it (``Unique``, ``NonZero``, a ``Reshape`` to a
 shape given as an input ...).
 Emits: the same computation with only static shapes, which TVM Relax's ONNX importer needs
@@ -99,6 +100,23 @@ def check_static(graph: gs.Graph) -> None:
                              f"'{node.name}'); edgefc compiles models whose shapes are known at compile time")
 
 
+def _show(shape) -> str:
+    return "[" + ", ".join("?" if d is None or (isinstance(d, int) and d < 0) else str(d) for d in shape) + "]"
+
+
+def _output_conflict(t: gs.Tensor, declared) -> str | None:
+    """The warning for graph output ``t`` whose declared shape contradicts the inferred one (rank,
+    or a fixed size), else None. Dynamic declared sizes (``batch``) are no contradiction."""
+    inferred = ir.static_shape(t)
+    if declared is None or inferred is None:
+        return None
+    fixed = [d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in declared]
+    if len(fixed) == len(inferred) and all(d is None or d == i for d, i in zip(fixed, inferred)):
+        return None
+    return (f"output '{t.name}' is declared {_show(fixed)} but the graph computes {_show(inferred)}; the inferred "
+            f"shape is used (onnxruntime warns the same and returns the computed one)")
+
+
 def _is_noop(node: gs.Node, graph_outputs: set[str] = frozenset()) -> bool:
     if node.op == "Identity":
         return True
@@ -133,10 +151,16 @@ class Canonicalize(Pass):
     max_rounds = 6
     opset = 23
     Options = CanonicalizeOptions
+    handles_subgraphs = True   # bodies: converted to the opset, shapes inferred; an If on a constant inlined
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         apply_input_shapes(graph, ctx.option("shapes", {}))
         graph = opset.upgrade_opset(graph, int(ctx.option("opset", self.opset)))
+        # a graph output's declared shape is a claim, not a constraint: inference decides it, and a
+        # declared shape the graph contradicts (onnxruntime only warns) is reported, not refused
+        declared = {t.name: list(t.shape) if t.shape is not None else None for t in graph.outputs}
+        for t in graph.outputs:
+            t.shape = None
         for _ in range(self.max_rounds):
             before = (len(graph.nodes), sum(ir.static_shape(t) is None for t in graph.tensors().values()))
             ir.infer_shapes(graph)
@@ -150,10 +174,18 @@ class Canonicalize(Pass):
             after = (len(graph.nodes), sum(ir.static_shape(t) is None for t in graph.tensors().values()))
             if after == before:
                 break
+        for t in graph.outputs:   # what inference cannot determine (a Loop's output ...) keeps its declared shape
+            d = declared.get(t.name)
+            if ir.static_shape(t) is None and d is not None and all(isinstance(x, (int, np.integer)) and x >= 0 for x in d):
+                t.shape = list(d)
+        warnings = [w for t in graph.outputs if (w := _output_conflict(t, declared.get(t.name)))]
         check_static(graph)
         folded = fold_affine(graph)
         if folded:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
             ir.infer_shapes(graph)
-        ctx.report.setdefault("canonicalize", {})["folded"] = folded
+        section = ctx.report.setdefault("canonicalize", {})
+        section["folded"] = folded
+        if warnings:
+            section["warnings"] = section.get("warnings", []) + warnings
         return graph

@@ -59,6 +59,12 @@ Higher-precision regions (rules; each can be switched off in ``QuantPolicy.rules
         65504, headroom for inputs beyond the calibration set) is produced and consumed in FP32.
     ``typed-outputs`` (FP16 only)
         Ops whose output type is an attribute (ConstantOfShape, EyeLike, Random*) stay FP32.
+    ``constant-values`` (W8A16)
+        A float tensor whose value does not depend on the model's inputs (computed from constants;
+        ``CastLike`` reads only the type of its second input) is a constant, not an activation: no
+        Q/DQ. The exponent of ``Pow`` stays exact too: a rounded exponent (3.00009 for 3) on a
+        negative base is NaN. (Found in the onnx operator tests that ``--precision auto`` now
+        quantizes: an exported tanh-GELU's ``Pow(x, CastLike(3, x))``.)
 """
 
 from __future__ import annotations
@@ -72,13 +78,10 @@ import onnx_graphsurgeon as gs
 
 from edgefc import ir
 from edgefc.errors import QuantizationError
+from edgefc.precision import ALIAS_OPS
 
-PRECISIONS = ("auto", "fp32", "fp16", "w8a16")
-COMPONENTS = ("text-encoder", "unet", "vae-decoder")
-#: what ``--precision auto`` deploys per component (paper Sec. 4.2).
-AUTO_PRECISION = {"text-encoder": "fp16", "unet": "w8a16", "vae-decoder": "fp16"}
-
-RULES = ("attention-scores", "norm-statistics", "periodic-arguments", "fp16-overflow", "typed-outputs")
+RULES = ("attention-scores", "norm-statistics", "periodic-arguments", "fp16-overflow", "typed-outputs",
+         "constant-values")
 
 #: op -> (weight input index, output-channel axis of that weight); Gemm's axis depends on transB.
 WEIGHT_OPS = {
@@ -92,8 +95,6 @@ WEIGHT_OPS = {
 #: ops with a bias input (index) that bias correction may adjust.
 BIAS_INPUT = {"Conv": 2, "FusedConv": 2, "FusedMatMul": 2, "Gemm": 2}
 
-#: ops whose output is their input viewed differently: no Q/DQ of their own.
-ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 #: ops that move values without computing new ones: the output reuses the input's scale.
 SCALE_PRESERVING_OPS = {"Transpose", "Slice", "Split", "Expand", "Tile", "MaxPool", "Gather", "GatherElements",
                         "DepthToSpace", "SpaceToDepth", "Pad", "Resize"}
@@ -114,15 +115,6 @@ FP16_SAFE_MAX = FP16_MAX / 4
 
 INT16_MAX = 32767
 INT8_MAX = 127
-
-
-def resolve_precision(precision: str, component: str | None) -> str:
-    """``auto`` -> the component's deployed precision (fp32 when the component is unknown)."""
-    if precision not in PRECISIONS:
-        raise QuantizationError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
-    if precision != "auto":
-        return precision
-    return AUTO_PRECISION.get(component or "", "fp32")
 
 
 class KeepPattern:
@@ -189,8 +181,14 @@ class QuantPolicy:
 
 # --- graph facts -------------------------------------------------------------------------------
 
-def is_float(t: gs.Tensor) -> bool:
-    return t is not None and t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)
+def is_float_tensor(t: gs.Tensor) -> bool:
+    """Whether ``t`` holds floats (an element type code's test is :func:`edgefc.precision.is_float_type`)."""
+    if t is None or t.dtype is None:
+        return False
+    try:
+        return bool(np.issubdtype(np.dtype(t.dtype), np.floating))
+    except TypeError:  # a type numpy does not have (bfloat16, float8 ...)
+        return False
 
 
 def producer(t: gs.Tensor) -> gs.Node | None:
@@ -248,7 +246,7 @@ def attention_score_tensors(graph: gs.Graph) -> dict[str, str]:
             p = producer(t)
             if p is None or p.op == "MatMul" or p.op not in passthrough:
                 break
-            acts = [i for i in p.inputs if i is not None and is_float(i) and not isinstance(i, gs.Constant)]
+            acts = [i for i in p.inputs if i is not None and is_float_tensor(i) and not isinstance(i, gs.Constant)]
             if p.op == "Where":
                 acts = [i for i in p.inputs[1:] if i is not None and not isinstance(i, gs.Constant)]
             t = acts[0] if len(acts) == 1 else None
@@ -281,7 +279,7 @@ def periodic_argument_tensors(graph: gs.Graph) -> tuple[dict[str, str], set[str]
         stack = [t for t in node.inputs if t is not None]
         while stack:
             t = stack.pop()
-            if isinstance(t, gs.Constant) or t.name in found or not is_float(t):
+            if isinstance(t, gs.Constant) or t.name in found or not is_float_tensor(t):
                 continue
             found[t.name] = f"periodic-arguments: {node.name}"
             p = producer(t)
@@ -289,6 +287,30 @@ def periodic_argument_tensors(graph: gs.Graph) -> tuple[dict[str, str], set[str]
                 nodes.add(p.name)
                 stack.extend(i for i in p.inputs if i is not None)
     return found, nodes
+
+
+#: (op, input index) whose input contributes only its type, not its value.
+TYPE_ONLY_INPUTS = {("CastLike", 1)}
+
+
+def constant_value_tensors(graph: gs.Graph) -> dict[str, str]:
+    """Float tensors whose value does not depend on any model input (rule ``constant-values``),
+    and the exponents of ``Pow``: name -> reason."""
+    dependent = {t.name for t in graph.inputs}
+    found = {}
+    for node in graph.nodes:  # topological order
+        reads = [t for i, t in enumerate(node.inputs)
+                 if t is not None and not isinstance(t, gs.Constant) and (node.op, i) not in TYPE_ONLY_INPUTS]
+        if any(t.name in dependent for t in reads) or any(a for a in node.attrs.values() if isinstance(a, gs.Graph)):
+            dependent.update(t.name for t in node.outputs)
+        else:
+            for t in node.outputs:
+                if is_float_tensor(t):
+                    found[t.name] = f"constant-values: {node.name} (independent of the inputs)"
+        if node.op == "Pow" and len(node.inputs) > 1 and node.inputs[1] is not None \
+                and not isinstance(node.inputs[1], gs.Constant) and is_float_tensor(node.inputs[1]):
+            found[node.inputs[1].name] = f"constant-values: exponent of {node.name}"
+    return found
 
 
 @dataclass
@@ -320,6 +342,8 @@ def plan_w8a16(graph: gs.Graph, policy: QuantPolicy) -> W8A16Plan:
     if policy.rule("periodic-arguments"):
         found, periodic_nodes = periodic_argument_tensors(graph)
         kept.update(found)
+    if policy.rule("constant-values"):
+        kept.update({k: v for k, v in constant_value_tensors(graph).items() if k not in kept})
     kept_nodes = set(user)
 
     weights = []
@@ -331,7 +355,7 @@ def plan_w8a16(graph: gs.Graph, policy: QuantPolicy) -> W8A16Plan:
         if slot is not None:
             weights.append((node.name, slot[0], slot[1]))
             x = node.inputs[0]
-            if is_float(x) and not isinstance(x, gs.Constant):
+            if is_float_tensor(x) and not isinstance(x, gs.Constant):
                 bias_inputs[node.name] = x.name
 
     calibrated: list[str] = []
@@ -340,7 +364,7 @@ def plan_w8a16(graph: gs.Graph, policy: QuantPolicy) -> W8A16Plan:
     graph_outputs = {t.name for t in graph.outputs}
 
     def candidate(t: gs.Tensor) -> bool:
-        return (t is not None and not isinstance(t, gs.Constant) and is_float(t) and t.name not in kept
+        return (t is not None and not isinstance(t, gs.Constant) and is_float_tensor(t) and t.name not in kept
                 and (t.outputs or t.name in graph_outputs))
 
     for t in graph.inputs:

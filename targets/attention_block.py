@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from edgefc.attention import AttentionSpec, Tiling, tile_grid
 from edgefc.errors import BuildError
+from edgefc.precision import rate_key
 from edgefc.targets.description import Architecture
-from edgefc.targets.geometry import pad, precision_key
+from edgefc.targets.geometry import pad
 from edgefc.targets.program import Command
 
 
@@ -85,7 +86,7 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
     op = op or spec.name
     g, b = arch.tensor.channel_granularity, spec.act_bytes
     dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
-    prec = precision_key(spec.act_dtype, spec.act_dtype)
+    prec = rate_key(spec.act_dtype, spec.act_dtype)
     spill = attention_sram_bytes(spec, tiling, arch, granularity) > arch.sram.attention
     tiled = tiling.tiles > 1
     passes = arch.vector.passes

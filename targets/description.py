@@ -22,14 +22,13 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from edgefc.errors import TargetError
+from edgefc.precision import ELEMENT_TYPES, RATE_KEYS
 from edgefc.target import SramBudget
 from edgefc.targets.op_support import OpSupport
 
 REQUIRED = object()   # a field without a default
 NUMBER = (int, float)
 VECTOR_CLASSES = ("arith", "max", "reduce", "exp", "divide")
-RATE_KEYS = ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")
-ELEMENT_TYPES = ("fp32", "fp16", "int16", "int8")
 INT8_LUT = ("exp", "divide")   # vector classes the INT8 path computes by a 256-entry table lookup
 # Vector-engine op classes: each names the element passes (per vector class) one op of the class
 # makes; edgefc.targets.placement maps op types onto them.

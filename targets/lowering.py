@@ -7,9 +7,10 @@ command (elements, passes of its class), an attention block its commands
 (``targets/attention_block.py``), a host op one host command; weights and spilled activations
 add DMA commands.
 
-Byte sizes come from each tensor's deployed type (``targets/deployed_types.py``): the graph's
-dtypes (``as-built``), where a tensor passing through QuantizeLinear/DequantizeLinear is priced
-at the quantized type; or a what-if precision (``fp32``, ``fp16``, ``w8a16``: INT8 weights, INT16
+Byte sizes come from each tensor's deployed type and tensor-engine rates from each op's precision
+(``edgefc/deployed_types.py``): as ``quantize`` decided them (``as-built``: the precision recorded on
+each op, the graph's dtypes, where a tensor passing through QuantizeLinear/DequantizeLinear is priced
+at the quantized type); or a what-if precision (``fp32``, ``fp16``, ``w8a16``: INT8 weights, INT16
 activations, INT32 biases; ``w8a8``: INT8 weights and activations, INT32 biases, as MLPerf Mobile
 runs its networks).
 
@@ -24,6 +25,7 @@ trip (the paper's Sec. 2.3 and Table 6).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import onnx_graphsurgeon as gs
@@ -34,17 +36,17 @@ from edgefc.attention import (
     spec_from_node,
     tiling_from_node,
 )
+from edgefc.deployed_types import DeployedTypes
+from edgefc.dtypes import DTYPE_BYTES as BYTES
 from edgefc.errors import BuildError
+from edgefc.precision import PRICINGS
 from edgefc.targets.attention_block import attention_io_bytes, attention_sram_bytes, lower_attention
 from edgefc.targets.blocks import block_of, component_of
-from edgefc.targets.deployed_types import DeployedTypes
+from edgefc.targets.control_flow import CONTROL_FLOW, control_flow_commands, reads
 from edgefc.targets.description import Architecture
-from edgefc.targets.geometry import BYTES, contraction, pad, precision_key
+from edgefc.targets.geometry import contraction, pad
 from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place, vector_passes
 from edgefc.targets.program import Command, OpInfo, Program
-
-PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
-
 
 # Producer -> consumer streaming (a two-op cascade, as Arm Vela's cascading): a tensor too big
 # for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
@@ -102,8 +104,8 @@ def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
 
 def lower(graph: gs.Graph, arch: Architecture, precision: str = "as-built") -> Program:
     """Lower a (canonicalized, fused) graph to a Program for the architecture ``arch`` at ``precision``."""
-    if precision not in PRECISION_CHOICES:
-        raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISION_CHOICES)})")
+    if precision not in PRICINGS:
+        raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRICINGS)})")
     prog = _Lowering(graph, arch, precision).run()
     # Weights that fit in SRAM beside the activations stay there across inferences: loaded once
     # with the model (outside a timed inference, as MLPerf's steady-state latency measures it),
@@ -170,7 +172,7 @@ class _Lowering:
         specs: dict[str, AttentionSpec] = {}
         for n, kind in zip(nodes, kinds):
             if kind == "attention":
-                spec = attention_spec(n, types.of(n.inputs[0]))
+                spec = attention_spec(n, types.attention_act_type(n))
                 specs[self.nm(n)] = spec
                 io = attention_io_bytes(spec, self.arch)
                 for key, t in zip(("q", "k", "v", "out"), list(n.inputs[:3]) + [n.outputs[0]]):
@@ -179,7 +181,7 @@ class _Lowering:
         uses: dict[str, list[int]] = {}
         for i, (n, kind) in enumerate(zip(nodes, kinds)):
             if kind != "none":
-                for t in n.inputs:
+                for t in reads(n):
                     if t is not None and t.name and not types.is_const(t):
                         uses.setdefault(types.find(t.name), []).append(i)
         graph_in = {types.find(t.name) for t in graph.inputs}
@@ -204,7 +206,7 @@ class _Lowering:
             prog.ops.append(info := OpInfo(self.nm(node), node.op, "tensor" if kind == "attention" else kind,
                                            block_of(self.nm(node))))
             act_in: list[str] = []
-            for t in node.inputs:
+            for t in reads(node):
                 if t is not None and t.name and not types.is_const(t):
                     r = types.find(t.name)
                     if r not in act_in:
@@ -227,7 +229,12 @@ class _Lowering:
                         in_dram.add(r)
                     why.setdefault(r, f"read from DRAM by {'the host' if kind == 'host' else 'attention'} op {self.nm(node)}")
                     resident.pop(r, None)
-                if kind == "host":
+                if kind == "host" and node.op in CONTROL_FLOW:
+                    # the host drives it; its body's commands are priced (targets/control_flow.py)
+                    cmds, note = control_flow_commands(node, self.nm(node), self.arch, self.precision, lower)
+                    prog.commands.extend(dataclasses.replace(c, loop=-1) for c in cmds)
+                    prog.host_reasons[self.nm(node)] = note
+                elif kind == "host":
                     prog.emit(Command("host", self.nm(node), node.op,
                                       elements=sum(_elements(t) for t in node.outputs if t is not None and t.name)))
                 else:
@@ -364,7 +371,7 @@ class _Lowering:
             shape = _shape(t)
             n = int(math.prod(shape)) if shape is not None else 1
             if node.op in TENSOR_OPS and idx == 2:
-                code = types.bias(t)
+                code = types.bias(node, t)
             elif node.op in TENSOR_OPS:
                 code = types.of(t)
             else:
@@ -411,7 +418,7 @@ class _Lowering:
             macs = batch * m * kk * n
             padded = batch * pad(m, rg) * pad(kk, g) * pad(n, g)
         return Command("tensor", self.nm(node), node.op, macs=int(macs), padded_macs=int(padded),
-                       out_elements=_elements(y), precision=precision_key(types.of(w), types.of(x)), dispatches=1)
+                       out_elements=_elements(y), precision=types.rate_key(node), dispatches=1)
 
     def vector_command(self, node: gs.Node) -> Command:
         if node.op in INPUT_SIZED:

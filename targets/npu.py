@@ -35,6 +35,7 @@ class NpuTarget(Target):
         self.clock_hz = arch.clock_hz
         self.row_granularity = arch.tensor.row_granularity
         self.sram = arch.sram
+        self.description_file = None if arch.source.startswith("<") else str(arch.source)
 
     def __repr__(self) -> str:
         return f"NpuTarget({self.name!r} from {self.arch.source})"

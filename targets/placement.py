@@ -31,11 +31,12 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from edgefc.precision import STORAGE_ALIAS_OPS
+from edgefc.targets.control_flow import reads
 from edgefc.targets.op_support import ATTENTION_WORK, TENSOR_WORK, OpSupport
 
 TENSOR_OPS = set(TENSOR_WORK)
 ATTENTION_OPS = set(ATTENTION_WORK)
-ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "QuantizeLinear", "DequantizeLinear"}
 METADATA_OPS = {"Shape", "Size", "Constant"}
 
 # Vector-engine op class of each op type: the pass counts per class are the target's
@@ -129,11 +130,11 @@ def place(node: gs.Node, types, npu_dtypes, ops: OpSupport, graph_outputs: froze
     ``types`` is the lowering's deployed-type table, ``npu_dtypes`` the target's ``tensor.dtypes``,
     ``ops`` its ``[ops]`` table, ``graph_outputs`` the names of the graph's outputs."""
     op = node.op
-    if op in METADATA_OPS or op in ALIAS_OPS:
+    if op in METADATA_OPS or op in STORAGE_ALIAS_OPS:
         return "none", ""
     if op == "Cast" and (types.is_const(node.inputs[0]) or types.of(node.inputs[0]) == types.of(node.outputs[0])):
         return "none", ""
-    if all(types.is_const(t) for t in node.inputs if t is not None and t.name):
+    if all(types.is_const(t) for t in reads(node) if t is not None and t.name):
         return "none", ""  # folded at compile time
     engine = ops.engine(op)
     if engine is None:

@@ -136,6 +136,7 @@ class Profile:
             "blocks_ms": {k: round(self.ms(v), 6) for k, v in self.by("block").items()},
             "op_types_ms": {k: round(self.ms(v), 6) for k, v in self.by("op_type").items()},
             "residency": self.residency(),
+            "host_ops": self.host_ops(),
             "attention_blocks": self.attention_blocks(),
             "ops": [r.as_dict() for r in self.ops],
             "attention_breakdown": self.attention_breakdown,
@@ -155,6 +156,28 @@ class Profile:
         out["tensors"] = [{"name": r, "bytes": int(b), "where": prog.residency[r], "reason": prog.reasons.get(r, "")}
                           for r, b in listed]
         return out
+
+    def host_ops(self) -> dict:
+        """The ops the host runs, grouped by op type: how many, their modelled time and share of
+        the total, and placement's reasons (``Program.host_reasons``) with how many ops each."""
+        groups: dict[str, dict] = {}
+        for r in self.ops:
+            if r.engine != "host":
+                continue
+            g = groups.setdefault(r.op_type, {"op_type": r.op_type, "count": 0, "cycles": 0.0, "reasons": {}})
+            g["count"] += 1
+            g["cycles"] += r.cycles
+            reason = self.program.host_reasons.get(r.name, "")
+            g["reasons"][reason] = g["reasons"].get(reason, 0) + 1
+        total = self.total_cycles or 1.0
+        rows = []
+        for g in sorted(groups.values(), key=lambda g: -g["cycles"]):
+            rows.append({"op_type": g["op_type"], "count": g["count"], "ms": round(self.ms(g["cycles"]), 6),
+                         "share": round(g["cycles"] / total, 4),
+                         "reasons": dict(sorted(g["reasons"].items(), key=lambda kv: -kv[1]))})
+        cycles = sum(g["cycles"] for g in groups.values())
+        return {"count": sum(g["count"] for g in groups.values()), "ms": round(self.ms(cycles), 6),
+                "share": round(cycles / total, 4), "by_op_type": rows}
 
     def attention_blocks(self) -> list[dict]:
         """Every attention op: its shape, tiling, SRAM working set and whether S_in/S_out spill."""

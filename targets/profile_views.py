@@ -3,7 +3,8 @@ per engine), CSV (per op), a Chrome/Perfetto trace (one track per engine plus DM
 attention loops expanded tile by tile), a PNG (time by op type and by block, matplotlib Agg),
 and the text of the paper's Table 6 (:func:`format_breakdown`). The data itself is
 ``targets/profile.py`` (which imports this module, not the other way round: ``prof`` below is
-its ``Profile``); every file is written atomically (a temporary file, then a rename).
+its ``Profile``); every file is written atomically (a temporary file, then a rename) with the
+permissions a plain file gets under the umask (``edgefc.staging.write_file``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
-from pathlib import Path
 
+from edgefc.staging import write_file, write_text_file
 from edgefc.targets.program import ATTENTION_ROLES, Command
 
 TRACK_IDS = {"dma": 1, "tensor": 2, "vector": 3, "host": 4, "dispatch": 5}
@@ -59,6 +58,14 @@ def table(prof, top: int | None = 20, breakdown: bool = False) -> str:
         w(f"{'(' + str(len(rest)) + ' more ops)':<48} {'':<16} {'':<7} {_si(sum(r.macs for r in rest)):>10} "
           f"{_si(sum(r.dma_bytes for r in rest)):>12} {sum(r.cycles for r in rest):>13,.0f} "
           f"{prof.ms(sum(r.cycles for r in rest)):>9.3f} {sum(r.share for r in rest):>7.1%}\n")
+    host = d["host_ops"]
+    if host["count"]:
+        w(f"\nhost ops: {host['count']} ({host['ms']:.3f} ms, {host['share']:.1%} of the modelled time), by op type:\n")
+        for g in host["by_op_type"]:
+            reasons = "; ".join(f"{r or 'no reason recorded'}" + (f" ({n})" if len(g["reasons"]) > 1 else "")
+                                for r, n in g["reasons"].items())
+            w(f"  {g['op_type'][:24]:<24} {g['count']:>5} {'op ' if g['count'] == 1 else 'ops'} {g['ms']:>9.3f} ms "
+              f"{g['share']:>7.1%}  {reasons}\n")
     res = d["residency"]
     w(f"\nresidency: {res['sram']} tensors kept in SRAM, {res['dram']} through DRAM "
       f"({res['dram_bytes'] / 1e6:.1f} MB), {res['stream']} streamed op to op\n")
@@ -148,16 +155,10 @@ def write_plot(prof, path, top: int = 15) -> None:
     fig.suptitle(f"{prof.model or prof.program.component} on {prof.target} ({prof.program.precision}): "
                  f"{prof.total_ms:.1f} ms")
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _event(c: Command, start: float, cycles: float, us: float, instance: int | None = None) -> dict:
@@ -203,14 +204,5 @@ def format_breakdown(bd: dict | None) -> str:
 
 
 def _atomic_write(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically with a plain file's permissions (0644 under umask 022)."""
+    write_text_file(path, text)

@@ -101,8 +101,8 @@ def _check_elf_aarch64(path: Path) -> None:
         raise BuildError(f"{path.name} is not an AArch64 ELF shared library")
 
 
-def write_build(lowering, out_dir: Path, arch: Architecture | None = None, *, aarch64: bool = True,
-                progress=None) -> dict:
+def write_tvm_files(lowering, out_dir: Path, arch: Architecture | None = None, *, aarch64: bool = True,
+                    progress=None) -> dict:
     """Build and write ``host_local.so``, ``host_aarch64.so``, ``npu_programs.json``,
     ``host_params.bin`` and ``tvm.json`` into ``out_dir``; returns the ``report["tvm"]`` section.
     ``arch``'s ``[host.cpu]`` is the phone CPU ``host_aarch64.so`` is built for."""

@@ -368,6 +368,11 @@ def _importer_class():
             self._onnx_nodes = {n.name: (i, n) for i, n in enumerate(model.graph.node)}
 
         def _check_for_unsupported_ops(self, graph):
+            flow = next((n for n in graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                      for a in n.attribute)), None)
+            if flow is not None:
+                raise BuildError(f"the TVM lowering does not take control flow ({flow.op_type} node '{flow.name}'; "
+                                 f"profile.json prices its bodies): compile without --emit tvm")
             known = _get_convert_map()
             missing = sorted({f"{_domain(n.domain) + '.' if _domain(n.domain) else ''}{n.op_type}"
                               for n in graph.node

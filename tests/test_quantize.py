@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import edgefc
-from edgefc import ort
+from edgefc import ort, precision
 from edgefc.components import detect_component
 from edgefc.errors import QuantizationError
 from edgefc.metrics import sqnr_db
@@ -28,12 +28,13 @@ from tests.cli import run_cli
 
 
 def assert_user_error(rc: int, out: str, *needles: str) -> None:
-    """Exit 2, no traceback, the error as the last line (progress bars and pass lines may precede it)."""
+    """Exit 2, no traceback, the error as the last line (progress bars and indented progress lines, such as
+    the per-pass lines, may precede it)."""
     assert rc == 2, out
     assert "Traceback" not in out, out
     lines = [line.split("\r")[-1] for line in out.splitlines() if line.split("\r")[-1].strip()]
     assert lines and lines[-1].startswith("error: "), out
-    assert all("it/s" in ln or ln.startswith("compiling") or ln.startswith("  pass") for ln in lines[:-1]), out
+    assert all("it/s" in ln or ln.startswith("compiling") or ln.startswith("  ") for ln in lines[:-1]), out
     for n in needles:
         assert n in lines[-1], (n, lines[-1])
 
@@ -272,10 +273,12 @@ def test_component_detection_and_auto_precision():
     assert detect_component(["input_ids"]) == "text-encoder"
     assert detect_component(["latent_sample"]) == "vae-decoder"
     assert detect_component(["x"]) is None
-    assert qp.resolve_precision("auto", "unet") == "w8a16"
-    assert qp.resolve_precision("auto", "text-encoder") == "fp16"
-    assert qp.resolve_precision("auto", "vae-decoder") == "fp16"
-    assert qp.resolve_precision("auto", None) == "fp32"
+    assert precision.resolve("auto", "unet") == "w8a16"
+    assert precision.resolve("auto", "text-encoder") == "fp16"
+    assert precision.resolve("auto", "vae-decoder") == "fp16"
+    assert precision.resolve("auto", None) == "fp32"
+    assert precision.resolve("auto", None, npu=True) == "w8a16"  # any other model on an NPU target (issue 20 part 7)
+    assert precision.resolve("w8a16", "text-encoder") == "w8a16"
 
 
 def test_auto_is_the_npu_default_per_component(graphs):
@@ -285,12 +288,13 @@ def test_auto_is_the_npu_default_per_component(graphs):
     # --component overrides the input names (the VAE treated as a U-Net is W8A16)
     _, r = quantize(graphs["vae-decoder"]["fused"], component="unet", eval_samples=1, calib_samples=1)
     assert r["precision"] == "w8a16" and r["component_source"] == "--component"
-    # unknown model under auto: left in FP32, with the reason
+    # unknown model under auto with no target: left in FP32, with the reason (NPU targets: W8A16,
+    # tests/test_quant_eval.py)
     x = gs.Variable("x", dtype=np.float32, shape=[1, 4])
     y = gs.Variable("y", dtype=np.float32, shape=[1, 4])
     g = gs.Graph(nodes=[gs.Node("Relu", inputs=[x], outputs=[y])], inputs=[x], outputs=[y], opset=23)
     q, r = quantize(g)
-    assert r["precision"] == "fp32" and "reason" in r and _ops(q) == ["Relu"]
+    assert r["precision"] == "fp32" and "no NPU target" in r["reason"] and _ops(q) == ["Relu"]
     assert "quantize" in edgefc.default_pipeline(edgefc.get_target("exynos2400"), {})
     assert "quantize" not in edgefc.default_pipeline(edgefc.get_target("exynos2400"), {"precision": "fp32"})
 
@@ -442,25 +446,24 @@ def test_default_compile_quantizes_and_verifies(tiny_models, tmp_path):
     assert np.all(np.isfinite(sess.run(None, feeds)[0]))
     # edgefc profile prices the build at its deployed types: close to the W8A16 what-if, far below FP32
     dma = {}
-    for precision in ("as-built", "w8a16", "fp32"):
-        rc, text = run_cli("profile", str(out), "--precision", precision, "--json", str(tmp_path / f"{precision}.json"))
+    for pricing in ("as-built", "w8a16", "fp32"):
+        rc, text = run_cli("profile", str(out), "--precision", pricing, "--json", str(tmp_path / f"{pricing}.json"))
         assert rc == 0, text
-        dma[precision] = json.loads((tmp_path / f"{precision}.json").read_text())["dma_bytes"]
+        dma[pricing] = json.loads((tmp_path / f"{pricing}.json").read_text())["dma_bytes"]
     assert dma["as-built"] < 0.5 * dma["fp32"]
     assert abs(dma["as-built"] - dma["w8a16"]) < 0.15 * dma["w8a16"], dma
 
 
 def test_cost_model_prices_quantized_dtypes(graphs):
-    from edgefc.targets.lowering import lower
 
     # weights streamed per op (the tiny U-Net's would otherwise stay resident in SRAM)
     target = edgefc.get_target("exynos2400").with_fields({"sram.resident_weights": False})
     base = graphs["unet"]["fused"]
     w8, _ = quantize(base, precision="w8a16", eval_samples=0, calib_samples=1)
     f16, _ = quantize(base, precision="fp16", eval_samples=0, calib_samples=1)
-    bytes_ = {name: lower(g, target, "as-built").dma_bytes() for name, g in (("fp32", base), ("w8a16", w8), ("fp16", f16))}
+    bytes_ = {name: target.lower(g, "as-built").dma_bytes() for name, g in (("fp32", base), ("w8a16", w8), ("fp16", f16))}
     assert bytes_["w8a16"] < bytes_["fp16"] < bytes_["fp32"]
-    prog = lower(w8, target, "as-built")
+    prog = target.lower(w8, "as-built")
     conv = next(n for n in w8.nodes if n.op in ("Conv", "FusedConv"))
     w = conv.inputs[1]
     loads = [c for c in prog.commands if c.kind == "load" and c.op == conv.name]
@@ -476,7 +479,63 @@ def test_cost_model_prices_quantized_dtypes(graphs):
     # INT8 weights x INT16 activations: priced at [tensor.rate] int8xint16
     (mm,) = [c for c in prog.commands if c.kind == "tensor" and c.op == conv.name]
     assert mm.precision == "int8xint16"
-    f16prog = lower(f16, target, "as-built")
+    f16prog = target.lower(f16, "as-built")
     conv16 = next(n for n in f16.nodes if n.name == conv.name)
     w16 = [c for c in f16prog.commands if c.kind == "load" and c.op == conv16.name and c.tensor.endswith(":weights")]
     assert w16 and w16[0].bytes == 2 * welems + 2 * bias  # FP16 weights and bias
+
+
+# --- the decision, written once and read ------------------------------------------------------------
+
+def test_pass_options_are_read_through_its_typed_options(graphs):
+    """get_pass("quantize", precision=...) is honoured (it used to read only ctx.options), and a bad
+    value fails when the pass is made, naming the pass."""
+    from edgefc.errors import PassError
+
+    p = edgefc.get_pass("quantize", precision="fp16", eval_samples=0, calib_samples=1, progress=False)
+    ctx = PassContext()
+    p(graphs["unet"]["fused"].copy(), ctx)
+    assert ctx.report["quantization"]["precision"] == "fp16"
+    with pytest.raises(PassError, match="quantize.*unknown precision 'w4'"):
+        edgefc.get_pass("quantize", precision="w4")
+    with pytest.raises(PassError, match="calib-samples must be at least 1"):
+        edgefc.get_pass("quantize", calib_samples=0)
+
+
+def test_precision_record_is_written_once_and_read_after_saving(graphs, tmp_path):
+    """quantize records each op's precision on the node; the record survives saving the build; the
+    lowering's rate keys read it and agree with the operands' stored types; mlt keeps it."""
+    from edgefc.deployed_types import DeployedTypes
+
+    target = edgefc.get_target("exynos2400")
+    w8, r = quantize(graphs["unet"]["fused"], precision="w8a16", eval_samples=0, calib_samples=1)
+    plan = precision.recorded_plan(w8)
+    assert set(plan.values()) == {"w8a16", "fp32"} and r["op_precisions"]["w8a16"] > 50
+    assert sum(r["op_precisions"].values()) == len(plan)
+    assert not any(n.op in ("QuantizeLinear", "DequantizeLinear", "Cast") for n in w8.nodes if n.name in plan)
+    conv = next(n for n in w8.nodes if n.op in ("Conv", "FusedConv"))
+    assert plan[conv.name] == "w8a16"
+    sin = next(n for n in w8.nodes if n.op == "Sin")
+    assert plan[sin.name] == "fp32"  # the policy's periodic-arguments rule
+    # every tensor op: the rate key from the record equals the one its stored operand types make
+    types = DeployedTypes(w8)
+    for n in w8.nodes:
+        if n.op in ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm"):
+            assert types.rate_key(n) == precision.rate_key(types.of(n.inputs[1]), types.of(n.inputs[0])), n.name
+    # saved and loaded back: the same records, the same Program
+    path = edgefc.save(w8, tmp_path / "m.onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    meta = {n.name: {p.key: p.value for p in n.metadata_props} for n in proto.graph.node}
+    assert meta[conv.name] == {"edgefc.precision": "w8a16"}
+    back = edgefc.load(path)
+    assert precision.recorded_plan(back) == plan
+    a, b = target.lower(w8, "as-built"), target.lower(back, "as-built")
+    assert [(c.op, c.precision, c.bytes) for c in a.commands] == [(c.op, c.precision, c.bytes) for c in b.commands]
+    # a record is what the lowering reads: a conv recorded at W8A8 is priced at int8xint8
+    precision.set_op_precision(next(n for n in back.nodes if n.name == conv.name), "w8a8")
+    (cmd,) = [c for c in target.lower(back, "as-built").commands if c.kind == "tensor" and c.op == conv.name]
+    assert cmd.precision == "int8xint8"
+    # the FP16 build: fp16 ops, the policy's FP32 islands, Casts without a record
+    f16, r16 = quantize(graphs["unet"]["fused"], precision="fp16", eval_samples=0, calib_samples=1)
+    assert set(precision.recorded_plan(f16).values()) == {"fp16", "fp32"}
+    assert all(precision.op_precision(n) is None for n in f16.nodes if n.op == "Cast")

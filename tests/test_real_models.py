@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgefc
@@ -206,7 +208,7 @@ def test_cnn_op_kinds_run_on_the_npu_priced_and_built(tmp_path):
     for name, engine in placed.items():
         assert part[name]["where"] == ("host" if engine == "host" else "npu"), part[name]
     (tmp_path / "tvm").mkdir()
-    tvm_build.write_build(lowering, tmp_path / "tvm", aarch64=False)
+    tvm_build.write_tvm_files(lowering, tmp_path / "tvm", aarch64=False)
     runner = tvm_runtime.load_build(tmp_path / "tvm")
     feeds = {"x": RNG.standard_normal((1, 4, 9, 10)).astype(np.float32), "x1": RNG.standard_normal((1, 4, 12)).astype(np.float32),
              "x_lo": np.array(-0.5, np.float32)}
@@ -249,8 +251,6 @@ def test_placement_reads_the_target_files_op_table(tmp_path):
 
 
 def test_bad_op_table_entries_are_named(tmp_path):
-    import pytest
-
     from edgefc.errors import TargetError
 
     text = _target_text()
@@ -267,3 +267,202 @@ def test_bad_op_table_entries_are_named(tmp_path):
     for bad, needle in cases.items():
         with pytest.raises(TargetError, match=needle):
             _load(tmp_path, text.replace(line, bad))
+
+
+def test_profile_groups_host_ops_by_type_with_the_reason(tmp_path):
+    """``edgefc profile`` prints, under its table, the host ops by op type with placement's reason
+    and their share of the modelled time; profile.json has the same (``host_ops``)."""
+    import json
+
+    from tests.cli import run_cli
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+             helper.make_node("Atan", ["p"], ["a"]), helper.make_node("Atan", ["a"], ["y"])]
+    model = _model(nodes, [_vi("x", [1, 4, 9, 9])], [_vi("y", [1, 8, 5, 5])],
+                   [_const("w", RNG.standard_normal((8, 4, 3, 3)).astype(np.float32))])
+    _compile(tmp_path, model)
+    host = json.loads((tmp_path / "build" / "profile.json").read_text())["host_ops"]
+    by = {g["op_type"]: g for g in host["by_op_type"]}
+    assert host["count"] == 3 and set(by) == {"MaxPool", "Atan"}
+    assert by["Atan"]["count"] == 2 and by["Atan"]["reasons"] == {"no NPU kernel for Atan": 2}
+    assert list(by["MaxPool"]["reasons"]) == ["MaxPool ceil_mode=1 (the NPU's kernel takes 0)"]
+    assert 0 < by["MaxPool"]["share"] < host["share"] <= 1 and host["share"] == pytest.approx(
+        by["MaxPool"]["share"] + by["Atan"]["share"], abs=2e-4)
+    rc, out = run_cli("profile", str(tmp_path / "build"))
+    assert rc == 0, out
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("host ops: 3 ("))
+    assert "of the modelled time" in lines[at]
+    assert lines[at + 1].split()[:3] == ["Atan", "2", "ops"] and lines[at + 1].endswith("no NPU kernel for Atan")
+    assert lines[at + 2].split()[:3] == ["MaxPool", "1", "op"] and "ceil_mode=1" in lines[at + 2]
+
+
+# --- control flow, --const, shape conflicts --------------------------------------------------------
+
+def _branch(name, scale):
+    """A branch graph: y = Conv(x, w) * scale (x and w from the outer scope)."""
+    mul = helper.make_node("Mul", [f"{name}_c", f"{name}_k"], [f"{name}_y"])
+    conv = helper.make_node("Conv", ["x", "w"], [f"{name}_c"], pads=[1, 1, 1, 1])
+    k = _const(f"{name}_k", np.array(scale, np.float32))
+    return helper.make_graph([conv, mul], name, [], [_vi(f"{name}_y", [1, 4, 6, 6])], [k])
+
+
+def if_model(cond_input: bool = True) -> onnx.ModelProto:
+    """x -> If(sr == 16000: Conv(x) * 2, else Conv(x) * 3) -> Relu; ``sr`` an int64 scalar input
+    (with ``cond_input`` False the condition is a graph input itself)."""
+    w = _const("w", RNG.standard_normal((4, 3, 3, 3)).astype(np.float32))
+    nodes = []
+    if cond_input:
+        nodes.append(helper.make_node("Equal", ["sr", "rate"], ["cond"]))
+    nodes += [helper.make_node("If", ["cond"], ["b"], then_branch=_branch("then", 2.0), else_branch=_branch("else", 3.0)),
+              helper.make_node("Relu", ["b"], ["y"])]
+    inputs = [_vi("x", [1, 3, 6, 6]), _vi("sr", [], TensorProto.INT64) if cond_input else _vi("cond", [], TensorProto.BOOL)]
+    return _model(nodes, inputs, [_vi("y", [1, 4, 6, 6])], [w, _const("rate", np.array(16000, np.int64))])
+
+
+def test_const_fixes_an_input_and_canonicalize_folds_the_if(tmp_path):
+    model = if_model()
+    result, path = _compile(tmp_path, model, consts={"sr": "16000"})
+    ops = [n.op for n in result.graph.nodes]
+    assert "If" not in ops and "Equal" not in ops and "Conv" in ops, ops
+    assert [t.name for t in result.graph.inputs] == ["x"] and result.report["constants"] == {"sr": [16000]}
+    x = RNG.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    ref = ort.run(str(path), {"x": x, "sr": np.array(16000, np.int64)})
+    ort.check(ref, ort.run(str(tmp_path / "build" / "model.onnx"), {"x": x}), 1e-5)
+
+
+def test_const_user_errors_are_one_line(tmp_path):
+    from tests.cli import assert_user_error, run_cli
+
+    path = tmp_path / "m.onnx"
+    onnx.save(if_model(), str(path))
+    cases = {("--const", "rate=1"): "the model's inputs are: x, sr", ("--const", "sr=fast"): "not a number",
+             ("--const", "sr=16000.5"): "give whole numbers", ("--const", "sr=1,2"): "2 values for an input of 1",
+             ("--const", "sr"): "expected NAME=VALUE", ("--const", "sr=1", "--const", "sr=2"): "given twice"}
+    for args, needle in cases.items():
+        rc, out = run_cli("compile", str(path), *args, "--precision", "fp32", "-o", str(tmp_path / "o"))
+        assert_user_error(rc, out, needle)
+        assert not (tmp_path / "o").exists()
+
+
+def test_declared_output_shape_that_the_graph_contradicts_is_a_warning(tmp_path):
+    """The output is declared [1, ?] but computes [2, 3, 4] (onnxruntime only warns): the build
+    uses the inferred shape, report.json and the summary say so."""
+    from tests.cli import run_cli
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Reshape", ["r", "shape"], ["y"])]
+    model = _model(nodes, [_vi("x", [2, 12])], [_vi("y", [1, "seq"])], [_const("shape", np.array([2, 3, 4], np.int64))])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    rc, out = run_cli("compile", str(path), "--precision", "fp32", "-o", str(tmp_path / "build"))
+    assert rc == 0, out
+    assert "warning:   output 'y' is declared [1, ?] but the graph computes [2, 3, 4]" in out
+    import json
+
+    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert report["canonicalize"]["warnings"][0].startswith("output 'y' is declared [1, ?]")
+    assert report["outputs"][0]["shape"] == [2, 3, 4]
+    x = RNG.standard_normal((2, 12)).astype(np.float32)
+    assert ort.run(str(tmp_path / "build" / "model.onnx"), {"x": x})["y"].shape == (2, 3, 4)
+
+
+def _dear_if_model() -> onnx.ModelProto:
+    """If(cond input): then = Conv * 2, else = Conv -> Conv (twice the MACs)."""
+    model = if_model(cond_input=False)
+    node = model.graph.node[0]
+    els = next(a.g for a in node.attribute if a.name == "else_branch")
+    w2 = _const("w_else2", RNG.standard_normal((4, 4, 3, 3)).astype(np.float32))
+    els.initializer.append(w2)
+    els.node.append(helper.make_node("Conv", ["else_y", "w_else2"], ["else_z"], pads=[1, 1, 1, 1]))
+    del els.output[:]
+    els.output.append(_vi("else_z", [1, 4, 6, 6]))
+    return model
+
+
+def _loop_model(trips: int) -> onnx.ModelProto:
+    """Loop(M = trips): v <- Relu(Conv(v, w)); a Scan over the 5 rows of s: acc <- acc + row * 2."""
+    w = _const("w", RNG.standard_normal((4, 4, 3, 3)).astype(np.float32))
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Conv", ["v_in", "w"], ["vc"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["vc"], ["v_out"])], "body",
+        [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("v_in", [1, 4, 6, 6])],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("v_out", [1, 4, 6, 6])])
+    scan = helper.make_graph(
+        [helper.make_node("Mul", ["row", "two"], ["r2"]), helper.make_node("Add", ["acc_in", "r2"], ["acc_out"])], "scan",
+        [_vi("acc_in", [8]), _vi("row", [8])], [_vi("acc_out", [8])], [_const("two", np.array(2.0, np.float32))])
+    nodes = [helper.make_node("Loop", ["M", "keep", "x"], ["y"], body=body),
+             helper.make_node("Scan", ["acc0", "s"], ["acc"], body=scan, num_scan_inputs=1)]
+    return _model(nodes, [_vi("x", [1, 4, 6, 6]), _vi("s", [5, 8])], [_vi("y", [1, 4, 6, 6]), _vi("acc", [8])],
+                  [w, _const("M", np.array(trips, np.int64)), _const("keep", np.array(True)),
+                   _const("acc0", np.zeros(8, np.float32))])
+
+
+def test_if_is_priced_by_its_dearer_branch_and_says_so(tmp_path):
+    result, path = _compile(tmp_path, _dear_if_model())
+    target = edgefc.get_target("exynos2400")
+    prof = target.profile(result.graph)
+    row = next(o for o in prof.ops if o.op_type == "If")
+    assert row.engine == "host" and row.macs == 36 * 4 * 27 + 36 * 4 * 36   # the else branch's two Convs
+    note = prof.program.host_reasons[row.name]
+    assert note.startswith("If: priced by its dearer branch, else_branch (") and "known only at run time" in note
+    assert row.cycles > target.arch.host.sync_cycles   # the decision and the branch's work
+    x = RNG.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    for cond in (True, False):
+        _matches(tmp_path, path, {"x": x, "cond": np.array(cond)})
+    # a constant condition the graph still holds (canonicalize inlines it): the branch taken
+    graph = result.graph
+    graph.nodes[0].inputs[0] = gs.Constant("c_true", np.array(True))
+    taken = target.lower(graph)
+    assert "the branch it takes, then_branch" in taken.host_reasons[row.name]
+    assert sum(c.macs for c in taken.commands if c.op == row.name) == 36 * 4 * 27
+
+
+def test_loop_and_scan_are_priced_by_their_bodies(tmp_path):
+    result, path = _compile(tmp_path, _loop_model(3))
+    prof = edgefc.get_target("exynos2400").profile(result.graph)
+    rows = {o.op_type: o for o in prof.ops}
+    assert rows["Loop"].macs == 3 * 36 * 4 * 36
+    notes = prof.program.host_reasons
+    assert notes[rows["Loop"].name] == ("Loop: priced as 3 iterations of its body (the trip count is a constant); the "
+                                        "host checks the body's condition every iteration")
+    syncs = [c for c in prof.program.commands if c.op == rows["Loop"].name and c.kind == "host"]
+    assert len(syncs) == 1 and syncs[0].repeat == 3
+    assert notes[rows["Scan"].name] == "Scan: priced as 5 iterations of its body (the scan axis length)"
+    scan_vec = [c for c in prof.program.commands if c.op == rows["Scan"].name and c.kind == "vector"]
+    assert scan_vec and all(c.repeat == 5 for c in scan_vec)
+    _matches(tmp_path, path, {"x": RNG.standard_normal((1, 4, 6, 6)).astype(np.float32),
+                              "s": RNG.standard_normal((5, 8)).astype(np.float32)})
+
+
+def test_quantize_leaves_a_branch_with_a_pad_intact_and_says_so(tmp_path):
+    """W8A16 of a model whose If branch holds a Pad and reads an outer input: the branch is left
+    as it is (it used to lose its outer input: 'onnxruntime cannot load the reference model'),
+    and report.json names the passes that left it."""
+    model = _dear_if_model()
+    then = next(a.g for a in model.graph.node[0].attribute if a.name == "then_branch")
+    conv, mul = onnx.NodeProto(), onnx.NodeProto()
+    conv.CopyFrom(then.node[0])
+    mul.CopyFrom(then.node[1])
+    mul.input[0] = "then_cp"
+    del then.node[:]
+    then.node.extend([conv, helper.make_node("Pad", ["then_c", "then_pads"], ["then_cp"], mode="constant"), mul])
+    then.initializer.append(_const("then_pads", np.zeros(8, np.int64)))
+    result, path = _compile(tmp_path, model, {"precision": "w8a16", "eval_samples": 2})
+    sub = result.report["subgraphs"]
+    assert sub["nodes"] == [n.name for n in result.graph.nodes if n.op == "If"] and "quantize" in sub["left_as_they_are_by"]
+    assert "canonicalize" not in sub["left_as_they_are_by"]
+    x = RNG.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    ref = ort.run(str(path), {"x": x, "cond": np.array(True)})["y"]
+    got = ort.run(str(tmp_path / "build" / "model.onnx"), {"x": x, "cond": np.array(True)})["y"]
+    assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+def test_emit_tvm_refuses_control_flow_in_one_line(tmp_path):
+    from tests.cli import assert_user_error, run_cli
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_dear_if_model(), str(path))
+    rc, out = run_cli("compile", str(path), "--precision", "fp32", "--emit", "tvm", "-o", str(tmp_path / "o"))
+    assert_user_error(rc, out, "the TVM lowering does not take control flow (If node")
+    assert not (tmp_path / "o").exists()

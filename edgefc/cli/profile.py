@@ -15,16 +15,15 @@ import click
 
 from edgefc.build_folder import load_for_profile
 from edgefc.errors import BuildError, TargetError
-
-PRECISIONS = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
+from edgefc.precision import PRICINGS
 
 
 @click.command("profile")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "-t", default="exynos2400", show_default=True,
               help="Target name (exynos2400) or a target description .toml file.")
-@click.option("--precision", default="as-built", show_default=True, metavar="|".join(PRECISIONS),
-              help="Price as built (the graph's dtypes and Q/DQ), or as if deployed at fp32, fp16, "
+@click.option("--precision", default="as-built", show_default=True, metavar="|".join(PRICINGS),
+              help="Price as built (each op's precision as quantize recorded it, the graph's dtypes and Q/DQ), or as if deployed at fp32, fp16, "
                    "w8a16 (INT8 weights, INT16 activations) or w8a8 (INT8 weights and activations, as "
                    "MLPerf Mobile runs); the graph itself is not changed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -56,8 +55,8 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
     import edgefc
     from edgefc.ir import parse_shape
 
-    if precision not in PRECISIONS:
-        raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    if precision not in PRICINGS:
+        raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRICINGS)})")
     from edgefc.targets.cost_model import SCHEDULES
 
     if schedule not in SCHEDULES:
