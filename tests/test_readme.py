@@ -95,7 +95,8 @@ def test_readme_custom_pass_and_options(models):
 
 def test_readme_fusion_pass_inserted_into_the_npu_pipeline(models):
     """hardswish.py, inserted after `fuse` into the npu pipeline the exynos2400 target runs: one
-    HardSwish, the default-alpha HardSigmoid a miss with its reason, the build equal to the source."""
+    HardSwish, the default-alpha HardSigmoid a miss with its reason, the build (quantized as the
+    npu pipeline decides) computing what the source does."""
     (models / "hardswish.py").write_text(block("python", "# hardswish.py"))
     rc, out = command(block("bash", "edgefc compile model.onnx --plugin hardswish.py"), models)
     assert rc == 0, out
@@ -111,7 +112,9 @@ def test_readme_fusion_pass_inserted_into_the_npu_pipeline(models):
     built = onnx.load(build / "model.onnx")
     assert [n.op_type for n in built.graph.node].count("HardSwish") == 1
     feeds = {"x": np.linspace(-4, 4, 8, dtype=np.float32).reshape(1, 8)}
-    ort.check(ort.run(onnx.load(models / "model.onnx"), feeds), ort.run(built, feeds), 1e-6)
+    # exact up to the deployed precision (auto: W8A16 on an NPU target for a model of unknown kind)
+    tolerance = 1e-6 if report["quantization"]["precision"] == "fp32" else 1e-3
+    ort.check(ort.run(onnx.load(models / "model.onnx"), feeds), ort.run(built, feeds), tolerance)
     out = python(block("python", "import edgefc\nedgefc.load_plugin"), models)
     assert out.startswith("1 [{'node': 'hs2'"), out
 
