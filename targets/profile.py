@@ -64,6 +64,8 @@ class Profile:
     attention_breakdown: dict | None = None
     ops: list[OpRow] = field(default_factory=list)
     validation: dict | None = None   # the target's validation figures (bench/fit_exynos2400.py)
+    warnings: list[str] = field(default_factory=list)   # what the pricing could not honour (edgefc profile)
+    reproducibility: dict | None = None  # how the profile (or its build) was made: versions, options, command
 
     def __post_init__(self):
         if not self.ops:
@@ -142,6 +144,8 @@ class Profile:
             "attention_breakdown": self.attention_breakdown,
             "validation": self.validation,
             "validation_summary": validation_line(self.validation),
+            "warnings": list(self.warnings),
+            "reproducibility": self.reproducibility,
         }
 
     def residency(self) -> dict:

@@ -36,7 +36,8 @@ SHORT_HELP: dict[str, str] = {
     "passes": "List the registered passes.",
     "export": "Export a text encoder / U-Net / VAE decoder from diffusers to ONNX.",
     "generate": "Text-to-image: text encoder -> U-Net (LCM steps) -> VAE decoder, writes a PNG.",
-    "train": "Distil U-Nets: BK-SDM knowledge distillation (kd), latent consistency distillation (lcm).",
+    "train": "Train and distil: a VAE (vae) or U-Net (sd) from scratch, BK-SDM distillation (kd), latent "
+             "consistency distillation (lcm).",
     "data": "Prepare image/caption training data: curate real pairs, or synthesize attribute-controlled ones.",
     "eval": "Score images against their prompts with the deterministic verifier (alignment, Fréchet distance).",
     "run": "Run a TVM build (--emit tvm) on inputs from an .npz; --check compares with onnxruntime.",
@@ -117,7 +118,13 @@ def main(argv=None):
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:  # a bad or missing argument or option: one line, like every user error
-        where = " ".join(["edgefc", *e.ctx.command_path.split()[1:]]) if isinstance(e, click.UsageError) and e.ctx else "edgefc"
+        where = "edgefc"
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            names, c = [], e.ctx
+            while c is not None and c.parent is not None:  # the subcommands, not how Python was started
+                names.insert(0, c.info_name)
+                c = c.parent
+            where = " ".join(["edgefc", *names])
         message = " ".join(e.format_message().split())
         click.echo(f"error: {message} (see '{where} --help')", err=True)
         sys.exit(2)
