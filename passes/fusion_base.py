@@ -30,6 +30,10 @@ def activation(p: Pattern, z, act: Activation):
         return lambda v: attr_accepts(act, key, v) or f"{key}={v!r} (the fused '{act.name}' is {act.onnx_op} with {key}={want})"
 
     attrs = {key: accepts(key) for key in act.onnx_attrs}
+    if act.bounds:   # Clip: constant scalar bounds, carried by the fused op as attributes
+        bounds = [p.const(b, check=lambda c: c.shape is not None and int(np.prod(c.shape)) == 1
+                          or "a bound that is not one constant number") for b in act.bounds]
+        return p.op(act.onnx_op, z, *bounds, name=act.name)
     if act.gated:
         return p.op("Mul", z, p.op(act.onnx_op, z, name=act.onnx_op.lower(), attrs=attrs), name=act.name)
     return p.op(act.onnx_op, z, name=act.name, attrs=attrs)
