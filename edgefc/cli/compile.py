@@ -161,7 +161,9 @@ def _min_sqnr(ctx, param, value):
               help="Remove one fusion pass from the pipeline (attention, groupnorm, layernorm, gelu, geglu, "
                    "matmul-bias, epilogue, identity; repeatable).")
 @click.option("--precision", type=click.Choice(REQUESTS), default="auto", show_default=True,
-              help="Deployed precision (quantize): auto = FP16 text encoder / VAE decoder, W8A16 U-Net on NPU targets.")
+              help="Deployed precision (quantize): auto = FP16 text encoder / VAE decoder, W8A16 U-Net on NPU targets; "
+                   "w8a16 = INT8 weights, INT16 activations; w8a8 = INT8 weights and activations (priced at int8xint8; "
+                   "what stays wider - softmax internals, norm statistics, the time embedding - is in report.json).")
 @click.option("--component", type=click.Choice(COMPONENTS),
               help="Which model this is, for --precision auto and calibration data (default: from the input names).")
 @click.option("--calib", type=click.Path(dir_okay=False, path_type=Path), callback=_calib_file, metavar="FILE.npz",
@@ -181,6 +183,10 @@ def _min_sqnr(ctx, param, value):
               help="Calibration inputs to use (default: 8 for the U-Net and text encoder, 1 for the VAE decoder).")
 @click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="PATTERN",
               help="Keep matching nodes in FP32: node-name glob, re:REGEX or op type (repeatable).")
+@click.option("--layer-precision", "layer_precision", multiple=True, metavar="PATTERN=PRECISION",
+              help="Run matching nodes (node-name glob, re:REGEX or op type) at fp32, fp16, w8a16 or w8a8 in a "
+                   "--precision w8a16/w8a8 build, e.g. 'Attention=fp16' (repeatable; later patterns win, --keep-fp32 "
+                   "wins over all). The conversions between precisions are added to the graph and priced.")
 @click.option("--eval-samples", type=click.IntRange(min=0), metavar="N",
               help="Evaluation inputs for the quantization SQNR in report.json (default: all of --eval or the "
                    "held-out part of --calib up to 64, 4 for the VAE decoder; generated: 8, 2 for the VAE decoder; "
