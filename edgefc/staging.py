@@ -184,10 +184,11 @@ def check_output_folder(path: str | os.PathLike, option: str = "-o") -> Path:
     return p
 
 
-def check_output_file(path: str | os.PathLike, option: str = "-o", *, protect=()) -> Path:
+def check_output_file(path: str | os.PathLike, option: str = "-o", *, protect=(), create_parents: bool = False) -> Path:
     """Fail (one-line :class:`OutputError`) unless a file can be written at ``path``: its folder
-    exists and accepts new files, ``path`` is not a folder, and it is none of the ``protect`` files
-    (the command's inputs). An existing device or pipe (``/dev/null``) is accepted if writable.
+    exists (or, with ``create_parents``, can be created under the nearest existing folder) and
+    accepts new files, ``path`` is not a folder, and it is none of the ``protect`` files (the
+    command's inputs). An existing device or pipe (``/dev/null``) is accepted if writable.
     Creates nothing. Returns the absolute path."""
     p = Path(os.path.abspath(path))
     for q in protect:
@@ -202,11 +203,11 @@ def check_output_file(path: str | os.PathLike, option: str = "-o", *, protect=()
     anc = _existing_ancestor(p.parent)
     if not anc.is_dir():
         raise OutputError(f"{option} {path}: {anc} is a file, not a folder")
-    if anc != p.parent:
-        raise OutputError(f"{option} {path}: folder {p.parent} does not exist")
-    why = _probe(p.parent)
+    if anc != p.parent and not create_parents:
+        raise OutputError(f"{option} {path}: the output folder {p.parent} does not exist")
+    why = _probe(anc)
     if why is not None:
-        raise OutputError(f"{option} {path}: cannot write into {p.parent} ({why})")
+        raise OutputError(f"{option} {path}: cannot write into {anc} ({why})")
     return p
 
 

@@ -36,10 +36,10 @@ import onnx_graphsurgeon as gs
 
 from edgefc import folding, ir, opset
 from edgefc.errors import ShapeError
+from edgefc.graph_edit import bypass
 from edgefc.pass_base import Pass, PassContext
 from edgefc.passes.fold_affine import fold_affine
 from edgefc.registry import register_pass
-from edgefc.rewrite import bypass
 
 
 def apply_input_shapes(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -49,10 +49,17 @@ def apply_input_shapes(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> N
         if name not in by_name:
             raise ShapeError(f"--shape names input '{name}', but the model's inputs are: {', '.join(by_name) or 'none'}")
         by_name[name].shape = list(shape)
-    for t in graph.inputs:
-        if ir.static_shape(t) is None:
-            shown = "x".join(str(d) if isinstance(d, (int, np.integer)) and d >= 0 else "?" for d in (t.shape or []))
-            raise ShapeError(f"input '{t.name}' has a dynamic shape [{shown or 'unknown'}]; give it with --shape {t.name}=D1xD2x...")
+    dynamic = [t for t in graph.inputs if ir.static_shape(t) is None]
+    if dynamic:  # every one in one line, so one run tells the user all the --shape options it needs
+        def shown(t):
+            return "x".join(str(d) if isinstance(d, (int, np.integer)) and d >= 0 else "?" for d in (t.shape or [])) or "unknown"
+
+        if len(dynamic) == 1:
+            t = dynamic[0]
+            raise ShapeError(f"input '{t.name}' has a dynamic shape [{shown(t)}]; give it with --shape {t.name}=D1xD2x...")
+        names = ", ".join(f"'{t.name}' [{shown(t)}]" for t in dynamic)
+        raise ShapeError(f"inputs {names} have dynamic shapes; give each with --shape, e.g. "
+                         + " ".join(f"--shape {t.name}=D1xD2x..." for t in dynamic))
 
 
 #: ops whose output shape depends on the values of their (data) inputs
@@ -85,7 +92,29 @@ def _why_dynamic(graph: gs.Graph, node: gs.Node) -> str:
         dep = _value_inputs(graph, node.inputs)
     if dep:
         return f"it depends on the values of input{'s' if len(dep) > 1 else ''} {', '.join(repr(d) for d in dep)}"
-    return "ONNX shape inference cannot determine it"
+    return _inference_error(graph) or "ONNX shape inference cannot determine it"
+
+
+def _inference_error(graph: gs.Graph) -> str | None:
+    """What strict ONNX shape inference says is wrong (shapes that do not fit together, e.g. a
+    ``--shape`` that does not match a MatMul's weights), naming the node and its input shapes."""
+    try:
+        onnx.shape_inference.infer_shapes(ir.skeleton_model(graph), strict_mode=True, data_prop=True)
+        return None
+    except Exception as e:  # InferenceError, or anything else the checker raises: no better reason then
+        text = str(e)
+    import re
+
+    m = re.search(r"\(op_type:(\w+), node name: ([^)]*)\): \[\w+\] ([^\n]+)", text)
+    if not m:
+        return None
+    op, name, why = m.group(1), m.group(2), m.group(3).strip()
+    node = next((n for n in graph.nodes if n.name == name), None)
+    shapes = ""
+    if node is not None:
+        shapes = "; input shapes " + ", ".join(
+            f"{t.name or '-'} {list(t.shape) if t.shape is not None else '?'}" for t in node.inputs)
+    return f"shapes do not fit at {op} node '{name}': {why}{shapes}"
 
 
 def check_static(graph: gs.Graph) -> None:

@@ -82,6 +82,7 @@ class NpuTarget(Target):
         build folder and add a ``profile`` summary to ``report``."""
         precision = "as-built"
         prof = build_profile(self, graph, precision=precision, model=str(ctx.options.get("source_model") or ""))
+        prof.reproducibility = report.get("reproducibility")
         prof.write_json(Path(out_dir) / "profile.json")
         report["profile"] = {"file": "profile.json", "precision": precision, "total_ms": round(prof.total_ms, 6),
                              "sram_peak_bytes": prof.program.sram_peak_bytes,

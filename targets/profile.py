@@ -32,7 +32,7 @@ class OpRow:
     op_type: str
     engine: str
     block: str
-    precision: str = ""       # tensor ops: the [tensor.rate] key their MACs were priced at
+    precision: str = ""       # tensor ops: the [tensor.rate] key their MACs were priced at ("a+b": an attention whose two matmuls run at two keys)
     macs: int = 0
     dma_bytes: int = 0
     cycles: float = 0.0
@@ -64,6 +64,8 @@ class Profile:
     attention_breakdown: dict | None = None
     ops: list[OpRow] = field(default_factory=list)
     validation: dict | None = None   # the target's validation figures (bench/fit_exynos2400.py)
+    warnings: list[str] = field(default_factory=list)   # what the pricing could not honour (edgefc profile)
+    reproducibility: dict | None = None  # how the profile (or its build) was made: versions, options, command
 
     def __post_init__(self):
         if not self.ops:
@@ -91,9 +93,10 @@ class Profile:
                 row.dma_bytes += c.total_bytes
             elif c.kind == "tensor":
                 row.macs += c.total_macs
-                if row.precision and row.precision != c.precision:
-                    raise ValueError(f"op {c.op} has tensor commands at two precisions ({row.precision}, {c.precision})")
-                row.precision = c.precision
+                # an attention whose S_out x V runs wider than its QK^T (W8A8 with INT16 scores)
+                # names both keys, QK^T first: "int8xint8+int8xint16"
+                if c.precision not in row.precision.split("+"):
+                    row.precision = f"{row.precision}+{c.precision}" if row.precision else c.precision
         total = self.total_cycles or 1.0
         for row in rows.values():
             row.ms = self.ms(row.cycles)
@@ -142,6 +145,8 @@ class Profile:
             "attention_breakdown": self.attention_breakdown,
             "validation": self.validation,
             "validation_summary": validation_line(self.validation),
+            "warnings": list(self.warnings),
+            "reproducibility": self.reproducibility,
         }
 
     def residency(self) -> dict:

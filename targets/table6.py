@@ -27,22 +27,24 @@ def role_cycles(arch: Architecture, spec, tiling) -> dict[str, float]:
 
 def mlt_tiling(target: Target, spec, built=None):
     """The tiling MLT gives this block: the solver's choice at the target's default SRAM budget
-    (``edgefc.tile_solver``, core), else the build's own tiling."""
+    (``edgefc.tile_solver``, core), else the build's own tiling; ``(None, why)`` when there is none."""
     try:
         sol = tile_solver.solve(spec, target, tile_solver.default_budget(target), row_granularity(target))
         return sol.tiling, "solver"
-    except tile_solver.InfeasibleBudgetError:
-        pass
+    except tile_solver.InfeasibleBudgetError as e:
+        why = (f"no tiling fits {target.name}'s default SRAM budget of {e.budget / 2**20:.2f} MiB (the smallest "
+               f"tile needs {e.min_budget / 2**20:.2f} MiB), so MLT leaves this block untiled")
     if built is not None and built.tiles > 1:
         return built, "build"
-    return None, None
+    return None, why
 
 
 def attention_breakdown(target: Target, arch: Architecture, program: Program) -> dict | None:
     """Table 6 for the program's largest attention block: shares of the untiled block's time.
 
     ``rows``: the block priced untiled (one tile); ``rows_mlt``: priced with the tiling MLT
-    chooses (None when no tiling is available); both in percent of the untiled block's cycles.
+    chooses (None when no tiling is available, and ``rows_mlt_reason`` says why); both in percent
+    of the untiled block's cycles.
     ``target`` is the one the MLT solver asks, ``arch`` its description.
     """
     blocks = [o for o in program.ops if o.attention is not None]
@@ -61,7 +63,9 @@ def attention_breakdown(target: Target, arch: Architecture, program: Program) ->
            "rows_mlt": None, "tiling_mlt": None, "tiling_mlt_source": None,
            "built_tiling": {"row_tiles": built.row_tiles, "head_tiles": built.head_tiles}}
     tiling, source = mlt_tiling(target, spec, built)
-    if tiling is not None:
+    if tiling is None:
+        out["rows_mlt_reason"] = source
+    else:
         tiled = role_cycles(arch, spec, tiling)
         out.update(rows_mlt={k: round(100.0 * v / total, 3) for k, v in tiled.items()},
                    tiling_mlt={"row_tiles": tiling.row_tiles, "head_tiles": tiling.head_tiles},

@@ -466,3 +466,86 @@ def test_emit_tvm_refuses_control_flow_in_one_line(tmp_path):
     rc, out = run_cli("compile", str(path), "--precision", "fp32", "--emit", "tvm", "-o", str(tmp_path / "o"))
     assert_user_error(rc, out, "the TVM lowering does not take control flow (If node")
     assert not (tmp_path / "o").exists()
+
+
+def test_const_inlines_a_branch_with_computed_shapes(tmp_path):
+    """A branch whose shapes are computed (a Reshape to Shape(x): symbolic while inside the If)
+    gets static ones once --const inlines it."""
+    then = helper.make_graph([helper.make_node("Shape", ["x"], ["t_s"]), helper.make_node("Reshape", ["x", "t_s"], ["t_r"]),
+                              helper.make_node("Relu", ["t_r"], ["t_y"])], "then", [], [_vi("t_y", ["a", "b"])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e_y"])], "else", [], [_vi("e_y", ["a", "b"])])
+    nodes = [helper.make_node("Equal", ["sr", "rate"], ["cond"]),
+             helper.make_node("If", ["cond"], ["b"], then_branch=then, else_branch=other),
+             helper.make_node("Sigmoid", ["b"], ["y"])]
+    model = _model(nodes, [_vi("x", ["n", 5]), _vi("sr", [], TensorProto.INT64)], [_vi("y", ["a", "b"])],
+                   [_const("rate", np.array(16000, np.int64))])
+    result, path = _compile(tmp_path, model, shapes={"x": (2, 5)}, consts={"sr": 16000})
+    assert [n.op for n in result.graph.nodes] == ["Relu", "Sigmoid"]
+    x = RNG.standard_normal((2, 5)).astype(np.float32)
+    ort.check(ort.run(str(path), {"x": x, "sr": np.array(16000, np.int64)}),
+              ort.run(str(tmp_path / "build" / "model.onnx"), {"x": x}), 1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ppocr-det", "ppocr-cls", "layout-cdla", "ddddocr-ocr", "silero-vad"])
+def test_trained_models_from_wheels(name, tmp_path):
+    """bench/wheel_models.py's check of one trained model: the fp32 build matches onnxruntime, no
+    host op in a CNN, the default pipeline compiles. Runs on the wheels cached in
+    $EDGEFC_WHEEL_CACHE (``python bench/wheel_models.py --cache DIR`` fills it); skipped without."""
+    import importlib.util
+    import os
+    import shutil
+    from pathlib import Path
+
+    cache = os.environ.get("EDGEFC_WHEEL_CACHE")
+    if not cache or not Path(cache).is_dir():
+        pytest.skip("no wheel cache ($EDGEFC_WHEEL_CACHE)")
+    spec = importlib.util.spec_from_file_location("wheel_models", Path(__file__).parents[1] / "bench" / "wheel_models.py")
+    wm = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules.setdefault("wheel_models", wm)   # dataclasses look their module up
+    spec.loader.exec_module(wm)
+    model = {m.name: m for m in wm.MODELS}[name]
+    if not any((Path(cache) / model.wheel.replace("==", "-")).glob("*.whl")):
+        pytest.skip(f"{model.wheel} is not in {cache}")
+    row = wm.measure(model, Path(cache), [shutil.which("edgefc") or "edgefc"])
+    assert row["fp32"].get("matches"), row["fp32"]
+    assert row["npu"]["exit"] == 0, row["npu"]
+    if model.cnn:
+        assert row["host_ops"] == 0 and row["host_share"] < 0.10, row
+
+
+def test_clip_after_a_convolution_is_its_epilogue(tmp_path):
+    """Conv -> Clip(0, 6) (ReLU6) and Gemm -> Clip(-1, 1) fold into FusedConv / FusedMatMul
+    (activation "clip" with its bounds); a Clip with a run-time bound does not; the build and its
+    TVM lowering (composite conv2d_bias_clip) match onnxruntime."""
+    from edgefc.targets import tvm_build, tvm_lowering, tvm_runtime
+
+    f = np.float32
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c", "zero", "six"], ["r6"]),
+             helper.make_node("Conv", ["r6", "w2"], ["c2"]), helper.make_node("Clip", ["c2", "lo"], ["y2"]),
+             helper.make_node("Flatten", ["r6"], ["fl"]), helper.make_node("Gemm", ["fl", "fc", "fb"], ["g"]),
+             helper.make_node("Clip", ["g", "minus1", "one"], ["y"])]
+    model = _model(nodes, [_vi("x", [1, 3, 4, 4]), _vi("lo", [])], [_vi("y", [1, 5]), _vi("y2", [1, 4, 4, 4])],
+                   [_const("w", RNG.standard_normal((4, 3, 3, 3)).astype(f)), _const("b", RNG.standard_normal(4).astype(f)),
+                    _const("w2", RNG.standard_normal((4, 4, 1, 1)).astype(f)), _const("fc", RNG.standard_normal((64, 5)).astype(f)),
+                    _const("fb", RNG.standard_normal(5).astype(f)), _const("zero", np.array(0, f)), _const("six", np.array(6, f)),
+                    _const("minus1", np.array(-1, f)), _const("one", np.array(1, f))])
+    result, path = _compile(tmp_path, model)
+    fused = {n.op: n for n in result.graph.nodes if n.op in ("FusedConv", "FusedMatMul")}
+    assert fused["FusedConv"].attrs["activation"] == "clip" and (fused["FusedConv"].attrs["clip_min"],
+                                                                  fused["FusedConv"].attrs["clip_max"]) == (0.0, 6.0)
+    assert fused["FusedMatMul"].attrs["activation"] == "clip" and fused["FusedMatMul"].attrs["clip_min"] == -1.0
+    assert [n.op for n in result.graph.nodes].count("Clip") == 1   # the run-time bound stays
+    feeds = {"x": (3 * RNG.standard_normal((1, 3, 4, 4))).astype(f), "lo": np.array(0.5, f)}
+    _matches(tmp_path, path, feeds)
+    program = edgefc.get_target("exynos2400").lower(result.graph)
+    lowering = tvm_lowering.lower(edgefc.ir.to_model(result.graph), program)
+    assert lowering.partition["disagreements"] == []
+    kinds = {c["composite"] for p in lowering.programs for c in p["commands"]}
+    assert "edgefc_npu.conv2d_bias_clip" in kinds and "edgefc_npu.matmul_bias_clip" in kinds, kinds
+    (tmp_path / "tvm").mkdir()
+    tvm_build.write_tvm_files(lowering, tmp_path / "tvm", aarch64=False)
+    ort.check(ort.run(str(path), feeds), tvm_runtime.load_build(tmp_path / "tvm").run(feeds), 1e-5)

@@ -38,7 +38,9 @@ def data_group():
 def curate_cmd(src, dst, min_size, dedup_threshold, crop, quiet):
     """Curate SRC (a folder of NAME.jpg/png + NAME.txt pairs or a webdataset .tar shard) into -o DST."""
     from edgefc.models.train.curate import curate
+    from edgefc.staging import check_output_folder
 
+    check_output_folder(dst, "-o")
     m = curate(src, dst, min_size=min_size, threshold=dedup_threshold, crop=crop, progress=not quiet)
     c = m["counts"]
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if k not in ("input", "kept"))
@@ -62,6 +64,9 @@ def synth_cmd(dst, count, size, seed, level, quiet):
     from tqdm import tqdm
 
     from edgefc.models.synth import synthesize
+    from edgefc.staging import check_output_folder
+
+    check_output_folder(dst, "-o")
 
     bars = []  # opened on the first image, so a refused run prints only its error line
 

@@ -55,12 +55,15 @@ def generate_cmd(prompt, prompts_file, steps, build, weights, seed, guidance, he
     edgefc generate --prompts heldout.txt --build build/ --weights mini/lcm -o samples/ && edgefc eval samples/
     """
     from edgefc.models import pipeline
+    from edgefc.staging import check_output_file
 
     if (prompt is None) == (prompts_file is None):
         raise pipeline.GenerateError("give either --prompt TEXT (one image) or --prompts FILE (one image per line).")
     if prompts_file is not None:
         from edgefc.models.recording import read_prompts
+        from edgefc.staging import check_output_folder
 
+        check_output_folder(output, "-o")  # an unwritable folder fails before anything runs
         prompts = read_prompts(prompts_file, "--prompts")
         results = pipeline.generate_folder(prompts, output, seed=seed, steps=steps, build=build, weights=weights,
                                            guidance=guidance, height=height, width=width, scale=scale, arch=arch,
@@ -73,6 +76,8 @@ def generate_cmd(prompt, prompts_file, steps, build, weights, seed, guidance, he
         click.echo(f"wrote {len(results)} images + prompts to {output} ({p.width}x{p.height}, {p.steps} LCM "
                    f"step{'s' if p.steps > 1 else ''}, seeds {seed}..{seed + len(results) - 1}; {ran})")
         return
+    if output.lower().endswith(".png"):  # (another suffix is refused by the plan, naming it)
+        check_output_file(output, "-o")  # an unwritable PNG fails before anything runs
     p = pipeline.plan(prompt, steps=steps, output=output, build=build, weights=weights, seed=seed,
                       guidance=guidance, height=height, width=width, scale=scale, arch=arch, target=target,
                       runtime=runtime)

@@ -36,6 +36,9 @@ def summary_lines(report: dict, profile: dict | None, build: Path | None = None)
     tiling = report.get("tiling")
     if isinstance(tiling, dict):
         lines.append("tiling:    " + _tiling(tiling))
+    checked = [r for r in report.get("passes") or [] if r.get("verify_rel_error") is not None]
+    if checked:
+        lines.append("verify:    " + _verify(checked))
     if profile is not None:
         lines.append("target:    " + _target(profile))
     if build is not None:
@@ -161,6 +164,13 @@ def _tiling(t: dict) -> str:
     if "budget_bytes" in t:
         out += f"; SRAM budget {_mib(t['budget_bytes'])}"
     return out
+
+
+def _verify(checked: list[dict]) -> str:
+    worst = max(checked, key=lambda r: r["verify_rel_error"])
+    return (f"{len(checked)} pass{'es' if len(checked) != 1 else ''} checked against onnxruntime on seeded random "
+            f"inputs (--verify), each within its tolerance; largest max rel error {worst['verify_rel_error']:.3g} "
+            f"({worst['name']})")
 
 
 def _target(p: dict) -> str:
