@@ -4,7 +4,7 @@ Three steps over a folder of image/caption pairs or a webdataset ``.tar`` shard,
 PIL only (no torch):
 
 1. **Size filter** -- images whose short side is under ``min_size`` (300 px) are dropped.
-2. **Deduplication** -- exact duplicates (identical decoded pixels) and near duplicates
+2. **Deduplication** (unless ``dedup=False``) -- exact duplicates (identical decoded pixels) and near duplicates
    (perceptual hashes within ``threshold`` bits of Hamming distance) are dropped, keeping the
    largest image of each group (ties: the first key in sorted order). The perceptual hash is
    the DCT pHash: grey-scale, resize to 32x32, 2-D DCT-II, the 8x8 lowest frequencies, one
@@ -15,6 +15,23 @@ PIL only (no torch):
    centre). Built in: ``saliency`` (default; spectral-residual saliency, Hou & Zhang, CVPR 2007),
    ``gradient`` (gradient energy) and ``center`` (a flat map: always the centre). Add your own
    with :func:`register_crop_scorer` or pass a callable to :func:`curate`.
+
+Two more steps use the verifier of the synthetic scenes (:mod:`edgefc.models.verifier`, our
+stand-in for CLIP and for the paper's captioner and human curators; EdgeFusion Sec. 2.2):
+
+* ``crop="alignment"`` -- the candidate square whose verifier reading agrees most with the pair's
+  caption (:func:`edgefc.models.verifier.agreement`), saliency breaking ties: a caption-aware
+  three-crop choice. An image-only score cannot tell a subject moved to another quadrant by a
+  crop from one that was there, so in scenes whose captions state positions this is what picks the
+  crop the caption describes.
+4. **Drop contradicted** (``drop_contradicted``, the paper's manual curation, synt-cur) -- pairs
+   whose caption states something the verifier reads otherwise from the cropped image (another
+   value, or an object that is not there) are dropped (``contradicted``); captions that only leave
+   attributes out are kept.
+5. **Re-caption** (``recaption``, the paper's L-pps) -- every kept caption is replaced by one the
+   verifier's attribute reader writes from the cropped image (:func:`edgefc.models.verifier.describe`;
+   sizes only from ``level`` 2 on, as ``edgefc data synth --level``); the old caption stays in the
+   manifest.
 
 The output folder receives the cropped pairs (same relative names; PNG stays PNG, everything
 else is written as JPEG quality 95) and ``manifest.json``: every kept sample with its crop, and
@@ -149,8 +166,43 @@ def candidate_crops(w: int, h: int) -> list[tuple[str, tuple[int, int, int, int]
     return [("center", (0, (h - s) // 2, s, (h - s) // 2 + s)), ("top", (0, 0, s, s)), ("bottom", (0, h - s, s, h))]
 
 
-def choose_crop(img, scorer: str | Callable = "saliency") -> tuple[str, tuple[int, int, int, int], dict]:
-    """The best candidate square of ``img`` under ``scorer``; returns (name, box, scores)."""
+#: Crop choices that read the caption (not maps; see :func:`choose_crop`).
+CAPTION_CROPS = ("alignment",)
+
+
+def _alignment_crop(img, caption: str, level: int):
+    from edgefc.models.synth import ATTRIBUTES
+    from edgefc.models.verifier import agreement, read_image
+
+    w, h = img.size
+    cands = candidate_crops(w, h)
+    _, _, sal = choose_crop(img, "saliency")
+    scores = {}
+    for name, box in cands:
+        got, _ = agreement(read_image(np.asarray(img.crop(box))), caption, ATTRIBUTES[level])
+        flat = [v for vs in got.values() for v in vs]
+        scores[name] = float(np.mean(flat))
+    best = cands[0]
+    for name, b in cands[1:]:
+        key, bkey = (round(scores[name], 9), sal[name]), (round(scores[best[0]], 9), sal[best[0]])
+        if key[0] > bkey[0] or (key[0] == bkey[0] and key[1] > bkey[1] * (1 + 1e-6) + 1e-12):
+            best = (name, b)
+    return best[0], best[1], scores
+
+
+def choose_crop(img, scorer: str | Callable = "saliency", caption: str | None = None,
+                level: int = 1) -> tuple[str, tuple[int, int, int, int], dict]:
+    """The best candidate square of ``img`` under ``scorer``; returns (name, box, scores).
+
+    ``scorer="alignment"`` needs the pair's ``caption`` (the verifier's agreement per candidate,
+    ``level``'s attributes; saliency breaks ties); the map scorers ignore it.
+    """
+    if scorer in CAPTION_CROPS:
+        if caption is None:
+            raise DataError(f"the {scorer!r} crop choice needs the caption.")
+        if len(candidate_crops(*img.size)) == 1:
+            return "center", (0, 0, img.size[0], img.size[1]), {"center": 1.0}
+        return _alignment_crop(img, caption, level)
     fn = CROP_SCORERS[scorer] if isinstance(scorer, str) else scorer
     w, h = img.size
     cands = candidate_crops(w, h)
@@ -189,14 +241,22 @@ def choose_crop(img, scorer: str | Callable = "saliency") -> tuple[str, tuple[in
 
 # ----------------------------------------------------------------------------- curation
 
+def _recaption_rng(key: str) -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+
+
 def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE,
-           threshold: int = DEFAULT_THRESHOLD, crop: str | Callable = "saliency", progress: bool = True) -> dict:
+           threshold: int = DEFAULT_THRESHOLD, crop: str | Callable = "saliency", progress: bool = True,
+           drop_contradicted: bool = False, recaption: bool = False, level: int = 1, dedup: bool = True) -> dict:
     """Curate ``src`` into ``dst`` (see the module docstring); returns the manifest."""
     from tqdm.auto import tqdm
 
     src, dst = Path(src), Path(dst)
-    if isinstance(crop, str) and crop not in CROP_SCORERS:
-        raise DataError(f"unknown crop scorer {crop!r}; choose one of {', '.join(sorted(CROP_SCORERS))}.")
+    if isinstance(crop, str) and crop not in CROP_SCORERS and crop not in CAPTION_CROPS:
+        raise DataError(f"unknown crop scorer {crop!r}; choose one of "
+                        f"{', '.join(sorted((*CROP_SCORERS, *CAPTION_CROPS)))}.")
+    if level not in (1, 2, 3):
+        raise DataError(f"--level {level} is not one of 1, 2, 3.")
     if min_size < 1:
         raise DataError("--min-size must be at least 1.")
     if not 0 <= threshold <= 64:
@@ -227,6 +287,9 @@ def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE
     hashes = np.zeros(len(info), dtype=np.uint64)
     for d in info:
         s = d["sample"]
+        if not dedup:
+            kept.append(d)
+            continue
         if d["sha"] in by_sha:
             dropped.append({"key": s.key, "source": s.source, "reason": "exact-duplicate",
                             "of": by_sha[d["sha"]]["sample"].key})
@@ -248,11 +311,24 @@ def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE
     kept_rows = []
     try:
         kept.sort(key=lambda d: d["sample"].key)
+        if drop_contradicted or recaption:
+            from edgefc.models.synth import ATTRIBUTES
+            from edgefc.models.verifier import agreement, describe, read_image
         for d in tqdm(kept, desc="crop", unit="img", file=sys.stderr, disable=not progress):
             s = d["sample"]
             img = s.open_image()
-            name, box, scores = choose_crop(img, crop)
+            name, box, scores = choose_crop(img, crop, caption=s.caption, level=level)
             out_img = img.crop(box)
+            caption, extra = s.caption, {}
+            if drop_contradicted or recaption:
+                reading = read_image(np.asarray(out_img))
+                if drop_contradicted and agreement(reading, s.caption, ATTRIBUTES[level])[1]:
+                    dropped.append({"key": s.key, "source": s.source, "reason": "contradicted",
+                                    "caption": s.caption, "crop": name})
+                    continue
+                if recaption:
+                    caption = describe(reading, _recaption_rng(s.key), level)
+                    extra = {"caption_before": s.caption}
             ext = ".png" if s.source.lower().endswith(".png") else ".jpg"
             out = tmp / f"{s.key}{ext}"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,19 +336,21 @@ def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE
                 out_img.save(out)
             else:
                 out_img.save(out, quality=95)
-            out.with_suffix(".txt").write_text(s.caption + "\n", encoding="utf-8")
+            out.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
             kept_rows.append({"key": s.key, "source": s.source, "output": str(out.relative_to(tmp)),
                               "size": list(d["size"]), "crop": name, "box": list(box),
                               "scores": {k: round(v, 6) for k, v in scores.items()},
-                              "phash": f"{d['phash']:016x}"})
+                              "phash": f"{d['phash']:016x}", **({"caption": caption, **extra} if recaption else {})})
         counts = {"input": len(listing.samples) + len(listing.skipped_no_caption), "kept": len(kept_rows)}
         for row in dropped:
             counts[row["reason"]] = counts.get(row["reason"], 0) + 1
         manifest = {
             "source": str(src),
-            "settings": {"min_size": min_size, "dedup_threshold": threshold,
+            "settings": {"min_size": min_size, "dedup_threshold": threshold if dedup else None,
                          "crop": crop if isinstance(crop, str) else getattr(crop, "__name__", "custom"),
-                         "hash": f"DCT pHash {HASH_SIZE * HASH_SIZE} bits"},
+                         "hash": f"DCT pHash {HASH_SIZE * HASH_SIZE} bits",
+                         **({"drop_contradicted": True} if drop_contradicted else {}),
+                         **({"recaption": True, "level": level} if recaption else {})},
             "counts": counts,
             "kept": kept_rows,
             "dropped": sorted(dropped, key=lambda r: r["key"]),
