@@ -164,3 +164,24 @@ def test_kd_init_fine_tunes_a_trained_student(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.05
     assert json.loads((tmp_path / "ft" / "train.json").read_text())["config"]["init"] == str(tmp_path / "base")
+
+
+def test_every_data_flag_is_in_help_and_readme():
+    import re
+    from pathlib import Path
+
+    import click
+    from click.testing import CliRunner
+
+    from edgefc.cli import cli
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Training companion", 1)[1].split("\n## ", 1)[0]
+    group = cli.get_command(click.Context(cli), "data")
+    for name in ("synth", "curate", "agreement"):
+        command = group.get_command(click.Context(group), name)
+        out = CliRunner().invoke(cli, ["data", name, "--help"]).output
+        flags = [o for p in command.params if p.param_type_name == "option" for o in p.opts if o.startswith("--")]
+        missing = [f for f in flags if not re.search(rf"(^|[\s`,(]){re.escape(f)}([\s`=,)]|$)", section, re.M)
+                   and f not in ("--quiet", "--output", "--json")]
+        assert missing == [] and all(f in out for f in flags), (name, missing)
