@@ -75,7 +75,7 @@ CRAWL = {"wrong-caption": 0.25, "missing-attributes": 0.15, "boilerplate": 0.15,
 #: synt: a text-to-image generator that misses one attribute of its prompt this often.
 SYNT = {"wrong-attribute": 0.2}
 #: L-pp's preprocessing (``edgefc data curate``): the miniature's images are 64 px, so "small" is under 64.
-PP = ["--min-size", "64", "--dedup-threshold", "2", "--crop", "alignment"]
+PP = ["--min-size", "64", "--hash-bits", "256", "--dedup-threshold", "4", "--crop", "alignment"]
 SETS = ("L-orig", "L-pp", "L-pps", "synt", "synt-cur", "L-pps+synt")
 SET_LABEL = {"L-orig": "L-orig-like", "L-pps+synt": "L-pps & synt"}
 LCM_STEPS = (1, 2, 4)

@@ -82,15 +82,20 @@ def test_curation_tools_recover_what_the_defects_cost(tmp_path):
     synth.synthesize(crawl, 60, seed=4, defects=synth.Defects(cut_crop=0.5, small=0.2, near_duplicates=0.2,
                                                               wrong_caption=0.2))
     base = verifier.data_agreement(crawl)
-    pp = curate(crawl, tmp_path / "pp", min_size=64, threshold=2, crop="alignment", progress=False)
+    pp = curate(crawl, tmp_path / "pp", min_size=64, threshold=4, hash_bits=256, crop="alignment", progress=False)
     assert pp["counts"].get("too-small", 0) >= 5 and pp["counts"].get("near-duplicate", 0) >= 5
+    dups = {it["name"] for it in json.loads((crawl / "manifest.json").read_text())["items"]
+            if any(d.startswith("near-duplicate") for d in it["defects"])}
+    flagged = {r["key"] for r in pp["dropped"] if r["reason"] == "near-duplicate"}
+    assert len(flagged - dups) <= 2  # the 256-bit hash leaves distinct renders of the same description alone
     cuts = {it["name"]: it["defects"][0] for it in json.loads((crawl / "manifest.json").read_text())["items"]
             if it["defects"] and it["defects"][0].startswith("cut-crop")}
     crops = {r["key"]: r["crop"] for r in pp["kept"] if r["key"] in cuts}
     assert crops and all(cuts[k].endswith(f"the {c})") for k, c in crops.items()), (crops, cuts)
     a_pp = verifier.data_agreement(tmp_path / "pp")
     assert a_pp["per_attribute"]["position"] > base["per_attribute"]["position"]
-    pps = curate(crawl, tmp_path / "pps", min_size=64, threshold=2, crop="alignment", recaption=True, progress=False)
+    pps = curate(crawl, tmp_path / "pps", min_size=64, threshold=4, hash_bits=256, crop="alignment", recaption=True,
+                 progress=False)
     assert all("caption_before" in r for r in pps["kept"])
     assert verifier.data_agreement(tmp_path / "pps")["agreement"] == 1.0  # the reader wrote them
 
@@ -185,3 +190,24 @@ def test_every_data_flag_is_in_help_and_readme():
         missing = [f for f in flags if not re.search(rf"(^|[\s`,(]){re.escape(f)}([\s`=,)]|$)", section, re.M)
                    and f not in ("--quiet", "--output", "--json")]
         assert missing == [] and all(f in out for f in flags), (name, missing)
+
+
+def test_256_bit_hash_keeps_the_64_bit_one_and_separates_renders():
+    from PIL import Image
+
+    from edgefc.models.train.curate import hamming, phash
+
+    a = Image.fromarray(synth.make(0, seed=1)[1])
+    shifted = Image.fromarray(np.clip(synth.make(0, seed=1)[1].astype(int) + 5, 0, 255).astype(np.uint8))
+    assert phash(a) == phash(a, 64) < 2**64 and phash(a, 256) < 2**256
+    assert hamming(phash(a, 256), phash(shifted, 256)) <= 4  # a colour-shifted copy
+    # renders of one description (only the jitter differs): 64 bits often call them duplicates, 256 rarely
+    same = {}
+    for i in range(400):
+        scene, img = synth.make(i, seed=1)
+        same.setdefault((scene.background, scene.objects), []).append(
+            Image.fromarray(img))
+    pairs = [(x, y) for v in same.values() for i, x in enumerate(v) for y in v[i + 1:]]
+    close64 = np.mean([hamming(phash(x), phash(y)) <= 2 for x, y in pairs])
+    close256 = np.mean([hamming(phash(x, 256), phash(y, 256)) <= 4 for x, y in pairs])
+    assert close256 < close64 / 2, (close64, close256)

@@ -31,8 +31,11 @@ def data_group():
 @click.option("--min-size", type=int, default=300, show_default=True,
               help="Drop images whose short side is under this many pixels.")
 @click.option("--dedup-threshold", type=int, default=10, show_default=True,
-              help="Near duplicates: 64-bit DCT pHash Hamming distance at most this (0: identical hashes only). "
-                   "Exact pixel duplicates are always dropped.")
+              help="Near duplicates: DCT pHash Hamming distance (of --hash-bits) at most this (0: identical hashes "
+                   "only). Exact pixel duplicates are always dropped.")
+@click.option("--hash-bits", type=click.Choice(["64", "256"]), default="64", show_default=True,
+              help="Perceptual hash length: 64 (classic pHash) or 256 (16x16 DCT of a 64x64 image: also sees shifts of a "
+                   "few pixels, for simple images such as the synthetic scenes, whose distinct renders 64 bits merge).")
 @click.option("--no-dedup", is_flag=True,
               help="Keep duplicates (skip the deduplication step), e.g. to curate a set only by --drop-contradicted.")
 @click.option("--crop", type=click.Choice(CROP_CHOICES), default="saliency", show_default=True,
@@ -49,7 +52,7 @@ def data_group():
 @click.option("--level", type=click.IntRange(1, 3), default=1, show_default=True,
               help="Attributes the verifier scores and writes (as data synth --level): sizes from 2 on.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def curate_cmd(src, dst, min_size, dedup_threshold, no_dedup, crop, drop_contradicted, recaption, level, quiet):
+def curate_cmd(src, dst, min_size, dedup_threshold, hash_bits, no_dedup, crop, drop_contradicted, recaption, level, quiet):
     """Curate SRC (a folder of NAME.jpg/png + NAME.txt pairs or a webdataset .tar shard) into -o DST.
 
     \b
@@ -60,7 +63,8 @@ def curate_cmd(src, dst, min_size, dedup_threshold, no_dedup, crop, drop_contrad
     from edgefc.models.train.curate import curate
 
     m = curate(src, dst, min_size=min_size, threshold=dedup_threshold, crop=crop, progress=not quiet,
-               drop_contradicted=drop_contradicted, recaption=recaption, level=level, dedup=not no_dedup)
+               drop_contradicted=drop_contradicted, recaption=recaption, level=level, dedup=not no_dedup,
+               hash_bits=int(hash_bits))
     c = m["counts"]
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if k not in ("input", "kept"))
     click.echo(f"{dst}: kept {c['kept']} of {c['input']}" + (f" (dropped: {dropped})" if dropped else ""))

@@ -8,7 +8,8 @@ PIL only (no torch):
    (perceptual hashes within ``threshold`` bits of Hamming distance) are dropped, keeping the
    largest image of each group (ties: the first key in sorted order). The perceptual hash is
    the DCT pHash: grey-scale, resize to 32x32, 2-D DCT-II, the 8x8 lowest frequencies, one
-   bit per coefficient above their median (64 bits).
+   bit per coefficient above their median (64 bits); ``hash_bits=256`` takes the 16x16 lowest of a
+   64x64 image (finer: for simple synthetic images whose distinct renders the 64-bit hash merges).
 3. **Crop choice** -- each kept image is cropped to a square chosen among the centre and the
    two ends of its long side (left/right or top/bottom) by a pluggable score: a scorer maps the
    image to a non-negative 2-D map, and the square holding the most of it wins (ties go to the
@@ -54,13 +55,11 @@ import numpy as np
 from edgefc.models.train.data import list_samples
 from edgefc.models.train.errors import DataError
 
-HASH_SIZE = 8
-HASH_IMAGE = 32
+#: Hash lengths: ``bits`` -> (side of the low-frequency block, side of the grey image it is taken from).
+HASH_BITS = {64: (8, 32), 256: (16, 64)}
 DEFAULT_THRESHOLD = 10
 DEFAULT_MIN_SIZE = 300
 
-
-# ----------------------------------------------------------------------------- perceptual hash
 
 def _dct_matrix(n: int) -> np.ndarray:
     """Orthonormal DCT-II matrix C (C @ x is the DCT of x)."""
@@ -71,18 +70,31 @@ def _dct_matrix(n: int) -> np.ndarray:
     return c
 
 
-_DCT = _dct_matrix(HASH_IMAGE)
+_DCT = {n: _dct_matrix(n) for _, n in HASH_BITS.values()}
 
 
-def phash(img) -> int:
-    """64-bit DCT perceptual hash of a PIL image (see module docstring)."""
+def phash(img, bits: int = 64) -> int:
+    """DCT perceptual hash of a PIL image (see module docstring) as an int of ``bits`` bits.
+
+    64 (the classic pHash): the 8x8 lowest frequencies of a 32x32 grey image. 256: the 16x16 lowest
+    of a 64x64 one, which also sees shifts of a few pixels -- for simple images (the synthetic
+    scenes), where renders of the same description differ only by such shifts and the 64-bit hash
+    calls them duplicates of each other.
+    """
     from PIL import Image
 
-    g = np.asarray(img.convert("L").resize((HASH_IMAGE, HASH_IMAGE), Image.Resampling.LANCZOS), dtype=np.float64)
-    d = _DCT @ g @ _DCT.T
-    low = d[:HASH_SIZE, :HASH_SIZE].ravel()
-    bits = low > np.median(low)
-    return int(np.packbits(bits).view(">u8")[0])
+    side, n = HASH_BITS[bits]
+    g = np.asarray(img.convert("L").resize((n, n), Image.Resampling.LANCZOS), dtype=np.float64)
+    d = _DCT[n] @ g @ _DCT[n].T
+    low = d[:side, :side].ravel()
+    out = 0
+    for b in low > np.median(low):
+        out = (out << 1) | int(b)
+    return out
+
+
+def _words(h: int, bits: int) -> np.ndarray:
+    return np.array([(h >> (64 * i)) & 0xFFFFFFFFFFFFFFFF for i in range(bits // 64)], dtype=np.uint64)
 
 
 def hamming(a: int, b: int) -> int:
@@ -247,7 +259,8 @@ def _recaption_rng(key: str) -> np.random.Generator:
 
 def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE,
            threshold: int = DEFAULT_THRESHOLD, crop: str | Callable = "saliency", progress: bool = True,
-           drop_contradicted: bool = False, recaption: bool = False, level: int = 1, dedup: bool = True) -> dict:
+           drop_contradicted: bool = False, recaption: bool = False, level: int = 1, dedup: bool = True,
+           hash_bits: int = 64) -> dict:
     """Curate ``src`` into ``dst`` (see the module docstring); returns the manifest."""
     from tqdm.auto import tqdm
 
@@ -259,8 +272,10 @@ def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE
         raise DataError(f"--level {level} is not one of 1, 2, 3.")
     if min_size < 1:
         raise DataError("--min-size must be at least 1.")
-    if not 0 <= threshold <= 64:
-        raise DataError("--dedup-threshold must be between 0 and 64 (bits of a 64-bit hash).")
+    if hash_bits not in HASH_BITS:
+        raise DataError(f"--hash-bits must be one of {', '.join(map(str, HASH_BITS))}.")
+    if not 0 <= threshold <= hash_bits:
+        raise DataError(f"--dedup-threshold must be between 0 and {hash_bits} (bits of a {hash_bits}-bit hash).")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise DataError(f"output {dst} already exists and is not an empty folder.")
     listing = list_samples(src)
@@ -278,13 +293,13 @@ def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE
             dropped.append({"key": s.key, "source": s.source, "reason": "too-small", "size": [w, h]})
             continue
         digest = hashlib.sha256(f"{w}x{h}".encode() + img.tobytes()).hexdigest()
-        info.append({"sample": s, "size": (w, h), "sha": digest, "phash": phash(img)})
+        info.append({"sample": s, "size": (w, h), "sha": digest, "phash": phash(img, hash_bits)})
 
     # largest first, then key order: the kept member of a duplicate group is the largest image
     info.sort(key=lambda d: (-d["size"][0] * d["size"][1], d["sample"].key))
     kept: list[dict] = []
     by_sha: dict[str, dict] = {}
-    hashes = np.zeros(len(info), dtype=np.uint64)
+    hashes = np.zeros((len(info), hash_bits // 64), dtype=np.uint64)
     for d in info:
         s = d["sample"]
         if not dedup:
@@ -295,13 +310,13 @@ def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE
                             "of": by_sha[d["sha"]]["sample"].key})
             continue
         if kept:
-            dist = np.bitwise_count(hashes[: len(kept)] ^ np.uint64(d["phash"]))
+            dist = np.bitwise_count(hashes[: len(kept)] ^ _words(d["phash"], hash_bits)).sum(axis=1)
             j = int(np.argmin(dist))
             if int(dist[j]) <= threshold:
                 dropped.append({"key": s.key, "source": s.source, "reason": "near-duplicate",
                                 "of": kept[j]["sample"].key, "distance": int(dist[j])})
                 continue
-        hashes[len(kept)] = np.uint64(d["phash"])
+        hashes[len(kept)] = _words(d["phash"], hash_bits)
         kept.append(d)
         by_sha[d["sha"]] = d
 
@@ -340,7 +355,7 @@ def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE
             kept_rows.append({"key": s.key, "source": s.source, "output": str(out.relative_to(tmp)),
                               "size": list(d["size"]), "crop": name, "box": list(box),
                               "scores": {k: round(v, 6) for k, v in scores.items()},
-                              "phash": f"{d['phash']:016x}", **({"caption": caption, **extra} if recaption else {})})
+                              "phash": f"{d['phash']:0{hash_bits // 4}x}", **({"caption": caption, **extra} if recaption else {})})
         counts = {"input": len(listing.samples) + len(listing.skipped_no_caption), "kept": len(kept_rows)}
         for row in dropped:
             counts[row["reason"]] = counts.get(row["reason"], 0) + 1
@@ -348,7 +363,7 @@ def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE
             "source": str(src),
             "settings": {"min_size": min_size, "dedup_threshold": threshold if dedup else None,
                          "crop": crop if isinstance(crop, str) else getattr(crop, "__name__", "custom"),
-                         "hash": f"DCT pHash {HASH_SIZE * HASH_SIZE} bits",
+                         "hash": f"DCT pHash {hash_bits} bits",
                          **({"drop_contradicted": True} if drop_contradicted else {}),
                          **({"recaption": True, "level": level} if recaption else {})},
             "counts": counts,
