@@ -51,8 +51,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from edgefc.attention import Tiling, row_granularity  # noqa: E402
+from edgefc.precision import RATE_KEYS  # noqa: E402
 from edgefc.targets import TARGET_DIR  # noqa: E402
-from edgefc.targets.cost_model import PRECISIONS, VECTOR_CLASSES  # noqa: E402
+from edgefc.targets.description import VECTOR_CLASSES  # noqa: E402
 from edgefc.targets.program import ATTENTION_ROLES  # noqa: E402
 
 # field, lower bound, upper bound, why the bounds
@@ -140,7 +141,7 @@ class Features:
         self.bytes = np.array([c.bytes for c in cmds], float)
         self.run = np.array([(c.run_bytes if c.run_bytes > 0 else c.bytes) or 1 for c in cmds], float)
         self.macs = {prec: np.array([c.padded_macs if c.kind == "tensor" and c.precision == prec else 0
-                                     for c in cmds], float) for prec in PRECISIONS}
+                                     for c in cmds], float) for prec in RATE_KEYS}
         self.out = np.array([c.out_elements if c.kind == "tensor" else 0 for c in cmds], float)
         self.handoffs = np.array([c.handoffs for c in cmds], float)
         self.vector = {cls: np.array([c.elements * sum(k for x, k in c.passes if x == cls)
@@ -152,35 +153,41 @@ class Features:
         self.is_host = kind == "host"
         self.host_elements = np.array([c.elements if c.kind == "host" else 0 for c in cmds], float)
 
-    def parts(self, p):
-        """(compute cycles, DMA cycles) per command, all instances."""
+    def parts(self, a):
+        """(compute cycles, DMA cycles) per command, all instances, for the architecture ``a``."""
+        t, v = a.tensor, a.vector
         run = np.minimum(self.run, self.bytes)
-        bus = self.bytes * p.burst_bytes / np.minimum(np.maximum(run, 1.0), p.burst_bytes)
-        dma = np.where(self.is_dma, bus / p.dma_bytes_per_cycle + p.dma_latency, 0.0) * self.repeat
+        bus = self.bytes * a.dma.burst_bytes / np.minimum(np.maximum(run, 1.0), a.dma.burst_bytes)
+        dma = np.where(self.is_dma, bus / a.dma.bytes_per_cycle + a.dma.latency_cycles, 0.0) * self.repeat
         comp = np.zeros_like(self.bytes)
         for prec, m in self.macs.items():
             if m.any():
-                comp = comp + m / (p.macs_per_cycle * p.rate[prec] * p.tensor_efficiency)
-        comp = comp + self.out / p.output_elements_per_cycle + self.handoffs * p.handoff
-        comp = comp + sum(e * p.vector_cpe[c] for c, e in self.vector.items()) / p.lanes
-        comp = comp + sum(e * p.vector_cpe_int8[c] for c, e in self.vector8.items()) / (p.lanes * p.int8_per_lane)
-        comp = comp + np.where(self.is_host, p.host_sync + self.host_elements * p.host_cpe, 0.0)
+                comp = comp + m / (t.macs_per_cycle * t.rate[prec] * t.efficiency)
+        comp = comp + self.out / t.output_elements_per_cycle + self.handoffs * a.handoff.cycles
+        comp = comp + sum(e * v.cycles_per_element[c] for c, e in self.vector.items()) / v.lanes
+        comp = comp + (sum(e * v.int8_cycles_per_element[c] for c, e in self.vector8.items())
+                       / (v.lanes * v.int8_elements_per_lane))
+        comp = comp + np.where(self.is_host, a.host.sync_cycles + self.host_elements * a.host.cycles_per_element, 0.0)
         return comp * self.repeat, dma
 
-    def cycles(self, p) -> float:
-        comp, dma = self.parts(p)
+    def cycles(self, a) -> float:
+        comp, dma = self.parts(a)
         n = self.n_ops
         c_op = np.bincount(self.op, weights=comp, minlength=n)
         d_op = np.bincount(self.op, weights=dma, minlength=n)
         has_dma = np.bincount(self.op, weights=self.is_dma.astype(float), minlength=n) > 0
-        work = np.where(self.chain, c_op + d_op, np.maximum(c_op + has_dma * p.dma_latency, d_op))
-        return float(np.sum(np.maximum(work, self.dispatch_per_op * p.dispatch)))
+        work = np.where(self.chain, c_op + d_op, np.maximum(c_op + has_dma * a.dma.latency_cycles, d_op))
+        return float(np.sum(np.maximum(work, self.dispatch_per_op * a.dispatch_cycles)))
 
 
 # --- loading ---------------------------------------------------------------------------------
 
 def geometry_key(target) -> str:
-    g = target.geometry
+    """A hash of the target numbers the lowering reads (layout, granularity, SRAM, pass counts),
+    none of which the fit changes."""
+    a = target.arch
+    g = (a.sram, a.resident_weights, a.cascade, a.tensor.channel_granularity, a.tensor.row_granularity,
+         a.tensor.dtypes, dict(a.vector.passes), a.handoff.per_matmul, a.handoff.per_softmax)
     return hashlib.sha1(repr(g).encode()).hexdigest()[:10]
 
 
@@ -205,9 +212,9 @@ def lowered(comp: str, path: Path, precision: str, target, cache: Path):
     prog = target.lower(graph, precision)
     del graph
     feats = Features(prog)
-    p = target.params
-    full = SCHEDULES["overlap"]().run(prog, [command_cycles(p, c) for c in prog.commands], p).total
-    assert math.isclose(full, feats.cycles(p), rel_tol=1e-9), (comp, full, feats.cycles(p))
+    a = target.arch
+    full = SCHEDULES["overlap"]().run(prog, [command_cycles(a, c) for c in prog.commands], a).total
+    assert math.isclose(full, feats.cycles(a), rel_tol=1e-9), (comp, full, feats.cycles(a))
     blocks = defaultdict(int)
     for o in prog.ops:
         if o.attention is not None:
@@ -251,8 +258,8 @@ class Model:
 
         tile_solver = _tile_solver()
         t = self.target(x)
-        p = t.params
-        ms = {c: f.cycles(p) / p.clock_hz * 1e3 for c, f in self.features.items()}
+        a = t.arch
+        ms = {c: f.cycles(a) / a.clock_hz * 1e3 for c, f in self.features.items()}
         budget = tile_solver.default_budget(t)
         gran = row_granularity(t)
         saved, tilings = 0.0, {}
@@ -264,15 +271,15 @@ class Model:
             tilings[spec] = sol.tiling
             saved += count * (t.attention_cycles(spec, one) - sol.cycles)
         if "unet" in ms:
-            ms["unet-tiled"] = ms["unet"] - saved / p.clock_hz * 1e3
+            ms["unet-tiled"] = ms["unet"] - saved / a.clock_hz * 1e3
         block = table6_block()
-        untiled = role_cycles(t, block, Tiling(1, 1))
+        untiled = role_cycles(a, block, Tiling(1, 1))
         total = sum(untiled.values())
         tiling = tile_solver.solve(block, t, budget, gran).tiling
-        tiled = role_cycles(t, block, tiling)
+        tiled = role_cycles(a, block, tiling)
         return {"ms": ms, "rows": {k: 100 * v / total for k, v in untiled.items()},
                 "rows_mlt": {k: 100 * v / total for k, v in tiled.items()}, "tiling": tiling,
-                "block_ms": total / p.clock_hz * 1e3, "tilings": tilings}
+                "block_ms": total / a.clock_hz * 1e3, "tilings": tilings}
 
     def residual_dict(self, x) -> dict:
         """Every figure's residual in tolerance units (the least-squares terms)."""
@@ -462,14 +469,14 @@ def main(argv=None):
                     help="with --check: write the validation figures of the current values")
     ap.add_argument("--only", help="comma-separated subset of the models (quick looks)")
     args = ap.parse_args(argv)
-    from edgefc.targets.description import NpuTarget
+    from edgefc.targets.npu import NpuTarget
 
     base = NpuTarget.from_toml(args.target)
     models = Path(args.models)
     t0 = time.perf_counter()
     model = Model(base, models, models, only=set(args.only.split(",")) if args.only else None)
     print(f"lowered in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    x0 = np.array([float(base[f]) for f, *_ in FREE])
+    x0 = np.array([float(base.arch.value(f)) for f, *_ in FREE])
     if args.check:
         f = report(model, x0, f"current values of {args.target}")
         if args.write_validation:

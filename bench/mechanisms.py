@@ -63,7 +63,7 @@ def main(argv=None):
     for n, path, prec, _ in figures:
         graph = load_for_profile(path)
         for k, (fields, schedule) in rows.items():
-            fields = {f: (base[f"vector.cycles_per_element.{v}"] if isinstance(v, str) else v) for f, v in fields.items()}
+            fields = {f: (base.arch.vector.cycles_per_element[v] if isinstance(v, str) else v) for f, v in fields.items()}
             t = base.with_fields(fields) if fields else base
             results[k].append(t.profile(graph, precision=prec, schedule=schedule).total_ms)
         del graph

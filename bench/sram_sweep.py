@@ -29,15 +29,9 @@ DEFAULT_SIZES = (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16)
 
 def sized_target(base, sram_bytes: int):
     """``base`` with ``sram.bytes`` replaced (and the weight buffer scaled with it)."""
-    if hasattr(base, "with_fields"):
-        # the weight buffer keeps its share of the scratchpad (512 KiB of 6 MiB on the 2400)
-        wb = int(base["sram.weight_buffer_bytes"] * sram_bytes / base["sram.bytes"])
-        return base.with_fields({"sram.bytes": int(sram_bytes), "sram.weight_buffer_bytes": wb})
-    import copy
-
-    t = copy.copy(base)
-    t.sram_bytes = int(sram_bytes)
-    return t
+    # the weight buffer keeps its share of the scratchpad (512 KiB of 6 MiB on the 2400)
+    wb = int(base.sram.weight_buffer * sram_bytes / base.sram.total)
+    return base.with_fields({"sram.bytes": int(sram_bytes), "sram.weight_buffer_bytes": wb})
 
 
 def shape_key(block: dict) -> str:
@@ -135,7 +129,7 @@ def main(argv=None) -> int:
             if big:
                 ax.annotate(r["tiles"].get(big, ""), (r["sram_mib"], r["mlt_ms"]), textcoords="offset points",
                             xytext=(0, -14), ha="center", fontsize=7)
-        ax.axvline(base.sram_bytes / (1 << 20), color="grey", ls=":", lw=1)
+        ax.axvline(base.sram.total / (1 << 20), color="grey", ls=":", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.set_xlabel("NPU SRAM (MiB)")

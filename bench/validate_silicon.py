@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     tgt = get_target(args.target)
     measured_chip = tgt.name == "exynos2400"
     models = Path(args.models)
-    print(f"target {tgt.name}  ({getattr(tgt, 'source', '')})")
-    v = getattr(tgt, "validation", None)
+    print(f"target {tgt.name}  ({tgt.arch.source})")
+    v = tgt.validation
     if v:
         print(f"stored validation: {v['figures']} latencies, median |error| {v['median_abs_error_pct']} %, "
               f"worst {v['worst_abs_error_pct']} % ({v['worst_figure']}); made by: {v.get('made_by')}")

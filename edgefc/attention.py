@@ -39,7 +39,10 @@ class AttentionSpec:
     ``act_dtype`` is the element type of its activations as deployed (``fp32``, ``fp16``,
     ``int16``, ``int8``): it fixes both the bytes moved and the tensor-engine precision
     (``[tensor.rate]`` key) its two matmuls are priced at -- an FP16 attention is ``fp16``, not
-    ``int16xint16``, although both are two bytes an element.
+    ``int16xint16``, although both are two bytes an element. ``score_dtype`` is the type of its
+    softmax internals S_in and S_out when the precision policy keeps them wider than the
+    activations (a W8A8 attention's INT16 scores: QK^T runs at ``int8xint8``, S_out x V at
+    ``int8xint16``); empty: the activations' type.
     """
 
     name: str
@@ -51,15 +54,26 @@ class AttentionSpec:
     v_head_dim: int
     act_dtype: str
     causal: bool = False
+    score_dtype: str = ""
 
     def __post_init__(self):
-        if self.act_dtype not in DTYPE_BYTES:
-            raise ValueError(f"unknown activation type {self.act_dtype!r} (one of {', '.join(DTYPE_BYTES)})")
+        for t in (self.act_dtype, self.score_dtype or self.act_dtype):
+            if t not in DTYPE_BYTES:
+                raise ValueError(f"unknown activation type {t!r} (one of {', '.join(DTYPE_BYTES)})")
 
     @property
     def act_bytes(self) -> int:
         """Bytes per activation element."""
         return DTYPE_BYTES[self.act_dtype]
+
+    @property
+    def scores(self) -> str:
+        """Element type of S_in and S_out."""
+        return self.score_dtype or self.act_dtype
+
+    @property
+    def score_bytes(self) -> int:
+        return DTYPE_BYTES[self.scores]
 
 
 @dataclass(frozen=True)
@@ -75,12 +89,12 @@ class Tiling:
 
 
 def row_granularity(target) -> int:
-    """The target's row granularity (``target.row_granularity``; the core interface's default is
-    1, rows not padded)."""
-    g = getattr(target, "row_granularity", None)
+    """The target's row granularity (``target.row_granularity`` of ``edgefc.target.Target``; the
+    interface's default is 1, rows not padded), checked to be a positive whole number."""
+    g = target.row_granularity
     if isinstance(g, (int, np.integer)) and not isinstance(g, bool) and g > 0:
         return int(g)
-    raise TargetError(f"target {getattr(target, 'name', target)!r} has no positive integer row_granularity (got {g!r})")
+    raise TargetError(f"target {target.name!r} has no positive integer row_granularity (got {g!r})")
 
 
 def padded_rows(q_len: int, granularity: int) -> int:
@@ -183,7 +197,7 @@ def is_attention(node) -> bool:
             or (node.op == "TiledAttention" and node.domain == "edgefc"))
 
 
-def spec_from_node(node, act_dtype: str | None = None) -> AttentionSpec:
+def spec_from_node(node, act_dtype: str | None = None, score_dtype: str = "") -> AttentionSpec:
     """The :class:`AttentionSpec` of an ``Attention``-23 (3D form) or ``TiledAttention`` node.
 
     Needs static shapes on Q [B, Sq, H*dk], K [B, Skv, H*dk], V [B, Skv, H*dv] and equal
@@ -220,7 +234,7 @@ def spec_from_node(node, act_dtype: str | None = None) -> AttentionSpec:
         act_dtype = dtype_code(inputs[0].dtype)
     return AttentionSpec(name=node.name or node.outputs[0].name, batch=q[0], heads=heads, q_len=q[1], kv_len=k[1],
                          head_dim=q[2] // heads, v_head_dim=v[2] // heads, act_dtype=act_dtype,
-                         causal=bool(int(_attr(node, "is_causal", 0) or 0)))
+                         causal=bool(int(_attr(node, "is_causal", 0) or 0)), score_dtype=score_dtype)
 
 
 def tiling_from_node(node) -> Tiling:

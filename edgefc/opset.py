@@ -28,6 +28,11 @@ def _needs_conversion(node: gs.Node, old: int, new: int) -> bool:
         return False
 
 
+def min_ir_version(version: int) -> int:
+    """The lowest IR version a model importing standard opset ``version`` may declare."""
+    return int(onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", version)]))
+
+
 def _convert_node(graph: gs.Graph, node: gs.Node, old: int, new: int) -> list[gs.Node]:
     """``node`` converted alone from opset ``old`` to ``new`` by ONNX's version converter (its
     variable inputs typed as in the graph, its constant inputs as initializers); the nodes that
@@ -47,6 +52,7 @@ def _convert_node(graph: gs.Graph, node: gs.Node, old: int, new: int) -> list[gs
     outputs = [E.export_value_info_proto(t, do_type_check=False) for t in node.outputs if t.name]
     g = onnx.helper.make_graph([E.export_node(node)], "node", inputs, outputs, initializer=inits)
     model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", old)])
+    model.ir_version = max(min_ir_version(old), 4)   # IR 3 demands every initializer be a graph input
     converted = version_converter.convert_version(model, new)
     part = import_model(converted)
     outer = {t.name: t for t in list(node.inputs) + list(node.outputs) if t.name}
@@ -85,7 +91,11 @@ def upgrade_opset(graph: gs.Graph, version: int) -> gs.Graph:
     constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     real_inputs = {t.name for t in graph.inputs}
     try:
-        converted = version_converter.convert_version(skeleton_model(graph), version)
+        skeleton = skeleton_model(graph)
+        # IR 3 (opset <= 8 era models, e.g. the onnx package's classic CNNs) demands that every
+        # initializer also be a graph input; the skeleton keeps small constants as initializers only
+        skeleton.ir_version = max(int(skeleton.ir_version), 4)
+        converted = version_converter.convert_version(skeleton, version)
         new = import_model(converted)
     except Exception:  # noqa: BLE001 - the converter raises plain RuntimeErrors: try op by op
         return _upgrade_op_by_op(graph, old, version)
@@ -97,10 +107,12 @@ def upgrade_opset(graph: gs.Graph, version: int) -> gs.Graph:
         for i, t in enumerate(node.inputs):
             if isinstance(t, gs.Variable) and t.name in constants:
                 node.inputs[i] = constants[t.name]
+    new.ir_version = max(int(graph.ir_version or 0), min_ir_version(version))
     return new
 
 
 def _upgrade_op_by_op(graph: gs.Graph, old: int, version: int) -> gs.Graph:
+    taken = {n.name for n in graph.nodes if n.name}
     for node in list(graph.nodes):
         if not _needs_conversion(node, old, version):
             continue
@@ -111,11 +123,18 @@ def _upgrade_op_by_op(graph: gs.Graph, old: int, version: int) -> gs.Graph:
         except Exception as e:  # noqa: BLE001 - the converter raises plain RuntimeErrors
             raise ShapeError(f"cannot convert {node.op} node '{node.name}' from opset {old} to {version}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        for n in replacement:   # unnamed nodes of one op type would all get the same prefix
+            base, k = n.name, 1
+            while n.name in taken:
+                n.name = f"{base}_{k}"
+                k += 1
+            taken.add(n.name)
         at = graph.nodes.index(node)
         node.inputs.clear()
         node.outputs.clear()
         graph.nodes[at:at + 1] = replacement
     graph.opset = version
+    graph.ir_version = max(int(graph.ir_version or 0), min_ir_version(version))
     for d in graph.import_domains or []:
         if d.domain in ("", "ai.onnx"):
             d.version = version

@@ -1,13 +1,14 @@
 """The tile-count solver of model-level tiling (paper Sec. 2.3): the cheapest tiling of an
 attention block whose working set fits the SRAM budget.
 
-Pure and target-agnostic: everything it knows about the hardware comes from two target methods
-(``edgefc.target``'s interface, implemented by the cost model) and one attribute:
+Pure and target-agnostic: everything it knows about the hardware comes from the interface core
+defines (:class:`edgefc.target.Target`; the NPU target answers from its cost model):
 
 * ``target.attention_sram_bytes(spec, tiling) -> int``  SRAM working set of one tile;
 * ``target.attention_cycles(spec, tiling) -> float``     the cost model's time for the whole block;
 * ``target.row_granularity``                             rows per tensor-engine pass;
-* ``target.sram_reserve_bytes``                          SRAM left to the rest of the model.
+* ``target.sram.tiles``                                  the default budget (the SRAM less its reserve);
+* ``target.clock_hz``                                    to state times in ms.
 
 **Candidates.** ``Tiling(r, h)`` with ``h`` dividing the heads and ``r`` dividing
 ``n = padded_rows / G`` (so every row tile is a whole number of granules of ``G`` rows; see
@@ -67,6 +68,7 @@ from edgefc.attention import (
     tile_rows,
 )
 from edgefc.errors import PassError
+from edgefc.target import Target
 
 
 class InfeasibleBudgetError(PassError):
@@ -111,20 +113,11 @@ def parse_budget(value) -> int:
     return int(size)
 
 
-def sram_reserve(target) -> int:
-    """Bytes of SRAM the solver does not give to attention tiles: ``target.sram_reserve_bytes``
-    (the target file's ``sram.reserve_bytes``: what else is live around an attention -- the
-    residual stream, the next projection's weights, command buffers)."""
-    reserve = target.sram_reserve_bytes
-    if isinstance(reserve, bool) or not isinstance(reserve, int) or not 0 <= reserve < target.sram_bytes:
-        raise PassError(f"target '{target.name}': SRAM reserve {reserve!r} must be a whole number of bytes "
-                        f"from 0 to below its SRAM ({target.sram_bytes})")
-    return int(reserve)
-
-
-def default_budget(target) -> int:
-    """The budget when none is given: the target's SRAM minus :func:`sram_reserve`."""
-    return int(target.sram_bytes) - sram_reserve(target)
+def default_budget(target: Target) -> int:
+    """The budget when none is given: ``target.sram.tiles``, the SRAM less the reserve the target
+    file names (``sram.reserve_bytes``: what else is live around an attention -- the residual
+    stream, the next projection's weights, command buffers)."""
+    return target.sram.tiles
 
 
 def fmt_bytes(n: float) -> str:
@@ -135,20 +128,10 @@ def fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def cycles_to_ms(target, cycles: float) -> float:
-    """Cycles at the target's clock (``target.clock_hz`` or the ``clock.hz`` field), in ms."""
-    hz = getattr(target, "clock_hz", None)
-    if not hz:
-        try:
-            hz = target["clock.hz"]
-        except (KeyError, TypeError):
-            hz = None
+def cycles_to_ms(target: Target, cycles: float) -> float:
+    """Cycles at the target's clock (``target.clock_hz``), in ms (NaN for a target without a clock)."""
+    hz = target.clock_hz
     return float(cycles) / float(hz) * 1e3 if hz else float("nan")
-
-
-def has_cost_model(target) -> bool:
-    """Whether ``target`` offers the two methods the solver needs."""
-    return callable(getattr(target, "attention_cycles", None)) and callable(getattr(target, "attention_sram_bytes", None))
 
 
 # --- candidates --------------------------------------------------------------------------------
@@ -172,11 +155,9 @@ class Solution:
     granularity: int
     candidates: int                 # tilings the solver could choose from
     evaluated: int                  # attention_cycles calls
-    sram_queries: int               # attention_sram_bytes calls
     seconds: float = 0.0            # wall time of the solve
     cpu_seconds: float = 0.0        # CPU time of the solving thread (immune to other processes)
-    probed: set = field(default_factory=set)   # (r, h) pairs whose working set the solver asked for
-    priced: set = field(default_factory=set)   # (r, h) pairs whose time the solver asked for
+    priced: set = field(default_factory=set)   # (r, h) pairs whose time the solver asked for (--explain-tiling)
 
     @property
     def tile_rows(self) -> int:
@@ -237,7 +218,7 @@ def _infeasible(spec, target, budget, probe, cands) -> InfeasibleBudgetError:
         spec, budget, need, Tiling(r, h))
 
 
-def solve(spec: AttentionSpec, target, budget: int, granularity: int | None = None) -> Solution:
+def solve(spec: AttentionSpec, target: Target, budget: int, granularity: int | None = None) -> Solution:
     """The feasible tiling of least ``target.attention_cycles`` (exact; see the module docstring).
 
     The garbage collector is paused for the solve (well under a millisecond): a full collection
@@ -255,7 +236,7 @@ def solve(spec: AttentionSpec, target, budget: int, granularity: int | None = No
     return sol
 
 
-def _solve(spec: AttentionSpec, target, budget: int, granularity: int | None) -> Solution:
+def _solve(spec: AttentionSpec, target: Target, budget: int, granularity: int | None) -> Solution:
     g = granularity or row_granularity(target)
     cands = candidate_tilings(spec, g)
     probe = _Probe(spec, target)
@@ -285,10 +266,10 @@ def _solve(spec: AttentionSpec, target, budget: int, granularity: int | None) ->
     c, r, h = best
     return Solution(spec, Tiling(r, h), probe.sram_bytes(r, h), c, budget, g,
                     candidates=sum(len(v) for v in cands.values()), evaluated=len(probe.cost),
-                    sram_queries=len(probe.sram), probed=set(probe.sram), priced=set(probe.cost))
+                    priced=set(probe.cost))
 
 
-def brute_force(spec: AttentionSpec, target, budget: int, granularity: int | None = None) -> Solution:
+def brute_force(spec: AttentionSpec, target: Target, budget: int, granularity: int | None = None) -> Solution:
     """Evaluate every candidate; the reference :func:`solve` is tested against."""
     start = time.perf_counter()
     g = granularity or row_granularity(target)
@@ -306,8 +287,7 @@ def brute_force(spec: AttentionSpec, target, budget: int, granularity: int | Non
     c, r, h = best
     n = sum(len(v) for v in cands.values())
     return Solution(spec, Tiling(r, h), probe.sram_bytes(r, h), c, budget, g, candidates=n,
-                    evaluated=len(probe.cost), sram_queries=len(probe.sram), seconds=time.perf_counter() - start,
-                    probed=set(probe.sram), priced=set(probe.cost))
+                    evaluated=len(probe.cost), seconds=time.perf_counter() - start, priced=set(probe.cost))
 
 
 @dataclass
@@ -330,7 +310,7 @@ class CandidateRow:
         return dict(self.__dict__)
 
 
-def explain(spec: AttentionSpec, target, budget: int, granularity: int | None = None) -> dict:
+def explain(spec: AttentionSpec, target: Target, budget: int, granularity: int | None = None) -> dict:
     """Every candidate of one block with its working set and predicted time, and the solver's choice.
 
     Returns ``{"block", "spec", "budget", "untiled_fits", "choice": {...} | None, "error": str | None,
@@ -365,7 +345,7 @@ def explain(spec: AttentionSpec, target, budget: int, granularity: int | None = 
 def spec_dict(spec: AttentionSpec) -> dict:
     return {"batch": spec.batch, "heads": spec.heads, "q_len": spec.q_len, "kv_len": spec.kv_len,
             "head_dim": spec.head_dim, "v_head_dim": spec.v_head_dim, "act_dtype": spec.act_dtype,
-            "causal": spec.causal}
+            "causal": spec.causal, **({"score_dtype": spec.score_dtype} if spec.score_dtype else {})}
 
 
 def format_explain(tables: list[dict], target=None) -> str:

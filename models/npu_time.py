@@ -5,12 +5,12 @@ precisions or as built, per invocation and times the invocations (paper Table 7)
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-from edgefc.models.configs import COMPONENTS, DEPLOYED_PRECISION, LABELS
+from edgefc.models.configs import COMPONENTS, LABELS
+from edgefc.precision import DEPLOYED, describe_plan, recorded_plan
 
 
 def _say(progress: bool, message: str) -> None:
@@ -24,25 +24,19 @@ def _cost_model(target: str):
     from edgefc.target import get_target
 
     tgt = get_target(target)
-    if not hasattr(tgt, "profile"):
+    if not tgt.has_cost_model:
         raise TargetError(f"target '{tgt.name}' has no cost model, so --target cannot report NPU time.")
     from edgefc.build_folder import load_for_profile
 
     return tgt, load_for_profile
 
 
-def _built_precision(model: Path) -> str | None:
-    """The precision the quantize pass gave a build (its report's ``quantization.precision``), or None
-    when it did not run (then the build is fp32 and is priced at the deployed precision instead)."""
-    report = model.parent / "report.json"
-    if model.name != "model.onnx" or not report.is_file():
-        return None
-    try:
-        q = json.loads(report.read_text()).get("quantization") or {}
-    except (ValueError, AttributeError):
-        return None
-    precision = str(q.get("precision") or "").lower() if isinstance(q, dict) else ""
-    return precision if precision and precision not in ("fp32", "none") else None
+def built_precision(graph) -> str | None:
+    """The precision ``quantize`` recorded on the graph's ops (``w8a16``, ``fp16``, ``mixed`` ...), or
+    None when it did not run or left everything FP32 (then the model is priced at the paper's
+    deployed precision instead)."""
+    built = describe_plan(recorded_plan(graph))
+    return built if built not in (None, "fp32") else None
 
 
 def npu_times(result, target: str, progress: bool = True) -> dict:
@@ -50,7 +44,8 @@ def npu_times(result, target: str, progress: bool = True) -> dict:
     per invocation and for this run's invocations.
 
     Each model file is priced by the target's cost model (what ``edgefc profile`` reports for it):
-    a quantized build as built (labelled e.g. "w8a16 (built)"), anything else as deployed in the paper (text encoder and VAE
+    a model ``quantize`` decided as built (its ops' recorded precisions, labelled e.g. "w8a16 (built)"),
+    anything else as deployed in the paper (``edgefc.precision.DEPLOYED``: text encoder and VAE
     decoder FP16, U-Net W8A16), like Table 7. Returns ``{"target", "components": {component:
     {"precision", "per_run_ms", "runs", "total_ms", "model"}}, "total_ms"}``; also stored in
     ``result.npu``.
@@ -60,19 +55,19 @@ def npu_times(result, target: str, progress: bool = True) -> dict:
     rows = {}
     for component in COMPONENTS:
         model = Path(result.models[component])
-        built = _built_precision(model)
-        precision = "as-built" if built else DEPLOYED_PRECISION[component]
-        label = f"{built} (built)" if built else precision
         t = time.perf_counter()
-        _say(progress, f"cost model: {LABELS[component]} on {tgt.name} ({label}) ...")
+        _say(progress, f"cost model: {LABELS[component]} on {tgt.name} ...")
         graph = load_for_profile(model.parent if model.name == "model.onnx" else model,
                                  progress=lambda m: _say(progress, "      " + m))
+        built = built_precision(graph)
+        precision = "as-built" if built else DEPLOYED[component]
+        label = f"{built} (built)" if built else precision
         prof = tgt.profile(graph, precision=precision, model=model.name)
         del graph
         per_run = float(prof.total_ms)
         rows[component] = {"precision": label, "per_run_ms": per_run, "runs": runs[component],
                            "total_ms": per_run * runs[component], "model": str(model)}
-        _say(progress, f"      {per_run:.1f} ms per run [{time.perf_counter() - t:.1f} s]")
+        _say(progress, f"      {label}: {per_run:.1f} ms per run [{time.perf_counter() - t:.1f} s]")
     npu = {"target": tgt.name, "components": rows, "total_ms": sum(r["total_ms"] for r in rows.values())}
     result.npu = npu
     return npu

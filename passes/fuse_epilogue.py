@@ -3,7 +3,8 @@
 Matches, anchored at a tensor-engine op ``T`` (``FusedMatMul``, ``FusedConv``, ``Conv``, ``Gemm``)::
 
     z = T(...)            [z = z + bias]          (Conv without bias: a per-channel constant Add)
-    a = z * Sigmoid(z) | Gelu(z) | z              (activation: SiLU, exact GELU, none)
+    a = z * Sigmoid(z) | Gelu(z) | Clip(z, lo, hi) | z   (activation: SiLU, exact GELU, a clamp to
+                                                   constant bounds (ReLU6), none)
     y = a + r                                     (residual: a non-constant tensor, broadcasting
                                                    to a's shape; optional)
 
@@ -12,7 +13,8 @@ whose ``fuses_epilogues`` says so; a target-free compile fuses). ``Gemm`` conver
 ``alpha = beta = 1``, ``transA = 0``, a constant weight and bias. When both operands of a residual
 ``Add`` come from tensor-engine ops, the one later in the graph takes it (the other is ready).
 Emits: ``edgefc.FusedMatMul(A, B, bias[, residual]; activation)`` or
-``edgefc.FusedConv(X, W, B[, residual]; dilations, group, kernel_shape, pads, strides, activation)``;
+``edgefc.FusedConv(X, W, B[, residual]; dilations, group, kernel_shape, pads, strides, activation)``
+(with ``activation="clip"`` also ``clip_min``, ``clip_max``);
 a bias-free Conv followed by its bias Add becomes a Conv with bias (kind ``conv_bias``).
 Misses: every tensor-engine op whose output, after the pass, still goes only to a SiLU, a
 ``Gelu`` or a non-constant ``Add``, with the reason (kind ``epilogue``). Runs last in ``fuse``.
@@ -154,6 +156,8 @@ def _fused_node(m, v: Variant, name: str) -> gs.Node:
     prod, p = m["producer"], v
     ins = list(prod.inputs)
     attrs = {"activation": p.activation}
+    act = v.composite.activation
+    bounds = {b: float(np.asarray(m.const(b)).reshape(-1)[0]) for b in (act.bounds if act else ())}
     if prod.op == "Gemm":
         w = ins[1].values
         n = w.shape[0 if int(prod.attrs.get("transB", 0)) else 1]
@@ -168,12 +172,13 @@ def _fused_node(m, v: Variant, name: str) -> gs.Node:
         attrs = {**prod.attrs, "activation": p.activation if p.activation != "none" else prod.attrs.get("activation", "none")}
     if p.residual:
         ins.append(m["residual"])
+    attrs.update(bounds)
     return functions.make_node(FUSED[prod.op], ins, m.outputs, name=name, attrs=attrs)
 
 
 @register_pass("fuse-epilogue", namespace="edgefc")
 class FuseEpilogue(FusionPass):
-    """Fold activations (SiLU, GELU) and residual adds into FusedMatMul/FusedConv (target permitting)."""
+    """Fold activations (SiLU, GELU, Clip) and residual adds into FusedMatMul/FusedConv (target permitting)."""
 
     kinds = ("conv_bias", "activation", "residual", "epilogue")
 

@@ -54,6 +54,10 @@ def activation(p: Pattern, z, act: Activation):
         return lambda v: attr_accepts(act, key, v) or f"{key}={v!r} (the fused '{act.name}' is {act.onnx_op} with {key}={want})"
 
     attrs = {key: accepts(key) for key in act.onnx_attrs}
+    if act.bounds:   # Clip: constant scalar bounds, carried by the fused op as attributes
+        bounds = [p.const(b, check=lambda c: c.shape is not None and int(np.prod(c.shape)) == 1
+                          or "a bound that is not one constant number") for b in act.bounds]
+        return p.op(act.onnx_op, z, *bounds, name=act.name)
     if act.gated:
         return p.op("Mul", z, p.op(act.onnx_op, z, name=act.onnx_op.lower(), attrs=attrs), name=act.name)
     return p.op(act.onnx_op, z, name=act.name, attrs=attrs)
@@ -61,15 +65,12 @@ def activation(p: Pattern, z, act: Activation):
 
 def epilogue_capable(target) -> bool:
     """Whether ``target`` runs elementwise epilogues (activation, residual add) inside the kernel
-    of the tensor-engine op they follow. A target may say so with a ``fuses_epilogues``
-    attribute or method; otherwise NPU targets can and other targets cannot. With no target
-    (a target-free compile) the fusion is made: it keeps the graph exact either way."""
+    of the tensor-engine op they follow: its ``fuses_epilogues`` (``edgefc.target.Target``; NPU
+    targets do unless they say otherwise). With no target (a target-free compile) the fusion is
+    made: it keeps the graph exact either way."""
     if target is None:
         return True
-    cap = getattr(target, "fuses_epilogues", None)
-    if cap is not None:
-        return bool(cap() if callable(cap) else cap)
-    return bool(getattr(target, "is_npu", False))
+    return bool(target.fuses_epilogues)
 
 
 def per_channel(values: np.ndarray, channels: int, rank: int) -> np.ndarray | None:

@@ -29,6 +29,14 @@ OP = "TiledAttention"
 # tile has the same shape and the Loop's scan output stacks them:
 # [row_tiles * head_tiles, B, H/head_tiles, T, dv], tile t = (row tile t // head_tiles, head group
 # t % head_tiles).
+#
+# The Loop takes the tensors its tiles slice (Qp, Kt, Vh) as explicit loop-carried inputs, passed
+# through unchanged, never as outer-scope values the body reads implicitly: onnxruntime (1.32) moves
+# a DequantizeLinear forward through Reshape/Transpose (QDQPropagationTransformer, a level-1
+# optimizer, on under the default session options), and where the last of those ops fed the Loop
+# implicitly it rewired input slot ``explicit inputs + k`` of the Loop, past the end of its input
+# list: an assertion and SIGABRT on loading every W8A16 build with a tiled attention (issue 18).
+# Explicit inputs are slots it can rewire; the result is the same bit for bit.
 _FUNCTION_TEXT = """
 <domain: "edgefc", opset_import: ["" : {opset}], doc_string: "{doc}">
 TiledAttention <q_num_heads, kv_num_heads, scale, is_causal, row_tiles, head_tiles, row_granularity> (Q, K, V) => (Y)
@@ -86,7 +94,7 @@ TiledAttention <q_num_heads, kv_num_heads, scale, is_causal, row_tiles, head_til
   scale = CastLike (scale_f, Q)
   ninf = CastLike (ninf_f, Q)
   go = Cast <to = 9> (one)
-  A = Loop (tiles, go) <body = tile (int64 t, bool c) => (bool c_out, A_t) {{
+  Qp_f, Kt_f, Vh_f, A = Loop (tiles, go, Qp, Kt, Vh) <body = tile (int64 t, bool c, Qp_i, Kt_i, Vh_i) => (bool c_out, Qp_o, Kt_o, Vh_o, A_t) {{
       r = Div (t, ht_s)
       g = Mod (t, ht_s)
       r0 = Mul (r, T_s)
@@ -101,9 +109,9 @@ TiledAttention <q_num_heads, kv_num_heads, scale, is_causal, row_tiles, head_til
       q_end = Concat <axis = 0> (g1_1, r1_1)
       q_axes = Constant <value_ints = [1, 2]> ()
       h_axis = Constant <value_ints = [1]> ()
-      Q_t = Slice (Qp, q_start, q_end, q_axes)
-      Kt_g = Slice (Kt, g0_1, g1_1, h_axis)
-      V_g = Slice (Vh, g0_1, g1_1, h_axis)
+      Q_t = Slice (Qp_i, q_start, q_end, q_axes)
+      Kt_g = Slice (Kt_i, g0_1, g1_1, h_axis)
+      V_g = Slice (Vh_i, g0_1, g1_1, h_axis)
       QK = MatMul (Q_t, Kt_g)
       S_in = Mul (QK, scale)
       rows_0 = Range (zero, T_s, one)
@@ -115,6 +123,9 @@ TiledAttention <q_num_heads, kv_num_heads, scale, is_causal, row_tiles, head_til
       S_out = Softmax <axis = -1> (S_m)
       A_t = MatMul (S_out, V_g)
       c_out = Identity (c)
+      Qp_o = Identity (Qp_i)
+      Kt_o = Identity (Kt_i)
+      Vh_o = Identity (Vh_i)
   }}>
   a_shape = Concat <axis = 0> (R, G, B, Hpt, T, dv)
   A6 = Reshape (A, a_shape)

@@ -6,7 +6,7 @@ Importing this package registers the built-in targets with ``edgefc.target``.
 from pathlib import Path
 
 from edgefc.target import register_target, register_target_file_loader
-from edgefc.targets.description import NpuTarget
+from edgefc.targets.npu import NpuTarget
 
 TARGET_DIR = Path(__file__).parent
 

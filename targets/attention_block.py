@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from edgefc.attention import AttentionSpec, Tiling, tile_grid
 from edgefc.errors import BuildError
-from edgefc.targets.geometry import Geometry, pad, precision_key
+from edgefc.precision import rate_key
+from edgefc.targets.description import Architecture
+from edgefc.targets.geometry import pad
 from edgefc.targets.program import Command
 
 
-def attention_io_bytes(spec: AttentionSpec, geo: Geometry) -> dict[str, tuple[int, int]]:
+def attention_io_bytes(spec: AttentionSpec, arch: Architecture) -> dict[str, tuple[int, int]]:
     """DRAM bytes and run length of Q, K, V and the output A (heads padded to the granularity).
 
     Q and K are stored head-major (their producers write each head as its own channel block) and
@@ -24,14 +26,14 @@ def attention_io_bytes(spec: AttentionSpec, geo: Geometry) -> dict[str, tuple[in
     rows) and A is written into the token-major layout the out-projection reads, so both move in
     runs of one head row (``d_pad * act_bytes``).
     """
-    g, b = geo.channel_granularity, spec.act_bytes
+    g, b = arch.tensor.channel_granularity, spec.act_bytes
     dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
     n = spec.batch * spec.heads
     return {"q": (n * spec.q_len * dkp * b, 0), "k": (n * spec.kv_len * dkp * b, 0),
             "v": (n * spec.kv_len * dvp * b, dvp * b), "out": (n * spec.q_len * dvp * b, dvp * b)}
 
 
-def _tile_geometry(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granularity: int | None = None):
+def _tile_geometry(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None):
     """Row tiles and head groups of a tiling, from ``edgefc.attention.tile_grid`` -- the tiles the
     ONNX body of TiledAttention and the TVM import build. ``granularity`` is the row granule the
     tiles were cut at (a TiledAttention's ``row_granularity``; default the target's).
@@ -44,10 +46,10 @@ def _tile_geometry(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granulari
     rows into whole granules (or the heads evenly) is a BuildError: nothing would build it.
     """
     try:
-        grid = tile_grid(spec.q_len, spec.heads, tiling, granularity or geo.row_granularity)
+        grid = tile_grid(spec.q_len, spec.heads, tiling, granularity or arch.tensor.row_granularity)
     except ValueError as e:
         raise BuildError(f"cannot lower the tiling of attention '{spec.name}': {e}") from None
-    rows_p = pad(grid.rows, geo.row_granularity)
+    rows_p = pad(grid.rows, arch.tensor.row_granularity)
     if spec.causal and grid.row_tiles > 1:
         row_parts = [(r1 - r0, rows_p, 1, min(r1, spec.kv_len)) for r0, r1 in grid.row_bounds()]
     else:
@@ -55,26 +57,29 @@ def _tile_geometry(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granulari
     return row_parts, [(grid.heads, grid.head_tiles)]
 
 
-def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, geo: Geometry, granularity: int | None = None) -> int:
+def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None) -> int:
     """SRAM working set of the largest tile: K and V of its head group, the Q tile, the S_in and
     S_out tiles and the output tile, with rows padded to the row granularity and channels
     (head dims, and the key length as the channel dimension of S) to the channel granularity."""
-    g, rg, b = geo.channel_granularity, geo.row_granularity, spec.act_bytes
-    row_parts, head_parts = _tile_geometry(spec, tiling, geo, granularity)
+    g, rg, b = arch.tensor.channel_granularity, arch.tensor.row_granularity, spec.act_bytes
+    row_parts, head_parts = _tile_geometry(spec, tiling, arch, granularity)
     rows = max(p for _, p, _, _ in row_parts)
     hg = max(h for h, _ in head_parts)
     dkp, dvp, kvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g), pad(spec.kv_len, g)
     kv = hg * pad(spec.kv_len, rg) * (dkp + dvp)
-    tile = hg * rows * (dkp + 2 * kvp + dvp)
-    return int((kv + tile) * b)
+    tile = hg * rows * (dkp + dvp)
+    scores = hg * rows * 2 * kvp   # S_in and S_out
+    return int((kv + tile) * b + scores * spec.score_bytes)
 
 
-def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, granularity: int | None = None,
+def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, granularity: int | None = None,
                     op: str | None = None,
                     op_type: str = "Attention", loop_base: int = 0) -> list[Command]:
     """The commands of one attention block (untiled: ``Tiling(1, 1)``).
 
-    Per head group: load K, load V. Per tile (rows x head group): load the Q tile, QK^T on the
+    S_in and S_out are priced at ``spec.scores`` (wider than the activations in a W8A8 block,
+    whose S_out x V then runs at ``int8xint16``). Per head group: load K, load V. Per tile (rows x
+    head group): load the Q tile, QK^T on the
     tensor engine, softmax on the vector engine, S_out x V on the tensor engine, store the output
     tile. When the tile's working set exceeds SRAM, S_in and S_out each make a DRAM round trip
     (store + load). Every tile pays the engine hand-offs QK^T -> softmax -> S x V, one on each
@@ -82,13 +87,16 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, granu
     dispatched once (its command list runs every tile).
     """
     op = op or spec.name
-    g, b = geo.channel_granularity, spec.act_bytes
+    g, b = arch.tensor.channel_granularity, spec.act_bytes
     dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
-    prec = precision_key(spec.act_dtype, spec.act_dtype)
-    spill = attention_sram_bytes(spec, tiling, geo, granularity) > geo.sram_bytes
+    prec = rate_key(spec.act_dtype, spec.act_dtype)
+    sv_prec = rate_key(spec.act_dtype, spec.scores)   # S_out x V: the scores may be wider (INT16 in W8A8)
+    sb = spec.score_bytes
+    spill = attention_sram_bytes(spec, tiling, arch, granularity) > arch.sram.attention
     tiled = tiling.tiles > 1
-    softmax = geo.passes["softmax"] + (geo.passes["causal_mask"] if spec.causal else ())
-    row_parts, head_parts = _tile_geometry(spec, tiling, geo, granularity)
+    passes = arch.vector.passes
+    softmax = passes["softmax"] + (passes["causal_mask"] if spec.causal else ())
+    row_parts, head_parts = _tile_geometry(spec, tiling, arch, granularity)
     cmds: list[Command] = []
     for hg, hcount in head_parts:
         kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount,
@@ -105,19 +113,19 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, geo: Geometry, *, granu
             cmds.append(Command("load", tensor=f"{op}:Q", bytes=hg * rows * dkp * b, role="load_qk", **kw))
             cmds.append(Command("tensor", macs=hg * rows * keys * spec.head_dim,
                                 padded_macs=hg * rows_p * keys_p * dkp, out_elements=s, precision=prec,
-                                dispatches=first, handoffs=geo.handoffs_matmul, role="qk_matmul", **kw))
+                                dispatches=first, handoffs=arch.handoff.per_matmul, role="qk_matmul", **kw))
             if spill:
-                cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * b, role="store_s_in", **kw))
-                cmds.append(Command("load", tensor=f"{op}:S_in", bytes=s * b, role="load_s_in", **kw))
-            cmds.append(Command("vector", elements=s, passes=softmax, handoffs=geo.handoffs_softmax,
-                                elem_bytes=min(int(b), 4),
+                cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * sb, role="store_s_in", **kw))
+                cmds.append(Command("load", tensor=f"{op}:S_in", bytes=s * sb, role="load_s_in", **kw))
+            cmds.append(Command("vector", elements=s, passes=softmax, handoffs=arch.handoff.per_softmax,
+                                elem_bytes=min(int(sb), 4),
                                 role="softmax", **kw))
             if spill:
-                cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * b, role="store_s_out", **kw))
-                cmds.append(Command("load", tensor=f"{op}:S_out", bytes=s * b, role="load_s_out_v", **kw))
+                cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * sb, role="store_s_out", **kw))
+                cmds.append(Command("load", tensor=f"{op}:S_out", bytes=s * sb, role="load_s_out_v", **kw))
             cmds.append(Command("tensor", macs=hg * rows * keys * spec.v_head_dim,
                                 padded_macs=hg * rows_p * keys_p * dvp, out_elements=hg * rows * spec.v_head_dim,
-                                precision=prec, handoffs=geo.handoffs_matmul, role="sv_matmul", **kw))
+                                precision=sv_prec, handoffs=arch.handoff.per_matmul, role="sv_matmul", **kw))
             cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvp * b, run_bytes=dvp * b,
                                 role="store_out", **kw))
             first = 0

@@ -1,4 +1,6 @@
 """The cost model: cycles per Program command from the target's numbers alone (PERFORMANCE.md).
+Every formula takes the frozen :class:`~edgefc.targets.description.Architecture` and reads its
+typed sections.
 
 One formula per command kind, shared by every op (no per-op or per-table-row constants):
 
@@ -31,8 +33,9 @@ at least its dispatch time:
 
     op cycles = max(sum of its commands' cycles, dispatch.cycles * its dispatches)
 
-The schedule that turns command cycles into a timeline is pluggable (:class:`Schedule`); the
-paper's baseline, and the default, runs commands one after another (:class:`SequentialSchedule`),
+The schedule that turns command cycles into a timeline is pluggable (:class:`Schedule`). The
+default, ``overlap`` (:class:`OverlapSchedule`), runs an op's DMA beside its compute; ops run one
+after another. ``sequential`` (:class:`SequentialSchedule`) runs every command one after another,
 each op followed by the part of its dispatch its own work did not hide.
 """
 
@@ -41,116 +44,69 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgefc.errors import TargetError
-from edgefc.targets.description import RATE_KEYS as PRECISIONS
-from edgefc.targets.description import VECTOR_CLASSES
+from edgefc.targets.description import Architecture
 from edgefc.targets.program import Command, Program
-
-INT8_LUT = ("exp", "divide")   # classes the INT8 path computes by a 256-entry table lookup
-
-
-@dataclass(frozen=True)
-class CostParams:
-    """The target numbers the formulas use, read once from the target description."""
-
-    clock_hz: float
-    macs_per_cycle: float
-    tensor_efficiency: float
-    output_elements_per_cycle: float
-    rate: dict
-    lanes: float
-    vector_cpe: dict
-    vector_cpe_int8: dict            # lane-cycles per element of the INT8 path (exp / divide: table lookups)
-    int8_per_lane: float             # INT8 elements one 16-bit lane handles per cycle
-    dma_bytes_per_cycle: float       # bandwidth * efficiency / clock
-    dma_latency: float
-    burst_bytes: float
-    dispatch: float
-    handoff: float
-    host_sync: float
-    host_cpe: float
-
-    @classmethod
-    def from_target(cls, t) -> CostParams:
-        clock = float(t["clock.hz"])
-        return cls(
-            clock_hz=clock,
-            macs_per_cycle=float(t["tensor.macs_per_cycle"]),
-            tensor_efficiency=float(t["tensor.efficiency"]),
-            output_elements_per_cycle=float(t["tensor.output_elements_per_cycle"]),
-            rate={p: float(t[f"tensor.rate.{p}"]) for p in PRECISIONS},
-            lanes=float(t["vector.lanes"]),
-            vector_cpe={c: float(t[f"vector.cycles_per_element.{c}"]) for c in VECTOR_CLASSES},
-            vector_cpe_int8={c: float(t[f"vector.int8.{c}"]) if c in INT8_LUT else float(t[f"vector.cycles_per_element.{c}"])
-                             for c in VECTOR_CLASSES},
-            int8_per_lane=float(t["vector.int8.elements_per_lane"]),
-            dma_bytes_per_cycle=float(t["dma.bandwidth_bytes_per_s"]) * float(t["dma.efficiency"]) / clock,
-            dma_latency=float(t["dma.latency_cycles"]),
-            burst_bytes=float(t["dma.burst_bytes"]),
-            dispatch=float(t["dispatch.cycles"]),
-            handoff=float(t["handoff.cycles"]),
-            host_sync=float(t["host.sync_cycles"]),
-            host_cpe=float(t["host.cycles_per_element"]),
-        )
-
 
 # --- one formula per command kind ------------------------------------------------------------
 
-def dma_cycles(p: CostParams, nbytes: float, run_bytes: float = 0) -> float:
+def dma_cycles(a: Architecture, nbytes: float, run_bytes: float = 0) -> float:
     """One DMA transfer of ``nbytes`` made of contiguous runs of ``run_bytes`` (0: one block)."""
     if nbytes <= 0:
         return 0.0
     run = nbytes if run_bytes <= 0 else min(run_bytes, nbytes)
-    bus_bytes = nbytes * p.burst_bytes / min(run, p.burst_bytes)
-    return p.dma_latency + bus_bytes / p.dma_bytes_per_cycle
+    bus_bytes = nbytes * a.dma.burst_bytes / min(run, a.dma.burst_bytes)
+    return a.dma.latency_cycles + bus_bytes / a.dma.bytes_per_cycle
 
 
-def tensor_cycles(p: CostParams, padded_macs: float, out_elements: float, precision: str,
+def tensor_cycles(a: Architecture, padded_macs: float, out_elements: float, precision: str,
                   handoffs: int = 0) -> float:
     """One tensor-engine op: padded MACs at the precision's rate, then the output write-back."""
+    t = a.tensor
     try:
-        rate = p.rate[precision]
+        rate = t.rate[precision]
     except KeyError:
         raise TargetError(f"the target has no tensor.rate for precision '{precision}'") from None
-    return (padded_macs / (p.macs_per_cycle * rate * p.tensor_efficiency)
-            + out_elements / p.output_elements_per_cycle + handoffs * p.handoff)
+    return (padded_macs / (t.macs_per_cycle * rate * t.efficiency)
+            + out_elements / t.output_elements_per_cycle + handoffs * a.handoff.cycles)
 
 
-def vector_cycles(p: CostParams, elements: float, passes, handoffs: int = 0, elem_bytes: int = 2) -> float:
+def vector_cycles(a: Architecture, elements: float, passes, handoffs: int = 0, elem_bytes: int = 2) -> float:
     """One vector-engine op: element passes per op class over ``vector.lanes`` lanes. INT8
     elements take the INT8 path: ``vector.int8.elements_per_lane`` per lane, and the
     exponential and division by a table lookup (``vector.int8.exp`` / ``.divide``)."""
+    v = a.vector
     if elem_bytes == 1:
-        per_element = sum(n * p.vector_cpe_int8[c] for c, n in passes) / p.int8_per_lane
+        per_element = sum(n * v.int8_cycles_per_element[c] for c, n in passes) / v.int8_elements_per_lane
     else:
-        per_element = sum(n * p.vector_cpe[c] for c, n in passes)
-    return elements * per_element / p.lanes + handoffs * p.handoff
+        per_element = sum(n * v.cycles_per_element[c] for c, n in passes)
+    return elements * per_element / v.lanes + handoffs * a.handoff.cycles
 
 
-def host_cycles(p: CostParams, elements: float) -> float:
+def host_cycles(a: Architecture, elements: float) -> float:
     """One op run by the host CPU (NPU cycles): a synchronisation plus per-element work."""
-    return p.host_sync + elements * p.host_cpe
+    return a.host.sync_cycles + elements * a.host.cycles_per_element
 
 
-def command_cycles(p: CostParams, c: Command) -> float:
+def command_cycles(a: Architecture, c: Command) -> float:
     """Cycles of a whole command (all ``repeat`` instances; dispatch is charged per op, see
     :func:`op_cycles`)."""
     if c.kind in ("load", "store"):
-        one = dma_cycles(p, c.bytes, c.run_bytes)
+        one = dma_cycles(a, c.bytes, c.run_bytes)
     elif c.kind == "tensor":
-        one = tensor_cycles(p, c.padded_macs, c.out_elements, c.precision, c.handoffs)
+        one = tensor_cycles(a, c.padded_macs, c.out_elements, c.precision, c.handoffs)
     elif c.kind == "vector":
-        one = vector_cycles(p, c.elements, c.passes, c.handoffs, c.elem_bytes)
+        one = vector_cycles(a, c.elements, c.passes, c.handoffs, c.elem_bytes)
     elif c.kind == "host":
-        one = host_cycles(p, c.elements)
+        one = host_cycles(a, c.elements)
     else:
         raise ValueError(f"unknown command kind {c.kind!r}")
     return one * c.repeat
 
 
-def op_cycles(p: CostParams, commands) -> float:
+def op_cycles(a: Architecture, commands) -> float:
     """Cycles of one op: its commands back to back, at least its dispatch time."""
-    work = sum(command_cycles(p, c) for c in commands)
-    return max(work, p.dispatch * sum(c.dispatches for c in commands))
+    work = sum(command_cycles(a, c) for c in commands)
+    return max(work, a.dispatch_cycles * sum(c.dispatches for c in commands))
 
 
 def op_groups(program: Program) -> list[tuple[int, int]]:
@@ -191,7 +147,7 @@ class Schedule:
 
     name = "schedule"
 
-    def run(self, program: Program, cycles: list[float], params: CostParams) -> Timeline:
+    def run(self, program: Program, cycles: list[float], arch: Architecture) -> Timeline:
         raise NotImplementedError
 
 
@@ -201,7 +157,7 @@ class SequentialSchedule(Schedule):
 
     name = "sequential"
 
-    def run(self, program, cycles, params):
+    def run(self, program, cycles, arch):
         starts, idle, t = [0.0] * len(cycles), [0.0] * len(cycles), 0.0
         cmds = program.commands
         for first, end in op_groups(program):
@@ -209,7 +165,7 @@ class SequentialSchedule(Schedule):
             for i in range(first, end):
                 starts[i] = t
                 t += cycles[i]
-            floor = params.dispatch * sum(cmds[i].dispatches for i in range(first, end))
+            floor = arch.dispatch_cycles * sum(cmds[i].dispatches for i in range(first, end))
             if t - begin < floor:
                 idle[end - 1] = floor - (t - begin)
                 t = begin + floor
@@ -223,7 +179,7 @@ def is_chain(cmds) -> bool:
     return any(c.role or c.kind == "host" for c in cmds)
 
 
-def overlapped_op_cycles(p: CostParams, cmds, cycles) -> tuple[float, float]:
+def overlapped_op_cycles(a: Architecture, cmds, cycles) -> tuple[float, float]:
     """(work cycles, dispatch floor) of one op under the overlapped schedule:
 
         work = max(exposed latency + compute, transfers)
@@ -235,7 +191,7 @@ def overlapped_op_cycles(p: CostParams, cmds, cycles) -> tuple[float, float]:
     for (Arm Vela's estimator likewise takes the max of the NPU cycles and the memory-access
     cycles of a pass, with the memory latency added per transfer). A dependent chain
     (:func:`is_chain`) is the sum of its commands."""
-    floor = p.dispatch * sum(c.dispatches for c in cmds)
+    floor = a.dispatch_cycles * sum(c.dispatches for c in cmds)
     if is_chain(cmds):
         return float(sum(cycles)), floor
     compute = transfer = 0.0
@@ -244,7 +200,7 @@ def overlapped_op_cycles(p: CostParams, cmds, cycles) -> tuple[float, float]:
         if c.kind in ("load", "store"):
             transfer += cyc
             if first_latency is None and c.bytes > 0:
-                first_latency = p.dma_latency
+                first_latency = a.dma.latency_cycles
         else:
             compute += cyc
     return max((first_latency or 0.0) + compute, transfer), floor
@@ -257,13 +213,13 @@ class OverlapSchedule(Schedule):
 
     name = "overlap"
 
-    def run(self, program, cycles, params):
+    def run(self, program, cycles, arch):
         starts, idle, t = [0.0] * len(cycles), [0.0] * len(cycles), 0.0
         hidden = [0.0] * len(cycles)
         cmds = program.commands
         for first, end in op_groups(program):
             group = cmds[first:end]
-            work, floor = overlapped_op_cycles(params, group, cycles[first:end])
+            work, floor = overlapped_op_cycles(arch, group, cycles[first:end])
             if is_chain(group):
                 s = t
                 for i in range(first, end):
@@ -271,7 +227,7 @@ class OverlapSchedule(Schedule):
                     s += cycles[i]
             else:
                 s_dma = t
-                s_eng = t + (params.dma_latency if any(c.kind in ("load", "store") and c.bytes > 0
+                s_eng = t + (arch.dma.latency_cycles if any(c.kind in ("load", "store") and c.bytes > 0
                                                         for c in group) else 0.0)
                 for i in range(first, end):
                     if cmds[i].kind in ("load", "store"):

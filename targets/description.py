@@ -1,31 +1,40 @@
-"""A hardware description read from a TOML file (``targets/exynos2400.toml``).
+"""The architecture description: a target TOML file (``targets/exynos2400.toml``), validated once
+into frozen data (:class:`Architecture`).
 
 The numbers live in the file, each with a comment saying where it comes from (STYLE.md: hardware
-numbers in the target file, formulas in the cost model, tiling decisions in the solver). A missing,
+numbers in the target file, formulas in the cost model, decisions in the Program). A missing,
 mistyped or unknown field is a :class:`TargetError` naming the field; optional fields take the
-defaults :data:`SCHEMA` gives (documented in PERFORMANCE.md).
+defaults :data:`SCHEMA` gives (documented in PERFORMANCE.md). Everything downstream -- the cost
+model, the lowering, the TVM build, the tile solver through ``edgefc.target.Target`` -- reads the
+typed sections of one :class:`Architecture`; nothing reads the TOML's dotted keys again. This
+module is data only: it imports nothing from the rest of ``edgefc.targets`` but the parser of the
+``[ops]`` table (``op_support``, data only too).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from edgefc.errors import TargetError
-from edgefc.target import Target
+from edgefc.precision import ELEMENT_TYPES, RATE_KEYS
+from edgefc.target import SramBudget
+from edgefc.targets.op_support import OpSupport
 
 REQUIRED = object()   # a field without a default
 NUMBER = (int, float)
 VECTOR_CLASSES = ("arith", "max", "reduce", "exp", "divide")
-RATE_KEYS = ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")
-ELEMENT_TYPES = ("fp32", "fp16", "int16", "int8")
+INT8_LUT = ("exp", "divide")   # vector classes the INT8 path computes by a 256-entry table lookup
 # Vector-engine op classes: each names the element passes (per vector class) one op of the class
-# makes; edgefc.targets.lowering maps op types onto them.
+# makes; edgefc.targets.placement maps op types onto them.
 PASS_CLASSES = ("softmax", "causal_mask", "norm", "norm_silu", "silu", "gelu", "geglu", "sigmoid", "tanh", "erf",
-                "exp", "trig", "pow", "divide", "copy", "max", "clip", "hard_sigmoid", "reduce_mean", "reduce_sum",
-                "reduce_max", "reduce_l2")
+                "exp", "trig", "pow", "divide", "copy", "max", "clip", "hard_sigmoid", "leaky_relu", "reduce_mean",
+                "reduce_sum", "reduce_max", "reduce_l2")
 
 
 class Passes:
@@ -86,6 +95,181 @@ POSITIVE = {"clock.hz", "sram.bytes", "tensor.macs_per_cycle", "tensor.channel_g
 _TABLES = {".".join(f.split(".")[:i]) for f in SCHEMA for i in range(1, f.count(".") + 1)}
 
 
+# --- the typed, frozen description -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorEngine:
+    """``[tensor]``: the MAC array."""
+
+    macs_per_cycle: float
+    channel_granularity: int          # input/output channels (and head dims) are padded to this
+    row_granularity: int              # output rows (pixels / tokens) are produced in groups of this
+    efficiency: float                 # sustained fraction of the padded MAC rate
+    output_elements_per_cycle: float  # write-back / requantisation rate
+    rate: Mapping[str, float]         # operand precision (RATE_KEYS) -> MACs per MAC unit per cycle
+    dtypes: tuple[str, ...]           # element types an NPU tensor may have
+
+
+@dataclass(frozen=True)
+class VectorEngine:
+    """``[vector]``: the SIMD lanes, the cost of one element pass per vector class, and the passes
+    one op of each op class makes."""
+
+    lanes: float
+    cycles_per_element: Mapping[str, float]       # vector class -> lane-cycles (16-bit and wider)
+    int8_cycles_per_element: Mapping[str, float]  # the INT8 path (exp / divide: table lookups)
+    int8_elements_per_lane: float                 # INT8 elements one 16-bit lane handles per cycle
+    passes: Mapping[str, tuple]                   # op class -> ((vector class, passes), ...), zero counts dropped
+
+
+@dataclass(frozen=True)
+class Dma:
+    """``[dma]``: the DRAM <-> SRAM transfers."""
+
+    bandwidth_bytes_per_s: float   # peak
+    efficiency: float              # sustained fraction of the peak
+    latency_cycles: float          # issue to first data beat
+    burst_bytes: float             # DRAM access granule
+    bytes_per_cycle: float         # sustained: bandwidth * efficiency / clock
+    peak_bytes_per_cycle: float    # bandwidth / clock
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """``[handoff]``: engine-to-engine synchronisation of an attention tile."""
+
+    cycles: float
+    per_matmul: int
+    per_softmax: int
+
+
+@dataclass(frozen=True)
+class HostCpu:
+    """``[host.cpu]``: the phone's application CPU the TVM host build is compiled for."""
+
+    tag: str
+    mtriple: str
+    mcpu: str
+    mattr: tuple[str, ...]
+    num_cores: int
+
+
+@dataclass(frozen=True)
+class Host:
+    """``[host]``: ops the NPU cannot run."""
+
+    sync_cycles: float
+    cycles_per_element: float
+    cpu: HostCpu
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One target description, validated once: every number the cost model, the lowering, the
+    tile solver and the TVM build read, in typed sections. Build it with :meth:`from_toml` /
+    :meth:`from_dict`; :meth:`with_fields` gives a changed copy (what-if studies, the fit)."""
+
+    name: str
+    kind: str
+    clock_hz: float
+    sram: SramBudget
+    resident_weights: bool            # weights that fit beside the activations stay in SRAM
+    cascade: bool                     # row-stripe cascades keep too-big activations on chip
+    tensor: TensorEngine
+    vector: VectorEngine
+    dma: Dma
+    dispatch_cycles: float            # launching one op
+    handoff: Handoff
+    host: Host
+    ops: OpSupport                    # [ops]: the op kinds the engines run, their limits and sources
+    source: str = "<memory>"
+    validation: Mapping | None = field(default=None, compare=False, repr=False)
+    raw: Mapping = field(default_factory=dict, compare=False, repr=False)   # the file's tables, for with_fields
+
+    @property
+    def is_npu(self) -> bool:
+        return self.kind == "npu"
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Architecture:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise TargetError(f"target description file not found: {path}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise TargetError(f"target description {path} is not valid TOML: {e}") from None
+        return cls.from_dict(data, str(path), _validation_beside(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<memory>", validation: dict | None = None) -> Architecture:
+        """Validate the tables of a target file (field names as in the TOML) and build the description."""
+        v = _validated(data, source)
+        clock = float(v["clock.hz"])
+        cpe = {c: float(v[f"vector.cycles_per_element.{c}"]) for c in VECTOR_CLASSES}
+        return cls(
+            name=v["target.name"], kind=v["target.kind"], clock_hz=clock,
+            sram=SramBudget(int(v["sram.bytes"]), int(v["sram.weight_buffer_bytes"]), int(v["sram.reserve_bytes"])),
+            resident_weights=bool(v["sram.resident_weights"]), cascade=bool(v["sram.cascade"]),
+            tensor=TensorEngine(
+                macs_per_cycle=float(v["tensor.macs_per_cycle"]),
+                channel_granularity=int(v["tensor.channel_granularity"]),
+                row_granularity=int(v["tensor.row_granularity"]),
+                efficiency=float(v["tensor.efficiency"]),
+                output_elements_per_cycle=float(v["tensor.output_elements_per_cycle"]),
+                rate=MappingProxyType({k: float(v[f"tensor.rate.{k}"]) for k in RATE_KEYS}),
+                dtypes=tuple(v["tensor.dtypes"])),
+            vector=VectorEngine(
+                lanes=float(v["vector.lanes"]),
+                cycles_per_element=MappingProxyType(cpe),
+                int8_cycles_per_element=MappingProxyType(
+                    {c: float(v[f"vector.int8.{c}"]) if c in INT8_LUT else cpe[c] for c in VECTOR_CLASSES}),
+                int8_elements_per_lane=float(v["vector.int8.elements_per_lane"]),
+                passes=MappingProxyType({c: tuple(sorted((k, int(n)) for k, n in v[f"vector.passes.{c}"].items() if n))
+                                         for c in PASS_CLASSES})),
+            dma=Dma(
+                bandwidth_bytes_per_s=float(v["dma.bandwidth_bytes_per_s"]),
+                efficiency=float(v["dma.efficiency"]),
+                latency_cycles=float(v["dma.latency_cycles"]),
+                burst_bytes=float(v["dma.burst_bytes"]),
+                bytes_per_cycle=float(v["dma.bandwidth_bytes_per_s"]) * float(v["dma.efficiency"]) / clock,
+                peak_bytes_per_cycle=float(v["dma.bandwidth_bytes_per_s"]) / clock),
+            dispatch_cycles=float(v["dispatch.cycles"]),
+            handoff=Handoff(float(v["handoff.cycles"]), int(v["handoff.per_matmul"]), int(v["handoff.per_softmax"])),
+            host=Host(float(v["host.sync_cycles"]), float(v["host.cycles_per_element"]),
+                      HostCpu(v["host.cpu.tag"], v["host.cpu.mtriple"], v["host.cpu.mcpu"], tuple(v["host.cpu.mattr"]),
+                              int(v["host.cpu.num_cores"]))),
+            ops=OpSupport.from_table(data.get("ops"), source),
+            source=source, validation=validation, raw=copy.deepcopy(data))
+
+    def with_fields(self, fields: dict[str, Any]) -> Architecture:
+        """A copy with some ``section.field`` values (the TOML's names) replaced, validated again."""
+        data = copy.deepcopy(dict(self.raw))
+        for dotted, value in fields.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return type(self).from_dict(data, self.source, self.validation)
+
+    def value(self, dotted: str) -> Any:
+        """A field's validated value by its TOML name (``"dma.efficiency"``): for tools that edit
+        fields by name (the fit, sweeps); the compiler itself reads the typed sections."""
+        return _validated(self.raw, self.source)[dotted]
+
+
+def _validation_beside(path: Path) -> dict | None:
+    """How well this target predicts measured latencies, as ``bench/fit_exynos2400.py`` computed it
+    (``<target>.validation.json`` beside the TOML; None when there is none)."""
+    try:
+        return json.loads(path.with_suffix(".validation.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --- validation ------------------------------------------------------------------------------
+
 def _lookup(data: dict, dotted: str) -> Any:
     node: Any = data
     for part in dotted.split("."):
@@ -100,7 +284,7 @@ def _unknown_fields(data: dict, prefix: str = "") -> list[str]:
     out = []
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if dotted in SCHEMA:
+        if dotted in SCHEMA or dotted == "ops":   # [ops]: validated by OpSupport
             continue
         if dotted in _TABLES and isinstance(value, dict):
             out += _unknown_fields(value, dotted + ".")
@@ -140,150 +324,30 @@ def _check(field: str, typ, value, source: str) -> None:
         bad("positive" if field in POSITIVE else "zero or more")
 
 
-class NpuTarget(Target):
-    """A target described by a TOML file; fields are reachable as ``target["section.field"]``."""
-
-    def __init__(self, data: dict, source: str = "<memory>"):
-        unknown = _unknown_fields(data)
-        if unknown:
-            raise TargetError(f"target description {source} has an unknown field '{unknown[0]}' "
-                              f"(PERFORMANCE.md lists the fields)")
-        self.source = source
-        self.values: dict[str, Any] = {}
-        for field, (typ, default) in SCHEMA.items():
-            try:
-                value = _lookup(data, field)
-            except KeyError:
-                if default is REQUIRED:
-                    raise TargetError(f"target description {source} has no field '{field}'") from None
-                value = copy.deepcopy(default)
-            _check(field, typ, value, source)
-            self.values[field] = value
-        bad = [d for d in self.values["tensor.dtypes"] if d not in ELEMENT_TYPES]
-        if bad:
-            raise TargetError(f"target description {source}: field 'tensor.dtypes' has '{bad[0]}' "
-                              f"(element types: {', '.join(ELEMENT_TYPES)})")
-        if self.values["sram.reserve_bytes"] >= self.values["sram.bytes"]:
-            raise TargetError(f"target description {source}: field 'sram.reserve_bytes' must be less than "
-                              f"sram.bytes, got {self.values['sram.reserve_bytes']!r}")
-        if self.values["sram.weight_buffer_bytes"] >= self.values["sram.bytes"]:
-            raise TargetError(f"target description {source}: sram.weight_buffer_bytes must be smaller than "
-                              f"sram.bytes (the activations need the rest)")
-        self.data = data
-        self.name = self.values["target.name"]
-        self.is_npu = self.values["target.kind"] == "npu"
-        self.sram_bytes = int(self.values["sram.bytes"])
-        self.sram_reserve_bytes = int(self.values["sram.reserve_bytes"])
-        self.clock_hz = float(self.values["clock.hz"])
-        self.row_granularity = int(self.values["tensor.row_granularity"])
-        self._params = None
-        self._geometry = None
-
-    @property
-    def validation(self) -> dict | None:
-        """How well this target predicts measured latencies, as ``bench/fit_exynos2400.py``
-        computed it (``<target>.validation.json`` beside the TOML; None when there is none)."""
-        if self.source.startswith("<"):
-            return None
-        path = Path(self.source).with_suffix(".validation.json")
+def _validated(data: dict, source: str) -> dict[str, Any]:
+    """Every schema field's value (its default when the file leaves it out), checked."""
+    unknown = _unknown_fields(data)
+    if unknown:
+        raise TargetError(f"target description {source} has an unknown field '{unknown[0]}' "
+                          f"(PERFORMANCE.md lists the fields)")
+    values: dict[str, Any] = {}
+    for name, (typ, default) in SCHEMA.items():
         try:
-            import json
-
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def __getitem__(self, dotted: str) -> Any:
-        """A schema field's value (its default when the file leaves it out)."""
-        if dotted in self.values:
-            return self.values[dotted]
-        return _lookup(self.data, dotted)
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> NpuTarget:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise TargetError(f"target description file not found: {path}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise TargetError(f"target description {path} is not valid TOML: {e}") from None
-        return cls(data, str(path))
-
-    def with_fields(self, fields: dict[str, Any]) -> NpuTarget:
-        """A copy with some ``section.field`` values replaced (what-if studies, the fit, tests)."""
-        data = copy.deepcopy(self.data)
-        for dotted, value in fields.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        return type(self)(data, self.source)
-
-    # --- the cost model (targets/cost_model.py, targets/lowering.py) ---------------------------
-    @property
-    def params(self):
-        """The numbers the cost formulas use (:class:`edgefc.targets.cost_model.CostParams`)."""
-        if self._params is None:
-            from edgefc.targets.cost_model import CostParams
-
-            self._params = CostParams.from_target(self)
-        return self._params
-
-    @property
-    def geometry(self):
-        """The numbers the lowering uses (:class:`edgefc.targets.geometry.Geometry`)."""
-        if self._geometry is None:
-            from edgefc.targets.geometry import Geometry
-
-            self._geometry = Geometry.from_target(self)
-        return self._geometry
-
-    def lower(self, graph, precision: str = "as-built"):
-        """Graph -> :class:`edgefc.targets.program.Program` (commands and SRAM residency)."""
-        from edgefc.targets.lowering import lower
-
-        return lower(graph, self, precision)
-
-    def profile(self, graph, precision: str = "as-built", schedule: str = "overlap", model: str = ""):
-        """Lower and price ``graph``: a :class:`edgefc.targets.profile.Profile`."""
-        from edgefc.targets.profile import build_profile
-
-        return build_profile(self, graph, precision=precision, schedule=schedule, model=model)
-
-    def attention_commands(self, spec, tiling):
-        """The Program commands of one attention block (the same ones the graph lowering emits)."""
-        from edgefc.targets.attention_block import lower_attention
-
-        return lower_attention(spec, tiling, self.geometry)
-
-    def attention_cycles(self, spec, tiling) -> float:
-        """Cycles of one attention block under ``tiling``: every command of the block, priced by the
-        cost model (DMA of Q/K/V/output, the matmuls, the softmax, S_in/S_out spills when the tile
-        does not fit, hand-offs and dispatch) -- exactly what ``edgefc profile`` reports for it."""
-        from edgefc.targets.cost_model import op_cycles
-
-        return float(op_cycles(self.params, self.attention_commands(spec, tiling)))
-
-    def attention_sram_bytes(self, spec, tiling) -> int:
-        """SRAM working set of one tile of the block, padding included."""
-        from edgefc.targets.attention_block import attention_sram_bytes
-
-        return attention_sram_bytes(spec, tiling, self.geometry)
-
-    def write_artifacts(self, graph, out_dir, ctx, report) -> None:
-        """Called by ``edgefc compile``: write ``profile.json`` (the build priced as built) into the
-        build folder and add a ``profile`` summary to ``report``."""
-        from edgefc.targets.profile import build_profile
-
-        precision = "as-built"
-        prof = build_profile(self, graph, precision=precision, model=str(ctx.options.get("source_model") or ""))
-        prof.write_json(Path(out_dir) / "profile.json")
-        report["profile"] = {"file": "profile.json", "precision": precision, "total_ms": round(prof.total_ms, 6),
-                             "sram_peak_bytes": prof.program.sram_peak_bytes,
-                             "dma_bytes": prof.program.dma_bytes(), "macs": prof.program.macs()}
-        if "tvm" in (ctx.options.get("emit") or ()):  # --emit tvm: TVM lowering (targets/tvm_lowering.py)
-            from edgefc.targets.tvm_lowering import emit_tvm
-
-            emit_tvm(graph, out_dir, ctx, report, prof.program)
+            value = _lookup(data, name)
+        except KeyError:
+            if default is REQUIRED:
+                raise TargetError(f"target description {source} has no field '{name}'") from None
+            value = copy.deepcopy(default)
+        _check(name, typ, value, source)
+        values[name] = value
+    bad = [d for d in values["tensor.dtypes"] if d not in ELEMENT_TYPES]
+    if bad:
+        raise TargetError(f"target description {source}: field 'tensor.dtypes' has '{bad[0]}' "
+                          f"(element types: {', '.join(ELEMENT_TYPES)})")
+    if values["sram.reserve_bytes"] >= values["sram.bytes"]:
+        raise TargetError(f"target description {source}: field 'sram.reserve_bytes' must be less than "
+                          f"sram.bytes, got {values['sram.reserve_bytes']!r}")
+    if values["sram.weight_buffer_bytes"] >= values["sram.bytes"]:
+        raise TargetError(f"target description {source}: sram.weight_buffer_bytes must be smaller than "
+                          f"sram.bytes (the activations need the rest)")
+    return values

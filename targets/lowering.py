@@ -7,9 +7,10 @@ command (elements, passes of its class), an attention block its commands
 (``targets/attention_block.py``), a host op one host command; weights and spilled activations
 add DMA commands.
 
-Byte sizes come from each tensor's deployed type (``targets/deployed_types.py``): the graph's
-dtypes (``as-built``), where a tensor passing through QuantizeLinear/DequantizeLinear is priced
-at the quantized type; or a what-if precision (``fp32``, ``fp16``, ``w8a16``: INT8 weights, INT16
+Byte sizes come from each tensor's deployed type and tensor-engine rates from each op's precision
+(``edgefc/deployed_types.py``): as ``quantize`` decided them (``as-built``: the precision recorded on
+each op, the graph's dtypes, where a tensor passing through QuantizeLinear/DequantizeLinear is priced
+at the quantized type); or a what-if precision (``fp32``, ``fp16``, ``w8a16``: INT8 weights, INT16
 activations, INT32 biases; ``w8a8``: INT8 weights and activations, INT32 biases, as MLPerf Mobile
 runs its networks).
 
@@ -24,6 +25,7 @@ trip (the paper's Sec. 2.3 and Table 6).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import onnx_graphsurgeon as gs
@@ -34,16 +36,17 @@ from edgefc.attention import (
     spec_from_node,
     tiling_from_node,
 )
+from edgefc.deployed_types import DeployedTypes
+from edgefc.dtypes import DTYPE_BYTES as BYTES
 from edgefc.errors import BuildError
+from edgefc.precision import PRICINGS
 from edgefc.targets.attention_block import attention_io_bytes, attention_sram_bytes, lower_attention
 from edgefc.targets.blocks import block_of, component_of
-from edgefc.targets.deployed_types import DeployedTypes
-from edgefc.targets.geometry import BYTES, Geometry, contraction, pad, precision_key
-from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place
+from edgefc.targets.control_flow import CONTROL_FLOW, control_flow_commands, reads
+from edgefc.targets.description import Architecture
+from edgefc.targets.geometry import contraction, pad
+from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place, vector_passes
 from edgefc.targets.program import Command, OpInfo, Program
-
-PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
-
 
 # Producer -> consumer streaming (a two-op cascade, as Arm Vela's cascading): a tensor too big
 # for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
@@ -77,11 +80,11 @@ def _elements(t: gs.Tensor) -> int:
     return int(math.prod(s))
 
 
-def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
+def attention_spec(node: gs.Node, act_dtype: str, score_dtype: str = "") -> AttentionSpec:
     """AttentionSpec of an Attention / TiledAttention node (``edgefc.attention.spec_from_node``:
     the 3D form [B, S, H*d]; the 4D form [B, H, S, d] is read here too)."""
     try:
-        return spec_from_node(node, act_dtype)
+        return spec_from_node(node, act_dtype, score_dtype)
     except ValueError as e:
         shapes = [_shape(t) for t in node.inputs[:3]]
         causal = bool(int(node.attrs.get("is_causal", 0) or 0))
@@ -89,29 +92,30 @@ def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
         if len(shapes) == 3 and all(s is not None and len(s) == 4 for s in shapes):
             (b, h, sq, dk), k, v = shapes
             return AttentionSpec(name=node.name, batch=b, heads=h, q_len=sq, kv_len=k[2], head_dim=dk,
-                                 v_head_dim=v[3], act_dtype=act_dtype, causal=causal)
+                                 v_head_dim=v[3], act_dtype=act_dtype, causal=causal, score_dtype=score_dtype)
         if (len(shapes) == 3 and all(s is not None and len(s) == 3 for s in shapes) and heads > 0
                 and shapes[0][2] % heads == 0 and shapes[2][2] % heads == 0):
             # 3D form with a mask input (or another attribute the tiling solver does not take)
             (b, sq, width), k, v = shapes
             return AttentionSpec(name=node.name, batch=b, heads=heads, q_len=sq, kv_len=k[1], head_dim=width // heads,
-                                 v_head_dim=v[2] // heads, act_dtype=act_dtype, causal=causal)
+                                 v_head_dim=v[2] // heads, act_dtype=act_dtype, causal=causal,
+                                 score_dtype=score_dtype)
         raise BuildError(f"cannot lower attention '{node.name}': {e}") from None
 
 
-def lower(graph: gs.Graph, target, precision: str = "as-built") -> Program:
-    """Lower a (canonicalized, fused) graph to a Program for ``target`` at ``precision``."""
-    if precision not in PRECISION_CHOICES:
-        raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISION_CHOICES)})")
-    geo = Geometry.from_target(target)
-    prog = _Lowering(graph, geo, precision).run()
+def lower(graph: gs.Graph, arch: Architecture, precision: str = "as-built") -> Program:
+    """Lower a (canonicalized, fused) graph to a Program for the architecture ``arch`` at ``precision``."""
+    if precision not in PRICINGS:
+        raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRICINGS)})")
+    prog = _Lowering(graph, arch, precision).run()
     # Weights that fit in SRAM beside the activations stay there across inferences: loaded once
     # with the model (outside a timed inference, as MLPerf's steady-state latency measures it),
     # not streamed per op. The activations then get the SRAM the weights leave.
     total_w = prog.weight_bytes
-    if geo.resident_weights and 0 < total_w and total_w + prog.sram_peak_bytes <= geo.sram_bytes - geo.weight_buffer_bytes:
-        resident = _Lowering(graph, geo, precision, resident_weights=total_w).run()
-        if resident.sram_peak_bytes + total_w <= geo.sram_bytes - geo.weight_buffer_bytes:
+    room = arch.sram.activations
+    if arch.resident_weights and 0 < total_w and total_w + prog.sram_peak_bytes <= room:
+        resident = _Lowering(graph, arch, precision, resident_weights=total_w).run()
+        if resident.sram_peak_bytes + total_w <= room:
             return resident
     return prog
 
@@ -122,16 +126,17 @@ _NEVER = 1 << 62
 class _Lowering:
     """One pass over the nodes in order, emitting commands and deciding residency."""
 
-    def __init__(self, graph: gs.Graph, geo: Geometry, precision: str, resident_weights: int = 0):
-        self.graph, self.geo, self.precision = graph, geo, precision
+    def __init__(self, graph: gs.Graph, arch: Architecture, precision: str, resident_weights: int = 0):
+        self.graph, self.arch, self.precision = graph, arch, precision
         self.resident_weights = int(resident_weights)
         self.types = DeployedTypes(graph, precision)
         self.prog = Program(precision=precision, component=component_of(graph))
-        self.budget = geo.sram_bytes - geo.weight_buffer_bytes - self.resident_weights
+        self.budget = arch.sram.activations - self.resident_weights
         self.loops = 0
         self.io: dict[str, tuple[int, int]] = {}   # alias root -> (DRAM bytes, run) of attention operands
         self.size: dict[str, int] = {}
         self._names: dict[int, str] = {}
+        self.graph_outputs = frozenset(t.name for t in graph.outputs)
 
     def nm(self, node: gs.Node) -> str:
         """The node's name in the Program (``placement.node_names``)."""
@@ -139,7 +144,7 @@ class _Lowering:
 
     def classify(self, node: gs.Node, name: str) -> str:
         """The node's kind (``edgefc.targets.placement.place``), recorded in the Program."""
-        kind, reason = place(node, self.types, self.geo.dtypes)
+        kind, reason = place(node, self.types, self.arch.tensor.dtypes, self.arch.ops, self.graph_outputs)
         if kind == "attention":
             try:  # an attention the NPU block does not take (grouped heads, past key/value): the host runs it
                 attention_spec(node, "fp16")
@@ -168,16 +173,16 @@ class _Lowering:
         specs: dict[str, AttentionSpec] = {}
         for n, kind in zip(nodes, kinds):
             if kind == "attention":
-                spec = attention_spec(n, types.of(n.inputs[0]))
+                spec = attention_spec(n, *types.attention_types(n))
                 specs[self.nm(n)] = spec
-                io = attention_io_bytes(spec, self.geo)
+                io = attention_io_bytes(spec, self.arch)
                 for key, t in zip(("q", "k", "v", "out"), list(n.inputs[:3]) + [n.outputs[0]]):
                     self.io[types.find(t.name)] = (io[key][0], 0)
         pinned = set(self.io)
         uses: dict[str, list[int]] = {}
         for i, (n, kind) in enumerate(zip(nodes, kinds)):
             if kind != "none":
-                for t in n.inputs:
+                for t in reads(n):
                     if t is not None and t.name and not types.is_const(t):
                         uses.setdefault(types.find(t.name), []).append(i)
         graph_in = {types.find(t.name) for t in graph.inputs}
@@ -202,7 +207,7 @@ class _Lowering:
             prog.ops.append(info := OpInfo(self.nm(node), node.op, "tensor" if kind == "attention" else kind,
                                            block_of(self.nm(node))))
             act_in: list[str] = []
-            for t in node.inputs:
+            for t in reads(node):
                 if t is not None and t.name and not types.is_const(t):
                     r = types.find(t.name)
                     if r not in act_in:
@@ -225,17 +230,23 @@ class _Lowering:
                         in_dram.add(r)
                     why.setdefault(r, f"read from DRAM by {'the host' if kind == 'host' else 'attention'} op {self.nm(node)}")
                     resident.pop(r, None)
-                if kind == "host":
+                if kind == "host" and node.op in CONTROL_FLOW:
+                    # the host drives it; its body's commands are priced (targets/control_flow.py)
+                    cmds, note = control_flow_commands(node, self.nm(node), self.arch, self.precision, lower)
+                    prog.commands.extend(dataclasses.replace(c, loop=-1) for c in cmds)
+                    prog.host_reasons[self.nm(node)] = note
+                elif kind == "host":
                     prog.emit(Command("host", self.nm(node), node.op,
                                       elements=sum(_elements(t) for t in node.outputs if t is not None and t.name)))
                 else:
                     spec, tiling = specs[self.nm(node)], tiling_from_node(node)
                     built_g = granularity_from_node(node)
                     info.attention = (spec, tiling)
-                    need = min(attention_sram_bytes(spec, tiling, self.geo, built_g), self.geo.sram_bytes)
+                    limit = self.arch.sram.attention
+                    need = min(attention_sram_bytes(spec, tiling, self.arch, built_g), limit)
                     # the block's tiles take the SRAM they need: evict what is live, furthest use first
                     for r in sorted(resident, key=lambda r: -next_use(r, i)):
-                        if sum(resident.values()) + need <= self.geo.sram_bytes:
+                        if sum(resident.values()) + need <= limit:
                             break
                         if r not in in_dram:
                             self._dma("store", node, r, spill=True)
@@ -244,7 +255,7 @@ class _Lowering:
                         del resident[r]
                     for r in act_in[3:]:   # a mask input: read once from DRAM
                         self._dma("load", node, r, spill=False)
-                    prog.commands.extend(lower_attention(spec, tiling, self.geo, granularity=built_g, op=self.nm(node), op_type=node.op,
+                    prog.commands.extend(lower_attention(spec, tiling, self.arch, granularity=built_g, op=self.nm(node), op_type=node.op,
                                                          loop_base=self.loops))
                     self.loops += 1 << 20
                     peak = max(peak, sum(resident.values()) + need)
@@ -290,11 +301,11 @@ class _Lowering:
                 # in a cascade the op runs once per row stripe; weights that do not stay in the
                 # weight buffer are fetched again for every stripe
                 stripe = sum(self.size[r] for r in act_in if r in cascaded) + sum(self.size[r] for r in casc_out)
-                tiles = max(1, -(-stripe // max(self.budget, 1))) if wbytes > self.geo.weight_buffer_bytes else 1
+                tiles = max(1, -(-stripe // max(self.budget, 1))) if wbytes > self.arch.sram.weight_buffer else 1
                 prog.emit(Command("load", self.nm(node), node.op, tensor=f"{self.nm(node)}:weights", bytes=wbytes,
                                   repeat=int(tiles)))
             prog.emit(self.tensor_command(node) if kind == "tensor" else self.vector_command(node))
-            peak = max(peak, working_set() + (0 if self.resident_weights else min(wbytes, self.geo.weight_buffer_bytes)))
+            peak = max(peak, working_set() + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
             for r in act_in:
                 if r in streamed:
                     resident.pop(r, None)
@@ -331,7 +342,7 @@ class _Lowering:
         (Vela's cascading): only a stripe of ``r`` is ever in SRAM, and it never goes to DRAM."""
         if r in keep or node.op not in STREAM_PRODUCERS or not uses.get(r):
             return False
-        if not self.geo.cascade and (len(uses[r]) != 1 or any(kinds[k] != "none" for k in range(i + 1, uses[r][0]))):
+        if not self.arch.cascade and (len(uses[r]) != 1 or any(kinds[k] != "none" for k in range(i + 1, uses[r][0]))):
             return False   # without cascades: a two-op hand-off to the very next op only
         last = uses[r][-1]
         for k in range(i + 1, last + 1):
@@ -361,7 +372,7 @@ class _Lowering:
             shape = _shape(t)
             n = int(math.prod(shape)) if shape is not None else 1
             if node.op in TENSOR_OPS and idx == 2:
-                code = types.bias(t)
+                code = types.bias(node, t)
             elif node.op in TENSOR_OPS:
                 code = types.of(t)
             else:
@@ -375,7 +386,7 @@ class _Lowering:
     def tensor_command(self, node: gs.Node) -> Command:
         """MACs, padded MACs (rows to the row granularity, input and output channels to the
         channel granularity) and the output elements of a convolution or matmul."""
-        g, rg = self.geo.channel_granularity, self.geo.row_granularity
+        g, rg = self.arch.tensor.channel_granularity, self.arch.tensor.row_granularity
         types = self.types
         x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
         xs, ws_, ys = _shape(x), _shape(w), _shape(y)
@@ -408,7 +419,7 @@ class _Lowering:
             macs = batch * m * kk * n
             padded = batch * pad(m, rg) * pad(kk, g) * pad(n, g)
         return Command("tensor", self.nm(node), node.op, macs=int(macs), padded_macs=int(padded),
-                       out_elements=_elements(y), precision=precision_key(types.of(w), types.of(x)), dispatches=1)
+                       out_elements=_elements(y), precision=types.rate_key(node), dispatches=1)
 
     def vector_command(self, node: gs.Node) -> Command:
         if node.op in INPUT_SIZED:
@@ -418,4 +429,4 @@ class _Lowering:
         x = node.inputs[0] if node.op in INPUT_SIZED or not node.outputs else node.outputs[0]
         width = min(BYTES[self.types.of(x)], 4)
         return Command("vector", self.nm(node), node.op, elements=int(elements),
-                       passes=self.geo.vector_passes(node.op), dispatches=1, elem_bytes=width)
+                       passes=vector_passes(node, self.arch.vector.passes), dispatches=1, elem_bytes=width)

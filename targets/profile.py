@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from edgefc.errors import TargetError
 from edgefc.targets import profile_views as views
+from edgefc.targets.cost_model import SCHEDULES, command_cycles
+from edgefc.targets.lowering import lower
 from edgefc.targets.profile_views import validation_line
 from edgefc.targets.program import ENGINES, Program
 from edgefc.targets.table6 import attention_breakdown, role_cycles
@@ -29,7 +32,7 @@ class OpRow:
     op_type: str
     engine: str
     block: str
-    precision: str = ""       # tensor ops: the [tensor.rate] key their MACs were priced at
+    precision: str = ""       # tensor ops: the [tensor.rate] key their MACs were priced at ("a+b": an attention whose two matmuls run at two keys)
     macs: int = 0
     dma_bytes: int = 0
     cycles: float = 0.0
@@ -61,6 +64,8 @@ class Profile:
     attention_breakdown: dict | None = None
     ops: list[OpRow] = field(default_factory=list)
     validation: dict | None = None   # the target's validation figures (bench/fit_exynos2400.py)
+    warnings: list[str] = field(default_factory=list)   # what the pricing could not honour (edgefc profile)
+    reproducibility: dict | None = None  # how the profile (or its build) was made: versions, options, command
 
     def __post_init__(self):
         if not self.ops:
@@ -88,9 +93,10 @@ class Profile:
                 row.dma_bytes += c.total_bytes
             elif c.kind == "tensor":
                 row.macs += c.total_macs
-                if row.precision and row.precision != c.precision:
-                    raise ValueError(f"op {c.op} has tensor commands at two precisions ({row.precision}, {c.precision})")
-                row.precision = c.precision
+                # an attention whose S_out x V runs wider than its QK^T (W8A8 with INT16 scores)
+                # names both keys, QK^T first: "int8xint8+int8xint16"
+                if c.precision not in row.precision.split("+"):
+                    row.precision = f"{row.precision}+{c.precision}" if row.precision else c.precision
         total = self.total_cycles or 1.0
         for row in rows.values():
             row.ms = self.ms(row.cycles)
@@ -133,11 +139,14 @@ class Profile:
             "blocks_ms": {k: round(self.ms(v), 6) for k, v in self.by("block").items()},
             "op_types_ms": {k: round(self.ms(v), 6) for k, v in self.by("op_type").items()},
             "residency": self.residency(),
+            "host_ops": self.host_ops(),
             "attention_blocks": self.attention_blocks(),
             "ops": [r.as_dict() for r in self.ops],
             "attention_breakdown": self.attention_breakdown,
             "validation": self.validation,
             "validation_summary": validation_line(self.validation),
+            "warnings": list(self.warnings),
+            "reproducibility": self.reproducibility,
         }
 
     def residency(self) -> dict:
@@ -152,6 +161,28 @@ class Profile:
         out["tensors"] = [{"name": r, "bytes": int(b), "where": prog.residency[r], "reason": prog.reasons.get(r, "")}
                           for r, b in listed]
         return out
+
+    def host_ops(self) -> dict:
+        """The ops the host runs, grouped by op type: how many, their modelled time and share of
+        the total, and placement's reasons (``Program.host_reasons``) with how many ops each."""
+        groups: dict[str, dict] = {}
+        for r in self.ops:
+            if r.engine != "host":
+                continue
+            g = groups.setdefault(r.op_type, {"op_type": r.op_type, "count": 0, "cycles": 0.0, "reasons": {}})
+            g["count"] += 1
+            g["cycles"] += r.cycles
+            reason = self.program.host_reasons.get(r.name, "")
+            g["reasons"][reason] = g["reasons"].get(reason, 0) + 1
+        total = self.total_cycles or 1.0
+        rows = []
+        for g in sorted(groups.values(), key=lambda g: -g["cycles"]):
+            rows.append({"op_type": g["op_type"], "count": g["count"], "ms": round(self.ms(g["cycles"]), 6),
+                         "share": round(g["cycles"] / total, 4),
+                         "reasons": dict(sorted(g["reasons"].items(), key=lambda kv: -kv[1]))})
+        cycles = sum(g["cycles"] for g in groups.values())
+        return {"count": sum(g["count"] for g in groups.values()), "ms": round(self.ms(cycles), 6),
+                "share": round(cycles / total, 4), "by_op_type": rows}
 
     def attention_blocks(self) -> list[dict]:
         """Every attention op: its shape, tiling, SRAM working set and whether S_in/S_out spill."""
@@ -190,20 +221,16 @@ class Profile:
 
 def build_profile(target, graph, precision: str = "as-built", schedule: str = "overlap",
                   model: str = "") -> Profile:
-    """Lower ``graph`` for ``target`` at ``precision``, price every command, schedule them."""
-    from edgefc.targets.cost_model import SCHEDULES, command_cycles
-    from edgefc.targets.lowering import lower
-
+    """Lower ``graph`` for ``target`` (an :class:`~edgefc.targets.npu.NpuTarget`) at ``precision``,
+    price every command, schedule them."""
     if schedule not in SCHEDULES:
-        from edgefc.errors import TargetError
-
         raise TargetError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
-    program = lower(graph, target, precision)
-    p = target.params
-    cycles = [command_cycles(p, c) for c in program.commands]
-    tl = SCHEDULES[schedule]().run(program, cycles, p)
-    prof = Profile(target=target.name, clock_hz=p.clock_hz, program=program, cycles=cycles, starts=tl.starts,
+    arch = target.arch
+    program = lower(graph, arch, precision)
+    cycles = [command_cycles(arch, c) for c in program.commands]
+    tl = SCHEDULES[schedule]().run(program, cycles, arch)
+    prof = Profile(target=arch.name, clock_hz=arch.clock_hz, program=program, cycles=cycles, starts=tl.starts,
                    total_cycles=tl.total, idle=tl.idle, hidden=tl.hidden, schedule=schedule, model=model)
-    prof.attention_breakdown = attention_breakdown(target, program)
-    prof.validation = getattr(target, "validation", None)
+    prof.attention_breakdown = attention_breakdown(target, arch, program)
+    prof.validation = arch.validation
     return prof

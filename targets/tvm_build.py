@@ -18,27 +18,28 @@ import time
 from pathlib import Path
 
 from edgefc.errors import BuildError
+from edgefc.targets.description import Architecture
 
 LOCAL_TARGET = {"kind": "llvm"}
 
 
-def host_cpu(target) -> dict:
+def host_cpu(arch: Architecture) -> dict:
     """The phone's application CPU as a TVM target dict, from the target file's ``[host.cpu]``
     (``tag``, ``mtriple``, ``mcpu``, ``mattr``, ``num_cores``)."""
-    tag, triple = target["host.cpu.tag"], target["host.cpu.mtriple"]
-    if not tag or not triple:
-        raise BuildError(f"target '{target.name}' describes no host CPU ([host.cpu] tag and mtriple) to build for")
-    return {"tag": tag, "kind": "llvm", "mtriple": triple, "mcpu": target["host.cpu.mcpu"] or "generic",
-            "mattr": list(target["host.cpu.mattr"]), "num-cores": int(target["host.cpu.num_cores"]),
-            "keys": ["arm_cpu", "cpu"] if triple.startswith("aarch64") else ["cpu"]}
+    cpu = arch.host.cpu
+    if not cpu.tag or not cpu.mtriple:
+        raise BuildError(f"target '{arch.name}' describes no host CPU ([host.cpu] tag and mtriple) to build for")
+    return {"tag": cpu.tag, "kind": "llvm", "mtriple": cpu.mtriple, "mcpu": cpu.mcpu or "generic",
+            "mattr": list(cpu.mattr), "num-cores": int(cpu.num_cores),
+            "keys": ["arm_cpu", "cpu"] if cpu.mtriple.startswith("aarch64") else ["cpu"]}
 
 
-def phone_target(target):
+def phone_target(arch: Architecture):
     """The TVM target of the target file's host CPU, registered as its tag (idempotent)."""
     import tvm
     from tvm.target import tag as tags
 
-    cpu = host_cpu(target)
+    cpu = host_cpu(arch)
     if cpu["tag"] not in (tags.list_tags() or {}):
         tags.register_tag(cpu["tag"], {k: v for k, v in cpu.items() if k != "tag"}, override=True)
     return tvm.target.Target(cpu["tag"])
@@ -100,16 +101,17 @@ def _check_elf_aarch64(path: Path) -> None:
         raise BuildError(f"{path.name} is not an AArch64 ELF shared library")
 
 
-def write_build(lowering, out_dir: Path, target=None, *, aarch64: bool = True, progress=None) -> dict:
+def write_tvm_files(lowering, out_dir: Path, arch: Architecture | None = None, *, aarch64: bool = True,
+                    progress=None) -> dict:
     """Build and write ``host_local.so``, ``host_aarch64.so``, ``npu_programs.json``,
     ``host_params.bin`` and ``tvm.json`` into ``out_dir``; returns the ``report["tvm"]`` section.
-    ``target`` (its ``[host.cpu]``) is the phone CPU ``host_aarch64.so`` is built for."""
+    ``arch``'s ``[host.cpu]`` is the phone CPU ``host_aarch64.so`` is built for."""
     import tvm
 
     out_dir = Path(out_dir)
     seconds = dict(lowering.seconds)
     cross = find_cross_linker() if aarch64 else None
-    cpu = host_cpu(target) if aarch64 else None
+    cpu = host_cpu(arch) if aarch64 else None
     t0 = time.perf_counter()
     if progress:
         progress("tvm: build for this machine (llvm)")
@@ -120,7 +122,7 @@ def write_build(lowering, out_dir: Path, target=None, *, aarch64: bool = True, p
         t0 = time.perf_counter()
         if progress:
             progress(f"tvm: cross-compile for {cpu['tag']}")
-        ex_arm = build(lowering, phone_target(target))
+        ex_arm = build(lowering, phone_target(arch))
         with tempfile.TemporaryDirectory(prefix="edgefc-tvm-") as work:
             ex_arm.export_library(str(out_dir / "host_aarch64.so"), fcompile=_cross_compile_fn(cross), workspace_dir=work)
         _check_elf_aarch64(out_dir / "host_aarch64.so")

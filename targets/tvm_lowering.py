@@ -38,7 +38,7 @@ import onnx
 
 from edgefc.errors import BuildError
 from edgefc.targets import tvm_codegen, tvm_import, tvm_node_stamps
-from edgefc.targets.tvm_build import find_cross_linker, write_build
+from edgefc.targets.tvm_build import find_cross_linker, write_tvm_files
 from edgefc.targets.tvm_kernels import kernel_rejects
 from edgefc.targets.tvm_patterns import PREFIX, pattern_table, placement_check
 
@@ -302,9 +302,9 @@ def lower(model: onnx.ModelProto, program, progress=None, consume: bool = False)
     return Lowering(mod, programs, params, inputs, outputs, partition, seconds)
 
 
-def emit_tvm(graph, out_dir, ctx, report, program) -> None:
+def emit_tvm(graph, out_dir, ctx, report, program, arch) -> None:
     """``--emit tvm``: lower the compiled ``graph`` by its ``program`` (the one ``profile.json``
-    prices) and write the TVM build into ``out_dir``.
+    prices) and write the TVM build into ``out_dir``, the phone library for ``arch``'s host CPU.
 
     Adds ``report["partition"]`` (and ``ctx.report["partition"]``) and ``report["tvm"]``.
     """
@@ -316,4 +316,4 @@ def emit_tvm(graph, out_dir, ctx, report, program) -> None:
     find_cross_linker()  # no linker: fail before any work
     lowering = lower(ir.to_model(graph), program, progress=progress, consume=True)
     report["partition"] = ctx.report["partition"] = lowering.partition
-    report["tvm"] = write_build(lowering, Path(out_dir), ctx.target, progress=progress)
+    report["tvm"] = write_tvm_files(lowering, Path(out_dir), arch, progress=progress)

@@ -6,7 +6,7 @@ fit), with round numbers instead of fitted ones. Not the real target: the tests 
 from __future__ import annotations
 
 from edgefc.attention import AttentionSpec, Tiling, heads_per_tile, tile_rows
-from edgefc.target import Target
+from edgefc.target import SramBudget, Target
 
 
 def _pad(n: int, g: int) -> int:
@@ -23,13 +23,13 @@ class FakeNpu(Target):
 
     name = "fake-npu"
     is_npu = True
+    has_cost_model = True
 
     def __init__(self, sram_bytes: int = 6 << 20, *, row_granularity: int = 16, channel_granularity: int = 64,
                  macs_per_cycle: int = 8192, lanes: int = 128, dram_bytes_per_cycle: float = 24.0,
                  dma_latency: float = 600.0, handoff: float = 3000.0, bank_bytes: int = 0,
                  bank_cycles_per_byte: float = 0.0, clock_hz: float = 1.2e9, reserve_bytes: int | None = None):
-        self.sram_bytes = sram_bytes
-        self.sram_reserve_bytes = sram_bytes // 16 if reserve_bytes is None else reserve_bytes
+        self.sram = SramBudget(sram_bytes, 0, sram_bytes // 16 if reserve_bytes is None else reserve_bytes)
         self.row_granularity = row_granularity
         self.cg = channel_granularity
         self.macs, self.lanes, self.bw, self.lat = macs_per_cycle, lanes, dram_bytes_per_cycle, dma_latency
@@ -56,7 +56,7 @@ class FakeNpu(Target):
         rows, hp, dk, dv, kv = self._dims(spec, tiling)
         a, b = spec.act_bytes, spec.batch
         s_bytes = b * a * hp * rows * kv
-        spill = self.attention_sram_bytes(spec, tiling) > self.sram_bytes
+        spill = self.attention_sram_bytes(spec, tiling) > self.sram.total
         self.calls -= 1
         per_tile = (self._dma(b * a * rows * hp * dk)                      # load Q tile
                     + b * rows * hp * kv * dk / self.macs                  # Q x K^T

@@ -15,7 +15,7 @@ from edgefc.attention import AttentionSpec, Tiling
 from edgefc.errors import TargetError
 from edgefc.targets import TARGET_DIR
 from edgefc.targets.cost_model import Schedule, Timeline, command_cycles, dma_cycles, op_cycles
-from edgefc.targets.description import NpuTarget
+from edgefc.targets.npu import NpuTarget
 from edgefc.targets.program import ATTENTION_ROLES
 from edgefc.targets.table6 import role_cycles
 from tests import npu_graphs
@@ -62,26 +62,26 @@ def test_one_matmul_matches_hand_computed_cycles(target):
     assert mm.macs == m * k * n and mm.padded_macs == padded and mm.precision == "fp16"
     by_hand = (padded / (num("tensor.macs_per_cycle") * num("tensor.rate.fp16") * num("tensor.efficiency"))
                + m * n / num("tensor.output_elements_per_cycle"))
-    assert command_cycles(target.params, mm) == pytest.approx(by_hand, rel=1e-12)
+    assert command_cycles(target.arch, mm) == pytest.approx(by_hand, rel=1e-12)
     # its DMA: x in, weights in, y out, at fp16
     loads = {c.tensor: c.bytes for c in prog.commands if c.kind == "load"}
     assert loads == {"x": m * k * 2, "mm:weights": k * n * 2}
     assert [c.bytes for c in prog.commands if c.kind == "store"] == [m * n * 2]
     # the op: its commands back to back, at least one dispatch
     work = by_hand + dma_by_hand(m * k * 2) + dma_by_hand(k * n * 2) + dma_by_hand(m * n * 2)
-    assert op_cycles(target.params, prog.commands) == pytest.approx(max(work, num("dispatch.cycles")), rel=1e-12)
+    assert op_cycles(target.arch, prog.commands) == pytest.approx(max(work, num("dispatch.cycles")), rel=1e-12)
 
 
 @pytest.mark.parametrize("nbytes,run", [(1 << 20, 0), (3_000_000, 0), (1 << 20, 80), (4096, 4096)])
 def test_one_dma_matches_hand_computed_cycles(target, nbytes, run):
-    assert dma_cycles(target.params, nbytes, run) == pytest.approx(dma_by_hand(nbytes, run), rel=1e-12)
+    assert dma_cycles(target.arch, nbytes, run) == pytest.approx(dma_by_hand(nbytes, run), rel=1e-12)
 
 
 def test_dma_of_a_graph_input_is_its_bytes(target):
     prog = target.lower(graph_of(npu_graphs.softmax_model(64, 1000)), "fp16")
     (load,) = [c for c in prog.commands if c.kind == "load"]
     assert load.bytes == 64 * 1000 * 2
-    assert command_cycles(target.params, load) == pytest.approx(dma_by_hand(64 * 1000 * 2))
+    assert command_cycles(target.arch, load) == pytest.approx(dma_by_hand(64 * 1000 * 2))
 
 
 def test_one_softmax_matches_hand_computed_cycles(target):
@@ -91,7 +91,7 @@ def test_one_softmax_matches_hand_computed_cycles(target):
     per_elem = sum(num(f"vector.cycles_per_element.{c}") for c in ("max", "arith", "exp", "reduce", "divide"))
     by_hand = rows * cols * per_elem / num("vector.lanes")
     assert sm.elements == rows * cols
-    assert command_cycles(target.params, sm) == pytest.approx(by_hand, rel=1e-12)
+    assert command_cycles(target.arch, sm) == pytest.approx(by_hand, rel=1e-12)
 
 
 def test_channel_padding_to_the_engine_granularity(target):
@@ -139,7 +139,7 @@ DMA_ROWS = ("load_qk", "store_s_in", "load_s_in", "store_s_out", "load_s_out_v",
 def test_dram_bandwidth_moves_every_dma_row_together(target):
     base = target.with_fields({"dma.latency_cycles": 0.0})
     fast = base.with_fields({"dma.bandwidth_bytes_per_s": 2 * num("dma.bandwidth_bytes_per_s")})
-    a, b = role_cycles(base, BLOCK, Tiling(1, 1)), role_cycles(fast, BLOCK, Tiling(1, 1))
+    a, b = role_cycles(base.arch, BLOCK, Tiling(1, 1)), role_cycles(fast.arch, BLOCK, Tiling(1, 1))
     for row in DMA_ROWS:
         assert b[row] == pytest.approx(a[row] / 2, rel=1e-12), row
     for row in ("qk_matmul", "softmax", "sv_matmul"):
@@ -149,7 +149,7 @@ def test_dram_bandwidth_moves_every_dma_row_together(target):
 def test_mac_rate_moves_both_matmul_rows_together(target):
     base = target.with_fields({"tensor.output_elements_per_cycle": 1e30, "handoff.cycles": 0.0, "dispatch.cycles": 0.0})
     fast = base.with_fields({"tensor.macs_per_cycle": 3 * num("tensor.macs_per_cycle")})
-    a, b = role_cycles(base, BLOCK, Tiling(1, 1)), role_cycles(fast, BLOCK, Tiling(1, 1))
+    a, b = role_cycles(base.arch, BLOCK, Tiling(1, 1)), role_cycles(fast.arch, BLOCK, Tiling(1, 1))
     for row in ("qk_matmul", "sv_matmul"):
         assert b[row] == pytest.approx(a[row] / 3, rel=1e-9), row
     for row in DMA_ROWS + ("softmax",):
@@ -157,11 +157,11 @@ def test_mac_rate_moves_both_matmul_rows_together(target):
 
 
 def test_breakdown_rows_sum_to_100_untiled_and_less_tiled(target):
-    untiled = role_cycles(target, BLOCK, Tiling(1, 1))
+    untiled = role_cycles(target.arch, BLOCK, Tiling(1, 1))
     total = sum(untiled.values())
     assert set(untiled) == set(ATTENTION_ROLES)
     assert all(untiled[r] > 0 for r in ATTENTION_ROLES)          # it spills: every row is there
-    tiled = role_cycles(target, BLOCK, Tiling(16, 8))
+    tiled = role_cycles(target.arch, BLOCK, Tiling(16, 8))
     assert tiled["store_s_in"] == tiled["load_s_in"] == tiled["store_s_out"] == 0.0
     assert sum(tiled.values()) < 0.5 * total
     # per-tile hand-offs: the compute rows grow with the tiles, the shared bytes do not
@@ -174,8 +174,8 @@ def test_v_and_out_transfers_cost_more_per_byte_than_q_and_k(target):
     cmds = target.attention_commands(BLOCK, Tiling(1, 1))
     by = {c.tensor.split(":")[1]: c for c in cmds if c.kind in ("load", "store")}
     assert by["Q"].bytes == by["K"].bytes == by["V"].bytes == by["A"].bytes == 8 * 4096 * 64 * 2
-    p = target.params
-    assert dma_cycles(p, by["V"].bytes, by["V"].run_bytes) > 1.5 * dma_cycles(p, by["Q"].bytes, by["Q"].run_bytes)
+    a = target.arch
+    assert dma_cycles(a, by["V"].bytes, by["V"].run_bytes) > 1.5 * dma_cycles(a, by["Q"].bytes, by["Q"].run_bytes)
 
 
 # --- the attention block, as the MLT solver sees it and as the profile reports it -------------
@@ -197,8 +197,8 @@ def test_attention_with_a_mask_input_is_priced_with_the_mask_read(target):
     spec = AttentionSpec("attn", 1, 4, 256, 256, 40, 40, "fp16")
     mask_load = next(c for c in prof.program.commands if c.op == "attn" and c.tensor == "mask")
     assert mask_load.bytes == 256 * 256 * 2
-    block = sum(command_cycles(target.params, c) for c in target.attention_commands(spec, Tiling(1, 1)))
-    mask = dma_cycles(target.params, 256 * 256 * 2)
+    block = sum(command_cycles(target.arch, c) for c in target.attention_commands(spec, Tiling(1, 1)))
+    mask = dma_cycles(target.arch, 256 * 256 * 2)
     # the mask is made on the NPU (a vector op), so the block stores it to DRAM and reads it back
     stores = [c for c in prof.program.commands if c.op == "attn" and c.tensor == "mask" and c.kind == "store"]
     assert len(stores) == 1
@@ -209,7 +209,7 @@ def test_attention_spills_exactly_when_the_tile_does_not_fit(target):
     spec = AttentionSpec("a", 1, 8, 1024, 1024, 40, 40, "int16")
     big = target.attention_sram_bytes(spec, Tiling(1, 1))
     small = target.attention_sram_bytes(spec, Tiling(8, 8))
-    assert small < target.sram_bytes < big
+    assert small < target.sram.total < big
     spills = lambda t: any(c.role in ("store_s_in", "store_s_out") for c in target.attention_commands(spec, t))
     assert spills(Tiling(1, 1)) and not spills(Tiling(8, 8))
     roomy = target.with_fields({"sram.bytes": big})
@@ -312,7 +312,7 @@ def test_precision_changes_throughput(target):
 def test_rates_never_rise_with_precision(name):
     """A wider operand never runs faster: INT8 >= INT8xINT16 >= INT16xINT16, FP16 >= FP32."""
     r = edgefc.get_target(name)
-    rate = {k: r[f"tensor.rate.{k}"] for k in ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")}
+    rate = dict(r.arch.tensor.rate)
     assert rate["int8xint8"] >= rate["int8xint16"] >= rate["int16xint16"] and rate["fp16"] >= rate["fp32"]
 
 
@@ -340,15 +340,15 @@ def test_dispatch_is_a_floor_per_op(target):
 def test_overlap_takes_the_max_of_compute_and_transfers_plus_the_exposed_latency(target):
     """The default schedule: an op's DMA (weights, streamed activations) runs beside its compute
     (double buffering): max(first latency + compute, transfers), not their sum (Vela)."""
-    p = target.params
+    a = target.arch
     for cout in (64, 1024):       # compute-bound and transfer-bound convolutions
         g = graph_of(npu_graphs.conv_model(256, cout, 8 if cout > 64 else 64, 3))
         ov = target.profile(g, "w8a16")
         sq = target.profile(g, "w8a16", schedule="sequential")
         assert ov.schedule == "overlap" and ov.total_cycles < sq.total_cycles
         conv = [c for c in ov.program.commands if c.op == "conv"]
-        compute = sum(command_cycles(p, c) for c in conv if c.kind == "tensor")
-        dma = sum(command_cycles(p, c) for c in conv if c.kind in ("load", "store"))
+        compute = sum(command_cycles(a, c) for c in conv if c.kind == "tensor")
+        dma = sum(command_cycles(a, c) for c in conv if c.kind in ("load", "store"))
         want = max(num("dma.latency_cycles") + compute, dma)
         row = next(r for r in ov.ops if r.name == "conv")
         assert row.cycles == pytest.approx(max(want, num("dispatch.cycles")), rel=1e-12)
@@ -368,7 +368,7 @@ def test_weights_that_fit_stay_resident():
     """With sram.resident_weights, a model whose weights fit beside its activations loads no
     weights per op (they stay in SRAM across inferences); one whose weights do not streams them."""
     t = edgefc.get_target("exynos2400")
-    assert t["sram.resident_weights"] is True
+    assert t.arch.resident_weights is True
     small = t.lower(graph_of(npu_graphs.conv_model(64, 128, 32, 3)), "w8a8")
     assert not [c for c in small.commands if c.tensor.endswith(":weights")]
     assert small.resident_weight_bytes == small.weight_bytes == 64 * 128 * 9 + 128 * 4
@@ -474,14 +474,14 @@ def test_optional_fields_take_their_documented_defaults(tmp_path):
         assert line in text
         text = text.replace(line, "")
     t = NpuTarget.from_toml(_write(tmp_path, text))
-    assert t.sram_reserve_bytes == 0 and t["handoff.per_matmul"] == 1 and t["handoff.per_softmax"] == 2
-    assert t["tensor.dtypes"] == ["fp32", "fp16", "int16", "int8"]
+    assert t.sram.reserve == 0 and t.arch.handoff.per_matmul == 1 and t.arch.handoff.per_softmax == 2
+    assert t.arch.tensor.dtypes == ("fp32", "fp16", "int16", "int8")
 
 
 def test_the_reserve_and_granularity_come_from_the_target_file(target):
     from edgefc import tile_solver
 
-    assert tile_solver.sram_reserve(target) == int(TOML["sram"]["reserve_bytes"])
+    assert target.sram.reserve == int(TOML["sram"]["reserve_bytes"])
     assert tile_solver.default_budget(target) == TOML["sram"]["bytes"] - TOML["sram"]["reserve_bytes"]
     assert edgefc.attention.row_granularity(target) == TOML["tensor"]["row_granularity"]
     bigger = target.with_fields({"sram.reserve_bytes": 1 << 20, "tensor.row_granularity": 32})
@@ -509,9 +509,9 @@ def test_attention_is_priced_at_the_rate_key_of_its_dtype(target, dtype, key):
     # the rate of that key, and no other, moves the matmuls' cycles
     slower = target.with_fields({f"tensor.rate.{key}": TOML["tensor"]["rate"][key] / 2})
     others = target.with_fields({f"tensor.rate.{k}": v / 2 for k, v in TOML["tensor"]["rate"].items() if k != key})
-    base = [command_cycles(target.params, c) for c in mm]
-    assert [command_cycles(slower.params, c) for c in mm] != base
-    assert [command_cycles(others.params, c) for c in mm] == base
+    base = [command_cycles(target.arch, c) for c in mm]
+    assert [command_cycles(slower.arch, c) for c in mm] != base
+    assert [command_cycles(others.arch, c) for c in mm] == base
 
 
 def test_fp16_and_int16_attention_differ_only_in_rate(target):
@@ -543,10 +543,10 @@ def test_table6_is_pinned_and_within_the_paper(target):
 
     sol = tile_solver.solve(BLOCK, target, tile_solver.default_budget(target), target.row_granularity)
     assert sol.tiling == Tiling(16, 8)
-    untiled = role_cycles(target, BLOCK, Tiling(1, 1))
+    untiled = role_cycles(target.arch, BLOCK, Tiling(1, 1))
     total = sum(untiled.values())
     rows = {k: 100 * v / total for k, v in untiled.items()}
-    rows_mlt = {k: 100 * v / total for k, v in role_cycles(target, BLOCK, sol.tiling).items()}
+    rows_mlt = {k: 100 * v / total for k, v in role_cycles(target.arch, BLOCK, sol.tiling).items()}
     assert rows == pytest.approx(TABLE6_PINNED["rows"], abs=5e-4)
     assert rows_mlt == pytest.approx(TABLE6_PINNED["rows_mlt"], abs=5e-4)
     for k, (wo, w) in TABLE6_PAPER.items():

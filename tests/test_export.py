@@ -346,7 +346,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
 def test_output_folder_is_a_file(tmp_path, capfd):
     (tmp_path / "f").write_text("x")
     code, err = _cli(["export", "unet", "--scale", "tiny", "-o", str(tmp_path / "f" / "m.onnx")], capfd)
-    _assert_user_error(code, err, ["cannot write in output folder"], tmp_path / "nothing")
+    _assert_user_error(code, err, ["is a file, not a folder"], tmp_path / "nothing")
     assert (tmp_path / "f").read_text() == "x"
 
 

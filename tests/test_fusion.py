@@ -383,7 +383,8 @@ def test_edgefc_function_bodies_are_exact():
     rng = np.random.default_rng(0)
     erf = np.vectorize(math.erf)
     acts = {"none": lambda z: z, "gelu": lambda z: 0.5 * z * (1 + erf(z / math.sqrt(2))),
-            "silu": lambda z: z / (1 + np.exp(-z))}
+            "silu": lambda z: z / (1 + np.exp(-z)), "clip": lambda z: np.clip(z, -0.5, 0.5)}
+    bounds = {"clip": {"clip_min": -0.5, "clip_max": 0.5}}
     x, r = gs.Variable("x", np.float32, [1, 8, 16]), gs.Variable("r", np.float32, [1, 8, 6])
     img, rimg = gs.Variable("img", np.float32, [1, 4, 5, 5]), gs.Variable("rimg", np.float32, [1, 6, 5, 5])
     w, b = rng.standard_normal((16, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
@@ -398,9 +399,9 @@ def test_edgefc_function_bodies_are_exact():
             y1 = gs.Variable(f"mm_{act}_{res}", np.float32, [1, 8, 6])
             y2 = gs.Variable(f"cv_{act}_{res}", np.float32, [1, 6, 5, 5])
             nodes.append(functions.make_node("FusedMatMul", mm_in + [r] * res, [y1], name=f"mm_{act}_{res}",
-                                             attrs={"activation": act}))
+                                             attrs={"activation": act, **bounds.get(act, {})}))
             nodes.append(functions.make_node("FusedConv", cv_in + [rimg] * res, [y2], name=f"cv_{act}_{res}",
-                                             attrs={"activation": act, **conv_attrs}))
+                                             attrs={"activation": act, **conv_attrs, **bounds.get(act, {})}))
             outs += [y1, y2]
     gn, ge = gs.Variable("gn", np.float32, [1, 4, 5, 5]), gs.Variable("ge", np.float32, [1, 8, 8])
     nodes.append(functions.make_node("GroupNormSiLU", [img, gs.Constant("g", gamma), gs.Constant("be", beta)], [gn],

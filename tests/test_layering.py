@@ -1,5 +1,6 @@
 """The layering of DESIGN.md as a checked contract: ``.ci/lint-imports`` (import-linter over the
-installed package layout) passes on this tree and fails, naming the import, when a layer is broken."""
+installed package layout) passes on this tree and fails, naming the import, when a layer is broken
+or when an import cycle appears anywhere in the package."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACTS = ("core never imports passes, targets, models or the CLI",
              "passes never import targets, models or the CLI",
              "targets never import passes, models or the CLI",
-             "nothing but the CLI imports the CLI")
+             "nothing but the CLI imports the CLI",
+             "no import cycles")
 
 
 def _lint(repo: Path) -> tuple[int, str]:
@@ -39,11 +43,16 @@ def test_this_tree_keeps_every_layering_contract():
     assert files == sum(1 for d in ("edgefc", "passes", "targets", "models") for _ in (ROOT / d).rglob("*.py")), out
 
 
-def test_a_deliberate_violation_breaks_the_contracts(tmp_path):
+def _copy(tmp_path) -> Path:
     repo = tmp_path / "repo"
     for d in ("edgefc", "passes", "targets", "models"):
         shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
+    return repo
+
+
+def test_a_deliberate_violation_breaks_the_contracts(tmp_path):
+    repo = _copy(tmp_path)
     # the core reaching for the CLI, and a pass reaching for a target module
     (repo / "edgefc" / "layering_demo.py").write_text('"""A deliberate violation."""\n\nimport edgefc.cli\n')
     (repo / "passes" / "layering_demo.py").write_text(
@@ -51,9 +60,27 @@ def test_a_deliberate_violation_breaks_the_contracts(tmp_path):
     rc, out = _lint(repo)
     assert rc == 1, out
     assert _verdicts(out) == {CONTRACTS[0]: "BROKEN", CONTRACTS[1]: "BROKEN", CONTRACTS[2]: "KEPT",
-                              CONTRACTS[3]: "BROKEN"}, out
+                              CONTRACTS[3]: "BROKEN", CONTRACTS[4]: "KEPT"}, out
     assert "edgefc.layering_demo -> edgefc.cli (l.3)" in out, out
     assert "edgefc.passes.layering_demo -> edgefc.targets.cost_model (l.3)" in out, out
+
+
+@pytest.mark.parametrize("where", ["targets", "core"])
+def test_a_deliberate_import_cycle_breaks_the_acyclic_contract(tmp_path, where):
+    """A cycle inside one package (the cost model importing the target facade that imports it),
+    or one through a function-level import in the core, fails the "no import cycles" contract and
+    names an import that would break it; every layering contract still holds."""
+    repo = _copy(tmp_path)
+    if where == "targets":
+        path, line = repo / "targets" / "cost_model.py", "from edgefc.targets import npu  # noqa: F401\n"
+    else:
+        path, line = repo / "edgefc" / "errors.py", "def _f():\n    from edgefc import ir  # noqa: F401\n"
+    path.write_text(path.read_text() + "\n" + line)
+    rc, out = _lint(repo)
+    assert rc == 1, out
+    assert _verdicts(out) == {**{c: "KEPT" for c in CONTRACTS[:4]}, CONTRACTS[4]: "BROKEN"}, out
+    assert "could be made acyclic by removing" in out, out
+    assert ("No cycles are allowed in edgefc.targets" if where == "targets" else "No cycles are allowed in edgefc.\n") in out, out
 
 
 def test_bench_scripts_do_not_import_the_cli():

@@ -159,9 +159,9 @@ def test_onnx_body_builds_the_tiles_the_cost_model_prices(b, sq, skv, heads, dk,
     grid = tile_grid(sq, heads, tiling, g)
     inlined = onnx.inliner.inline_local_functions(model)
     (loop,) = [n for n in inlined.graph.node if n.op_type == "Loop"]
-    inlined.graph.output.append(helper.make_tensor_value_info(loop.output[0], TensorProto.FLOAT, None))
+    inlined.graph.output.append(helper.make_tensor_value_info(loop.output[-1], TensorProto.FLOAT, None))  # the scan output
     out = ort.run(inlined, {"Q": q, "K": k, "V": v})
-    assert out[loop.output[0]].shape == (grid.tiles, b, grid.heads, grid.rows, dv)
+    assert out[loop.output[-1]].shape == (grid.tiles, b, grid.heads, grid.rows, dv)
     assert np.abs(out["Y"] - tiled_attention.reference_attention(q, k, v, heads, 0.3, bool(causal))).max() <= 1e-5
     # the Program prices those tiles (rows padded to the target's granularity, real MACs exact)
     target = edgefc.get_target("exynos2400")
@@ -172,7 +172,7 @@ def test_onnx_body_builds_the_tiles_the_cost_model_prices(b, sq, skv, heads, dk,
     keys = [min(r1, skv) if causal and grid.row_tiles > 1 else skv for _, r1 in grid.row_bounds()]
     real = [r1 - r0 for r0, r1 in grid.row_bounds()]
     assert sum(c.total_macs for c in qk) == b * heads * dk * sum(r * k for r, k in zip(real, keys))
-    rg, cg = target.row_granularity, int(target["tensor.channel_granularity"])
+    rg, cg = target.row_granularity, target.arch.tensor.channel_granularity
     pad = lambda n, m: -(-n // m) * m
     assert {c.padded_macs for c in qk} == {grid.heads * pad(grid.rows, rg) * pad(k, cg) * pad(dk, cg) for k in keys}
 
@@ -273,11 +273,14 @@ def test_no_mlt_and_targets_without_cost_model(transformer):
     res = compile_fake(transformer, no_mlt=True)
     assert res.report["tiling"]["skipped"] == "disabled by --no-mlt"
     assert not any(n.op == "TiledAttention" for n in res.graph.nodes)
-    cpu = edgefc.Target()
+    class Cpu(edgefc.Target):
+        name = "cpu"
+
+    cpu = Cpu()
     assert edgefc.compile(transformer, None, passes=["mlt"]).report["tiling"]["skipped"] == "no NPU target"
     assert edgefc.compile(transformer, cpu, passes=["mlt"]).report["tiling"]["skipped"] == "no NPU target"
     bare = FakeNpu()
-    bare.attention_cycles = None
+    bare.has_cost_model = False
     assert "no attention cost model" in compile_fake(transformer, bare).report["tiling"]["skipped"]
 
 
@@ -317,20 +320,48 @@ def test_build_folder_keeps_the_tiled_model(transformer, tmp_path):
 def test_deployed_activation_dtype():
     import onnx_graphsurgeon as gs
 
+    from edgefc import precision
+    from edgefc.deployed_types import DeployedTypes
+
     x16 = gs.Variable("x16", dtype=np.int16, shape=[1])
     dq_out = gs.Variable("dq", dtype=np.float32, shape=[1])
-    gs.Node("DequantizeLinear", inputs=[x16, gs.Constant("s", np.ones(1, np.float32))], outputs=[dq_out])
-    assert mlt.deployed_act_dtype(dq_out) == "int16"
-    assert mlt.deployed_act_dtype(gs.Variable("h", dtype=np.float16, shape=[1])) == "fp16"
+    h = gs.Variable("h", dtype=np.float16, shape=[1])
     f32 = gs.Variable("f", dtype=np.float32, shape=[1])
-    assert mlt.deployed_act_dtype(f32) == "fp32" and mlt.deployed_act_dtype(f32, "w8a16") == "int16"
-    assert mlt.deployed_act_dtype(f32, "fp16") == "fp16"
     # A float tensor quantized by a consumer QuantizeLinear, seen through a Reshape.
     mm, r, q = (gs.Variable("mm", dtype=np.float32, shape=[1, 4]), gs.Variable("r", dtype=np.float32, shape=[4]),
                 gs.Variable("q", dtype=np.int16, shape=[4]))
-    gs.Node("Reshape", inputs=[mm, gs.Constant("shp", np.array([4], np.int64))], outputs=[r])
-    gs.Node("QuantizeLinear", inputs=[r, gs.Constant("s2", np.ones(1, np.float32))], outputs=[q])
-    assert mlt.deployed_act_dtype(mm) == "int16"
+    nodes = [gs.Node("DequantizeLinear", inputs=[x16, gs.Constant("s", np.ones(1, np.float32))], outputs=[dq_out]),
+             gs.Node("Reshape", inputs=[mm, gs.Constant("shp", np.array([4], np.int64))], outputs=[r]),
+             gs.Node("QuantizeLinear", inputs=[r, gs.Constant("s2", np.ones(1, np.float32))], outputs=[q])]
+    g = gs.Graph(nodes=nodes, inputs=[x16, h, f32, mm], outputs=[dq_out, q])
+    built = DeployedTypes(g)
+    assert built.of(dq_out) == "int16" and built.of(h) == "fp16" and built.of(f32) == "fp32" and built.of(mm) == "int16"
+    assert DeployedTypes(g, "w8a16").of(f32) == "int16" and DeployedTypes(g, "fp16").of(f32) == "fp16"
+    # mlt sizes an attention by its recorded precision when quantize recorded one, else by Q's stored type
+    q3, k3, v3, o3 = (gs.Variable(n, dtype=np.float32, shape=[1, 8, 16]) for n in "qkvo")
+    att = gs.Node("Attention", inputs=[q3, k3, v3], outputs=[o3], attrs={"q_num_heads": 2, "kv_num_heads": 2})
+    ga = gs.Graph(nodes=[att], inputs=[q3, k3, v3], outputs=[o3])
+    assert mlt.attention_types(ga).attention_act_type(att) == "fp32"
+    assert mlt.attention_types(ga, "w8a8").attention_act_type(att) == "int8"   # what-if: nothing recorded
+    precision.set_op_precision(att, "fp16")
+    assert mlt.attention_types(ga, "w8a16").attention_act_type(att) == "fp16"  # the record wins
+
+
+def test_tiled_attention_keeps_the_precision_record(transformer):
+    """A TiledAttention carries the precision quantize recorded on the Attention it replaces, and
+    the solver sizes it at that precision (FP16 here, though the graph's tensors are FP32)."""
+    from edgefc import precision
+    from edgefc.pass_base import PassContext
+
+    g = edgefc.compile(transformer, None, passes=["canonicalize"]).graph
+    for n in g.nodes:
+        if n.op == "Attention":
+            precision.set_op_precision(n, "fp16")
+    ctx = PassContext(target=FakeNpu(sram_bytes=256 << 10))
+    out = edgefc.get_pass("mlt")(g, ctx)
+    tiled = [n for n in out.nodes if n.op == "TiledAttention"]
+    assert tiled and all(precision.op_precision(n) == "fp16" for n in tiled)
+    assert {b["spec"]["act_dtype"] for b in ctx.report["tiling"]["blocks"]} == {"fp16"}
 
 
 def test_explain_tiling_tables(transformer):
@@ -361,7 +392,8 @@ def _plugin(tmp_path: Path, sram: int) -> Path:
 
 def one_line_error(rc, out, *needles):
     assert rc == 2 and "Traceback" not in out, out
-    lines = [line for line in out.splitlines() if line.strip() and not line.startswith("compiling")]
+    lines = [line for line in out.splitlines()  # progress lines (indented) may come first
+             if line.strip() and not line.startswith("compiling") and not line.startswith("  ")]
     assert len(lines) == 1 and lines[0].startswith("error:"), out
     for n in needles:
         assert n in lines[0], lines[0]
@@ -440,7 +472,7 @@ def test_tiny_unet_tiled_matches_onnxruntime(tiny_models):
 def test_cli_profile_explain_tiling(tmp_path):
     import edgefc.cli as cli_mod
 
-    assert tile_solver.has_cost_model(edgefc.get_target("exynos2400"))
+    assert edgefc.get_target("exynos2400").has_cost_model
     path = tmp_path / "t.onnx"
     onnx.save_model(transformer_model(seq=1024, channels=320, heads=8, ctx_channels=768), str(path))
     res = CliRunner().invoke(cli_mod.cli, ["profile", str(path), "--explain-tiling", "--precision", "w8a16", "--top", "3"])
@@ -465,7 +497,7 @@ def test_full_size_self_attention_tile_by_tile():
     """The 64x64 self-attention of the BK-SDM-Tiny U-Net (8 heads x 4096 x 4096, head dim 40) at the
     real target's tiling: numpy tile by tile and onnxruntime's TiledAttention vs the untiled op."""
     tgt = edgefc.get_target("exynos2400")
-    assert tile_solver.has_cost_model(tgt)
+    assert tgt.has_cost_model
     spec = AttentionSpec("self64", 1, 8, 4096, 4096, 40, 40, "int16")
     sol = tile_solver.solve(spec, tgt, tile_solver.default_budget(tgt))
     assert sol.tiling.tiles > 1
@@ -492,3 +524,73 @@ def test_full_size_unet_tiled_matches_onnxruntime(full_unet):
     ref = ort.run(full_unet, feeds)
     for k in ref:
         assert np.abs(ref[k] - out[k]).max() <= 1e-4 * float(np.abs(ref[k]).max())
+
+
+# --- loading as users do: onnxruntime's default session options --------------------------------
+
+_LOAD_AND_RUN = """
+import sys, numpy as np, onnxruntime as ort
+path = sys.argv[1]
+feeds = dict(np.load(sys.argv[2]))
+outs = {}
+for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+    opts = ort.SessionOptions()          # the defaults a user gets (ORT_ENABLE_ALL), then none
+    opts.graph_optimization_level = level
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    outs[str(level)] = sess.run(None, feeds)[0]
+a, b = outs.values()
+print(float(np.abs(a - b).max()))
+"""
+
+
+def load_with_default_options(model_path, feeds, tmp_path) -> float:
+    """Create onnxruntime sessions of ``model_path`` in a child process (an abort must not end the
+    test run) with the default session options (all graph optimisations) and with none; both run
+    ``feeds``. Returns the max abs difference of their first outputs; fails naming the child's
+    exit status and last stderr line."""
+    import subprocess
+    import sys
+
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    proc = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(model_path), str(tmp_path / "feeds.npz")],
+                          capture_output=True, text=True, timeout=600, check=False)
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    assert proc.returncode == 0, f"onnxruntime exit status {proc.returncode}: {last}"
+    return float(proc.stdout.split()[-1])
+
+
+def dq_tiled_attention_model(b, sq, skv, heads, d, tiling) -> onnx.ModelProto:
+    """Q, K, V arrive as int16 and pass a DequantizeLinear each before a TiledAttention, as in a
+    W8A16 build: the pattern onnxruntime's QDQ propagation meets after inlining the function."""
+    attrs = {"q_num_heads": heads, "kv_num_heads": heads, "scale": 0.3, "is_causal": 0, "row_granularity": 1,
+             "row_tiles": tiling.row_tiles, "head_tiles": tiling.head_tiles}
+    nodes = [helper.make_node("DequantizeLinear", [f"{x}16", "s", "z"], [x], name=f"dq_{x}") for x in "QKV"]
+    nodes.append(helper.make_node("TiledAttention", ["Q", "K", "V"], ["Y"], domain="edgefc", name="attn", **attrs))
+    inits = [numpy_helper.from_array(np.float32(0.01), "s"), numpy_helper.from_array(np.int16(0), "z")]
+    graph = helper.make_graph(nodes, "dq_attention",
+                              [helper.make_tensor_value_info("Q16", TensorProto.INT16, [b, sq, heads * d]),
+                               helper.make_tensor_value_info("K16", TensorProto.INT16, [b, skv, heads * d]),
+                               helper.make_tensor_value_info("V16", TensorProto.INT16, [b, skv, heads * d])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [b, sq, heads * d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("edgefc", 1)],
+                              functions=[tiled_attention.tiled_attention_function_proto(23)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("tiling", [Tiling(2, 1), Tiling(2, 2), Tiling(1, 2)])
+def test_tiled_attention_behind_dequantize_loads_with_default_session_options(tmp_path, tiling):
+    """onnxruntime 1.32's QDQ propagation (a level-1 optimizer, on by default) moves a
+    DequantizeLinear forward through Reshape/Transpose; when such a tensor was read by the Loop
+    body as an outer-scope (implicit) value, it rewired an input index that does not exist and
+    aborted the process (issue 18 item 1). The body now hands the Loop its operands explicitly."""
+    model = dq_tiled_attention_model(1, 32, 16, 4, 8, tiling)
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    rng = np.random.default_rng(0)
+    feeds = {f"{x}16": rng.integers(-3000, 3000, (1, 32 if x == "Q" else 16, 32)).astype(np.int16) for x in "QKV"}
+    assert load_with_default_options(path, feeds, tmp_path) <= 1e-5
+    q, k, v = (feeds[f"{x}16"].astype(np.float32) * 0.01 for x in "QKV")
+    y = run_model(model, feeds)
+    assert np.abs(y - tiled_attention.reference_attention(q, k, v, 4, 0.3)).max() <= 1e-4

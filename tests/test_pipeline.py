@@ -326,16 +326,23 @@ def test_target_prints_cost_model_times(cache, tiny_build, tmp_path, capsys):
     assert _png_size(out) == (64, 64)
 
 
-def test_quantized_builds_are_priced_as_built(tmp_path):
-    b = tmp_path / "unet"
-    b.mkdir()
-    (b / "report.json").write_text(json.dumps({"quantization": {"precision": "w8a16"}}))
-    assert pipeline._built_precision(b / "model.onnx") == "w8a16"
-    (b / "report.json").write_text(json.dumps({"quantization": {"precision": "fp32"}}))
-    assert pipeline._built_precision(b / "model.onnx") is None
-    (b / "report.json").write_text(json.dumps({"passes": []}))
-    assert pipeline._built_precision(b / "model.onnx") is None
-    assert pipeline._built_precision(tmp_path / "unet.onnx") is None  # an export, not a build
+def test_quantized_builds_are_priced_as_built():
+    """The NPU timing reads the precision quantize recorded on the ops, not a report file."""
+    import onnx_graphsurgeon as gs
+
+    from edgefc import precision
+    from edgefc.models.npu_time import built_precision
+
+    x, y, z = (gs.Variable(n, dtype=np.float32, shape=[1, 4]) for n in "xyz")
+    a, b = gs.Node("Relu", "a", inputs=[x], outputs=[y]), gs.Node("Sigmoid", "b", inputs=[y], outputs=[z])
+    g = gs.Graph(nodes=[a, b], inputs=[x], outputs=[z], opset=23)
+    assert built_precision(g) is None                       # not quantized: priced as the paper deployed it
+    precision.set_op_precision(a, "fp32")
+    assert built_precision(g) is None                       # all FP32
+    precision.set_op_precision(b, "w8a16")
+    assert built_precision(g) == "w8a16"                    # FP32 islands do not make it mixed
+    precision.set_op_precision(a, "w8a8")
+    assert built_precision(g) == "mixed"
 
 
 def test_target_without_cost_model(cache, tmp_path, capsys, monkeypatch):

@@ -89,6 +89,53 @@ def test_ops_that_need_no_conversion_are_converted_op_by_op(tmp_path, monkeypatc
     assert calls == [4, 1, 1, 1]  # the whole model, then Greater, Unsqueeze and Cast alone (not Not)
 
 
+def test_ir3_model_with_unnamed_nodes_converts_whole_and_loads(tmp_path):
+    """An IR-3 model (initializers listed as graph inputs, unnamed nodes; the onnx package's classic
+    CNNs) goes through the whole-model converter (IR 3 demands initializers be inputs, which the
+    weight-free skeleton does not list) and its build loads in onnxruntime: node names unique,
+    IR version the opset's."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([4], dtype=np.int64), "shape")
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["b"], value=numpy_helper.from_array(np.array([0.5], np.float32))),
+             helper.make_node("Conv", ["x", "w", "b"], ["c"]),
+             helper.make_node("Unsqueeze", ["c"], ["u"], axes=[0]),
+             helper.make_node("Relu", ["u"], ["r"]),
+             helper.make_node("Unsqueeze", ["r"], ["y"], axes=[0])]
+    model = _model(nodes, [_vi("x", [1, 3, 5, 5]), _vi("w", [4, 3, 3, 3]), _vi("shape", [1], TensorProto.INT64)],
+                   [_vi("y", [1, 1, 1, 4, 3, 3])], 9, [w, shape])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    result = _compile_matches(tmp_path, model, {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)})
+    names = [n.name for n in result.graph.nodes if n.name]
+    assert len(names) == len(set(names))
+    built = onnx.load(str(tmp_path / "build" / "model.onnx"))
+    assert built.ir_version >= 11
+    onnx.checker.check_model(built, full_check=True)
+
+
+def test_op_by_op_conversion_names_every_node_uniquely(tmp_path, monkeypatch):
+    """Two unnamed nodes of one op type converted alone each get their own name (they used to both
+    become '<Op>_opset23_<Op>', which onnxruntime refuses to load)."""
+    from onnx import version_converter
+
+    real = version_converter.convert_version
+
+    def picky(model, version):
+        if len(model.graph.node) > 1:
+            raise RuntimeError("Input x is undefined!")
+        return real(model, version)
+
+    monkeypatch.setattr(version_converter, "convert_version", picky)
+    nodes = [helper.make_node("Unsqueeze", ["x"], ["u"], axes=[0]),
+             helper.make_node("Unsqueeze", ["u"], ["v"], axes=[0]),
+             helper.make_node("Relu", ["v"], ["y"])]
+    model = _model(nodes, [_vi("x", [3])], [_vi("y", [1, 1, 3])], 11)
+    result = _compile_matches(tmp_path, model, {"x": np.array([-1.0, 4.0, 0.0], np.float32)})
+    names = [n.name for n in result.graph.nodes]
+    assert len(names) == len(set(names)), names
+
+
 def test_newer_opsets_stay_as_they_are(tmp_path):
     model = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])], 24)
     result = _compile_matches(tmp_path, model, {"x": np.array([-1.0, 1.0], np.float32)})

@@ -57,9 +57,9 @@ def test_int8_vector_path_is_cheaper_per_element():
     g = graph_of(npu_graphs.softmax_model(512, 1024))
     v8 = t.profile(g, "w8a8").by_command_engine()["vector"]
     v16 = t.profile(g, "w8a16").by_command_engine()["vector"]
-    p = t.params
-    per8 = (1 + 1 + p.vector_cpe_int8["exp"] + 1 + p.vector_cpe_int8["divide"]) / p.int8_per_lane
-    per16 = 1 + 1 + p.vector_cpe["exp"] + 1 + p.vector_cpe["divide"]
+    v = t.arch.vector
+    per8 = (1 + 1 + v.int8_cycles_per_element["exp"] + 1 + v.int8_cycles_per_element["divide"]) / v.int8_elements_per_lane
+    per16 = 1 + 1 + v.cycles_per_element["exp"] + 1 + v.cycles_per_element["divide"]
     assert v8 / v16 == pytest.approx(per8 / per16, rel=1e-9) and v8 < v16
 
 
@@ -73,7 +73,7 @@ def test_cascade_refetches_weights_per_stripe_when_they_do_not_stay():
     assert moved == [("load", "x"), ("store", "y")]
     assert prog.residency["c0"] == "stream"
     wl = [c for c in prog.commands if c.tensor.endswith(":weights")]
-    budget = t["sram.bytes"] - t["sram.weight_buffer_bytes"]
+    budget = t.sram.activations
     act = 256 * 128 * 128 * 2
     assert [c.repeat for c in wl] == [-(-act // budget), -(-2 * act // budget)]
     # small weights stay in the weight buffer across stripes
@@ -86,8 +86,8 @@ def test_cascade_refetches_weights_per_stripe_when_they_do_not_stay():
 
 def test_exynos2200_is_a_target_from_public_facts():
     t2, t4 = edgefc.get_target("exynos2200"), edgefc.get_target("exynos2400")
-    assert t2["tensor.macs_per_cycle"] == 8192 and t2["sram.bytes"] == 2 << 20
-    assert t2["tensor.rate.fp16"] == 0.5 and t2["dma.bandwidth_bytes_per_s"] == 51.2e9
+    assert t2.arch.tensor.macs_per_cycle == 8192 and t2.sram.total == 2 << 20
+    assert t2.arch.tensor.rate["fp16"] == 0.5 and t2.arch.dma.bandwidth_bytes_per_s == 51.2e9
     assert t2.validation is None                    # nothing fitted to, or validated on, the 2200
     g = graph_of(npu_graphs.conv_model(64, 128, 64, 3))
     assert t2.profile(g, "w8a8").total_ms > t4.profile(g, "w8a8").total_ms
@@ -138,6 +138,6 @@ def test_fit_features_price_exactly_as_the_cost_model():
     for model, prec in ((npu_graphs.attention_model(seq=1024, heads=8, head_dim=40), "w8a16"),
                         (conv_chain(256, 128), "w8a8"), (npu_graphs.softmax_model(2, 8), "w8a8")):
         prog = t.lower(graph_of(model), prec)
-        p = t.params
-        want = SCHEDULES["overlap"]().run(prog, [command_cycles(p, c) for c in prog.commands], p).total
-        assert Features(prog).cycles(p) == pytest.approx(want, rel=1e-12)
+        a = t.arch
+        want = SCHEDULES["overlap"]().run(prog, [command_cycles(a, c) for c in prog.commands], a).total
+        assert Features(prog).cycles(a) == pytest.approx(want, rel=1e-12)

@@ -1,4 +1,4 @@
-"""The summary ``edgefc compile`` ends with (edgefc.summary): every figure is the report's or the profile's."""
+"""The summary ``edgefc compile`` ends with (edgefc.cli.summary): every figure is the report's or the profile's."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 import subprocess
 import sys
 
+from edgefc.cli.summary import summary_lines
 from edgefc.passes.fusion import ORDER as FUSIONS
-from edgefc.summary import summary_lines
 
 REPORT = {
     "fusion": {"attention": 16, "groupnorm": 22, "gelu": 0, "residual": 22,
@@ -16,8 +16,9 @@ REPORT = {
                                         {"node": "/ln2/Div", "reason": "epsilon is not a constant"}],
                           "epilogue": [{"node": "/conv/Conv", "reason": "output feeds two consumers"}]},
                "skipped": ["geglu"]},
-    "quantization": {"precision": "w8a16", "component": "unet", "sqnr_db": 41.234,
-                     "sqnr_db_per_input": [40.1, 42.368], "sqnr_db_worst_input": 40.1, "cosine": 0.9999876},
+    "quantization": {"precision": "w8a16", "component": "unet", "sqnr_db": 41.234, "eval_source": "eval",
+                     "sqnr_db_per_input": [40.1, 42.368], "sqnr_db_worst_input": 40.1, "cosine": 0.9999876,
+                     "conditioning": 0.9812, "min_sqnr_db": 25.0},
     "tiling": {"blocks": [{"name": "a1", "tiling": {"tiles": 8}}, {"name": "a2", "tiling": {"tiles": 2}},
                           {"name": "a3", "tiling": None}, {"name": "a4", "tiling": None, "min_budget_bytes": 1 << 20}],
                "tiled": 2, "left_alone": 2, "budget_bytes": 6 << 20},
@@ -30,7 +31,8 @@ def test_summary_lines_say_what_the_report_and_profile_hold():
     assert summary_lines(REPORT, PROFILE) == [
         "fusion:    60 fused (groupnorm 22, residual 22, attention 16); 3 missed (layernorm 2, epilogue 1; "
         "e.g. layernorm at /ln/Div: epsilon is not a constant); skipped by --no-fuse: geglu",
-        "precision: w8a16 (unet); SQNR 41.2 dB vs FP32 (mean of 2 held-out inputs, worst 40.1 dB), cosine 0.999988",
+        "precision: w8a16 (unet); SQNR 41.2 dB vs FP32 on 2 held-out real inputs from --eval (worst input 40.1 dB), "
+        "cosine 0.999988, conditioning 0.981 of FP32's; floor 25 dB",
         "tiling:    2 of 4 attentions tiled (2/8 tiles), 1 spill S_in/S_out to DRAM (no tiling fits); "
         "SRAM budget 6.00 MiB",
         "target:    exynos2400: 200.000 ms modelled by the cost model (as built); top block mid_block 80.000 ms "
@@ -85,8 +87,11 @@ def test_compile_ends_with_the_summary_of_its_build(tiny_models, tmp_path):
         assert m.group(3) == "none missed", lines[0]
     # precision and SQNR: the quantization report's
     assert quant["precision"] == "w8a16" and quant["sqnr_db"] is not None
-    assert lines[1].startswith(f"precision: w8a16 (unet); SQNR {quant['sqnr_db']:.1f} dB vs FP32 (mean of 1 held-out "
-                               f"input, worst {quant['sqnr_db_worst_input']:.1f} dB), cosine {quant['cosine']:.6f}")
+    assert quant["eval_source"] == "generated" and quant["min_sqnr_db"] is not None
+    assert lines[1] == (f"precision: w8a16 (unet); SQNR {quant['sqnr_db']:.1f} dB vs FP32 on 1 generated input (worst "
+                        f"input {quant['sqnr_db_worst_input']:.1f} dB), cosine {quant['cosine']:.6f}; floor "
+                        f"{quant['min_sqnr_db']:g} dB; NOTE: generated inputs, not a measurement on real data - record "
+                        "real ones with `edgefc calibrate` (or your own .npz) and compile with --calib/--eval"), lines[1]
     # tiling: the mlt report's blocks
     n_tiled = sum(1 for b in tiling["blocks"] if b.get("tiling"))
     assert n_tiled == tiling["tiled"]

@@ -25,7 +25,7 @@ def real_target():
     import edgefc
 
     tgt = edgefc.get_target("exynos2400")
-    assert ts.has_cost_model(tgt)
+    assert tgt.has_cost_model
     return tgt
 
 
@@ -37,7 +37,7 @@ def random_case(rng: random.Random):
     tgt = FakeNpu(sram_bytes=rng.choice([1 << 20, 6 << 20, 16 << 20]), row_granularity=rng.choice([1, 8, 16, 32, 64]),
                   handoff=rng.choice([0, 100, 3000, 30000]), dma_latency=rng.choice([0, 600]),
                   bank_bytes=rng.choice([0, 1 << 14, 1 << 18]), bank_cycles_per_byte=rng.choice([0, 0.05, 1.0]))
-    return spec, tgt, rng.randint(1 << 12, tgt.sram_bytes)
+    return spec, tgt, rng.randint(1 << 12, tgt.sram.total)
 
 
 def assert_same(spec, tgt, budget):
@@ -69,7 +69,7 @@ def test_solver_equals_brute_force_random_shapes_and_budgets():
 def test_solver_equals_brute_force_on_model_shapes_and_budget_sweep():
     tgt = FakeNpu()
     for spec in UNET_512 + OTHERS:
-        for budget in [1 << k for k in range(16, 23)] + [ts.default_budget(tgt), tgt.sram_bytes]:
+        for budget in [1 << k for k in range(16, 23)] + [ts.default_budget(tgt), tgt.sram.total]:
             assert_same(spec, tgt, budget)
 
 
@@ -101,8 +101,8 @@ def test_real_target_solver_equals_brute_force():
                                                rng.randint(16, 4096), rng.choice([40, 64, 80, 160]),
                                                rng.choice([40, 64, 80]), rng.choice(["int16", "fp32"])) for _ in range(60)]
     for spec in specs:
-        for budget in (tgt.sram_bytes // 8, tgt.sram_bytes // 2, ts.default_budget(tgt), tgt.sram_bytes,
-                       rng.randint(1 << 16, tgt.sram_bytes)):
+        for budget in (tgt.sram.total // 8, tgt.sram.total // 2, ts.default_budget(tgt), tgt.sram.total,
+                       rng.randint(1 << 16, tgt.sram.total)):
             assert_same(spec, tgt, budget)
 
 
@@ -114,7 +114,7 @@ def test_real_target_has_the_properties_the_solver_relies_on():
         for h, rows in ts.candidate_tilings(spec, g).items():
             sram = [tgt.attention_sram_bytes(spec, Tiling(r, h)) for r in rows]
             assert all(a >= b for a, b in itertools.pairwise(sram)), (spec.name, h, sram)
-            cost = [tgt.attention_cycles(spec, Tiling(r, h)) for r, s in zip(rows, sram) if s <= tgt.sram_bytes]
+            cost = [tgt.attention_cycles(spec, Tiling(r, h)) for r, s in zip(rows, sram) if s <= tgt.sram.total]
             assert all(b >= a * (1 - 1e-9) for a, b in itertools.pairwise(cost)), (spec.name, h, cost)
 
 
@@ -193,7 +193,7 @@ def test_infeasible_budget_names_the_smallest_budget_that_works():
 def test_default_budget_leaves_a_reserve():
     tgt = FakeNpu(sram_bytes=6 << 20)
     assert ts.default_budget(tgt) == (6 << 20) - (6 << 20) // 16
-    tgt.sram_reserve_bytes = 1 << 20
+    tgt = FakeNpu(sram_bytes=6 << 20, reserve_bytes=1 << 20)
     assert ts.default_budget(tgt) == 5 << 20
 
 

@@ -262,7 +262,7 @@ def _build(model: onnx.ModelProto, folder):
     (runner, lowering)."""
     lowering = tvm_lowering.lower(model, program_of(model))
     folder.mkdir(parents=True, exist_ok=True)
-    tvm_build.write_build(lowering, folder, aarch64=False)
+    tvm_build.write_tvm_files(lowering, folder, aarch64=False)
     return tvm_runtime.load_build(folder), lowering
 
 
@@ -433,7 +433,7 @@ def test_fp32_components_match_onnxruntime(tiny_models, tmp_path, component):
     lowering = tvm_lowering.lower(edgefc.ir.to_model(graph), program)
     _assert_partition_is_the_program(program, lowering.partition, lowering.programs)
     (tmp_path / component).mkdir()
-    tvm_build.write_build(lowering, tmp_path / component, aarch64=False)
+    tvm_build.write_tvm_files(lowering, tmp_path / component, aarch64=False)
     runner = tvm_runtime.load_build(tmp_path / component)
     feeds = ort.random_inputs(ir_model(src), seed=1)
     assert _rel(ort.run(str(src), feeds), runner.run(feeds)) <= 1e-4
@@ -537,7 +537,7 @@ def test_host_fallback_has_reasons(tmp_path):
 def test_exynos2400_target_tag():
     import edgefc
 
-    target = tvm_build.phone_target(edgefc.get_target("exynos2400"))
+    target = tvm_build.phone_target(edgefc.get_target("exynos2400").arch)
     assert str(target.attrs["mtriple"]) == "aarch64-linux-gnu"
     assert str(target.attrs["mcpu"]) == "cortex-x4"
     assert int(target.attrs["num-cores"]) == 10

@@ -61,7 +61,9 @@ def curate_cmd(src, dst, min_size, dedup_threshold, hash_bits, no_dedup, crop, d
     re-caption (--recaption).
     """
     from edgefc.models.train.curate import curate
+    from edgefc.staging import check_output_folder
 
+    check_output_folder(dst, "-o")
     m = curate(src, dst, min_size=min_size, threshold=dedup_threshold, crop=crop, progress=not quiet,
                drop_contradicted=drop_contradicted, recaption=recaption, level=level, dedup=not no_dedup,
                hash_bits=int(hash_bits))
@@ -111,6 +113,9 @@ def synth_cmd(dst, count, size, seed, level, quiet, **rates):
     from tqdm import tqdm
 
     from edgefc.models.synth import Defects, synthesize
+    from edgefc.staging import check_output_folder
+
+    check_output_folder(dst, "-o")
 
     bars = []  # opened on the first image, so a refused run prints only its error line
 
