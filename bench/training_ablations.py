@@ -146,7 +146,7 @@ def data_rows(out: Path, paths: dict[str, Path]) -> dict[str, dict]:
     """Per set: pairs and the verifier's caption agreement as the training loader sees it (cached)."""
     cache = out / "data_agreement.json"
     rows = json.loads(cache.read_text()) if cache.is_file() else {}
-    from edgefc.models.verifier import data_agreement
+    from edgefc.models.train.curate import data_agreement
 
     for name, path in paths.items():
         if name not in rows:

@@ -306,39 +306,6 @@ def caption_agreement(images: list[np.ndarray], captions: list[str], attributes=
             "contradicted": float(np.mean(contra)), "per_image": per_image, "contradicted_items": contra}
 
 
-def data_agreement(data: str | Path, resolution: int | None = 64, level: int | None = None) -> dict:
-    """:func:`caption_agreement` of a training set (a folder of pairs or a .tar shard) as the training
-    loader sees it: each image resized and centre-cropped to ``resolution`` (None: as stored).
-
-    ``level`` picks the attributes scored (:data:`edgefc.models.synth.ATTRIBUTES`); default: the
-    ``level`` of the set's ``manifest.json`` (``edgefc data synth`` writes it), else 1.
-    """
-    from edgefc.models.train.data import center_square, list_samples
-
-    root = Path(data)
-    if level is None:
-        level = 1
-        mf = root / "manifest.json"
-        if root.is_dir() and mf.is_file():
-            try:
-                level = int(json.loads(mf.read_text()).get("level", 1))
-            except (ValueError, TypeError, AttributeError):
-                level = 1
-        level = level if level in ATTRIBUTES else 1
-    listing = list_samples(root)
-    images, captions = [], []
-    for smp in listing.samples:
-        img = smp.open_image()
-        if resolution is not None:
-            img = center_square(img, resolution)
-        images.append(np.asarray(img))
-        captions.append(smp.caption)
-    result = caption_agreement(images, captions, ATTRIBUTES[level])
-    result["names"] = [smp.key for smp in listing.samples]
-    result["level"], result["resolution"] = level, resolution
-    return result
-
-
 def features(images: list[np.ndarray]) -> np.ndarray:
     """[N, 16] feature vectors (see the module docstring)."""
     return np.stack([read_image(i).features for i in images])

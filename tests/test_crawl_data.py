@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from edgefc.models import synth, verifier
-from edgefc.models.train.curate import choose_crop, curate
+from edgefc.models import synth
+from edgefc.models.train.curate import choose_crop, curate, data_agreement
 from tests.cli import assert_user_error, run_cli
 
 #: sha256 of ``synthesize(DIR, 12, size=64, seed=5, level=L)`` (every file, names and bytes) as it was
@@ -47,7 +47,7 @@ def test_each_defect_does_what_it_says(tmp_path):
         m = synth.synthesize(tmp_path / name, 24, seed=2, defects=d)
         hit = [it for it in m["items"] if any(x.startswith(name) for x in it["defects"])]
         assert len(hit) >= (20 if name != "near-duplicate" else 15), (name, m["defects"])
-        agree[name] = verifier.data_agreement(tmp_path / name)
+        agree[name] = data_agreement(tmp_path / name)
         if name == "small":
             assert all(it["image_size"] == [16, 16] for it in hit)
         if name == "cut-crop":
@@ -81,7 +81,7 @@ def test_curation_tools_recover_what_the_defects_cost(tmp_path):
     crawl = tmp_path / "crawl"
     synth.synthesize(crawl, 60, seed=4, defects=synth.Defects(cut_crop=0.5, small=0.2, near_duplicates=0.2,
                                                               wrong_caption=0.2))
-    base = verifier.data_agreement(crawl)
+    base = data_agreement(crawl)
     pp = curate(crawl, tmp_path / "pp", min_size=64, threshold=4, hash_bits=256, crop="alignment", progress=False)
     assert pp["counts"].get("too-small", 0) >= 5 and pp["counts"].get("near-duplicate", 0) >= 5
     dups = {it["name"] for it in json.loads((crawl / "manifest.json").read_text())["items"]
@@ -92,12 +92,12 @@ def test_curation_tools_recover_what_the_defects_cost(tmp_path):
             if it["defects"] and it["defects"][0].startswith("cut-crop")}
     crops = {r["key"]: r["crop"] for r in pp["kept"] if r["key"] in cuts}
     assert crops and all(cuts[k].endswith(f"the {c})") for k, c in crops.items()), (crops, cuts)
-    a_pp = verifier.data_agreement(tmp_path / "pp")
+    a_pp = data_agreement(tmp_path / "pp")
     assert a_pp["per_attribute"]["position"] > base["per_attribute"]["position"]
     pps = curate(crawl, tmp_path / "pps", min_size=64, threshold=4, hash_bits=256, crop="alignment", recaption=True,
                  progress=False)
     assert all("caption_before" in r for r in pps["kept"])
-    assert verifier.data_agreement(tmp_path / "pps")["agreement"] == 1.0  # the reader wrote them
+    assert data_agreement(tmp_path / "pps")["agreement"] == 1.0  # the reader wrote them
 
     syn = tmp_path / "synt"
     synth.synthesize(syn, 40, seed=6, defects=synth.Defects(wrong_attribute=0.3))
@@ -105,7 +105,7 @@ def test_curation_tools_recover_what_the_defects_cost(tmp_path):
                  progress=False)
     wrong = {it["name"] for it in json.loads((syn / "manifest.json").read_text())["items"] if it["defects"]}
     assert {r["key"] for r in cur["dropped"]} == wrong and cur["counts"]["contradicted"] == len(wrong)
-    assert verifier.data_agreement(tmp_path / "cur")["agreement"] == 1.0
+    assert data_agreement(tmp_path / "cur")["agreement"] == 1.0
 
 
 def test_alignment_crop_needs_the_caption():

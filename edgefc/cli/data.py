@@ -156,8 +156,8 @@ def agreement_cmd(data, resolution, level, as_json):
     """
     import json
 
+    from edgefc.models.train.curate import data_agreement
     from edgefc.models.train.errors import DataError
-    from edgefc.models.verifier import data_agreement
 
     if resolution < 0 or (resolution and resolution % 8):
         raise DataError(f"--resolution {resolution} must be 0 or a positive multiple of 8.")

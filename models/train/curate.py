@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefc.models.train.data import list_samples
+from edgefc.models.train.data import center_square, list_samples
 from edgefc.models.train.errors import DataError
 
 #: Hash lengths: ``bits`` -> (side of the low-frequency block, side of the grey image it is taken from).
@@ -249,6 +249,42 @@ def choose_crop(img, scorer: str | Callable = "saliency", caption: str | None = 
         if scores[name] > scores[best[0]] * (1 + 1e-6) + 1e-12:
             best = (name, b)
     return best[0], best[1], scores
+
+
+# ----------------------------------------------------------------------------- caption agreement
+
+def data_agreement(data: str | Path, resolution: int | None = 64, level: int | None = None) -> dict:
+    """:func:`edgefc.models.verifier.caption_agreement` of a training set (a folder of pairs or a .tar shard) as the training
+    loader sees it: each image resized and centre-cropped to ``resolution`` (None: as stored).
+
+    ``level`` picks the attributes scored (:data:`edgefc.models.synth.ATTRIBUTES`); default: the
+    ``level`` of the set's ``manifest.json`` (``edgefc data synth`` writes it), else 1.
+    """
+    from edgefc.models.synth import ATTRIBUTES
+    from edgefc.models.verifier import caption_agreement
+
+    root = Path(data)
+    if level is None:
+        level = 1
+        mf = root / "manifest.json"
+        if root.is_dir() and mf.is_file():
+            try:
+                level = int(json.loads(mf.read_text()).get("level", 1))
+            except (ValueError, TypeError, AttributeError):
+                level = 1
+        level = level if level in ATTRIBUTES else 1
+    listing = list_samples(root)
+    images, captions = [], []
+    for smp in listing.samples:
+        img = smp.open_image()
+        if resolution is not None:
+            img = center_square(img, resolution)
+        images.append(np.asarray(img))
+        captions.append(smp.caption)
+    result = caption_agreement(images, captions, ATTRIBUTES[level])
+    result["names"] = [smp.key for smp in listing.samples]
+    result["level"], result["resolution"] = level, resolution
+    return result
 
 
 # ----------------------------------------------------------------------------- curation
