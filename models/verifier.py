@@ -22,6 +22,11 @@ there is none, to the largest object read elsewhere (position wrong); then shape
 size are compared, and the background. Per-attribute accuracy is the fraction of asked
 attributes that were read back; ``alignment`` is the mean over all asked attributes.
 
+Training captions (:func:`agreement`, :func:`caption_agreement`): how well a caption describes its
+image, counting every attribute the image has (left out or stated otherwise is wrong) and whether
+the caption contradicts the reading; :func:`describe` writes a caption from a reading (the
+re-captioner of ``edgefc data curate --recaption``).
+
 Fréchet distance (:func:`frechet_distance`): the Fréchet distance between Gaussians fitted to a
 16-number feature vector per image (background and foreground mean colours, mask centroid,
 area, bounding box, fill ratio, top third's share of the top and bottom thirds, colour spread) of two image sets, as

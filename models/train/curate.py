@@ -34,6 +34,9 @@ stand-in for CLIP and for the paper's captioner and human curators; EdgeFusion S
    sizes only from ``level`` 2 on, as ``edgefc data synth --level``); the old caption stays in the
    manifest.
 
+:func:`data_agreement` measures a set with the same verifier (``edgefc data agreement``): how well
+its captions describe its images as the training loader sees them.
+
 The output folder receives the cropped pairs (same relative names; PNG stays PNG, everything
 else is written as JPEG quality 95) and ``manifest.json``: every kept sample with its crop, and
 every dropped one with the reason (``too-small``, ``exact-duplicate``, ``near-duplicate`` with
