@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import needs
 from tests.cli import assert_user_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,20 @@ def test_bake_guidance_is_exact():
     assert not torch.allclose(got, other, rtol=1e-3, atol=1e-3)  # the guidance really changes the output
 
 
+def test_a_companion_command_without_the_models_extra_is_one_line(tmp_path):
+    """`edgefc train` where diffusers is not installed: one line naming it and the extra, exit 2."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['diffusers'] = None; from edgefc.cli import main; main()"
+    proc = subprocess.run([sys.executable, "-c", code, "train", "sd", "--teacher", str(tmp_path / "nope"), "--data",
+                           str(tmp_path), "-o", str(tmp_path / "o")], capture_output=True, text=True, check=False)
+    assert_user_error(proc.returncode, proc.stdout + proc.stderr, "needs the models extra (diffusers is not installed)",
+                      "pip install 'edgefc[models]'")
+    assert not (tmp_path / "o").exists()
+
+
+@needs.diffusers
 def test_train_vae_and_sd_user_errors(tmp_path):
     rc, out = run_cli("data", "synth", "-o", str(tmp_path / "d"), "--count", "2", "--quiet")
     assert rc == 0, out
