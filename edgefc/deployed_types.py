@@ -35,6 +35,7 @@ class DeployedTypes:
         self.root: dict[str, str] = {}
         self.const: set[str] = set()
         self.code: dict[str, str] = {}
+        self.conversions: set[int] = set()   # ids of the QuantizeLinear nodes that requantise (priced)
         tensors = graph.tensors()
         for name, t in tensors.items():
             if isinstance(t, gs.Constant):
@@ -45,15 +46,40 @@ class DeployedTypes:
                     and all(self.find(t.name) in self.const for t in ins)):
                 for o in node.outputs:
                     self.const.add(o.name)
-            if node.op in pr.STORAGE_ALIAS_OPS and ins:
-                for o in node.outputs:
-                    self.root[o.name] = self.find(ins[0].name)
+        # Views (Reshape ...) share their input's storage; a DequantizeLinear reads its input's.
         qtype: dict[str, str] = {}
+        direct: set[str] = set()   # classes some op reads as they are (not through a Q/DQ or a view)
         for node in graph.nodes:
-            if node.op == "QuantizeLinear" and node.outputs:
-                qtype[self.find(node.outputs[0].name)] = dtype_code(node.outputs[0].dtype)
-            elif node.op == "DequantizeLinear" and node.inputs:
-                qtype[self.find(node.inputs[0].name)] = dtype_code(node.inputs[0].dtype)
+            ins = [t for t in node.inputs if t is not None and t.name]
+            if node.op in pr.ALIAS_OPS | {"DequantizeLinear"} and ins:
+                for o in node.outputs:
+                    self._join(ins[0].name, o.name)
+            if node.op == "DequantizeLinear" and ins:
+                qtype[self.find(ins[0].name)] = dtype_code(ins[0].dtype)
+        for node in graph.nodes:
+            if node.op in pr.STORAGE_ALIAS_OPS or node.op in ("Shape", "Size"):
+                continue
+            for t in node.inputs:
+                if t is not None and t.name and t.name not in self.const:
+                    direct.add(self.find(t.name))
+        # A QuantizeLinear is its producer writing the quantized type (no storage, no work of its
+        # own) unless, as built, its input is stored as it is for another reader or is quantized
+        # already: then it converts (a requantisation a mixed plan adds; priced on the vector engine).
+        for node in graph.nodes:
+            if node.op != "QuantizeLinear" or not node.inputs or not node.outputs:
+                continue
+            i, o = self.find(node.inputs[0].name), self.find(node.outputs[0].name)
+            out_code = dtype_code(node.outputs[0].dtype)
+            if pricing == "as-built" and (i in qtype or i in direct):
+                self.conversions.add(id(node))
+                qtype.setdefault(o, out_code)
+                continue
+            flags_o = (qtype.pop(o, None), o in direct)
+            self._join(node.inputs[0].name, node.outputs[0].name)
+            r = self.find(i)
+            qtype[r] = out_code if flags_o[0] is None else flags_o[0]
+            if flags_o[1]:
+                direct.add(r)
         self.quantized = set(qtype)
         self.real: set[str] = set()   # classes of real numbers: float in the graph, or quantized
         for name, t in tensors.items():
@@ -69,6 +95,17 @@ class DeployedTypes:
                 self.code[r] = pr.weight_type(pricing)
             else:
                 self.code[r] = pr.act_type(pricing)
+
+    def _join(self, into: str, name: str) -> None:
+        """Put ``name``'s class into ``into``'s (the producer's side keeps the class name)."""
+        a, b = self.find(into), self.find(name)
+        if a != b:
+            self.root[b] = a
+
+    def converts(self, node: gs.Node) -> bool:
+        """Whether ``node`` is a conversion between precisions the NPU does (a requantising
+        QuantizeLinear; Casts between types are priced by the placement's own rule)."""
+        return id(node) in self.conversions
 
     # tensors -----------------------------------------------------------------------------------
     def find(self, name: str) -> str:
@@ -121,12 +158,19 @@ class DeployedTypes:
         return pr.rate_key(self.of(w), self.of(x))
 
     def attention_act_type(self, node: gs.Node) -> str:
-        """Element type of an attention block's Q, K, V, scores and output: its recorded
-        precision's activation type, else the stored type of Q."""
+        """Element type of an attention block's Q, K, V and output: its recorded precision's
+        activation type, else the stored type of Q."""
         recorded = pr.op_precision(node) if self.pricing == "as-built" else None
         if recorded is not None:
             return pr.act_type(recorded)
         return self.of(node.inputs[0])
+
+    def attention_types(self, node: gs.Node) -> tuple[str, str]:
+        """(activations, softmax internals) of an attention block: the internals are its
+        activations' type unless ``quantize`` recorded them wider (a W8A8 attention's INT16
+        scores, ``edgefc.scores``); "" means the activations' type."""
+        scores = pr.metadata(node).get(pr.SCORES_KEY, "") if self.pricing == "as-built" else ""
+        return self.attention_act_type(node), scores
 
     def bias(self, node: gs.Node, t: gs.Tensor) -> str:
         """A tensor-engine bias: INT32 when the op runs at an integer precision, else its stored type."""

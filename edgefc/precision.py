@@ -64,6 +64,9 @@ WEIGHT_INPUT = {"Conv": 1, "FusedConv": 1, "ConvTranspose": 1, "MatMul": 1, "Fus
 
 #: the node metadata key of the per-op record.
 RECORD_KEY = "edgefc.precision"
+#: the node metadata key of an attention block's softmax internals (S_in, S_out) when the policy
+#: keeps them wider than its activations (a W8A8 attention: INT16 scores).
+SCORES_KEY = "edgefc.scores"
 
 
 def weight_type(precision: str) -> str:

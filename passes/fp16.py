@@ -31,6 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from edgefc import ir
+from edgefc.errors import QuantizationError
 from edgefc.passes.quant_policy import (
     FP16_FP32_OPS,
     FP16_MAX,
@@ -62,7 +63,13 @@ def _allows_fp16(node: gs.Node, index: int, opset: int) -> bool:
 
 def plan_fp16(graph: gs.Graph, policy: QuantPolicy, absmax: dict[str, float] | None = None) -> dict[str, str]:
     """Nodes kept in FP32: name -> reason (user overrides, rules, and the overflow guard)."""
-    kept = dict(policy.user_kept(graph))
+    kept = {}
+    for name, (prec, reason) in policy.user_precisions(graph).items():
+        if prec in ("w8a16", "w8a8"):
+            raise QuantizationError(f"{reason}: an FP16 build has no integer layers; compile with --precision "
+                                    f"w8a16 or w8a8 and give the FP16 layers with --layer-precision PATTERN=fp16")
+        if prec == "fp32":
+            kept[name] = reason
     if policy.rule("periodic-arguments"):
         tensors, nodes = periodic_argument_tensors(graph)
         for n in graph.nodes:

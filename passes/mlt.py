@@ -132,7 +132,7 @@ class ModelLevelTiling(Pass):
                 report["left_alone"] += 1
                 continue
             try:
-                spec = spec_from_node(node, types.attention_act_type(node))
+                spec = spec_from_node(node, *types.attention_types(node))
             except ValueError as e:
                 entry["reason"] = f"not tiled: {e}"
                 report["left_alone"] += 1
@@ -203,7 +203,7 @@ def explain_tiling(graph: gs.Graph, target, budget=None, precision: str | None =
         if not is_attention(node):
             continue
         try:
-            spec = spec_from_node(node, types.attention_act_type(node))
+            spec = spec_from_node(node, *types.attention_types(node))
         except ValueError:
             continue
         table = tile_solver.explain(spec, target, budget)

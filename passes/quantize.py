@@ -22,6 +22,9 @@ Options (``edgefc compile`` flags; :class:`QuantizeOptions`, read through ``ctx.
   ``calib_method``   ``minmax`` (default) | ``percentile`` | ``mse`` (activation ranges);
   ``calib_samples``  how many calibration inputs (default per component, see calibration.py);
   ``keep_fp32``      node-name globs / ``re:`` regexes / op types kept in FP32 (repeatable);
+  ``layer_precision`` ``PATTERN=PRECISION`` (repeatable): the matching ops at that precision
+                     (``fp32``, ``fp16``, ``w8a16``, ``w8a8``) in a W8A16 / W8A8 build; the
+                     conversions between precisions are added and priced;
   ``eval_samples``   evaluation inputs for the SQNR (default: every one of a file up to a cap, else
                      8 generated; 0 skips the measurement and the floor);
   Python API only: ``quant_policy`` (a :class:`~edgefc.passes.quant_policy.QuantPolicy`),
@@ -59,7 +62,7 @@ compute). Generated evaluation inputs come from the calibration generator with a
 
 Modules: :mod:`~edgefc.passes.quant_policy` (what stays in higher precision),
 :mod:`~edgefc.passes.calibration` (which inputs), :mod:`~edgefc.passes.calib_stats` and
-:mod:`~edgefc.passes.observers` (activation ranges), :mod:`~edgefc.passes.w8a16` and
+:mod:`~edgefc.passes.observers` (activation ranges), :mod:`~edgefc.passes.qdq` and
 :mod:`~edgefc.passes.fp16` (the rewrites), :mod:`~edgefc.passes.quant_eval` (the SQNR report),
 :mod:`~edgefc.passes.disk_model` (onnxruntime without holding the weights twice).
 
@@ -90,7 +93,7 @@ from edgefc.dtypes import DTYPE_BYTES
 from edgefc.errors import QuantizationError
 from edgefc.memory import detach_from_proto, release_memory
 from edgefc.pass_base import Pass, PassContext
-from edgefc.passes import calib_stats, quant_eval, w8a16
+from edgefc.passes import calib_stats, qdq, quant_eval
 from edgefc.passes import calibration as cal
 from edgefc.passes import fp16 as fp16_mod
 from edgefc.passes import quant_policy as qp
@@ -104,13 +107,15 @@ def _options(ctx: PassContext) -> dict:
     """The pass's validated options (:class:`QuantizeOptions`, read through ``ctx.option``), with the
     policy assembled from ``quant_policy`` and ``keep_fp32``."""
     keep = list(ctx.option("keep_fp32") or ())
+    layers = list(ctx.option("layer_precision") or ())
     policy = ctx.option("quant_policy")
     if policy is None:
-        policy = qp.QuantPolicy(keep_fp32=keep)
+        policy = qp.QuantPolicy(keep_fp32=keep, layer_precision=layers)
     elif isinstance(policy, dict):
-        policy = qp.QuantPolicy(**{"keep_fp32": keep, **policy})
-    elif keep:
-        policy = dataclasses.replace(policy, keep_fp32=list(policy.keep_fp32) + keep)
+        policy = qp.QuantPolicy(**{"keep_fp32": keep, "layer_precision": layers, **policy})
+    elif keep or layers:
+        policy = dataclasses.replace(policy, keep_fp32=list(policy.keep_fp32) + keep,
+                                     layer_precision=list(policy.layer_precision) + layers)
     samples, evals = ctx.option("calib_samples"), ctx.option("eval_samples")
     return {
         "precision": ctx.option("precision", "auto"), "component": ctx.option("component"),
@@ -220,6 +225,17 @@ def _is_fp32(t: gs.Tensor) -> bool:
 
 
 @dataclasses.dataclass
+class Calibration:
+    """Calibrated activation ranges (``exact``: over an input's whole domain, never widened), the
+    input channel means for bias correction, and the headroom per integer type (minmax)."""
+
+    ranges: dict[str, tuple[float, float]]
+    exact: set[str]
+    means: dict[str, np.ndarray]
+    headroom: dict[str, float]
+
+
+@dataclasses.dataclass
 class QuantizeOptions:
     """Options of ``quantize`` (see the module docstring), checked here once, when the pass is
     configured (``edgefc compile`` flags, ``edgefc.compile(options=...)`` or ``get_pass("quantize",
@@ -233,6 +249,7 @@ class QuantizeOptions:
     calib_method: str | None = None     # calibration.METHODS; None: minmax
     calib_samples: int | None = None
     keep_fp32: tuple[str, ...] = ()
+    layer_precision: tuple[str, ...] = ()   # PATTERN=PRECISION, per layer (--layer-precision)
     eval_samples: int | None = None
     quant_policy: Any = None            # a QuantPolicy or a dict of its fields (Python API)
     calib_percentile: float | None = None
@@ -304,14 +321,14 @@ class Quantize(Pass):
         start = time.perf_counter()
         samples, calib_info, evals = cal.choose_inputs(graph, component, calib=opts["calib"], eval_file=opts["eval_file"],
                                                        calib_samples=opts["samples"], eval_samples=opts["eval"])
-        calib_info["method"] = opts["method"] if precision == "w8a16" else "minmax (FP16 overflow guard)"
+        calib_info["method"] = opts["method"] if precision in pr.INTEGER_PRECISIONS else "minmax (FP16 overflow guard)"
         report["eval_source"] = evals.source
         report["min_sqnr_db"] = opts["floor"] if math.isfinite(opts["floor"]) else None
         n_calib = len(samples)
         with temp_dir("quant") as tmp:  # edgefc-quant-PID-*: a later run removes it if this one is killed
             ref = DiskModel(graph, tmp, "reference")
-            if precision == "w8a16":
-                details, aliases, fp32_nodes = self._w8a16(graph, ctx, ref, samples, opts, calib_info)
+            if precision in pr.INTEGER_PRECISIONS:
+                details, aliases, fp32_nodes = self._integer(graph, ctx, ref, samples, opts, calib_info, precision)
             else:
                 details, aliases, fp32_nodes = self._fp16(graph, ref, samples, opts, calib_info)
             del samples
@@ -339,61 +356,80 @@ class Quantize(Pass):
         ctx.report["quantization"] = report
         return graph
 
-    # -- W8A16 --
-    def _w8a16(self, graph, ctx, ref, samples, opts, calib_info):
+    # -- integer precisions: W8A16, W8A8 --
+    def _integer(self, graph, ctx, ref, samples, opts, calib_info, precision):
         policy: qp.QuantPolicy = opts["policy"]
-        plan = qp.plan_w8a16(graph, policy)
+        component = opts["component"] or detect_component(t.name for t in graph.inputs)
+        domain = cal.enumerable_input(graph, component)
+        plan = qp.plan_precisions(graph, precision, policy, time_input=domain[0] if domain else None)
+        qplan = qp.plan_qdq(graph, plan, policy)
+        calibration = self._calibrate(graph, ref, samples, opts, calib_info, qplan, domain)
+        outputs_before = [t.name for t in graph.outputs]
+        counts = qdq.apply_plan(graph, plan, qplan, calibration.ranges, calibration.means, policy,
+                                calibration.headroom, calibration.exact)
+        release_memory()
+        aliases = {f"{n}__float": n for n in outputs_before}
+        types = Counter(qplan.storage.values())
+        schemes = {"int16": f"int16 {'symmetric' if policy.activation_symmetric else 'asymmetric'} per tensor",
+                   "int8": f"int8 {'symmetric' if policy.int8_symmetric else 'asymmetric'} per tensor"}
+        details = {
+            "weights": {"scheme": "int8 symmetric per output channel", "quantized": len({w for w in qplan.weights}),
+                        **counts},
+            "activations": {"scheme": ", ".join(schemes[t] for t in ("int16", "int8") if t in types),
+                            "quantized": len(qplan.quantized), "by_type": dict(sorted(types.items())),
+                            "calibrated": len(qplan.calibrated), "sharing_input_scale": len(qplan.inherits)},
+            "kept_higher_precision": _summarise_kept({**qplan.kept, **plan.reasons,
+                                                     **{n: f"attention-scores: softmax internals {t}"
+                                                        for n, t in plan.scores.items()}}),
+        }
+        return details, aliases, {n for n, p in plan.ops.items() if p == "fp32"}
+
+    def _calibrate(self, graph, ref, samples, opts, calib_info, qplan, domain) -> Calibration:
+        """Ranges of every tensor ``qplan`` stores as an integer (the calibration samples' min/max,
+        exact over the whole domain of an enumerable input, or a histogram method) and the input
+        channel means bias correction needs."""
+        policy: qp.QuantPolicy = opts["policy"]
+        names = list(qplan.storage)
         tensors = graph.tensors()
         means = {}
         if policy.bias_correction:
-            for node_name, x in plan.bias_inputs.items():
+            for node_name, x in qplan.bias_inputs.items():
                 node = next(n for n in tensors[x].outputs if n.name == node_name)
-                axes = w8a16.mean_axes(node, tensors[x])
+                axes = qdq.mean_axes(node, tensors[x])
                 if axes is not None:
                     means[x] = axes
-        stats = calib_stats.collect_stats(ref, samples, plan.calibrated, means, opts["progress"])
-        ranges = {t: (stats.lo[t], stats.hi[t]) for t in plan.calibrated}
+        stats = calib_stats.collect_stats(ref, samples, names, means, opts["progress"])
+        ranges = {t: (stats.lo[t], stats.hi[t]) for t in names}
         exact: set[str] = set()
-        domain = cal.enumerable_input(graph, opts["component"] or detect_component(t.name for t in graph.inputs))
         if domain is not None:
             name, values = domain
-            dstats = calib_stats.collect_domain_stats(ref, name, values, plan.calibrated, opts["progress"])
+            dstats = calib_stats.collect_domain_stats(ref, name, values, names, opts["progress"])
             for t in dstats.lo:
                 ranges[t] = (dstats.lo[t], dstats.hi[t])
             exact = set(dstats.lo)
             calib_info["exhaustive"] = {"input": name, "values": f"{values[0]}..{values[-1]}", "tensors": len(exact),
                                         "seconds": round(dstats.seconds, 2)}
         if opts["method"] != "minmax":
-            sizes = {t: 4 * int(np.prod(tensors[t].shape)) for t in plan.calibrated}
-            hists = calib_stats.collect_histograms(ref, samples, plan.calibrated, ranges, sizes,
-                                           symmetric=policy.activation_symmetric, chunk_bytes=opts["chunk_bytes"],
-                                           progress=opts["progress"])
+            roots = [t for t in names if t not in qplan.inherits]
+            sizes = {t: 4 * int(np.prod(tensors[t].shape)) for t in roots}
+            hists = calib_stats.collect_histograms(ref, samples, roots, ranges, sizes,
+                                                   symmetric=policy.activation_symmetric, chunk_bytes=opts["chunk_bytes"],
+                                                   progress=opts["progress"])
             for t, h in hists.items():
                 ranges[t] = h.percentile_range(opts["percentile"]) if opts["method"] == "percentile" else h.mse_range()
             calib_info["histogram_chunk_bytes"] = opts["chunk_bytes"]
             if opts["method"] == "percentile":
                 calib_info["percentile"] = opts["percentile"]
-        if opts["method"] == "minmax" and policy.activation_headroom != 1.0:
-            h = policy.activation_headroom
-            ranges = {t: (lo * h, hi * h) if t not in exact else (lo, hi) for t, (lo, hi) in ranges.items()}
-            calib_info["headroom"] = h
+        headroom = {}
+        if opts["method"] == "minmax":
+            headroom = {"int16": policy.activation_headroom, "int8": policy.int8_headroom}
+            used = set(qplan.storage.values()) | {a for c in qplan.conversions.values() for a in c}
+            if policy.activation_headroom != 1.0 and "int16" in used:
+                calib_info["headroom"] = policy.activation_headroom
+            if policy.int8_headroom != 1.0 and "int8" in used:
+                calib_info["int8_headroom"] = policy.int8_headroom
         calib_info["seconds"] = round(stats.seconds, 2)
-        outputs_before = [t.name for t in graph.outputs]
-        del tensors
-        node_names = {n.name for n in graph.nodes}
-        fp32_nodes = set(plan.kept_nodes) | (set(plan.kept) & node_names)
-        counts = w8a16.apply_w8a16(graph, plan, ranges, stats.means, policy)
-        release_memory()
-        aliases = {f"{n}__float": n for n in outputs_before}
-        details = {
-            "weights": {"scheme": "int8 symmetric per output channel", "quantized": len({w for w in plan.weights}),
-                        **counts},
-            "activations": {"scheme": f"int16 {'symmetric' if policy.activation_symmetric else 'asymmetric'} per tensor",
-                            "quantized": len(plan.quantized), "calibrated": len(plan.calibrated),
-                            "sharing_input_scale": len(plan.inherits)},
-            "kept_higher_precision": _summarise_kept(plan.kept),
-        }
-        return details, aliases, fp32_nodes
+        return Calibration(ranges, exact, stats.means, headroom)
 
     # -- FP16 --
     def _fp16(self, graph, ref, samples, opts, calib_info):

@@ -80,11 +80,11 @@ def _elements(t: gs.Tensor) -> int:
     return int(math.prod(s))
 
 
-def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
+def attention_spec(node: gs.Node, act_dtype: str, score_dtype: str = "") -> AttentionSpec:
     """AttentionSpec of an Attention / TiledAttention node (``edgefc.attention.spec_from_node``:
     the 3D form [B, S, H*d]; the 4D form [B, H, S, d] is read here too)."""
     try:
-        return spec_from_node(node, act_dtype)
+        return spec_from_node(node, act_dtype, score_dtype)
     except ValueError as e:
         shapes = [_shape(t) for t in node.inputs[:3]]
         causal = bool(int(node.attrs.get("is_causal", 0) or 0))
@@ -92,13 +92,14 @@ def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
         if len(shapes) == 3 and all(s is not None and len(s) == 4 for s in shapes):
             (b, h, sq, dk), k, v = shapes
             return AttentionSpec(name=node.name, batch=b, heads=h, q_len=sq, kv_len=k[2], head_dim=dk,
-                                 v_head_dim=v[3], act_dtype=act_dtype, causal=causal)
+                                 v_head_dim=v[3], act_dtype=act_dtype, causal=causal, score_dtype=score_dtype)
         if (len(shapes) == 3 and all(s is not None and len(s) == 3 for s in shapes) and heads > 0
                 and shapes[0][2] % heads == 0 and shapes[2][2] % heads == 0):
             # 3D form with a mask input (or another attribute the tiling solver does not take)
             (b, sq, width), k, v = shapes
             return AttentionSpec(name=node.name, batch=b, heads=heads, q_len=sq, kv_len=k[1], head_dim=width // heads,
-                                 v_head_dim=v[2] // heads, act_dtype=act_dtype, causal=causal)
+                                 v_head_dim=v[2] // heads, act_dtype=act_dtype, causal=causal,
+                                 score_dtype=score_dtype)
         raise BuildError(f"cannot lower attention '{node.name}': {e}") from None
 
 
@@ -172,7 +173,7 @@ class _Lowering:
         specs: dict[str, AttentionSpec] = {}
         for n, kind in zip(nodes, kinds):
             if kind == "attention":
-                spec = attention_spec(n, types.attention_act_type(n))
+                spec = attention_spec(n, *types.attention_types(n))
                 specs[self.nm(n)] = spec
                 io = attention_io_bytes(spec, self.arch)
                 for key, t in zip(("q", "k", "v", "out"), list(n.inputs[:3]) + [n.outputs[0]]):

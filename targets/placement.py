@@ -8,7 +8,9 @@ instead of deciding again. A node is:
 
 * ``none``: free -- metadata (Shape, Constant), alias ops (Reshape, Squeeze, Identity, Q/DQ: the
   producer writes the quantized type directly), Casts between types priced alike, and anything
-  computed from constants only (folded at compile time);
+  computed from constants only (folded at compile time). A QuantizeLinear that *requantises*
+  (``DeployedTypes.converts``: the conversion a mixed-precision plan adds between an INT16 and an
+  INT8 reader) is vector work like a Cast between types;
 * ``attention``: a fused attention block (both matmuls on the tensor engine, the softmax on the
   vector engine);
 * ``tensor`` / ``vector``: an op the NPU runs -- its op type is listed in the target file's
@@ -130,8 +132,8 @@ def place(node: gs.Node, types, npu_dtypes, ops: OpSupport, graph_outputs: froze
     ``types`` is the lowering's deployed-type table, ``npu_dtypes`` the target's ``tensor.dtypes``,
     ``ops`` its ``[ops]`` table, ``graph_outputs`` the names of the graph's outputs."""
     op = node.op
-    if op in METADATA_OPS or op in STORAGE_ALIAS_OPS:
-        return "none", ""
+    if op in METADATA_OPS or (op in STORAGE_ALIAS_OPS and not types.converts(node)):
+        return "none", ""  # a Q/DQ is the producer writing (the consumer reading) the quantized type
     if op == "Cast" and (types.is_const(node.inputs[0]) or types.of(node.inputs[0]) == types.of(node.outputs[0])):
         return "none", ""
     if all(types.is_const(t) for t in reads(node) if t is not None and t.name):

@@ -32,7 +32,7 @@ class OpRow:
     op_type: str
     engine: str
     block: str
-    precision: str = ""       # tensor ops: the [tensor.rate] key their MACs were priced at
+    precision: str = ""       # tensor ops: the [tensor.rate] key their MACs were priced at ("a+b": an attention whose two matmuls run at two keys)
     macs: int = 0
     dma_bytes: int = 0
     cycles: float = 0.0
@@ -93,9 +93,10 @@ class Profile:
                 row.dma_bytes += c.total_bytes
             elif c.kind == "tensor":
                 row.macs += c.total_macs
-                if row.precision and row.precision != c.precision:
-                    raise ValueError(f"op {c.op} has tensor commands at two precisions ({row.precision}, {c.precision})")
-                row.precision = c.precision
+                # an attention whose S_out x V runs wider than its QK^T (W8A8 with INT16 scores)
+                # names both keys, QK^T first: "int8xint8+int8xint16"
+                if c.precision not in row.precision.split("+"):
+                    row.precision = f"{row.precision}+{c.precision}" if row.precision else c.precision
         total = self.total_cycles or 1.0
         for row in rows.values():
             row.ms = self.ms(row.cycles)

@@ -108,8 +108,9 @@ def _dtype(e) -> str:
     return str(e.ty.dtype)
 
 
-def _activation(bb, y, name: str):
-    """The activation ``name`` of a fused op (:data:`edgefc.composites.ACTIVATIONS`) as its Relax op."""
+def _activation(bb, y, name: str, attrs: dict | None = None):
+    """The activation ``name`` of a fused op (:data:`edgefc.composites.ACTIVATIONS`) as its Relax op
+    (its bounds, Clip's, from the node's ``attrs``)."""
     if name in ("", "none"):
         return y
     act = composites.ACTIVATIONS.get(name)
@@ -118,6 +119,8 @@ def _activation(bb, y, name: str):
     op = _rx().op
     for part in act.relax_op.split(".")[1:]:   # "relax.nn.silu" -> relax.op.nn.silu
         op = getattr(op, part)
+    if act.bounds:
+        return bb.normalize(op(y, *[float((attrs or {})[b]) for b in act.bounds]))
     return bb.normalize(op(y))
 
 
@@ -169,7 +172,7 @@ def _fused_matmul(bb, inputs, attrs, node):
     y = bb.normalize(relax.op.matmul(a, b))
     if bias is not None:
         y = bb.normalize(relax.op.add(y, bias))
-    y = _activation(bb, y, _s(attrs.get("activation"), "none"))
+    y = _activation(bb, y, _s(attrs.get("activation"), "none"), attrs)
     if residual is not None:
         y = bb.normalize(relax.op.add(y, residual))
     return y
@@ -179,11 +182,12 @@ def _fused_conv(bb, inputs, attrs, node, opset):
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     relax = _rx()
-    conv_attrs = {k: v for k, v in attrs.items() if k not in ("activation", "tvm_custom")}
+    bounds = {b for a in composites.ACTIVATIONS.values() for b in a.bounds}
+    conv_attrs = {k: v for k, v in attrs.items() if k not in ("activation", "tvm_custom", *bounds)}
     conv_inputs = list(inputs[:3]) + [None] * (3 - len(inputs[:3]))
     y = _get_convert_map()["Conv"].get_converter(opset)(bb, conv_inputs, conv_attrs, None)
     y = bb.normalize(y)
-    y = _activation(bb, y, _s(attrs.get("activation"), "none"))
+    y = _activation(bb, y, _s(attrs.get("activation"), "none"), attrs)
     residual = inputs[3] if len(inputs) > 3 else None
     if residual is not None:
         y = bb.normalize(relax.op.add(y, residual))

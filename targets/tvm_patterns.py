@@ -42,9 +42,9 @@ def placement_check(host_nodes: set[str]):
 def _act(y, act: composites.Activation):
     """``act`` applied to ``y``, as the Relax op, or for a gated activation also as the exporters
     write it (SiLU: ``x * sigmoid(x)``)."""
-    from tvm.relax.dpl.pattern import is_op
+    from tvm.relax.dpl.pattern import is_op, wildcard
 
-    pat = is_op(act.relax_op)(y)
+    pat = is_op(act.relax_op)(y, *[wildcard() for _ in act.bounds])
     if act.gated:
         pat = pat | is_op("relax.multiply")(y, is_op(act.relax_gate_op)(y))
     return pat

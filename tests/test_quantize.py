@@ -20,7 +20,7 @@ from edgefc.errors import QuantizationError
 from edgefc.metrics import sqnr_db
 from edgefc.models import calib_inputs
 from edgefc.pass_base import PassContext
-from edgefc.passes import calib_stats, observers, w8a16
+from edgefc.passes import calib_stats, observers, qdq
 from edgefc.passes import calibration as cal
 from edgefc.passes import quant_policy as qp
 from edgefc.passes.disk_model import DiskModel
@@ -370,7 +370,7 @@ def test_calib_cli_errors_exit_2_one_line(tiny_models, tmp_path):
 
 def test_streaming_chunks_give_identical_ranges(graphs, tmp_path):
     g = graphs["unet"]["fused"]
-    plan = qp.plan_w8a16(g, qp.QuantPolicy())
+    plan = qp.plan_qdq(g, qp.plan_precisions(g, "w8a16", qp.QuantPolicy()), qp.QuantPolicy())
     samples, _ = cal.generate(g, "unet", 2, seed=11)
     model = DiskModel(g, tmp_path, "ref")
     tensors = plan.calibrated[:24]
@@ -417,14 +417,14 @@ def test_histogram_observer_math():
 def test_quantize_weight_is_per_channel_symmetric():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * np.array([1, 10, 0.1, 0])[:, None, None, None]
-    q, s = w8a16.quantize_weight(w, 0)
+    q, s = qdq.quantize_weight(w, 0)
     assert q.dtype == np.int8 and s.shape == (4,) and np.abs(q).max() == 127
-    back = w8a16.dequantize_weight(q, s, 0)
+    back = qdq.dequantize_weight(q, s, 0)
     assert np.all(np.abs(back - w) <= s[:, None, None, None] / 2 + 1e-7)
     assert np.all(back[3] == 0)
-    scale, zp = w8a16.activation_qparams(-1.0, 3.0, symmetric=True)
+    scale, zp = qdq.activation_qparams(-1.0, 3.0, symmetric=True)
     assert zp == 0 and np.isclose(scale, 3 / 32767)
-    scale, zp = w8a16.activation_qparams(0.0, 2.0, symmetric=False)
+    scale, zp = qdq.activation_qparams(0.0, 2.0, symmetric=False)
     assert zp == -32768 and np.isclose(scale, 2 / 65535)
 
 
@@ -539,3 +539,75 @@ def test_precision_record_is_written_once_and_read_after_saving(graphs, tmp_path
     f16, r16 = quantize(graphs["unet"]["fused"], precision="fp16", eval_samples=0, calib_samples=1)
     assert set(precision.recorded_plan(f16).values()) == {"fp16", "fp32"}
     assert all(precision.op_precision(n) is None for n in f16.nodes if n.op == "Cast")
+
+
+# --- W8A8 and per-op plans -------------------------------------------------------------------------
+
+def _profile_rows(graph, **kw):
+    prof = edgefc.get_target("exynos2400").profile(graph, **kw)
+    return {r.name: r for r in prof.ops}, prof.total_ms
+
+
+def test_w8a8_runs_in_onnxruntime_and_is_priced_at_int8(graphs, tmp_path):
+    """INT8 weights and activations as Q/DQ that onnxruntime runs with its default (fully optimising)
+    session options; convolutions priced at int8xint8; the time embedding kept at W8A16 and the
+    softmax internals at INT16 by the policy, and reported."""
+    ref = graphs["unet"]["fused"]
+    q, r = quantize(ref, precision="w8a8", calib_samples=2, eval_samples=2, min_sqnr=float("-inf"))
+    assert r["precision"] == "w8a8" and r["sqnr_db"] > 12, r["sqnr_db"]
+    assert r["activations"]["by_type"]["int8"] > 100 and r["dtypes"]["activations"]["int8"]["tensors"] > 100
+    kept = r["kept_higher_precision"]
+    assert kept["time-embedding"]["count"] >= 3 and kept["attention-scores"]["count"] == 18
+    assert set(r["op_precisions"]) == {"w8a8", "w8a16", "fp32"}
+    path = edgefc.save(q, tmp_path / "w8a8.onnx")
+    sess = ort.session(path)  # edgefc's factory: default graph optimisations
+    feeds = cal.generate(ref, "unet", 1, seed=3)[0][0]
+    out = sess.run(None, feeds)[0]
+    want = ort.session(ref).run(None, feeds)[0]
+    assert np.all(np.isfinite(out)) and sqnr_db(want, out) > 12
+    rows, ms = _profile_rows(q)
+    conv = next(n for n in q.nodes if n.op in ("Conv", "FusedConv") and "conv_in" not in n.name)
+    assert rows[conv.name].precision == "int8xint8"
+    att = next(n for n in q.nodes if n.op == "Attention")
+    assert rows[att.name].precision == "int8xint8+int8xint16"   # S_out x V reads the INT16 scores
+    temb = next(n for n in q.nodes if "time_emb_proj" in n.name and n.op == "Gemm")
+    assert precision.op_precision(temb) == "w8a16" and rows[temb.name].precision == "int8xint16"
+    # faster than the W8A16 build of the same graph; the W8A8 what-if of the FP32 graph prices
+    # every activation (softmax internals included) at INT8, so it is a little faster still
+    w16, _ = quantize(ref, precision="w8a16", calib_samples=1, eval_samples=0)
+    assert ms < _profile_rows(w16)[1]
+    assert _profile_rows(ref, precision="w8a8")[1] <= ms
+
+
+def test_mixed_plan_adds_priced_conversions(graphs):
+    """--layer-precision: per-layer precisions in one build; a tensor stored at INT16 and read by an
+    INT8 layer is requantised (a QuantizeLinear the cost model prices on the vector engine); FP16
+    layers sit between Casts; every op records the precision it reads its operands at."""
+    from edgefc.deployed_types import DeployedTypes
+
+    ref = graphs["unet"]["fused"]
+    q, r = quantize(ref, precision="w8a16", calib_samples=2, eval_samples=2,
+                    layer_precision=("*down_blocks.0*=w8a8", "Attention=fp16"))
+    assert r["sqnr_db"] > 20 and r["weights"]["conversions"] > 0 and r["weights"]["fp16_ops"] == 18
+    plan = precision.recorded_plan(q)
+    assert {plan[n.name] for n in q.nodes if n.op == "Attention"} == {"fp16"}
+    assert any(p == "w8a8" for n, p in plan.items() if "down_blocks.0" in n)
+    types = DeployedTypes(q)
+    requant = [n for n in q.nodes if n.op == "QuantizeLinear" and types.converts(n)]
+    assert requant and all(types.of(n.inputs[0]) == "int16" and types.of(n.outputs[0]) == "int8" for n in requant)
+    rows, _ = _profile_rows(q)
+    assert all(rows[n.name].engine == "vector" for n in requant)
+    att = next(n for n in q.nodes if n.op == "Attention")
+    assert rows[att.name].precision == "fp16"
+    casts = [n for n in q.nodes if n.op == "Cast" and "__cast_" in n.name and n.name in rows]   # the FP16 layers' conversions
+    assert casts and all(rows[n.name].engine == "vector" for n in casts)
+    # a uniform build has no conversion: its Q/DQ pairs are the producers writing INT16
+    w16, _ = quantize(ref, precision="w8a16", calib_samples=1, eval_samples=0)
+    t16 = DeployedTypes(w16)
+    assert not any(t16.converts(n) for n in w16.nodes)
+    with pytest.raises(QuantizationError, match="give PATTERN=PRECISION"):
+        quantize(ref, precision="w8a16", layer_precision=("Conv=int4",))
+    with pytest.raises(QuantizationError, match="matches no node"):
+        quantize(ref, precision="w8a16", layer_precision=("*nothing*=w8a8",))
+    with pytest.raises(QuantizationError, match="an FP16 build has no integer layers"):
+        quantize(ref, precision="fp16", layer_precision=("Conv=w8a8",))

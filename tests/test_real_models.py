@@ -514,3 +514,38 @@ def test_trained_models_from_wheels(name, tmp_path):
     assert row["npu"]["exit"] == 0, row["npu"]
     if model.cnn:
         assert row["host_ops"] == 0 and row["host_share"] < 0.10, row
+
+
+def test_clip_after_a_convolution_is_its_epilogue(tmp_path):
+    """Conv -> Clip(0, 6) (ReLU6) and Gemm -> Clip(-1, 1) fold into FusedConv / FusedMatMul
+    (activation "clip" with its bounds); a Clip with a run-time bound does not; the build and its
+    TVM lowering (composite conv2d_bias_clip) match onnxruntime."""
+    from edgefc.targets import tvm_build, tvm_lowering, tvm_runtime
+
+    f = np.float32
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c", "zero", "six"], ["r6"]),
+             helper.make_node("Conv", ["r6", "w2"], ["c2"]), helper.make_node("Clip", ["c2", "lo"], ["y2"]),
+             helper.make_node("Flatten", ["r6"], ["fl"]), helper.make_node("Gemm", ["fl", "fc", "fb"], ["g"]),
+             helper.make_node("Clip", ["g", "minus1", "one"], ["y"])]
+    model = _model(nodes, [_vi("x", [1, 3, 4, 4]), _vi("lo", [])], [_vi("y", [1, 5]), _vi("y2", [1, 4, 4, 4])],
+                   [_const("w", RNG.standard_normal((4, 3, 3, 3)).astype(f)), _const("b", RNG.standard_normal(4).astype(f)),
+                    _const("w2", RNG.standard_normal((4, 4, 1, 1)).astype(f)), _const("fc", RNG.standard_normal((64, 5)).astype(f)),
+                    _const("fb", RNG.standard_normal(5).astype(f)), _const("zero", np.array(0, f)), _const("six", np.array(6, f)),
+                    _const("minus1", np.array(-1, f)), _const("one", np.array(1, f))])
+    result, path = _compile(tmp_path, model)
+    fused = {n.op: n for n in result.graph.nodes if n.op in ("FusedConv", "FusedMatMul")}
+    assert fused["FusedConv"].attrs["activation"] == "clip" and (fused["FusedConv"].attrs["clip_min"],
+                                                                  fused["FusedConv"].attrs["clip_max"]) == (0.0, 6.0)
+    assert fused["FusedMatMul"].attrs["activation"] == "clip" and fused["FusedMatMul"].attrs["clip_min"] == -1.0
+    assert [n.op for n in result.graph.nodes].count("Clip") == 1   # the run-time bound stays
+    feeds = {"x": (3 * RNG.standard_normal((1, 3, 4, 4))).astype(f), "lo": np.array(0.5, f)}
+    _matches(tmp_path, path, feeds)
+    program = edgefc.get_target("exynos2400").lower(result.graph)
+    lowering = tvm_lowering.lower(edgefc.ir.to_model(result.graph), program)
+    assert lowering.partition["disagreements"] == []
+    kinds = {c["composite"] for p in lowering.programs for c in p["commands"]}
+    assert "edgefc_npu.conv2d_bias_clip" in kinds and "edgefc_npu.matmul_bias_clip" in kinds, kinds
+    (tmp_path / "tvm").mkdir()
+    tvm_build.write_tvm_files(lowering, tmp_path / "tvm", aarch64=False)
+    ort.check(ort.run(str(path), feeds), tvm_runtime.load_build(tmp_path / "tvm").run(feeds), 1e-5)
