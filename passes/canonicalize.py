@@ -36,10 +36,10 @@ import onnx_graphsurgeon as gs
 
 from edgefc import folding, ir, opset
 from edgefc.errors import ShapeError
+from edgefc.graph_edit import bypass
 from edgefc.pass_base import Pass, PassContext
 from edgefc.passes.fold_affine import fold_affine
 from edgefc.registry import register_pass
-from edgefc.rewrite import bypass
 
 
 def apply_input_shapes(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> None:
