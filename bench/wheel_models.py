@@ -191,8 +191,8 @@ def table(rows: list[dict], before: dict | None = None) -> str:
         f = r["fp32"]
         built = (f"matches ({f['rel_error']:.1e})" if f.get("matches") else f"WRONG ({f['rel_error']:.1e})") \
             if "rel_error" in f else f"exit {f['exit']}: {f['message'][:80]}"
-        npu = r.get("npu", {})
-        npu_s = "compiles" if npu.get("exit") == 0 else f"exit {npu.get('exit')}: {npu.get('message', '')[:80]}"
+        npu = r.get("npu")
+        npu_s = "-" if npu is None else "compiles" if npu.get("exit") == 0 else f"exit {npu['exit']}: {npu.get('message', '')[:80]}"
         if "ms" not in r:
             out.append(f"| {r['model']} | {r['what']} | {built} | - | - | - | {npu_s} |")
             continue

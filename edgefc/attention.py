@@ -18,7 +18,9 @@ model-level tiling emits) is described by an :class:`AttentionSpec`; how it is s
 :func:`tile_grid` is the one definition of the tiles of a tiling: the ONNX body of
 ``TiledAttention`` (``passes/mlt.py``, which passes it ``row_granularity``), the cost model's
 lowering (``targets/lowering.py``), the TVM import (``targets/tvm_import.py``), the numpy
-reference and the tests all take their tile bounds from it.
+execution of the tiles and the tests all take their tile bounds from it. :func:`reference` is the
+one numpy reference of an untiled attention (the NPU runtime's kernel, and what the tiled numerics
+are checked against).
 """
 
 from __future__ import annotations
@@ -249,3 +251,35 @@ def granularity_from_node(node) -> int:
     attribute (which its ONNX body requires; 1, rows not padded, when a hand-made node has none)."""
     g = node.attrs.get("row_granularity") if node.op == "TiledAttention" else None
     return int(g) if g is not None else 1
+
+
+def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float | None = None, causal: str | None = None,
+              heads: int | None = None) -> np.ndarray:
+    """Untiled attention in numpy: ``softmax(Q K^T * scale [+ causal mask]) V``.
+
+    ``q``, ``k``, ``v`` are ``[B, S, H, d]`` (Relax's layout, the NPU runtime's), or with ``heads``
+    the ONNX 3D form ``[B, S, H*d]`` (the output then has that form too). ``scale`` defaults to
+    ``1/sqrt(d)``; ``causal``: None, ``"TopLeft"`` (query ``i`` sees keys ``<= i``, ONNX
+    ``is_causal=1``) or ``"BottomRight"`` (the diagonal aligned at the last key). float16 inputs
+    are computed in float32; the scores and the softmax in float64, the probabilities rounded to
+    float32 before ``P V`` (one NPU attention command: QK^T on the tensor engine, the softmax on
+    the vector engine, SV on the tensor engine).
+    """
+    if heads is not None:
+        b, sq, skv = q.shape[0], q.shape[1], k.shape[1]
+        ev = v.shape[2]
+        out = reference(q.reshape(b, sq, heads, -1), k.reshape(b, skv, heads, -1), v.reshape(b, skv, heads, -1),
+                        scale, causal)
+        return out.reshape(b, sq, ev)
+    q, k, v = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (q, k, v))
+    sq, skv, d = q.shape[1], k.shape[1], q.shape[3]
+    s = np.einsum("bqhd,bkhd->bhqk", q, k, optimize=True).astype(np.float64)
+    s *= (1.0 / math.sqrt(d)) if scale is None else float(scale)
+    if causal is not None:
+        if causal not in ("TopLeft", "BottomRight"):
+            raise ValueError(f"causal must be None, 'TopLeft' or 'BottomRight', not {causal!r}")
+        offset = 0 if causal == "TopLeft" else abs(sq - skv)
+        s = np.where(np.triu(np.ones((sq, skv), dtype=bool), k=1 + offset), -np.inf, s)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    p = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return np.einsum("bhqk,bkhd->bqhd", p, v, optimize=True)

@@ -24,7 +24,7 @@ from edgefc import handover, ir, staging
 from edgefc.errors import PassError
 from edgefc.pass_base import PassContext
 from edgefc.pass_manager import PassManager, PassRecord
-from edgefc.registry import expand, is_known, list_pipelines
+from edgefc.registry import insert_passes, is_known, list_pipelines
 from edgefc.target import Target, get_target
 
 
@@ -83,10 +83,13 @@ def compile(model: str | os.PathLike | gs.Graph, target: str | Target | None = "
             shapes: dict[str, tuple[int, ...]] | None = None, verify: bool = False,
             dump_after: dict[str, str | os.PathLike] | None = None, options: dict | None = None,
             progress=None, force: bool = False, provenance: dict | None = None,
-            consts: dict | None = None) -> CompileResult:
+            consts: dict | None = None, insert_after: dict | None = None,
+            insert_before: dict | None = None) -> CompileResult:
     """Compile an ONNX model (path or Graph) for ``target``.
 
-    ``passes`` overrides the default pipeline; ``shapes`` fixes input shapes; ``consts`` fixes
+    ``passes`` overrides the default pipeline; ``insert_after`` / ``insert_before`` place more
+    passes into it, ``{anchor: pass or [passes]}`` (``{"fuse-epilogue": "my-pass"}``, see
+    :func:`edgefc.registry.insert_passes`); ``shapes`` fixes input shapes; ``consts`` fixes
     inputs to constant values (``{"sr": "16000"}``, :func:`edgefc.ir.fix_inputs`: they leave the
     model's inputs, and canonicalize folds what depends on them); ``verify`` checks
     every pass against onnxruntime; ``dump_after`` names passes after which the graph is written
@@ -102,7 +105,7 @@ def compile(model: str | os.PathLike | gs.Graph, target: str | Target | None = "
     options["shapes"] = dict(shapes or {})
     tgt = get_target(target) if target is not None else None
     names = passes if passes is not None else default_pipeline(tgt, options)
-    expand(names)  # unknown passes fail before any work is done
+    names = insert_passes(names, after=insert_after, before=insert_before)  # unknown passes fail before any work
     PassManager(names).prepare(PassContext(target=tgt, options=dict(options)))  # and bad options
     source = None if isinstance(model, gs.Graph) else Path(model)
     plan = None

@@ -1,7 +1,7 @@
 """Per-channel scales and shifts folded into the convolution before them (``canonicalize``).
 
 The canonical folds every deployment compiler does (issue 22), written with the public rewrite
-API (:mod:`edgefc.pattern`, :func:`edgefc.rewriter.rewrite_all`):
+API (:mod:`edgefc.pattern`, :class:`edgefc.rewriter.Fusion` applied by :func:`edgefc.rewriter.apply_fusions`):
 
 * ``BatchNormalization`` (inference: one output, constant statistics) after a ``Conv``,
   ``ConvTranspose`` or ``Gemm`` with constant weights whose output nothing else reads -> the
@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc.pattern import Pattern
-from edgefc.rewriter import RewriteLog, rewrite_all
+from edgefc.rewriter import Fusion, RewriteLog, apply_fusions
 
 CONVS = ("Conv", "ConvTranspose")
 
@@ -195,19 +195,23 @@ def fold_affine(graph: gs.Graph) -> dict[str, int]:
             return new
         return replace
 
+    def fold(kind: str, patterns: list[Pattern], anchor: str, replace) -> Fusion:
+        return Fusion(kind, patterns, anchor=anchor, replacement=lambda m, rw: replace(m), misses=False)
+
     while True:
-        n = 0
+        before = sum(log.counts.values())
         for op in CONVS:
-            n += rewrite_all(graph, [_conv_pattern(op, True, _bn), _conv_pattern(op, False, _bn)], with_outputs(fold_bn_conv),
-                             anchor="bn", kind="batchnorm_into_conv", log=log)
-            n += rewrite_all(graph, [_conv_pattern(op, True, _affine), _conv_pattern(op, False, _affine)],
-                             with_outputs(fold_const), anchor="affine", kind="scale_shift_into_conv", log=log)
+            apply_fusions(graph, [fold("batchnorm_into_conv", [_conv_pattern(op, True, _bn), _conv_pattern(op, False, _bn)],
+                                       "bn", with_outputs(fold_bn_conv))], log)
+            apply_fusions(graph, [fold("scale_shift_into_conv", [_conv_pattern(op, True, _affine),
+                                                                 _conv_pattern(op, False, _affine)],
+                                       "affine", with_outputs(fold_const))], log)
         gemm = [_conv_pattern("Gemm", True, _bn), _conv_pattern("Gemm", False, _bn)]
-        n += rewrite_all(graph, gemm, fold_bn_gemm, anchor="bn", kind="batchnorm_into_gemm", log=log)
-        if not n:
+        apply_fusions(graph, [fold("batchnorm_into_gemm", gemm, "bn", fold_bn_gemm)], log)
+        if sum(log.counts.values()) == before:
             break
     p = Pattern("batchnorm")
     p.op("BatchNormalization", p.input("x"), p.const("scale"), p.const("bias"), p.const("mean"), p.const("var"),
          name="bn", check=_inference_bn)
-    rewrite_all(graph, p, standalone_bn, anchor="bn", kind="batchnorm_to_scale_shift", log=log)
+    apply_fusions(graph, [fold("batchnorm_to_scale_shift", [p], "bn", standalone_bn)], log)
     return {k: int(v) for k, v in log.counts.items() if v}

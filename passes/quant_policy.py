@@ -157,9 +157,10 @@ INT16_MAX = 32767
 INT8_MAX = 127
 
 
-class Pattern:
-    """A ``--keep-fp32`` pattern: ``re:REGEX`` (searched in node names), else a glob matched
-    against the node name or the op type (``Softmax``, ``*attn1*``, ``/unet/conv_out/*``)."""
+class NodePattern:
+    """Which nodes a ``--keep-fp32`` or ``--layer-precision`` pattern names: ``re:REGEX`` (searched in
+    node names), else a glob matched against the node name or the op type (``Softmax``, ``*attn1*``,
+    ``/unet/conv_out/*``). (Not the rewrite engine's :class:`edgefc.pattern.Pattern`.)"""
 
     def __init__(self, text: str):
         self.text = text
@@ -180,7 +181,7 @@ class Pattern:
         return fnmatch.fnmatchcase(name, self.text) or fnmatch.fnmatchcase(node.op, self.text)
 
     def __repr__(self):
-        return f"Pattern({self.text!r})"
+        return f"NodePattern({self.text!r})"
 
 
 @dataclass
@@ -205,7 +206,7 @@ class QuantPolicy:
         for name in ("activation_headroom", "int8_headroom"):
             if not getattr(self, name) >= 1.0:
                 raise QuantizationError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        self.patterns = [Pattern(p) for p in self.keep_fp32]
+        self.patterns = [NodePattern(p) for p in self.keep_fp32]
         self.layer_patterns = []
         for text in self.layer_precision:
             pattern, sep, prec = str(text).rpartition("=")
@@ -213,7 +214,7 @@ class QuantPolicy:
             if not sep or prec not in PRECISIONS:
                 raise QuantizationError(f"--layer-precision '{text}': give PATTERN=PRECISION with a precision from "
                                         f"{', '.join(PRECISIONS)}")
-            self.layer_patterns.append((Pattern(pattern), prec))
+            self.layer_patterns.append((NodePattern(pattern), prec))
 
     def rule(self, name: str) -> bool:
         return bool(self.rules.get(name, True))

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from edgefc import attention
+
 # the dtype a fused composite keeps an intermediate value in (fp32 accumulators for fp16)
 _ACC = {"float16": "float32"}
 
@@ -276,25 +278,10 @@ def _group_norm(args, attrs, shape, dtype):
     return y
 
 
-def attention_reference(q, k, v, scale, causal_mask):
-    """softmax(Q K^T * scale [+ causal mask]) V on [B, S, H, d] tensors (one NPU attention command:
-    QK^T on the tensor engine, the softmax on the vector engine, SV on the tensor engine)."""
-    q, k, v = _f(q), _f(k), _f(v)
-    sq, skv, d = q.shape[1], k.shape[1], q.shape[3]
-    s = np.einsum("bqhd,bkhd->bhqk", q, k, optimize=True).astype(np.float64)
-    s *= (1.0 / math.sqrt(d)) if scale is None else float(scale)
-    if causal_mask is not None:
-        offset = 0 if causal_mask == "TopLeft" else abs(sq - skv)
-        mask = np.triu(np.ones((sq, skv), dtype=bool), k=1 + offset)
-        s = np.where(mask, -np.inf, s)
-    p = _softmax(s, -1).astype(np.float32)
-    return np.einsum("bhqk,bkhd->bqhd", p, v, optimize=True)
-
-
 def _attention(args, attrs, shape, dtype):
     if len(args) > 3 and args[3] is not None:
         raise ValueError("the NPU runtime does not support attention bias")
-    return attention_reference(args[0], args[1], args[2], attrs.get("scale"), attrs.get("causal_mask"))
+    return attention.reference(args[0], args[1], args[2], attrs.get("scale"), attrs.get("causal_mask"))
 
 
 def _strided_slice(args, attrs, shape, dtype):

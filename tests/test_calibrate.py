@@ -11,10 +11,7 @@ import pytest
 from edgefc.cli import main
 from edgefc.models import pipeline, recording
 from edgefc.passes import calibration as cal
-
-pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-pytest.importorskip("PIL.Image")
+from tests import needs
 
 
 def _cli(args, capsys):
@@ -54,6 +51,7 @@ def recorded(cache, tmp_path, capsys):
     return tmp_path / "calib", out
 
 
+@needs.diffusers
 def test_calibrate_records_what_generate_feeds_each_component(recorded, cache, tmp_path, monkeypatch):
     calib, out = recorded
     assert sorted(p.name for p in calib.iterdir()) == sorted(
@@ -105,6 +103,7 @@ def test_calibrate_records_what_generate_feeds_each_component(recorded, cache, t
         np.testing.assert_array_equal(z[f]["unconditional:encoder_hidden_states"], empty)
 
 
+@needs.diffusers
 def test_compile_on_recorded_inputs_measures_eval_and_conditioning(recorded, cache, capsys, tmp_path):
     calib, _ = recorded
     code, out, err = _cli(["compile", cache / "unet.onnx", "--calib", calib / "unet.npz", "--eval",
@@ -138,6 +137,7 @@ def test_calibrate_errors_are_one_line(cache, tmp_path, capsys):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["blank.txt", "cache", "file", "p.txt", "same.txt"]
 
 
+@needs.diffusers
 def test_generate_prompts_writes_named_pairs_that_eval_scores(cache, tmp_path, capsys):
     prompts = ["a red circle in the top left on a grey background", "a white background with a green square in the bottom left"]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")

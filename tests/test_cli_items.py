@@ -186,3 +186,8 @@ def test_generated_png_is_0644_under_umask_022(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "x.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_compile_of_a_folder_is_one_error_line(tmp_path, capsys):
+    code, out, err = _cli(["compile", tmp_path], capsys)
+    _one_error(code, out, err, "is a directory")

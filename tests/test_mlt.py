@@ -122,7 +122,7 @@ def test_numpy_tile_by_tile_equals_untiled(b, sq, skv, heads, dk, dv, causal, g,
     spec = AttentionSpec("t", b, heads, sq, skv, dk, dv, "fp32", bool(causal))
     y = tiled_attention.tiled_attention_numpy(q, k, v, heads, 0.3, bool(causal), tiling, g,
                                   on_tile=lambda t, rows, hp, s: seen.append((t, s.shape)))
-    ref = tiled_attention.reference_attention(q, k, v, heads, 0.3, bool(causal))
+    ref = edgefc.attention.reference(q, k, v, 0.3, "TopLeft" if causal else None, heads=heads)
     assert np.abs(y - ref).max() <= 1e-5
     rows = tile_rows(spec, tiling, g)
     assert [t for t, _ in seen] == list(range(tiling.tiles))
@@ -139,7 +139,7 @@ def test_onnxruntime_tiled_attention_equals_attention(b, sq, skv, heads, dk, dv,
     y_ref = run_model(attention_node_model(b, sq, skv, heads, dk, dv, causal=causal), feeds)
     y = run_model(tiled, feeds)
     assert y.shape == y_ref.shape and np.abs(y - y_ref).max() <= 1e-5
-    assert np.abs(y - tiled_attention.reference_attention(q, k, v, heads, 0.3, bool(causal))).max() <= 1e-5
+    assert np.abs(y - edgefc.attention.reference(q, k, v, 0.3, "TopLeft" if causal else None, heads=heads)).max() <= 1e-5
     # The body is plain ONNX: inlining the function gives the same graph onnxruntime ran.
     inlined = onnx.inliner.inline_local_functions(tiled)
     assert not inlined.functions and "TiledAttention" not in {n.op_type for n in inlined.graph.node}
@@ -162,7 +162,7 @@ def test_onnx_body_builds_the_tiles_the_cost_model_prices(b, sq, skv, heads, dk,
     inlined.graph.output.append(helper.make_tensor_value_info(loop.output[-1], TensorProto.FLOAT, None))  # the scan output
     out = ort.run(inlined, {"Q": q, "K": k, "V": v})
     assert out[loop.output[-1]].shape == (grid.tiles, b, grid.heads, grid.rows, dv)
-    assert np.abs(out["Y"] - tiled_attention.reference_attention(q, k, v, heads, 0.3, bool(causal))).max() <= 1e-5
+    assert np.abs(out["Y"] - edgefc.attention.reference(q, k, v, 0.3, "TopLeft" if causal else None, heads=heads)).max() <= 1e-5
     # the Program prices those tiles (rows padded to the target's granularity, real MACs exact)
     target = edgefc.get_target("exynos2400")
     prog = target.lower(edgefc.infer_shapes(gs.import_onnx(model)))
@@ -593,4 +593,4 @@ def test_tiled_attention_behind_dequantize_loads_with_default_session_options(tm
     assert load_with_default_options(path, feeds, tmp_path) <= 1e-5
     q, k, v = (feeds[f"{x}16"].astype(np.float32) * 0.01 for x in "QKV")
     y = run_model(model, feeds)
-    assert np.abs(y - tiled_attention.reference_attention(q, k, v, 4, 0.3)).max() <= 1e-4
+    assert np.abs(y - edgefc.attention.reference(q, k, v, 0.3, heads=4)).max() <= 1e-4

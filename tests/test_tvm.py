@@ -659,7 +659,7 @@ def test_boolean_masks_run_on_the_npu(tmp_path):
 def _onnx_composites() -> set[str]:
     """The composites the ONNX side generates: the fusion patterns named after them, and what each
     variant of a fused edgefc op stands for."""
-    names = {v.pattern.name for vs in fuse_epilogue.variants({}).values() for v in vs}
+    names = {p.name for p in fuse_epilogue.variants({})}
     names |= {fuse_epilogue.BIAS_PATTERN.name, fuse_matmul.PATTERN.name}
     fused = composites.fused_op_composites()
     for op in functions.OPS:   # every fused op the ONNX side emits is a composite
@@ -673,9 +673,11 @@ def test_fusion_and_partition_composites_are_one_set():
     tvm_side = tvm_patterns.composite_names() - {name for name, _ in composites.ATTENTION_TILE.variants()}
     assert _onnx_composites() == tvm_side
     # each overload of a fused op is exactly one fusion pattern (the bias-only one: conv-bias / matmul-bias)
-    fusion = sorted(v.pattern.name for vs in fuse_epilogue.variants({}).values() for v in vs)
-    assert len(fusion) == len(set(fusion)) * 2  # every pattern anchors at both ONNX ops of its root
-    assert len(set(fusion)) + 2 == 2 * len(functions.ACTIVATIONS) * 2
+    fusion = fuse_epilogue.variants({})
+    assert len({p.name for p in fusion}) == len(fusion)
+    # every pattern anchors at both ONNX ops of its root
+    assert all(p.node("producer").ops == fuse_epilogue.COMPOSITES[p.name].root.onnx_ops for p in fusion)
+    assert len(fusion) + 2 == 2 * len(functions.ACTIVATIONS) * 2
     # the ONNX patterns of group norm + SiLU and of the GeGLU gate fold the description's activation
     assert all(composites.GROUP_NORM_SILU.activation.name in {n.name for n in p.nodes}
                for p in (fuse_groupnorm.PATTERNS[0], fuse_groupnorm.NATIVE_SILU))
@@ -687,6 +689,7 @@ def test_composite_priority_is_the_description_order():
     table = [name.removeprefix(tvm_patterns.PREFIX) for name, *_ in tvm_patterns.pattern_table(None)]
     epilogues = [e.name for e in composites.EPILOGUES]
     assert [n for n in table if n in set(epilogues)] == epilogues[::-1]
-    for op, vs in fuse_epilogue.variants({}).items():
-        assert [v.pattern.name for v in vs] == [e.name for e in composites.EPILOGUES
-                                                if op in e.root.onnx_ops and (e.activation or e.residual)]
+    patterns = fuse_epilogue.variants({})
+    for op in fuse_epilogue.PRODUCERS:
+        assert [p.name for p in patterns if op in p.node("producer").ops] == [
+            e.name for e in composites.EPILOGUES if op in e.root.onnx_ops and (e.activation or e.residual)]

@@ -87,10 +87,15 @@ def _on_sigterm(signum, frame):
 #: the arguments of this run (after ``edgefc``), for the reproducibility block of report.json
 ARGV: list[str] = []
 
+#: the packages of the ``models`` extra (pyproject.toml): a companion command that needs one which is
+#: not installed says so in one line (the compiler commands never import them)
+MODELS_EXTRA = frozenset({"torch", "diffusers", "transformers", "accelerate", "safetensors", "onnxscript"})
+
 
 def main(argv=None):
-    """Entry point: run the CLI, turning user errors into one line and exit status 2 (a build that
-    fails its handover check: 3); SIGTERM cleans up like Ctrl-C and exits with status 143."""
+    """Entry point: run the CLI, turning user errors into one line and exit status 2 (a companion
+    command run without the ``models`` extra too; a build that fails its handover check: 3);
+    SIGTERM cleans up like Ctrl-C and exits with status 143."""
     ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -99,6 +104,13 @@ def main(argv=None):
     except EdgefcError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(getattr(e, "exit_status", 2))  # 2: the user's input; 3: a build failed its handover check
+    except ModuleNotFoundError as e:
+        package = (e.name or "").split(".")[0]
+        if package not in MODELS_EXTRA:
+            raise
+        click.echo(f"error: this command needs the models extra ({package} is not installed): "
+                   f"pip install 'edgefc[models]'", err=True)
+        sys.exit(2)
     except click.exceptions.Abort as e:
         if isinstance(e.__cause__, Terminated):
             click.echo("terminated", err=True)

@@ -77,6 +77,22 @@ def _demo_model(quiet: bool = False) -> Path:
     return path
 
 
+def _insertions(ctx, param, value) -> dict[str, list[str]]:
+    """--insert-after / --insert-before ANCHOR=PASS[,PASS]: anchor -> passes (one-line error, exit 2,
+    for a malformed value; unknown names fail in edgefc.compile before any work)."""
+    from edgefc.errors import PassError
+
+    table: dict[str, list[str]] = {}
+    for item in value:
+        anchor, sep, passes = item.partition("=")
+        names = [n.strip() for n in passes.split(",") if n.strip()]
+        if not sep or not anchor.strip() or not names:
+            raise PassError(f"--{param.name.replace('_', '-')} {item}: expected ANCHOR=PASS[,PASS...], "
+                            f"e.g. fuse-epilogue=my-pass")
+        table.setdefault(anchor.strip(), []).extend(names)
+    return table
+
+
 def _calib_file(ctx, param, value):
     """Fail before any compiling when --calib / --eval names no file (one line, exit 2)."""
     if value is not None and not value.is_file():
@@ -108,6 +124,11 @@ def _min_sqnr(ctx, param, value):
                                "e.g. canonicalize,fuse (fuse is the pipeline of every fusion pass).")
 @click.option("--plugin", multiple=True, metavar="FILE.py|MODULE",
               help="Import a file or module that registers passes (repeatable).")
+@click.option("--insert-after", "insert_after", multiple=True, metavar="ANCHOR=PASS[,PASS]", callback=_insertions,
+              help="Run PASS right after ANCHOR (a pass or pipeline of the pipeline being run), e.g. "
+                   "fuse-epilogue=fuse-hardswish with --plugin hardswish.py (repeatable).")
+@click.option("--insert-before", "insert_before", multiple=True, metavar="ANCHOR=PASS[,PASS]", callback=_insertions,
+              help="Run PASS right before ANCHOR, e.g. quantize=my-pass (repeatable).")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2x...",
               help="Static shape for an input, e.g. sample=1x4x64x64 (repeatable).")
 @click.option("--const", "consts", multiple=True, metavar="NAME=VALUE",
@@ -170,8 +191,8 @@ def _min_sqnr(ctx, param, value):
               help="Evaluation inputs for the quantization SQNR in report.json (default: all of --eval or the "
                    "held-out part of --calib up to 64, 4 for the VAE decoder; generated: 8, 2 for the VAE decoder; "
                    "0 skips the measurement and the floor).")
-def compile_cmd(model, target, output, passes, plugin, shapes, consts, verify, dump_after, demo, force, quiet,
-                json_result, **pass_options):
+def compile_cmd(model, target, output, passes, plugin, insert_after, insert_before, shapes, consts, verify, dump_after,
+                demo, force, quiet, json_result, **pass_options):
     """Compile an ONNX MODEL for a target and write a build folder.
 
     The build folder holds model.onnx (the compiled graph, runnable by onnxruntime) and
@@ -186,7 +207,7 @@ def compile_cmd(model, target, output, passes, plugin, shapes, consts, verify, d
         json_result = check_output_file(json_result, "--json-result")
     try:
         result = _compile(model, target, output, passes, plugin, shapes, verify, dump_after, demo, force, quiet,
-                          pass_options, consts)
+                          pass_options, consts, insert_after, insert_before)
     except EdgefcError as e:
         if json_result is not None:
             _write_json_result(json_result, {"status": "error", "exit_status": getattr(e, "exit_status", 2),
@@ -209,7 +230,7 @@ def _write_json_result(path: Path, data: dict) -> None:
 
 
 def _compile(model, target, output, passes, plugin, shapes, verify, dump_after, demo, force, quiet, pass_options,
-             consts=()):
+             consts=(), insert_after=None, insert_before=None):
     import edgefc
     from edgefc.ir import parse_consts, parse_shapes
     from edgefc.staging import check_output_folder
@@ -236,7 +257,8 @@ def _compile(model, target, output, passes, plugin, shapes, verify, dump_after, 
     return edgefc.compile(model, target, output=output, passes=pass_list, shapes=shape_map, verify=verify,
                           dump_after=list(dump_after) or None, options=pass_options,
                           progress=None if quiet else _progress, force=force, consts=const_map,
-                          provenance={"command": "edgefc " + " ".join(_argv()), "argv": _argv()})
+                          provenance={"command": "edgefc " + " ".join(_argv()), "argv": _argv()},
+                          insert_after=insert_after, insert_before=insert_before)
 
 
 def _argv() -> list[str]:

@@ -137,6 +137,9 @@ def sd_cmd(lr, quiet, **kw):
 @click.option("--lambda-sd", type=float, default=1.0, show_default=True, help="Weight of the task (noise MSE) loss.")
 @click.option("--lambda-out", type=float, default=1.0, show_default=True, help="Weight of output-level KD.")
 @click.option("--lambda-feat", type=float, default=1.0, show_default=True, help="Weight of feature-level KD.")
+@click.option("--init", type=_P, default=None,
+              help="Fine-tune trained student weights instead of starting from the teacher's retained blocks: a "
+                   "U-Net folder or a folder with unet/ (e.g. an earlier train kd output) of the student architecture.")
 def kd_cmd(lr, quiet, student_arch, **kw):
     """BK-SDM distillation: task loss + output-level KD + feature-level KD from a teacher U-Net."""
     from edgefc.models.train.kd import KDConfig, train_kd
