@@ -91,7 +91,7 @@ def layer_groups(graph: gs.Graph, plan: qp.PrecisionPlan, fixed: set[str], max_g
         if len(keys) > max_groups:
             break
         depth = d
-    keyed = depth > 0 and len({"/".join(_path(n.name)[:depth]) for n in tensor}) >= min(4, len(tensor))
+    keyed = depth > 0 and len({"/".join(_path(n.name)[:depth]) for n in tensor}) >= 2
     groups: dict[str, Group] = {}
 
     def key_of(n: gs.Node) -> str:

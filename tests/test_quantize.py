@@ -749,3 +749,43 @@ def test_log_of_a_power_spectrum_stays_fp32():
                         quant_policy={"rules": {"log-arguments": False}})
     bad = sqnr_db(want, ort.session(q_off).run(None, {"frames": frames})[0])
     assert good > 35 and bad < good - 15, (good, bad)
+
+
+def test_layer_groups_and_the_pareto_path():
+    """Groups follow the module paths in the node names (attention blocks apart), or runs of ops in
+    graph order when the names carry no hierarchy; the path goes from all-highest to all-lowest,
+    each step the most modelled time saved per unit of added noise."""
+    from edgefc.passes import precision_search as ps
+
+    def graph_of(names_ops):
+        x = gs.Variable("x", dtype=np.float32, shape=[1, 8])
+        nodes, cur = [], x
+        for i, (name, op) in enumerate(names_ops):
+            y = gs.Variable(f"t{i}", dtype=np.float32, shape=[1, 8])
+            ins = [cur, gs.Constant(f"w{i}", np.ones((8, 8), np.float32))] if op == "MatMul" else [cur]
+            nodes.append(gs.Node(op, name, inputs=ins, outputs=[y]))
+            cur = y
+        return gs.Graph(nodes=nodes, inputs=[x], outputs=[cur], opset=23)
+
+    named = [(f"/net/block{b}/{part}/{op}", op) for b in range(3)
+             for part, op in (("norm", "Relu"), ("proj", "MatMul"), ("attn", "Attention"), ("out", "MatMul"))]
+    g = graph_of(named)
+    plan = qp.plan_precisions(g, "w8a16", qp.QuantPolicy())
+    groups = ps.layer_groups(g, plan, fixed=set(), max_groups=8)
+    by = {x.name: x for x in groups}
+    assert set(by) == {f"net/block{b}" for b in range(3)} | {f"net/block{b} (attention)" for b in range(3)}
+    assert sorted(by["net/block0"].nodes) == ["/net/block0/norm/Relu", "/net/block0/out/MatMul", "/net/block0/proj/MatMul"]
+    assert by["net/block1 (attention)"].options == ("w8a16", "fp16", "w8a8")
+    flat = graph_of([(f"op{i}", "MatMul" if i % 2 else "Relu") for i in range(12)])
+    fgroups = ps.layer_groups(flat, qp.plan_precisions(flat, "w8a16", qp.QuantPolicy()), set(), max_groups=6)
+    assert len(fgroups) == 3 and sum(len(x.nodes) for x in fgroups) == 11   # op0 (a Relu) comes before any tensor op
+    # the path: b saves the most per unit of noise, then a; c never gets faster and stays
+    gr = [ps.Group("a", "layers", [], ("w8a16", "w8a8")), ps.Group("b", "layers", [], ("w8a16", "w8a8")),
+          ps.Group("c", "layers", [], ("w8a16", "w8a8"))]
+    times = {"a": {"w8a16": 10.0, "w8a8": 4.0}, "b": {"w8a16": 10.0, "w8a8": 2.0}, "c": {"w8a16": 5.0, "w8a8": 5.0}}
+    noise = {"a": {"w8a16": 0.0, "w8a8": 2e-3}, "b": {"w8a16": 0.0, "w8a8": 1e-3}, "c": {"w8a16": 0.0, "w8a8": 1e-4}}
+    path = ps.pareto_path(gr, times, noise, base_noise=1e-4)
+    assert [p.get("move") for p in path] == [None, "b -> w8a8", "a -> w8a8"]
+    assert [p["ms_saved"] for p in path] == [0.0, 8.0, 14.0]
+    assert ps.db(path[-1]["noise"]) == pytest.approx(-10 * np.log10(1e-4 + 3e-3))
+    assert ps.pick_points([{"ms_saved": float(i)} for i in range(20)], 5) == [0, 5, 9, 14, 19]
