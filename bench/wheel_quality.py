@@ -105,7 +105,7 @@ def _photo(rng, n=320):
         img[..., c] = 0.5 + 0.25 * np.sin(2 * np.pi * (f[0] * xx + rng.uniform())) * np.cos(2 * np.pi * (f[1] * yy))
     for _ in range(int(rng.integers(2, 6))):
         cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.3)
-        m = 1 / (1 + np.exp(((xx - cx) ** 2 + (yy - cy) ** 2 - r * r) / (0.1 * r * r)))
+        m = 1 / (1 + np.exp(np.minimum(((xx - cx) ** 2 + (yy - cy) ** 2 - r * r) / (0.1 * r * r), 50.0)))
         img = img * (1 - m[..., None]) + m[..., None] * rng.uniform(0, 1, 3)
     img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
     return img.transpose(2, 0, 1)[None].astype(np.float32)

@@ -10,7 +10,9 @@ A compiler must not hand over an artifact it has not loaded itself (DESIGN.md). 
    optimisation on, ``ORT_ENABLE_ALL``: what ``onnxruntime.InferenceSession(path)`` does) and one
    with graph optimisations off (``ORT_DISABLE_ALL``: what edgefc's own sessions and ``--verify``
    use), one session creation each, in a child process, so that an abort inside onnxruntime (a C++
-   assertion, a segfault) is caught and reported instead of ending the compile.
+   assertion, a segfault) is caught and reported instead of ending the compile. The child stays up
+   for the next build of the same process (models up to :data:`KEEP_WORKER_BYTES`) and is started
+   again after it died.
 
 A failure is :class:`HandoverError`: an internal error (a bug in edgefc, never the user's input)
 with its own exit status, :data:`EXIT_STATUS` (3), a message naming the last pass that ran, and
@@ -45,26 +47,134 @@ EXIT_STATUS = 3
 SESSIONS = (("default session options (all graph optimisations, ORT_ENABLE_ALL)", None),
             ("graph optimisations off (ORT_DISABLE_ALL)", "ORT_DISABLE_ALL"))
 
-# The child: one session per entry of SESSIONS, announcing each on stdout first (so that when it
-# dies by a signal the parent knows which one), then "ok". A Python-level error is one line on stderr.
+# The child: it reads one JSON request per line ({"path": ..., "levels": [...]}) and creates one
+# session per level, announcing each on stdout first ("start I", so that when it dies by a signal the
+# parent knows which one), then "ok", or "fail I <message>" for a Python-level error. It stays up for
+# the next request (a compile in a long-lived process, the test suite: one start-up, not one per
+# build) and ends when its stdin closes (the parent exited) or it dies (it is started again).
 _CHILD = r"""
-import sys
+import json, sys
 import onnxruntime as ort
-path, levels = sys.argv[1], sys.argv[2:]
-for i, level in enumerate(levels):
-    print(i, flush=True)
-    opts = ort.SessionOptions()
-    if level != "default":
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    opts.log_severity_level = 3
-    try:
-        ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        text = " ".join(str(e).split())
-        print(f"{type(e).__name__}: {text[:400]}", file=sys.stderr, flush=True)
-        sys.exit(1)
-print("ok", flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    for i, level in enumerate(req["levels"]):
+        print(f"start {i}", flush=True)
+        opts = ort.SessionOptions()
+        if level != "default":
+            opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        opts.log_severity_level = 3
+        try:
+            sess = ort.InferenceSession(req["path"], opts, providers=["CPUExecutionProvider"])
+            del sess
+        except Exception as e:
+            text = " ".join(str(e).split())
+            print(f"fail {i} {type(e).__name__}: {text[:400]}", flush=True)
+            break
+    else:
+        print("ok", flush=True)
+    try:  # hand the session's memory back: the child waits for the next build
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
 """
+
+
+class _Worker:
+    """The child process that loads models in onnxruntime (:data:`_CHILD`). A thread reads its
+    answers line by line into a queue (so a timeout never hangs on a buffered pipe); its stderr
+    goes to a temporary file, read when it dies (a C++ assertion's message)."""
+
+    def __init__(self):
+        import queue
+        import tempfile
+        import threading
+
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True, bufsize=1)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)  # EOF: the child ended
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def request(self, path: Path, levels: list[str], timeout: float) -> tuple[str, list[str]]:
+        """Send one request; returns ("ok" | "fail" | "died" | "timeout", the lines it answered)."""
+        import json
+        import queue
+
+        try:
+            self.proc.stdin.write(json.dumps({"path": str(path), "levels": levels}) + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # it died before the request
+            self.proc.wait()
+            return "died", []
+        lines: list[str] = []
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                return "timeout", lines
+            if line is None:
+                self.proc.wait()
+                return "died", lines
+            lines.append(line)
+            if line == "ok" or line.startswith("fail "):
+                return line.split(" ", 1)[0], lines
+
+    def stderr(self) -> str:
+        self.err.seek(0)
+        return self.err.read()
+
+    def close(self) -> None:
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+        self.err.close()
+
+
+_worker: _Worker | None = None
+
+#: the loading child stays up for the next build after models up to this size (weights included)
+KEEP_WORKER_BYTES = 256 << 20
+
+
+def _model_bytes(path: Path) -> int:
+    """The model file and the external data files beside it that follow its name."""
+    try:
+        return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
+    except OSError:
+        return 0
+
+
+def _load_in_child(path: Path, levels: list[str], timeout: float) -> tuple[str, list[str], int | None, str]:
+    """Ask the worker (started if needed) to load ``path``; (outcome, lines, exit status, stderr)."""
+    global _worker
+    if _worker is None or not _worker.alive():
+        if _worker is not None:
+            _worker.close()
+        try:
+            _worker = _Worker()
+        except OSError as e:
+            return "died", [], None, f"cannot start a process to load it in: {e}"
+    outcome, lines = _worker.request(path, levels, timeout)
+    if outcome in ("died", "timeout"):
+        w, _worker = _worker, None
+        if outcome == "timeout":
+            w.proc.kill()
+        w.proc.wait()
+        err = w.stderr()
+        status = w.proc.returncode
+        w.close()
+        return outcome, lines, status, err
+    return outcome, lines, None, ""
 
 
 class HandoverError(InternalError):
@@ -110,25 +220,30 @@ def check_model_file(path: str | os.PathLike, last_pass: str | None = None, *, t
                                      f"{_last_line(str(e)) or 'no message'}") from None
     checked = time.perf_counter()
     levels = ["default" if level is None else level for _, level in SESSIONS]
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), *levels], capture_output=True, text=True,
-                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise _fail(path, last_pass, f"did not load in onnxruntime within {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        started = [line for line in proc.stdout.split() if line.isdigit()]
-        which = SESSIONS[int(started[-1])][0] if started else "a session"
-        version = _ort_version()
-        if proc.returncode < 0:
+    outcome, lines, status, err = _load_in_child(path.resolve(), levels, timeout)
+    if _worker is not None and _model_bytes(path) > KEEP_WORKER_BYTES:
+        _worker.close()  # a large model: do not keep a process that has held it around
+        globals()["_worker"] = None
+    started = [int(line.split()[1]) for line in lines if line.startswith("start ")]
+    which = SESSIONS[started[-1]][0] if started else "a session"
+    version = _ort_version()
+    if outcome == "timeout":
+        raise _fail(path, last_pass, f"did not load in onnxruntime within {timeout:.0f} s (creating a session with "
+                                     f"{which})")
+    if outcome == "died":
+        if status is not None and status < 0:
             try:
-                sig = signal.Signals(-proc.returncode).name
+                sig = signal.Signals(-status).name
             except ValueError:
-                sig = f"signal {-proc.returncode}"
-            detail = _last_line(proc.stderr)
-            raise _fail(path, last_pass, f"aborts onnxruntime {version} ({sig}) creating a session with {which}"
-                                         + (f": {detail}" if detail else ""))
-        raise _fail(path, last_pass, f"does not load in onnxruntime {version} with {which}: "
-                                     f"{_last_line(proc.stderr) or f'exit status {proc.returncode}'}")
+                sig = f"signal {-status}"
+            how = f"aborts onnxruntime {version} ({sig})"
+        else:
+            how = f"ends onnxruntime {version}'s process (exit status {status})"
+        detail = _last_line(err)
+        raise _fail(path, last_pass, f"{how} creating a session with {which}" + (f": {detail}" if detail else ""))
+    if outcome == "fail":
+        message = lines[-1].split(" ", 2)[2] if len(lines[-1].split(" ", 2)) > 2 else "no message"
+        raise _fail(path, last_pass, f"does not load in onnxruntime {version} with {which}: {message}")
     return {"file": path.name, "onnx_checker": "full_check",
             "onnxruntime": _ort_version(), "sessions": [name for name, _ in SESSIONS],
             "seconds": {"checker": round(checked - start, 3), "onnxruntime": round(time.perf_counter() - checked, 3)}}

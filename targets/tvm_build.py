@@ -13,11 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from edgefc.errors import BuildError
+from edgefc.staging import temp_dir
 from edgefc.targets.description import Architecture
 
 LOCAL_TARGET = {"kind": "llvm"}
@@ -123,8 +123,8 @@ def write_tvm_files(lowering, out_dir: Path, arch: Architecture | None = None, *
         if progress:
             progress(f"tvm: cross-compile for {cpu['tag']}")
         ex_arm = build(lowering, phone_target(arch))
-        with tempfile.TemporaryDirectory(prefix="edgefc-tvm-") as work:
-            ex_arm.export_library(str(out_dir / "host_aarch64.so"), fcompile=_cross_compile_fn(cross), workspace_dir=work)
+        with temp_dir("tvm") as work:  # edgefc-tvm-PID-*: removed by a later run if this one is killed
+            ex_arm.export_library(str(out_dir / "host_aarch64.so"), fcompile=_cross_compile_fn(cross), workspace_dir=str(work))
         _check_elf_aarch64(out_dir / "host_aarch64.so")
         seconds["build_aarch64"] = time.perf_counter() - t0
     (out_dir / "npu_programs.json").write_text(json.dumps({"programs": lowering.programs}) + "\n")

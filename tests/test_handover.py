@@ -236,3 +236,21 @@ def test_exit_status_3_is_documented():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "exit status 3" in readme and "handover" in readme.lower()
     assert os.environ.get("EDGEFC_NO_SUCH") is None  # (no environment switch turns the check off)
+
+
+def test_the_loading_child_survives_for_the_next_build_and_is_restarted_after_an_abort(tmp_path, mlp):
+    """One child process loads the models of many builds (a long-lived process: the test suite);
+    when onnxruntime aborts in it, the failure names the signal and the next check starts a new one."""
+    import onnx.parser
+
+    bad = tmp_path / "bad.onnx"
+    onnx.save_model(onnx.parser.parse_model(_BAD_LOOP_PASS.split('TEXT = """')[1].split('"""')[0]), str(bad))
+    good = mlp
+    handover.check_model_file(good, "p")
+    first = handover._worker.proc.pid
+    handover.check_model_file(good, "p")
+    assert handover._worker.proc.pid == first  # the same child
+    with pytest.raises(handover.HandoverError, match="SIGABRT"):
+        handover.check_model_file(bad, "p")
+    assert handover.check_model_file(good, "p")["file"] == "mlp.onnx"
+    assert handover._worker.proc.pid != first
