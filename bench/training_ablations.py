@@ -76,6 +76,9 @@ SMALL = {"crawl": 120, "synt": 60, "heldout": 16, "kd": (6, 4, 5e-4), "kd_ft": (
 #: evaluation noise: KD takes its targets from the teacher, so only strong defects show (docs/training.md).
 CRAWL = {"wrong-caption": 0.45, "missing-attributes": 0.2, "boilerplate": 0.25, "near-duplicates": 0.3,
          "cut-crop": 0.3, "small": 0.3}
+#: ``--per-defect``: one set per defect, alone at rate 1 (the crawl's scenes; "none": no defect), for KD.
+PER_DEFECT = ("none", "boilerplate", "wrong-caption", "wrong-attribute", "missing-attributes", "near-duplicates",
+              "cut-crop", "small")
 #: synt: a text-to-image generator that misses one attribute of its prompt this often.
 SYNT = {"wrong-attribute": 0.2}
 #: L-pp's preprocessing (``edgefc data curate``): the miniature's images are 64 px, so "small" is under 64.
@@ -139,6 +142,17 @@ def make_sets(out: Path, b: dict) -> dict[str, Path]:
                "--drop-contradicted", "--quiet")
     if not p["L-pps+synt"].is_dir():
         union(p["L-pps+synt"], {"L-pps": p["L-pps"], "synt": p["synt"]})
+    return p
+
+
+def defect_sets(out: Path, b: dict) -> dict[str, Path]:
+    """``--per-defect``: the crawl's scenes (seed 10) with one defect at rate 1 each."""
+    p = {f"defect-{d}": out / "sets" / f"defect-{d}" for d in PER_DEFECT}
+    for d in PER_DEFECT:
+        path = p[f"defect-{d}"]
+        if not (path / "manifest.json").is_file():
+            edgefc("data", "synth", "-o", path, "--count", b["crawl"], "--seed", 10, "--size", mini.SIZE,
+                   *([] if d == "none" else [f"--{d}", 1]), "--quiet")
     return p
 
 
@@ -241,6 +255,10 @@ def work(spec) -> tuple[float, str]:
         _, out, b = spec
         data_rows(Path(out), make_sets(Path(out), b))
         msg = "data sets"
+    elif spec[0] == "defect sets":
+        _, out, b = spec
+        data_rows(Path(out), defect_sets(Path(out), b))
+        msg = "defect sets"
     else:
         _, out, models = spec
         for name, (folder, kind) in models.items():
@@ -455,6 +473,15 @@ def markdown(res: dict) -> str:
         a, f = c["alignment"], c["fid"]
         L.append(f"| {c['a']} vs {c['b']} | {c['source']} | {c['paper']} | {a['difference']:+.3f} ± {a['se']:.3f} | "
                  f"{a['verdict']} | {f['difference']:+.2f} ± {f['se']:.2f} | {f['verdict']} |")
+    if res.get("per_defect"):
+        pdf = res["per_defect"]
+        none = pdf["none"]["alignment"]["mean"]
+        L += ["", f"## One defect at a time (KD, {ev} DDIM steps; {pdf['none']['alignment']['n']} seeds; "
+              f"the crawl's {pdf['none']['data']['pairs']} scenes with one defect at rate 1)", "",
+              "| defect | caption agreement | alignment | vs no defect | Fréchet |", "|---|---|---|---|---|"]
+        for d, r in pdf.items():
+            L.append(f"| {d} | {r['data']['agreement']:.3f} | {fmt(r['alignment'])} | "
+                     f"{r['alignment']['mean'] - none:+.3f} | {fmt(r['fid'], 2)} |")
     L += ["", "## Data sets", "", "| set | pairs | caption agreement | contradicted | per attribute |", "|---|---|---|---|---|"]
     for name in SETS:
         d = data[name]
@@ -479,6 +506,10 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="A few-minute version (tests): tiny budgets, 2 seeds.")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1).")
     ap.add_argument("--jobs", type=int, default=2, help="Training/sampling jobs at once (default 2: two cores).")
+    ap.add_argument("--per-defect", action="store_true",
+                    help="Also (after the tables' runs) KD students on the crawl's scenes with one defect at a time at "
+                         "rate 1, two seeds: what each defect does to a student's alignment (not in the 60-minute "
+                         "budget: about 15 more minutes; rerun on the same --out to add them).")
     args = ap.parse_args(argv)
     b = SMALL if args.small else FULL
     out = args.out.resolve()
@@ -543,10 +574,25 @@ def main(argv=None) -> int:
                                    deps=tdeps))
             later.append(sample_job(f"sample kd-{name}-s{s}", out, {f"kd-{name}-s{s}": (runs / f"kd-{name}-s{s}", "ddim")},
                                     deps=[f"kd {name} s{s}"]))
+    extra = []
+    if args.per_defect:
+        def defects_done():
+            f = out / "data_agreement.json"
+            return f.is_file() and {f"defect-{d}" for d in PER_DEFECT} <= set(json.loads(f.read_text()))
+
+        extra.append(Job("defect sets", lambda: ("defect sets", str(out), b), ["data sets"], defects_done))
+        for s in b["seeds"][:2]:
+            for d in PER_DEFECT:
+                name = f"defect-{d}"
+                extra.append(train_job(f"kd {name} s{s}", runs / f"kd-{name}-s{s}", "kd", out / "sets" / name, kd_opts,
+                                       b["kd"], s, deps=tdeps + ["defect sets"]))
+                extra.append(sample_job(f"sample kd-{name}-s{s}", out,
+                                        {f"kd-{name}-s{s}": (runs / f"kd-{name}-s{s}", "ddim")}, deps=[f"kd {name} s{s}"]))
     # the chain base -> KD-ft -> LCM first (it is the longest), the independent KD rows fill the other slots
     say("== data sets, training and sampling")
-    times = run_jobs(jobs + later, args.jobs, args.threads, out / "job_times.json")
+    times = run_jobs(jobs + later + extra, args.jobs, args.threads, out / "job_times.json")
     data = json.loads((out / "data_agreement.json").read_text())
+    data = {k: v for k, v in data.items() if k in SETS or k.startswith("defect-")}
     for name in SETS:
         say(f"   {SET_LABEL.get(name, name)}: {data[name]['pairs']} pairs, caption agreement {data[name]['agreement']:.3f}")
 
@@ -573,6 +619,13 @@ def main(argv=None) -> int:
                        "a": f"{x_label(a)}", "b": f"{x_label(bb)}",
                        "alignment": verdict(row(a)["alignment"], row(bb)["alignment"], "higher"),
                        "fid": verdict(row(a)["fid"], row(bb)["fid"], "lower")})
+    per_defect = {}
+    if all((out / "samples" / f"kd-defect-{d}-s{s}" / "score.json").is_file() for d in PER_DEFECT
+           for s in b["seeds"][:2]):  # this run's --per-defect, or an earlier one's on the same --out
+        for d in PER_DEFECT:
+            per = [scores(f"kd-defect-{d}-s{s}")[ev] for s in b["seeds"][:2]]
+            per_defect[d] = {"alignment": stats([p["alignment"] for p in per]), "fid": stats([p["fid"] for p in per]),
+                             "data": data[f"defect-{d}"], "per_seed": per}
     cpu = sum(v["cpu_s"] for v in times.values()) / 60
     minutes = (time.perf_counter() - t0) / 60
     inv_path = out / "invocations.json"  # wall minutes of every invocation that did work (a resumed run: several)
@@ -583,7 +636,7 @@ def main(argv=None) -> int:
     res = {"minutes": round(minutes, 2), "cpu_minutes": round(cpu, 2), "teacher": teacher_src,
            "invocations": invocations, "minutes_all_invocations": round(sum(i["minutes"] for i in invocations), 2),
            "teacher_row": scores("teacher")[ev], "heldout": b["heldout"], "data": data, "kd": res_kd,
-           "lcm": res_lcm, "claims": claims, "crawl_defects": CRAWL, "synt_defects": SYNT, "preprocessing": PP,
+           "lcm": res_lcm, "claims": claims, "per_defect": per_defect, "crawl_defects": CRAWL, "synt_defects": SYNT, "preprocessing": PP,
            "budget": {k: list(v) if isinstance(v, tuple) else v for k, v in b.items()}, "jobs": args.jobs,
            "threads": args.threads, "small": args.small, "job_times": times}
     (out / "results.json").write_text(json.dumps(res, indent=1))
