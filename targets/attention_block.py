@@ -56,10 +56,18 @@ def _tile_geometry(spec: AttentionSpec, tiling: Tiling, arch: Architecture, gran
     return row_parts, [(grid.heads, grid.head_tiles)]
 
 
-def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None) -> int:
+def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None,
+                         pipelined: bool = False) -> int:
     """SRAM working set of the largest tile: K and V of its head group, the Q tile, the S_in and
     S_out tiles and the output tile, with rows padded to the row granularity and channels
-    (head dims, and the key length as the channel dimension of S) to the channel granularity."""
+    (head dims, and the key length as the channel dimension of S) to the channel granularity.
+
+    ``pipelined`` (a tiled block run as a pipeline across the engines, ``pipelined-mlt``): the
+    per-tile buffers are double-buffered -- while tile i's softmax reads S_in(i) and writes
+    S_out(i), tile i+1's QK^T writes the second S_in and tile i-1's S x V reads the second S_out
+    (and the DMA fills the next Q tile and drains the previous output tile) -- so the tile part
+    counts twice; K and V of the head group once (the next group's are loaded when this group's
+    last QK^T / S x V has read them)."""
     g, rg, b = arch.tensor.channel_granularity, arch.tensor.row_granularity, spec.act_bytes
     row_parts, head_parts = _tile_geometry(spec, tiling, arch, granularity)
     rows = max(p for _, p, _, _ in row_parts)
@@ -67,13 +75,25 @@ def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, arch: Architecture
     dkp, dvp, kvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g), pad(spec.kv_len, g)
     kv = hg * pad(spec.kv_len, rg) * (dkp + dvp)
     tile = hg * rows * (dkp + 2 * kvp + dvp)
-    return int((kv + tile) * b)
+    return int((kv + (2 if pipelined and tiling.tiles > 1 else 1) * tile) * b)
+
+
+def pipelines(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None) -> bool:
+    """Whether a tiled block can run as a pipeline: it has two tiles or more, and its
+    double-buffered working set fits the SRAM an attention tile may take (``sram.tiles``, the
+    budget the MLT solver picks tilings under, so that a tiling the solver chose pipelined is
+    lowered pipelined)."""
+    return tiling.tiles > 1 and attention_sram_bytes(spec, tiling, arch, granularity, pipelined=True) <= arch.sram.tiles
 
 
 def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, granularity: int | None = None,
                     op: str | None = None,
-                    op_type: str = "Attention", loop_base: int = 0) -> list[Command]:
+                    op_type: str = "Attention", loop_base: int = 0, pipelined: bool = False) -> list[Command]:
     """The commands of one attention block (untiled: ``Tiling(1, 1)``).
+
+    ``pipelined``: run the tiles as a pipeline across the engines when :func:`pipelines` says it
+    can (the commands are the same; they carry ``pipelined=True`` and the cost model's schedule
+    overlaps them); otherwise one after another.
 
     Per head group: load K, load V. Per tile (rows x head group): load the Q tile, QK^T on the
     tensor engine, softmax on the vector engine, S_out x V on the tensor engine, store the output
@@ -86,14 +106,15 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
     g, b = arch.tensor.channel_granularity, spec.act_bytes
     dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
     prec = precision_key(spec.act_dtype, spec.act_dtype)
-    spill = attention_sram_bytes(spec, tiling, arch, granularity) > arch.sram.attention
+    pipelined = pipelined and pipelines(spec, tiling, arch, granularity)
+    spill = attention_sram_bytes(spec, tiling, arch, granularity, pipelined) > arch.sram.attention
     tiled = tiling.tiles > 1
     passes = arch.vector.passes
     softmax = passes["softmax"] + (passes["causal_mask"] if spec.causal else ())
     row_parts, head_parts = _tile_geometry(spec, tiling, arch, granularity)
     cmds: list[Command] = []
     for hg, hcount in head_parts:
-        kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount,
+        kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount, "pipelined": pipelined,
               "loop": loop_base + len(cmds) if tiled else -1}
         cmds.append(Command("load", tensor=f"{op}:K", bytes=hg * spec.kv_len * dkp * b, role="load_qk", **kw))
         cmds.append(Command("load", tensor=f"{op}:V", bytes=hg * spec.kv_len * dvp * b, run_bytes=dvp * b,
@@ -102,7 +123,7 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
     for hg, hcount in head_parts:
         for rows, rows_p, rcount, keys in row_parts:
             s, keys_p = hg * rows * keys, pad(keys, g)
-            kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount * rcount,
+            kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount * rcount, "pipelined": pipelined,
                   "loop": loop_base + 1024 + len(cmds) if tiled else -1}
             cmds.append(Command("load", tensor=f"{op}:Q", bytes=hg * rows * dkp * b, role="load_qk", **kw))
             cmds.append(Command("tensor", macs=hg * rows * keys * spec.head_dim,

@@ -35,13 +35,19 @@ from edgefc.attention import (
     tiling_from_node,
 )
 from edgefc.errors import BuildError
-from edgefc.targets.attention_block import attention_io_bytes, attention_sram_bytes, lower_attention
+from edgefc.targets.attention_block import (
+    attention_io_bytes,
+    attention_sram_bytes,
+    lower_attention,
+    pipelines,
+)
 from edgefc.targets.blocks import block_of, component_of
 from edgefc.targets.deployed_types import DeployedTypes
 from edgefc.targets.description import Architecture
 from edgefc.targets.geometry import BYTES, contraction, pad, precision_key
 from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place
 from edgefc.targets.program import Command, OpInfo, Program
+from edgefc.targets.schedule import ScheduleSpec
 
 PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
 
@@ -100,19 +106,26 @@ def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
         raise BuildError(f"cannot lower attention '{node.name}': {e}") from None
 
 
-def lower(graph: gs.Graph, arch: Architecture, precision: str = "as-built") -> Program:
-    """Lower a (canonicalized, fused) graph to a Program for the architecture ``arch`` at ``precision``."""
+def lower(graph: gs.Graph, arch: Architecture, precision: str = "as-built",
+          schedule: ScheduleSpec | None = None) -> Program:
+    """Lower a (canonicalized, fused) graph to a Program for the architecture ``arch`` at ``precision``,
+    taking the decisions of the mechanisms of ``schedule`` (``targets/schedule.py``; default:
+    ``overlap``, none)."""
     if precision not in PRECISION_CHOICES:
         raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISION_CHOICES)})")
-    prog = _Lowering(graph, arch, precision).run()
+    schedule = schedule or ScheduleSpec("overlap")
+    streamed = _Lowering(graph, arch, precision, schedule=schedule)
+    prog = streamed.run()
     # Weights that fit in SRAM beside the activations stay there across inferences: loaded once
     # with the model (outside a timed inference, as MLPerf's steady-state latency measures it),
-    # not streamed per op. The activations then get the SRAM the weights leave.
+    # not streamed per op. The activations then get the SRAM the weights leave. (Decided on the
+    # peak without the schedule's double buffers and prefetched bytes, which give way to it.)
     total_w = prog.weight_bytes
     room = arch.sram.activations
-    if arch.resident_weights and 0 < total_w and total_w + prog.sram_peak_bytes <= room:
-        resident = _Lowering(graph, arch, precision, resident_weights=total_w).run()
-        if resident.sram_peak_bytes + total_w <= room:
+    if arch.resident_weights and 0 < total_w and total_w + streamed.plain_peak <= room:
+        kept = _Lowering(graph, arch, precision, resident_weights=total_w, schedule=schedule)
+        resident = kept.run()
+        if kept.plain_peak + total_w <= room:
             return resident
     return prog
 
@@ -123,11 +136,13 @@ _NEVER = 1 << 62
 class _Lowering:
     """One pass over the nodes in order, emitting commands and deciding residency."""
 
-    def __init__(self, graph: gs.Graph, arch: Architecture, precision: str, resident_weights: int = 0):
+    def __init__(self, graph: gs.Graph, arch: Architecture, precision: str, resident_weights: int = 0,
+                 schedule: ScheduleSpec | None = None):
         self.graph, self.arch, self.precision = graph, arch, precision
+        self.schedule = schedule or ScheduleSpec("overlap")
         self.resident_weights = int(resident_weights)
         self.types = DeployedTypes(graph, precision)
-        self.prog = Program(precision=precision, component=component_of(graph))
+        self.prog = Program(precision=precision, component=component_of(graph), schedule=self.schedule.name)
         self.budget = arch.sram.activations - self.resident_weights
         self.loops = 0
         self.io: dict[str, tuple[int, int]] = {}   # alias root -> (DRAM bytes, run) of attention operands
@@ -157,8 +172,9 @@ class _Lowering:
             return self.io[r][0]
         return _elements(t) * BYTES[self.types.of(t)]
 
-    def _dma(self, kind: str, node: gs.Node, r: str, spill: bool) -> None:
-        self.prog.emit(Command(kind, self.nm(node), node.op, tensor=r, bytes=int(self.size[r]), spill=spill))
+    def _dma(self, kind: str, node: gs.Node, r: str, spill: bool, ahead: int = 0) -> None:
+        self.prog.emit(Command(kind, self.nm(node), node.op, tensor=r, bytes=int(self.size[r]), spill=spill,
+                               ahead=int(ahead)))
 
     def run(self) -> Program:
         graph, types, prog = self.graph, self.types, self.prog
@@ -196,7 +212,11 @@ class _Lowering:
         why = prog.reasons
         for r in graph_in:
             why[r] = "graph input"
-        peak = 0
+        peak = plain = 0   # plain: the peak without the double buffers and prefetches of the schedule
+        # prefetch (targets/schedule.py): what the previous op leaves free while it runs -- the
+        # activation SRAM beside its working set, and the weight buffer beside its weights
+        prefetch = self.schedule.has("prefetch") and not self.resident_weights
+        prev_ws, prev_wb_held = self.budget, self.arch.sram.weight_buffer
         for i, (node, kind) in enumerate(zip(nodes, kinds)):
             if kind == "none":
                 continue
@@ -234,7 +254,8 @@ class _Lowering:
                     built_g = granularity_from_node(node)
                     info.attention = (spec, tiling)
                     limit = self.arch.sram.attention
-                    need = min(attention_sram_bytes(spec, tiling, self.arch, built_g), limit)
+                    pipe = self.schedule.has("pipelined-mlt") and pipelines(spec, tiling, self.arch, built_g)
+                    need = min(attention_sram_bytes(spec, tiling, self.arch, built_g, pipe), limit)
                     # the block's tiles take the SRAM they need: evict what is live, furthest use first
                     for r in sorted(resident, key=lambda r: -next_use(r, i)):
                         if sum(resident.values()) + need <= limit:
@@ -247,9 +268,17 @@ class _Lowering:
                     for r in act_in[3:]:   # a mask input: read once from DRAM
                         self._dma("load", node, r, spill=False)
                     prog.commands.extend(lower_attention(spec, tiling, self.arch, granularity=built_g, op=self.nm(node), op_type=node.op,
-                                                         loop_base=self.loops))
+                                                         loop_base=self.loops, pipelined=pipe))
                     self.loops += 1 << 20
                     peak = max(peak, sum(resident.values()) + need)
+                    plain = max(plain, sum(resident.values())
+                                + min(attention_sram_bytes(spec, tiling, self.arch, built_g), limit))
+                if kind == "host":   # the NPU's SRAM is idle while the host runs
+                    prev_ws, prev_wb_held = sum(resident.values()), 0
+                else:                # the block's tiles may take the weight buffer too
+                    prev_ws = self.budget
+                    prev_wb_held = self.arch.sram.weight_buffer - max(
+                        0, min(self.arch.sram.weight_buffer, limit - sum(resident.values()) - need))
                 in_dram.update(outs)
                 for r in outs:
                     why.setdefault(r, f"written to DRAM by {'the host' if kind == 'host' else 'attention'} op "
@@ -276,14 +305,21 @@ class _Lowering:
                     if working_set() <= self.budget:
                         break
                     streamed.add(r)
+            room = self.budget - prev_ws if prefetch else 0
             for r in act_in:
                 if r in cascaded:
                     continue
                 if r not in resident:
-                    self._dma("load", node, r, spill=r not in pinned and r not in graph_in)
+                    # prefetch: a whole input that fits beside the previous op's working set is
+                    # loaded while that op runs (it is then resident from there on)
+                    ahead = self.size[r] if r not in streamed and 0 < self.size[r] <= room else 0
+                    room -= ahead
+                    self._dma("load", node, r, spill=r not in pinned and r not in graph_in, ahead=ahead)
                     in_dram.add(r)
                     if r not in streamed:
                         resident[r] = self.size[r]
+            if prefetch:
+                peak = max(peak, prev_ws + (self.budget - prev_ws - room))
             keep = pinned | graph_out
             casc_out = [r for r in outs if r in streamed and self.can_stream(r, i, node, nodes, kinds, uses, keep)]
             wbytes = self.weight_bytes(node)
@@ -293,10 +329,16 @@ class _Lowering:
                 # weight buffer are fetched again for every stripe
                 stripe = sum(self.size[r] for r in act_in if r in cascaded) + sum(self.size[r] for r in casc_out)
                 tiles = max(1, -(-stripe // max(self.budget, 1))) if wbytes > self.arch.sram.weight_buffer else 1
+                # prefetch: as much of the weights as the weight buffer has room for beside the
+                # previous op's weights moves while that op runs
+                ahead = min(wbytes, self.arch.sram.weight_buffer - prev_wb_held) if prefetch else 0
                 prog.emit(Command("load", self.nm(node), node.op, tensor=f"{self.nm(node)}:weights", bytes=wbytes,
-                                  repeat=int(tiles)))
+                                  repeat=int(tiles), ahead=max(0, int(ahead))))
             prog.emit(self.tensor_command(node) if kind == "tensor" else self.vector_command(node))
             peak = max(peak, working_set() + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
+            plain = max(plain, working_set() + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
+            prev_ws = min(self.budget, working_set())
+            prev_wb_held = 0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)
             for r in act_in:
                 if r in streamed:
                     resident.pop(r, None)
@@ -322,6 +364,7 @@ class _Lowering:
                 why.pop(r, None)
         prog.tensor_bytes = dict(self.size)
         prog.sram_peak_bytes = int(peak)
+        self.plain_peak = int(plain)
         prog.resident_weight_bytes = self.resident_weights
         return prog
 

@@ -43,9 +43,12 @@ PRECISIONS = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
               help="SRAM budget for --explain-tiling (default: the target's SRAM minus the MLT reserve).")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2x...",
               help="Static shape for an input of a raw ONNX export (repeatable).")
-@click.option("--schedule", default="overlap", show_default=True, metavar="overlap|sequential",
-              help="overlap: an op's DMA runs beside its compute (double buffering); sequential: every "
-                   "command one after another (the paper's baseline view).")
+@click.option("--schedule", default="best", show_default=True, metavar="best|overlap|sequential|overlap+MECH",
+              help="best: overlap plus every mechanism the compiler decides (pipelined-mlt: attention tiles "
+                   "pipelined across the engines; prefetch: the DMA engine runs ahead into the previous op); "
+                   "overlap: an op's DMA runs beside its compute (double buffering) -- the schedule the target "
+                   "was fitted under, which reproduces the measured figures; sequential: every command one "
+                   "after another (the paper's baseline view); overlap+MECH[+MECH]: one mechanism at a time.")
 def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_path, top, attention_breakdown,
                 explain_tiling, sram_budget, shapes, schedule):
     """Profile MODEL (a build folder or an ONNX file) on an NPU target with the cost model.
@@ -59,9 +62,9 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     from edgefc.targets.cost_model import SCHEDULES
+    from edgefc.targets.schedule import parse
 
-    if schedule not in SCHEDULES:
-        raise BuildError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
+    schedule = parse(schedule, tuple(SCHEDULES)).name   # one line, exit 2, before any work
     if top < 0:
         raise BuildError(f"--top must be 0 or more, got {top}")
     if sram_budget is not None and not explain_tiling:
@@ -81,7 +84,7 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
         from edgefc.passes import mlt
 
         click.echo("\n" + tile_solver.format_explain(
-            mlt.explain_tiling(graph, tgt, sram_budget, None if precision == "as-built" else precision), tgt))
+            mlt.explain_tiling(graph, tgt, sram_budget, None if precision == "as-built" else precision, schedule), tgt))
     for path, write in ((json_path, prof.write_json), (csv_path, prof.write_csv), (trace_path, prof.write_trace),
                         (plot_path, prof.write_plot)):
         if path is not None:
