@@ -271,10 +271,15 @@ def test_compile_schedule_decides_the_tiling_and_prices_the_build(tmp_path):
     assert blk_o["variant"] == "sequential" and blk_b["variant"] == "pipelined"
     assert blk_b["tiling"]["tiles"] >= blk_o["tiling"]["tiles"]
     assert prof_b["total_ms"] < prof_o["total_ms"]
-    # profiling the overlap build under overlap gives its profile.json back
-    rc, log = run_cli("profile", str(tmp_path / "overlap"), "--schedule", "overlap", "--json", str(tmp_path / "p.json"))
-    assert rc == 0, log
-    assert json.loads((tmp_path / "p.json").read_text())["total_ms"] == prof_o["total_ms"]
+    # a build is profiled under its own schedule unless --schedule says otherwise
+    for args, want in (((), prof_o), (("--schedule", "overlap"), prof_o), (("--schedule", "best"), None)):
+        rc, log = run_cli("profile", str(tmp_path / "overlap"), *args, "--json", str(tmp_path / "p.json"))
+        assert rc == 0, log
+        p = json.loads((tmp_path / "p.json").read_text())
+        if want is not None:
+            assert p["total_ms"] == want["total_ms"] and p["schedule"] == "overlap"
+        else:
+            assert p["schedule"] == "best" and p["total_ms"] <= prof_o["total_ms"]
 
 
 def test_help_names_the_fitted_schedule():

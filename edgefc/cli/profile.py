@@ -19,6 +19,16 @@ from edgefc.errors import BuildError, TargetError
 PRECISIONS = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
 
 
+def _built_schedule(model: Path) -> str | None:
+    """The schedule a build folder was compiled and priced under (``report.json``), or None."""
+    import json
+
+    try:
+        return json.loads((model / "report.json").read_text())["profile"]["schedule"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @click.command("profile")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "-t", default="exynos2400", show_default=True,
@@ -43,9 +53,10 @@ PRECISIONS = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
               help="SRAM budget for --explain-tiling (default: the target's SRAM minus the MLT reserve).")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=D1xD2x...",
               help="Static shape for an input of a raw ONNX export (repeatable).")
-@click.option("--schedule", default="best", show_default=True, metavar="best|overlap|sequential|overlap+MECH",
-              help="best: overlap plus every mechanism the compiler decides (pipelined-mlt: attention tiles "
-                   "pipelined across the engines; prefetch: the DMA engine runs ahead into the previous op); "
+@click.option("--schedule", default=None, metavar="best|overlap|sequential|overlap+MECH",
+              help="Default: the build's own (report.json), else best. best: overlap plus every mechanism the "
+                   "compiler decides (pipelined-mlt: attention tiles pipelined across the engines; prefetch: the "
+                   "DMA engine runs ahead into the previous op); "
                    "overlap: an op's DMA runs beside its compute (double buffering) -- the schedule the target "
                    "was fitted under, which reproduces the measured figures; sequential: every command one "
                    "after another (the paper's baseline view); overlap+MECH[+MECH]: one mechanism at a time.")
@@ -64,6 +75,8 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
     from edgefc.targets.cost_model import SCHEDULES
     from edgefc.targets.schedule import parse
 
+    if schedule is None:
+        schedule = _built_schedule(model)
     schedule = parse(schedule, tuple(SCHEDULES)).name   # one line, exit 2, before any work
     if top < 0:
         raise BuildError(f"--top must be 0 or more, got {top}")
