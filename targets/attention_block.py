@@ -17,19 +17,30 @@ from edgefc.targets.geometry import pad, precision_key
 from edgefc.targets.program import Command
 
 
-def attention_io_bytes(spec: AttentionSpec, arch: Architecture) -> dict[str, tuple[int, int]]:
+def attention_io_bytes(spec: AttentionSpec, arch: Architecture, packed: bool = False) -> dict[str, tuple[int, int]]:
     """DRAM bytes and run length of Q, K, V and the output A (heads padded to the granularity).
 
     Q and K are stored head-major (their producers write each head as its own channel block) and
     move as contiguous blocks; V is read transposed (the contraction of S_out x V runs over its
     rows) and A is written into the token-major layout the out-projection reads, so both move in
     runs of one head row (``d_pad * act_bytes``).
+
+    ``packed`` (``packed-operands``): the same layouts without the head-dim padding in DRAM -- the
+    DMA pads each head row as it writes it into SRAM (and unpads the output), so Q, K, V and A move
+    their real bytes, V and A in runs of one unpadded head row (``d * act_bytes``).
     """
     g, b = arch.tensor.channel_granularity, spec.act_bytes
-    dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
+    dkp, dvp = _dram_dims(spec, g, packed)
     n = spec.batch * spec.heads
     return {"q": (n * spec.q_len * dkp * b, 0), "k": (n * spec.kv_len * dkp * b, 0),
             "v": (n * spec.kv_len * dvp * b, dvp * b), "out": (n * spec.q_len * dvp * b, dvp * b)}
+
+
+def _dram_dims(spec: AttentionSpec, g: int, packed: bool) -> tuple[int, int]:
+    """Head dims of Q/K and of V/A as they lie in DRAM: padded to the granularity, or not (packed)."""
+    if packed:
+        return spec.head_dim, spec.v_head_dim
+    return pad(spec.head_dim, g), pad(spec.v_head_dim, g)
 
 
 def _tile_geometry(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None):
@@ -88,12 +99,14 @@ def pipelines(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granulari
 
 def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, granularity: int | None = None,
                     op: str | None = None,
-                    op_type: str = "Attention", loop_base: int = 0, pipelined: bool = False) -> list[Command]:
+                    op_type: str = "Attention", loop_base: int = 0, pipelined: bool = False,
+                    packed: bool = False) -> list[Command]:
     """The commands of one attention block (untiled: ``Tiling(1, 1)``).
 
     ``pipelined``: run the tiles as a pipeline across the engines when :func:`pipelines` says it
     can (the commands are the same; they carry ``pipelined=True`` and the cost model's schedule
-    overlaps them); otherwise one after another.
+    overlaps them); otherwise one after another. ``packed``: Q, K, V and A lie in DRAM without the
+    head-dim padding (:func:`attention_io_bytes`); the SRAM tiles are padded as before.
 
     Per head group: load K, load V. Per tile (rows x head group): load the Q tile, QK^T on the
     tensor engine, softmax on the vector engine, S_out x V on the tensor engine, store the output
@@ -105,6 +118,7 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
     op = op or spec.name
     g, b = arch.tensor.channel_granularity, spec.act_bytes
     dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
+    dkd, dvd = _dram_dims(spec, g, packed)   # as they lie in DRAM
     prec = precision_key(spec.act_dtype, spec.act_dtype)
     pipelined = pipelined and pipelines(spec, tiling, arch, granularity)
     spill = attention_sram_bytes(spec, tiling, arch, granularity, pipelined) > arch.sram.attention
@@ -116,8 +130,8 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
     for hg, hcount in head_parts:
         kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount, "pipelined": pipelined,
               "loop": loop_base + len(cmds) if tiled else -1}
-        cmds.append(Command("load", tensor=f"{op}:K", bytes=hg * spec.kv_len * dkp * b, role="load_qk", **kw))
-        cmds.append(Command("load", tensor=f"{op}:V", bytes=hg * spec.kv_len * dvp * b, run_bytes=dvp * b,
+        cmds.append(Command("load", tensor=f"{op}:K", bytes=hg * spec.kv_len * dkd * b, role="load_qk", **kw))
+        cmds.append(Command("load", tensor=f"{op}:V", bytes=hg * spec.kv_len * dvd * b, run_bytes=dvd * b,
                             role="load_s_out_v", **kw))
     first = 1
     for hg, hcount in head_parts:
@@ -125,7 +139,7 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
             s, keys_p = hg * rows * keys, pad(keys, g)
             kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount * rcount, "pipelined": pipelined,
                   "loop": loop_base + 1024 + len(cmds) if tiled else -1}
-            cmds.append(Command("load", tensor=f"{op}:Q", bytes=hg * rows * dkp * b, role="load_qk", **kw))
+            cmds.append(Command("load", tensor=f"{op}:Q", bytes=hg * rows * dkd * b, role="load_qk", **kw))
             cmds.append(Command("tensor", macs=hg * rows * keys * spec.head_dim,
                                 padded_macs=hg * rows_p * keys_p * dkp, out_elements=s, precision=prec,
                                 dispatches=first, handoffs=arch.handoff.per_matmul, role="qk_matmul", **kw))
@@ -141,7 +155,7 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
             cmds.append(Command("tensor", macs=hg * rows * keys * spec.v_head_dim,
                                 padded_macs=hg * rows_p * keys_p * dvp, out_elements=hg * rows * spec.v_head_dim,
                                 precision=prec, handoffs=arch.handoff.per_matmul, role="sv_matmul", **kw))
-            cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvp * b, run_bytes=dvp * b,
+            cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvd * b, run_bytes=dvd * b,
                                 role="store_out", **kw))
             first = 0
     return cmds

@@ -310,12 +310,21 @@ class OverlapSchedule(Schedule):
             group, cyc = cmds[first:end], cycles[first:end]
             floor = a.dispatch_cycles * sum(c.dispatches for c in group)
             s = t
-            if group[0].pipelined:
-                work, path, rel = pipelined_block(a, group, cyc)
-                for k, i in enumerate(range(first, end)):
-                    starts[i] = s + rel[k][0]
+            if any(c.pipelined for c in group):
+                # what the op moves before its block (inputs stored, live tensors evicted, a mask
+                # read) runs first; then the block's tiles as a pipeline
+                u = s
+                for i in range(first, end):
+                    if not cmds[i].pipelined:
+                        starts[i] = u
+                        u += cycles[i]
+                block = [i for i in range(first, end) if cmds[i].pipelined]
+                work, path, rel = pipelined_block(a, [cmds[i] for i in block], [cycles[i] for i in block])
+                for k, i in enumerate(block):
+                    starts[i] = u + rel[k][0]
                     if len(rel[k]) > 1:
-                        instances[i] = [s + x for x in rel[k]]
+                        instances[i] = [u + x for x in rel[k]]
+                work += u - s
                 exp = work - path
                 dma_free = max(dma_free, s + work)
             elif is_chain(group):
@@ -373,12 +382,15 @@ DMA = ("load", "store")
 
 def block_cycles(a: Architecture, cmds) -> float:
     """Cycles of one attention block's commands as the overlapped schedule times the block: the
-    pipeline of :func:`pipelined_block` when its commands are ``pipelined``, else their sum (a
-    dependent chain); at least its dispatch time. What the MLT solver asks the target for."""
-    if not (cmds and cmds[0].pipelined):
+    pipeline of :func:`pipelined_block` when its commands are ``pipelined`` (after any transfer the
+    op makes first), else their sum (a dependent chain); at least its dispatch time. What the MLT
+    solver asks the target for."""
+    if not any(c.pipelined for c in cmds):
         return op_cycles(a, cmds)
-    cycles = [command_cycles(a, c) for c in cmds]
-    return max(pipelined_block(a, cmds, cycles)[0], a.dispatch_cycles * sum(c.dispatches for c in cmds))
+    block = [c for c in cmds if c.pipelined]
+    before = sum(command_cycles(a, c) for c in cmds if not c.pipelined)
+    work = before + pipelined_block(a, block, [command_cycles(a, c) for c in block])[0]
+    return max(work, a.dispatch_cycles * sum(c.dispatches for c in cmds))
 
 
 def ahead_cycles(a: Architecture, c: Command, cycles: float) -> float:

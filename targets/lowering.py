@@ -187,7 +187,7 @@ class _Lowering:
             if kind == "attention":
                 spec = attention_spec(n, types.of(n.inputs[0]))
                 specs[self.nm(n)] = spec
-                io = attention_io_bytes(spec, self.arch)
+                io = attention_io_bytes(spec, self.arch, packed=self.schedule.has("packed-operands"))
                 for key, t in zip(("q", "k", "v", "out"), list(n.inputs[:3]) + [n.outputs[0]]):
                     self.io[types.find(t.name)] = (io[key][0], 0)
         pinned = set(self.io)
@@ -268,7 +268,8 @@ class _Lowering:
                     for r in act_in[3:]:   # a mask input: read once from DRAM
                         self._dma("load", node, r, spill=False)
                     prog.commands.extend(lower_attention(spec, tiling, self.arch, granularity=built_g, op=self.nm(node), op_type=node.op,
-                                                         loop_base=self.loops, pipelined=pipe))
+                                                         loop_base=self.loops, pipelined=pipe,
+                                                         packed=self.schedule.has("packed-operands")))
                     self.loops += 1 << 20
                     peak = max(peak, sum(resident.values()) + need)
                     plain = max(plain, sum(resident.values())
@@ -283,6 +284,30 @@ class _Lowering:
                 for r in outs:
                     why.setdefault(r, f"written to DRAM by {'the host' if kind == 'host' else 'attention'} op "
                                       f"{self.nm(node)}")
+                continue
+
+            if (self.schedule.has("concat-in-place") and self.concat_view(node, act_in, outs, i, next_use)
+                    and not any(r in cascaded or r in pinned or r in graph_out for r in act_in + outs)):
+                # concat-in-place: the operands are the output's slices. In SRAM when they all are
+                # and the output fits where they were; else each operand still on chip is stored into
+                # its slice of the output in DRAM (one already there was placed at its slice when
+                # stored). No copy, no command of the Concat's own.
+                (out,) = outs
+                others = sum(v for r, v in resident.items() if r not in act_in)
+                if all(r in resident for r in act_in) and others + self.size[out] <= self.budget:
+                    for r in act_in:
+                        del resident[r]
+                    resident[out] = self.size[out]
+                else:
+                    for r in act_in:
+                        if r not in in_dram:
+                            self._dma("store", node, r, spill=True)
+                            in_dram.add(r)
+                        resident.pop(r, None)
+                    in_dram.add(out)
+                    why[out] = (f"a Concat in place ({self.nm(node)}): its operands are stored into their slices "
+                                f"of it in DRAM (they do not fit SRAM together)")
+                prev_ws, prev_wb_held = min(self.budget, sum(resident.values())), 0
                 continue
 
             operands = list(dict.fromkeys(act_in + outs))   # ordered: ties break the same way every run
@@ -330,12 +355,25 @@ class _Lowering:
                 stripe = sum(self.size[r] for r in act_in if r in cascaded) + sum(self.size[r] for r in casc_out)
                 tiles = max(1, -(-stripe // max(self.budget, 1))) if wbytes > self.arch.sram.weight_buffer else 1
                 # prefetch: as much of the weights as the weight buffer has room for beside the
-                # previous op's weights moves while that op runs
-                ahead = min(wbytes, self.arch.sram.weight_buffer - prev_wb_held) if prefetch else 0
+                # previous op's weights, and beyond that as the activation SRAM has room for both
+                # beside the previous op's working set and beside this op's, moves while the
+                # previous op runs
+                extra = 0
+                ahead = 0
+                if prefetch:
+                    ahead = min(wbytes, max(0, self.arch.sram.weight_buffer - prev_wb_held))
+                    if tiles == 1:
+                        extra = max(0, min(wbytes - ahead, room, self.budget - working_set()))
+                    room -= extra
                 prog.emit(Command("load", self.nm(node), node.op, tensor=f"{self.nm(node)}:weights", bytes=wbytes,
-                                  repeat=int(tiles), ahead=max(0, int(ahead))))
+                                  repeat=int(tiles), ahead=int(ahead + extra)))
+                if extra:
+                    peak = max(peak, prev_ws + (self.budget - prev_ws - room))
+            else:
+                extra = 0
             prog.emit(self.tensor_command(node) if kind == "tensor" else self.vector_command(node))
-            peak = max(peak, working_set() + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
+            peak = max(peak, working_set() + extra
+                       + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
             plain = max(plain, working_set() + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
             prev_ws = min(self.budget, working_set())
             prev_wb_held = 0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)
@@ -367,6 +405,23 @@ class _Lowering:
         self.plain_peak = int(plain)
         prog.resident_weight_bytes = self.resident_weights
         return prog
+
+    def concat_view(self, node: gs.Node, act_in: list[str], outs: list[str], i: int, next_use) -> bool:
+        """Whether a Concat can be a view of its operands (``concat-in-place``): it joins two or
+        more distinct activations along its outermost non-unit axis (each operand is then one
+        contiguous block of the output), none of them is read after it, and the output is as
+        many bytes as they are."""
+        if node.op != "Concat" or len(outs) != 1 or len(act_in) < 2 or len(act_in) != len(node.inputs):
+            return False
+        shape = _shape(node.outputs[0])
+        if shape is None:
+            return False
+        axis = int(node.attrs.get("axis", 0)) % len(shape)
+        if any(d != 1 for d in shape[:axis]):
+            return False
+        if any(next_use(r, i + 1) != _NEVER for r in act_in):
+            return False
+        return sum(self.size[r] for r in act_in) == self.size[outs[0]]
 
     def can_stream(self, r: str, i: int, node: gs.Node, nodes, kinds, uses, keep: set[str]) -> bool:
         """Whether output ``r`` of node ``i`` (too big for SRAM) stays on chip in a spatial cascade:

@@ -24,6 +24,7 @@ from edgefc.targets.profile import Profile, build_profile
 from edgefc.targets.program import Command, Program
 
 PIPELINED, SEQUENTIAL = "pipelined", "sequential"   # the ways a tiled attention block can run
+PACKED = "packed-operands"                          # ... with its DRAM operands unpadded
 
 
 class NpuTarget(Target):
@@ -64,12 +65,16 @@ class NpuTarget(Target):
 
     def attention_variants(self, schedule: str | None = None) -> tuple[str, ...]:
         """The ways a tiled attention block can run under ``schedule``, preferred first: as a
-        pipeline across the engines (``pipelined-mlt``), else one tile after another."""
-        return (PIPELINED, SEQUENTIAL) if self.schedule(schedule).has("pipelined-mlt") else (SEQUENTIAL,)
+        pipeline across the engines (``pipelined-mlt``), else one tile after another; with
+        ``packed-operands`` both name it (``pipelined+packed-operands``)."""
+        spec = self.schedule(schedule)
+        how = (PIPELINED, SEQUENTIAL) if spec.has("pipelined-mlt") else (SEQUENTIAL,)
+        return tuple(f"{h}+{PACKED}" for h in how) if spec.has(PACKED) else how
 
     def attention_commands(self, spec, tiling, variant: str = SEQUENTIAL) -> list[Command]:
         """The Program commands of one attention block (the same ones the graph lowering emits)."""
-        return lower_attention(spec, tiling, self.arch, pipelined=variant == PIPELINED)
+        how, *extra = variant.split("+")
+        return lower_attention(spec, tiling, self.arch, pipelined=how == PIPELINED, packed=PACKED in extra)
 
     def attention_cycles(self, spec, tiling, variant: str = SEQUENTIAL) -> float:
         """Cycles of one attention block under ``tiling``: every command of the block, priced by the
@@ -81,7 +86,7 @@ class NpuTarget(Target):
     def attention_sram_bytes(self, spec, tiling, variant: str = SEQUENTIAL) -> int:
         """SRAM working set of one tile of the block, padding included (``pipelined``: with the
         second buffer of every per-tile buffer)."""
-        return attention_sram_bytes(spec, tiling, self.arch, pipelined=variant == PIPELINED)
+        return attention_sram_bytes(spec, tiling, self.arch, pipelined=variant.split("+")[0] == PIPELINED)
 
     def lower(self, graph, precision: str = "as-built", schedule: str | None = schedules.FITTED) -> Program:
         """Graph -> :class:`~edgefc.targets.program.Program` (commands, SRAM residency and the

@@ -12,6 +12,12 @@ the Program:
 * ``prefetch``: the DMA engine runs ahead of the compute engines: an op's weight load (as much
   as the weight buffer has room for) and its input loads from DRAM (when the SRAM has room beside
   the previous op) start during the previous op;
+* ``packed-operands``: an attention's Q, K, V and output lie in DRAM without the head-dim padding
+  (the DMA pads each head row into SRAM and unpads the output on the way back), so the round trips
+  between the projections and the block move their real bytes;
+* ``concat-in-place``: a Concat whose axis is the outermost one is a view: its operands are its
+  output's slices (in SRAM, or stored into their slices of the output in DRAM), no copy.
+
 ``best`` is ``overlap`` with every mechanism, the compiler's default. A schedule is written by
 name or as ``overlap+MECH[+MECH...]`` (what ``bench/schedule_gains.py`` switches on one at a
 time). Other bases can be registered in ``edgefc.targets.cost_model.SCHEDULES``.
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 
 from edgefc.errors import TargetError
 
-MECHANISMS = ("pipelined-mlt", "prefetch")
+MECHANISMS = ("pipelined-mlt", "prefetch", "packed-operands", "concat-in-place")
 BASES = ("sequential", "overlap")
 BEST = "best"
 DEFAULT = BEST
