@@ -253,7 +253,7 @@ class OverlapSchedule(Schedule):
     name = "overlap"
 
     def run(self, program, cycles, arch):
-        if any(c.ahead or c.pipelined for c in program.commands):
+        if any(c.ahead or c.pipelined or c.cascade >= 0 for c in program.commands):
             return self.run_ahead(program, cycles, arch)
         starts, idle, t = [0.0] * len(cycles), [0.0] * len(cycles), 0.0
         hidden = [0.0] * len(cycles)
@@ -306,7 +306,7 @@ class OverlapSchedule(Schedule):
         exposed: dict[str, float] = {}
         t = prev_start = dma_free = 0.0
         lat = a.dma.latency_cycles
-        for first, end in op_groups(program):
+        for first, end in _units(program):
             group, cyc = cmds[first:end], cycles[first:end]
             floor = a.dispatch_cycles * sum(c.dispatches for c in group)
             s = t
@@ -336,7 +336,10 @@ class OverlapSchedule(Schedule):
                 exp = sum(x for c, x in zip(group, cyc) if c.kind in DMA)
                 dma_free = max(dma_free, u)
             else:
-                compute = sum(x for c, x in zip(group, cyc) if c.kind not in DMA)
+                if group[0].cascade >= 0:   # a pipelined cascade: its ops' compute as a stripe pipeline
+                    compute, shares = pipelined_cascade(a, group, cyc)
+                else:
+                    compute, shares = sum(x for c, x in zip(group, cyc) if c.kind not in DMA), None
                 early = [ahead_cycles(a, c, x) for c, x in zip(group, cyc)]
                 ahead_total = sum(early)
                 rest_total = sum(x for c, x in zip(group, cyc) if c.kind in DMA) - ahead_total
@@ -368,6 +371,17 @@ class OverlapSchedule(Schedule):
                 end_t = max(c_start + compute, r_end if rest_total > 0 else s, a_end)
                 work = end_t - s
                 exp = max(0.0, work - compute)
+                if shares is not None:   # each op of the cascade gets its share of the span
+                    ops = list(dict.fromkeys(c.op for c in group))
+                    floor = max(floor, 0.0)
+                    span = max(work, floor)
+                    for op in ops:
+                        idx = [i for i in range(first, end) if cmds[i].op == op]
+                        hidden[idx[0]] += sum(cycles[i] for i in idx) - span * shares[op]
+                        exposed[op] = max(0.0, exp) * shares[op]
+                    prev_start = s
+                    t = s + span
+                    continue
             if work < floor:
                 idle[end - 1] = floor - work
             hidden[first] += sum(cyc) - work
@@ -378,6 +392,69 @@ class OverlapSchedule(Schedule):
 
 
 DMA = ("load", "store")
+
+
+def _units(program: Program) -> list[tuple[int, int]]:
+    """The ops, with the consecutive ops of one pipelined cascade joined into one unit."""
+    out: list[tuple[int, int]] = []
+    cmds = program.commands
+    for first, end in op_groups(program):
+        c = cmds[first].cascade
+        if out and c >= 0 and cmds[out[-1][0]].cascade == c:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((first, end))
+    return out
+
+
+def pipelined_cascade(a: Architecture, cmds, cycles) -> tuple[float, dict[str, float]]:
+    """``(compute-path cycles, op -> its share of the unit)`` of a cascade whose ops run stripe by
+    stripe as a pipeline across the engines (``pipelined-cascades``).
+
+    With ``S`` stripes (the most any of its ops runs in) and ``n`` ops in program order, op j
+    works on stripe ``k - j`` in stage k; each engine runs, in a stage, the stripes of its ops
+    that are due, ``compute_j / S`` each, and a stage lasts as long as its busiest engine::
+
+        path = sum over stages k = 0 .. S + n - 2 of max over engines e of
+               sum over ops j on e with 0 <= k - j < S of compute_j / S
+
+    Where consecutive ops are on different engines, every stripe hands off between them: one
+    ``handoff.cycles`` on each side (as an attention tile does). A normalization at the head of
+    the cascade computes its statistics (its ``reduce`` passes) over the whole input before its
+    first stripe comes out: that part runs before the stages. The cascade's transfers run beside,
+    as for one op. The unit's time is shared out among its ops by their compute."""
+    ops: list[str] = list(dict.fromkeys(c.op for c in cmds))
+    stripes = max(max(c.stripes for c in cmds), 1)
+    comp = {op: 0.0 for op in ops}
+    engine = {op: "dma" for op in ops}
+    prologue = 0.0
+    for c, x in zip(cmds, cycles):
+        if c.kind not in DMA:
+            if c.op == ops[0] and c.kind == "vector" and any(k == "reduce" for k, _ in c.passes):
+                cpe = a.vector.int8_cycles_per_element if c.elem_bytes == 1 else a.vector.cycles_per_element
+                per = sum(n * cpe[k] for k, n in c.passes)
+                stats = x * sum(n * cpe[k] for k, n in c.passes if k == "reduce") / per if per else 0.0
+                prologue += stats
+                x -= stats
+            comp[c.op] += x
+            engine[c.op] = c.engine
+    eng = [engine[op] for op in ops]
+    work = [comp[op] for op in ops]
+    for j in range(len(ops) - 1):
+        if eng[j] != eng[j + 1] and "dma" not in (eng[j], eng[j + 1]):
+            work[j] += stripes * a.handoff.cycles
+            work[j + 1] += stripes * a.handoff.cycles
+    n = len(ops)
+    path = prologue
+    for k in range(stripes + n - 1):
+        load: dict[str, float] = {}
+        for j in range(n):
+            if 0 <= k - j < stripes and eng[j] != "dma":
+                load[eng[j]] = load.get(eng[j], 0.0) + work[j] / stripes
+        path += max(load.values(), default=0.0)
+    work[0] += prologue
+    total = sum(work)
+    return path, ({op: w / total for op, w in zip(ops, work)} if total else {op: 1.0 / n for op in ops})
 
 
 def block_cycles(a: Architecture, cmds) -> float:

@@ -126,8 +126,44 @@ def lower(graph: gs.Graph, arch: Architecture, precision: str = "as-built",
         kept = _Lowering(graph, arch, precision, resident_weights=total_w, schedule=schedule)
         resident = kept.run()
         if kept.plain_peak + total_w <= room:
-            return resident
+            prog = resident
+    return _choose_cascades(prog, arch)
+
+
+def _choose_cascades(prog: Program, arch: Architecture) -> Program:
+    """Keep a cascade pipelined (``pipelined-cascades``) only where that is faster: its doubled
+    stripes re-fetch the weights that exceed the weight buffer once more per stripe, which can cost
+    more DMA than overlapping its engines saves. Each cascade is priced both ways by the cost model
+    (as the overlapped schedule times it: the stripe pipeline against its ops one after another, each
+    ``max(latency + compute, transfers)``); a cascade left unpipelined gets its stripes back."""
+    from edgefc.targets.cost_model import command_cycles, overlapped_op_cycles, pipelined_cascade
+
+    chains: dict[int, list[Command]] = {}
+    for c in prog.commands:
+        if c.cascade >= 0:
+            chains.setdefault(c.cascade, []).append(c)
+    for cmds in chains.values():
+        cyc = [command_cycles(arch, c) for c in cmds]
+        path, _ = pipelined_cascade(arch, cmds, cyc)
+        dma = [x for c, x in zip(cmds, cyc) if c.kind in ("load", "store")]
+        piped = max(path + (arch.dma.latency_cycles if dma else 0.0), sum(dma))
+        plain_cmds = [_unpiped(c) for c in cmds]
+        plain = 0.0
+        for op in dict.fromkeys(c.op for c in plain_cmds):
+            own = [c for c in plain_cmds if c.op == op]
+            plain += max(overlapped_op_cycles(arch, own, [command_cycles(arch, c) for c in own]))
+        if plain <= piped:
+            for c, u in zip(cmds, plain_cmds):
+                c.cascade, c.stripes, c.repeat = -1, 0, u.repeat
     return prog
+
+
+def _unpiped(c: Command) -> Command:
+    """A cascade's command as it runs unpipelined: weights re-fetched per stripe on half the stripes."""
+    from dataclasses import replace
+
+    repeat = c.repeat // 2 if c.tensor.endswith(":weights") and c.repeat > 1 and c.repeat == c.stripes else c.repeat
+    return replace(c, cascade=-1, stripes=0, repeat=max(1, repeat))
 
 
 _NEVER = 1 << 62
@@ -217,6 +253,8 @@ class _Lowering:
         # activation SRAM beside its working set, and the weight buffer beside its weights
         prefetch = self.schedule.has("prefetch") and not self.resident_weights
         prev_ws, prev_wb_held = self.budget, self.arch.sram.weight_buffer
+        # pipelined cascades: the id of the cascade the previous op ran in (-1: none)
+        chain, chains = -1, 0
         for i, (node, kind) in enumerate(zip(nodes, kinds)):
             if kind == "none":
                 continue
@@ -274,6 +312,7 @@ class _Lowering:
                     peak = max(peak, sum(resident.values()) + need)
                     plain = max(plain, sum(resident.values())
                                 + min(attention_sram_bytes(spec, tiling, self.arch, built_g), limit))
+                chain = -1
                 if kind == "host":   # the NPU's SRAM is idle while the host runs
                     prev_ws, prev_wb_held = sum(resident.values()), 0
                 else:                # the block's tiles may take the weight buffer too
@@ -291,7 +330,7 @@ class _Lowering:
                 # concat-in-place: the operands are the output's slices. In SRAM when they all are
                 # and the output fits where they were; else each operand still on chip is stored into
                 # its slice of the output in DRAM (one already there was placed at its slice when
-                # stored). No copy, no command of the Concat's own.
+                # stored). No copy: the Concat's own command moves no element.
                 (out,) = outs
                 others = sum(v for r, v in resident.items() if r not in act_in)
                 if all(r in resident for r in act_in) and others + self.size[out] <= self.budget:
@@ -307,9 +346,14 @@ class _Lowering:
                     in_dram.add(out)
                     why[out] = (f"a Concat in place ({self.nm(node)}): its operands are stored into their slices "
                                 f"of it in DRAM (they do not fit SRAM together)")
+                # the view's own command moves no element (it records that the op is a view)
+                prog.emit(Command("vector", self.nm(node), node.op, elements=0,
+                                  passes=self.arch.vector.passes["copy"], elem_bytes=min(BYTES[self.types.of(node.outputs[0])], 4)))
                 prev_ws, prev_wb_held = min(self.budget, sum(resident.values())), 0
+                chain = -1
                 continue
 
+            first_cmd = len(prog.commands)
             operands = list(dict.fromkeys(act_in + outs))   # ordered: ties break the same way every run
             streamed: set[str] = {r for r in act_in if r in cascaded}
 
@@ -347,13 +391,23 @@ class _Lowering:
                 peak = max(peak, prev_ws + (self.budget - prev_ws - room))
             keep = pinned | graph_out
             casc_out = [r for r in outs if r in streamed and self.can_stream(r, i, node, nodes, kinds, uses, keep)]
+            # a cascade runs in row stripes: as many as its cascaded operands need to pass through
+            # the activation SRAM; pipelined across the engines (pipelined-cascades), every stripe
+            # buffer is double-buffered, so twice as many
+            stripe = sum(self.size[r] for r in act_in if r in cascaded) + sum(self.size[r] for r in casc_out)
+            stripes = max(1, -(-stripe // max(self.budget, 1)))
+            if stripe and self.schedule.has("pipelined-cascades"):
+                stripes *= 2
+                if not (chain >= 0 and any(r in cascaded for r in act_in)):
+                    chain, chains = chains, chains + 1
+            else:
+                chain = -1
             wbytes = self.weight_bytes(node)
             prog.weight_bytes += wbytes
             if wbytes and not self.resident_weights:
                 # in a cascade the op runs once per row stripe; weights that do not stay in the
                 # weight buffer are fetched again for every stripe
-                stripe = sum(self.size[r] for r in act_in if r in cascaded) + sum(self.size[r] for r in casc_out)
-                tiles = max(1, -(-stripe // max(self.budget, 1))) if wbytes > self.arch.sram.weight_buffer else 1
+                tiles = stripes if wbytes > self.arch.sram.weight_buffer else 1
                 # prefetch: as much of the weights as the weight buffer has room for beside the
                 # previous op's weights, and beyond that as the activation SRAM has room for both
                 # beside the previous op's working set and beside this op's, moves while the
@@ -375,6 +429,9 @@ class _Lowering:
             peak = max(peak, working_set() + extra
                        + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
             plain = max(plain, working_set() + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
+            if chain >= 0:
+                for c in prog.commands[first_cmd:]:
+                    c.cascade, c.stripes = chain, stripes
             prev_ws = min(self.budget, working_set())
             prev_wb_held = 0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)
             for r in act_in:

@@ -21,8 +21,9 @@ a loop, so a repeated command costs exactly ``repeat`` times one instance.
 
 The Program also carries its schedule (``schedule``, ``targets/schedule.py``) and the decisions
 the lowering took under it: the attention blocks that run as a pipeline across the engines
-(``Command.pipelined`` on their commands) and the bytes of each load the DMA engine moves ahead,
-during the previous op (``Command.ahead``).
+(``Command.pipelined`` on their commands), the cascades whose ops run stripe by stripe as a
+pipeline across the engines (``Command.cascade``, ``Command.stripes``) and the bytes of each load
+the DMA engine moves ahead, during the previous op (``Command.ahead``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Command:
     spill: bool = False       # DMA caused by SRAM pressure (not an op's own operand traffic)
     ahead: int = 0            # load: bytes of its first instance moved during the previous op (prefetch)
     pipelined: bool = False   # attention: the block's tiles run as a pipeline across the engines
+    cascade: int = -1         # pipelined cascade this op's commands belong to (-1: none)
+    stripes: int = 0          # ... and the row stripes it runs in
 
     @property
     def engine(self) -> str:

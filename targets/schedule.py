@@ -9,6 +9,10 @@ the Program:
 * ``pipelined-mlt``: a tiled attention runs its tiles as a three-stage pipeline across the
   engines (tile i's softmax on the vector engine while tile i+1's QK^T and tile i-1's S x V run
   on the tensor engine), S_in/S_out double-buffered; the MLT solver prices tilings so;
+* ``pipelined-cascades``: the ops of a cascade (a chain of row-wise ops whose too-big
+  intermediates stay on chip in row stripes) run stripe by stripe as a pipeline across the
+  engines -- a vector op (GeGLU, an activation) on stripe s while the tensor ops beside it work on
+  stripes s+1 and s-1 -- the stripe buffers double-buffered (twice the stripes);
 * ``prefetch``: the DMA engine runs ahead of the compute engines: an op's weight load (as much
   as the weight buffer has room for) and its input loads from DRAM (when the SRAM has room beside
   the previous op) start during the previous op;
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 
 from edgefc.errors import TargetError
 
-MECHANISMS = ("pipelined-mlt", "prefetch", "packed-operands", "concat-in-place")
+MECHANISMS = ("pipelined-mlt", "pipelined-cascades", "prefetch", "packed-operands", "concat-in-place")
 BASES = ("sequential", "overlap")
 BEST = "best"
 DEFAULT = BEST

@@ -160,10 +160,10 @@ def test_solver_falls_back_to_sequential_tiles_when_no_double_buffer_fits(target
     with pytest.raises(tile_solver.InfeasibleBudgetError) as e:
         tile_solver.solve(spec, target, 1, schedule="overlap")
     smallest_single = e.value.min_budget
-    sol = tile_solver.solve(spec, target, smallest_single, schedule="best")
+    sol = tile_solver.solve(spec, target, smallest_single, schedule="overlap+pipelined-mlt")
     assert sol.variant == "sequential"
     roomy = tile_solver.solve(spec, target, tile_solver.default_budget(target), schedule="best")
-    assert roomy.variant == "pipelined"
+    assert roomy.variant == "pipelined+packed-operands"
     assert roomy.cycles == tile_solver.brute_force(spec, target, tile_solver.default_budget(target), schedule="best").cycles
 
 
@@ -236,7 +236,10 @@ def test_schedule_names():
 
     assert parse(None).name == parse("best").name == "best"
     assert parse("overlap+prefetch").mechanisms == frozenset({"prefetch"})
-    assert parse("overlap+prefetch+pipelined-mlt").name == "best"
+    assert parse("overlap+prefetch+pipelined-mlt").name == "overlap+pipelined-mlt+prefetch"
+    from edgefc.targets.schedule import MECHANISMS
+
+    assert parse("overlap+" + "+".join(reversed(MECHANISMS))).name == "best"
     for bad, needle in (("parallel", "unknown schedule 'parallel'"), ("overlap+warp", "mechanism 'warp'"),
                         ("sequential+prefetch", "on top of 'overlap' only")):
         with pytest.raises(edgefc.TargetError, match=needle):
@@ -268,7 +271,7 @@ def test_compile_schedule_decides_the_tiling_and_prices_the_build(tmp_path):
         assert prof["schedule"] == (sched or "best") and report["profile"]["schedule"] == prof["schedule"]
         assert prof["roofline_ms"] > 0 and all("roofline_ms" in o and "exposed_dma_ms" in o for o in prof["ops"])
     (blk_o, prof_o), (blk_b, prof_b) = builds["overlap"], builds[None]
-    assert blk_o["variant"] == "sequential" and blk_b["variant"] == "pipelined"
+    assert blk_o["variant"] == "sequential" and blk_b["variant"] == "pipelined+packed-operands"
     assert blk_b["tiling"]["tiles"] >= blk_o["tiling"]["tiles"]
     assert prof_b["total_ms"] < prof_o["total_ms"]
     # a build is profiled under its own schedule unless --schedule says otherwise
@@ -286,3 +289,116 @@ def test_help_names_the_fitted_schedule():
     for command in ("compile", "profile"):
         rc, out = run_cli(command, "--help")
         assert rc == 0 and "--schedule" in out and "overlap" in out and "fitted" in out
+
+
+# --- the mechanisms the profile's gaps called for -------------------------------------------------
+
+def test_packed_operands_move_the_real_bytes_at_the_same_bus_cost_for_v_and_a(target):
+    """Without the head-dim padding in DRAM, Q and K move 40/64 of the bytes; V and A move in
+    80-byte runs instead of 128-byte ones, which costs the same bus time (a 256-byte granule)."""
+    from edgefc.targets.attention_block import attention_io_bytes
+    from edgefc.targets.cost_model import dma_cycles
+
+    a = target.arch
+    spec = AttentionSpec("a", 1, 8, 4096, 4096, 40, 40, "int16")
+    padded, packed = attention_io_bytes(spec, a), attention_io_bytes(spec, a, packed=True)
+    assert packed["q"][0] * 64 == padded["q"][0] * 40 and packed["k"][0] * 64 == padded["k"][0] * 40
+    assert packed["v"][1] == 80 and padded["v"][1] == 128
+    for key in ("v", "out"):
+        assert dma_cycles(a, *packed[key]) == pytest.approx(dma_cycles(a, *padded[key]), rel=1e-12)
+    p = target.attention_cycles(spec, Tiling(32, 8), "pipelined+packed-operands")
+    assert p < target.attention_cycles(spec, Tiling(32, 8), "pipelined")
+    assert (target.attention_sram_bytes(spec, Tiling(32, 8), "pipelined+packed-operands")
+            == target.attention_sram_bytes(spec, Tiling(32, 8), "pipelined"))   # SRAM tiles stay padded
+    assert target.attention_variants("overlap+packed-operands") == ("sequential+packed-operands",)
+
+
+def concat_model(c=320, hw=64) -> onnx.ModelProto:
+    """Two 3x3 convolutions of x, concatenated on the channels, then a 1x1 convolution: the
+    concatenation (2 x c channels at hw x hw) does not fit the SRAM beside its operands."""
+    rng = np.random.default_rng(0)
+    t = TensorProto.FLOAT
+    inits = [numpy_helper.from_array(rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.01, n) for n in ("w1", "w2")]
+    inits.append(numpy_helper.from_array(rng.standard_normal((c, 2 * c, 1, 1)).astype(np.float32) * 0.01, "w3"))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w2"], ["b"], name="c2", pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["a", "b"], ["ab"], name="cat", axis=1),
+             helper.make_node("Conv", ["ab", "w3"], ["y"], name="c3")]
+    return helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", t, [1, c, hw, hw])],
+                                               [helper.make_tensor_value_info("y", t, [1, c, hw, hw])], inits),
+                             opset_imports=[helper.make_opsetid("", 23)])
+
+
+def test_concat_in_place_stores_its_operands_into_their_slices(target):
+    """The Concat copies nothing: each operand still in SRAM is stored into its slice of the output
+    in DRAM (its consumer reads the output from there as before); the op keeps its engine."""
+    g = graph_of(concat_model())
+    base = target.profile(g, "w8a16", schedule="overlap")
+    view = target.profile(g, "w8a16", schedule="overlap+concat-in-place")
+    cat = lambda p: [c for c in p.program.commands if c.op == "cat"]
+    assert [c.kind for c in cat(base)].count("vector") == 1
+    moved = [(c.kind, c.tensor) for c in cat(view) if c.kind != "vector"]
+    assert set(moved) <= {("store", "a"), ("store", "b")} and moved
+    assert [(c.elements, c.dispatches) for c in cat(view) if c.kind == "vector"] == [(0, 0)]
+    assert view.program.placement["cat"] == base.program.placement["cat"] == "vector"
+    assert view.program.residency["ab"] == "dram" and view.program.dma_bytes() < base.program.dma_bytes()
+    assert view.total_cycles < base.total_cycles
+
+
+def ff_model(tokens=8192, c=512, hidden=2048) -> onnx.ModelProto:
+    """x @ w1 -> Gelu -> @ w2: the hidden activation (tokens x hidden, INT16) is too big for the
+    SRAM, so the three ops run as one cascade in row stripes."""
+    rng = np.random.default_rng(0)
+    t = TensorProto.FLOAT
+    inits = [numpy_helper.from_array(rng.standard_normal((c, hidden)).astype(np.float32) * 0.01, "w1"),
+             numpy_helper.from_array(rng.standard_normal((hidden, c)).astype(np.float32) * 0.01, "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("Gelu", ["h"], ["g"], name="act"),
+             helper.make_node("MatMul", ["g", "w2"], ["y"], name="down")]
+    return helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", t, [1, tokens, c])],
+                                               [helper.make_tensor_value_info("y", t, [1, tokens, c])], inits),
+                             opset_imports=[helper.make_opsetid("", 23)])
+
+
+def test_pipelined_cascade_is_the_stripe_stage_formula(target):
+    """A cascade of tensor -> vector -> tensor ops over S stripes: in stage k op j works on stripe
+    k - j; each engine's stripes of a stage back to back, a stage as long as its busiest engine;
+    one hand-off on each side of each engine change per stripe."""
+    from edgefc.targets.cost_model import pipelined_cascade
+
+    a = target.arch
+    g = graph_of(ff_model())
+    base = target.profile(g, "w8a16", schedule="overlap")
+    prof = target.profile(g, "w8a16", schedule="overlap+pipelined-cascades")
+    cmds = [c for c in prof.program.commands if c.cascade >= 0]
+    assert {c.op for c in cmds} == {"up", "act", "down"} and len({c.cascade for c in cmds}) == 1
+    S = max(c.stripes for c in cmds)
+    both = base.program.tensor_bytes["h"] + base.program.tensor_bytes["g"]   # the Gelu's stripes hold both
+    assert S == 2 * -(-both // target.sram.activations)                        # double-buffered stripe buffers
+    cyc = {id(c): x for c, x in zip(prof.program.commands, prof.cycles)}
+    comp = [sum(cyc[id(c)] for c in cmds if c.op == op and c.kind not in ("load", "store")) for op in ("up", "act", "down")]
+    comp[0] += S * a.handoff.cycles
+    comp[1] += 2 * S * a.handoff.cycles
+    comp[2] += S * a.handoff.cycles
+    eng = ["tensor", "vector", "tensor"]
+    want = 0.0
+    for k in range(S + 2):
+        load = {}
+        for j in range(3):
+            if 0 <= k - j < S:
+                load[eng[j]] = load.get(eng[j], 0.0) + comp[j] / S
+        want += max(load.values())
+    path, shares = pipelined_cascade(a, cmds, [cyc[id(c)] for c in cmds])
+    assert path == pytest.approx(want, rel=1e-12) and sum(shares.values()) == pytest.approx(1.0)
+    assert prof.total_cycles < base.total_cycles
+    assert sum(r.cycles for r in prof.ops) == pytest.approx(prof.total_cycles, rel=1e-12)
+
+
+def test_a_cascade_stays_unpipelined_where_its_weights_would_cost_more(target):
+    """Doubling the stripes re-fetches weights beyond the weight buffer once more per stripe; the
+    lowering prices a cascade both ways and keeps it unpipelined where that is cheaper."""
+    heavy = graph_of(ff_model(tokens=4096, c=1280, hidden=10240))   # 13 MB of INT8 weights per matmul
+    base = target.profile(heavy, "w8a16", schedule="overlap")
+    prof = target.profile(heavy, "w8a16", schedule="overlap+pipelined-cascades")
+    assert not any(c.cascade >= 0 for c in prof.program.commands)
+    assert prof.total_cycles == pytest.approx(base.total_cycles, rel=1e-12)
