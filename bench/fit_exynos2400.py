@@ -51,8 +51,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from edgefc.attention import Tiling, row_granularity  # noqa: E402
+from edgefc.precision import RATE_KEYS  # noqa: E402
 from edgefc.targets import TARGET_DIR  # noqa: E402
-from edgefc.targets.description import RATE_KEYS as PRECISIONS  # noqa: E402
 from edgefc.targets.description import VECTOR_CLASSES  # noqa: E402
 from edgefc.targets.program import ATTENTION_ROLES  # noqa: E402
 from edgefc.targets.schedule import FITTED  # noqa: E402  (the schedule the measurements are reproduced under)
@@ -142,7 +142,7 @@ class Features:
         self.bytes = np.array([c.bytes for c in cmds], float)
         self.run = np.array([(c.run_bytes if c.run_bytes > 0 else c.bytes) or 1 for c in cmds], float)
         self.macs = {prec: np.array([c.padded_macs if c.kind == "tensor" and c.precision == prec else 0
-                                     for c in cmds], float) for prec in PRECISIONS}
+                                     for c in cmds], float) for prec in RATE_KEYS}
         self.out = np.array([c.out_elements if c.kind == "tensor" else 0 for c in cmds], float)
         self.handoffs = np.array([c.handoffs for c in cmds], float)
         self.vector = {cls: np.array([c.elements * sum(k for x, k in c.passes if x == cls)

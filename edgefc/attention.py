@@ -18,7 +18,9 @@ model-level tiling emits) is described by an :class:`AttentionSpec`; how it is s
 :func:`tile_grid` is the one definition of the tiles of a tiling: the ONNX body of
 ``TiledAttention`` (``passes/mlt.py``, which passes it ``row_granularity``), the cost model's
 lowering (``targets/lowering.py``), the TVM import (``targets/tvm_import.py``), the numpy
-reference and the tests all take their tile bounds from it.
+execution of the tiles and the tests all take their tile bounds from it. :func:`reference` is the
+one numpy reference of an untiled attention (the NPU runtime's kernel, and what the tiled numerics
+are checked against).
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ class AttentionSpec:
     ``act_dtype`` is the element type of its activations as deployed (``fp32``, ``fp16``,
     ``int16``, ``int8``): it fixes both the bytes moved and the tensor-engine precision
     (``[tensor.rate]`` key) its two matmuls are priced at -- an FP16 attention is ``fp16``, not
-    ``int16xint16``, although both are two bytes an element.
+    ``int16xint16``, although both are two bytes an element. ``score_dtype`` is the type of its
+    softmax internals S_in and S_out when the precision policy keeps them wider than the
+    activations (a W8A8 attention's INT16 scores: QK^T runs at ``int8xint8``, S_out x V at
+    ``int8xint16``); empty: the activations' type.
     """
 
     name: str
@@ -51,15 +56,26 @@ class AttentionSpec:
     v_head_dim: int
     act_dtype: str
     causal: bool = False
+    score_dtype: str = ""
 
     def __post_init__(self):
-        if self.act_dtype not in DTYPE_BYTES:
-            raise ValueError(f"unknown activation type {self.act_dtype!r} (one of {', '.join(DTYPE_BYTES)})")
+        for t in (self.act_dtype, self.score_dtype or self.act_dtype):
+            if t not in DTYPE_BYTES:
+                raise ValueError(f"unknown activation type {t!r} (one of {', '.join(DTYPE_BYTES)})")
 
     @property
     def act_bytes(self) -> int:
         """Bytes per activation element."""
         return DTYPE_BYTES[self.act_dtype]
+
+    @property
+    def scores(self) -> str:
+        """Element type of S_in and S_out."""
+        return self.score_dtype or self.act_dtype
+
+    @property
+    def score_bytes(self) -> int:
+        return DTYPE_BYTES[self.scores]
 
 
 @dataclass(frozen=True)
@@ -183,7 +199,7 @@ def is_attention(node) -> bool:
             or (node.op == "TiledAttention" and node.domain == "edgefc"))
 
 
-def spec_from_node(node, act_dtype: str | None = None) -> AttentionSpec:
+def spec_from_node(node, act_dtype: str | None = None, score_dtype: str = "") -> AttentionSpec:
     """The :class:`AttentionSpec` of an ``Attention``-23 (3D form) or ``TiledAttention`` node.
 
     Needs static shapes on Q [B, Sq, H*dk], K [B, Skv, H*dk], V [B, Skv, H*dv] and equal
@@ -220,7 +236,7 @@ def spec_from_node(node, act_dtype: str | None = None) -> AttentionSpec:
         act_dtype = dtype_code(inputs[0].dtype)
     return AttentionSpec(name=node.name or node.outputs[0].name, batch=q[0], heads=heads, q_len=q[1], kv_len=k[1],
                          head_dim=q[2] // heads, v_head_dim=v[2] // heads, act_dtype=act_dtype,
-                         causal=bool(int(_attr(node, "is_causal", 0) or 0)))
+                         causal=bool(int(_attr(node, "is_causal", 0) or 0)), score_dtype=score_dtype)
 
 
 def tiling_from_node(node) -> Tiling:
@@ -235,3 +251,35 @@ def granularity_from_node(node) -> int:
     attribute (which its ONNX body requires; 1, rows not padded, when a hand-made node has none)."""
     g = node.attrs.get("row_granularity") if node.op == "TiledAttention" else None
     return int(g) if g is not None else 1
+
+
+def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float | None = None, causal: str | None = None,
+              heads: int | None = None) -> np.ndarray:
+    """Untiled attention in numpy: ``softmax(Q K^T * scale [+ causal mask]) V``.
+
+    ``q``, ``k``, ``v`` are ``[B, S, H, d]`` (Relax's layout, the NPU runtime's), or with ``heads``
+    the ONNX 3D form ``[B, S, H*d]`` (the output then has that form too). ``scale`` defaults to
+    ``1/sqrt(d)``; ``causal``: None, ``"TopLeft"`` (query ``i`` sees keys ``<= i``, ONNX
+    ``is_causal=1``) or ``"BottomRight"`` (the diagonal aligned at the last key). float16 inputs
+    are computed in float32; the scores and the softmax in float64, the probabilities rounded to
+    float32 before ``P V`` (one NPU attention command: QK^T on the tensor engine, the softmax on
+    the vector engine, SV on the tensor engine).
+    """
+    if heads is not None:
+        b, sq, skv = q.shape[0], q.shape[1], k.shape[1]
+        ev = v.shape[2]
+        out = reference(q.reshape(b, sq, heads, -1), k.reshape(b, skv, heads, -1), v.reshape(b, skv, heads, -1),
+                        scale, causal)
+        return out.reshape(b, sq, ev)
+    q, k, v = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (q, k, v))
+    sq, skv, d = q.shape[1], k.shape[1], q.shape[3]
+    s = np.einsum("bqhd,bkhd->bhqk", q, k, optimize=True).astype(np.float64)
+    s *= (1.0 / math.sqrt(d)) if scale is None else float(scale)
+    if causal is not None:
+        if causal not in ("TopLeft", "BottomRight"):
+            raise ValueError(f"causal must be None, 'TopLeft' or 'BottomRight', not {causal!r}")
+        offset = 0 if causal == "TopLeft" else abs(sq - skv)
+        s = np.where(np.triu(np.ones((sq, skv), dtype=bool), k=1 + offset), -np.inf, s)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    p = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return np.einsum("bhqk,bkhd->bqhd", p, v, optimize=True)

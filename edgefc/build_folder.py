@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx_graphsurgeon as gs
 
 from edgefc import ir
-from edgefc.errors import BuildError, ModelLoadError
+from edgefc.errors import BuildError, ModelLoadError, ShapeError
 from edgefc.pass_base import PassContext
 from edgefc.pass_manager import PassManager
 from edgefc.registry import is_known
@@ -21,7 +21,8 @@ from edgefc.registry import is_known
 
 def load_for_profile(path: Path, shapes: dict | None = None, progress=None) -> gs.Graph:
     """The graph to price: a build folder's model.onnx as built, or an ONNX file (canonicalized
-    and fused first when it is a raw export, i.e. below the pipeline's opset 23)."""
+    and fused first when it is a raw export, i.e. below the pipeline's opset 23). ``shapes``
+    (``--shape``) fix an ONNX file's input shapes; a build folder's are fixed (an error)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"no such model file or build folder: {path}")
@@ -33,12 +34,17 @@ def load_for_profile(path: Path, shapes: dict | None = None, progress=None) -> g
                              f"or pass an ONNX file")
     else:
         model_file = path
+    if built and shapes:
+        raise ShapeError(f"--shape applies to an ONNX file; the build folder {path} was compiled with static "
+                         f"shapes (compile again with --shape to change them)")
     head = ir._read_model_proto(model_file)  # clear errors for missing / non-ONNX files
     opset = next((o.version for o in head.opset_import if o.domain in ("", "ai.onnx")), 0)
     if built or opset >= 23:
         # as compiled: shapes were saved with the graph; the weights' values are not needed
+        if shapes:  # an opset-23 file of its own: the shapes given replace its input shapes
+            ir._apply_input_shapes(head, dict(shapes))
         graph = ir.import_model(head)
-        if any(t.shape is None for n in graph.nodes for t in n.outputs):
+        if shapes or any(t.shape is None for n in graph.nodes for t in n.outputs):
             ir.infer_shapes(graph)
         return graph
     # a raw export: the same steps as edgefc.load, on the proto already read (parsed once)

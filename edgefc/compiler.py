@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgefc import ir
+from edgefc import handover, ir, staging
 from edgefc.errors import PassError
 from edgefc.pass_base import PassContext
 from edgefc.pass_manager import PassManager, PassRecord
-from edgefc.registry import expand, is_known, list_pipelines
-from edgefc.staging import staging_dir
+from edgefc.registry import insert_passes, is_known, list_pipelines
 from edgefc.target import Target, get_target
 
 
@@ -62,89 +60,161 @@ def _tensor_info(t: gs.Tensor) -> dict:
             "dtype": str(np.dtype(t.dtype)) if t.dtype is not None else None}
 
 
+def _input_files(source: Path | None) -> list[Path]:
+    """The input model and the external data files beside it that follow its name
+    (``m.onnx.data``, ``m.onnx_data``): files a build never replaces or removes."""
+    if source is None:
+        return []
+    files = [source]
+    try:
+        files += [p for p in source.parent.iterdir() if p.name != source.name and p.name.startswith(source.name)]
+    except OSError:
+        pass
+    return files
+
+
+def _say(progress, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
 def compile(model: str | os.PathLike | gs.Graph, target: str | Target | None = "exynos2400", *,
             output: str | os.PathLike | None = None, passes: list[str] | None = None,
             shapes: dict[str, tuple[int, ...]] | None = None, verify: bool = False,
             dump_after: dict[str, str | os.PathLike] | None = None, options: dict | None = None,
-            progress=None) -> CompileResult:
+            progress=None, force: bool = False, provenance: dict | None = None,
+            consts: dict | None = None, insert_after: dict | None = None,
+            insert_before: dict | None = None) -> CompileResult:
     """Compile an ONNX model (path or Graph) for ``target``.
 
-    ``passes`` overrides the default pipeline; ``shapes`` fixes input shapes; ``verify`` checks
+    ``passes`` overrides the default pipeline; ``insert_after`` / ``insert_before`` place more
+    passes into it, ``{anchor: pass or [passes]}`` (``{"fuse-epilogue": "my-pass"}``, see
+    :func:`edgefc.registry.insert_passes`); ``shapes`` fixes input shapes; ``consts`` fixes
+    inputs to constant values (``{"sr": "16000"}``, :func:`edgefc.ir.fix_inputs`: they leave the
+    model's inputs, and canonicalize folds what depends on them); ``verify`` checks
     every pass against onnxruntime; ``dump_after`` names passes after which the graph is written
     (``<output>/after-<pass>.onnx``, or the paths given in a dict); ``options`` are pass options
     (``precision``, ``no_mlt``, ``sram_budget`` ...). With ``output`` the build folder is written
-    (atomically).
+    atomically, after the handover check (:mod:`edgefc.handover`); ``force`` lets it write into a
+    non-empty folder that is not an edgefc build (:func:`edgefc.staging.plan_output`).
+    ``progress`` is called with a :class:`PassRecord` before and after each pass and with a
+    message (str) before each long step after the passes. ``provenance`` (the command line that
+    asked for the build) goes into ``report.json`` ``"reproducibility"``.
     """
     options = dict(options or {})
     options["shapes"] = dict(shapes or {})
     tgt = get_target(target) if target is not None else None
     names = passes if passes is not None else default_pipeline(tgt, options)
-    expand(names)  # unknown passes fail before any work is done
+    names = insert_passes(names, after=insert_after, before=insert_before)  # unknown passes fail before any work
     PassManager(names).prepare(PassContext(target=tgt, options=dict(options)))  # and bad options
-    source = None
-    if isinstance(model, gs.Graph):
-        graph = model
-    else:
-        source = Path(model)
-        graph = ir.load(source, shapes)
+    source = None if isinstance(model, gs.Graph) else Path(model)
+    plan = None
+    if output is not None:  # an output that cannot be written, or must not be: fail before any work
+        plan = staging.plan_output(output, force=force, protect=_input_files(source))
+    graph = model if source is None else ir.load(source, shapes)
+    fixed = ir.fix_inputs(graph, consts) if consts else {}
     ctx = PassContext(target=tgt, options=options)
     ctx.options["source_model"] = str(source) if source else None
     inputs = [_tensor_info(t) for t in graph.inputs]
-    staging = None
-    if output is not None:
-        out = Path(output).resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = staging_dir(out)
-    if dump_after is not None and not isinstance(dump_after, dict):
-        if staging is None:
-            raise PassError("--dump-after needs an output folder (-o)")
-        dump_after = {name: staging / f"after-{name}.onnx" for name in dump_after}
+    if dump_after is not None and not isinstance(dump_after, dict) and plan is None:
+        raise PassError("--dump-after needs an output folder (-o)")
     try:
+        if plan is not None:
+            stage = staging.start(plan)
+            if dump_after is not None and not isinstance(dump_after, dict):
+                dump_after = {name: stage / f"after-{name}.onnx" for name in dump_after}
         pm = PassManager(names, verify=verify, dump_after=dump_after, progress=progress)
         start = time.perf_counter()
         graph = pm.run(graph, ctx)
+        report = {
+            "target": tgt.name if tgt is not None else None,
+            "source": str(source) if source else None,
+            "passes": [r.as_dict() for r in pm.records],
+            "seconds": round(time.perf_counter() - start, 3),
+            "inputs": inputs,
+            **({"constants": fixed} if fixed else {}),
+            "outputs": [_tensor_info(t) for t in graph.outputs],
+            **ctx.report,
+            "reproducibility": reproducibility(tgt, options, provenance),
+        }
+        result = CompileResult(graph, report, pm.records)
+        if plan is not None:
+            result.output = write_build(result, plan, tgt, ctx, progress)
     except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        if plan is not None:
+            staging.abort(plan)
         raise
-    report = {
-        "target": tgt.name if tgt is not None else None,
-        "source": str(source) if source else None,
-        "passes": [r.as_dict() for r in pm.records],
-        "seconds": round(time.perf_counter() - start, 3),
-        "inputs": inputs,
-        "outputs": [_tensor_info(t) for t in graph.outputs],
-        **ctx.report,
-    }
-    result = CompileResult(graph, report, pm.records)
-    if output is not None:
-        result.output = write_build(result, Path(output), tgt, ctx, staging)
     return result
 
 
-def write_build(result: CompileResult, output: Path, target: Target | None, ctx: PassContext,
-                tmp: Path | None = None) -> Path:
-    """Write ``model.onnx``, target artifacts and ``report.json`` into ``output`` atomically
-    (via ``tmp``, a folder beside it that may already hold ``--dump-after`` files)."""
-    output = output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp or staging_dir(output)
-    try:
-        ir.save(result.graph, tmp / "model.onnx")
-        if target is not None:
-            target.write_artifacts(result.graph, tmp, ctx, result.report)
-        (tmp / "report.json").write_text(json.dumps(result.report, indent=2, default=_json_default) + "\n")
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
+def write_build(result: CompileResult, plan: staging.OutputPlan, target: Target | None, ctx: PassContext,
+                progress=None) -> Path:
+    """Write the build folder of ``plan`` (:func:`edgefc.staging.plan_output`): ``model.onnx``,
+    the handover check of every model in it (:func:`edgefc.handover.check_model_file`: a failure
+    is :class:`~edgefc.handover.HandoverError` and nothing is written), the target's artifacts,
+    ``report.json``, the marker; then the folder is moved into place (:func:`edgefc.staging.commit`).
+    The staging folder may already hold ``--dump-after`` files."""
+    tmp = plan.staging if plan.staging is not None else staging.start(plan)
+    ir.save(result.graph, tmp / "model.onnx")
+    last = result.records[-1].name if result.records else None
+    checks = []
+    for model_file in sorted(tmp.glob("*.onnx"), key=lambda f: (f.name != "model.onnx", f.name)):
+        _say(progress, f"handover: {model_file.name}: onnx.checker (full) and onnxruntime sessions with default "
+                       f"options and with optimisations off, in a child process")
+        checks.append(handover.check_model_file(model_file, last))
+    result.report["handover"] = checks
+    if target is not None:
+        _say(progress, "target: pricing the build (profile.json)")
+        target.write_artifacts(result.graph, tmp, ctx, result.report)
+    report_file = tmp / "report.json"
+    report_file.write_text(json.dumps(result.report, indent=2, default=_json_default) + "\n")
+    return staging.commit(plan)
+
+
+def reproducibility(target: Target | None, options: dict, provenance: dict | None = None) -> dict:
+    """How a build was made (``report.json`` / ``profile.json`` ``"reproducibility"``): the edgefc,
+    Python, onnx, onnxruntime and (if installed) TVM versions, the target and the SHA-256 of its
+    description file, the compile options, and the command line when the CLI gave it."""
+    import hashlib
+    import platform
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(pkg):
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    out = {"edgefc": v("edgefc"), "python": platform.python_version(), "onnx": v("onnx"),
+           "onnxruntime": v("onnxruntime"), "onnx_graphsurgeon": v("onnx-graphsurgeon") or v("onnx_graphsurgeon"),
+           "numpy": v("numpy"), "tvm": v("apache-tvm") or v("tvm"), "platform": platform.platform()}
+    if target is not None:
+        out["target"] = target.name
+        src = target.description_file
+        if src and Path(src).is_file():
+            out["target_file"] = src
+            out["target_sha256"] = hashlib.sha256(Path(src).read_bytes()).hexdigest()
+    out["options"] = {k: _plain(val) for k, val in sorted(options.items())
+                      if k != "source_model" and val not in (None, (), [], {}, False)}
+    if provenance:
+        out.update(provenance)
+    else:
+        out["command"] = None
+        out["argv"] = list(sys.argv)
+    return out
+
+
+def _plain(value):
+    """``value`` as JSON data: numbers, strings, lists and dicts as they are, anything else as text."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(x) for k, x in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(x) for x in value]
+        return sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
+    return str(value)
 
 
 def _json_default(o):

@@ -43,14 +43,22 @@ class Activation:
     gated: bool = False
     relax_gate_op: str | None = None
     onnx_attrs: dict[str, tuple] = field(default_factory=dict)
+    #: constant scalar inputs of the ONNX op after the activated value (Clip's min and max); the
+    #: fused op carries them as float attributes of these names, the Relax op as arguments
+    bounds: tuple[str, ...] = ()
 
 
 SILU = Activation("silu", onnx_op="Sigmoid", relax_op="relax.nn.silu", gated=True, relax_gate_op="relax.sigmoid")
 GELU = Activation("gelu", onnx_op="Gelu", relax_op="relax.nn.gelu", onnx_attrs={"approximate": (None, "none")})
+#: a clamp to constant bounds (ReLU6 = Clip(0, 6)); the NPU's convolutions take it as their
+#: epilogue (ExecuTorch's Samsung backend: clamp / hardtanh after conv2d).
+CLIP = Activation("clip", onnx_op="Clip", relax_op="relax.clip", bounds=("clip_min", "clip_max"))
 
 #: the activations an epilogue folds, in priority order (the ONNX fused ops' ``activation``
-#: values, besides ``"none"``). A tanh GELU, a ReLU or a bare Sigmoid stays a separate op.
-ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (SILU, GELU)}
+#: values, besides ``"none"``). A tanh GELU, a bare Sigmoid or a ReLU stays a separate op (the
+#: ReLU too: the target fit, bench/fit_exynos2400.py, prices MobileNetEdgeTPU's and EDSR's ReLUs
+#: as ops of their own; folding them needs a new fit).
+ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (SILU, GELU, CLIP)}
 
 
 def attr_accepts(activation: Activation, attr: str, value) -> bool:

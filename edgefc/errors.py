@@ -52,3 +52,9 @@ class QualityFloorError(QuantizationError):
 
 class BuildError(EdgefcError):
     """A build folder is missing or incomplete, or a lowering cannot proceed."""
+
+
+class OutputError(EdgefcError):
+    """An output path that cannot be written (a missing or unwritable folder, a file where a
+    folder is needed, /proc ...), or a folder ``-o`` must not write into (not an edgefc build and
+    no ``--force``, or one that would replace the input model)."""

@@ -87,6 +87,9 @@ def fold_if(graph: gs.Graph) -> int:
         node.inputs.clear()
         graph.nodes.remove(node)
         for inner in branch.nodes:
+            for t in inner.outputs:   # shapes the branch had as a body: inferred again in the graph
+                if isinstance(t, gs.Variable) and ir.static_shape(t) is None:
+                    t.shape = None
             graph.nodes.append(inner)
         for src, dst in zip(branch.outputs, outs):  # Identity keeps the If's output names (canonicalize removes it)
             graph.nodes.append(gs.Node("Identity", name=f"{dst.name}_branch", inputs=[src], outputs=[dst]))

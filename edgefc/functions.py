@@ -17,9 +17,10 @@ FusedConv             ``z = Conv(X, W, B; dilations, group, kernel_shape, pads, 
                       ``Y = act(z)`` [``+ residual``]
 ====================  =====================================================================
 
-``act`` is the ``activation`` attribute: ``"none"`` (identity), ``"gelu"`` (``Gelu``, erf form)
-or ``"silu"`` (``z * Sigmoid(z)``); the residual, when present, is the 4th input and is added
-after the activation.
+``act`` is the ``activation`` attribute: ``"none"`` (identity), ``"gelu"`` (``Gelu``, erf form),
+``"silu"`` (``z * Sigmoid(z)``) or ``"clip"`` (``Clip(z, clip_min, clip_max)``, the bounds float
+attributes of the node); the residual, when present, is the 4th input and is added after the
+activation.
 
 **Variants.** One ONNX function has one body, but FusedMatMul / FusedConv have six (three
 activations, with or without the residual input; a missing optional input cannot be
@@ -102,7 +103,10 @@ class _Body:
         act = composites.ACTIVATIONS[activation]
         attrs = {k: next(v for v in vals if v is not None) for k, vals in act.onnx_attrs.items()
                  if None not in vals}   # an attribute whose default is accepted stays absent
-        y = self.op(act.onnx_op, [z], attrs)
+        # bounds (Clip): the fused op's float attributes, as constants of z's type
+        bounds = [self.op("CastLike", [self.op("Constant", [], {"value_float": _ref(b, float)}), z])
+                  for b in act.bounds]
+        y = self.op(act.onnx_op, [z, *bounds], attrs)
         return self.op("Mul", [z, y]) if act.gated else y
 
     def function(self, name: str, output, doc: str, attrs: dict) -> gs.Function:
@@ -143,7 +147,7 @@ def fused_matmul(activation: str, residual: bool) -> gs.Function:
     if residual:
         y = b.op("Add", [y, b.inputs[3]])
     doc = f"Y = {activation}(A @ B + bias)" + (" + residual" if residual else "")
-    return b.function("FusedMatMul", y, doc, {"activation": None})
+    return b.function("FusedMatMul", y, doc, {"activation": None, **_bound_attrs(activation)})
 
 
 def fused_conv(activation: str, residual: bool) -> gs.Function:
@@ -156,7 +160,13 @@ def fused_conv(activation: str, residual: bool) -> gs.Function:
     if residual:
         y = b.op("Add", [y, b.inputs[3]])
     doc = f"Y = {activation}(Conv(X, W, B))" + (" + residual" if residual else "")
-    return b.function("FusedConv", y, doc, {"activation": None, **{a: None for a in CONV_ATTRS}})
+    return b.function("FusedConv", y, doc, {"activation": None, **{a: None for a in CONV_ATTRS}, **_bound_attrs(activation)})
+
+
+def _bound_attrs(activation: str) -> dict:
+    """The attributes an activation's bounds add to a fused op's function (Clip: clip_min, clip_max)."""
+    act = composites.ACTIVATIONS.get(activation)
+    return {b: None for b in act.bounds} if act else {}
 
 
 def function_for(op: str, overload: str = "") -> gs.Function:

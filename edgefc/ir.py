@@ -4,7 +4,8 @@ edgefc has no IR of its own (DESIGN.md "Graph"): passes receive and return an
 ``onnx_graphsurgeon.Graph``. This module holds what every pass and command needs around it:
 loading a model safely (external data inside the model's folder only, clear errors for files that
 are not ONNX), shape inference that also works on models over 2 GB, and saving with external data
-when the weights are large. Opset conversion is :mod:`edgefc.opset`, element type codes
+when the weights are large, each node's ``metadata_props`` kept (onnx-graphsurgeon 0.6 drops them;
+the precision record of :mod:`edgefc.precision` is among them). Opset conversion is :mod:`edgefc.opset`, element type codes
 :mod:`edgefc.dtypes`.
 """
 
@@ -21,7 +22,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from edgefc import functions
+from edgefc import functions, precision
 from edgefc.errors import ModelLoadError, ShapeError
 
 Graph = gs.Graph
@@ -89,6 +90,73 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def parse_shapes(texts) -> dict[str, tuple[int, ...]]:
+    """Parse repeated ``--shape NAME=D1xD2x...`` options; the same input named twice is an error
+    (one-line ShapeError) instead of the last one silently winning."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in texts or ():
+        name, shape = parse_shape(text)
+        if name in shapes:
+            if shapes[name] == shape:
+                raise ShapeError(f"--shape {name} is given twice")
+            raise ShapeError(f"--shape {name} is given twice ({'x'.join(map(str, shapes[name]))} and "
+                             f"{'x'.join(map(str, shape))}); give each input once")
+        shapes[name] = shape
+    return shapes
+
+
+def parse_consts(texts) -> dict[str, str]:
+    """Parse repeated ``--const NAME=VALUE`` options (VALUE: a number, or numbers separated by
+    commas); the same input named twice is an error."""
+    consts: dict[str, str] = {}
+    for text in texts or ():
+        name, sep, value = str(text).partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            raise ShapeError(f"bad --const '{text}': expected NAME=VALUE, e.g. sr=16000")
+        if name in consts:
+            raise ShapeError(f"--const {name} is given twice; give each input once")
+        consts[name] = value
+    return consts
+
+
+def fix_inputs(graph: gs.Graph, consts: dict) -> dict[str, list]:
+    """Turn the graph inputs ``consts`` names into constants (``canonicalize`` then folds what
+    depends on them: an ``If`` on a sample rate, a shape computed from a length ...). A value is a
+    number (filling the input's shape) or numbers separated by commas (one per element), given as
+    text, a number or a list; it takes the input's element type. Returns the values fixed, by
+    name. ShapeError for an unknown input, a value that does not fit its type or element count,
+    or an input whose shape is not static (give it with --shape)."""
+    by_name = {t.name: t for t in graph.inputs}
+    fixed: dict[str, list] = {}
+    for name, raw in (consts or {}).items():
+        t = by_name.get(name)
+        if t is None:
+            raise ShapeError(f"--const names input '{name}', but the model's inputs are: {', '.join(by_name) or 'none'}")
+        items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",") if isinstance(raw, str) else [raw]
+        try:
+            numbers = [float(x) for x in items]
+        except (TypeError, ValueError):
+            raise ShapeError(f"--const {name}={raw}: not a number (or numbers separated by commas)") from None
+        dtype = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
+        if dtype.kind in "iub" and any(not float(x).is_integer() for x in numbers):
+            raise ShapeError(f"--const {name}={raw}: input '{name}' is {dtype.name}; give whole numbers")
+        shape = static_shape(t)
+        if shape is None:
+            shape = () if t.shape is not None and len(t.shape) == 0 else None
+        if shape is None:
+            raise ShapeError(f"--const {name}: input '{name}' has no static shape; give it with --shape {name}=D1xD2x...")
+        size = int(np.prod(shape, dtype=np.int64))
+        if len(numbers) not in (1, size):
+            raise ShapeError(f"--const {name}: {len(numbers)} values for an input of {size} elements (shape "
+                             f"{'x'.join(map(str, shape)) or 'scalar'}); give one value or {size}")
+        value = np.full(shape, numbers[0]) if len(numbers) == 1 else np.asarray(numbers).reshape(shape)
+        graph.inputs.remove(t)
+        t.to_constant(np.ascontiguousarray(value.astype(dtype)))
+        fixed[name] = [v.item() for v in np.asarray(t.values).reshape(-1)[:16]]
+    return fixed
+
+
 def _apply_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
     inputs = {i.name: i for i in model.graph.input}
     for name, shape in shapes.items():
@@ -135,7 +203,40 @@ def load(path: str | os.PathLike, shapes: dict | None = None) -> gs.Graph:
 def import_model(model: onnx.ModelProto) -> gs.Graph:
     """``gs.import_onnx`` without the edgefc functions (derived data, stamped again on export;
     see :mod:`edgefc.functions`). Strips them from ``model`` in place."""
-    return gs.import_onnx(functions.strip_functions(model))
+    graph = gs.import_onnx(functions.strip_functions(model))
+    _import_node_metadata(model.graph.node, graph.nodes)
+    return graph
+
+
+def _import_node_metadata(protos, nodes) -> None:
+    """Each NodeProto's ``metadata_props`` onto its Node (onnx-graphsurgeon 0.6 drops them):
+    :func:`edgefc.precision.metadata`. Nodes are imported in proto order."""
+    if len(protos) != len(nodes):
+        return
+    for proto, node in zip(protos, nodes):
+        if len(proto.metadata_props):
+            precision.metadata(node).update({p.key: p.value for p in proto.metadata_props})
+
+
+def _export_node_metadata(nodes, protos) -> None:
+    """The inverse of :func:`_import_node_metadata` (nodes are exported in list order)."""
+    for node, proto in zip(nodes, protos):
+        meta = node.__dict__.get("metadata_props")
+        if meta:
+            del proto.metadata_props[:]
+            for k, v in meta.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = str(k), str(v)
+
+
+def copy_graph(graph: gs.Graph) -> gs.Graph:
+    """``graph.copy()`` that keeps each node's metadata (the precision record among it)."""
+    new = graph.copy()
+    for old, node in zip(graph.nodes, new.nodes):
+        meta = old.__dict__.get("metadata_props")
+        if meta:
+            precision.metadata(node).update(meta)
+    return new
 
 
 def _tensor_nbytes(t: onnx.TensorProto) -> int:
@@ -202,6 +303,7 @@ def skeleton_model(graph: gs.Graph, min_bytes: int = 1024) -> onnx.ModelProto:
                   if isinstance(t, gs.Variable) and t.name not in boundary and (t.dtype is not None or t.shape is not None)]
     g = onnx.helper.make_graph([E.export_node(n) for n in graph.nodes], graph.name or "graph", inputs, outputs,
                                initializer=initializer, value_info=value_info)
+    _export_node_metadata(graph.nodes, g.node)
     model = onnx.helper.make_model(g, opset_imports=update_import_domains(graph),
                                    functions=[E.export_function(f) for f in graph.functions])
     if graph.ir_version is not None:
@@ -210,7 +312,8 @@ def skeleton_model(graph: gs.Graph, min_bytes: int = 1024) -> onnx.ModelProto:
 
 
 def infer_shapes(graph: gs.Graph) -> gs.Graph:
-    """Run ONNX shape inference (with data propagation) and write the results into ``graph``.
+    """Run ONNX shape inference (with data propagation) and write the results into ``graph`` and
+    its subgraphs (If branches, Loop / Scan bodies: each scope from its own inferred graph).
 
     Runs on a weight-free skeleton of the graph, so it is fast and works for models over 2 GB.
     """
@@ -218,8 +321,17 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
         inferred = onnx.shape_inference.infer_shapes(skeleton_model(graph), strict_mode=False, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise ShapeError(f"shape inference failed: {str(e).splitlines()[0]}") from None
-    infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    for name, tensor in graph.tensors().items():
+    _write_inferred(graph, inferred.graph, top=True)
+    return graph
+
+
+def _write_inferred(graph: gs.Graph, proto: onnx.GraphProto, top: bool) -> None:
+    """Shapes and types of ``proto`` (the inferred export of ``graph``) into ``graph``'s tensors;
+    then the same for every subgraph (the export keeps the node order)."""
+    infos = {vi.name: vi for vi in list(proto.value_info) + list(proto.output) + ([] if top else list(proto.input))}
+    tensors = graph.tensors() if top else {t.name: t for n in graph.nodes for t in list(n.inputs) + list(n.outputs)
+                                           if t is not None and t.name}
+    for name, tensor in tensors.items():
         if isinstance(tensor, gs.Constant) or name not in infos:
             continue
         kind = infos[name].type.WhichOneof("value")
@@ -231,7 +343,13 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
             tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         if tt.HasField("shape"):
             tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-    return graph
+    if len(proto.node) != len(graph.nodes):
+        return
+    for node, pnode in zip(graph.nodes, proto.node):
+        bodies = {a.name: a.g for a in pnode.attribute if a.type == onnx.AttributeProto.GRAPH}
+        for name, sub in node.attrs.items():
+            if isinstance(sub, gs.Graph) and name in bodies:
+                _write_inferred(sub, bodies[name], top=False)
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
@@ -239,10 +357,24 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return sum(_tensor_nbytes(t) for t in external_data_helper._get_all_tensors(model))
 
 
+def raise_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Raise ``model.ir_version`` (in place) to the least its opsets need: a model converted from
+    opset 9 keeps IR version 3 otherwise, which the ONNX checker refuses for opset 23 (and where
+    every initializer would have to be a graph input)."""
+    try:
+        need = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except (ValueError, TypeError):  # an opset newer than this onnx knows: leave it
+        return model
+    model.ir_version = max(int(model.ir_version), int(need))
+    return model
+
+
 def to_model(graph: gs.Graph) -> onnx.ModelProto:
     """Export ``graph`` to a ModelProto (no checks; large models stay in memory), with the local
-    functions of its edgefc ops."""
-    return functions.attach_functions(gs.export_onnx(graph, do_type_check=False))
+    functions of its edgefc ops, its nodes' metadata and the IR version its opsets need."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    _export_node_metadata(graph.nodes, model.graph.node)
+    return raise_ir_version(functions.attach_functions(model))
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -289,7 +421,7 @@ def save(graph: gs.Graph, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".edgefc-save-", dir=path.parent))
     try:
-        model = skeleton_model(graph, EXTERNAL_TENSOR_MIN_BYTES)
+        model = raise_ir_version(skeleton_model(graph, EXTERNAL_TENSOR_MIN_BYTES))
         large = {t.name: t for t in constants if _constant_nbytes(t) >= EXTERNAL_TENSOR_MIN_BYTES}
         keep = [i for i in model.graph.input if i.name not in large]
         del model.graph.input[:]

@@ -1,10 +1,12 @@
-"""Pattern rewriting, part 2 of 3 - matching: bind a :class:`~edgefc.pattern.Pattern` to a graph.
+"""Pattern rewriting, part 2 of 3 - binding: a :class:`~edgefc.pattern.Pattern` bound to a graph.
 
-A match may start at any pattern node (the *anchor*) and grows along producer and consumer
-edges with a small backtracking search (branching only at commutative inputs and at the choice
-among a tensor's consumers). The result is a :class:`Match` (pattern names -> graph nodes and
-tensors) or a :class:`Miss` carrying the reason of the deepest failure, which the fusion
-passes report for every candidate that did not fuse.
+:func:`match` binds one pattern node (the *anchor*) to a graph node and grows the binding along
+producer and consumer edges with a small backtracking search (branching only at commutative
+inputs and at the choice among a tensor's consumers). The result is a :class:`Match` (pattern
+names -> graph nodes and tensors) or a :class:`Miss` carrying the reason of the deepest failure,
+which the rewrite driver (:mod:`edgefc.rewriter`) reports for every candidate that did not fuse.
+
+Imports :mod:`edgefc.pattern` (the description) and nothing of the driver.
 """
 
 from __future__ import annotations
@@ -14,8 +16,35 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgefc.errors import PassError
-from edgefc.pattern import Pattern, PNode, Value, _label, _verdict
+from edgefc.errors import InternalError, PassError
+from edgefc.pattern import Check, Pattern, PNode, Value
+
+
+def label(node: gs.Node) -> str:
+    """How a reason names a graph node: ``Softmax '/attn/Softmax'``."""
+    return f"{node.op} '{node.name}'"
+
+
+def _verdict(result, default: str) -> str | None:
+    """None if a check passed, else the reason it failed."""
+    if result is None or result is True:
+        return None
+    if isinstance(result, str):
+        return result
+    return None if result else default
+
+
+def _run_check(check: Check, arg, pattern: Pattern, what: str, default: str, on: str) -> str | None:
+    """The verdict of a check written with a pattern. A check answers True/None, False or a reason;
+    one that raises is a bug (in edgefc or a plugin), reported as an InternalError naming the
+    pattern, the check and the node it was looking at."""
+    try:
+        result = check(arg)
+    except Exception as e:
+        raise InternalError(f"pattern '{pattern.name}': {what} raised {type(e).__name__}: {e} (at {on}); "
+                            f"a check returns True, False or a reason") from None
+    return _verdict(result, default)
+
 
 # --- match results ------------------------------------------------------------------------------
 
@@ -55,9 +84,6 @@ class Match:
             return self[name]
         except KeyError:
             return default
-
-    def tensor(self, value: Value) -> gs.Tensor:
-        return self._values[id(value)]
 
     def const(self, name: str) -> np.ndarray:
         """The values of a constant placeholder (or of any constant-bound placeholder)."""
@@ -130,7 +156,8 @@ class _Search:
                 self.fail(state, f"{where}: '{t.name}' is not a constant")
                 return False
             if v.check is not None:
-                why = _verdict(v.check(t), f"constant '{t.name}' has the wrong value")
+                why = _run_check(v.check, t, self.p, f"the check of constant '{v.name}'",
+                                 f"constant '{t.name}' has the wrong value", f"'{t.name}'")
                 if why:
                     self.fail(state, f"{where}: {why}")
                     return False
@@ -139,48 +166,52 @@ class _Search:
 
     def bind(self, pn: PNode, node: gs.Node, state: _State):
         """Yield the states extending ``state`` with ``pn`` bound to ``node``."""
-        label = _label(node)
+        here = label(node)
         if id(node) in state.used or id(node) in self.taken:
-            self.fail(state, f"{label} is already part of another match")
+            self.fail(state, f"{here} is already part of another match")
             return
         if node.op not in pn.ops:
-            self.fail(state, f"{label} is not {'/'.join(pn.ops)} (pattern node '{pn.name}')")
+            self.fail(state, f"{here} is not {'/'.join(pn.ops)} (pattern node '{pn.name}')")
             return
         if pn.domain is not None and (node.domain or "") != pn.domain:
-            self.fail(state, close=True, reason=f"{label} has domain '{node.domain or ''}', want '{pn.domain}'")
+            self.fail(state, close=True, reason=f"{here} has domain '{node.domain or ''}', want '{pn.domain}'")
             return
         n_in = len(node.inputs)
         if n_in < len(pn.inputs) or (n_in > len(pn.inputs) and not pn.extra_inputs):
-            self.fail(state, close=True, reason=f"{label} has {n_in} inputs, pattern node '{pn.name}' has {len(pn.inputs)}")
+            self.fail(state, close=True, reason=f"{here} has {n_in} inputs, pattern node '{pn.name}' has {len(pn.inputs)}")
             return
         if len(node.outputs) < len(pn.outputs):
-            self.fail(state, close=True, reason=f"{label} has {len(node.outputs)} outputs, pattern node '{pn.name}' has {len(pn.outputs)}")
+            self.fail(state, close=True, reason=f"{here} has {len(node.outputs)} outputs, pattern node '{pn.name}' has {len(pn.outputs)}")
             return
         for extra in node.outputs[len(pn.outputs):]:
             if extra.outputs or extra.name in self.graph_outputs:
-                self.fail(state, close=True, reason=f"{label}: output '{extra.name}' is used but not part of pattern '{self.p.name}'")
+                self.fail(state, close=True, reason=f"{here}: output '{extra.name}' is used but not part of pattern '{self.p.name}'")
                 return
         for key, want in pn.attrs.items():
             have = node.attrs.get(key)
             if callable(want):
-                why = _verdict(want(have), f"attribute {key}={have!r} not accepted")
+                why = _run_check(want, have, self.p, f"the check of attribute '{key}' of pattern node '{pn.name}'",
+                                 f"attribute {key}={have!r} not accepted", here)
+                if why and key not in why:
+                    why = f"attribute {key} {why}"
             else:
                 norm = list(have) if isinstance(have, (tuple, list)) else have
                 wnorm = list(want) if isinstance(want, (tuple, list)) else want
                 why = None if norm == wnorm else f"attribute {key}={have!r}, want {want!r}"
             if why:
-                self.fail(state, f"{label}: {why}", close=True)
+                self.fail(state, f"{here}: {why}", close=True)
                 return
         if pn.check is not None:
-            why = _verdict(pn.check(node), f"check of pattern node '{pn.name}' failed")
+            why = _run_check(pn.check, node, self.p, f"the check of pattern node '{pn.name}'",
+                             f"check of pattern node '{pn.name}' failed", here)
             if why:
-                self.fail(state, f"{label}: {why}", close=True)
+                self.fail(state, f"{here}: {why}", close=True)
                 return
         base = state.copy()
         base.nodes[pn.name] = node
         base.used = base.used | {id(node)}
         for k, v in enumerate(pn.outputs):
-            if not self.bind_value(v, node.outputs[k], base, label):
+            if not self.bind_value(v, node.outputs[k], base, here):
                 return
         orders = [list(range(len(pn.inputs)))]
         if pn.commutative and len(pn.inputs) == 2:
@@ -189,7 +220,7 @@ class _Search:
             st = base.copy()
             ok = True
             for v, i in zip(pn.inputs, order):
-                if not self.bind_value(v, node.inputs[i], st, f"{label} input {i}"):
+                if not self.bind_value(v, node.inputs[i], st, f"{here} input {i}"):
                     ok = False
                     break
             if ok:
@@ -218,7 +249,7 @@ class _Search:
                     return
                 producer = t.inputs[0]
                 if v.index >= len(producer.outputs) or producer.outputs[v.index] is not t:
-                    self.fail(state, f"'{t.name}' is output {list(producer.outputs).index(t)} of {_label(producer)}, "
+                    self.fail(state, f"'{t.name}' is output {list(producer.outputs).index(t)} of {label(producer)}, "
                                      f"pattern wants output {v.index}")
                     return
                 for st in self.bind(pn, producer, state):
@@ -243,7 +274,7 @@ class _Search:
                             found = True
                             yield final
                 if not found and len(consumers) > 1:
-                    names = ", ".join(_label(c) for c in consumers)
+                    names = ", ".join(label(c) for c in consumers)
                     self.fail(state, f"no consumer of '{t.name}' matches pattern node '{pn.name}' "
                                      f"({'/'.join(pn.ops)}); its consumers: {names}", prefer=True)
                 return
@@ -257,21 +288,36 @@ class _Search:
                     continue
                 t = state.values[id(v)]
                 if t.name in self.graph_outputs:
-                    return f"'{t.name}' is a graph output, so {_label(state.nodes[pn.name])} cannot be fused away"
+                    return f"'{t.name}' is a graph output, so {label(state.nodes[pn.name])} cannot be fused away"
                 for c in t.outputs:
                     if id(c) not in state.used:
-                        return (f"'{t.name}' (output of {_label(state.nodes[pn.name])}) is also used by "
-                                f"{_label(c)} outside the pattern")
+                        return (f"'{t.name}' (output of {label(state.nodes[pn.name])}) is also used by "
+                                f"{label(c)} outside the pattern")
         if self.p.where is not None:
-            return _verdict(self.p.where(Match(self.p, state.nodes, state.values)),
-                            f"constraints of pattern '{self.p.name}' not met")
+            return _run_check(self.p.where, Match(self.p, state.nodes, state.values), self.p,
+                              "the where-check", f"constraints of pattern '{self.p.name}' not met",
+                              ", ".join(label(n) for n in state.nodes.values()))
         return None
 
 
-def search(pattern: Pattern, anchor: PNode, node: gs.Node, *, graph_outputs=frozenset(), taken=frozenset()) -> Match | Miss:
-    """The first match of ``pattern`` with ``anchor`` bound to ``node``, else the deepest miss."""
+def match(pattern: Pattern, node: gs.Node, anchor: str | None = None, *, graph_outputs=frozenset(),
+          taken=frozenset()) -> Match | Miss:
+    """Match ``pattern`` with its node ``anchor`` (default: the first whose op is ``node.op``) bound
+    to ``node``: the first complete binding, else the deepest miss.
+
+    ``graph_outputs``: names of the graph's outputs (internal tensors must not be among them);
+    ``taken``: ids of graph nodes that must not be used (already replaced).
+    """
+    if anchor is None:
+        cands = pattern.anchors(node.op)
+        if not cands:
+            ops = "/".join(sorted({o for n in pattern.nodes for o in n.ops}))
+            return Miss(f"{label(node)} is not a {ops} node of pattern '{pattern.name}'", 0)
+        anchor_node = cands[0]
+    else:
+        anchor_node = pattern.node(anchor)
     s = _Search(pattern, graph_outputs, taken)
-    for state in s.bind(anchor, node, _State()):
+    for state in s.bind(anchor_node, node, _State()):
         for final in s.solve(state):
             return Match(pattern, final.nodes, final.values)
-    return s.miss if s.miss is not None else Miss(f"pattern '{pattern.name}' does not match at {_label(node)}")
+    return s.miss if s.miss is not None else Miss(f"pattern '{pattern.name}' does not match at {label(node)}")

@@ -25,7 +25,8 @@ def release_memory() -> None:
 
 
 def _disconnect_removed_nodes(graph: gs.Graph) -> None:
-    live = {id(n) for n in graph.nodes}
+    # the nodes of If / Loop / Scan bodies are live too: they read outer tensors by name
+    live = {id(n) for g in [graph, *graph.subgraphs(recursive=True)] for n in g.nodes}
     for t in graph.tensors().values():
         if isinstance(t, gs.Constant):
             t.values  # noqa: B018  (loads and caches the array, releasing the lazy proto reference)

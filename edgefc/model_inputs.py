@@ -48,11 +48,37 @@ def input_specs(model: onnx.ModelProto | gs.Graph) -> list[InputSpec]:
     return specs
 
 
-def random_input(spec: InputSpec, rng: np.random.Generator) -> np.ndarray:
-    """A generic input: integers in [0, 1000) (timesteps, token ids), all-true booleans, else
-    standard-normal values."""
+#: generic integer inputs are drawn from [0, INT_RANGE) (timesteps, token ids), or below the size
+#: of the table they index (:func:`index_bound`).
+INT_RANGE = 1000
+_VIEW_OPS = {"Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def index_bound(graph: gs.Graph, name: str) -> int | None:
+    """Rows of the smallest constant table the input ``name`` indexes (``Gather`` with constant
+    data, through casts and reshapes), or None: a generated index must stay below it."""
+    frontier = [t for t in graph.inputs if t.name == name]
+    seen, bound = set(), None
+    while frontier:
+        t = frontier.pop()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        for c in t.outputs:
+            if c.op == "Gather" and len(c.inputs) > 1 and c.inputs[1] is t and isinstance(c.inputs[0], gs.Constant):
+                rows = int(c.inputs[0].shape[int(c.attrs.get("axis", 0))])
+                bound = rows if bound is None else min(bound, rows)
+            elif c.op in _VIEW_OPS:
+                frontier.extend(c.outputs)
+    return bound
+
+
+def random_input(spec: InputSpec, rng: np.random.Generator, bound: int | None = None) -> np.ndarray:
+    """A generic input: integers in [0, min(bound, INT_RANGE)) (timesteps, token ids), all-true
+    booleans, else standard-normal values."""
     if np.issubdtype(spec.dtype, np.integer):
-        return rng.integers(0, 1000, size=spec.shape).astype(spec.dtype)
+        high = INT_RANGE if bound is None else max(1, min(bound, INT_RANGE))
+        return rng.integers(0, high, size=spec.shape).astype(spec.dtype)
     if spec.dtype == np.bool_:
         return np.ones(spec.shape, dtype=bool)
     return rng.standard_normal(spec.shape).astype(spec.dtype)
@@ -97,12 +123,14 @@ def generate(graph: gs.Graph, component: str | None, n: int, seed: int, *, evenl
     info: dict = {"source": "generated", "seed": seed, "samples": n}
     found = _lookup(component)
     fill, extra = found[0](graph, specs, n, rng, evenly) if found else (None, {})
+    bounds = {s.name: index_bound(graph, s.name) for s in specs
+              if np.issubdtype(s.dtype, np.integer) and isinstance(graph, gs.Graph)}
     samples = []
     for i in range(n):
         sample = {}
         for s in specs:
             a = fill(i, s, rng) if fill is not None else None
-            sample[s.name] = a if a is not None else random_input(s, rng)
+            sample[s.name] = a if a is not None else random_input(s, rng, bounds.get(s.name))
         samples.append(sample)
     info.update(extra)
     return samples, info

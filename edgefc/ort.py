@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +21,7 @@ import onnxruntime as ort
 
 from edgefc import ir
 from edgefc.model_inputs import input_specs, random_input
+from edgefc.staging import temp_dir
 
 
 def session_options(*, threads: int | None = None, optimize: bool = False, arena: bool = True) -> ort.SessionOptions:
@@ -52,7 +52,7 @@ def session(model: onnx.ModelProto | gs.Graph | str | os.PathLike, threads: int 
         model = ir.to_model(model)
     if ir.weight_bytes(model) < ir.EXTERNAL_DATA_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="edgefc-ort-") as tmp:
+    with temp_dir("ort") as tmp:  # edgefc-ort-PID-*: removed by a later run if this one is killed
         path = Path(tmp) / "model.onnx"
         copy = onnx.ModelProto()
         copy.CopyFrom(model)

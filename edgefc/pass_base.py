@@ -82,12 +82,17 @@ class Pass:
     ``Options``: a dataclass declaring the options the pass reads (default: none).
     ``verify_tolerance``: the relative error ``--verify`` accepts for this pass (exact passes keep
     the default; quantization sets its own).
+    ``handles_subgraphs``: whether it rewrites inside control-flow bodies (default: no; it must
+    then leave them intact, and ``report.json`` ``subgraphs`` lists it).
     """
 
     name: str = ""
     namespace: str = "user"
     verify_tolerance: float = 1e-4
     Options: ClassVar[type] = NoOptions
+    #: whether the pass rewrites inside the bodies of If / Loop / Scan nodes; one that does not
+    #: leaves them as they are, and the pass manager says so (``report.json`` ``subgraphs``)
+    handles_subgraphs: ClassVar[bool] = False
 
     def __init__(self, **options):
         self.explicit = {k: v for k, v in options.items() if v is not None}

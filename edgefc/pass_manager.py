@@ -11,6 +11,13 @@ pass against its own tolerance: a lossy pass such as quantization does not make 
 after it fail (differential testing, DESIGN.md). A mismatch raises :class:`VerificationError`
 naming the pass and its max abs/rel error. ``dump_after`` writes the
 graph after the named passes.
+
+After every pass, node names are made unique again (:func:`edgefc.handover.unique_node_names`:
+onnxruntime refuses two nodes of one name, and ONNX's version converter inside ``canonicalize``
+writes such names); ``report.json`` counts the renamed nodes per pass (``renamed_nodes``).
+
+``progress`` (optional) is called with a :class:`PassRecord` of ``seconds=None`` before each pass
+and with the finished record after it (the CLI prints one line per pass as it happens).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import onnx_graphsurgeon as gs
 
 from edgefc import ir, ort
 from edgefc.errors import EdgefcError, InternalError, PassError, VerificationError
+from edgefc.handover import unique_node_names
 from edgefc.pass_base import Pass, PassContext, check_options
 from edgefc.registry import expand, get_pass, pass_classes
 
@@ -58,15 +66,18 @@ class PassRecord:
     """What one pass did: the ``report.json`` ``passes`` entry."""
 
     name: str
-    seconds: float
+    seconds: float | None
     nodes_before: int
-    nodes_after: int
+    nodes_after: int | None
     verify_rel_error: float | None = None
+    renamed_nodes: int = 0
 
     def as_dict(self) -> dict:
         d = asdict(self)
         if d["verify_rel_error"] is None:
             del d["verify_rel_error"]
+        if not d["renamed_nodes"]:
+            del d["renamed_nodes"]
         return d
 
 
@@ -138,15 +149,17 @@ class PassManager:
         if self.verify:
             feeds = ort.random_inputs(graph, self.verify_seed)
             reference = ort.run(ir.to_model(graph), feeds)
+        unique_node_names(graph)  # the input model's own duplicates
         for p in self.passes:
-            if self.progress:
-                self.progress(p)
             before = len(graph.nodes)
+            if self.progress:
+                self.progress(PassRecord(p.name, None, before, None))
             start = time.perf_counter()
             ctx.pass_options = p.options
             try:
                 graph = p.run(graph, ctx)
                 graph.cleanup().toposort()
+                renamed = unique_node_names(graph)
             except EdgefcError:
                 raise
             except Exception as e:  # a bug or an unhandled model: one line naming the pass and node
@@ -154,10 +167,13 @@ class PassManager:
             finally:
                 ctx.pass_options = None
             seconds = time.perf_counter() - start
-            record = PassRecord(p.name, round(seconds, 4), before, len(graph.nodes))
+            _note_subgraphs(p, graph, ctx)
+            record = PassRecord(p.name, round(seconds, 4), before, len(graph.nodes), renamed_nodes=renamed)
             if self.verify:
                 record.verify_rel_error, reference = self._verify(p, graph, reference, feeds)
             self.records.append(record)
+            if self.progress:
+                self.progress(record)
             if p.id in self.dump_after:
                 ir.save(graph, self.dump_after[p.id])
         return graph
@@ -177,3 +193,15 @@ class PassManager:
             raise VerificationError(f"pass '{p.name}' changed output '{diff.output}': max abs error {diff.abs_error:.3g}, "
                                     f"max rel error {diff.rel_error:.3g} (tolerance {p.verify_tolerance:g})")
         return diff.rel_error, actual
+
+
+def _note_subgraphs(p: Pass, graph: gs.Graph, ctx: PassContext) -> None:
+    """``report.json`` ``subgraphs``: the control-flow nodes whose bodies the graph still holds,
+    and the passes that left those bodies as they are (they rewrite the main graph only)."""
+    holders = [n.name for n in graph.nodes if any(isinstance(v, gs.Graph) for v in n.attrs.values())]
+    if not holders or p.handles_subgraphs:
+        return
+    section = ctx.report.setdefault("subgraphs", {"nodes": [], "left_as_they_are_by": []})
+    section["nodes"] = holders
+    if p.name not in section["left_as_they_are_by"]:
+        section["left_as_they_are_by"].append(p.name)

@@ -1,75 +1,60 @@
 """Pattern rewriting, part 1 of 3 - the description: what a small subgraph to find looks like.
 
-The three parts: :mod:`edgefc.pattern` (this module: placeholders, op nodes, constant checks),
-:mod:`edgefc.matcher` (anchored matching, :class:`~edgefc.matcher.Match` / :class:`~edgefc.matcher.Miss`)
-and :mod:`edgefc.rewriter` (:class:`~edgefc.rewriter.Rewriter`, :func:`~edgefc.rewriter.rewrite_all`,
-the :class:`~edgefc.rewriter.RewriteLog` behind ``report.json`` ``fusion``).
+The three parts, each importing only the ones before it: :mod:`edgefc.pattern` (this module:
+placeholders, op nodes, constant and attribute checks), :mod:`edgefc.matcher` (binding a pattern
+to a graph: :class:`~edgefc.matcher.Match` or :class:`~edgefc.matcher.Miss`) and
+:mod:`edgefc.rewriter` (the driver: a fusion declared as :class:`~edgefc.rewriter.Fusion` -
+``(patterns, anchor, replacement)`` - matched, rewritten and logged by
+:func:`~edgefc.rewriter.apply`, the :class:`~edgefc.rewriter.RewriteLog` behind ``report.json``
+``fusion``). All three are public as ``edgefc.Pattern``, ``edgefc.match``, ``edgefc.Fusion`` ...
 
-The fusions in ``edgefc.passes`` are written with this module, and so can a user's pass::
+The fusions in ``edgefc.passes`` are declared with them, and so can a user's pass::
 
     p = Pattern("silu")
     x = p.input("x")
     sig = p.op("Sigmoid", x, name="sigmoid")
     p.op("Mul", x, sig, name="mul")            # Add and Mul match in either input order
 
-    rewrite_all(graph, p, lambda m: [gs.Node("Swish", inputs=[m["x"]], outputs=m.outputs)])
+    SWISH = Fusion("swish", [p], anchor="sigmoid",
+                   replacement=lambda m, rw: [gs.Node("Swish", inputs=[m["x"]], outputs=m.outputs)])
 
 A :class:`Pattern` is data: input placeholders (any tensor; the same name must bind the same
 tensor everywhere), constant placeholders (bind a ``gs.Constant``, optionally checked, e.g. "a
 scalar equal to 0.5"), and op nodes (op type or set of op types, attribute constraints, a
 per-node check, commutativity, number of outputs). A match may start at *any* pattern node
-(``anchor``) and grows along producer and consumer edges, so a fusion can be anchored at the
+(the *anchor*) and grows along producer and consumer edges, so a fusion can be anchored at the
 node that makes it a candidate (the ``Softmax`` of an attention, the ``Erf`` of a GELU) and say,
-for every such candidate that did not match, why (:class:`Miss`, the deepest failure found).
+for every such candidate that did not match, why (the deepest failure found).
 
 Rules a match obeys (what makes the replacement safe):
   * a tensor that a pattern node consumes inside the pattern (an *internal* tensor) must have
     no consumer outside the match and must not be a graph output (it disappears);
   * tensors produced by a pattern node and consumed by no pattern node are the pattern's
     *outputs* (``Match.outputs``); they keep their consumers, the replacement writes them;
-  * a graph node belongs to at most one match (the :class:`Rewriter` tracks what it replaced).
+  * a graph node belongs to at most one match (the rewriter tracks what it replaced).
 
 Matching costs O(pattern size) per candidate (gs keeps producer/consumer lists on every
-tensor, and the :class:`Rewriter` indexes nodes by op once), so a pass is linear in the graph.
+tensor, and the rewriter indexes nodes by op once), so a pass is linear in the graph.
 
 onnx-graphsurgeon's ``GraphPattern`` describes the same kind of subgraph (positional inputs,
 one op per node, a ``check_func``); :meth:`Pattern.from_graphsurgeon` converts one, so a pattern
 written for graphsurgeon gets anchored matching, miss reasons and the rewrite driver here.
 (Its own ``match_all`` tries every node of the graph, has no commutative inputs and gives no
-reason when nothing matches, which is why edgefc matches with this module.)
+reason when nothing matches, which is why edgefc matches with its own matcher.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc.errors import PassError
 
-if TYPE_CHECKING:
-    from edgefc.matcher import Match, Miss
-
 COMMUTATIVE = frozenset({"Add", "Mul"})
 Check = Callable[..., Any]  # returns True/None (ok), False (no) or a str (no, with the reason)
-
-
-def _verdict(result: Any, default: str) -> str | None:
-    """None if a check passed, else the reason it failed."""
-    if result is None or result is True:
-        return None
-    if isinstance(result, str):
-        return result
-    if isinstance(result, (bool, np.bool_)):
-        return None if result else default
-    return None if result else default
-
-
-def _label(node: gs.Node) -> str:
-    return f"{node.op} '{node.name}'"
-
 
 
 # --- pattern description ------------------------------------------------------------------------
@@ -183,28 +168,6 @@ class Pattern:
     def anchors(self, op: str) -> list[PNode]:
         return [n for n in self.nodes if op in n.ops]
 
-    # matching
-    def match(self, node: gs.Node, anchor: str | None = None, *, graph_outputs: frozenset = frozenset(),
-              taken: set | frozenset = frozenset()) -> Match | Miss:
-        """Match with pattern node ``anchor`` (default: the first whose op is ``node.op``) bound to ``node``.
-
-        ``graph_outputs``: names of the graph's outputs (internal tensors must not be among them);
-        ``taken``: ids of graph nodes that must not be used (already replaced).
-        """
-        if anchor is None:
-            cands = self.anchors(node.op)
-            if not cands:
-                from edgefc.matcher import Miss
-
-                return Miss(f"{_label(node)} is not a {'/'.join(sorted({o for n in self.nodes for o in n.ops}))} "
-                            f"node of pattern '{self.name}'", 0)
-            anchor_node = cands[0]
-        else:
-            anchor_node = self.node(anchor)
-        from edgefc.matcher import search
-
-        return search(self, anchor_node, node, graph_outputs=graph_outputs, taken=taken)
-
     @classmethod
     def from_graphsurgeon(cls, gp: gs.GraphPattern, name: str = "graphsurgeon", *, commutative: bool = False,
                           where: Check | None = None) -> Pattern:
@@ -268,3 +231,21 @@ def is_scalar(expected: float, rtol: float = 1e-6, atol: float = 0.0) -> Check:
 def any_scalar(c) -> bool | str:
     """A constant check: one number."""
     return True if scalar(c) is not None else "constant is not a scalar"
+
+
+def close_to(expected: float, *, default: float | None = None, rtol: float = 1e-6, atol: float = 0.0) -> Check:
+    """An attribute check (for ``p.op(..., attrs={name: close_to(...)})``): a number close to
+    ``expected``. ``default`` is the value ONNX gives the attribute when a node omits it (the
+    op's schema default, e.g. ``HardSigmoid`` alpha 0.2); without one an absent attribute is a
+    miss."""
+    def check(value):
+        if value is None:
+            if default is None:
+                return f"is absent (want {expected:g})"
+            value = default
+        if not isinstance(value, (int, float, np.number)):
+            return f"is {value!r}, not a number (want {expected:g})"
+        if not np.isclose(float(value), expected, rtol=rtol, atol=atol):
+            return f"is {float(value):g}, want {expected:g}"
+        return True
+    return check

@@ -5,10 +5,11 @@ Built-in pipelines: ``fuse`` (every fusion pass, in order; registered by ``passe
 ``default`` (what a target-free or host compile runs) and ``npu`` (what an NPU target runs).
 A pipeline name may stand wherever a pass name may: ``--passes canonicalize,fuse`` runs the
 eight fusion passes one by one, so ``--verify``, ``--dump-after``, timings and node counts name
-each of them.
+each of them. :func:`insert_passes` places passes into a pipeline next to one of its passes
+(``--insert-after fuse-epilogue=my-pass``), so a user pass joins ``npu`` without spelling it out.
 
-Built-in passes (``edgefc.passes``) and targets (``edgefc.targets``) are imported here, lazily,
-the first time a lookup needs them; this is the only place core reaches into those packages.
+The built-in passes (``edgefc.passes``) are imported here, lazily, the first time a lookup needs
+them (as :mod:`edgefc.target` imports ``edgefc.targets``); core never imports them otherwise.
 User passes register themselves the same way the built-in ones do (``@edgefc.register_pass``),
 typically from a ``--plugin`` file.
 """
@@ -42,7 +43,14 @@ def load_builtins() -> None:
 
 def register_pipeline(name: str, passes, *, replace: bool = False) -> None:
     """Register a named pipeline: an ordered list of pass and pipeline names (data, expanded when
-    a PassManager is built). A pipeline may not share a name with a pass."""
+    a PassManager is built). A pipeline may not share a name with a pass; registering a name
+    twice is an error unless ``replace=True``.
+
+    >>> register_pipeline("npu-hardswish", ["npu", "fuse-hardswish"])
+    """
+    load_builtins()
+    if isinstance(passes, str):
+        raise PassError(f"pipeline '{name}': give a list of pass names, not the string {passes!r}")
     if name in _PIPELINES and not replace:
         raise PassError(f"a pipeline named '{name}' is already registered")
     if any(pid.split("::", 1)[1] == name for pid in _PASSES):
@@ -85,6 +93,44 @@ def expand(names, _seen: tuple[str, ...] = ()) -> list[str]:
         else:
             out.append(resolve_pass_id(name))
     return out
+
+
+def _names(value) -> list[str]:
+    """A pass name, a comma-separated string of them, or a list of names -> a list of names."""
+    items = [value] if isinstance(value, str) else list(value)
+    return [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+
+
+def insert_passes(names, *, after: dict | None = None, before: dict | None = None) -> list[str]:
+    """The pass ids of ``names`` (pass and pipeline names, expanded) with more passes placed in:
+    ``after`` / ``before`` map an *anchor* to the pass(es) to run right after / right before it
+    (a name, a comma-separated string or a list; pipelines expand in place).
+
+    An anchor is a pass (id or short name) or a pipeline (after: its last pass; before: its
+    first) of ``names``; the first occurrence counts. PassError, before any work, for an anchor
+    that is not in the pipeline or a pass that is not registered.
+
+    >>> insert_passes(["npu"], after={"fuse-epilogue": "fuse-hardswish"})
+    ['edgefc::canonicalize', ..., 'edgefc::fuse-epilogue', 'user::fuse-hardswish', 'edgefc::quantize', ...]
+    """
+    ids = expand(names)
+    for where, table in (("after", after or {}), ("before", before or {})):
+        for anchor, new in table.items():
+            try:
+                span = expand([anchor])
+            except PassError:
+                span = []
+            at = [i for i, pid in enumerate(ids) if span and pid == (span[-1] if where == "after" else span[0])]
+            if not at:
+                shown = ", ".join(pid.split("::", 1)[1] for pid in ids)
+                raise PassError(f"cannot insert {where} '{anchor}': no pass or pipeline of that name in the "
+                                f"pipeline ({shown})")
+            added = expand(_names(new))
+            if not added:
+                raise PassError(f"nothing to insert {where} '{anchor}'")
+            pos = at[0] + 1 if where == "after" else at[0]
+            ids[pos:pos] = added
+    return ids
 
 
 def pass_classes() -> dict[str, type[Pass]]:

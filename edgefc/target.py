@@ -80,7 +80,8 @@ class Target(Protocol):
     Data: ``name``; ``is_npu`` (NPU passes apply: tiling, NPU quantization defaults);
     ``has_cost_model`` (``attention_*`` and ``profile`` can be called); ``clock_hz``;
     ``row_granularity`` (query rows per tensor-engine pass, the granule of an attention row
-    tile); ``sram`` (:class:`SramBudget`); ``fuses_epilogues`` (elementwise epilogues run inside
+    tile); ``sram`` (:class:`SramBudget`); ``description_file`` (the file it was read from, or None);
+    ``fuses_epilogues`` (elementwise epilogues run inside
     the kernel of the tensor-engine op they follow; NPU targets do by default).
 
     A class that subclasses ``Target`` inherits the defaults below: no cost model (the methods
@@ -94,6 +95,9 @@ class Target(Protocol):
     clock_hz: float = 0.0
     row_granularity: int = 1
     sram: SramBudget = SramBudget(0)
+    #: the description file the target was read from (hashed into report.json "reproducibility"),
+    #: None for a target built in memory
+    description_file: str | None = None
 
     @property
     def fuses_epilogues(self) -> bool:

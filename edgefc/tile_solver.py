@@ -376,7 +376,7 @@ def explain(spec: AttentionSpec, target: Target, budget: int, granularity: int |
 def spec_dict(spec: AttentionSpec) -> dict:
     return {"batch": spec.batch, "heads": spec.heads, "q_len": spec.q_len, "kv_len": spec.kv_len,
             "head_dim": spec.head_dim, "v_head_dim": spec.v_head_dim, "act_dtype": spec.act_dtype,
-            "causal": spec.causal}
+            "causal": spec.causal, **({"score_dtype": spec.score_dtype} if spec.score_dtype else {})}
 
 
 def format_explain(tables: list[dict], target=None) -> str:

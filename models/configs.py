@@ -21,8 +21,6 @@ import copy
 COMPONENTS = ("text-encoder", "unet", "vae-decoder")
 #: Names of the components in messages.
 LABELS = {"text-encoder": "text encoder", "unet": "U-Net", "vae-decoder": "VAE decoder"}
-#: Precision each component is deployed at in the paper (Sec. 2.3, Table 7), for the NPU timing.
-DEPLOYED_PRECISION = {"text-encoder": "fp16", "unet": "w8a16", "vae-decoder": "fp16"}
 ARCHS = ("bk-sdm-tiny", "sd-v1.5")
 SCALES = ("full", "tiny")
 

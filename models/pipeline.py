@@ -54,7 +54,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,9 +64,9 @@ from edgefc.components import SIGNATURES, detect_component  # noqa: F401 - part 
 from edgefc.errors import BuildError, EdgefcError, ExportError
 from edgefc.models import configs
 from edgefc.models.builds import _build_shapes, build_inputs, find_builds  # noqa: F401
-from edgefc.models.configs import COMPONENTS, DEPLOYED_PRECISION, LABELS  # noqa: F401
+from edgefc.models.configs import COMPONENTS, LABELS  # noqa: F401
 from edgefc.models.export_cache import cache_root, ensure_exports, export_dir  # noqa: F401
-from edgefc.models.npu_time import _built_precision, _cost_model, format_npu_table, npu_times  # noqa: F401
+from edgefc.models.npu_time import _cost_model, format_npu_table, npu_times  # noqa: F401
 from edgefc.models.runners import RUNTIMES, InputSpec, Runner, TvmRunner, has_tvm_build, open_runner  # noqa: F401
 
 STEPS = (1, 2, 4)
@@ -256,18 +255,13 @@ def to_image(sample: np.ndarray) -> np.ndarray:
 
 
 def write_png(image: np.ndarray, output: Path) -> Path:
-    """Write ``image`` as a PNG at ``output`` atomically (temporary file beside it, then rename)."""
+    """Write ``image`` as a PNG at ``output`` atomically (temporary file beside it, then rename), with a
+    plain file's permissions (0644 under umask 022)."""
     from PIL import Image
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image, "RGB").save(f, format="PNG")
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return output
+    from edgefc.staging import write_file
+
+    return write_file(output, lambda tmp: Image.fromarray(image, "RGB").save(tmp, format="PNG"))
 
 
 @dataclass
@@ -298,6 +292,57 @@ def generate(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.
     return run_plan(p, progress=progress)
 
 
+def encode_texts(runner, tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """The text encoder's ``last_hidden_state`` [1, 77, D] (float32) for each text, one run each."""
+    ids = tokenizer.encode(texts)
+    n_tokens = runner.inputs["input_ids"].shape[-1]
+    if n_tokens > 0 and n_tokens != ids.shape[1]:
+        raise BuildError(f"the text encoder takes {n_tokens} tokens; the tokenizer gives {ids.shape[1]}.")
+    return [runner.run({"input_ids": ids[i:i + 1]})["last_hidden_state"].astype(np.float32)
+            for i in range(len(texts))]
+
+
+def denoise(runner, embeds: list[np.ndarray], *, steps: int, seed: int, guidance: float = 1.0,
+            weights: Path | None = None, progress: bool = False):
+    """The LCM trajectory (module docstring, step 2): seeded latents, ``steps`` U-Net runs on
+    ``embeds[0]`` (and on ``embeds[1]``, the empty prompt's, with ``guidance > 1``) through
+    diffusers' ``LCMScheduler``. Returns (``denoised`` as a torch tensor, the timesteps)."""
+    import torch
+
+    sample_shape = [int(d) for d in runner.inputs["sample"].shape]
+    ehs_dim = runner.inputs["encoder_hidden_states"].shape[-1]
+    if ehs_dim > 0 and ehs_dim != embeds[0].shape[-1]:
+        raise BuildError(f"the U-Net expects text embeddings of width {ehs_dim} but the text encoder gives "
+                         f"{embeds[0].shape[-1]}; use components of the same model.")
+    scheduler = load_scheduler(weights)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(sample_shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+    denoised = latents
+    timesteps = [int(x) for x in scheduler.timesteps]
+    bar = _bar(progress, len(timesteps), "LCM steps")
+    for step_t in scheduler.timesteps:
+        feeds = {"sample": latents.numpy(), "timestep": np.array([int(step_t)], dtype=np.int64)}
+        eps = runner.run({**feeds, "encoder_hidden_states": embeds[0]})["out_sample"]
+        if guidance > 1.0:
+            uncond = runner.run({**feeds, "encoder_hidden_states": embeds[1]})["out_sample"]
+            eps = uncond + guidance * (eps - uncond)
+        out = scheduler.step(torch.from_numpy(np.asarray(eps, dtype=np.float32)), step_t, latents,
+                             generator=generator)
+        latents, denoised = out.prev_sample, out.denoised
+        if bar is not None:
+            bar.set_postfix_str(f"t={int(step_t)}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return denoised, timesteps
+
+
+def decoder_input(denoised, weights: Path | None = None) -> np.ndarray:
+    """What the VAE decoder receives: ``denoised / scaling_factor`` (module docstring, step 3)."""
+    return (denoised / vae_scaling(weights)).numpy()
+
+
 def run_plan(p: Plan, progress: bool = True, sessions: dict | None = None) -> GenerateResult:
     """Run a checked :class:`Plan`.
 
@@ -306,7 +351,6 @@ def run_plan(p: Plan, progress: bool = True, sessions: dict | None = None) -> Ge
     the sessions are kept there and reused by later calls with the same models: many images from
     one model set (:func:`generate_many`) then open each model once.
     """
-    import torch
 
     def open_session(component: str):
         key = (component, str(models[component]), p.runtime)
@@ -341,12 +385,7 @@ def run_plan(p: Plan, progress: bool = True, sessions: dict | None = None) -> Ge
     texts = [p.prompt] + ([""] if p.cfg else [])
     runner = open_session("text-encoder")
     backends["text-encoder"] = runner.backend
-    ids = tokenizer.encode(texts)
-    n_tokens = runner.inputs["input_ids"].shape[-1]
-    if n_tokens > 0 and n_tokens != ids.shape[1]:
-        raise BuildError(f"the text encoder takes {n_tokens} tokens; the tokenizer gives {ids.shape[1]}.")
-    embeds = [runner.run({"input_ids": ids[i:i + 1]})["last_hidden_state"].astype(np.float32)
-              for i in range(len(texts))]
+    embeds = encode_texts(runner, tokenizer, texts)
     del runner
     seconds["text-encoder"] = time.perf_counter() - t
     _say(progress, f"      done [{seconds['text-encoder']:.1f} s]")
@@ -356,35 +395,11 @@ def run_plan(p: Plan, progress: bool = True, sessions: dict | None = None) -> Ge
                             f"{f', classifier-free guidance {p.guidance:g}' if p.cfg else ''} ({models['unet']})")
     runner = open_session("unet")
     backends["unet"] = runner.backend
-    sample_shape = [int(d) for d in runner.inputs["sample"].shape]
-    ehs_dim = runner.inputs["encoder_hidden_states"].shape[-1]
-    if ehs_dim > 0 and ehs_dim != embeds[0].shape[-1]:
-        raise BuildError(f"the U-Net expects text embeddings of width {ehs_dim} but the text encoder gives "
-                         f"{embeds[0].shape[-1]}; use components of the same model.")
     if guidance_embedding_dim(p.weights):
         _say(progress, "      note: this U-Net has an LCM guidance-embedding input (time_cond_proj_dim); the exported "
                        "graph has no such input, so it runs without that term (see --guidance)")
-    scheduler = load_scheduler(p.weights)
-    scheduler.set_timesteps(p.steps)
-    generator = torch.Generator().manual_seed(p.seed)
-    latents = torch.randn(sample_shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
-    denoised = latents
-    timesteps = [int(x) for x in scheduler.timesteps]
-    bar = _bar(progress, len(timesteps), "LCM steps")
-    for step_t in scheduler.timesteps:
-        feeds = {"sample": latents.numpy(), "timestep": np.array([int(step_t)], dtype=np.int64)}
-        eps = runner.run({**feeds, "encoder_hidden_states": embeds[0]})["out_sample"]
-        if p.cfg:
-            uncond = runner.run({**feeds, "encoder_hidden_states": embeds[1]})["out_sample"]
-            eps = uncond + p.guidance * (eps - uncond)
-        out = scheduler.step(torch.from_numpy(np.asarray(eps, dtype=np.float32)), step_t, latents,
-                             generator=generator)
-        latents, denoised = out.prev_sample, out.denoised
-        if bar is not None:
-            bar.set_postfix_str(f"t={int(step_t)}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    denoised, timesteps = denoise(runner, embeds, steps=p.steps, seed=p.seed, guidance=p.guidance,
+                                  weights=p.weights, progress=progress)
     del runner
     seconds["unet"] = time.perf_counter() - t
     _say(progress, f"      done [{seconds['unet']:.1f} s]")
@@ -393,7 +408,7 @@ def run_plan(p: Plan, progress: bool = True, sessions: dict | None = None) -> Ge
     t = _stage(progress, 3, f"VAE decoder ({models['vae-decoder']})")
     runner = open_session("vae-decoder")
     backends["vae-decoder"] = runner.backend
-    z = (denoised / vae_scaling(p.weights)).numpy()
+    z = decoder_input(denoised, p.weights)
     sample = runner.run({"latent_sample": z})["sample"]
     del runner
     seconds["vae-decoder"] = time.perf_counter() - t
@@ -421,6 +436,68 @@ def generate_many(prompts: list[str], seeds: list[int], outputs: list, progress:
     plans = [plan(pr, seed=sd, output=out, **kwargs) for pr, sd, out in zip(prompts, seeds, outputs)]
     sessions: dict = {}
     return [run_plan(pl, progress=progress, sessions=sessions) for pl in plans]
+
+
+#: longest prompt-derived part of an image name in :func:`image_names`.
+NAME_CHARS = 48
+
+
+def image_names(prompts: list[str]) -> list[str]:
+    """One file name stem per prompt, deterministic and safe on every file system: the 1-based
+    position (4 digits, so names sort in prompt order) and the prompt's ASCII letters and digits in
+    lower case, whole words joined by ``-`` up to :data:`NAME_CHARS` characters:
+    ``0001-a-red-circle-in-the-top-left``."""
+    import re
+
+    width = max(4, len(str(len(prompts))))
+    out = []
+    for i, prompt in enumerate(prompts, start=1):
+        slug = ""
+        for word in re.findall(r"[a-z0-9]+", prompt.lower()):
+            if len(slug) + len(word) + 1 > NAME_CHARS:
+                break
+            slug += f"-{word}"
+        out.append(f"{i:0{width}d}{slug}")
+    return out
+
+
+def generate_folder(prompts: list[str], folder: str | os.PathLike, *, seed: int = 0, progress: bool = True,
+                    **kwargs) -> list[GenerateResult]:
+    """One ``NAME.png`` + ``NAME.txt`` (the prompt) per prompt in ``folder`` (created), NAME from
+    :func:`image_names`, prompt ``i`` (from 0) with seed ``seed + i``; the keywords of
+    :func:`generate` apply to all, and each model is loaded once (``edgefc generate --prompts``,
+    scored by ``edgefc eval FOLDER``). Every prompt's plan is checked before any model runs."""
+    if not prompts:
+        raise GenerateError("no prompts to generate.")
+    root = Path(folder).expanduser()
+    if root.exists() and not root.is_dir():
+        raise GenerateError(f"output {str(root)!r} exists and is not a folder (--prompts writes one PNG per prompt "
+                            "into a folder).")
+    if not root.parent.is_dir():
+        raise GenerateError(f"output folder {str(root.parent)!r} does not exist.")
+    created = not root.exists()
+    root.mkdir(exist_ok=True)
+    names = image_names(prompts)
+    try:
+        plans = [plan(pr, seed=seed + i, output=root / f"{name}.png", **kwargs)
+                 for i, (pr, name) in enumerate(zip(prompts, names))]
+    except BaseException:
+        if created and not any(root.iterdir()):
+            root.rmdir()
+        raise
+    from edgefc.staging import write_file
+
+    sessions: dict = {}
+    results = []
+    bar = _bar(progress, len(plans), "images")
+    for pl, name in zip(plans, names):
+        results.append(run_plan(pl, progress=False, sessions=sessions))
+        write_file(root / f"{name}.txt", lambda tmp, text=pl.prompt + "\n": Path(tmp).write_text(text, encoding="utf-8"))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return results
 
 
 def _bar(progress: bool, total: int, desc: str):

@@ -22,6 +22,11 @@ there is none, to the largest object read elsewhere (position wrong); then shape
 size are compared, and the background. Per-attribute accuracy is the fraction of asked
 attributes that were read back; ``alignment`` is the mean over all asked attributes.
 
+Training captions (:func:`agreement`, :func:`caption_agreement`): how well a caption describes its
+image, counting every attribute the image has (left out or stated otherwise is wrong) and whether
+the caption contradicts the reading; :func:`describe` writes a caption from a reading (the
+re-captioner of ``edgefc data curate --recaption``).
+
 Fréchet distance (:func:`frechet_distance`): the Fréchet distance between Gaussians fitted to a
 16-number feature vector per image (background and foreground mean colours, mask centroid,
 area, bounding box, fill ratio, top third's share of the top and bottom thirds, colour spread) of two image sets, as
@@ -37,7 +42,17 @@ from pathlib import Path
 import numpy as np
 
 from edgefc.errors import EdgefcError
-from edgefc.models.synth import BACKGROUNDS, COLOURS, POSITIONS, RADIUS, SHAPES, parse_caption, shape_mask
+from edgefc.models.synth import (
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    RADIUS,
+    SHAPES,
+    parse_caption,
+    parse_partial,
+    shape_mask,
+)
 
 #: RGB distance (0-255 scale) above which a pixel is foreground.
 FG_DISTANCE = 60.0
@@ -200,6 +215,100 @@ def score(images: list[np.ndarray], prompts: list[str]) -> dict:
     flat = [v for vs in totals.values() for v in vs]
     return {"count": len(images), "alignment": float(np.mean(flat)),
             "per_attribute": {k: float(np.mean(v)) for k, v in totals.items()}, "per_image": per_image}
+
+
+def _match(reading: Reading, claimed: list[dict]) -> list[ReadObject | None]:
+    """The read object each claimed object refers to: the one at its stated position, else (no
+    position, or nothing there) the unused one sharing most of its shape and colour (ties: the
+    larger); None when the image has no object left for it."""
+    by_pos = {o.position: o for o in reading.objects}
+    match: list[ReadObject | None] = [None] * len(claimed)
+    used: set[str] = set()
+    for i, c in enumerate(claimed):
+        r = by_pos.get(c["position"]) if c["position"] else None
+        if r is not None and r.position not in used:
+            match[i] = r
+            used.add(r.position)
+    for i, c in enumerate(claimed):
+        if match[i] is not None:
+            continue
+        rest = [o for o in reading.objects if o.position not in used]
+        if rest:
+            r = max(rest, key=lambda o: (sum(c[a] == getattr(o, a) for a in ("shape", "colour")), o.area))
+            match[i] = r
+            used.add(r.position)
+    return match
+
+
+def agreement(reading: Reading, caption: str, attributes=ATTRIBUTES[1]) -> tuple[dict[str, list[bool]], bool]:
+    """How well a training caption describes its image: (attribute -> [stated correctly?], contradicted).
+
+    Unlike :func:`judge` (which scores what a prompt asks for), every attribute the *image* has
+    counts (its background, and ``attributes`` of every object the verifier reads): stated with the
+    value read back is right; left out or stated otherwise is not. An object the caption claims
+    but the image lacks counts each stated attribute as wrong. ``contradicted``: the caption states
+    something the reading disagrees with (a different value, or an object that is not there);
+    leaving attributes out is no contradiction. Parsing: :func:`edgefc.models.synth.parse_partial`.
+    """
+    claims = parse_partial(caption)
+    obj_attrs = [a for a in ("shape", "colour", "position", "size") if a in attributes]
+    got: dict[str, list[bool]] = {"background": [claims["background"] == reading.background]}
+    contradicted = claims["background"] is not None and claims["background"] != reading.background
+    match = _match(reading, claims["objects"])
+    matched = {id(r): c for c, r in zip(claims["objects"], match) if r is not None}
+    for r in reading.objects:
+        c = matched.get(id(r))
+        for a in obj_attrs:
+            got.setdefault(a, []).append(c is not None and c[a] == getattr(r, a))
+            if c is not None and c[a] is not None and c[a] != getattr(r, a):
+                contradicted = True
+    for c, r in zip(claims["objects"], match):
+        if r is None:  # claimed, not there
+            contradicted = True
+            for a in obj_attrs:
+                if c[a] is not None:
+                    got.setdefault(a, []).append(False)
+    return got, contradicted
+
+
+def describe(reading: Reading, rng: np.random.Generator, level: int = 1) -> str:
+    """A caption written from what the verifier read (the re-captioner of ``edgefc data curate
+    --recaption``): every object read, with its size from ``level`` 2 on, in a phrasing of
+    :func:`edgefc.models.synth.write_caption` drawn from ``rng``; "a BG background" when no object
+    was read. At most two objects (the scenes' maximum), the largest."""
+    from edgefc.models.synth import Obj, write_caption
+
+    objs = sorted(reading.objects, key=lambda o: -o.area)[:2]
+    objs = sorted(objs, key=lambda o: POSITIONS.index(o.position))
+    if not objs:
+        return f"a {reading.background} background"
+    return write_caption(reading.background, [Obj(o.shape, o.colour, o.position, o.size if level >= 2 else None)
+                                              for o in objs], rng)
+
+
+def caption_agreement(images: list[np.ndarray], captions: list[str], attributes=ATTRIBUTES[1]) -> dict:
+    """The verifier's measure of a training set's own captions (:func:`agreement` per pair).
+
+    Returns ``{"count", "agreement" (mean over every attribute slot), "per_attribute",
+    "contradicted" (fraction of pairs), "per_image": [mean, ...], "contradicted_items": [bool, ...]}``.
+    """
+    if len(images) != len(captions):
+        raise EvalError(f"{len(images)} images but {len(captions)} captions.")
+    if not images:
+        raise EvalError("nothing to score.")
+    totals: dict[str, list[bool]] = {}
+    per_image, contra = [], []
+    for img, cap in zip(images, captions):
+        got, c = agreement(read_image(img), cap, attributes)
+        flat = [v for vs in got.values() for v in vs]
+        per_image.append(float(np.mean(flat)))
+        contra.append(c)
+        for k, v in got.items():
+            totals.setdefault(k, []).extend(v)
+    flat = [v for vs in totals.values() for v in vs]
+    return {"count": len(images), "agreement": float(np.mean(flat)),
+            "per_attribute": {k: float(np.mean(v)) for k, v in totals.items()},
+            "contradicted": float(np.mean(contra)), "per_image": per_image, "contradicted_items": contra}
 
 
 def features(images: list[np.ndarray]) -> np.ndarray:

@@ -5,7 +5,8 @@ Anchored at a ``Softmax`` (:func:`match_attention`) or a 4D ``Attention``-23
 their ``[B, S, H*d]`` projections, deciding whether a chain is the head split by applying it to
 an index array (:func:`apply_layout`), folds the scales into one, recognises the causal mask and
 finds the head merge after ``P @ V``. The result is an :class:`AttentionMatch` (or a
-:class:`~edgefc.matcher.Miss` with the reason); ``passes/fuse_attention.py`` rewrites it. The
+:class:`~edgefc.matcher.Miss` with the reason); ``passes/fuse_attention.py`` declares the fusion
+with this module as its custom matcher and rewrites the match. The
 module docstring of ``fuse_attention`` states the contract in full.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import ir
-from edgefc.matcher import Miss
+from edgefc.matcher import Miss, label
 from edgefc.pattern import scalar
 
 #: an additive mask value at or below this removes a score exactly (exp underflows to 0 in fp32).
@@ -36,10 +37,6 @@ _NATIVE_BLOCKERS = {"softcap": 0.0, "qk_matmul_output_mode": 0}
 _NATIVE_KEPT = {"scale", "is_causal", "softmax_precision", "q_num_heads", "kv_num_heads"}
 
 
-def _label(node: gs.Node) -> str:
-    return f"{node.op} '{node.name}'"
-
-
 class _NoMatch(Exception):
     pass
 
@@ -55,7 +52,7 @@ def _only_consumer(t: gs.Tensor, graph_outputs) -> gs.Node:
         raise _NoMatch(f"'{t.name}' is a graph output")
     users = _users(t)
     if len(users) != 1:
-        raise _NoMatch(f"'{t.name}' has {len(users)} consumers ({', '.join(_label(u) for u in users)}), want 1")
+        raise _NoMatch(f"'{t.name}' has {len(users)} consumers ({', '.join(label(u) for u in users)}), want 1")
     return users[0]
 
 
@@ -202,7 +199,13 @@ class AttentionMatch:
     output: gs.Tensor
     #: the layout the output must be given back in when no head merge follows (else None)
     output_shape: list | None
+    #: the nodes the fused op replaces, the anchor (Softmax or 4D Attention) first
     nodes: list
+    #: attributes of a 4D Attention carried over to the 3D one
+    extra_attrs: dict = field(default_factory=dict)
+
+    def all_nodes(self) -> list[gs.Node]:
+        return list(self.nodes)
 
 
 def match_attention(softmax: gs.Node, graph_outputs) -> AttentionMatch | Miss:
@@ -266,7 +269,7 @@ def _match(softmax: gs.Node, graph_outputs) -> AttentionMatch:
         probs = guard[-1].outputs[0]
     pv = _only_consumer(probs, graph_outputs)
     if pv.op != "MatMul" or pv.inputs[0] is not probs:
-        raise _NoMatch(f"softmax output feeds {_label(pv)}, not MatMul(P, V)")
+        raise _NoMatch(f"softmax output feeds {label(pv)}, not MatMul(P, V)")
     nodes = [softmax, *guard, pv]
     _only_consumer(s_in, graph_outputs)
     # backward from the scores: scalar scales and additive masks down to MatMul(Q, K^T)
@@ -290,12 +293,12 @@ def _match(softmax: gs.Node, graph_outputs) -> AttentionMatch:
             else:
                 reach = [_reaches_matmul(i) for i in node.inputs]
                 if reach.count(True) != 1:
-                    raise _NoMatch(f"cannot tell the scores from the mask in {_label(node)}")
+                    raise _NoMatch(f"cannot tell the scores from the mask in {label(node)}")
                 side = reach.index(True)
             masks.append((node.inputs[1 - side], factor))
             cur = node.inputs[side]
         else:
-            raise _NoMatch(f"between the scores and the softmax there is {_label(node)} (only scalar Mul/Div "
+            raise _NoMatch(f"between the scores and the softmax there is {label(node)} (only scalar Mul/Div "
                            f"and a mask Add are absorbed)")
         nodes.append(node)
     nodes.append(qk)
@@ -384,9 +387,8 @@ def match_native(node: gs.Node, graph_outputs) -> AttentionMatch | Miss:
             raise _NoMatch(f"V is scaled by {v.scale:g}")
         out, merge_nodes, merged = _merge(node, q.batch, q.heads, graph_outputs)
         mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
-        m = AttentionMatch(q, k, v, scale, mask, bool(node.attrs.get("is_causal", 0)), out,
-                           None if merged else list(ir.static_shape(out)), [node, *merge_nodes])
-        m.extra_attrs = {k: node.attrs[k] for k in ("softmax_precision",) if k in node.attrs}
-        return m
+        return AttentionMatch(q, k, v, scale, mask, bool(node.attrs.get("is_causal", 0)), out,
+                              None if merged else list(ir.static_shape(out)), [node, *merge_nodes],
+                              {k: node.attrs[k] for k in ("softmax_precision",) if k in node.attrs})
     except _NoMatch as e:
         return Miss(str(e))

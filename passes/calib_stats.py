@@ -23,16 +23,45 @@ import onnx
 from onnx import helper, numpy_helper
 from tqdm import tqdm
 
+from edgefc.errors import QuantizationError
 from edgefc.memory import release_memory
 from edgefc.passes.disk_model import DiskModel
 from edgefc.passes.observers import HistogramObserver
 
 
 def progress_bar(iterable, desc: str, total: int | None = None, enabled: bool = True):
-    """``iterable`` with a progress bar on stderr when ``enabled``."""
+    """``iterable`` with progress on stderr when ``enabled``: a bar on a terminal; in a log or a
+    pipe, where a bar's carriage returns pile up, one flushed line per item (for long loops: every
+    tenth of the way or 30 s) with the time so far."""
     if not enabled:
         return iterable
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+    return _progress_lines(iterable, desc, total)
+
+
+def _progress_lines(iterable, desc: str, total: int | None):
+    start = last = time.perf_counter()
+    every = max(1, total // 10) if total and total > 50 else 1
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        if i % every == 0 or i == total or now - last >= 30:
+            of = f"/{total}" if total else ""
+            print(f"  {desc}: {i}{of} done, {now - start:.1f} s", file=sys.stderr, flush=True)
+            last = now
+
+
+def run_session(sess, names: list[str], feeds: dict, what: str = "calibration") -> list:
+    """``sess.run`` with onnxruntime's failure as one line (:class:`~edgefc.errors.QuantizationError`):
+    generated inputs can be out of a model's domain (an index past a table, a shape input)."""
+    try:
+        return sess.run(names, feeds)
+    except Exception as e:  # onnxruntime's own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QuantizationError(f"onnxruntime failed running the model on a {what} input ({first[:300]}); give "
+                                "inputs from the model's own domain (--calib / --eval FILE.npz), or compile with --precision "
+                                "fp32") from None
 
 
 @dataclass
@@ -74,7 +103,7 @@ def collect_stats(model: DiskModel, samples: list[dict], tensors: list[str],
     sess = model.session(path)
     names = [o.name for o in sess.get_outputs()]
     for feeds in progress_bar(samples, "calibrating", len(samples), progress):
-        values = dict(zip(names, sess.run(names, feeds)))
+        values = dict(zip(names, run_session(sess, names, feeds)))
         for t in tensors:
             lo, hi = float(values[f"{t}::min"]), float(values[f"{t}::max"])
             stats.lo[t] = min(stats.lo.get(t, math.inf), lo)
@@ -128,7 +157,7 @@ def collect_domain_stats(model: DiskModel, input_name: str, values, tensors: lis
     shape = [d.dim_value for d in tt.shape.dim]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
     for v in progress_bar(list(values), f"calibrating ({input_name} domain)", None, progress):
-        vals = dict(zip(outputs, sess.run(outputs, {input_name: np.full(shape, v, dtype=dtype)})))
+        vals = dict(zip(outputs, run_session(sess, outputs, {input_name: np.full(shape, v, dtype=dtype)})))
         for t in wanted:
             stats.lo[t] = min(stats.lo.get(t, math.inf), float(vals[f"{t}::min"]))
             stats.hi[t] = max(stats.hi.get(t, -math.inf), float(vals[f"{t}::max"]))
@@ -167,7 +196,7 @@ def collect_histograms(model: DiskModel, samples: list[dict], tensors: list[str]
         path = model.variant(f"calib-chunk{ci}", outputs=chunk, keep_outputs=False)
         sess = model.session(path)
         for feeds in samples:
-            arrays = sess.run(chunk, feeds)
+            arrays = run_session(sess, chunk, feeds)
             if observe is not None:
                 observe(dict(zip(chunk, arrays)))
             for t, a in zip(chunk, arrays):

@@ -98,9 +98,13 @@ class DiskModel:
         onnx.save_model(m, str(path))
         return path
 
-    def session(self, path: Path | None = None) -> ort.InferenceSession:
+    def session(self, path: Path | None = None, optimize: bool = False) -> ort.InferenceSession:
+        """An onnxruntime session on the model (or a variant): the graph as written, or with
+        onnxruntime's default graph optimisations (``optimize``: how a user's session runs it)."""
         try:
-            return edgefc_ort.session(path or self.path, arena=False)  # one large run at a time: no arena
+            return edgefc_ort.session(path or self.path, arena=False, optimize=optimize)  # one run at a time: no arena
         except Exception as e:
-            raise QuantizationError(f"onnxruntime cannot load the {self.name} model: {str(e).strip().splitlines()[0]}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = "; --precision fp32 deploys the model unquantized" if self.name == "deployed" else ""
+            raise QuantizationError(f"onnxruntime cannot load the {self.name} model: {first[:300]}{hint}") from None
 

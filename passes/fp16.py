@@ -31,12 +31,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from edgefc import ir
+from edgefc.errors import QuantizationError
 from edgefc.passes.quant_policy import (
     FP16_FP32_OPS,
     FP16_MAX,
     TYPED_OUTPUT_OPS,
     QuantPolicy,
-    is_float,
+    is_float_tensor,
     norm_statistic_tensors,
     periodic_argument_tensors,
 )
@@ -62,7 +63,13 @@ def _allows_fp16(node: gs.Node, index: int, opset: int) -> bool:
 
 def plan_fp16(graph: gs.Graph, policy: QuantPolicy, absmax: dict[str, float] | None = None) -> dict[str, str]:
     """Nodes kept in FP32: name -> reason (user overrides, rules, and the overflow guard)."""
-    kept = dict(policy.user_kept(graph))
+    kept = {}
+    for name, (prec, reason) in policy.user_precisions(graph).items():
+        if prec in ("w8a16", "w8a8"):
+            raise QuantizationError(f"{reason}: an FP16 build has no integer layers; compile with --precision "
+                                    f"w8a16 or w8a8 and give the FP16 layers with --layer-precision PATTERN=fp16")
+        if prec == "fp32":
+            kept[name] = reason
     if policy.rule("periodic-arguments"):
         tensors, nodes = periodic_argument_tensors(graph)
         for n in graph.nodes:
@@ -95,7 +102,7 @@ def plan_fp16(graph: gs.Graph, policy: QuantPolicy, absmax: dict[str, float] | N
                     for c in t.outputs:
                         kept.setdefault(c.name, reason)
             for i, t in enumerate(n.inputs):
-                if isinstance(t, gs.Constant) and is_float(t) and t.values.size and float(np.max(np.abs(t.values))) > FP16_MAX:
+                if isinstance(t, gs.Constant) and is_float_tensor(t) and t.values.size and float(np.max(np.abs(t.values))) > FP16_MAX:
                     kept.setdefault(n.name, f"fp16-overflow: constant {t.name} exceeds the FP16 range")
     return kept
 
@@ -107,9 +114,9 @@ def convert_fp16(graph: gs.Graph, kept: dict[str, str]) -> dict:
     cast_cache: dict[tuple[str, str], gs.Variable] = {}
     dtype_of: dict[str, np.dtype] = {}
     for t in graph.inputs:
-        if is_float(t):
+        if is_float_tensor(t):
             dtype_of[t.name] = np.dtype(t.dtype)
-    out_dtype = {t.name: np.dtype(t.dtype) for t in graph.outputs if is_float(t)}
+    out_dtype = {t.name: np.dtype(t.dtype) for t in graph.outputs if is_float_tensor(t)}
     new_nodes: list[gs.Node] = []
     counts = Counter()
 
@@ -135,7 +142,7 @@ def convert_fp16(graph: gs.Graph, kept: dict[str, str]) -> dict:
     for node in list(graph.nodes):
         prec = F32 if node.name in kept else F16
         for i, t in enumerate(node.inputs):
-            if t is None or not t.name or not (is_float(t) or t.name in dtype_of):
+            if t is None or not t.name or not (is_float_tensor(t) or t.name in dtype_of):
                 continue
             want = prec if _allows_fp16(node, i, opset) else F32
             if isinstance(t, gs.Constant):
@@ -149,7 +156,7 @@ def convert_fp16(graph: gs.Graph, kept: dict[str, str]) -> dict:
             if np.issubdtype(to, np.floating) and to != prec:
                 node.attrs["to"] = onnx.helper.np_dtype_to_tensor_dtype(prec)
         for t in node.outputs:
-            if is_float(t) or (node.op == "Cast" and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])), np.floating)):
+            if is_float_tensor(t) or (node.op == "Cast" and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])), np.floating)):
                 if node.op in TYPED_OUTPUT_OPS:
                     dtype_of[t.name] = np.dtype(t.dtype)
                     continue
@@ -163,7 +170,7 @@ def convert_fp16(graph: gs.Graph, kept: dict[str, str]) -> dict:
     # model outputs keep their own type (FP32 for an FP32 model) under their own names
     for k, t in enumerate(list(graph.outputs)):
         want = out_dtype.get(t.name, F32)
-        if is_float(t) and dtype_of.get(t.name) == F16 and want != F16:
+        if is_float_tensor(t) and dtype_of.get(t.name) == F16 and want != F16:
             name = t.name
             t.name = f"{name}__fp16"
             out = gs.Variable(name, dtype=want, shape=t.shape)

@@ -28,8 +28,10 @@ reading the projection outputs directly, so the Q/K/V projection MatMuls and the
 projection stay visible (the cost model prices them). The split/scale chains left without a
 reader are removed by the pass manager's clean-up.
 Misses: every ``Softmax`` not absorbed, with the reason (kind ``attention``).
-The matching (tracing, scales, masks, head merge) is ``passes/attention_match.py``; this module
-is the rewrite.
+The matching (tracing, scales, masks, head merge) is ``passes/attention_match.py``, plugged into
+the rewrite driver as the fusion's custom matcher (:class:`edgefc.rewriter.Fusion` ``matcher``):
+the pattern language describes a fixed set of nodes, and an attention as exporters write it is
+not one (docs/passes.md, "Why attention has its own matcher"). This module is the rewrite.
 """
 
 from __future__ import annotations
@@ -38,16 +40,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import ir
-from edgefc.pass_base import PassContext
-from edgefc.passes.attention_match import Head, match_attention, match_native
-from edgefc.passes.fusion_base import FusionPass, const
+from edgefc.matcher import Miss
+from edgefc.passes.attention_match import AttentionMatch, Head, match_attention, match_native
+from edgefc.passes.fusion_base import const, node_base
 from edgefc.registry import register_pass
-from edgefc.rewriter import RewriteLog, Rewriter
+from edgefc.rewriter import Fusion, FusionPass, Rewriter
 
 
-def _to_3d(rw: Rewriter, head: Head, name: str) -> gs.Tensor:
-    """The [B, S, H*d] tensor the Attention reads for ``head`` (inserting the split's inverse for
-    a 4D operand that had no projection in sight)."""
+def _to_3d(head: Head, name: str, new: list[gs.Node]) -> gs.Tensor:
+    """The [B, S, H*d] tensor the Attention reads for ``head`` (appending to ``new`` the split's
+    inverse for a 4D operand that had no projection in sight)."""
     if not head.prologue:
         return head.source
     (perm,) = head.prologue
@@ -55,65 +57,68 @@ def _to_3d(rw: Rewriter, head: Head, name: str) -> gs.Tensor:
     bshd = [shape4[p] for p in perm]
     t = gs.Variable(f"{name}_bshd", dtype=head.source.dtype, shape=bshd)
     y = gs.Variable(f"{name}_3d", dtype=head.source.dtype, shape=[bshd[0], bshd[1], bshd[2] * bshd[3]])
-    rw.replace([], [gs.Node("Transpose", name=f"{name}_transpose", inputs=[head.source], outputs=[t],
-                            attrs={"perm": list(perm)}),
-                    gs.Node("Reshape", name=f"{name}_reshape",
-                            inputs=[t, const(f"{name}_shape", np.array(y.shape, dtype=np.int64))], outputs=[y])])
+    new += [gs.Node("Transpose", name=f"{name}_transpose", inputs=[head.source], outputs=[t], attrs={"perm": list(perm)}),
+            gs.Node("Reshape", name=f"{name}_reshape",
+                    inputs=[t, const(f"{name}_shape", np.array(y.shape, dtype=np.int64))], outputs=[y])]
     return y
+
+
+def _candidate(node: gs.Node) -> bool:
+    """Every Softmax; an Attention only in the 4D form (the 3D form is what this pass writes)."""
+    return node.op == "Softmax" or len(ir.static_shape(node.inputs[0]) or ()) == 4
+
+
+def _match(node: gs.Node, rw: Rewriter) -> AttentionMatch | Miss:
+    """The custom matcher: the attention's math around a Softmax, or a 4D Attention's layouts."""
+    if node.op == "Attention":
+        return match_native(node, rw.graph_outputs)
+    return match_attention(node, rw.graph_outputs)
+
+
+def _attention(m: AttentionMatch, rw: Rewriter) -> list[gs.Node] | Miss:
+    """Attention-23 in the 3D form reading the projections (with the reshapes a layout needs)."""
+    if any(not rw.alive(n) for n in m.nodes):
+        return Miss("overlaps an attention fused already")
+    anchor = m.nodes[0]  # the Softmax, or the 4D Attention
+    name = rw.unique_name(node_base(anchor) + "/Attention")
+    prologue: list[gs.Node] = []
+    inputs = [_to_3d(h, f"{name}.{r}", prologue) for h, r in ((m.q, "q"), (m.k, "k"), (m.v, "v"))]
+    new = []
+    if m.mask is not None:
+        if isinstance(m.mask, tuple):  # a [B*H, Sq, Skv] mask, split into [B, H, Sq, Skv]
+            mask, shape = m.mask
+            split = gs.Variable(f"{name}.mask4d", dtype=mask.dtype, shape=shape)
+            new.append(gs.Node("Reshape", name=f"{name}.mask_reshape", outputs=[split], inputs=[
+                mask, const(f"{name}.mask_shape", np.array(shape, dtype=np.int64))]))
+            inputs.append(split)
+        else:
+            inputs.append(m.mask if isinstance(m.mask, gs.Tensor) else const(f"{name}.mask", m.mask, like=m.q.source))
+    out = m.output
+    if m.output_shape is not None:  # no head merge after P @ V: give its layout back
+        b, h, dv = m.q.batch, m.q.heads, m.v.head_dim
+        sq = m.output_shape[-2]
+        out = gs.Variable(f"{name}.out", dtype=m.output.dtype, shape=[b, sq, h * dv])
+        split = gs.Variable(f"{name}.out_bshd", dtype=m.output.dtype, shape=[b, sq, h, dv])
+        perm = gs.Variable(f"{name}.out_bhsd", dtype=m.output.dtype, shape=[b, h, sq, dv])
+        new += [gs.Node("Reshape", name=f"{name}.out_split", inputs=[
+                    out, const(f"{name}.out_split_shape", np.array(split.shape, dtype=np.int64))], outputs=[split]),
+                gs.Node("Transpose", name=f"{name}.out_transpose", inputs=[split], outputs=[perm],
+                        attrs={"perm": [0, 2, 1, 3]}),
+                gs.Node("Reshape", name=f"{name}.out_reshape", inputs=[
+                    perm, const(f"{name}.out_shape", np.array(m.output_shape, dtype=np.int64))], outputs=[m.output])]
+    node = gs.Node("Attention", name=name, inputs=inputs, outputs=[out], attrs={
+        "q_num_heads": m.q.heads, "kv_num_heads": m.k.heads, "scale": float(m.scale),
+        "is_causal": int(m.causal), **m.extra_attrs})
+    return prologue + [node] + new
+
+
+#: anchored at each Softmax (and 4D Attention), found by the custom matcher.
+ATTENTION = Fusion("attention", [], anchor="softmax", ops=("Softmax", "Attention"), matcher=_match,
+                   replacement=_attention, candidate=_candidate)
 
 
 @register_pass("fuse-attention", namespace="edgefc")
 class FuseAttention(FusionPass):
     """Fuse scaled-dot-product attention, by its math (any scale placement, head layout), into Attention-23."""
 
-    kinds = ("attention",)
-
-    def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
-        rw = Rewriter(graph, log)
-        for softmax in rw.candidates("Softmax", "Attention"):
-            if softmax.op == "Attention":
-                if len(ir.static_shape(softmax.inputs[0]) or ()) != 4:
-                    continue  # already the 3D form
-                m = match_native(softmax, rw.graph_outputs)
-            else:
-                m = match_attention(softmax, rw.graph_outputs)
-            if not m:
-                log.miss("attention", softmax, m.reason)
-                continue
-            if any(not rw.alive(n) for n in m.nodes):
-                log.miss("attention", softmax, "overlaps an attention fused already")
-                continue
-            name = rw.unique_name(softmax.name.rsplit("/", 1)[0] + "/Attention")
-            inputs = [_to_3d(rw, h, f"{name}.{r}") for h, r in ((m.q, "q"), (m.k, "k"), (m.v, "v"))]
-            new = []
-            if m.mask is not None:
-                if isinstance(m.mask, tuple):  # a [B*H, Sq, Skv] mask, split into [B, H, Sq, Skv]
-                    mask, shape = m.mask
-                    split = gs.Variable(f"{name}.mask4d", dtype=mask.dtype, shape=shape)
-                    new.append(gs.Node("Reshape", name=f"{name}.mask_reshape", outputs=[split], inputs=[
-                        mask, const(f"{name}.mask_shape", np.array(shape, dtype=np.int64))]))
-                    inputs.append(split)
-                else:
-                    inputs.append(m.mask if isinstance(m.mask, gs.Tensor) else
-                                  const(f"{name}.mask", m.mask, like=m.q.source))
-            out = m.output
-            if m.output_shape is not None:  # no head merge after P @ V: give its layout back
-                b, h, dv = m.q.batch, m.q.heads, m.v.head_dim
-                sq = m.output_shape[-2]
-                out = gs.Variable(f"{name}.out", dtype=m.output.dtype, shape=[b, sq, h * dv])
-                split = gs.Variable(f"{name}.out_bshd", dtype=m.output.dtype, shape=[b, sq, h, dv])
-                perm = gs.Variable(f"{name}.out_bhsd", dtype=m.output.dtype, shape=[b, h, sq, dv])
-                new += [gs.Node("Reshape", name=f"{name}.out_split", inputs=[
-                            out, const(f"{name}.out_split_shape", np.array(split.shape, dtype=np.int64))],
-                                outputs=[split]),
-                        gs.Node("Transpose", name=f"{name}.out_transpose", inputs=[split], outputs=[perm],
-                                attrs={"perm": [0, 2, 1, 3]}),
-                        gs.Node("Reshape", name=f"{name}.out_reshape", inputs=[
-                            perm, const(f"{name}.out_shape", np.array(m.output_shape, dtype=np.int64))],
-                                outputs=[m.output])]
-            node = gs.Node("Attention", name=name, inputs=inputs, outputs=[out], attrs={
-                "q_num_heads": m.q.heads, "kv_num_heads": m.k.heads, "scale": float(m.scale),
-                "is_causal": int(m.causal), **getattr(m, "extra_attrs", {})})
-            rw.replace(m.nodes, [node] + new)
-            log.count("attention")
-        rw.commit()
+    fusions = (ATTENTION,)

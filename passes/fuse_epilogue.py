@@ -3,7 +3,8 @@
 Matches, anchored at a tensor-engine op ``T`` (``FusedMatMul``, ``FusedConv``, ``Conv``, ``Gemm``)::
 
     z = T(...)            [z = z + bias]          (Conv without bias: a per-channel constant Add)
-    a = z * Sigmoid(z) | Gelu(z) | z              (activation: SiLU, exact GELU, none)
+    a = z * Sigmoid(z) | Gelu(z) | Clip(z, lo, hi) | z   (activation: SiLU, exact GELU, a clamp to
+                                                   constant bounds (ReLU6), none)
     y = a + r                                     (residual: a non-constant tensor, broadcasting
                                                    to a's shape; optional)
 
@@ -12,7 +13,8 @@ whose ``fuses_epilogues`` says so; a target-free compile fuses). ``Gemm`` conver
 ``alpha = beta = 1``, ``transA = 0``, a constant weight and bias. When both operands of a residual
 ``Add`` come from tensor-engine ops, the one later in the graph takes it (the other is ready).
 Emits: ``edgefc.FusedMatMul(A, B, bias[, residual]; activation)`` or
-``edgefc.FusedConv(X, W, B[, residual]; dilations, group, kernel_shape, pads, strides, activation)``;
+``edgefc.FusedConv(X, W, B[, residual]; dilations, group, kernel_shape, pads, strides, activation)``
+(with ``activation="clip"`` also ``clip_min``, ``clip_max``);
 a bias-free Conv followed by its bias Add becomes a Conv with bias (kind ``conv_bias``).
 Misses: every tensor-engine op whose output, after the pass, still goes only to a SiLU, a
 ``Gelu`` or a non-constant ``Add``, with the reason (kind ``epilogue``). Runs last in ``fuse``.
@@ -21,24 +23,22 @@ Paper Sec. 3 (kernel fusion).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import composites, functions, ir
 from edgefc.pass_base import PassContext
 from edgefc.passes.fusion_base import (
-    FusionPass,
     activation,
     const,
     epilogue_capable,
     last_axis_vector,
+    node_base,
     per_channel,
 )
 from edgefc.pattern import Pattern
 from edgefc.registry import register_pass
-from edgefc.rewriter import RewriteLog, Rewriter
+from edgefc.rewriter import Fusion, FusionPass, RewriteLog, Rewriter, apply_fusions, feeds
 
 #: the tensor-engine ops an epilogue folds into, and the fused op each becomes (edgefc.composites).
 FUSED = {op: root.fused_op for root in composites.TENSOR_ROOTS for op in root.onnx_ops}
@@ -103,25 +103,11 @@ def _residual_check(order: dict[int, int]):
     return where
 
 
-@dataclass
-class Variant:
-    pattern: Pattern
-    composite: composites.Epilogue
-
-    @property
-    def activation(self) -> str:
-        return self.composite.activation.name if self.composite.activation else "none"
-
-    @property
-    def residual(self) -> bool:
-        return self.composite.residual
-
-
-def variants(order: dict[int, int]) -> dict[str, list[Variant]]:
-    """The epilogue patterns per ONNX producer op, most folded first: one per
-    :data:`edgefc.composites.EPILOGUES` variant that folds an activation or a residual, named
-    after it (``order`` decides which op takes a shared residual)."""
-    out: dict[str, list[Variant]] = {op: [] for op in PRODUCERS}
+def variants(order: dict[int, int]) -> list[Pattern]:
+    """The epilogue patterns, most folded first: one per :data:`edgefc.composites.EPILOGUES`
+    variant that folds an activation or a residual, named after it (``order``: node id ->
+    position in the graph, decides which op takes a shared residual)."""
+    out = []
     for e in composites.EPILOGUES:
         if e.activation is None and not e.residual:
             continue  # the bias alone: CONV_BIAS below, fuse-matmul-bias, or the op itself (Gemm)
@@ -131,9 +117,31 @@ def variants(order: dict[int, int]) -> dict[str, list[Variant]]:
         y = activation(p, z, e.activation) if e.activation else z
         if e.residual:
             p.op("Add", y, p.input("residual"), name="add_residual")
-        for op in e.root.onnx_ops:
-            out[op].append(Variant(p, e))
+        out.append(p)
     return out
+
+
+#: pattern name -> the composite it is (edgefc.composites)
+COMPOSITES = {e.name: e for e in composites.EPILOGUES}
+
+
+def _kinds(m) -> tuple[str, ...]:
+    e = COMPOSITES[m.pattern.name]
+    return (*(["activation"] if e.activation else []), *(["residual"] if e.residual else []))
+
+
+def epilogue_fusion(order: dict[int, int]) -> Fusion:
+    """The epilogue fusion for a graph whose node order is ``order`` (a replacement takes the
+    position of the op it replaces). Candidates are not logged here: what is left unfused is
+    reported once the pass is done (:func:`_report_leftovers`)."""
+    def replacement(m, rw: Rewriter) -> list[gs.Node]:
+        node = m["producer"]
+        name = node.name if node.domain == functions.DOMAIN else rw.unique_name(node_base(node) + f"/{FUSED[node.op]}")
+        new = _fused_node(m, COMPOSITES[m.pattern.name], name)
+        order[id(new)] = order[id(node)]
+        return [new]
+
+    return Fusion("epilogue", variants(order), anchor="producer", replacement=replacement, misses=False, counts=_kinds)
 
 
 #: a bias-free Conv and the per-channel constant Add after it: the ``conv2d_bias`` composite.
@@ -149,11 +157,13 @@ def _conv_attrs(node: gs.Node) -> dict:
             "strides": list(node.attrs.get("strides", [1] * len(k)))}
 
 
-def _fused_node(m, v: Variant, name: str) -> gs.Node:
-    """The FusedMatMul / FusedConv replacing a match of variant ``v``."""
-    prod, p = m["producer"], v
+def _fused_node(m, e: composites.Epilogue, name: str) -> gs.Node:
+    """The FusedMatMul / FusedConv replacing a match of composite ``e``."""
+    prod = m["producer"]
+    act = e.activation.name if e.activation else "none"
     ins = list(prod.inputs)
-    attrs = {"activation": p.activation}
+    attrs = {"activation": act}
+    bounds = {b: float(np.asarray(m.const(b)).reshape(-1)[0]) for b in (e.activation.bounds if e.activation else ())}
     if prod.op == "Gemm":
         w = ins[1].values
         n = w.shape[0 if int(prod.attrs.get("transB", 0)) else 1]
@@ -165,76 +175,65 @@ def _fused_node(m, v: Variant, name: str) -> gs.Node:
         if len(ins) == 2:
             ins.append(const(f"{name}.bias", np.zeros(ins[1].shape[0]), like=ins[0]))
     else:
-        attrs = {**prod.attrs, "activation": p.activation if p.activation != "none" else prod.attrs.get("activation", "none")}
-    if p.residual:
+        attrs = {**prod.attrs, "activation": act if act != "none" else prod.attrs.get("activation", "none")}
+    if e.residual:
         ins.append(m["residual"])
+    attrs.update(bounds)
     return functions.make_node(FUSED[prod.op], ins, m.outputs, name=name, attrs=attrs)
+
+
+def _conv_bias(m, rw: Rewriter) -> list[gs.Node] | None:
+    """The Conv with the Add's per-channel constant as its bias (declined when it is not one)."""
+    node = m["conv"]
+    channels = m["W"].shape[0]
+    out_shape = ir.static_shape(m["add"].outputs[0])
+    bias = per_channel(m.const("bias"), channels, len(out_shape or ())) if out_shape else None
+    if bias is None or out_shape != ir.static_shape(node.outputs[0]):
+        return None
+    return [gs.Node("Conv", name=node.name, attrs=dict(node.attrs), outputs=m.outputs,
+                    inputs=[m["X"], m["W"], const(node.name + ".bias", bias, like=m["X"])])]
+
+
+#: a bias-free Conv whose output feeds an Add: the Add's constant becomes its bias (not logged:
+#: an Add that is no bias is left to the epilogue fusion).
+CONV_BIAS = Fusion("conv_bias", [BIAS_PATTERN], anchor="conv", replacement=_conv_bias, misses=False,
+                   candidate=lambda node: len(node.inputs) == 2 and feeds("Add")(node))
+
+
+def _report_leftovers(graph: gs.Graph, ctx: PassContext, log: RewriteLog, fusion: Fusion, capable: bool) -> None:
+    """Log (kind ``epilogue``) every tensor-engine op still followed by an activation or a
+    residual Add, with the reason it was not folded."""
+    rw = Rewriter(graph, log)
+    for node in rw.nodes(*PRODUCERS, "MatMul"):
+        if node.op == "MatMul" and not (isinstance(node.inputs[1], gs.Constant) and len(node.inputs[1].shape) == 2):
+            continue
+        users = _users(node.outputs[0])
+        if node.outputs[0].name in rw.graph_outputs or not (
+                (len(users) == 1 and users[0].op in ("Gelu", "Add")
+                 and not any(isinstance(i, gs.Constant) for i in users[0].inputs))
+                or (len(users) == 2 and {u.op for u in users} == {"Sigmoid", "Mul"})):
+            continue  # not followed by something an epilogue could take
+        if node.op == "MatMul":
+            reason = "a MatMul without bias (epilogues fold into FusedMatMul, Gemm, Conv and FusedConv)"
+        elif not capable:
+            reason = f"target '{getattr(ctx.target, 'name', ctx.target)}' runs elementwise epilogues as separate kernels"
+        else:
+            reason = rw.bind(fusion, node).reason
+        log.miss("epilogue", node, reason)
 
 
 @register_pass("fuse-epilogue", namespace="edgefc")
 class FuseEpilogue(FusionPass):
-    """Fold activations (SiLU, GELU) and residual adds into FusedMatMul/FusedConv (target permitting)."""
+    """Fold activations (SiLU, GELU, Clip) and residual adds into FusedMatMul/FusedConv (target permitting)."""
 
     kinds = ("conv_bias", "activation", "residual", "epilogue")
 
     def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
-        self._conv_bias(graph, log)
+        """Two stages: Conv biases first; then, with the graph order after them, the epilogues
+        (where the target folds them); then the report of what is left."""
+        apply_fusions(graph, [CONV_BIAS], log)
         capable = epilogue_capable(ctx.target)
-        order = {id(n): i for i, n in enumerate(graph.nodes)}
-        vs = variants(order)
-        by_name = {v.pattern.name: v for op_vs in vs.values() for v in op_vs}
-        patterns = {op: [v.pattern for v in op_vs] for op, op_vs in vs.items()}
-        rw = Rewriter(graph, log)
+        fusion = epilogue_fusion({id(n): i for i, n in enumerate(graph.nodes)})
         if capable:
-            for node in rw.candidates(*PRODUCERS):
-                m = rw.match_any(patterns[node.op], node, "producer")
-                if not m:
-                    continue
-                v = by_name[m.pattern.name]
-                name = node.name if node.domain == functions.DOMAIN else \
-                    rw.unique_name(node.name.rsplit("/", 1)[0] + f"/{FUSED[node.op]}")
-                new = _fused_node(m, v, name)
-                rw.replace(m, [new])
-                order[id(new)] = order[id(node)]
-                if v.activation != "none":
-                    log.count("activation")
-                if v.residual:
-                    log.count("residual")
-            rw.commit()
-        # Report what is left: tensor-engine ops still followed by an activation or a residual Add.
-        rw = Rewriter(graph, log)
-        for node in rw.nodes(*PRODUCERS, "MatMul"):
-            if node.op == "MatMul" and not (isinstance(node.inputs[1], gs.Constant) and len(node.inputs[1].shape) == 2):
-                continue
-            users = _users(node.outputs[0])
-            if node.outputs[0].name in rw.graph_outputs or not (
-                    (len(users) == 1 and users[0].op in ("Gelu", "Add")
-                     and not any(isinstance(i, gs.Constant) for i in users[0].inputs))
-                    or (len(users) == 2 and {u.op for u in users} == {"Sigmoid", "Mul"})):
-                continue  # not followed by something an epilogue could take
-            if node.op == "MatMul":
-                reason = "a MatMul without bias (epilogues fold into FusedMatMul, Gemm, Conv and FusedConv)"
-            elif not capable:
-                reason = f"target '{getattr(ctx.target, 'name', ctx.target)}' runs elementwise epilogues as separate kernels"
-            else:
-                reason = rw.match_any(patterns[node.op], node, "producer").reason
-            log.miss("epilogue", node, reason)
-
-    def _conv_bias(self, graph: gs.Graph, log: RewriteLog) -> None:
-        rw = Rewriter(graph, log)
-        for node in rw.candidates("Conv", feeding="Add"):
-            if len(node.inputs) != 2:
-                continue
-            m = rw.match(BIAS_PATTERN, node, "conv")
-            if not m:
-                continue
-            channels = m["W"].shape[0]
-            out_shape = ir.static_shape(m["add"].outputs[0])
-            bias = per_channel(m.const("bias"), channels, len(out_shape or ())) if out_shape else None
-            if bias is None or out_shape != ir.static_shape(node.outputs[0]):
-                continue
-            conv = gs.Node("Conv", name=node.name, attrs=dict(node.attrs), outputs=m.outputs,
-                           inputs=[m["X"], m["W"], const(node.name + ".bias", bias, like=m["X"])])
-            rw.replace(m, [conv])
-            log.count("conv_bias")
-        rw.commit()
+            apply_fusions(graph, [fusion], log)
+        _report_leftovers(graph, ctx, log, fusion, capable)

@@ -19,11 +19,10 @@ import onnx_graphsurgeon as gs
 
 from edgefc import functions, ir
 from edgefc.composites import GEGLU
-from edgefc.pass_base import PassContext
-from edgefc.passes.fusion_base import FusionPass, activation
+from edgefc.passes.fusion_base import activation, node_base
 from edgefc.pattern import Pattern
 from edgefc.registry import register_pass
-from edgefc.rewriter import RewriteLog, Rewriter
+from edgefc.rewriter import Fusion, FusionPass, Rewriter, feeds
 
 
 def _slice_range(node: gs.Node, rank: int, dim: int) -> tuple[int, int] | str:
@@ -87,20 +86,17 @@ def _patterns() -> list[Pattern]:
 PATTERNS = _patterns()
 
 
+def _geglu(m, rw: Rewriter) -> list[gs.Node]:
+    name = rw.unique_name(node_base(m[GEGLU.activation.name]) + "/GeGLU")
+    return [functions.make_node(GEGLU.fused_op, [m["X"]], m.outputs, name=name)]
+
+
+#: anchored at the gate's activation (``Gelu``), a candidate when it feeds a ``Mul``.
+GEGLU_FUSION = Fusion("geglu", PATTERNS, anchor=GEGLU.activation.name, replacement=_geglu, candidate=feeds("Mul"))
+
+
 @register_pass("fuse-geglu", namespace="edgefc")
 class FuseGeGLU(FusionPass):
     """Fuse the GEGLU gate (halves of the projection, value * Gelu(gate)) into edgefc GeGLU."""
 
-    kinds = ("geglu",)
-
-    def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
-        rw = Rewriter(graph, log)
-        for node in rw.candidates(GEGLU.activation.onnx_op, feeding="Mul"):
-            m = rw.match_any(PATTERNS, node, GEGLU.activation.name)
-            if not m:
-                log.miss("geglu", node, m.reason)
-                continue
-            name = rw.unique_name(node.name.rsplit("/", 1)[0] + "/GeGLU")
-            rw.replace(m, [functions.make_node(GEGLU.fused_op, [m["X"]], m.outputs, name=name)])
-            log.count("geglu")
-        rw.commit()
+    fusions = (GEGLU_FUSION,)

@@ -19,11 +19,10 @@ import math
 
 import onnx_graphsurgeon as gs
 
-from edgefc.pass_base import PassContext
-from edgefc.passes.fusion_base import FusionPass
+from edgefc.passes.fusion_base import node_base
 from edgefc.pattern import Pattern, Value, is_scalar
 from edgefc.registry import register_pass
-from edgefc.rewriter import RewriteLog, Rewriter
+from edgefc.rewriter import Fusion, FusionPass, Rewriter
 
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -85,24 +84,23 @@ ERF_PATTERNS = _erf_patterns()
 TANH_PATTERNS = _tanh_patterns()
 
 
+def _candidate(node: gs.Node) -> bool:
+    """Every Erf; a Tanh only when a Mul feeds it (else it is a plain tanh activation)."""
+    return node.op == "Erf" or bool(node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Mul")
+
+
+def _gelu(m, rw: Rewriter) -> list[gs.Node]:
+    erf = "erf" in m.nodes
+    anchor = m["erf" if erf else "tanh"]
+    return [gs.Node("Gelu", name=rw.unique_name(node_base(anchor) + "/Gelu"),
+                    attrs={"approximate": "none" if erf else "tanh"}, inputs=[m["x"]], outputs=m.outputs)]
+
+
+GELU = Fusion("gelu", ERF_PATTERNS + TANH_PATTERNS, anchor=("erf", "tanh"), replacement=_gelu, candidate=_candidate)
+
+
 @register_pass("fuse-gelu", namespace="edgefc")
 class FuseGelu(FusionPass):
     """Fuse GELU decompositions (erf and tanh forms) into Gelu-20."""
 
-    kinds = ("gelu",)
-
-    def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
-        rw = Rewriter(graph, log)
-        for node in rw.candidates("Erf", "Tanh"):
-            if node.op == "Tanh" and not (node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Mul"):
-                continue  # a plain tanh activation, not a GELU candidate
-            erf = node.op == "Erf"
-            m = rw.match_any(ERF_PATTERNS if erf else TANH_PATTERNS, node, "erf" if erf else "tanh")
-            if not m:
-                log.miss("gelu", node, m.reason)
-                continue
-            name = rw.unique_name(node.name.rsplit("/", 1)[0] + "/Gelu")
-            rw.replace(m, [gs.Node("Gelu", name=name, attrs={"approximate": "none" if erf else "tanh"},
-                                   inputs=[m["x"]], outputs=m.outputs)])
-            log.count("gelu")
-        rw.commit()
+    fusions = (GELU,)

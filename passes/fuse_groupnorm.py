@@ -30,11 +30,10 @@ import onnx_graphsurgeon as gs
 
 from edgefc import functions, ir
 from edgefc.composites import GROUP_NORM_SILU
-from edgefc.pass_base import PassContext
-from edgefc.passes.fusion_base import FusionPass, activation, const, per_channel
+from edgefc.passes.fusion_base import activation, const, node_base, per_channel
 from edgefc.pattern import Pattern
 from edgefc.registry import register_pass
-from edgefc.rewriter import RewriteLog, Rewriter
+from edgefc.rewriter import Fusion, FusionPass, Rewriter
 
 
 def _core(affine: bool, silu: bool) -> Pattern:
@@ -117,53 +116,46 @@ def group_norm_params(m) -> tuple[np.ndarray, np.ndarray, float, int]:
     return scale, bias, eps, g
 
 
+def _group_norm(m, rw: Rewriter) -> list[gs.Node]:
+    """GroupNormalization-21, or GroupNormSiLU when the match took the SiLU; a SiLU after the norm
+    that could not be folded is logged (kind ``groupnorm_silu``) with the reason."""
+    node = m["inorm"]
+    silu = "silu" in m.nodes
+    if not silu and any(c.op == "Sigmoid" for c in m.output.outputs):
+        want = PATTERNS[0] if "mul" in m.nodes else PATTERNS[2]
+        rw.log.miss("groupnorm_silu", node, rw.match(want, node, "inorm").reason)
+    x = m["input0"]
+    scale, bias, eps, groups = group_norm_params(m)
+    dtype = np.dtype(x.dtype or np.float32)
+    name = rw.unique_name(node_base(node) + ("/GroupNormSiLU" if silu else "/GroupNormalization"))
+    inputs = [x, const(f"{name}.scale", scale.astype(dtype)), const(f"{name}.bias", bias.astype(dtype))]
+    attrs = {"epsilon": eps, "num_groups": int(groups)}
+    if silu:
+        return [functions.make_node(GROUP_NORM_SILU.root.fused_op, inputs, m.outputs, name=name, attrs=attrs)]
+    return [gs.Node("GroupNormalization", name=name, attrs=attrs, inputs=inputs, outputs=m.outputs)]
+
+
+def _native_group_norm_silu(m, rw: Rewriter) -> list[gs.Node]:
+    node = m["gn"]
+    name = rw.unique_name(node_base(node) + "/GroupNormSiLU")
+    return [functions.make_node(GROUP_NORM_SILU.root.fused_op, [m["x"], m["scale"], m["bias"]], m.outputs, name=name,
+                                attrs={"epsilon": float(node.attrs.get("epsilon", 1e-5)),
+                                       "num_groups": int(node.attrs["num_groups"])})]
+
+
+#: the exported chain, anchored at the InstanceNormalization (every one is a candidate); counted as
+#: ``groupnorm``, and also as ``groupnorm_silu`` when the SiLU was folded.
+GROUPNORM = Fusion("groupnorm", PATTERNS, anchor="inorm", replacement=_group_norm,
+                   counts=lambda m: ("groupnorm", "groupnorm_silu") if "silu" in m.nodes else ("groupnorm",))
+#: a GroupNormalization already in the export (the ones GROUPNORM wrote are not candidates: their
+#: SiLU was handled there); a candidate when a Sigmoid reads it.
+NATIVE_GROUPNORM_SILU = Fusion("groupnorm_silu", [NATIVE_SILU], anchor="gn", replacement=_native_group_norm_silu,
+                               candidate=lambda node: any(c.op == "Sigmoid" for c in node.outputs[0].outputs))
+
+
 @register_pass("fuse-groupnorm", namespace="edgefc")
 class FuseGroupNorm(FusionPass):
     """Fuse exported GroupNorm (Reshape/InstanceNormalization/Reshape/Mul/Add [+SiLU]) into GroupNormalization-21."""
 
+    fusions = (GROUPNORM, NATIVE_GROUPNORM_SILU)
     kinds = ("groupnorm", "groupnorm_silu")
-
-    def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
-        rw = Rewriter(graph, log)
-        self._made: set[str] = set()
-        for node in rw.candidates("InstanceNormalization"):
-            m = rw.match_any(PATTERNS, node, "inorm")
-            if not m:
-                log.miss("groupnorm", node, m.reason)
-                continue
-            silu = "silu" in m.nodes
-            if not silu:
-                # Say why a SiLU right after the GroupNorm was not folded.
-                out = m.output
-                if any(c.op == "Sigmoid" for c in out.outputs):
-                    want = PATTERNS[0] if "mul" in m.nodes else PATTERNS[2]
-                    log.miss("groupnorm_silu", node, rw.match(want, node, "inorm").reason)
-            x = m["input0"]
-            scale, bias, eps, groups = group_norm_params(m)
-            dtype = np.dtype(x.dtype or np.float32)
-            base = node.name.rsplit("/", 1)[0]
-            name = rw.unique_name(base + ("/GroupNormSiLU" if silu else "/GroupNormalization"))
-            inputs = [x, const(f"{name}.scale", scale.astype(dtype)), const(f"{name}.bias", bias.astype(dtype))]
-            attrs = {"epsilon": eps, "num_groups": int(groups)}
-            if silu:
-                new = functions.make_node(GROUP_NORM_SILU.root.fused_op, inputs, m.outputs, name=name, attrs=attrs)
-                log.count("groupnorm_silu")
-            else:
-                new = gs.Node("GroupNormalization", name=name, attrs=attrs, inputs=inputs, outputs=m.outputs)
-                self._made.add(name)
-            rw.replace(m, [new])
-            log.count("groupnorm")
-        for node in rw.candidates("GroupNormalization"):  # native ones (GroupNormalization-18/21 in the export)
-            if node.name in self._made:
-                continue  # already one op: only its SiLU is left to fold (counted as groupnorm_silu)
-            m = rw.match(NATIVE_SILU, node, "gn")
-            if not m:
-                if any(c.op == "Sigmoid" for c in node.outputs[0].outputs):
-                    log.miss("groupnorm_silu", node, m.reason)
-                continue
-            name = rw.unique_name(node.name.rsplit("/", 1)[0] + "/GroupNormSiLU")
-            rw.replace(m, [functions.make_node(GROUP_NORM_SILU.root.fused_op, [m["x"], m["scale"], m["bias"]], m.outputs, name=name,
-                                               attrs={"epsilon": float(node.attrs.get("epsilon", 1e-5)),
-                                                      "num_groups": int(node.attrs["num_groups"])})])
-            log.count("groupnorm_silu")
-        rw.commit()

@@ -13,55 +13,50 @@ first in ``fuse``. Paper Sec. 3 (kernel fusion): a precondition, not a fusion by
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from edgefc import ir
-from edgefc.pass_base import PassContext
-from edgefc.passes.fusion_base import FusionPass
+from edgefc.graph_edit import bypass
+from edgefc.pattern import Pattern, is_scalar
 from edgefc.registry import register_pass
-from edgefc.rewrite import bypass
-from edgefc.rewriter import RewriteLog
+from edgefc.rewriter import Fusion, FusionPass, Rewriter
 
 IDENTITY = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
-COMMUTATIVE = {"Mul", "Add"}
 
 
-def identity_operand(node: gs.Node) -> int | None:
-    """Index of the input that passes through ``node`` unchanged, or None."""
-    if node.op not in IDENTITY or len(node.inputs) != 2 or len(node.outputs) != 1:
+def _same_type(m) -> bool | str:
+    """The result is the kept input unchanged: same static shape (no broadcasting), same dtype."""
+    x, y = m["x"], m["op"].outputs[0]
+    out_shape = ir.static_shape(y)
+    if out_shape is None or ir.static_shape(x) != out_shape:
+        return "the identity constant broadcasts the input"
+    if x.dtype is None or y.dtype is None or np.dtype(x.dtype) != np.dtype(y.dtype):
+        return "the result's dtype differs from the input's"
+    return True
+
+
+def _pattern(op: str) -> Pattern:
+    """``x op c`` with ``c`` a scalar constant equal to the identity of ``op`` (Mul and Add: either
+    order). Scalars only: a zero bias vector is a bias (fuse-matmul-bias takes it)."""
+    p = Pattern(f"identity-{op.lower()}", where=_same_type)
+    p.op(op, p.input("x"), p.const("c", is_scalar(IDENTITY[op], rtol=0.0)), name="op")
+    return p
+
+
+def _bypass(m, rw: Rewriter):
+    """Consumers read ``x`` directly; the node stays (declined) when its output is a graph output
+    that cannot take the input's place (see :func:`edgefc.graph_edit.bypass`)."""
+    node = m["op"]
+    if not bypass(rw.graph, node, keep=list(node.inputs).index(m["x"])):
         return None
-    out_shape = ir.static_shape(node.outputs[0])
-    sides = (1, 0) if node.op in COMMUTATIVE else (1,)
-    for const_idx in sides:
-        c, x = node.inputs[const_idx], node.inputs[1 - const_idx]
-        if not isinstance(c, gs.Constant) or int(np.prod(c.shape, dtype=np.int64)) != 1:
-            continue  # scalars only: a zero bias vector is a bias (fuse-matmul-bias takes it)
-        if not np.all(c.values == IDENTITY[node.op]):
-            continue
-        if out_shape is None or ir.static_shape(x) != out_shape:
-            continue
-        if x.dtype is None or node.outputs[0].dtype is None or np.dtype(x.dtype) != np.dtype(node.outputs[0].dtype):
-            continue
-        return 1 - const_idx
-    return None
+    return []
+
+
+IDENTITY_FUSION = Fusion("identity", [_pattern(op) for op in IDENTITY], anchor="op", replacement=_bypass,
+                         misses=False)
 
 
 @register_pass("fuse-identity", namespace="edgefc")
 class FuseIdentity(FusionPass):
     """Remove x*1, x/1, x+0 and x-0 (the U-Net's divisions by output_scale_factor=1)."""
 
-    kinds = ("identity",)
-
-    def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
-        removed = set()
-        for node in [n for n in graph.nodes if n.op in IDENTITY]:
-            keep = identity_operand(node)
-            if keep is None:
-                continue
-            if keep != 0:  # bypass passes input 0 through
-                node.inputs[0], node.inputs[1] = node.inputs[1], node.inputs[0]
-            if bypass(graph, node):
-                removed.add(id(node))
-                log.count("identity")
-        if removed:
-            graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+    fusions = (IDENTITY_FUSION,)

@@ -21,11 +21,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import ir
-from edgefc.pass_base import PassContext
-from edgefc.passes.fusion_base import FusionPass, const
+from edgefc.passes.fusion_base import const, node_base
 from edgefc.pattern import Pattern, any_scalar, is_scalar
 from edgefc.registry import register_pass
-from edgefc.rewriter import RewriteLog, Rewriter
+from edgefc.rewriter import Fusion, FusionPass, Rewriter, feeds
 
 
 def _axes(node: gs.Node) -> list[int] | None:
@@ -109,30 +108,25 @@ def _where(m) -> bool | str:
 PATTERNS = _patterns()
 
 
+def _layer_norm(m, rw: Rewriter) -> list[gs.Node]:
+    axis, nshape = _normalized(m)
+    x = m["x"]
+    dtype = np.dtype(x.dtype or np.float32)
+    gamma, beta = m.get("gamma"), m.get("beta")
+    g = _to_normalized(gamma.values, nshape) if gamma is not None else np.ones(nshape)
+    b = _to_normalized(beta.values, nshape) if beta is not None else np.zeros(nshape)
+    name = rw.unique_name(node_base(m["mean"]) + "/LayerNormalization")
+    return [gs.Node("LayerNormalization", name=name, attrs={"axis": axis, "epsilon": float(m.const("eps").reshape(-1)[0])},
+                    inputs=[x, const(f"{name}.scale", g.astype(dtype)), const(f"{name}.bias", b.astype(dtype))],
+                    outputs=m.outputs)]
+
+
+#: anchored at the first ReduceMean, a candidate when it feeds a Sub (the shape of a LayerNorm).
+LAYERNORM = Fusion("layernorm", PATTERNS, anchor="mean", replacement=_layer_norm, candidate=feeds("Sub"))
+
+
 @register_pass("fuse-layernorm", namespace="edgefc")
 class FuseLayerNorm(FusionPass):
     """Fuse LayerNorm decompositions (ReduceMean/Sub/Pow/.../Div[*g][+b]) into LayerNormalization."""
 
-    kinds = ("layernorm",)
-
-    def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
-        rw = Rewriter(graph, log)
-        for node in rw.candidates("ReduceMean", feeding="Sub"):
-            m = rw.match_any(PATTERNS, node, "mean")
-            if not m:
-                log.miss("layernorm", node, m.reason)
-                continue
-            axis, nshape = _normalized(m)
-            x = m["x"]
-            dtype = np.dtype(x.dtype or np.float32)
-            gamma, beta = m.get("gamma"), m.get("beta")
-            g = _to_normalized(gamma.values, nshape) if gamma is not None else np.ones(nshape)
-            b = _to_normalized(beta.values, nshape) if beta is not None else np.zeros(nshape)
-            name = rw.unique_name(m["mean"].name.rsplit("/", 1)[0] + "/LayerNormalization")
-            ln = gs.Node("LayerNormalization", name=name,
-                         attrs={"axis": axis, "epsilon": float(m.const("eps").reshape(-1)[0])},
-                         inputs=[x, const(f"{name}.scale", g.astype(dtype)), const(f"{name}.bias", b.astype(dtype))],
-                         outputs=m.outputs)
-            rw.replace(m, [ln])
-            log.count("layernorm")
-        rw.commit()
+    fusions = (LAYERNORM,)

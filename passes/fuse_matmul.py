@@ -19,11 +19,10 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from edgefc import composites, functions, ir
-from edgefc.pass_base import PassContext
-from edgefc.passes.fusion_base import FusionPass, const, last_axis_vector
+from edgefc.passes.fusion_base import const, last_axis_vector, node_base
 from edgefc.pattern import Pattern
 from edgefc.registry import register_pass
-from edgefc.rewriter import RewriteLog, Rewriter
+from edgefc.rewriter import Fusion, FusionPass, Rewriter, feeds
 
 
 def _weight(c: gs.Constant) -> bool | str:
@@ -50,28 +49,26 @@ _mm = PATTERN.op("MatMul", _a, PATTERN.const("W", _weight), name="matmul")
 PATTERN.op("Add", _mm, PATTERN.const("bias"), name="add")
 
 
+def _linear(node: gs.Node) -> bool:
+    """A candidate: a MatMul with a constant 2D weight whose output feeds an Add."""
+    w = node.inputs[1] if len(node.inputs) == 2 else None
+    return isinstance(w, gs.Constant) and len(w.shape) == 2 and feeds("Add")(node)
+
+
+def _fused_matmul(m, rw: Rewriter) -> list[gs.Node]:
+    w, bias = m["W"], m["bias"]
+    n = w.shape[1]
+    if tuple(bias.shape) != (n,):
+        bias = const(bias.name + ".vec", bias.values.reshape(n))
+    name = rw.unique_name(node_base(m["matmul"]) + "/FusedMatMul")
+    return [functions.make_node("FusedMatMul", [m["A"], w, bias], m.outputs, name=name, attrs={"activation": "none"})]
+
+
+MATMUL_BIAS = Fusion("matmul_bias", [PATTERN], anchor="matmul", replacement=_fused_matmul, candidate=_linear)
+
+
 @register_pass("fuse-matmul-bias", namespace="edgefc")
 class FuseMatMulBias(FusionPass):
     """Fuse MatMul(A, W) + bias (constant W and bias) into edgefc FusedMatMul."""
 
-    kinds = ("matmul_bias",)
-
-    def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
-        rw = Rewriter(graph, log)
-        for node in rw.candidates("MatMul", feeding="Add"):
-            w = node.inputs[1] if len(node.inputs) == 2 else None
-            if not isinstance(w, gs.Constant) or len(w.shape) != 2:
-                continue
-            m = rw.match(PATTERN, node, "matmul")
-            if not m:
-                log.miss("matmul_bias", node, m.reason)
-                continue
-            bias = m["bias"]
-            n = w.shape[1]
-            if tuple(bias.shape) != (n,):
-                bias = const(bias.name + ".vec", bias.values.reshape(n))
-            name = rw.unique_name(node.name.rsplit("/", 1)[0] + "/FusedMatMul")
-            rw.replace(m, [functions.make_node("FusedMatMul", [m["A"], w, bias], m.outputs, name=name,
-                                               attrs={"activation": "none"})])
-            log.count("matmul_bias")
-        rw.commit()
+    fusions = (MATMUL_BIAS,)

@@ -1,10 +1,9 @@
-"""What every fusion pass shares: the report section, the target question, small shape helpers.
+"""What the built-in fusion passes share besides the rewrite engine: the ONNX form of an
+activation, the target question (does it fold epilogues?), shape helpers, new constants.
 
-Each fusion pass (``passes/fuse_*.py``) subclasses :class:`FusionPass`: it implements
-``fuse(graph, ctx, log)`` with the pattern helper (:mod:`edgefc.pattern`) and declares the report
-``kinds`` it owns. Running it records, in ``ctx.report["fusion"]``, how many fusions of each kind
-it made and every candidate that did not match with the reason (``misses``), and gives the graph
-the IR version its edgefc ops need (:func:`edgefc.functions.ensure_functions`; their functions are stamped on export).
+Each fusion pass (``passes/fuse_*.py``) is a :class:`edgefc.rewriter.FusionPass` that declares its
+fusions as :class:`edgefc.rewriter.Fusion` ``(patterns, anchor, replacement)`` - the public API a
+user's pass uses too (README, "Writing your own pass").
 """
 
 from __future__ import annotations
@@ -12,37 +11,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgefc import functions
 from edgefc.composites import Activation, attr_accepts
-from edgefc.errors import PassError
-from edgefc.pass_base import Pass, PassContext
 from edgefc.pattern import Pattern
-from edgefc.rewriter import RewriteLog
 
 
-def record(ctx: PassContext, log: RewriteLog, kinds: tuple[str, ...]) -> None:
-    """Merge ``log`` into ``ctx.report["fusion"]`` (see :meth:`RewriteLog.record`)."""
-    log.record(ctx.report, kinds)
-
-
-class FusionPass(Pass):
-    """Base of the fusion passes: subclasses set ``kinds`` and implement :meth:`fuse`."""
-
-    kinds: tuple[str, ...] = ()
-    min_opset = 23
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
-        if int(graph.opset) < self.min_opset:
-            raise PassError(f"pass '{self.name}' needs a canonicalized graph (standard opset {self.min_opset}, "
-                            f"this one has {graph.opset}): run canonicalize first")
-        log = RewriteLog()
-        self.fuse(graph, ctx, log)
-        record(ctx, log, self.kinds)
-        functions.ensure_functions(graph)
-        return graph
-
-    def fuse(self, graph: gs.Graph, ctx: PassContext, log: RewriteLog) -> None:
-        raise NotImplementedError
+def node_base(node: gs.Node) -> str:
+    """The scope of a node's name (``/down/attn1/Softmax`` -> ``/down/attn1``): fused nodes are
+    named in the scope of the node they were found at."""
+    return node.name.rsplit("/", 1)[0]
 
 
 def activation(p: Pattern, z, act: Activation):
@@ -54,6 +30,10 @@ def activation(p: Pattern, z, act: Activation):
         return lambda v: attr_accepts(act, key, v) or f"{key}={v!r} (the fused '{act.name}' is {act.onnx_op} with {key}={want})"
 
     attrs = {key: accepts(key) for key in act.onnx_attrs}
+    if act.bounds:   # Clip: constant scalar bounds, carried by the fused op as attributes
+        bounds = [p.const(b, check=lambda c: c.shape is not None and int(np.prod(c.shape)) == 1
+                          or "a bound that is not one constant number") for b in act.bounds]
+        return p.op(act.onnx_op, z, *bounds, name=act.name)
     if act.gated:
         return p.op("Mul", z, p.op(act.onnx_op, z, name=act.onnx_op.lower(), attrs=attrs), name=act.name)
     return p.op(act.onnx_op, z, name=act.name, attrs=attrs)

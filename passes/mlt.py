@@ -48,51 +48,23 @@ from edgefc.attention import (
     spec_from_node,
     tile_grid,
 )
-from edgefc.dtypes import dtype_code
+from edgefc.deployed_types import DeployedTypes
 from edgefc.errors import PassError
 from edgefc.pass_base import Pass, PassContext
 from edgefc.passes.tiled_attention import DOMAIN, OP, ensure_function
+from edgefc.precision import PRECISIONS, metadata, recorded_plan
 from edgefc.registry import register_pass
 
 # --- the pass --------------------------------------------------------------------------------
 
-_ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "QuantizeLinear", "DequantizeLinear"}
-
-
-def deployed_act_dtype(tensor: gs.Tensor, precision: str | None = None) -> str:
-    """Element type of an activation as deployed (``fp32``, ``fp16``, ``int16``, ``int8``): the
-    ``--precision`` when it fixes it (fp16: ``fp16``, w8a16: ``int16``, w8a8: ``int8``, fp32:
-    ``fp32``), else the graph's own, as the cost model reads it: a tensor that passes through a
-    QuantizeLinear/DequantizeLinear (along alias ops: Reshape, Squeeze, Identity, Q/DQ ...) has the
-    quantized type, otherwise its dtype."""
-    if precision in ("fp16", "fp32"):
-        return precision
-    if precision == "w8a16":
-        return "int16"
-    if precision == "w8a8":
-        return "int8"
-
-    seen, todo = set(), [tensor]
-    while todo:
-        t = todo.pop()
-        if t is None or isinstance(t, gs.Constant) or id(t) in seen:
-            continue
-        seen.add(id(t))
-        for p in t.inputs:  # the producer
-            if p.op == "DequantizeLinear" and p.inputs[0].dtype is not None:
-                return dtype_code(p.inputs[0].dtype)
-            if p.op == "QuantizeLinear" and t.dtype is not None:
-                return dtype_code(t.dtype)
-            if p.op in _ALIAS_OPS and p.inputs:
-                todo.append(p.inputs[0])
-        for c in t.outputs:  # the consumers
-            if c.op == "QuantizeLinear" and c.outputs and c.outputs[0].dtype is not None:
-                return dtype_code(c.outputs[0].dtype)
-            if c.op == "DequantizeLinear" and t.dtype is not None:
-                return dtype_code(t.dtype)
-            if c.op in _ALIAS_OPS:
-                todo.extend(c.outputs[:1])
-    return dtype_code(tensor.dtype)
+def attention_types(graph: gs.Graph, precision: str | None = None) -> DeployedTypes:
+    """The deployed types the solver sizes tiles with: as ``quantize`` built the graph (each
+    attention's recorded precision, else its Q's stored type), or, for a graph no ``quantize``
+    decided (``--passes ...,mlt`` without it), the ``--precision`` given (``fp16``, ``w8a16``,
+    ``w8a8``) as a what-if."""
+    if precision in PRECISIONS and not recorded_plan(graph):
+        return DeployedTypes(graph, precision)
+    return DeployedTypes(graph, "as-built")
 
 
 def _budget(ctx: PassContext, target) -> tuple[int, str]:
@@ -120,7 +92,7 @@ class MltOptions:
 
     sram_budget: int | str | None = None   # --sram-budget: bytes or "4MiB"; None: target SRAM - reserve
     no_mlt: bool = False                    # --no-mlt: leave every attention untiled
-    precision: str | None = None            # --precision: the deployed byte sizes the solver prices
+    precision: str | None = None            # --precision: byte sizes of a graph quantize did not decide (what-if)
     schedule: str | None = None             # --schedule: the schedule tilings are priced under; None: the target's default
 
 
@@ -149,7 +121,7 @@ class ModelLevelTiling(Pass):
         g = row_granularity(target)
         report.update({"budget_bytes": budget, "budget_source": source, "sram_bytes": int(target.sram.total),
                        "row_granularity": g})
-        precision = ctx.option("precision")
+        types = attention_types(graph, ctx.option("precision"))
         schedule = ctx.option("schedule")
         report["schedule"] = schedule or "the target's default"
         changed = False
@@ -163,7 +135,7 @@ class ModelLevelTiling(Pass):
                 report["left_alone"] += 1
                 continue
             try:
-                spec = spec_from_node(node, deployed_act_dtype(node.inputs[0], precision))
+                spec = spec_from_node(node, *types.attention_types(node))
             except ValueError as e:
                 entry["reason"] = f"not tiled: {e}"
                 report["left_alone"] += 1
@@ -199,6 +171,7 @@ class ModelLevelTiling(Pass):
                                    "is_causal": int(spec.causal),
                                    "row_tiles": sol.tiling.row_tiles, "head_tiles": sol.tiling.head_tiles,
                                    "row_granularity": g})
+            metadata(tiled).update(metadata(node))   # the precision quantize recorded, among others
             node.inputs.clear()
             node.outputs.clear()
             graph.nodes.append(tiled)
@@ -225,16 +198,18 @@ def explain_tiling(graph: gs.Graph, target, budget=None, precision: str | None =
     (``tile_solver.explain``): what ``edgefc profile --explain-tiling`` prints.
 
     ``budget``: bytes or a ``--sram-budget`` string; default the target's default budget.
+    ``precision``: price the blocks as if deployed at this precision (default: as built).
     """
     if not target.has_cost_model:
         raise PassError(f"target '{target.name}' has no attention cost model (attention_cycles / attention_sram_bytes)")
     budget = tile_solver.default_budget(target) if budget is None else tile_solver.parse_budget(budget)
     tables = []
+    types = DeployedTypes(graph, precision or "as-built")
     for node in graph.nodes:
         if not is_attention(node):
             continue
         try:
-            spec = spec_from_node(node, deployed_act_dtype(node.inputs[0], precision))
+            spec = spec_from_node(node, *types.attention_types(node))
         except ValueError:
             continue
         table = tile_solver.explain(spec, target, budget, schedule=schedule)

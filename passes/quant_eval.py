@@ -44,20 +44,23 @@ from edgefc.errors import QualityFloorError, QuantizationError
 from edgefc.memory import release_memory
 from edgefc.metrics import sqnr_db
 from edgefc.passes import quant_policy as qp
-from edgefc.passes.calib_stats import progress_bar
+from edgefc.passes.calib_stats import progress_bar, run_session
 from edgefc.passes.disk_model import DiskModel
 
 #: layers listed in the report (``worst_layers``) and named by a floor failure.
 WORST_LAYERS = 10
 FLOOR_LAYERS = 3
 EVAL_SOURCES = ("eval", "calib-heldout", "generated")
-#: the default quality floor (dB, pooled SQNR of the worst float output on the evaluation inputs).
-#: Provisional: to be replaced by the value read off the verifier-alignment-vs-SQNR curve of the
-#: trained miniature EdgeFusion (docs/quantization.md) once that curve is measured.
-DEFAULT_MIN_SQNR_DB = 25.0
+#: the default quality floor (dB, pooled SQNR of the worst float output on the evaluation inputs),
+#: read off the verifier-alignment-vs-SQNR curve of the trained miniature EdgeFusion
+#: (bench/quant_floor.py; docs/quantization.md "The quality floor"): every U-Net build from 16.5 dB
+#: up kept alignment within 0.02 and the Fréchet distance within 10 % of FP32's, the best failing
+#: one measured 12.7 dB; 16.5 rounded up to 5 dB.
+DEFAULT_MIN_SQNR_DB = 20.0
 
 
-def _finite(x: float) -> float | None:
+def finite_db(x: float) -> float | None:
+    """A dB figure for JSON: rounded; +inf (no error at all) as 999, -inf / NaN as None."""
     return round(float(x), 3) if math.isfinite(x) else (999.0 if x > 0 else None)
 
 
@@ -106,11 +109,7 @@ def _float_outputs(sess) -> list[str]:
 
 
 def _run(sess, names: list[str], feeds: dict, what: str) -> list:
-    try:
-        return sess.run(names, feeds)
-    except Exception as e:  # onnxruntime's own exception types: one sentence
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QuantizationError(f"onnxruntime failed running the {what} on an evaluation input: {first[:300]}") from None
+    return run_session(sess, names, feeds, f"evaluation ({what})")
 
 
 @dataclass
@@ -124,6 +123,8 @@ class Reference:
     outputs: list[str]
     values: list[list[np.ndarray]]
     uncond: list[np.ndarray] | None
+    others: list[str] = field(default_factory=list)        # outputs that are not float (indices, masks)
+    other_values: list[list[np.ndarray]] = field(default_factory=list)
     seconds: float = 0.0
 
     @classmethod
@@ -132,15 +133,18 @@ class Reference:
         start = time.perf_counter()
         sess = model.session()
         outputs = _float_outputs(sess)
-        values, uncond = [], [] if inputs.unconditional else None
+        others = [o.name for o in sess.get_outputs() if o.name not in outputs]
+        values, other_values, uncond = [], [], [] if inputs.unconditional and outputs else None
         for feeds in progress_bar(inputs.samples, "evaluating (fp32)", len(inputs.samples), progress):
-            values.append([np.asarray(v, np.float64) for v in _run(sess, outputs, feeds, "FP32 model")])
-            if uncond is not None and outputs:
+            got = _run(sess, outputs + others, feeds, "FP32 model")
+            values.append([np.asarray(v, np.float64) for v in got[:len(outputs)]])
+            other_values.append([np.asarray(v) for v in got[len(outputs):]])
+            if uncond is not None:
                 uncond.append(np.asarray(_run(sess, outputs[:1], inputs.unconditional_feeds(feeds), "FP32 model")[0],
                                          np.float64))
         del sess
         release_memory()
-        return cls(model, inputs, outputs, values, uncond, time.perf_counter() - start)
+        return cls(model, inputs, outputs, values, uncond, others, other_values, time.perf_counter() - start)
 
 
 # --- the measurement ----------------------------------------------------------------------------
@@ -158,7 +162,7 @@ class LayerLoss:
 class Measurement:
     """A deployed graph against the FP32 :class:`Reference` (module docstring for each figure)."""
 
-    sqnr_db: float                       # pooled over all inputs, the first float output
+    sqnr_db: float | None                 # pooled over all inputs, the first float output (None: none)
     sqnr_db_per_output: dict[str, float]  # pooled, every float output
     sqnr_db_per_input: list[float]        # first output, per input
     cosine: float                         # pooled, first output
@@ -168,6 +172,8 @@ class Measurement:
     layer_samples: int
     inputs: EvalInputs
     seconds: float = 0.0
+    agreement_per_output: dict[str, float] = field(default_factory=dict)  # non-float outputs: share of equal elements
+    nonfinite_reference: dict[str, int] = field(default_factory=dict)      # NaN/Inf elements of FP32 itself, left out
 
     @property
     def worst_output(self) -> tuple[str | None, float]:
@@ -183,18 +189,24 @@ class Measurement:
         """The figures as ``report.json`` ``quantization`` keys."""
         out = {
             "eval_source": self.inputs.source,
-            "sqnr_db": _finite(self.sqnr_db),
+            "sqnr_db": None if self.sqnr_db is None else finite_db(self.sqnr_db),
             "sqnr_definition": "10 log10(sum ref^2 / sum (ref - out)^2) over all evaluation inputs pooled, first float output",
-            "sqnr_db_per_output": {k: _finite(v) for k, v in self.sqnr_db_per_output.items()},
-            "sqnr_db_per_input": [_finite(v) for v in self.sqnr_db_per_input],
-            "sqnr_db_worst_input": _finite(min(self.sqnr_db_per_input)) if self.sqnr_db_per_input else None,
-            "cosine": round(float(self.cosine), 7),
-            "worst_layers": [{"layer": x.layer, "op": x.op, "sqnr_db": _finite(x.sqnr_db)} for x in self.worst_layers()],
+            "sqnr_db_per_output": {k: finite_db(v) for k, v in self.sqnr_db_per_output.items()},
+            "sqnr_db_per_input": [finite_db(v) for v in self.sqnr_db_per_input],
+            "sqnr_db_worst_input": finite_db(min(self.sqnr_db_per_input)) if self.sqnr_db_per_input else None,
+            "cosine": None if self.sqnr_db is None else round(float(self.cosine), 7),
+            "worst_layers": [{"layer": x.layer, "op": x.op, "sqnr_db": finite_db(x.sqnr_db)} for x in self.worst_layers()],
             "layers_checked": len(self.layers),
             "layer_sqnr_inputs": self.layer_samples,
             "eval_inputs": self.inputs.describe(),
             "eval_seconds": round(self.seconds, 2),
         }
+        if self.sqnr_db is None:
+            out["reason_no_sqnr"] = "the model has no float output"
+        if self.nonfinite_reference:
+            out["nonfinite_in_fp32"] = dict(self.nonfinite_reference)
+        if self.agreement_per_output:
+            out["agreement_per_output"] = {k: round(v, 6) for k, v in self.agreement_per_output.items()}
         if self.conditioning is not None:
             out["conditioning"] = round(float(self.conditioning), 4)
             out["conditioning_per_input"] = [round(float(c), 4) for c in self.conditioning_per_input]
@@ -202,6 +214,10 @@ class Measurement:
                                               f"over all evaluation inputs pooled, first output; uncond: "
                                               f"{', '.join(sorted(self.inputs.unconditional))}")
         return out
+
+
+#: ONNX element types whose layers are probed (a Sub / ReduceSumSquare of their error is defined).
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 
 
 def _layer_clones(ref: DiskModel, dep: DiskModel, aliases: dict[str, str]):
@@ -275,7 +291,7 @@ def _layer_clones(ref: DiskModel, dep: DiskModel, aliases: dict[str, str]):
         if not p.output or not p.output[0]:
             continue
         target = ref_name(p.output[0])
-        if target not in ref.producers:
+        if target not in ref.producers or ref.value_types.get(target, onnx.TensorProto.FLOAT) not in FLOAT_TYPES:
             continue
         ins, differs = [], False
         for x in p.input:
@@ -348,35 +364,57 @@ def layer_losses(reference: Reference, dep: DiskModel, aliases: dict[str, str], 
 
 
 def measure(reference: Reference, dep: DiskModel, aliases: dict[str, str] | None = None, *,
-            layer_samples: int = 2, progress: bool = True) -> Measurement:
+            layer_samples: int = 2, progress: bool = True, as_written: bool = False) -> Measurement:
     """The deployed graph ``dep`` against ``reference`` on its evaluation inputs: pooled SQNR per
     float output, per input, cosine, the conditioning ratio (when the inputs have an
     unconditional value) and, on the first ``layer_samples`` inputs, every layer's own SQNR.
-    A NaN/Inf in a deployed output is a one-line :class:`~edgefc.errors.QuantizationError`."""
+    A NaN/Inf in a deployed output is a one-line :class:`~edgefc.errors.QuantizationError`.
+
+    The build runs in an onnxruntime session with its **default graph optimisations**, as a user
+    (or an outside check) runs ``model.onnx``: onnxruntime rewrites some QDQ patterns into its own
+    kernels (``DequantizeLinear`` of INT8 weights + ``MatMul`` -> ``MatMulNBits``, which by default
+    computes with INT8 activations: ``session.qdq_matmulnbits_accuracy_level`` 4), and that is what
+    the user gets. ``as_written``: the graph exactly as written (the QDQ arithmetic the NPU runs)."""
     start = time.perf_counter()
     aliases = aliases or {}
     inputs = reference.inputs
-    sess = dep.session()
+    sess = dep.session(optimize=not as_written)
     dep_names = [o.name for o in sess.get_outputs()]
     missing = [o for o in reference.outputs if o not in dep_names]
     if missing:
         raise QuantizationError(f"the deployed model lost the output(s) {', '.join(missing)}")
-    outputs = reference.outputs
+    outputs, others = reference.outputs, reference.others
     sig = np.zeros(len(outputs))
     err = np.zeros(len(outputs))
+    same, total = np.zeros(len(others)), np.zeros(len(others))
+    nonfinite = np.zeros(len(outputs), dtype=np.int64)
     per_input, dot, norm_d = [], 0.0, 0.0
     cond_dep, cond_ref, cond_per = 0.0, 0.0, []
     for i, feeds in enumerate(progress_bar(inputs.samples, "evaluating (deployed)", len(inputs.samples), progress)):
-        got = [np.asarray(v, np.float64) for v in _run(sess, outputs, feeds, "deployed model")]
+        raw = _run(sess, outputs + others, feeds, "deployed model")
+        got = [np.asarray(v, np.float64) for v in raw[:len(outputs)]]
+        r0_finite = None
+        for k, (r, g) in enumerate(zip(reference.other_values[i], raw[len(outputs):])):
+            g = np.asarray(g)
+            same[k] += float(np.sum(r == g)) if r.shape == g.shape else 0.0
+            total[k] += max(r.size, 1)
+        del raw
         for k, (r, g) in enumerate(zip(reference.values[i], got)):
-            if not np.all(np.isfinite(g)):
+            finite = np.isfinite(r)
+            if not np.all(np.isfinite(g[finite])):
                 raise QuantizationError(f"the deployed model produces NaN/Inf in output '{outputs[k]}' on an evaluation "
-                                        "input; keep the offending layers in FP32 with --keep-fp32 or choose another "
-                                        "--precision")
+                                        "input where FP32 does not; keep the offending layers in FP32 with --keep-fp32 "
+                                        "or choose another --precision")
+            if not finite.all():  # NaN/Inf in FP32 itself (its own domain): compared where FP32 is finite
+                nonfinite[k] += int(finite.size - finite.sum())
+                r, g = np.where(finite, r, 0.0), np.where(finite, g, 0.0)
+                got[k] = g
+                if k == 0:
+                    r0_finite = r
             sig[k] += float(np.sum(r * r))
             err[k] += float(np.sum((r - g) ** 2))
         if outputs:
-            r0, g0 = reference.values[i][0], got[0]
+            r0, g0 = reference.values[i][0] if r0_finite is None else r0_finite, got[0]
             per_input.append(sqnr_db(r0, g0))
             dot += float(np.sum(r0 * g0))
             norm_d += float(np.sum(g0 * g0))
@@ -392,13 +430,14 @@ def measure(reference: Reference, dep: DiskModel, aliases: dict[str, str] | None
     release_memory()
     layers = layer_losses(reference, dep, aliases, layer_samples, progress)
     per_output = {o: _ratio_db(s, e) for o, s, e in zip(outputs, sig, err)}
-    first = per_output[outputs[0]] if outputs else math.inf
+    first = per_output[outputs[0]] if outputs else None
     denom = math.sqrt(sig[0] * norm_d) if outputs else 0.0
     cos = dot / denom if denom > 0 else 1.0
     cond = math.sqrt(cond_dep / cond_ref) if reference.uncond is not None and cond_ref > 0 else None
     return Measurement(first, per_output, per_input, cos, cond, cond_per, layers,
                        min(layer_samples, len(inputs.samples)) if layers else 0, inputs,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, {o: s / t for o, s, t in zip(others, same, total)},
+                       {o: int(n) for o, n in zip(outputs, nonfinite) if n})
 
 
 # --- the floor ----------------------------------------------------------------------------------

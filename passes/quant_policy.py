@@ -34,13 +34,32 @@ W8A16 (``precision="w8a16"``)
       Flatten, Squeeze, Unsqueeze, Identity) get no Q/DQ of their own (the cost model and MLT
       follow aliases to the producer's type).
 
+W8A8 (``precision="w8a8"``)
+    * Weights as W8A16. Activations: INT8, one scale per tensor, **asymmetric** by default (stored
+      as uint8 with a zero point, the form onnxruntime's CPU kernels take): 8 bits cannot spare
+      the bit a symmetric range wastes on one-sided tensors; ``int8_symmetric=True`` selects
+      symmetric. Ranges: the calibration min/max without headroom (``int8_headroom``: at 8 bits a
+      bit of headroom costs more than the rare clipped outlier).
+    * Wider by rule (below): the softmax internals of every attention (INT16), the time
+      embedding (W8A16), the norm statistics and the periodic arguments (FP32).
+
+Per-op plans (``--layer-precision PATTERN=PRECISION``, the rescue, ``--precision search``)
+    :func:`plan_precisions` gives every op one precision; :func:`plan_qdq` turns it into storage:
+    a tensor is stored at the widest integer type its readers compute at (else at its producer's);
+    a reader computing at a narrower type reads a requantisation of it (a second Q/DQ pair: the
+    conversion the cost model prices), an FP16 reader reads it through a Cast, an FP32 reader reads
+    the tensor unquantized.
+
 Higher-precision regions (rules; each can be switched off in ``QuantPolicy.rules``)
     ``attention-scores``
         S_in = Q K^T (and its scaling/masking) and S_out = Softmax(S_in) of an *unfused*
         attention stay FP32 (W8A16) / the Softmax runs in FP32 (FP16). A per-tensor INT16 scale
         over 4096 keys leaves ~35 dB on S_out (probabilities near 1/4096 with a step of 1/32767);
         on the NPU these are the vector engine's FP16 softmax internals. A fused ``Attention``
-        hides them already: its Q, K, V inputs and its output are quantized like any tensor.
+        hides them already: its Q, K, V inputs and its output are quantized like any tensor; in
+        W8A8 its internals S_in and S_out are INT16 (recorded as ``edgefc.scores``: QK^T at
+        ``int8xint8``, S_out x V at ``int8xint16``) - an INT8 S_out would leave probabilities
+        near 1/4096 on a grid of 1/255.
     ``norm-statistics``
         Decomposed normalisation statistics (ReduceMean, ReduceSumSquare, ReduceL2, Pow, Sqrt,
         Reciprocal and the elementwise ops on their reduced results) stay FP32; squares of
@@ -54,11 +73,21 @@ Higher-precision regions (rules; each can be switched off in ``QuantPolicy.rules
         needs absolute precision of its argument (an INT16 step over [0, 999] is 0.03 rad; the
         FP16 spacing at 999 is 0.5 rad), and a calibration range that misses the largest
         timestep clips the embedding (the 13.9 dB outlier of onnxruntime's quantizer).
+    ``time-embedding`` (W8A8)
+        Ops that depend on nothing but the U-Net's timestep (the sinusoidal projection's MLP and
+        every ResNet's ``time_emb_proj``: vectors of one row, free on the tensor engine) stay
+        W8A16: INT8 would put a rounding error into every ResNet block of every step.
     ``fp16-overflow`` (FP16 only)
         A tensor whose calibrated magnitude exceeds :data:`FP16_SAFE_MAX` (a quarter of FP16's
         65504, headroom for inputs beyond the calibration set) is produced and consumed in FP32.
     ``typed-outputs`` (FP16 only)
         Ops whose output type is an attribute (ConstantOfShape, EyeLike, Random*) stay FP32.
+    ``constant-values`` (W8A16)
+        A float tensor whose value does not depend on the model's inputs (computed from constants;
+        ``CastLike`` reads only the type of its second input) is a constant, not an activation: no
+        Q/DQ. The exponent of ``Pow`` stays exact too: a rounded exponent (3.00009 for 3) on a
+        negative base is NaN. (Found in the onnx operator tests that ``--precision auto`` now
+        quantizes: an exported tanh-GELU's ``Pow(x, CastLike(3, x))``.)
 """
 
 from __future__ import annotations
@@ -72,13 +101,10 @@ import onnx_graphsurgeon as gs
 
 from edgefc import ir
 from edgefc.errors import QuantizationError
+from edgefc.precision import ALIAS_OPS, INTEGER_PRECISIONS, PRECISIONS, act_type
 
-PRECISIONS = ("auto", "fp32", "fp16", "w8a16")
-COMPONENTS = ("text-encoder", "unet", "vae-decoder")
-#: what ``--precision auto`` deploys per component (paper Sec. 4.2).
-AUTO_PRECISION = {"text-encoder": "fp16", "unet": "w8a16", "vae-decoder": "fp16"}
-
-RULES = ("attention-scores", "norm-statistics", "periodic-arguments", "fp16-overflow", "typed-outputs")
+RULES = ("attention-scores", "norm-statistics", "periodic-arguments", "time-embedding", "fp16-overflow",
+         "typed-outputs", "constant-values")
 
 #: op -> (weight input index, output-channel axis of that weight); Gemm's axis depends on transB.
 WEIGHT_OPS = {
@@ -92,8 +118,6 @@ WEIGHT_OPS = {
 #: ops with a bias input (index) that bias correction may adjust.
 BIAS_INPUT = {"Conv": 2, "FusedConv": 2, "FusedMatMul": 2, "Gemm": 2}
 
-#: ops whose output is their input viewed differently: no Q/DQ of their own.
-ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 #: ops that move values without computing new ones: the output reuses the input's scale.
 SCALE_PRESERVING_OPS = {"Transpose", "Slice", "Split", "Expand", "Tile", "MaxPool", "Gather", "GatherElements",
                         "DepthToSpace", "SpaceToDepth", "Pad", "Resize"}
@@ -116,18 +140,10 @@ INT16_MAX = 32767
 INT8_MAX = 127
 
 
-def resolve_precision(precision: str, component: str | None) -> str:
-    """``auto`` -> the component's deployed precision (fp32 when the component is unknown)."""
-    if precision not in PRECISIONS:
-        raise QuantizationError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
-    if precision != "auto":
-        return precision
-    return AUTO_PRECISION.get(component or "", "fp32")
-
-
-class Pattern:
-    """A ``--keep-fp32`` pattern: ``re:REGEX`` (searched in node names), else a glob matched
-    against the node name or the op type (``Softmax``, ``*attn1*``, ``/unet/conv_out/*``)."""
+class NodePattern:
+    """Which nodes a ``--keep-fp32`` or ``--layer-precision`` pattern names: ``re:REGEX`` (searched in
+    node names), else a glob matched against the node name or the op type (``Softmax``, ``*attn1*``,
+    ``/unet/conv_out/*``). (Not the rewrite engine's :class:`edgefc.pattern.Pattern`.)"""
 
     def __init__(self, text: str):
         self.text = text
@@ -148,7 +164,7 @@ class Pattern:
         return fnmatch.fnmatchcase(name, self.text) or fnmatch.fnmatchcase(node.op, self.text)
 
     def __repr__(self):
-        return f"Pattern({self.text!r})"
+        return f"NodePattern({self.text!r})"
 
 
 @dataclass
@@ -156,9 +172,12 @@ class QuantPolicy:
     """The overridable precision policy (see the module docstring for every rule)."""
 
     keep_fp32: list[str] = field(default_factory=list)
+    layer_precision: list[str] = field(default_factory=list)   # "PATTERN=PRECISION" (--layer-precision)
     rules: dict[str, bool] = field(default_factory=lambda: {r: True for r in RULES})
     activation_symmetric: bool = True
     activation_headroom: float = 2.0
+    int8_symmetric: bool = False
+    int8_headroom: float = 1.0
     bias_correction: bool = True
     weight_ops: dict[str, tuple] = field(default_factory=lambda: dict(WEIGHT_OPS))
 
@@ -167,12 +186,37 @@ class QuantPolicy:
         if unknown:
             raise QuantizationError(f"unknown policy rule(s) {', '.join(sorted(unknown))} (known: {', '.join(RULES)})")
         self.rules = {**{r: True for r in RULES}, **self.rules}
-        if not self.activation_headroom >= 1.0:
-            raise QuantizationError(f"activation_headroom must be at least 1 (got {self.activation_headroom})")
-        self.patterns = [Pattern(p) for p in self.keep_fp32]
+        for name in ("activation_headroom", "int8_headroom"):
+            if not getattr(self, name) >= 1.0:
+                raise QuantizationError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        self.patterns = [NodePattern(p) for p in self.keep_fp32]
+        self.layer_patterns = []
+        for text in self.layer_precision:
+            pattern, sep, prec = str(text).rpartition("=")
+            prec = prec.strip().lower()
+            if not sep or prec not in PRECISIONS:
+                raise QuantizationError(f"--layer-precision '{text}': give PATTERN=PRECISION with a precision from "
+                                        f"{', '.join(PRECISIONS)}")
+            self.layer_patterns.append((NodePattern(pattern), prec))
 
     def rule(self, name: str) -> bool:
         return bool(self.rules.get(name, True))
+
+    def user_precisions(self, graph: gs.Graph) -> dict[str, tuple[str, str]]:
+        """Nodes matched by ``layer_precision`` or ``keep_fp32`` (which wins): name -> (precision,
+        reason); later ``layer_precision`` patterns win over earlier ones. A pattern that matches
+        nothing is an error."""
+        out: dict[str, tuple[str, str]] = {}
+        for p, prec in self.layer_patterns:
+            hits = [n for n in graph.nodes if p.matches(n)]
+            if not hits:
+                raise QuantizationError(f"--layer-precision '{p.text}={prec}' matches no node (patterns match node "
+                                        f"names, 're:REGEX', or op types)")
+            for n in hits:
+                out[n.name] = (prec, f"--layer-precision {p.text}={prec}")
+        for name, reason in self.user_kept(graph).items():
+            out[name] = ("fp32", reason)
+        return out
 
     def user_kept(self, graph: gs.Graph) -> dict[str, str]:
         """Nodes matched by ``keep_fp32``: name -> reason. A pattern that matches nothing is an error."""
@@ -189,8 +233,14 @@ class QuantPolicy:
 
 # --- graph facts -------------------------------------------------------------------------------
 
-def is_float(t: gs.Tensor) -> bool:
-    return t is not None and t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)
+def is_float_tensor(t: gs.Tensor) -> bool:
+    """Whether ``t`` holds floats (an element type code's test is :func:`edgefc.precision.is_float_type`)."""
+    if t is None or t.dtype is None:
+        return False
+    try:
+        return bool(np.issubdtype(np.dtype(t.dtype), np.floating))
+    except TypeError:  # a type numpy does not have (bfloat16, float8 ...)
+        return False
 
 
 def producer(t: gs.Tensor) -> gs.Node | None:
@@ -248,7 +298,7 @@ def attention_score_tensors(graph: gs.Graph) -> dict[str, str]:
             p = producer(t)
             if p is None or p.op == "MatMul" or p.op not in passthrough:
                 break
-            acts = [i for i in p.inputs if i is not None and is_float(i) and not isinstance(i, gs.Constant)]
+            acts = [i for i in p.inputs if i is not None and is_float_tensor(i) and not isinstance(i, gs.Constant)]
             if p.op == "Where":
                 acts = [i for i in p.inputs[1:] if i is not None and not isinstance(i, gs.Constant)]
             t = acts[0] if len(acts) == 1 else None
@@ -281,7 +331,7 @@ def periodic_argument_tensors(graph: gs.Graph) -> tuple[dict[str, str], set[str]
         stack = [t for t in node.inputs if t is not None]
         while stack:
             t = stack.pop()
-            if isinstance(t, gs.Constant) or t.name in found or not is_float(t):
+            if isinstance(t, gs.Constant) or t.name in found or not is_float_tensor(t):
                 continue
             found[t.name] = f"periodic-arguments: {node.name}"
             p = producer(t)
@@ -291,27 +341,87 @@ def periodic_argument_tensors(graph: gs.Graph) -> tuple[dict[str, str], set[str]
     return found, nodes
 
 
+#: (op, input index) whose input contributes only its type, not its value.
+TYPE_ONLY_INPUTS = {("CastLike", 1)}
+
+
+def constant_value_tensors(graph: gs.Graph) -> dict[str, str]:
+    """Float tensors whose value does not depend on any model input (rule ``constant-values``),
+    and the exponents of ``Pow``: name -> reason."""
+    dependent = {t.name for t in graph.inputs}
+    found = {}
+    for node in graph.nodes:  # topological order
+        reads = [t for i, t in enumerate(node.inputs)
+                 if t is not None and not isinstance(t, gs.Constant) and (node.op, i) not in TYPE_ONLY_INPUTS]
+        if any(t.name in dependent for t in reads) or any(a for a in node.attrs.values() if isinstance(a, gs.Graph)):
+            dependent.update(t.name for t in node.outputs)
+        else:
+            for t in node.outputs:
+                if is_float_tensor(t):
+                    found[t.name] = f"constant-values: {node.name} (independent of the inputs)"
+        if node.op == "Pow" and len(node.inputs) > 1 and node.inputs[1] is not None \
+                and not isinstance(node.inputs[1], gs.Constant) and is_float_tensor(node.inputs[1]):
+            found[node.inputs[1].name] = f"constant-values: exponent of {node.name}"
+    return found
+
+
+def input_only_tensors(graph: gs.Graph, name: str) -> set[str]:
+    """Tensors computed from the graph input ``name`` and constants only (the U-Net's time
+    embedding: everything that depends on nothing but the timestep)."""
+    found = {name}
+    for node in graph.nodes:
+        acts = [t for t in node.inputs if t is not None and t.name and not isinstance(t, gs.Constant)]
+        if acts and all(t.name in found for t in acts):
+            found.update(t.name for t in node.outputs if t is not None and t.name)
+    return found
+
+
+#: ops without a precision of their own: conversions and shape metadata.
+NO_PRECISION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Cast", "CastLike", "Shape", "Size"})
+
+
+def has_float_operands(node: gs.Node) -> bool:
+    """Whether ``node`` computes on real numbers (a float activation input or weight)."""
+    return node.op not in NO_PRECISION_OPS and any(is_float_tensor(t) for t in node.inputs if t is not None and t.name)
+
+
 @dataclass
-class W8A16Plan:
-    """What the W8A16 rewrite quantizes (names), and what it keeps in FP32 and why."""
+class PrecisionPlan:
+    """One precision per op (:data:`edgefc.precision.PRECISIONS`; the decision ``quantize`` records),
+    why an op differs from the requested precision, the tensors the policy stores in FP32 whatever
+    their readers, and the attention blocks whose softmax internals are wider than their
+    activations (node -> element type)."""
 
-    weights: list[tuple[str, int, int]]            # (node name, input index, axis)
-    calibrated: list[str]                          # activation tensors with their own range
-    inherits: dict[str, str]                       # data-movement output -> tensor whose scale it reuses
-    kept: dict[str, str]                           # tensor/node name -> reason
-    kept_nodes: set[str]                           # nodes whose inputs are not rewired to Q/DQ
-    bias_inputs: dict[str, str]                    # weighted node -> its activation input (channel means)
+    requested: str
+    ops: dict[str, str]
+    reasons: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    scores: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def quantized(self) -> list[str]:
-        return list(self.calibrated) + list(self.inherits)
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.ops.values():
+            out[p] = out.get(p, 0) + 1
+        return dict(sorted(out.items()))
+
+    def with_ops(self, changes: dict[str, str], reason: str) -> PrecisionPlan:
+        """A copy with ``changes`` (node -> precision) applied, each with ``reason``."""
+        ops = {**self.ops, **changes}
+        reasons = {**self.reasons, **{n: reason for n, p in changes.items() if p != self.requested}}
+        for n, p in changes.items():
+            if p == self.requested:
+                reasons.pop(n, None)
+        return PrecisionPlan(self.requested, ops, reasons, dict(self.kept), dict(self.scores))
 
 
-def plan_w8a16(graph: gs.Graph, policy: QuantPolicy) -> W8A16Plan:
-    """Decide every tensor of ``graph`` for W8A16 (module docstring)."""
+def plan_precisions(graph: gs.Graph, requested: str, policy: QuantPolicy, time_input: str | None = None,
+                    overrides: dict[str, tuple[str, str]] | None = None) -> PrecisionPlan:
+    """Decide the precision of every op of ``graph`` (module docstring): ``requested`` for every op
+    with float operands, except what the policy's rules keep wider and what ``overrides`` (node ->
+    (precision, reason): the rescue, the search) says. ``time_input``: the input whose value alone
+    the time embedding depends on (the U-Net's timestep)."""
     kept: dict[str, str] = {}
-    user = policy.user_kept(graph)
-    kept.update(user)
+    user = policy.user_precisions(graph)
     if policy.rule("attention-scores"):
         kept.update(attention_score_tensors(graph))
     if policy.rule("norm-statistics"):
@@ -320,57 +430,154 @@ def plan_w8a16(graph: gs.Graph, policy: QuantPolicy) -> W8A16Plan:
     if policy.rule("periodic-arguments"):
         found, periodic_nodes = periodic_argument_tensors(graph)
         kept.update(found)
-    kept_nodes = set(user)
-
-    weights = []
-    bias_inputs = {}
+    if policy.rule("constant-values"):
+        kept.update({k: v for k, v in constant_value_tensors(graph).items() if k not in kept})
+    timestep_only = input_only_tensors(graph, time_input) if time_input and requested == "w8a8" \
+        and policy.rule("time-embedding") else set()
+    ops: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+    scores: dict[str, str] = {}
     for node in graph.nodes:
+        if not has_float_operands(node):
+            continue
+        p, why = requested, None
         if node.name in user:
+            p, why = user[node.name]
+        elif node.name in periodic_nodes or node.op in ("Sin", "Cos") and policy.rule("periodic-arguments"):
+            p, why = "fp32", "periodic-arguments: the argument of Sin/Cos"
+        elif timestep_only and all(t.name in timestep_only for t in node.inputs
+                                   if t is not None and t.name and not isinstance(t, gs.Constant)):
+            p, why = "w8a16", f"time-embedding: depends only on {time_input}; INT16 keeps it exact for every value"
+        if overrides and node.name in overrides:
+            p, why = overrides[node.name]
+        ops[node.name] = p
+        if why:
+            reasons[node.name] = why
+        if node.op in ("Attention", "TiledAttention") and p == "w8a8" and policy.rule("attention-scores"):
+            scores[node.name] = "int16"
+    return PrecisionPlan(requested, ops, reasons, kept, scores)
+
+
+def _readers(t: gs.Tensor) -> list[gs.Node]:
+    """The nodes that read ``t``'s values: its consumers, through alias ops (Reshape ...)."""
+    out, stack = [], [t]
+    while stack:
+        cur = stack.pop()
+        for c in cur.outputs:
+            if c.op in ALIAS_OPS:
+                stack.extend(o for o in c.outputs if o is not None)
+            else:
+                out.append(c)
+    return out
+
+
+_INT_WIDTH = {"int16": 16, "int8": 8}
+
+
+@dataclass
+class QdqPlan:
+    """What the integer rewrite does for a :class:`PrecisionPlan` (names throughout).
+
+    ``storage``: activation tensor -> the integer type it is stored at (a QuantizeLinear ->
+    DequantizeLinear pair after it): the widest integer type its readers compute at, else its
+    producer's; ``conversions``: tensor -> {narrower type: readers}, requantised for those readers;
+    ``fp32_readers``: FP32 ops that read the unquantized tensors; ``inherits``: data-movement
+    outputs that reuse their input's scale (same type); ``calibrated``: tensors with a range of
+    their own; ``weights``: (node, input index, output-channel axis) of the INT8 weights."""
+
+    weights: list[tuple[str, int, int]]
+    storage: dict[str, str]
+    calibrated: list[str]
+    inherits: dict[str, str]
+    conversions: dict[str, dict[str, list[str]]]
+    fp32_readers: set[str]
+    bias_inputs: dict[str, str]
+    kept: dict[str, str]
+
+    @property
+    def quantized(self) -> list[str]:
+        return list(self.storage)
+
+
+def plan_qdq(graph: gs.Graph, plan: PrecisionPlan, policy: QuantPolicy) -> QdqPlan:
+    """The integer rewrite of ``plan`` (:class:`QdqPlan`)."""
+    ops = plan.ops
+    weights, bias_inputs = [], {}
+    for node in graph.nodes:
+        if ops.get(node.name) not in INTEGER_PRECISIONS:
             continue
         slot = weight_slot(node, policy)
         if slot is not None:
             weights.append((node.name, slot[0], slot[1]))
             x = node.inputs[0]
-            if is_float(x) and not isinstance(x, gs.Constant):
+            if is_float_tensor(x) and not isinstance(x, gs.Constant):
                 bias_inputs[node.name] = x.name
-
+    graph_outputs = {t.name for t in graph.outputs}
+    storage: dict[str, str] = {}
     calibrated: list[str] = []
     inherits: dict[str, str] = {}
-    quantized: set[str] = set()
-    graph_outputs = {t.name for t in graph.outputs}
+    conversions: dict[str, dict[str, list[str]]] = {}
+    fp32_readers: set[str] = set()
+    alias_of: dict[str, str] = {}
 
     def candidate(t: gs.Tensor) -> bool:
-        return (t is not None and not isinstance(t, gs.Constant) and is_float(t) and t.name not in kept
+        return (t is not None and not isinstance(t, gs.Constant) and is_float_tensor(t) and t.name not in plan.kept
                 and (t.outputs or t.name in graph_outputs))
+
+    def decide(t: gs.Tensor, producer_precision: str | None) -> str | None:
+        demand: dict[str, list[str]] = {}
+        for r in _readers(t):
+            p = ops.get(r.name)
+            if p is None:
+                continue
+            if p == "fp32":
+                fp32_readers.add(r.name)
+                continue
+            a = act_type(p)
+            if a in _INT_WIDTH:
+                demand.setdefault(a, []).append(r.name)
+        if demand:
+            store = max(demand, key=lambda a: _INT_WIDTH[a])
+        elif producer_precision in INTEGER_PRECISIONS:
+            store = act_type(producer_precision)
+        else:
+            return None
+        narrower = {a: rs for a, rs in demand.items() if a != store}
+        if narrower:
+            conversions[t.name] = narrower
+        return store
 
     for t in graph.inputs:
         if candidate(t):
-            calibrated.append(t.name)
-            quantized.add(t.name)
-    alias_of: dict[str, str] = {}
+            store = decide(t, plan.requested)
+            if store:
+                storage[t.name] = store
+                calibrated.append(t.name)
     for node in graph.nodes:
-        if node.name in user or node.op in ("QuantizeLinear", "DequantizeLinear"):
+        if node.op in ("QuantizeLinear", "DequantizeLinear"):
             continue
         src = node.inputs[0] if node.inputs else None
         src_name = alias_of.get(src.name, src.name) if src is not None else None
         for t in node.outputs:
             if not candidate(t):
                 continue
-            if node.op in ALIAS_OPS and src_name in quantized and t.name not in graph_outputs:
+            if node.op in ALIAS_OPS and src_name in storage and t.name not in graph_outputs:
                 alias_of[t.name] = src_name  # follows its input: no Q/DQ of its own
                 continue
-            if (node.op in SCALE_PRESERVING_OPS and src_name in quantized
+            store = decide(t, ops.get(node.name))
+            if store is None:
+                continue
+            storage[t.name] = store
+            # the type this op reads its input at: the input's storage, or a conversion of it
+            read = next((a for a, rs in conversions.get(src_name, {}).items() if node.name in rs), storage.get(src_name))
+            if (node.op in SCALE_PRESERVING_OPS and read == store
                     and not (node.op == "Resize" and node.attrs.get("mode", "nearest") not in ("nearest", "linear", b"nearest", b"linear"))):
                 inherits[t.name] = src_name
             else:
                 calibrated.append(t.name)
-            quantized.add(t.name)
-    # resolve inheritance chains to a calibrated root
-    for name in list(inherits):
+    for name in list(inherits):  # resolve inheritance chains to a calibrated root
         root = inherits[name]
         while root in inherits:
             root = inherits[root]
         inherits[name] = root
-    for name in periodic_nodes:
-        kept.setdefault(name, "periodic-arguments")
-    return W8A16Plan(weights, calibrated, inherits, kept, kept_nodes, bias_inputs)
+    return QdqPlan(weights, storage, calibrated, inherits, conversions, fp32_readers, bias_inputs, dict(plan.kept))

@@ -5,10 +5,11 @@ the U-Net with INT8 weights and INT16 activations (W8A16), with "no performance 
 after applying the W8A16 quantization". This pass does that to a canonicalized (and usually
 fused) graph, checks the result against the FP32 graph in onnxruntime, and reports how close it is.
 
-Options (``edgefc compile`` flags -> ``ctx.options``):
-  ``precision``      ``auto`` (default: FP16 for the text encoder and VAE decoder, W8A16 for the
-                     U-Net; FP32 - nothing to do - for a model that is none of them), ``fp32``,
-                     ``fp16``, ``w8a16``;
+Options (``edgefc compile`` flags; :class:`QuantizeOptions`, read through ``ctx.option``):
+  ``precision``      ``auto`` (default: :data:`edgefc.precision.DEPLOYED`, FP16 for the text
+                     encoder and VAE decoder, W8A16 for the U-Net; for any other model W8A16 on an
+                     NPU target (:data:`edgefc.precision.AUTO_OTHER`), FP32 without one; a model
+                     that is already quantized is kept as given), ``fp32``, ``fp16``, ``w8a16``;
   ``component``      ``text-encoder`` | ``unet`` | ``vae-decoder``; by default detected from the
                      input names (sample+timestep+encoder_hidden_states, input_ids, latent_sample);
   ``calib``          a ``.npz`` of calibration inputs (else generated per component);
@@ -21,6 +22,9 @@ Options (``edgefc compile`` flags -> ``ctx.options``):
   ``calib_method``   ``minmax`` (default) | ``percentile`` | ``mse`` (activation ranges);
   ``calib_samples``  how many calibration inputs (default per component, see calibration.py);
   ``keep_fp32``      node-name globs / ``re:`` regexes / op types kept in FP32 (repeatable);
+  ``layer_precision`` ``PATTERN=PRECISION`` (repeatable): the matching ops at that precision
+                     (``fp32``, ``fp16``, ``w8a16``, ``w8a8``) in a W8A16 / W8A8 build; the
+                     conversions between precisions are added and priced;
   ``eval_samples``   evaluation inputs for the SQNR (default: every one of a file up to a cap, else
                      8 generated; 0 skips the measurement and the floor);
   Python API only: ``quant_policy`` (a :class:`~edgefc.passes.quant_policy.QuantPolicy`),
@@ -35,8 +39,15 @@ policy keeps in FP32 (:mod:`edgefc.passes.quant_policy`). Biases are corrected f
 shift the weight rounding causes (``b -= (W_q - W) . E[x]`` with E[x] the calibration mean of each
 input channel: "bias correction", Nagel et al. 2019). For **FP16**: :mod:`edgefc.passes.fp16`.
 
+The decision, written once: every op's precision is recorded on its node
+(:func:`edgefc.precision.set_op_precision`, saved as the node's ``metadata_props``
+``edgefc.precision``) and every tensor's storage type is in the graph (its dtype, or its Q/DQ's);
+MLT, the lowering, the cost model, the TVM build and ``edgefc.models`` read them
+(:class:`edgefc.deployed_types.DeployedTypes`), none decides again.
+
 Report (``ctx.report["quantization"]``): ``precision``, ``component``, the calibration used,
-``dtypes`` (per-tensor deployed types: counts and bytes of weights and activations), what was
+``op_precisions`` (ops per recorded precision), ``dtypes`` (per-tensor deployed types: counts and
+bytes of weights and activations), what was
 kept in higher precision and why, ``eval_source`` (``eval`` | ``calib-heldout`` | ``generated``),
 ``min_sqnr_db`` (the floor the build was held to), and the figures of
 :class:`edgefc.passes.quant_eval.Measurement`: ``sqnr_db`` (10 log10(sum ref^2 / sum (ref - out)^2)
@@ -51,7 +62,7 @@ compute). Generated evaluation inputs come from the calibration generator with a
 
 Modules: :mod:`~edgefc.passes.quant_policy` (what stays in higher precision),
 :mod:`~edgefc.passes.calibration` (which inputs), :mod:`~edgefc.passes.calib_stats` and
-:mod:`~edgefc.passes.observers` (activation ranges), :mod:`~edgefc.passes.w8a16` and
+:mod:`~edgefc.passes.observers` (activation ranges), :mod:`~edgefc.passes.qdq` and
 :mod:`~edgefc.passes.fp16` (the rewrites), :mod:`~edgefc.passes.quant_eval` (the SQNR report),
 :mod:`~edgefc.passes.disk_model` (onnxruntime without holding the weights twice).
 
@@ -66,7 +77,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -75,74 +86,66 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from edgefc import precision as pr
 from edgefc.components import detect_component
+from edgefc.deployed_types import DeployedTypes
+from edgefc.dtypes import DTYPE_BYTES
 from edgefc.errors import QuantizationError
 from edgefc.memory import detach_from_proto, release_memory
 from edgefc.pass_base import Pass, PassContext
-from edgefc.passes import calib_stats, quant_eval, w8a16
+from edgefc.passes import calib_stats, qdq, quant_eval
 from edgefc.passes import calibration as cal
 from edgefc.passes import fp16 as fp16_mod
 from edgefc.passes import quant_policy as qp
 from edgefc.passes.disk_model import DiskModel
 from edgefc.registry import register_pass
+from edgefc.staging import temp_dir
 
 # --- options ------------------------------------------------------------------------------------
 
 def _options(ctx: PassContext) -> dict:
-    o = ctx.options
-    precision = (o.get("precision") or "auto").lower()
-    if precision not in qp.PRECISIONS:
-        raise QuantizationError(f"unknown precision '{precision}' (choose from {', '.join(qp.PRECISIONS)})")
-    component = o.get("component")
-    if component is not None and component not in qp.COMPONENTS:
-        raise QuantizationError(f"unknown component '{component}' (choose from {', '.join(qp.COMPONENTS)})")
-    method = (o.get("calib_method") or "minmax").lower()
-    if method not in cal.METHODS:
-        raise QuantizationError(f"unknown calibration method '{method}' (choose from {', '.join(cal.METHODS)})")
-    samples = o.get("calib_samples")
-    if samples is not None and int(samples) < 1:
-        raise QuantizationError(f"--calib-samples must be at least 1 (got {samples})")
-    evals = o.get("eval_samples")
-    if evals is not None and int(evals) < 0:
-        raise QuantizationError(f"--eval-samples must be 0 or more (got {evals})")
-    floor = o.get("min_sqnr")
-    floor = quant_eval.DEFAULT_MIN_SQNR_DB if floor is None else float(floor)
-    if math.isnan(floor) or floor == math.inf:
-        raise QuantizationError(f"--min-sqnr must be a number of dB or -inf (got {floor})")
-    keep = o.get("keep_fp32") or ()
-    if isinstance(keep, str):
-        keep = [keep]
-    policy = o.get("quant_policy")
+    """The pass's validated options (:class:`QuantizeOptions`, read through ``ctx.option``), with the
+    policy assembled from ``quant_policy`` and ``keep_fp32``."""
+    keep = list(ctx.option("keep_fp32") or ())
+    layers = list(ctx.option("layer_precision") or ())
+    policy = ctx.option("quant_policy")
     if policy is None:
-        policy = qp.QuantPolicy(keep_fp32=list(keep))
+        policy = qp.QuantPolicy(keep_fp32=keep, layer_precision=layers)
     elif isinstance(policy, dict):
-        policy = qp.QuantPolicy(**{"keep_fp32": list(keep), **policy})
-    elif keep:
-        policy = dataclasses.replace(policy, keep_fp32=list(policy.keep_fp32) + list(keep))
-    percentile = float(o.get("calib_percentile") or 99.999)
-    if not 50.0 < percentile <= 100.0:
-        raise QuantizationError(f"calib_percentile must be in (50, 100] (got {percentile})")
+        policy = qp.QuantPolicy(**{"keep_fp32": keep, "layer_precision": layers, **policy})
+    elif keep or layers:
+        policy = dataclasses.replace(policy, keep_fp32=list(policy.keep_fp32) + keep,
+                                     layer_precision=list(policy.layer_precision) + layers)
+    samples, evals = ctx.option("calib_samples"), ctx.option("eval_samples")
     return {
-        "precision": precision, "component": component, "calib": o.get("calib"), "method": method,
-        "samples": None if samples is None else int(samples), "eval": None if evals is None else int(evals),
-        "eval_file": o.get("eval_file"), "floor": floor,
-        "policy": policy, "percentile": percentile,
-        "chunk_bytes": int(float(o.get("calib_chunk_mb") or 512) * (1 << 20)),
-        "progress": bool(o.get("progress", True)),
+        "precision": ctx.option("precision", "auto"), "component": ctx.option("component"),
+        "calib": ctx.option("calib"), "method": ctx.option("calib_method", "minmax"),
+        "samples": samples, "eval": evals, "eval_file": ctx.option("eval_file"),
+        "floor": ctx.option("min_sqnr", quant_eval.DEFAULT_MIN_SQNR_DB), "policy": policy,
+        "percentile": ctx.option("calib_percentile", 99.999),
+        "chunk_bytes": int(ctx.option("calib_chunk_mb", 512) * (1 << 20)),
+        "progress": ctx.option("progress", True),
     }
 
 
-
 # --- report helpers -----------------------------------------------------------------------------
+
+#: ops that convert between precisions (no precision of their own).
+CONVERSION_OPS = pr.QDQ_OPS | {"Cast", "CastLike"}
+
+_NP_NAME = {"fp64": "float64", "fp32": "float32", "fp16": "float16"}
+
 
 def dtype_summary(graph: gs.Graph) -> dict:
     """Deployed type of every weight and activation: {"weights"|"activations": {dtype: {tensors, bytes}}}.
 
     A weight is a constant with more than one element (a DequantizeLinear input counts at its
-    integer type); an activation is a model input or the output of a node other than an alias,
-    Q/DQ or Cast, at the type it is stored in (int16 when it feeds a QuantizeLinear)."""
+    integer type); an activation is a model input or the output of a node other than a storage
+    alias (Reshape ..., Q/DQ) or Cast, at the type it is stored in
+    (:class:`edgefc.deployed_types.DeployedTypes`: int16 when it passes through a QuantizeLinear)."""
+    types = DeployedTypes(graph)
     out = {"weights": defaultdict(lambda: [0, 0]), "activations": defaultdict(lambda: [0, 0])}
-    skip_ops = qp.ALIAS_OPS | {"QuantizeLinear", "DequantizeLinear", "Cast"}
+    skip_ops = pr.STORAGE_ALIAS_OPS | {"Cast"}
     seen = set()
     for node in graph.nodes:
         for t in node.inputs:
@@ -153,21 +156,34 @@ def dtype_summary(graph: gs.Graph) -> dict:
                 entry[1] += int(t.values.nbytes)
     acts = list(graph.inputs) + [t for n in graph.nodes if n.op not in skip_ops for t in n.outputs]
     for t in acts:
-        if t.dtype is None or t.name in seen:
+        if t.name in seen or not qp.is_float_tensor(t):
             continue
         seen.add(t.name)
-        dt = np.dtype(t.dtype)
-        if not np.issubdtype(dt, np.floating):
-            continue
-        q = [c for c in t.outputs if c.op == "QuantizeLinear"]
-        if q:
-            dt = np.dtype(q[0].outputs[0].dtype)
+        code = types.of(t)
         n = int(np.prod(t.shape)) if t.shape is not None and all(isinstance(d, (int, np.integer)) for d in t.shape) else 0
-        entry = out["activations"][dt.name]
+        entry = out["activations"][_NP_NAME.get(code, code)]
         entry[0] += 1
-        entry[1] += n * dt.itemsize
+        entry[1] += n * DTYPE_BYTES[code]
     return {k: {d: {"tensors": c, "bytes": b} for d, (c, b) in sorted(v.items())} for k, v in out.items()}
 
+
+def record_precisions(graph: gs.Graph, fp32_nodes: set[str]) -> dict[str, int]:
+    """Write the precision of every op onto it (:func:`edgefc.precision.set_op_precision`): FP32
+    for ``fp32_nodes`` (kept by the policy), else the precision its operands are stored at
+    (weights and activation inputs, after the rewrite); conversions (Cast, Q/DQ) and ops without
+    float operands get none. Returns the count per precision."""
+    types = DeployedTypes(graph)
+    counts: Counter = Counter()
+    for node in graph.nodes:
+        if node.op in CONVERSION_OPS:
+            continue
+        p = pr.operand_precision(types.operand_types(node))
+        if p is not None and node.name in fp32_nodes:
+            p = "fp32"
+        pr.set_op_precision(node, p)
+        if p is not None:
+            counts[p] += 1
+    return dict(sorted(counts.items()))
 
 
 # --- the pass -----------------------------------------------------------------------------------
@@ -183,6 +199,19 @@ def _unique_names(graph: gs.Graph) -> None:
 
 
 
+def _say_eval_cost(n: int, source: str, calib_info: dict, n_calib: int, layer_samples: int = 2) -> None:
+    """One line before the SQNR measurement: what it runs, roughly how long (from calibration's
+    time per forward pass) and how to skip it -- on the VAE decoder it is most of the compile."""
+    k = min(layer_samples, n)
+    line = (f"  quantize: measuring SQNR vs FP32 on {n} {source} input{'s' if n != 1 else ''} (FP32 reference, "
+            f"deployed model in a default and an unoptimised session, per-layer probes on the first {k})")
+    seconds = calib_info.get("seconds")
+    if isinstance(seconds, (int, float)) and seconds > 0 and n_calib:
+        per = seconds / n_calib
+        line += f", about {per * (3 * n + 2 * k):.0f} s at calibration's {per:.1f} s per forward pass"
+    print(line + "; --eval-samples 0 skips it", file=sys.stderr, flush=True)
+
+
 def _summarise_kept(kept: dict[str, str], limit: int = 8) -> dict:
     by_rule = defaultdict(list)
     for name, reason in kept.items():
@@ -192,29 +221,63 @@ def _summarise_kept(kept: dict[str, str], limit: int = 8) -> dict:
 
 
 def _is_fp32(t: gs.Tensor) -> bool:
-    try:
-        return t.dtype is not None and np.dtype(t.dtype) == np.float32
-    except TypeError:  # a type numpy does not have (bfloat16, float8 ...)
-        return False
+    return qp.is_float_tensor(t) and np.dtype(t.dtype) == np.float32
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Calibrated activation ranges (``exact``: over an input's whole domain, never widened), the
+    input channel means for bias correction, and the headroom per integer type (minmax)."""
+
+    ranges: dict[str, tuple[float, float]]
+    exact: set[str]
+    means: dict[str, np.ndarray]
+    headroom: dict[str, float]
 
 
 @dataclasses.dataclass
 class QuantizeOptions:
-    """Options of ``quantize`` (see the module docstring; validated again by ``_options``)."""
+    """Options of ``quantize`` (see the module docstring), checked here once, when the pass is
+    configured (``edgefc compile`` flags, ``edgefc.compile(options=...)`` or ``get_pass("quantize",
+    ...)``); the pass reads them only through ``ctx.option``."""
 
-    precision: str | None = None
-    component: str | None = None
+    precision: str | None = None        # edgefc.precision.REQUESTS; None: auto
+    component: str | None = None        # edgefc.precision.COMPONENTS; None: from the input names
     calib: Path | None = None           # a .npz of calibration inputs
     eval_file: Path | None = None       # a .npz of held-out evaluation inputs (--eval)
     min_sqnr: float | None = None       # the quality floor in dB (--min-sqnr; -inf: none)
-    calib_method: str | None = None
+    calib_method: str | None = None     # calibration.METHODS; None: minmax
     calib_samples: int | None = None
     keep_fp32: tuple[str, ...] = ()
+    layer_precision: tuple[str, ...] = ()   # PATTERN=PRECISION, per layer (--layer-precision)
     eval_samples: int | None = None
     quant_policy: Any = None            # a QuantPolicy or a dict of its fields (Python API)
     calib_percentile: float | None = None
     calib_chunk_mb: float | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        if self.precision is not None:
+            self.precision = self.precision.lower()
+            if self.precision not in pr.REQUESTS:
+                raise ValueError(f"unknown precision '{self.precision}' (choose from {', '.join(pr.REQUESTS)})")
+        if self.component is not None and self.component not in pr.COMPONENTS:
+            raise ValueError(f"unknown component '{self.component}' (choose from {', '.join(pr.COMPONENTS)})")
+        if self.calib_method is not None:
+            self.calib_method = self.calib_method.lower()
+            if self.calib_method not in cal.METHODS:
+                raise ValueError(f"unknown calibration method '{self.calib_method}' "
+                                 f"(choose from {', '.join(cal.METHODS)})")
+        if self.calib_samples is not None and self.calib_samples < 1:
+            raise ValueError(f"--calib-samples must be at least 1 (got {self.calib_samples})")
+        if self.eval_samples is not None and self.eval_samples < 0:
+            raise ValueError(f"--eval-samples must be 0 or more (got {self.eval_samples})")
+        if self.min_sqnr is not None and (math.isnan(self.min_sqnr) or self.min_sqnr == math.inf):
+            raise ValueError(f"--min-sqnr must be a number of dB or -inf (got {self.min_sqnr})")
+        if self.calib_percentile is not None and not 50.0 < self.calib_percentile <= 100.0:
+            raise ValueError(f"calib_percentile must be in (50, 100] (got {self.calib_percentile})")
+        if self.calib_chunk_mb is not None and not self.calib_chunk_mb > 0:
+            raise ValueError(f"calib_chunk_mb must be positive (got {self.calib_chunk_mb})")
 
 
 @register_pass("quantize", namespace="edgefc")
@@ -228,46 +291,61 @@ class Quantize(Pass):
         opts = _options(ctx)
         detected = detect_component(t.name for t in graph.inputs)
         component = opts["component"] or detected
-        precision = qp.resolve_precision(opts["precision"], component)
+        npu = bool(ctx.target is not None and ctx.target.is_npu)
+        precision = pr.resolve(opts["precision"], component, npu=npu)
         report: dict = {"precision": precision, "requested": opts["precision"], "component": component,
                         "component_source": "--component" if opts["component"] else ("inputs" if detected else None)}
+        if opts["precision"] == "auto" and component not in pr.DEPLOYED:
+            report["reason"] = (f"auto: not a text encoder, U-Net or VAE decoder (by its input names): "
+                                f"{precision.upper()}{' on an NPU target' if npu else ' (no NPU target)'}; "
+                                "--precision or --component choose otherwise")
         if precision == "fp32":
-            if opts["precision"] == "auto":
-                report["reason"] = ("auto: the model is not a text encoder, U-Net or VAE decoder (by its input names); "
-                                    "nothing quantized - give --component or --precision")
             ctx.report["quantization"] = report
             return graph
-        if not any(_is_fp32(t) for t in graph.tensors().values()):
-            report["reason"] = "the model has no FP32 tensors (integer, FP16 or FP64 only): nothing to quantize"
+        if not any(_is_fp32(t) for n in graph.nodes for t in n.inputs if not isinstance(t, gs.Constant)):
+            report["reason"] = ("no FP32 tensors reach a node (the model is integer, FP16 or FP64 only, or its outputs "
+                                "are constants): nothing to quantize")
             report["precision"] = "as-is"
             ctx.report["quantization"] = report
             return graph
         if any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in graph.nodes):
-            raise QuantizationError("the model is already quantized (it has QuantizeLinear/DequantizeLinear nodes)")
+            if opts["precision"] != "auto":
+                raise QuantizationError("the model is already quantized (it has QuantizeLinear/DequantizeLinear nodes)")
+            report["reason"] = "auto: the model is already quantized (QuantizeLinear/DequantizeLinear): kept as given"
+            report["precision"] = "as-is"
+            ctx.report["quantization"] = report
+            return graph
         _unique_names(graph)
         detach_from_proto(graph)
         progress = opts["progress"]
         start = time.perf_counter()
         samples, calib_info, evals = cal.choose_inputs(graph, component, calib=opts["calib"], eval_file=opts["eval_file"],
                                                        calib_samples=opts["samples"], eval_samples=opts["eval"])
-        calib_info["method"] = opts["method"] if precision == "w8a16" else "minmax (FP16 overflow guard)"
+        calib_info["method"] = opts["method"] if precision in pr.INTEGER_PRECISIONS else "minmax (FP16 overflow guard)"
         report["eval_source"] = evals.source
         report["min_sqnr_db"] = opts["floor"] if math.isfinite(opts["floor"]) else None
-        with tempfile.TemporaryDirectory(prefix="edgefc-quant-") as tmp:
+        n_calib = len(samples)
+        with temp_dir("quant") as tmp:  # edgefc-quant-PID-*: a later run removes it if this one is killed
             ref = DiskModel(graph, tmp, "reference")
-            if precision == "w8a16":
-                details, aliases = self._w8a16(graph, ctx, ref, samples, opts, calib_info)
+            if precision in pr.INTEGER_PRECISIONS:
+                details, aliases, fp32_nodes = self._integer(graph, ctx, ref, samples, opts, calib_info, precision)
             else:
-                details, aliases = self._fp16(graph, ref, samples, opts, calib_info)
+                details, aliases, fp32_nodes = self._fp16(graph, ref, samples, opts, calib_info)
             del samples
             report["calibration"] = calib_info
             report.update(details)
+            report["op_precisions"] = record_precisions(graph, fp32_nodes)
             report["dtypes"] = dtype_summary(graph)
             if evals.samples:
+                if progress:
+                    _say_eval_cost(len(evals.samples), evals.source, calib_info, n_calib)
                 reference = quant_eval.Reference.compute(ref, evals, progress)
                 dep = DiskModel(graph, tmp, "deployed")
                 m = quant_eval.measure(reference, dep, aliases, progress=progress)
                 report.update(m.report())
+                exact = quant_eval.measure(reference, dep, aliases, layer_samples=0, progress=progress, as_written=True)
+                if exact.sqnr_db is not None:
+                    report["sqnr_db_as_written"] = quant_eval.finite_db(exact.sqnr_db)
                 report["seconds"] = round(time.perf_counter() - start, 2)
                 ctx.report["quantization"] = report
                 quant_eval.check_floor(m, opts["floor"], precision)
@@ -278,66 +356,87 @@ class Quantize(Pass):
         ctx.report["quantization"] = report
         return graph
 
-    # -- W8A16 --
-    def _w8a16(self, graph, ctx, ref, samples, opts, calib_info):
+    # -- integer precisions: W8A16, W8A8 --
+    def _integer(self, graph, ctx, ref, samples, opts, calib_info, precision):
         policy: qp.QuantPolicy = opts["policy"]
-        plan = qp.plan_w8a16(graph, policy)
+        component = opts["component"] or detect_component(t.name for t in graph.inputs)
+        domain = cal.enumerable_input(graph, component)
+        plan = qp.plan_precisions(graph, precision, policy, time_input=domain[0] if domain else None)
+        qplan = qp.plan_qdq(graph, plan, policy)
+        calibration = self._calibrate(graph, ref, samples, opts, calib_info, qplan, domain)
+        outputs_before = [t.name for t in graph.outputs]
+        counts = qdq.apply_plan(graph, plan, qplan, calibration.ranges, calibration.means, policy,
+                                calibration.headroom, calibration.exact)
+        release_memory()
+        aliases = {f"{n}__float": n for n in outputs_before}
+        types = Counter(qplan.storage.values())
+        schemes = {"int16": f"int16 {'symmetric' if policy.activation_symmetric else 'asymmetric'} per tensor",
+                   "int8": f"int8 {'symmetric' if policy.int8_symmetric else 'asymmetric'} per tensor"}
+        details = {
+            "weights": {"scheme": "int8 symmetric per output channel", "quantized": len({w for w in qplan.weights}),
+                        **counts},
+            "activations": {"scheme": ", ".join(schemes[t] for t in ("int16", "int8") if t in types),
+                            "quantized": len(qplan.quantized), "by_type": dict(sorted(types.items())),
+                            "calibrated": len(qplan.calibrated), "sharing_input_scale": len(qplan.inherits)},
+            "kept_higher_precision": _summarise_kept({**qplan.kept, **plan.reasons,
+                                                     **{n: f"attention-scores: softmax internals {t}"
+                                                        for n, t in plan.scores.items()}}),
+        }
+        return details, aliases, {n for n, p in plan.ops.items() if p == "fp32"}
+
+    def _calibrate(self, graph, ref, samples, opts, calib_info, qplan, domain) -> Calibration:
+        """Ranges of every tensor ``qplan`` stores as an integer (the calibration samples' min/max,
+        exact over the whole domain of an enumerable input, or a histogram method) and the input
+        channel means bias correction needs."""
+        policy: qp.QuantPolicy = opts["policy"]
+        names = list(qplan.storage)
         tensors = graph.tensors()
         means = {}
         if policy.bias_correction:
-            for node_name, x in plan.bias_inputs.items():
+            for node_name, x in qplan.bias_inputs.items():
                 node = next(n for n in tensors[x].outputs if n.name == node_name)
-                axes = w8a16.mean_axes(node, tensors[x])
+                axes = qdq.mean_axes(node, tensors[x])
                 if axes is not None:
                     means[x] = axes
-        stats = calib_stats.collect_stats(ref, samples, plan.calibrated, means, opts["progress"])
-        ranges = {t: (stats.lo[t], stats.hi[t]) for t in plan.calibrated}
+        stats = calib_stats.collect_stats(ref, samples, names, means, opts["progress"])
+        ranges = {t: (stats.lo[t], stats.hi[t]) for t in names}
         exact: set[str] = set()
-        domain = cal.enumerable_input(graph, opts["component"] or detect_component(t.name for t in graph.inputs))
         if domain is not None:
             name, values = domain
-            dstats = calib_stats.collect_domain_stats(ref, name, values, plan.calibrated, opts["progress"])
+            dstats = calib_stats.collect_domain_stats(ref, name, values, names, opts["progress"])
             for t in dstats.lo:
                 ranges[t] = (dstats.lo[t], dstats.hi[t])
             exact = set(dstats.lo)
             calib_info["exhaustive"] = {"input": name, "values": f"{values[0]}..{values[-1]}", "tensors": len(exact),
                                         "seconds": round(dstats.seconds, 2)}
         if opts["method"] != "minmax":
-            sizes = {t: 4 * int(np.prod(tensors[t].shape)) for t in plan.calibrated}
-            hists = calib_stats.collect_histograms(ref, samples, plan.calibrated, ranges, sizes,
-                                           symmetric=policy.activation_symmetric, chunk_bytes=opts["chunk_bytes"],
-                                           progress=opts["progress"])
+            roots = [t for t in names if t not in qplan.inherits]
+            sizes = {t: 4 * int(np.prod(tensors[t].shape)) for t in roots}
+            hists = calib_stats.collect_histograms(ref, samples, roots, ranges, sizes,
+                                                   symmetric=policy.activation_symmetric, chunk_bytes=opts["chunk_bytes"],
+                                                   progress=opts["progress"])
             for t, h in hists.items():
                 ranges[t] = h.percentile_range(opts["percentile"]) if opts["method"] == "percentile" else h.mse_range()
             calib_info["histogram_chunk_bytes"] = opts["chunk_bytes"]
             if opts["method"] == "percentile":
                 calib_info["percentile"] = opts["percentile"]
-        if opts["method"] == "minmax" and policy.activation_headroom != 1.0:
-            h = policy.activation_headroom
-            ranges = {t: (lo * h, hi * h) if t not in exact else (lo, hi) for t, (lo, hi) in ranges.items()}
-            calib_info["headroom"] = h
+        headroom = {}
+        if opts["method"] == "minmax":
+            headroom = {"int16": policy.activation_headroom, "int8": policy.int8_headroom}
+            used = set(qplan.storage.values()) | {a for c in qplan.conversions.values() for a in c}
+            if policy.activation_headroom != 1.0 and "int16" in used:
+                calib_info["headroom"] = policy.activation_headroom
+            if policy.int8_headroom != 1.0 and "int8" in used:
+                calib_info["int8_headroom"] = policy.int8_headroom
         calib_info["seconds"] = round(stats.seconds, 2)
-        outputs_before = [t.name for t in graph.outputs]
-        del tensors
-        counts = w8a16.apply_w8a16(graph, plan, ranges, stats.means, policy)
-        release_memory()
-        aliases = {f"{n}__float": n for n in outputs_before}
-        details = {
-            "weights": {"scheme": "int8 symmetric per output channel", "quantized": len({w for w in plan.weights}),
-                        **counts},
-            "activations": {"scheme": f"int16 {'symmetric' if policy.activation_symmetric else 'asymmetric'} per tensor",
-                            "quantized": len(plan.quantized), "calibrated": len(plan.calibrated),
-                            "sharing_input_scale": len(plan.inherits)},
-            "kept_higher_precision": _summarise_kept(plan.kept),
-        }
-        return details, aliases
+        return Calibration(ranges, exact, stats.means, headroom)
 
     # -- FP16 --
     def _fp16(self, graph, ref, samples, opts, calib_info):
         policy: qp.QuantPolicy = opts["policy"]
         absmax = {}
         if policy.rule("fp16-overflow"):
-            names = [t.name for n in graph.nodes for t in n.outputs if qp.is_float(t)]
+            names = [t.name for n in graph.nodes for t in n.outputs if qp.is_float_tensor(t)]
             stats = calib_stats.collect_stats(ref, samples, names, None, opts["progress"])
             absmax = {t: max(abs(stats.lo[t]), abs(stats.hi[t])) for t in names}
             calib_info["seconds"] = round(stats.seconds, 2)
@@ -347,4 +446,4 @@ class Quantize(Pass):
         counts = fp16_mod.convert_fp16(graph, kept)
         aliases = {f"{n}__fp16": n for n in outputs_before}
         details = {"fp16": counts, "kept_higher_precision": _summarise_kept(kept)}
-        return details, aliases
+        return details, aliases, set(kept)

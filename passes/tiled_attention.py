@@ -4,7 +4,7 @@
 computed tile by tile with a ``Loop`` over the ``row_tiles x head_tiles`` tiles, the tiles of
 :func:`edgefc.attention.tile_grid` (the ones the cost model prices and the TVM import emits), so
 onnxruntime runs exactly the tiling that was chosen. :func:`tiled_attention_numpy` executes the
-same tiles in numpy as the NPU would, :func:`reference_attention` the untiled block (tests
+same tiles in numpy as the NPU would, :func:`edgefc.attention.reference` the untiled block (tests
 compare them). ``passes/mlt.py`` chooses the tiling and rewrites the graph.
 """
 
@@ -160,22 +160,7 @@ def ensure_function(graph: gs.Graph) -> None:
     graph.functions = [f for f in graph.functions if f.unique_id != fn.unique_id] + [fn]
 
 
-# --- numerics: the tiled block executed tile by tile, and the untiled reference ------------------
-
-def reference_attention(q, k, v, heads: int, scale: float, causal: bool = False) -> np.ndarray:
-    """Untiled Attention-23 (3D form) in numpy: Y = softmax(Q K^T * scale [+ causal mask]) V."""
-    b, sq, e = q.shape
-    skv, ev = k.shape[1], v.shape[2]
-    qh = q.reshape(b, sq, heads, e // heads).transpose(0, 2, 1, 3)
-    kh = k.reshape(b, skv, heads, e // heads).transpose(0, 2, 1, 3)
-    vh = v.reshape(b, skv, heads, ev // heads).transpose(0, 2, 1, 3)
-    s = qh @ kh.transpose(0, 1, 3, 2) * scale
-    if causal:
-        s = np.where(np.arange(skv)[None, :] > np.arange(sq)[:, None], -np.inf, s)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return (p @ vh).transpose(0, 2, 1, 3).reshape(b, sq, ev)
-
+# --- numerics: the tiled block executed tile by tile (edgefc.attention.reference: the untiled one)
 
 def tiled_attention_numpy(q, k, v, heads: int, scale: float, causal: bool, tiling: Tiling,
                           granularity: int, on_tile=None) -> np.ndarray:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from edgefc.attention import AttentionSpec, Tiling, tile_grid
 from edgefc.errors import BuildError
+from edgefc.precision import rate_key
 from edgefc.targets.description import Architecture
-from edgefc.targets.geometry import pad, precision_key
+from edgefc.targets.geometry import pad
 from edgefc.targets.program import Command
 
 
@@ -85,8 +86,10 @@ def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, arch: Architecture
     hg = max(h for h, _ in head_parts)
     dkp, dvp, kvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g), pad(spec.kv_len, g)
     kv = hg * pad(spec.kv_len, rg) * (dkp + dvp)
-    tile = hg * rows * (dkp + 2 * kvp + dvp)
-    return int((kv + (2 if pipelined and tiling.tiles > 1 else 1) * tile) * b)
+    tile = hg * rows * (dkp + dvp)
+    scores = hg * rows * 2 * kvp   # S_in and S_out
+    copies = 2 if pipelined and tiling.tiles > 1 else 1
+    return int(kv * b + copies * (tile * b + scores * spec.score_bytes))
 
 
 def pipelines(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None) -> bool:
@@ -108,7 +111,9 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
     overlaps them); otherwise one after another. ``packed``: Q, K, V and A lie in DRAM without the
     head-dim padding (:func:`attention_io_bytes`); the SRAM tiles are padded as before.
 
-    Per head group: load K, load V. Per tile (rows x head group): load the Q tile, QK^T on the
+    S_in and S_out are priced at ``spec.scores`` (wider than the activations in a W8A8 block,
+    whose S_out x V then runs at ``int8xint16``). Per head group: load K, load V. Per tile (rows x
+    head group): load the Q tile, QK^T on the
     tensor engine, softmax on the vector engine, S_out x V on the tensor engine, store the output
     tile. When the tile's working set exceeds SRAM, S_in and S_out each make a DRAM round trip
     (store + load). Every tile pays the engine hand-offs QK^T -> softmax -> S x V, one on each
@@ -119,7 +124,9 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
     g, b = arch.tensor.channel_granularity, spec.act_bytes
     dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
     dkd, dvd = _dram_dims(spec, g, packed)   # as they lie in DRAM
-    prec = precision_key(spec.act_dtype, spec.act_dtype)
+    prec = rate_key(spec.act_dtype, spec.act_dtype)
+    sv_prec = rate_key(spec.act_dtype, spec.scores)   # S_out x V: the scores may be wider (INT16 in W8A8)
+    sb = spec.score_bytes
     pipelined = pipelined and pipelines(spec, tiling, arch, granularity)
     spill = attention_sram_bytes(spec, tiling, arch, granularity, pipelined) > arch.sram.attention
     tiled = tiling.tiles > 1
@@ -144,17 +151,17 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
                                 padded_macs=hg * rows_p * keys_p * dkp, out_elements=s, precision=prec,
                                 dispatches=first, handoffs=arch.handoff.per_matmul, role="qk_matmul", **kw))
             if spill:
-                cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * b, role="store_s_in", **kw))
-                cmds.append(Command("load", tensor=f"{op}:S_in", bytes=s * b, role="load_s_in", **kw))
+                cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * sb, role="store_s_in", **kw))
+                cmds.append(Command("load", tensor=f"{op}:S_in", bytes=s * sb, role="load_s_in", **kw))
             cmds.append(Command("vector", elements=s, passes=softmax, handoffs=arch.handoff.per_softmax,
-                                elem_bytes=min(int(b), 4),
+                                elem_bytes=min(int(sb), 4),
                                 role="softmax", **kw))
             if spill:
-                cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * b, role="store_s_out", **kw))
-                cmds.append(Command("load", tensor=f"{op}:S_out", bytes=s * b, role="load_s_out_v", **kw))
+                cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * sb, role="store_s_out", **kw))
+                cmds.append(Command("load", tensor=f"{op}:S_out", bytes=s * sb, role="load_s_out_v", **kw))
             cmds.append(Command("tensor", macs=hg * rows * keys * spec.v_head_dim,
                                 padded_macs=hg * rows_p * keys_p * dvp, out_elements=hg * rows * spec.v_head_dim,
-                                precision=prec, handoffs=arch.handoff.per_matmul, role="sv_matmul", **kw))
+                                precision=sv_prec, handoffs=arch.handoff.per_matmul, role="sv_matmul", **kw))
             cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvd * b, run_bytes=dvd * b,
                                 role="store_out", **kw))
             first = 0

@@ -7,7 +7,8 @@ mistyped or unknown field is a :class:`TargetError` naming the field; optional f
 defaults :data:`SCHEMA` gives (documented in PERFORMANCE.md). Everything downstream -- the cost
 model, the lowering, the TVM build, the tile solver through ``edgefc.target.Target`` -- reads the
 typed sections of one :class:`Architecture`; nothing reads the TOML's dotted keys again. This
-module is data only: it imports nothing from the rest of ``edgefc.targets``.
+module is data only: it imports nothing from the rest of ``edgefc.targets`` but the parser of the
+``[ops]`` table (``op_support``, data only too).
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from edgefc.errors import TargetError
+from edgefc.precision import ELEMENT_TYPES, RATE_KEYS
 from edgefc.target import SramBudget
+from edgefc.targets.op_support import OpSupport
 
 REQUIRED = object()   # a field without a default
 NUMBER = (int, float)
 VECTOR_CLASSES = ("arith", "max", "reduce", "exp", "divide")
-RATE_KEYS = ("int8xint8", "int8xint16", "int16xint16", "fp16", "fp32")
-ELEMENT_TYPES = ("fp32", "fp16", "int16", "int8")
 INT8_LUT = ("exp", "divide")   # vector classes the INT8 path computes by a 256-entry table lookup
 # Vector-engine op classes: each names the element passes (per vector class) one op of the class
 # makes; edgefc.targets.placement maps op types onto them.
 PASS_CLASSES = ("softmax", "causal_mask", "norm", "norm_silu", "silu", "gelu", "geglu", "sigmoid", "tanh", "erf",
-                "exp", "trig", "pow", "divide", "copy", "max", "clip", "hard_sigmoid", "reduce_mean", "reduce_sum",
-                "reduce_max", "reduce_l2")
+                "exp", "trig", "pow", "divide", "copy", "max", "clip", "hard_sigmoid", "leaky_relu", "reduce_mean",
+                "reduce_sum", "reduce_max", "reduce_l2")
 
 
 class Passes:
@@ -180,6 +181,7 @@ class Architecture:
     dispatch_cycles: float            # launching one op
     handoff: Handoff
     host: Host
+    ops: OpSupport                    # [ops]: the op kinds the engines run, their limits and sources
     source: str = "<memory>"
     validation: Mapping | None = field(default=None, compare=False, repr=False)
     raw: Mapping = field(default_factory=dict, compare=False, repr=False)   # the file's tables, for with_fields
@@ -237,6 +239,7 @@ class Architecture:
             host=Host(float(v["host.sync_cycles"]), float(v["host.cycles_per_element"]),
                       HostCpu(v["host.cpu.tag"], v["host.cpu.mtriple"], v["host.cpu.mcpu"], tuple(v["host.cpu.mattr"]),
                               int(v["host.cpu.num_cores"]))),
+            ops=OpSupport.from_table(data.get("ops"), source),
             source=source, validation=validation, raw=copy.deepcopy(data))
 
     def with_fields(self, fields: dict[str, Any]) -> Architecture:
@@ -281,7 +284,7 @@ def _unknown_fields(data: dict, prefix: str = "") -> list[str]:
     out = []
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if dotted in SCHEMA:
+        if dotted in SCHEMA or dotted == "ops":   # [ops]: validated by OpSupport
             continue
         if dotted in _TABLES and isinstance(value, dict):
             out += _unknown_fields(value, dotted + ".")

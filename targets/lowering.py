@@ -7,9 +7,10 @@ command (elements, passes of its class), an attention block its commands
 (``targets/attention_block.py``), a host op one host command; weights and spilled activations
 add DMA commands.
 
-Byte sizes come from each tensor's deployed type (``targets/deployed_types.py``): the graph's
-dtypes (``as-built``), where a tensor passing through QuantizeLinear/DequantizeLinear is priced
-at the quantized type; or a what-if precision (``fp32``, ``fp16``, ``w8a16``: INT8 weights, INT16
+Byte sizes come from each tensor's deployed type and tensor-engine rates from each op's precision
+(``edgefc/deployed_types.py``): as ``quantize`` decided them (``as-built``: the precision recorded on
+each op, the graph's dtypes, where a tensor passing through QuantizeLinear/DequantizeLinear is priced
+at the quantized type); or a what-if precision (``fp32``, ``fp16``, ``w8a16``: INT8 weights, INT16
 activations, INT32 biases; ``w8a8``: INT8 weights and activations, INT32 biases, as MLPerf Mobile
 runs its networks).
 
@@ -24,6 +25,7 @@ trip (the paper's Sec. 2.3 and Table 6).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import onnx_graphsurgeon as gs
@@ -34,7 +36,10 @@ from edgefc.attention import (
     spec_from_node,
     tiling_from_node,
 )
+from edgefc.deployed_types import DeployedTypes
+from edgefc.dtypes import DTYPE_BYTES as BYTES
 from edgefc.errors import BuildError
+from edgefc.precision import PRICINGS
 from edgefc.targets.attention_block import (
     attention_io_bytes,
     attention_sram_bytes,
@@ -42,15 +47,12 @@ from edgefc.targets.attention_block import (
     pipelines,
 )
 from edgefc.targets.blocks import block_of, component_of
-from edgefc.targets.deployed_types import DeployedTypes
+from edgefc.targets.control_flow import CONTROL_FLOW, control_flow_commands, reads
 from edgefc.targets.description import Architecture
-from edgefc.targets.geometry import BYTES, contraction, pad, precision_key
-from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place
+from edgefc.targets.geometry import contraction, pad
+from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place, vector_passes
 from edgefc.targets.program import Command, OpInfo, Program
 from edgefc.targets.schedule import ScheduleSpec
-
-PRECISION_CHOICES = ("as-built", "fp32", "fp16", "w8a16", "w8a8")
-
 
 # Producer -> consumer streaming (a two-op cascade, as Arm Vela's cascading): a tensor too big
 # for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
@@ -84,11 +86,11 @@ def _elements(t: gs.Tensor) -> int:
     return int(math.prod(s))
 
 
-def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
+def attention_spec(node: gs.Node, act_dtype: str, score_dtype: str = "") -> AttentionSpec:
     """AttentionSpec of an Attention / TiledAttention node (``edgefc.attention.spec_from_node``:
     the 3D form [B, S, H*d]; the 4D form [B, H, S, d] is read here too)."""
     try:
-        return spec_from_node(node, act_dtype)
+        return spec_from_node(node, act_dtype, score_dtype)
     except ValueError as e:
         shapes = [_shape(t) for t in node.inputs[:3]]
         causal = bool(int(node.attrs.get("is_causal", 0) or 0))
@@ -96,13 +98,14 @@ def attention_spec(node: gs.Node, act_dtype: str) -> AttentionSpec:
         if len(shapes) == 3 and all(s is not None and len(s) == 4 for s in shapes):
             (b, h, sq, dk), k, v = shapes
             return AttentionSpec(name=node.name, batch=b, heads=h, q_len=sq, kv_len=k[2], head_dim=dk,
-                                 v_head_dim=v[3], act_dtype=act_dtype, causal=causal)
+                                 v_head_dim=v[3], act_dtype=act_dtype, causal=causal, score_dtype=score_dtype)
         if (len(shapes) == 3 and all(s is not None and len(s) == 3 for s in shapes) and heads > 0
                 and shapes[0][2] % heads == 0 and shapes[2][2] % heads == 0):
             # 3D form with a mask input (or another attribute the tiling solver does not take)
             (b, sq, width), k, v = shapes
             return AttentionSpec(name=node.name, batch=b, heads=heads, q_len=sq, kv_len=k[1], head_dim=width // heads,
-                                 v_head_dim=v[2] // heads, act_dtype=act_dtype, causal=causal)
+                                 v_head_dim=v[2] // heads, act_dtype=act_dtype, causal=causal,
+                                 score_dtype=score_dtype)
         raise BuildError(f"cannot lower attention '{node.name}': {e}") from None
 
 
@@ -111,8 +114,8 @@ def lower(graph: gs.Graph, arch: Architecture, precision: str = "as-built",
     """Lower a (canonicalized, fused) graph to a Program for the architecture ``arch`` at ``precision``,
     taking the decisions of the mechanisms of ``schedule`` (``targets/schedule.py``; default:
     ``overlap``, none)."""
-    if precision not in PRECISION_CHOICES:
-        raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRECISION_CHOICES)})")
+    if precision not in PRICINGS:
+        raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRICINGS)})")
     schedule = schedule or ScheduleSpec("overlap")
     streamed = _Lowering(graph, arch, precision, schedule=schedule)
     prog = streamed.run()
@@ -184,6 +187,7 @@ class _Lowering:
         self.io: dict[str, tuple[int, int]] = {}   # alias root -> (DRAM bytes, run) of attention operands
         self.size: dict[str, int] = {}
         self._names: dict[int, str] = {}
+        self.graph_outputs = frozenset(t.name for t in graph.outputs)
 
     def nm(self, node: gs.Node) -> str:
         """The node's name in the Program (``placement.node_names``)."""
@@ -191,7 +195,7 @@ class _Lowering:
 
     def classify(self, node: gs.Node, name: str) -> str:
         """The node's kind (``edgefc.targets.placement.place``), recorded in the Program."""
-        kind, reason = place(node, self.types, self.arch.tensor.dtypes)
+        kind, reason = place(node, self.types, self.arch.tensor.dtypes, self.arch.ops, self.graph_outputs)
         if kind == "attention":
             try:  # an attention the NPU block does not take (grouped heads, past key/value): the host runs it
                 attention_spec(node, "fp16")
@@ -221,7 +225,7 @@ class _Lowering:
         specs: dict[str, AttentionSpec] = {}
         for n, kind in zip(nodes, kinds):
             if kind == "attention":
-                spec = attention_spec(n, types.of(n.inputs[0]))
+                spec = attention_spec(n, *types.attention_types(n))
                 specs[self.nm(n)] = spec
                 io = attention_io_bytes(spec, self.arch, packed=self.schedule.has("packed-operands"))
                 for key, t in zip(("q", "k", "v", "out"), list(n.inputs[:3]) + [n.outputs[0]]):
@@ -230,7 +234,7 @@ class _Lowering:
         uses: dict[str, list[int]] = {}
         for i, (n, kind) in enumerate(zip(nodes, kinds)):
             if kind != "none":
-                for t in n.inputs:
+                for t in reads(n):
                     if t is not None and t.name and not types.is_const(t):
                         uses.setdefault(types.find(t.name), []).append(i)
         graph_in = {types.find(t.name) for t in graph.inputs}
@@ -261,7 +265,7 @@ class _Lowering:
             prog.ops.append(info := OpInfo(self.nm(node), node.op, "tensor" if kind == "attention" else kind,
                                            block_of(self.nm(node))))
             act_in: list[str] = []
-            for t in node.inputs:
+            for t in reads(node):
                 if t is not None and t.name and not types.is_const(t):
                     r = types.find(t.name)
                     if r not in act_in:
@@ -284,7 +288,12 @@ class _Lowering:
                         in_dram.add(r)
                     why.setdefault(r, f"read from DRAM by {'the host' if kind == 'host' else 'attention'} op {self.nm(node)}")
                     resident.pop(r, None)
-                if kind == "host":
+                if kind == "host" and node.op in CONTROL_FLOW:
+                    # the host drives it; its body's commands are priced (targets/control_flow.py)
+                    cmds, note = control_flow_commands(node, self.nm(node), self.arch, self.precision, lower)
+                    prog.commands.extend(dataclasses.replace(c, loop=-1) for c in cmds)
+                    prog.host_reasons[self.nm(node)] = note
+                elif kind == "host":
                     prog.emit(Command("host", self.nm(node), node.op,
                                       elements=sum(_elements(t) for t in node.outputs if t is not None and t.name)))
                 else:
@@ -518,7 +527,7 @@ class _Lowering:
             shape = _shape(t)
             n = int(math.prod(shape)) if shape is not None else 1
             if node.op in TENSOR_OPS and idx == 2:
-                code = types.bias(t)
+                code = types.bias(node, t)
             elif node.op in TENSOR_OPS:
                 code = types.of(t)
             else:
@@ -565,7 +574,7 @@ class _Lowering:
             macs = batch * m * kk * n
             padded = batch * pad(m, rg) * pad(kk, g) * pad(n, g)
         return Command("tensor", self.nm(node), node.op, macs=int(macs), padded_macs=int(padded),
-                       out_elements=_elements(y), precision=precision_key(types.of(w), types.of(x)), dispatches=1)
+                       out_elements=_elements(y), precision=types.rate_key(node), dispatches=1)
 
     def vector_command(self, node: gs.Node) -> Command:
         if node.op in INPUT_SIZED:
@@ -575,5 +584,4 @@ class _Lowering:
         x = node.inputs[0] if node.op in INPUT_SIZED or not node.outputs else node.outputs[0]
         width = min(BYTES[self.types.of(x)], 4)
         return Command("vector", self.nm(node), node.op, elements=int(elements),
-                       passes=self.arch.vector.passes[VECTOR_CLASS.get(node.op, "copy")], dispatches=1,
-                       elem_bytes=width)
+                       passes=vector_passes(node, self.arch.vector.passes), dispatches=1, elem_bytes=width)

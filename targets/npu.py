@@ -39,6 +39,7 @@ class NpuTarget(Target):
         self.clock_hz = arch.clock_hz
         self.row_granularity = arch.tensor.row_granularity
         self.sram = arch.sram
+        self.description_file = None if arch.source.startswith("<") else str(arch.source)
 
     def __repr__(self) -> str:
         return f"NpuTarget({self.name!r} from {self.arch.source})"
@@ -104,6 +105,7 @@ class NpuTarget(Target):
         precision = "as-built"
         prof = build_profile(self, graph, precision=precision, schedule=ctx.options.get("schedule"),
                              model=str(ctx.options.get("source_model") or ""))
+        prof.reproducibility = report.get("reproducibility")
         prof.write_json(Path(out_dir) / "profile.json")
         report["profile"] = {"file": "profile.json", "precision": precision, "schedule": prof.schedule,
                              "total_ms": round(prof.total_ms, 6),

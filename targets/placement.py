@@ -8,24 +8,37 @@ instead of deciding again. A node is:
 
 * ``none``: free -- metadata (Shape, Constant), alias ops (Reshape, Squeeze, Identity, Q/DQ: the
   producer writes the quantized type directly), Casts between types priced alike, and anything
-  computed from constants only (folded at compile time);
+  computed from constants only (folded at compile time). A QuantizeLinear that *requantises*
+  (``DeployedTypes.converts``: the conversion a mixed-precision plan adds between an INT16 and an
+  INT8 reader) is vector work like a Cast between types;
 * ``attention``: a fused attention block (both matmuls on the tensor engine, the softmax on the
   vector engine);
-* ``tensor`` / ``vector``: an op the NPU runs -- its op type is one the NPU has a kernel for
-  (:data:`NPU_OPS`: the numpy reference kernels of ``targets/tvm_kernels.py``, which stand for
-  the NPU's), its attributes are ones those kernels take, and every activation it touches has an
-  element type the NPU holds (the target file's ``tensor.dtypes``; a tensor behind a Q/DQ pair
-  counts at its quantized type);
+* ``tensor`` / ``vector``: an op the NPU runs -- its op type is listed in the target file's
+  ``[ops]`` table (:mod:`edgefc.targets.op_support`: the op kinds the NPU's engines run, each with
+  its source), the node is within that entry's limits (ranks, attribute values, constant
+  operands), and every activation it touches has an element type the NPU holds (the target file's
+  ``tensor.dtypes``; a tensor behind a Q/DQ pair counts at its quantized type);
 * ``host``: everything else, with the reason.
+
+The vector-engine work of an op (:func:`vector_passes`) is its class's element passes
+(``[vector.passes]`` of the target file, :data:`VECTOR_CLASS` maps op types onto them), once per
+window tap for pooling and per interpolation tap for a resize, once per extra input for a
+variadic Max/Min/Sum.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import onnx_graphsurgeon as gs
 
-TENSOR_OPS = {"Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm"}
-ATTENTION_OPS = {"Attention", "TiledAttention"}
-ALIAS_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "QuantizeLinear", "DequantizeLinear"}
+from edgefc.precision import STORAGE_ALIAS_OPS
+from edgefc.targets.control_flow import reads
+from edgefc.targets.op_support import ATTENTION_WORK, TENSOR_WORK, OpSupport
+
+TENSOR_OPS = set(TENSOR_WORK)
+ATTENTION_OPS = set(ATTENTION_WORK)
 METADATA_OPS = {"Shape", "Size", "Constant"}
 
 # Vector-engine op class of each op type: the pass counts per class are the target's
@@ -45,19 +58,22 @@ VECTOR_CLASS: dict[str, str] = {
     # boolean masks (comparison results, Where conditions) are vector-engine data (issue 14:
     # MobileBERT's attention masks would otherwise make 72 host round trips)
     "Where": "copy", "And": "copy", "IsNaN": "max",
+    # issue 22: what trained CNNs use besides
+    "Clip": "clip", "LeakyRelu": "leaky_relu", "PRelu": "leaky_relu", "Max": "max", "Min": "max", "Sum": "copy",
+    "MaxPool": "max", "AveragePool": "reduce_sum", "GlobalMaxPool": "reduce_max",
 }
 # Ops whose work scales with their input elements (reductions, normalisations); others: output.
 INPUT_SIZED = {"Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization",
-               "GroupNormSiLU", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "GlobalAveragePool"}
+               "GroupNormSiLU", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "GlobalAveragePool",
+               "GlobalMaxPool"}
 # Data movement the vector engine does (one copy pass).
 DATA_MOVEMENT_OPS = {"Transpose", "Concat", "Slice", "Split", "Resize", "Expand", "Cast", "DepthToSpace",
-                     "SpaceToDepth"}
-
-# Op types the NPU has a kernel for. Everything else (ConvTranspose, pooling, Gather, Pad,
-# Clip with tensor bounds, LeakyRelu, Max/Min of two tensors, ArgMax, ...) runs on the host.
-NPU_OPS = TENSOR_OPS | ATTENTION_OPS | set(VECTOR_CLASS) | DATA_MOVEMENT_OPS
-
-_RESIZE_MODES = {"asymmetric", "half_pixel", "align_corners", "tf_half_pixel_for_nn"}
+                     "SpaceToDepth", "Pad"}
+# Pooling: the op class's passes once per window tap over the output; then (an average) the
+# class's passes once more over the output (the scale by 1 / window).
+WINDOW_OPS = {"MaxPool": ("max", None), "AveragePool": ("reduce_sum", "copy")}
+# Element-wise ops of any number of inputs: one pass of the class per input after the first.
+VARIADIC_OPS = {"Max", "Min", "Sum"}
 
 
 def node_names(nodes) -> list[str]:
@@ -73,48 +89,64 @@ def node_names(nodes) -> list[str]:
     return out
 
 
-def _attr_reason(node: gs.Node) -> str | None:
-    """Why the NPU kernel of this op type cannot take this node's attributes, or None."""
+def _merge(*parts) -> tuple:
+    out: dict[str, int] = {}
+    for passes, times in parts:
+        for c, n in passes:
+            out[c] = out.get(c, 0) + int(n) * int(times)
+    return tuple(sorted((c, n) for c, n in out.items() if n))
+
+
+def vector_passes(node: gs.Node, class_passes: dict) -> tuple:
+    """Element passes ((vector class, passes), ...) one vector-engine ``node`` makes over its
+    elements (output elements; input elements for :data:`INPUT_SIZED` ops), from the target's
+    passes per op class (``class_passes``, ``Geometry.passes``): its class's (``copy`` if
+    unlisted), times the window taps of a pooling (:data:`WINDOW_OPS`), the interpolation taps
+    of a resize (2 per resized axis for ``linear``, 1 for ``nearest``), or the inputs after the
+    first of a variadic op (:data:`VARIADIC_OPS`)."""
     op = node.op
-    if op in ("Conv", "FusedConv"):
-        w = node.inputs[1].shape if len(node.inputs) > 1 else None
-        if w is None or len(w) != 4:
-            return f"{op} of rank {len(w) if w is not None else '?'} weights (the NPU runs 2D convolutions)"
+    if op in WINDOW_OPS:
+        per_tap, per_output = WINDOW_OPS[op]
+        taps = int(math.prod(int(k) for k in node.attrs.get("kernel_shape", [1])))
+        return _merge((class_passes[per_tap], taps), *([(class_passes[per_output], 1)] if per_output else []))
     if op == "Resize":
         mode = node.attrs.get("mode", "nearest")
         mode = mode.decode() if isinstance(mode, bytes) else mode
-        ctm = node.attrs.get("coordinate_transformation_mode", "half_pixel")
-        ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
-        if mode != "nearest":
-            return f"Resize mode {mode} (the NPU resizes by nearest neighbour)"
-        if ctm not in _RESIZE_MODES:
-            return f"Resize coordinate mode {ctm}"
-        if node.outputs[0].shape is not None and len(node.outputs[0].shape) != 4:
-            return "Resize of a tensor that is not NCHW"
-    return None
+        x, y = node.inputs[0].shape, node.outputs[0].shape
+        resized = sum(1 for a, b in zip(x or (), y or ()) if a != b)
+        return _merge((class_passes["copy"], 2 ** resized if mode == "linear" else 1))
+    if op in VARIADIC_OPS:
+        n = len([t for t in node.inputs if t is not None and t.name])
+        return _merge((class_passes[VECTOR_CLASS[op]], max(n - 1, 1)))
+    return class_passes[VECTOR_CLASS.get(op, "copy")]
 
 
-def place(node: gs.Node, types, npu_dtypes) -> tuple[str, str]:
+def _value(t: gs.Tensor):
+    """A constant tensor's value (None for anything else)."""
+    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
+
+
+def place(node: gs.Node, types, npu_dtypes, ops: OpSupport, graph_outputs: frozenset[str] = frozenset()) -> tuple[str, str]:
     """``(kind, reason)`` of one node: kind ``none`` | ``attention`` | ``tensor`` | ``vector`` |
     ``host`` (see the module docstring); ``reason`` says why a node is on the host ("" otherwise).
-    ``types`` is the lowering's deployed-type table, ``npu_dtypes`` the target's ``tensor.dtypes``."""
+    ``types`` is the lowering's deployed-type table, ``npu_dtypes`` the target's ``tensor.dtypes``,
+    ``ops`` its ``[ops]`` table, ``graph_outputs`` the names of the graph's outputs."""
     op = node.op
-    if op in METADATA_OPS or op in ALIAS_OPS:
-        return "none", ""
+    if op in METADATA_OPS or (op in STORAGE_ALIAS_OPS and not types.converts(node)):
+        return "none", ""  # a Q/DQ is the producer writing (the consumer reading) the quantized type
     if op == "Cast" and (types.is_const(node.inputs[0]) or types.of(node.inputs[0]) == types.of(node.outputs[0])):
         return "none", ""
-    if all(types.is_const(t) for t in node.inputs if t is not None and t.name):
+    if all(types.is_const(t) for t in reads(node) if t is not None and t.name):
         return "none", ""  # folded at compile time
-    if op not in NPU_OPS:
+    engine = ops.engine(op)
+    if engine is None:
         return "host", f"no NPU kernel for {op}"
     acts = [t for t in node.inputs if t is not None and t.name and not types.is_const(t)]
     for t in acts + [t for t in node.outputs if t is not None and t.name]:
         code = types.of(t)
-        if code not in npu_dtypes and not (code == "bool" and op not in TENSOR_OPS and op not in ATTENTION_OPS):
+        if code not in npu_dtypes and not (code == "bool" and engine == "vector"):
             return "host", f"{op} on {code} tensors (the NPU holds {', '.join(npu_dtypes)})"
-    reason = _attr_reason(node)
+    reason = ops.rejects(node, types.is_const, _value, graph_outputs)
     if reason:
         return "host", reason
-    if op in ATTENTION_OPS:
-        return "attention", ""
-    return ("tensor" if op in TENSOR_OPS else "vector"), ""
+    return engine, ""

@@ -36,7 +36,7 @@ class OpRow:
     op_type: str
     engine: str
     block: str
-    precision: str = ""       # tensor ops: the [tensor.rate] key their MACs were priced at
+    precision: str = ""       # tensor ops: the [tensor.rate] key their MACs were priced at ("a+b": an attention whose two matmuls run at two keys)
     macs: int = 0
     dma_bytes: int = 0
     cycles: float = 0.0
@@ -79,6 +79,8 @@ class Profile:
     roof: list[float] = field(default_factory=list)    # per command: its cycles at the engine's peak
     instances: dict = field(default_factory=dict)      # command -> start of each instance (pipelined)
     exposed_dma: dict = field(default_factory=dict)    # op -> exposed DMA cycles
+    warnings: list[str] = field(default_factory=list)   # what the pricing could not honour (edgefc profile)
+    reproducibility: dict | None = None  # how the profile (or its build) was made: versions, options, command
 
     def __post_init__(self):
         if not self.ops:
@@ -106,9 +108,10 @@ class Profile:
                 row.dma_bytes += c.total_bytes
             elif c.kind == "tensor":
                 row.macs += c.total_macs
-                if row.precision and row.precision != c.precision:
-                    raise ValueError(f"op {c.op} has tensor commands at two precisions ({row.precision}, {c.precision})")
-                row.precision = c.precision
+                # an attention whose S_out x V runs wider than its QK^T (W8A8 with INT16 scores)
+                # names both keys, QK^T first: "int8xint8+int8xint16"
+                if c.precision not in row.precision.split("+"):
+                    row.precision = f"{row.precision}+{c.precision}" if row.precision else c.precision
         total = self.total_cycles or 1.0
         roof = self._roof_by_op()
         for row in rows.values():
@@ -200,11 +203,14 @@ class Profile:
             "blocks_ms": {k: round(self.ms(v), 6) for k, v in self.by("block").items()},
             "op_types_ms": {k: round(self.ms(v), 6) for k, v in self.by("op_type").items()},
             "residency": self.residency(),
+            "host_ops": self.host_ops(),
             "attention_blocks": self.attention_blocks(),
             "ops": [r.as_dict() for r in self.ops],
             "attention_breakdown": self.attention_breakdown,
             "validation": self.validation,
             "validation_summary": validation_line(self.validation),
+            "warnings": list(self.warnings),
+            "reproducibility": self.reproducibility,
         }
 
     def residency(self) -> dict:
@@ -219,6 +225,28 @@ class Profile:
         out["tensors"] = [{"name": r, "bytes": int(b), "where": prog.residency[r], "reason": prog.reasons.get(r, "")}
                           for r, b in listed]
         return out
+
+    def host_ops(self) -> dict:
+        """The ops the host runs, grouped by op type: how many, their modelled time and share of
+        the total, and placement's reasons (``Program.host_reasons``) with how many ops each."""
+        groups: dict[str, dict] = {}
+        for r in self.ops:
+            if r.engine != "host":
+                continue
+            g = groups.setdefault(r.op_type, {"op_type": r.op_type, "count": 0, "cycles": 0.0, "reasons": {}})
+            g["count"] += 1
+            g["cycles"] += r.cycles
+            reason = self.program.host_reasons.get(r.name, "")
+            g["reasons"][reason] = g["reasons"].get(reason, 0) + 1
+        total = self.total_cycles or 1.0
+        rows = []
+        for g in sorted(groups.values(), key=lambda g: -g["cycles"]):
+            rows.append({"op_type": g["op_type"], "count": g["count"], "ms": round(self.ms(g["cycles"]), 6),
+                         "share": round(g["cycles"] / total, 4),
+                         "reasons": dict(sorted(g["reasons"].items(), key=lambda kv: -kv[1]))})
+        cycles = sum(g["cycles"] for g in groups.values())
+        return {"count": sum(g["count"] for g in groups.values()), "ms": round(self.ms(cycles), 6),
+                "share": round(cycles / total, 4), "by_op_type": rows}
 
     def attention_blocks(self) -> list[dict]:
         """Every attention op: its shape, tiling, SRAM working set and whether S_in/S_out spill."""

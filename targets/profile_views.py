@@ -3,7 +3,8 @@ per engine), CSV (per op), a Chrome/Perfetto trace (one track per engine plus DM
 attention loops expanded tile by tile), a PNG (time by op type and by block, matplotlib Agg),
 and the text of the paper's Table 6 (:func:`format_breakdown`). The data itself is
 ``targets/profile.py`` (which imports this module, not the other way round: ``prof`` below is
-its ``Profile``); every file is written atomically (a temporary file, then a rename).
+its ``Profile``); every file is written atomically (a temporary file, then a rename) with the
+permissions a plain file gets under the umask (``edgefc.staging.write_file``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
-from pathlib import Path
 
+from edgefc.staging import write_file, write_text_file
 from edgefc.targets.program import ATTENTION_ROLES, Command
 
 TRACK_IDS = {"dma": 1, "tensor": 2, "vector": 3, "host": 4, "dispatch": 5, "ops": 6, "roofline": 7}
@@ -53,33 +52,133 @@ def table(prof, top: int | None = 20, breakdown: bool = False) -> str:
       + f" ms); modelled / roofline x{(roof['ratio'] or float('nan')):.2f}; exposed DMA {d['exposed_dma_ms']:.2f} ms\n\n")
     rows = sorted(prof.ops, key=lambda r: -r.cycles)
     shown = rows if not top else rows[:top]
-    w(f"{'op':<48} {'type':<16} {'engine':<7} {'MACs':>10} {'DMA bytes':>12} {'cycles':>13} "
+    prefix = common_prefix([r.name for r in prof.ops])
+    head = f"op (names under {prefix})" if prefix else "op"
+    w(f"{head:<{NAME_WIDTH}} {'type':<16} {'engine':<7} {'MACs':>10} {'DMA bytes':>12} {'cycles':>13} "
       f"{'ms':>9} {'share':>7} {'roof ms':>9} {'exp.DMA':>9}\n")
-    for r in shown:
-        name = r.name if len(r.name) <= 48 else "..." + r.name[-45:]
-        w(f"{name:<48} {r.op_type[:16]:<16} {r.engine:<7} {_si(r.macs):>10} {_si(r.dma_bytes):>12} "
+    names = short_names([r.name[len(prefix):] for r in shown], NAME_WIDTH)
+    for r, name in zip(shown, names):
+        w(f"{name:<{NAME_WIDTH}} {r.op_type[:16]:<16} {r.engine:<7} {_si(r.macs):>10} {_si(r.dma_bytes):>12} "
           f"{r.cycles:>13,.0f} {r.ms:>9.3f} {r.share:>7.1%} {r.roofline_ms:>9.3f} {r.exposed_dma_ms:>9.3f}\n")
     if top and len(rows) > top:
         rest = rows[top:]
-        w(f"{'(' + str(len(rest)) + ' more ops)':<48} {'':<16} {'':<7} {_si(sum(r.macs for r in rest)):>10} "
+        w(f"{'(' + str(len(rest)) + ' more ops)':<{NAME_WIDTH}} {'':<16} {'':<7} {_si(sum(r.macs for r in rest)):>10} "
           f"{_si(sum(r.dma_bytes for r in rest)):>12} {sum(r.cycles for r in rest):>13,.0f} "
           f"{prof.ms(sum(r.cycles for r in rest)):>9.3f} {sum(r.share for r in rest):>7.1%} "
           f"{sum(r.roofline_ms for r in rest):>9.3f} {sum(r.exposed_dma_ms for r in rest):>9.3f}\n")
+    host = d["host_ops"]
+    if host["count"]:
+        w(f"\nhost ops: {host['count']} ({host['ms']:.3f} ms, {host['share']:.1%} of the modelled time), by op type:\n")
+        for g in host["by_op_type"]:
+            reasons = "; ".join(f"{r or 'no reason recorded'}" + (f" ({n})" if len(g["reasons"]) > 1 else "")
+                                for r, n in g["reasons"].items())
+            w(f"  {g['op_type'][:24]:<24} {g['count']:>5} {'op ' if g['count'] == 1 else 'ops'} {g['ms']:>9.3f} ms "
+              f"{g['share']:>7.1%}  {reasons}\n")
     res = d["residency"]
     w(f"\nresidency: {res['sram']} tensors kept in SRAM, {res['dram']} through DRAM "
       f"({res['dram_bytes'] / 1e6:.1f} MB), {res['stream']} streamed op to op\n")
-    for t in [t for t in res["tensors"] if t["where"] == "dram"][:5]:
-        w(f"  {t['name'][-46:]:<46} {_si(t['bytes']):>9}B  {t['reason']}\n")
+    spilled = [t for t in res["tensors"] if t["where"] == "dram"][:5]
+    for t, name in zip(spilled, short_names([t["name"] for t in spilled], 46)):
+        w(f"  {name:<46} {_si(t['bytes']):>9}B  {t['reason']}\n")
     w(f"\n{'block':<48} {'ms':>9} {'share':>7} {'roof ms':>9} {'x roof':>7}\n")
-    blocks = roof["blocks"]
-    for k, cyc in prof.by("block").items():
-        b = blocks.get(k, {})
+    roof_blocks = roof["blocks"]
+    blocks = prof.by("block")
+    for (k, cyc), name in zip(blocks.items(), short_names(list(blocks), 48)):
+        b = roof_blocks.get(k, {})
         ratio = f"{b['ratio']:.2f}" if b.get("ratio") else "-"
-        w(f"{k[:48]:<48} {prof.ms(cyc):>9.3f} {cyc / max(prof.total_cycles, 1e-12):>7.1%} "
+        w(f"{name:<48} {prof.ms(cyc):>9.3f} {cyc / max(prof.total_cycles, 1e-12):>7.1%} "
           f"{b.get('roofline_ms', 0.0):>9.3f} {ratio:>7}\n")
     if breakdown:
         w("\n" + format_breakdown(prof.attention_breakdown))
     return out.getvalue()
+
+
+#: characters of an op name in the table (names are cut in the middle, at whole path components)
+NAME_WIDTH = 56
+
+
+def common_prefix(names: list[str]) -> str:
+    """The leading path components every name shares (``/unet/``), said once in the table's header
+    instead of on every row; "" for fewer than two names or none shared."""
+    if len(names) < 2 or not all("/" in n for n in names):
+        return ""
+    split = [n.split("/")[:-1] for n in names]
+    k = 0
+    while all(len(p) > k for p in split) and len({p[k] for p in split}) == 1:
+        k += 1
+    return "/".join(split[0][:k]) + "/" if k and "/".join(split[0][:k]) else ""
+
+
+def _render(parts: list[str], keep: set[int], sep: str) -> str:
+    """The kept components of a name in order; each run of dropped ones becomes ``...``."""
+    out, gap = [], False
+    for i, part in enumerate(parts):
+        if i in keep:
+            if gap:
+                out.append("...")
+            out.append(part)
+            gap = False
+        else:
+            gap = True
+    if gap:
+        out.append("...")
+    return sep.join(out)
+
+
+def _fit(name: str, width: int, must: frozenset = frozenset()) -> str | None:
+    """``name`` in ``width`` characters by dropping whole path components (each run of dropped ones
+    shown as ``...``): the last component and those in ``must`` always kept, then as many of the
+    others as fit, alternately from the end and from the start. None if the kept ones do not fit."""
+    if len(name) <= width:
+        return name
+    sep = "/" if "/" in name else "."
+    parts = name.split(sep)
+    n = len(parts)
+    keep = set(must) | {n - 1}
+    if len(_render(parts, keep, sep)) > width:
+        return None
+    tail, head = list(range(n - 2, -1, -1)), list(range(n - 1))
+    order = [i for pair in zip(tail, head) for i in pair]
+    for i in dict.fromkeys(order):
+        if i not in keep and len(_render(parts, keep | {i}, sep)) <= width:
+            keep.add(i)
+    return _render(parts, keep, sep)
+
+
+def _chars(name: str, width: int) -> str:
+    """``name`` cut in the middle character-wise (when whole components cannot do it)."""
+    if len(name) <= width:
+        return name
+    half = (width - 3) // 2
+    return name[:half] + "..." + name[-(width - 3 - half):]
+
+
+def short_names(names: list[str], width: int) -> list[str]:
+    """Each name in at most ``width`` characters, cut in the middle at whole path components (the
+    start says where in the model, the end what the op is), and never two rows alike: names whose
+    cuts coincide keep the components where they differ."""
+    must = [frozenset()] * len(names)
+    out = [_fit(n, width) or _chars(n, width) for n in names]
+    for _ in range(16):  # each round only adds kept components, so it ends
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(out):
+            groups.setdefault(s, []).append(i)
+        clashes = [g for g in groups.values() if len({names[i] for i in g}) > 1]
+        if not clashes:
+            break
+        for g in clashes:
+            split = [names[i].split("/" if "/" in names[i] else ".") for i in g]
+            differ = {k for k in range(min(map(len, split))) if len({p[k] for p in split}) > 1}
+            for i in g:
+                must[i] = must[i] | differ
+                out[i] = _fit(names[i], width, must[i]) or _chars(names[i], width)
+    seen: dict[str, int] = {}
+    for i, s in enumerate(out):  # still alike (names that differ inside one long component): number them
+        if s in seen and names[seen[s]] != names[i]:
+            tag = f"~{i}"
+            out[i] = _chars(names[i], width - len(tag)) + tag
+        seen.setdefault(out[i], i)
+    return out
 
 
 def write_json(prof, path) -> None:
@@ -181,16 +280,10 @@ def write_plot(prof, path, top: int = 15) -> None:
     fig.suptitle(f"{prof.model or prof.program.component} on {prof.target} ({prof.program.precision}, "
                  f"{prof.schedule}): {prof.total_ms:.1f} ms, roofline {roof['total_ms']:.1f} ms")
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent or ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _event(c: Command, start: float, cycles: float, us: float, instance: int | None = None) -> dict:
@@ -232,18 +325,11 @@ def format_breakdown(bd: dict | None) -> str:
         out.append(f"  {k:<14} {rows.get(k, 0):>10.1f} {m:>10}")
     tot_m = "" if mlt is None else f"{sum(mlt.values()):.1f}"
     out.append(f"  {'total':<14} {sum(rows.values()):>10.1f} {tot_m:>10}")
+    if mlt is None:
+        out.append(f"  (w/ MLT empty: {bd.get('rows_mlt_reason') or 'no tiling available'})")
     return "\n".join(out) + "\n"
 
 
 def _atomic_write(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically with a plain file's permissions (0644 under umask 022)."""
+    write_text_file(path, text)

@@ -13,11 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from edgefc.errors import BuildError
+from edgefc.staging import temp_dir
 from edgefc.targets.description import Architecture
 
 LOCAL_TARGET = {"kind": "llvm"}
@@ -101,8 +101,8 @@ def _check_elf_aarch64(path: Path) -> None:
         raise BuildError(f"{path.name} is not an AArch64 ELF shared library")
 
 
-def write_build(lowering, out_dir: Path, arch: Architecture | None = None, *, aarch64: bool = True,
-                progress=None) -> dict:
+def write_tvm_files(lowering, out_dir: Path, arch: Architecture | None = None, *, aarch64: bool = True,
+                    progress=None) -> dict:
     """Build and write ``host_local.so``, ``host_aarch64.so``, ``npu_programs.json``,
     ``host_params.bin`` and ``tvm.json`` into ``out_dir``; returns the ``report["tvm"]`` section.
     ``arch``'s ``[host.cpu]`` is the phone CPU ``host_aarch64.so`` is built for."""
@@ -123,8 +123,8 @@ def write_build(lowering, out_dir: Path, arch: Architecture | None = None, *, aa
         if progress:
             progress(f"tvm: cross-compile for {cpu['tag']}")
         ex_arm = build(lowering, phone_target(arch))
-        with tempfile.TemporaryDirectory(prefix="edgefc-tvm-") as work:
-            ex_arm.export_library(str(out_dir / "host_aarch64.so"), fcompile=_cross_compile_fn(cross), workspace_dir=work)
+        with temp_dir("tvm") as work:  # edgefc-tvm-PID-*: removed by a later run if this one is killed
+            ex_arm.export_library(str(out_dir / "host_aarch64.so"), fcompile=_cross_compile_fn(cross), workspace_dir=str(work))
         _check_elf_aarch64(out_dir / "host_aarch64.so")
         seconds["build_aarch64"] = time.perf_counter() - t0
     (out_dir / "npu_programs.json").write_text(json.dumps({"programs": lowering.programs}) + "\n")

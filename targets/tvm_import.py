@@ -18,7 +18,11 @@ frontend's importer and adds converters of ours for:
 * ``edgefc.GeGLU`` -> ``R.split`` + ``R.nn.gelu`` + ``R.multiply``;
 * ``edgefc.FusedMatMul(A, B, bias[, residual]; activation)`` and
   ``edgefc.FusedConv(X, W, B[, residual]; Conv attrs, activation)`` -> matmul / conv2d, bias
-  add, activation, residual add: the op sequence the NPU patterns recognise as one composite.
+  add, activation, residual add: the op sequence the NPU patterns recognise as one composite;
+* ``Clip`` with constant bounds -> one ``R.clip`` (the frontend writes a maximum and a minimum as
+  TIR functions, which no NPU pattern matches); ``Pad`` with constant sizes -> ``R.nn.pad`` (the
+  frontend writes a TIR function); ``Max`` / ``Min`` / ``Sum`` -> a chain of binary
+  ``R.maximum`` / ``R.minimum`` / ``R.add`` (the frontend stacks the inputs and reduces).
 
 Design decision (converters vs inlining): the contract's edgefc ops are converted, not inlined,
 so the NPU composites keep the granularity the passes chose (a tiled attention stays a set of
@@ -36,6 +40,7 @@ import math
 import re
 import warnings
 
+import numpy as np
 import onnx
 import onnx.inliner
 
@@ -48,7 +53,7 @@ EDGEFC_DOMAIN = "edgefc"
 
 # (domain, op_type) of the nodes converted by this module rather than by TVM's frontend.
 CONVERTED_OPS = {
-    ("", "Attention"), ("", "GroupNormalization"),
+    ("", "Attention"), ("", "GroupNormalization"), ("", "Clip"), ("", "Pad"), ("", "Max"), ("", "Min"), ("", "Sum"),
     (EDGEFC_DOMAIN, "TiledAttention"), (EDGEFC_DOMAIN, "GroupNormSiLU"), (EDGEFC_DOMAIN, "GeGLU"),
     (EDGEFC_DOMAIN, "FusedMatMul"), (EDGEFC_DOMAIN, "FusedConv"),
 }
@@ -103,8 +108,9 @@ def _dtype(e) -> str:
     return str(e.ty.dtype)
 
 
-def _activation(bb, y, name: str):
-    """The activation ``name`` of a fused op (:data:`edgefc.composites.ACTIVATIONS`) as its Relax op."""
+def _activation(bb, y, name: str, attrs: dict | None = None):
+    """The activation ``name`` of a fused op (:data:`edgefc.composites.ACTIVATIONS`) as its Relax op
+    (its bounds, Clip's, from the node's ``attrs``)."""
     if name in ("", "none"):
         return y
     act = composites.ACTIVATIONS.get(name)
@@ -113,6 +119,8 @@ def _activation(bb, y, name: str):
     op = _rx().op
     for part in act.relax_op.split(".")[1:]:   # "relax.nn.silu" -> relax.op.nn.silu
         op = getattr(op, part)
+    if act.bounds:
+        return bb.normalize(op(y, *[float((attrs or {})[b]) for b in act.bounds]))
     return bb.normalize(op(y))
 
 
@@ -164,7 +172,7 @@ def _fused_matmul(bb, inputs, attrs, node):
     y = bb.normalize(relax.op.matmul(a, b))
     if bias is not None:
         y = bb.normalize(relax.op.add(y, bias))
-    y = _activation(bb, y, _s(attrs.get("activation"), "none"))
+    y = _activation(bb, y, _s(attrs.get("activation"), "none"), attrs)
     if residual is not None:
         y = bb.normalize(relax.op.add(y, residual))
     return y
@@ -174,11 +182,12 @@ def _fused_conv(bb, inputs, attrs, node, opset):
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     relax = _rx()
-    conv_attrs = {k: v for k, v in attrs.items() if k not in ("activation", "tvm_custom")}
+    bounds = {b for a in composites.ACTIVATIONS.values() for b in a.bounds}
+    conv_attrs = {k: v for k, v in attrs.items() if k not in ("activation", "tvm_custom", *bounds)}
     conv_inputs = list(inputs[:3]) + [None] * (3 - len(inputs[:3]))
     y = _get_convert_map()["Conv"].get_converter(opset)(bb, conv_inputs, conv_attrs, None)
     y = bb.normalize(y)
-    y = _activation(bb, y, _s(attrs.get("activation"), "none"))
+    y = _activation(bb, y, _s(attrs.get("activation"), "none"), attrs)
     residual = inputs[3] if len(inputs) > 3 else None
     if residual is not None:
         y = bb.normalize(relax.op.add(y, residual))
@@ -273,7 +282,73 @@ def _tiled_attention(bb, inputs, attrs, node):
     return _attention_out(bb, o4, three_d)
 
 
+def _const_value(e):
+    """The numpy value of a Relax constant (None for anything else)."""
+    value = getattr(e, "value", None)
+    return value.numpy() if hasattr(value, "numpy") else None
+
+
+class _Frontend(Exception):
+    """The node is not in the form our converter takes: let TVM's frontend convert it."""
+
+
+def _clip(bb, inputs, attrs, node):
+    relax = _rx()
+    x = inputs[0]
+    bounds = []
+    for i, default in ((1, -math.inf), (2, math.inf)):
+        e = inputs[i] if len(inputs) > i else None
+        if e is None:
+            bounds.append(default)
+            continue
+        v = _const_value(e)
+        if v is None or v.size != 1:
+            raise _Frontend   # bounds known only at run time: the host's form
+        v = float(v.reshape(()))
+        bounds.append(default if math.isnan(v) else v)   # NaN: unbounded (as onnxruntime)
+    return bb.normalize(relax.op.clip(x, bounds[0], bounds[1]))
+
+
+def _pad(bb, inputs, attrs, node):
+    relax = _rx()
+    x = inputs[0]
+    rank = len(_shape(x))
+    pads = _const_value(inputs[1])
+    value = _const_value(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else 0.0
+    axes = _const_value(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+    if pads is None or value is None or (len(inputs) > 3 and inputs[3] is not None and axes is None):
+        raise _Frontend
+    pads = [int(p) for p in pads.reshape(-1)]
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in axes.reshape(-1)]
+    width = [0] * (2 * rank)
+    for i, a in enumerate(axes):
+        width[2 * a], width[2 * a + 1] = pads[i], pads[len(axes) + i]
+    mode = _s(attrs.get("mode"), "constant")
+    if mode not in ("constant", "reflect", "edge") or min(pads, default=0) < 0:
+        raise _Frontend
+    return bb.normalize(relax.op.nn.pad(x, width, "replicate" if mode == "edge" else mode,
+                                        float(np.asarray(value).reshape(-1)[0]) if np.asarray(value).size else 0.0))
+
+
+def _variadic(op_name: str):
+    def convert(bb, inputs, attrs, node):
+        relax = _rx()
+        ins = [i for i in inputs if i is not None]
+        y = ins[0]
+        for other in ins[1:]:
+            y = bb.normalize(getattr(relax.op, op_name)(y, other))
+        if len(ins) == 1:
+            y = bb.normalize(relax.op.add(y, relax.const(0, _dtype(y)))) if op_name == "add" else y
+        return y
+    return convert
+
+
 CONVERTERS = {
+    ("", "Clip"): _clip,
+    ("", "Pad"): _pad,
+    ("", "Max"): _variadic("maximum"),
+    ("", "Min"): _variadic("minimum"),
+    ("", "Sum"): _variadic("add"),
     ("", "Attention"): _attention,
     ("", "GroupNormalization"): _group_norm,
     (EDGEFC_DOMAIN, "TiledAttention"): _tiled_attention,
@@ -297,6 +372,11 @@ def _importer_class():
             self._onnx_nodes = {n.name: (i, n) for i, n in enumerate(model.graph.node)}
 
         def _check_for_unsupported_ops(self, graph):
+            flow = next((n for n in graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                      for a in n.attribute)), None)
+            if flow is not None:
+                raise BuildError(f"the TVM lowering does not take control flow ({flow.op_type} node '{flow.name}'; "
+                                 f"profile.json prices its bodies): compile without --emit tvm")
             known = _get_convert_map()
             missing = sorted({f"{_domain(n.domain) + '.' if _domain(n.domain) else ''}{n.op_type}"
                               for n in graph.node
@@ -309,14 +389,18 @@ def _importer_class():
         def _convert_operator(self, op_name, inputs, attrs, opset):
             index, node = self._onnx_nodes[attrs["tvm_custom"]["name"]]
             key = (_domain(node.domain), node.op_type)
+            sym = None
             if key in CONVERTERS:
-                if key == (EDGEFC_DOMAIN, "FusedConv"):
-                    sym = _fused_conv(self.bb, list(inputs), dict(attrs), node, opset)
-                else:
-                    sym = CONVERTERS[key](self.bb, list(inputs), dict(attrs), node)
+                try:
+                    if key == (EDGEFC_DOMAIN, "FusedConv"):
+                        sym = _fused_conv(self.bb, list(inputs), dict(attrs), node, opset)
+                    else:
+                        sym = CONVERTERS[key](self.bb, list(inputs), dict(attrs), node)
+                except _Frontend:
+                    sym = None
                 if isinstance(sym, relax.Expr):
                     sym = self.bb.normalize(sym)
-            else:
+            if sym is None:
                 sym = super()._convert_operator(op_name, inputs, attrs, opset)
                 sym = self._safe_take(sym)
             return self._bind(sym, index)

@@ -1,9 +1,10 @@
 """The NPU's kernels, as numpy reference implementations (DESIGN.md "TVM lowering").
 
 ``KERNELS`` maps a Relax operator to ``fn(args, attrs, out_shape, out_dtype) -> ndarray | tuple``:
-conv2d, matmul, attention (one tile or a whole block), norms, softmax, elementwise and
-reduction ops, int16/int8 quantize/dequantize, and the data movement the NPU does (reshape,
-transpose, slices, concat, split, nearest resize). FP16 is computed in FP32 accumulators.
+conv2d / conv1d and their transposes, matmul, attention (one tile or a whole block), norms,
+softmax, pooling (max / average, 1-D and 2-D), elementwise ops and activations (clip, leaky
+ReLU, PReLU ...), reductions, int16/int8 quantize/dequantize, and the data movement the NPU does
+(reshape, transpose, slices, concat, split, pad, nearest and bilinear resize). FP16 is computed in FP32 accumulators.
 ``targets/tvm_runtime.py`` executes NPU programs with them; ``kernel_rejects`` says which calls
 of a supported operator a kernel cannot take (layouts, modes, dynamic shapes), which the TVM
 partition checks against the Program's placement.
@@ -15,6 +16,8 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+
+from edgefc import attention
 
 # the dtype a fused composite keeps an intermediate value in (fp32 accumulators for fp16)
 _ACC = {"float16": "float32"}
@@ -122,6 +125,116 @@ def _conv2d(args, attrs, shape, dtype):
     return out
 
 
+def _conv1d(args, attrs, shape, dtype):
+    """A 1-D convolution as a 2-D one with a unit height (how the NPU runs it)."""
+    if attrs.get("data_layout", "NCW") != "NCW" or attrs.get("kernel_layout", "OIW") != "OIW":
+        raise ValueError("the NPU runtime supports NCW/OIW conv1d only")
+    pl, pr = attrs["padding"]
+    at = {"strides": [1, attrs["strides"][0]], "dilation": [1, attrs["dilation"][0]], "padding": [0, pl, 0, pr],
+          "groups": attrs["groups"]}
+    return _conv2d([args[0][:, :, None, :], args[1][:, :, None, :]], at, [shape[0], shape[1], 1, shape[2]], dtype)[:, :, 0, :]
+
+
+def _conv2d_transpose(args, attrs, shape, dtype):
+    """A transposed convolution: the input spread out by the stride (zeros between), convolved with
+    the flipped kernel (inputs and outputs swapped per group), the border cropped by the padding."""
+    if attrs.get("data_layout", "NCHW") != "NCHW" or attrs.get("kernel_layout", "IOHW") != "IOHW":
+        raise ValueError("the NPU runtime supports NCHW/IOHW conv2d_transpose only")
+    x, w = _f(args[0]), _f(args[1])
+    n, c, h, wd = x.shape
+    sh, sw = attrs["strides"]
+    dh, dw = attrs["dilation"]
+    pt, pl, _pb, _pr = attrs["padding"]
+    g = int(attrs["groups"])
+    cg, og, kh, kw = w.shape[0] // g, w.shape[1], w.shape[2], w.shape[3]
+    spread = np.zeros((n, c, (h - 1) * sh + 1, (wd - 1) * sw + 1), dtype=x.dtype)
+    spread[:, :, ::sh, ::sw] = x
+    eh, ew = dh * (kh - 1), dw * (kw - 1)
+    full_h, full_w = spread.shape[2] + eh, spread.shape[3] + ew
+    oh, ow = shape[2], shape[3]
+    extra_h, extra_w = max(0, pt + oh - full_h), max(0, pl + ow - full_w)   # output_padding past the end
+    kernel = np.concatenate([np.flip(w[gi * cg:(gi + 1) * cg], (2, 3)).transpose(1, 0, 2, 3) for gi in range(g)])
+    full = _conv2d([spread, kernel], {"strides": [1, 1], "dilation": [dh, dw], "padding": [eh, ew, eh + extra_h, ew + extra_w],
+                                      "groups": g}, [n, og * g, full_h + extra_h, full_w + extra_w], dtype)
+    return full[:, :, pt:pt + oh, pl:pl + ow]
+
+
+def _conv1d_transpose(args, attrs, shape, dtype):
+    if attrs.get("data_layout", "NCW") != "NCW" or attrs.get("kernel_layout", "IOW") != "IOW":
+        raise ValueError("the NPU runtime supports NCW/IOW conv1d_transpose only")
+    pl, pr = attrs["padding"]
+    at = {"strides": [1, attrs["strides"][0]], "dilation": [1, attrs["dilation"][0]], "padding": [0, pl, 0, pr],
+          "groups": attrs["groups"], "output_padding": [0, attrs["output_padding"][0]]}
+    y = _conv2d_transpose([args[0][:, :, None, :], args[1][:, :, None, :]], at, [shape[0], shape[1], 1, shape[2]], dtype)
+    return y[:, :, 0, :]
+
+
+def _pool(kind: str, spatial: int):
+    """Max / average pooling over the last ``spatial`` axes (1 or 2; NCW / NCHW): one pass per
+    window tap over the output, as the cost model prices it. Padding takes no part in a maximum;
+    an average divides by the taps inside the padded input (``count_include_pad``) or inside the
+    input itself."""
+
+    def k(args, attrs, shape, dtype):
+        layout = attrs.get("layout", "NCHW" if spatial == 2 else "NCW")
+        if layout != ("NCHW" if spatial == 2 else "NCW"):
+            raise ValueError(f"the NPU runtime supports {'NCHW' if spatial == 2 else 'NCW'} pooling only")
+        x = np.asarray(_f(args[0]), dtype=np.float64)
+        size, strides, dil = list(attrs["pool_size"]), list(attrs["strides"]), list(attrs["dilation"])
+        pad = list(attrs["padding"])
+        before, after = pad[:spatial], pad[spatial:]
+        out = list(shape[2:])
+        if spatial == 1:
+            x, size, strides, dil, before, after, out = (x[:, :, None, :], [1] + size, [1] + strides, [1] + dil,
+                                                        [0] + before, [0] + after, [1] + out)
+        # pad to the padding, and past it as far as the last window reaches (ceil mode): the
+        # part past the padding counts in no average and in no maximum
+        reach = [(o - 1) * s + d * (kk - 1) + 1 for o, s, d, kk in zip(out, strides, dil, size)]
+        beyond = [max(0, r - (n + b + a)) for r, n, b, a in zip(reach, x.shape[2:], before, after)]
+        widths = ((0, 0), (0, 0)) + tuple((b, a + e) for b, a, e in zip(before, after, beyond))
+        inside = np.pad(np.ones(x.shape[2:]), widths[2:])                      # 1: the input itself
+        padded = np.ones(tuple(n + b + a for n, b, a in zip(x.shape[2:], before, after)))
+        counted = np.pad(padded, tuple((0, e) for e in beyond))                # 1: input or padding
+        xp = np.pad(x, widths, constant_values=-np.inf if kind == "max" else 0.0)
+        acc = np.full(x.shape[:2] + tuple(out), -np.inf if kind == "max" else 0.0)
+        count = np.zeros(tuple(out))
+        weights = inside if kind == "max" or not attrs.get("count_include_pad") else counted
+        for i in range(size[0]):
+            for j in range(size[1]):
+                sl = (slice(i * dil[0], i * dil[0] + strides[0] * (out[0] - 1) + 1, strides[0]),
+                      slice(j * dil[1], j * dil[1] + strides[1] * (out[1] - 1) + 1, strides[1]))
+                tap = xp[(slice(None), slice(None)) + sl]
+                if kind == "max":
+                    acc = np.maximum(acc, tap)
+                else:
+                    acc = acc + tap
+                    count = count + weights[sl]
+        y = acc if kind == "max" else acc / np.maximum(count, 1)
+        return y[:, :, 0, :] if spatial == 1 else y
+
+    return k
+
+
+def _pad(args, attrs, shape, dtype):
+    x = args[0]
+    w = list(attrs["pad_width"])
+    widths = tuple((w[2 * i], w[2 * i + 1]) for i in range(x.ndim))
+    mode = attrs.get("pad_mode", "constant")
+    if mode == "constant":
+        return np.pad(x, widths, constant_values=np.asarray(attrs.get("pad_value", 0.0)).astype(x.dtype))
+    if mode in ("reflect", "replicate"):
+        return np.pad(x, widths, mode="reflect" if mode == "reflect" else "edge")
+    raise ValueError(f"the NPU runtime does not pad in mode {mode}")
+
+
+def _prelu(args, attrs, shape, dtype):
+    x, a = _f(args[0]), _f(args[1])
+    axis = int(attrs.get("axis", 1)) % x.ndim
+    bshape = [1] * x.ndim
+    bshape[axis] = a.size
+    return np.where(x < 0, x * a.reshape(bshape), x)
+
+
 def _matmul(args, attrs, shape, dtype):
     # contiguous operands: numpy only hands contiguous (or simply transposed) blocks to BLAS
     return np.matmul(np.ascontiguousarray(_f(args[0])), np.ascontiguousarray(_f(args[1])))
@@ -165,25 +278,10 @@ def _group_norm(args, attrs, shape, dtype):
     return y
 
 
-def attention_reference(q, k, v, scale, causal_mask):
-    """softmax(Q K^T * scale [+ causal mask]) V on [B, S, H, d] tensors (one NPU attention command:
-    QK^T on the tensor engine, the softmax on the vector engine, SV on the tensor engine)."""
-    q, k, v = _f(q), _f(k), _f(v)
-    sq, skv, d = q.shape[1], k.shape[1], q.shape[3]
-    s = np.einsum("bqhd,bkhd->bhqk", q, k, optimize=True).astype(np.float64)
-    s *= (1.0 / math.sqrt(d)) if scale is None else float(scale)
-    if causal_mask is not None:
-        offset = 0 if causal_mask == "TopLeft" else abs(sq - skv)
-        mask = np.triu(np.ones((sq, skv), dtype=bool), k=1 + offset)
-        s = np.where(mask, -np.inf, s)
-    p = _softmax(s, -1).astype(np.float32)
-    return np.einsum("bhqk,bkhd->bqhd", p, v, optimize=True)
-
-
 def _attention(args, attrs, shape, dtype):
     if len(args) > 3 and args[3] is not None:
         raise ValueError("the NPU runtime does not support attention bias")
-    return attention_reference(args[0], args[1], args[2], attrs.get("scale"), attrs.get("causal_mask"))
+    return attention.reference(args[0], args[1], args[2], attrs.get("scale"), attrs.get("causal_mask"))
 
 
 def _strided_slice(args, attrs, shape, dtype):
@@ -205,27 +303,48 @@ def _split(args, attrs, shape, dtype):
     return tuple(np.split(x, list(ios), axis=axis))
 
 
+_RESIZE_COORDINATES = ("asymmetric", "half_pixel", "pytorch_half_pixel", "align_corners", "tf_half_pixel_for_nn")
+
+
+def _source_coordinates(mode: str, in_len: int, out_len: int) -> np.ndarray:
+    """Where each output position samples the input (ONNX Resize's coordinate transformations)."""
+    o = np.arange(out_len, dtype=np.float64)
+    scale = out_len / in_len
+    if mode == "asymmetric":
+        return o / scale
+    if mode == "half_pixel":
+        return (o + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (o + 0.5) / scale - 0.5 if out_len > 1 else np.zeros_like(o)
+    if mode == "align_corners":
+        return o * (in_len - 1) / (out_len - 1) if out_len > 1 else np.zeros_like(o)
+    if mode == "tf_half_pixel_for_nn":
+        return (o + 0.5) / scale
+    raise ValueError(f"resize coordinate mode {mode} is not supported")
+
+
 def _resize2d(args, attrs, shape, dtype):
     x = args[0]
-    if attrs.get("layout", "NCHW") != "NCHW" or attrs.get("method") != "nearest_neighbor":
-        raise ValueError("the NPU runtime supports NCHW nearest-neighbour resize only")
+    method = attrs.get("method")
+    if attrs.get("layout", "NCHW") != "NCHW" or method not in ("nearest_neighbor", "linear"):
+        raise ValueError("the NPU runtime supports NCHW nearest-neighbour and bilinear resize only")
     mode = attrs.get("coordinate_transformation_mode", "half_pixel")
     rounding = attrs.get("rounding_method", "round")
+    if method == "linear":
+        # separable: along H, then along W, each output a blend of its two neighbours (clamped)
+        y = np.asarray(_f(x), dtype=np.float64)
+        for axis, out_len in ((2, shape[2]), (3, shape[3])):
+            in_len = y.shape[axis]
+            c = np.clip(_source_coordinates(mode, in_len, out_len), 0, in_len - 1)
+            lo = np.floor(c).astype(np.int64)
+            hi = np.minimum(lo + 1, in_len - 1)
+            frac = (c - lo).reshape([-1 if a == axis else 1 for a in range(4)])
+            y = np.take(y, lo, axis=axis) * (1 - frac) + np.take(y, hi, axis=axis) * frac
+        return y
     idx = []
     for axis, out_len in ((2, shape[2]), (3, shape[3])):
         in_len = x.shape[axis]
-        o = np.arange(out_len, dtype=np.float64)
-        scale = out_len / in_len
-        if mode == "asymmetric":
-            c = o / scale
-        elif mode == "half_pixel":
-            c = (o + 0.5) / scale - 0.5
-        elif mode == "align_corners":
-            c = o * (in_len - 1) / (out_len - 1) if out_len > 1 else np.zeros_like(o)
-        elif mode == "tf_half_pixel_for_nn":
-            c = (o + 0.5) / scale
-        else:
-            raise ValueError(f"resize coordinate mode {mode} is not supported")
+        c = _source_coordinates(mode, in_len, out_len)
         if rounding == "floor":
             r = np.floor(c)
         elif rounding == "ceil":
@@ -288,6 +407,16 @@ KERNELS: dict[str, Callable] = {
     **{op: _unary(fn) for op, fn in _UNARY.items()},
     **{op: _binary(fn) for op, fn in _BINARY.items()},
     "relax.nn.conv2d": _conv2d,
+    "relax.nn.conv1d": _conv1d,
+    "relax.nn.conv2d_transpose": _conv2d_transpose,
+    "relax.nn.conv1d_transpose": _conv1d_transpose,
+    "relax.nn.max_pool2d": _pool("max", 2),
+    "relax.nn.avg_pool2d": _pool("avg", 2),
+    "relax.nn.max_pool1d": _pool("max", 1),
+    "relax.nn.avg_pool1d": _pool("avg", 1),
+    "relax.nn.pad": _pad,
+    "relax.nn.leakyrelu": lambda a, at, s, d: np.where(_f(a[0]) < 0, _f(a[0]) * at["alpha"], _f(a[0])),
+    "relax.nn.prelu": _prelu,
     "relax.matmul": _matmul,
     "relax.nn.attention": _attention,
     "relax.nn.softmax": lambda a, at, s, d: _softmax(a[0], at["axis"]),
@@ -365,14 +494,22 @@ def kernel_rejects(call) -> str | None:
         if _static(ty) is None:
             return f"{op.removeprefix('relax.')} has a dynamic shape"
     attrs = call.attrs
-    if op == "relax.nn.conv2d" and (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"):
-        return "conv2d layout other than NCHW/OIHW"
+    if op in ("relax.nn.conv2d", "relax.nn.conv1d") and (attrs.data_layout not in ("NCHW", "NCW")
+                                                         or attrs.kernel_layout not in ("OIHW", "OIW")):
+        return f"{op.removeprefix('relax.')} layout other than NCHW/OIHW"
+    if op in ("relax.nn.conv2d_transpose", "relax.nn.conv1d_transpose") and (
+            attrs.data_layout not in ("NCHW", "NCW") or attrs.kernel_layout not in ("IOHW", "IOW")):
+        return f"{op.removeprefix('relax.')} layout other than NCHW/IOHW"
+    if op.startswith("relax.nn.") and "pool" in op and attrs.layout not in ("NCHW", "NCW"):
+        return f"{op.removeprefix('relax.')} layout {attrs.layout}"
+    if op == "relax.nn.pad" and attrs.pad_mode not in ("constant", "reflect", "replicate"):
+        return f"pad mode {attrs.pad_mode}"
     if op == "relax.nn.attention" and (attrs.window_size is not None or len(call.args) > 3):
         return "attention with a bias or a sliding window"
     if op == "relax.image.resize2d":
-        if attrs.method != "nearest_neighbor" or attrs.layout != "NCHW":
-            return f"resize2d {attrs.method} (the NPU resizes by nearest neighbour)"
-        if attrs.coordinate_transformation_mode not in ("asymmetric", "half_pixel", "align_corners", "tf_half_pixel_for_nn"):
+        if attrs.method not in ("nearest_neighbor", "linear") or attrs.layout != "NCHW":
+            return f"resize2d {attrs.method} (the NPU resizes by nearest neighbour or bilinearly)"
+        if attrs.coordinate_transformation_mode not in _RESIZE_COORDINATES:
             return f"resize2d coordinate mode {attrs.coordinate_transformation_mode}"
     if op == "relax.astype" and not isinstance(call.ty, relax.TensorType):
         return "astype of a non-tensor"

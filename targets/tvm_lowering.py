@@ -38,7 +38,7 @@ import onnx
 
 from edgefc.errors import BuildError
 from edgefc.targets import tvm_codegen, tvm_import, tvm_node_stamps
-from edgefc.targets.tvm_build import find_cross_linker, write_build
+from edgefc.targets.tvm_build import find_cross_linker, write_tvm_files
 from edgefc.targets.tvm_kernels import kernel_rejects
 from edgefc.targets.tvm_patterns import PREFIX, pattern_table, placement_check
 
@@ -316,4 +316,4 @@ def emit_tvm(graph, out_dir, ctx, report, program, arch) -> None:
     find_cross_linker()  # no linker: fail before any work
     lowering = lower(ir.to_model(graph), program, progress=progress, consume=True)
     report["partition"] = ctx.report["partition"] = lowering.partition
-    report["tvm"] = write_build(lowering, Path(out_dir), arch, progress=progress)
+    report["tvm"] = write_tvm_files(lowering, Path(out_dir), arch, progress=progress)

@@ -42,9 +42,9 @@ def placement_check(host_nodes: set[str]):
 def _act(y, act: composites.Activation):
     """``act`` applied to ``y``, as the Relax op, or for a gated activation also as the exporters
     write it (SiLU: ``x * sigmoid(x)``)."""
-    from tvm.relax.dpl.pattern import is_op
+    from tvm.relax.dpl.pattern import is_op, wildcard
 
-    pat = is_op(act.relax_op)(y)
+    pat = is_op(act.relax_op)(y, *[wildcard() for _ in act.bounds])
     if act.gated:
         pat = pat | is_op("relax.multiply")(y, is_op(act.relax_gate_op)(y))
     return pat
@@ -78,7 +78,8 @@ def _single(op: str, check) -> tuple:
 
 
 # the number of arguments of the kernels' ops that take more than one (the binary ops: 2)
-_NARGS = {"relax.nn.conv2d": 2, "relax.matmul": 2, "relax.nn.attention": 3, "relax.nn.layer_norm": 3,
+_NARGS = {"relax.nn.conv2d": 2, "relax.nn.conv1d": 2, "relax.nn.conv2d_transpose": 2, "relax.nn.conv1d_transpose": 2,
+          "relax.nn.prelu": 2, "relax.matmul": 2, "relax.nn.attention": 3, "relax.nn.layer_norm": 3,
           "relax.nn.group_norm": 3, "relax.quantize": 3, "relax.dequantize": 3, "relax.clip": 3, "relax.where": 3,
           "relax.reshape": 2, "relax.broadcast_to": 2, "relax.image.resize2d": 2}
 

@@ -186,8 +186,8 @@ class TvmRunner:
         import tvm
 
         self.check_feeds(feeds)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[s["name"]].astype(s["dtype"], copy=False)))
-                for s in self.inputs]
+        # np.asarray keeps a 0-d input 0-d (np.ascontiguousarray makes it 1-d)
+        args = [tvm.runtime.tensor(np.asarray(feeds[s["name"]], dtype=s["dtype"], order="C")) for s in self.inputs]
         out = self.vm["main"](*args, *self.params)
         outs = [out] if hasattr(out, "numpy") else list(out)
         return {name: o.numpy() for name, o in zip(self.outputs, outs)}

@@ -28,10 +28,15 @@ def _export_cache(tmp_path_factory) -> Path:
 
 
 def _tiny_export(folder: Path, component: str, arch: str, exporter: str = "torchscript") -> Path:
-    from edgefc.models.export import export_component
-
+    """The export (cached): made with torch, so a test that needs one skips when torch is not
+    installed and the cache does not hold it (the compiler itself never needs torch)."""
     path = folder / f"{component}-{arch}-tiny{'' if exporter == 'torchscript' else '-' + exporter}.onnx"
     if not path.is_file():
+        pytest.importorskip("torch", reason="exporting a tiny model needs torch (the models extra)")
+        if exporter == "dynamo":
+            pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs onnxscript")
+        from edgefc.models.export import export_component
+
         export_component(component, arch, path, scale="tiny", progress=False, exporter=exporter)
     return path
 
@@ -50,7 +55,6 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_dynamo(tmp_path_factory) -> dict[str, Path]:
     """The same tiny bk-sdm-tiny components through torch's default exporter (``--exporter dynamo``)."""
-    pytest.importorskip("onnxscript")
     folder = _export_cache(tmp_path_factory)
     return {c: _tiny_export(folder, c, "bk-sdm-tiny", "dynamo") for c in ("text-encoder", "unet", "vae-decoder")}
 

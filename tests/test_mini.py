@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import needs
 from tests.cli import assert_user_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,20 @@ def test_bake_guidance_is_exact():
     assert not torch.allclose(got, other, rtol=1e-3, atol=1e-3)  # the guidance really changes the output
 
 
+def test_a_companion_command_without_the_models_extra_is_one_line(tmp_path):
+    """`edgefc train` where diffusers is not installed: one line naming it and the extra, exit 2."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['diffusers'] = None; from edgefc.cli import main; main()"
+    proc = subprocess.run([sys.executable, "-c", code, "train", "sd", "--teacher", str(tmp_path / "nope"), "--data",
+                           str(tmp_path), "-o", str(tmp_path / "o")], capture_output=True, text=True, check=False)
+    assert_user_error(proc.returncode, proc.stdout + proc.stderr, "needs the models extra (diffusers is not installed)",
+                      "pip install 'edgefc[models]'")
+    assert not (tmp_path / "o").exists()
+
+
+@needs.diffusers
 def test_train_vae_and_sd_user_errors(tmp_path):
     rc, out = run_cli("data", "synth", "-o", str(tmp_path / "d"), "--count", "2", "--quiet")
     assert rc == 0, out
@@ -112,3 +127,28 @@ def test_mini_edgefusion_small(tmp_path):
                        "--width", "64", "-o", str(tmp_path / "x.png"))
     assert rc == 0, text
     assert (tmp_path / "x.png").is_file()
+
+
+@pytest.mark.slow
+def test_training_ablations_small(tmp_path):
+    """bench/training_ablations.py at a few-minute budget: every row, claim and table is written, and a
+    second run finds everything done (resumable)."""
+    out = tmp_path / "abl"
+    cmd = [sys.executable, str(ROOT / "bench" / "training_ablations.py"), "--out", str(out), "--small"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert set(r["kd"]) == {"L-orig", "L-pp", "L-pps", "synt", "synt-cur", "L-pps+synt"}
+    assert set(r["lcm"]) == {"base-L-orig", "base-L-pps+synt", "kdft-L-orig", "kdft-L-pps+synt",
+                             "kdft-L-pps+synt-self"}
+    for row in r["kd"].values():
+        assert row["alignment"]["n"] == 2 and 0.0 <= row["alignment"]["mean"] <= 1.0
+    for row in r["lcm"].values():
+        assert {"1", "2", "4"} <= set(row)
+    assert r["data"]["L-orig"]["agreement"] < r["data"]["L-pps"]["agreement"] == 1.0
+    assert {c["alignment"]["verdict"] for c in r["claims"]} <= {"reproduced", "not reproduced", "inconclusive"}
+    md = (out / "results.md").read_text()
+    assert "Table 2" in md and "Table 3" in md and "Fig. 2" in md
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "0 jobs to run" in proc.stderr

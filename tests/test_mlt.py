@@ -122,7 +122,7 @@ def test_numpy_tile_by_tile_equals_untiled(b, sq, skv, heads, dk, dv, causal, g,
     spec = AttentionSpec("t", b, heads, sq, skv, dk, dv, "fp32", bool(causal))
     y = tiled_attention.tiled_attention_numpy(q, k, v, heads, 0.3, bool(causal), tiling, g,
                                   on_tile=lambda t, rows, hp, s: seen.append((t, s.shape)))
-    ref = tiled_attention.reference_attention(q, k, v, heads, 0.3, bool(causal))
+    ref = edgefc.attention.reference(q, k, v, 0.3, "TopLeft" if causal else None, heads=heads)
     assert np.abs(y - ref).max() <= 1e-5
     rows = tile_rows(spec, tiling, g)
     assert [t for t, _ in seen] == list(range(tiling.tiles))
@@ -139,7 +139,7 @@ def test_onnxruntime_tiled_attention_equals_attention(b, sq, skv, heads, dk, dv,
     y_ref = run_model(attention_node_model(b, sq, skv, heads, dk, dv, causal=causal), feeds)
     y = run_model(tiled, feeds)
     assert y.shape == y_ref.shape and np.abs(y - y_ref).max() <= 1e-5
-    assert np.abs(y - tiled_attention.reference_attention(q, k, v, heads, 0.3, bool(causal))).max() <= 1e-5
+    assert np.abs(y - edgefc.attention.reference(q, k, v, 0.3, "TopLeft" if causal else None, heads=heads)).max() <= 1e-5
     # The body is plain ONNX: inlining the function gives the same graph onnxruntime ran.
     inlined = onnx.inliner.inline_local_functions(tiled)
     assert not inlined.functions and "TiledAttention" not in {n.op_type for n in inlined.graph.node}
@@ -162,7 +162,7 @@ def test_onnx_body_builds_the_tiles_the_cost_model_prices(b, sq, skv, heads, dk,
     inlined.graph.output.append(helper.make_tensor_value_info(loop.output[-1], TensorProto.FLOAT, None))  # the scan output
     out = ort.run(inlined, {"Q": q, "K": k, "V": v})
     assert out[loop.output[-1]].shape == (grid.tiles, b, grid.heads, grid.rows, dv)
-    assert np.abs(out["Y"] - tiled_attention.reference_attention(q, k, v, heads, 0.3, bool(causal))).max() <= 1e-5
+    assert np.abs(out["Y"] - edgefc.attention.reference(q, k, v, 0.3, "TopLeft" if causal else None, heads=heads)).max() <= 1e-5
     # the Program prices those tiles (rows padded to the target's granularity, real MACs exact)
     target = edgefc.get_target("exynos2400")
     prog = target.lower(edgefc.infer_shapes(gs.import_onnx(model)))
@@ -320,20 +320,48 @@ def test_build_folder_keeps_the_tiled_model(transformer, tmp_path):
 def test_deployed_activation_dtype():
     import onnx_graphsurgeon as gs
 
+    from edgefc import precision
+    from edgefc.deployed_types import DeployedTypes
+
     x16 = gs.Variable("x16", dtype=np.int16, shape=[1])
     dq_out = gs.Variable("dq", dtype=np.float32, shape=[1])
-    gs.Node("DequantizeLinear", inputs=[x16, gs.Constant("s", np.ones(1, np.float32))], outputs=[dq_out])
-    assert mlt.deployed_act_dtype(dq_out) == "int16"
-    assert mlt.deployed_act_dtype(gs.Variable("h", dtype=np.float16, shape=[1])) == "fp16"
+    h = gs.Variable("h", dtype=np.float16, shape=[1])
     f32 = gs.Variable("f", dtype=np.float32, shape=[1])
-    assert mlt.deployed_act_dtype(f32) == "fp32" and mlt.deployed_act_dtype(f32, "w8a16") == "int16"
-    assert mlt.deployed_act_dtype(f32, "fp16") == "fp16"
     # A float tensor quantized by a consumer QuantizeLinear, seen through a Reshape.
     mm, r, q = (gs.Variable("mm", dtype=np.float32, shape=[1, 4]), gs.Variable("r", dtype=np.float32, shape=[4]),
                 gs.Variable("q", dtype=np.int16, shape=[4]))
-    gs.Node("Reshape", inputs=[mm, gs.Constant("shp", np.array([4], np.int64))], outputs=[r])
-    gs.Node("QuantizeLinear", inputs=[r, gs.Constant("s2", np.ones(1, np.float32))], outputs=[q])
-    assert mlt.deployed_act_dtype(mm) == "int16"
+    nodes = [gs.Node("DequantizeLinear", inputs=[x16, gs.Constant("s", np.ones(1, np.float32))], outputs=[dq_out]),
+             gs.Node("Reshape", inputs=[mm, gs.Constant("shp", np.array([4], np.int64))], outputs=[r]),
+             gs.Node("QuantizeLinear", inputs=[r, gs.Constant("s2", np.ones(1, np.float32))], outputs=[q])]
+    g = gs.Graph(nodes=nodes, inputs=[x16, h, f32, mm], outputs=[dq_out, q])
+    built = DeployedTypes(g)
+    assert built.of(dq_out) == "int16" and built.of(h) == "fp16" and built.of(f32) == "fp32" and built.of(mm) == "int16"
+    assert DeployedTypes(g, "w8a16").of(f32) == "int16" and DeployedTypes(g, "fp16").of(f32) == "fp16"
+    # mlt sizes an attention by its recorded precision when quantize recorded one, else by Q's stored type
+    q3, k3, v3, o3 = (gs.Variable(n, dtype=np.float32, shape=[1, 8, 16]) for n in "qkvo")
+    att = gs.Node("Attention", inputs=[q3, k3, v3], outputs=[o3], attrs={"q_num_heads": 2, "kv_num_heads": 2})
+    ga = gs.Graph(nodes=[att], inputs=[q3, k3, v3], outputs=[o3])
+    assert mlt.attention_types(ga).attention_act_type(att) == "fp32"
+    assert mlt.attention_types(ga, "w8a8").attention_act_type(att) == "int8"   # what-if: nothing recorded
+    precision.set_op_precision(att, "fp16")
+    assert mlt.attention_types(ga, "w8a16").attention_act_type(att) == "fp16"  # the record wins
+
+
+def test_tiled_attention_keeps_the_precision_record(transformer):
+    """A TiledAttention carries the precision quantize recorded on the Attention it replaces, and
+    the solver sizes it at that precision (FP16 here, though the graph's tensors are FP32)."""
+    from edgefc import precision
+    from edgefc.pass_base import PassContext
+
+    g = edgefc.compile(transformer, None, passes=["canonicalize"]).graph
+    for n in g.nodes:
+        if n.op == "Attention":
+            precision.set_op_precision(n, "fp16")
+    ctx = PassContext(target=FakeNpu(sram_bytes=256 << 10))
+    out = edgefc.get_pass("mlt")(g, ctx)
+    tiled = [n for n in out.nodes if n.op == "TiledAttention"]
+    assert tiled and all(precision.op_precision(n) == "fp16" for n in tiled)
+    assert {b["spec"]["act_dtype"] for b in ctx.report["tiling"]["blocks"]} == {"fp16"}
 
 
 def test_explain_tiling_tables(transformer):
@@ -364,7 +392,8 @@ def _plugin(tmp_path: Path, sram: int) -> Path:
 
 def one_line_error(rc, out, *needles):
     assert rc == 2 and "Traceback" not in out, out
-    lines = [line for line in out.splitlines() if line.strip() and not line.startswith("compiling")]
+    lines = [line for line in out.splitlines()  # progress lines (indented) may come first
+             if line.strip() and not line.startswith("compiling") and not line.startswith("  ")]
     assert len(lines) == 1 and lines[0].startswith("error:"), out
     for n in needles:
         assert n in lines[0], lines[0]
@@ -564,4 +593,4 @@ def test_tiled_attention_behind_dequantize_loads_with_default_session_options(tm
     assert load_with_default_options(path, feeds, tmp_path) <= 1e-5
     q, k, v = (feeds[f"{x}16"].astype(np.float32) * 0.01 for x in "QKV")
     y = run_model(model, feeds)
-    assert np.abs(y - tiled_attention.reference_attention(q, k, v, 4, 0.3)).max() <= 1e-4
+    assert np.abs(y - edgefc.attention.reference(q, k, v, 0.3, heads=4)).max() <= 1e-4

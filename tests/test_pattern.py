@@ -1,4 +1,4 @@
-"""The pattern-rewrite helper (edgefc.pattern) on small hand-built graphs."""
+"""The rewrite engine (edgefc.pattern, edgefc.matcher, edgefc.rewriter) on small hand-built graphs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,17 @@ import pytest
 
 from edgefc import ort
 from edgefc.errors import PassError
-from edgefc.pattern import Pattern, is_scalar, scalar
-from edgefc.rewriter import RewriteLog, Rewriter, rewrite_all
+from edgefc.matcher import Miss, match
+from edgefc.pattern import Pattern, close_to, is_scalar, scalar
+from edgefc.rewriter import Fusion, RewriteLog, Rewriter, apply_fusions
+
+
+def rewrite(g, pattern, replace, anchor="mul", kind="silu", log=None, misses=True) -> int:
+    """Apply one fusion of ``pattern`` with ``replace(match)``; the number of rewrites."""
+    log = log if log is not None else RewriteLog()
+    before = sum(log.counts.values())
+    apply_fusions(g, [Fusion(kind, [pattern], anchor=anchor, replacement=lambda m, rw: replace(m), misses=misses)], log)
+    return sum(log.counts.values()) - before
 
 
 def _v(name, shape=(2, 3)):
@@ -45,7 +54,7 @@ def test_match_either_input_order_from_any_anchor():
         g = silu_graph(swap)
         mul, sig = g.nodes[1], g.nodes[0]
         for node, anchor in ((mul, None), (sig, "sig"), (mul, "mul")):
-            m = p.match(node, anchor)
+            m = match(p, node, anchor)
             assert m, m
             assert m["x"] is g.inputs[0] and m["sig"] is sig and m["mul"] is mul
             assert m.outputs == [g.outputs[0]]
@@ -56,22 +65,22 @@ def test_rewrite_replaces_and_keeps_numerics():
     feeds = ort.random_inputs(g, 1)
     before = ort.run(g, feeds)
     log = RewriteLog()
-    n = rewrite_all(g, silu_pattern(), lambda m: [gs.Node("HardSwish", inputs=[m["x"]], outputs=m.outputs)],
-                    kind="silu", log=log)
+    n = rewrite(g, silu_pattern(), lambda m: [gs.Node("HardSwish", inputs=[m["x"]], outputs=m.outputs)],
+            kind="silu", log=log)
     assert n == 1 and log.counts["silu"] == 1
     assert [node.op for node in g.nodes] == ["HardSwish"]
     assert g.outputs[0].inputs[0].op == "HardSwish"
     # and a replacement that is exact: Sigmoid*x rebuilt as Mul(Sigmoid) with fresh tensors
     g = silu_graph()
-    rewrite_all(g, silu_pattern(), lambda m: [gs.Node("Sigmoid", inputs=[m["x"]], outputs=[t := _v("t2")]),
-                                              gs.Node("Mul", inputs=[t, m["x"]], outputs=m.outputs)])
+    rewrite(g, silu_pattern(), lambda m: [gs.Node("Sigmoid", inputs=[m["x"]], outputs=[t := _v("t2")]),
+                                          gs.Node("Mul", inputs=[t, m["x"]], outputs=m.outputs)])
     ort.check(before, ort.run(g, feeds), 1e-6)
-    assert rewrite_all(g, silu_pattern(), lambda m: []) == 1  # the rebuilt chain matches again
+    assert rewrite(g, silu_pattern(), lambda m: []) == 1  # the rebuilt chain matches again
 
 
 def test_internal_tensor_with_outside_consumer_is_a_miss_with_reason():
     g = silu_graph(extra_consumer=True)
-    m = silu_pattern().match(g.nodes[0], "sig")
+    m = match(silu_pattern(), g.nodes[0], "sig")
     assert not m
     assert "also used by Relu 'relu'" in m.reason
 
@@ -87,7 +96,7 @@ def test_same_placeholder_must_bind_the_same_tensor():
     x, z, s, y = _v("x"), _v("z"), _v("s"), _v("y")
     g = gs.Graph(nodes=[gs.Node("Sigmoid", "sig", inputs=[z], outputs=[s]),
                         gs.Node("Mul", "mul", inputs=[x, s], outputs=[y])], inputs=[x, z], outputs=[y])
-    m = silu_pattern().match(g.nodes[1])
+    m = match(silu_pattern(), g.nodes[1])
     assert not m and m.reason == "Sigmoid 'sig' input 0: tensor 'z' should be 'x', which is 'x'"
 
 
@@ -99,13 +108,13 @@ def test_constant_checks_and_reasons():
         y = _v("y")
         g = gs.Graph(nodes=[gs.Node("Mul", "mul", inputs=[_v("x"), gs.Constant("c", np.array(value, np.float32))],
                                     outputs=[y])], outputs=[y])
-        m = p.match(g.nodes[0])
+        m = match(p, g.nodes[0])
         assert bool(m) == ok
         if not ok:
             assert "constant is 0.25, want 0.5" in m.reason
     y = _v("y")
     g = gs.Graph(nodes=[gs.Node("Mul", "mul", inputs=[_v("x"), _v("c")], outputs=[y])], outputs=[y])
-    assert "is not a constant" in p.match(g.nodes[0]).reason
+    assert "is not a constant" in match(p, g.nodes[0]).reason
     assert scalar(gs.Constant("big", np.zeros((4, 4), np.float32))) is None
 
 
@@ -116,7 +125,7 @@ def test_attribute_constraints_and_where():
         y = _v("y", (2, cols))
         g = gs.Graph(nodes=[gs.Node("Softmax", "sm", attrs={"axis": axis}, inputs=[_v("x", (2, cols))], outputs=[y])],
                      outputs=[y])
-        m = p.match(g.nodes[0])
+        m = match(p, g.nodes[0])
         if want is None:
             assert m
         else:
@@ -130,12 +139,12 @@ def test_multi_output_and_extra_inputs():
     p = Pattern("split-mul")
     h1, h2 = p.op("Split", p.input("X"), name="split", outputs=2, extra_inputs=True)
     p.op("Mul", h1, h2, name="mul")
-    m = p.match(g.nodes[1])
+    m = match(p, g.nodes[1])
     assert m and m["X"] is x
     strict = Pattern("split-strict")
     h1, h2 = strict.op("Split", strict.input("X"), name="split", outputs=2)
     strict.op("Mul", h1, h2, name="mul")
-    miss = strict.match(g.nodes[1])
+    miss = match(strict, g.nodes[1])
     assert not miss and "has 2 inputs, pattern node 'split' has 1" in miss.reason
 
 
@@ -150,7 +159,7 @@ def test_consumer_choice_backtracks():
     x_ = p.op("Neg", p.input("a"), name="neg")
     p.output(x_)  # x keeps its Relu consumer
     p.op("Mul", x_, p.op("Sigmoid", x_, name="sig"), name="mul")
-    m = p.match(g.nodes[0])
+    m = match(p, g.nodes[0])
     assert m and m["sig"].name == "sig"
 
 
@@ -166,7 +175,7 @@ def test_from_graphsurgeon_pattern():
     for group, ok in ((1, True), (2, False)):
         g = gs.Graph(nodes=[gs.Node("Conv", "conv", attrs={"group": group}, inputs=[xin, w], outputs=[cy]),
                             gs.Node("Relu", "relu", inputs=[cy], outputs=[ry])], inputs=[xin], outputs=[ry])
-        m = p.match(g.nodes[1])
+        m = match(p, g.nodes[1])
         assert bool(m) == ok, m
         if ok:
             assert m["input0"] is xin and m["w"] is w and m.outputs == [ry]
@@ -190,7 +199,7 @@ def test_pattern_definition_errors():
     g = gs.Graph(nodes=[gs.Node("Relu", "r1", inputs=[a], outputs=[ra]), gs.Node("Relu", "r2", inputs=[b], outputs=[rb])],
                  inputs=[a, b], outputs=[ra, rb])
     with pytest.raises(PassError, match="not connected"):
-        q.match(g.nodes[0], "r1")
+        match(q, g.nodes[0], "r1")
 
 
 def test_rewriter_skips_replaced_nodes_and_restores_order():
@@ -202,51 +211,88 @@ def test_rewriter_skips_replaced_nodes_and_restores_order():
                         gs.Node("Sigmoid", "sig2", inputs=[m1], outputs=[s2]),
                         gs.Node("Mul", "mul2", inputs=[m1, s2], outputs=[m2])], inputs=[x], outputs=[m2])
     log = RewriteLog()
-    n = rewrite_all(g, silu_pattern(), lambda m: [gs.Node("Swish", inputs=[m["x"]], outputs=m.outputs)],
-                    anchor="sig", kind="silu", log=log)
+    n = rewrite(g, silu_pattern(), lambda m: [gs.Node("Swish", inputs=[m["x"]], outputs=m.outputs)],
+            anchor="sig", kind="silu", log=log)
     assert n == 2 and [node.op for node in g.nodes] == ["Swish", "Swish"]
     assert g.nodes[0].inputs[0] is x and g.nodes[1].inputs[0] is g.nodes[0].outputs[0]
     assert log.as_dict() == {"silu": 2, "misses": {}}
 
 
-def test_rewrite_all_logs_misses_and_declines():
+def test_fusion_logs_misses_and_declines():
     g = silu_graph(extra_consumer=True)
     log = RewriteLog()
-    assert rewrite_all(g, silu_pattern(), lambda m: [], anchor="sig", kind="silu", log=log) == 0
+    assert rewrite(g, silu_pattern(), lambda m: [], anchor="sig", kind="silu", log=log) == 0
     [miss] = log.as_dict()["misses"]["silu"]
     assert miss["node"] == "sig" and "also used by" in miss["reason"]
     g = silu_graph()
     log = RewriteLog()
-    assert rewrite_all(g, silu_pattern(), lambda m: None, kind="silu", log=log) == 0
+    assert rewrite(g, silu_pattern(), lambda m: None, kind="silu", log=log) == 0
     assert log.misses["silu"]["mul"] == "the replacement declined this match"
 
 
-def test_docs_custom_pass_example_runs(tmp_path):
-    """The plugin in docs/passes.md works as written: compile --plugin it, --verify the result."""
-    import json
-    import re
+def test_attribute_checks_see_defaults_and_name_the_attribute():
+    """close_to: an absent attribute has the ONNX default it is given; a miss names the attribute."""
+    p = Pattern("hardswish")
+    x = p.input("x")
+    p.op("Mul", x, p.op("HardSigmoid", x, name="hs", attrs={"alpha": close_to(1 / 6, default=0.2)}), name="mul")
+    for attrs, want in (({"alpha": 1 / 6}, None), ({}, "HardSigmoid 'hs': attribute alpha is 0.2, want 0.166667"),
+                        ({"alpha": "x"}, "attribute alpha is 'x', not a number")):
+        s, y = _v("s"), _v("y")
+        g = gs.Graph(nodes=[gs.Node("HardSigmoid", "hs", attrs=attrs, inputs=[xin := _v("x")], outputs=[s]),
+                            gs.Node("Mul", "mul", inputs=[xin, s], outputs=[y])], inputs=[xin], outputs=[y])
+        m = match(p, g.nodes[0], "hs")
+        assert bool(m) == (want is None) and (want is None or want in m.reason), m
+    strict = close_to(0.5)
+    assert strict(None) == "is absent (want 0.5)" and strict(0.5) is True
+
+
+def test_a_check_that_raises_is_an_internal_error_naming_it():
+    """A check answers, it does not raise: one that does is reported naming the pattern, the check
+    and the node (the README's old alpha check raised a TypeError on a HardSigmoid without alpha)."""
+    from edgefc.errors import InternalError
+
+    p = Pattern("hardswish")
+    x = p.input("x")
+    p.op("Mul", x, p.op("HardSigmoid", x, name="hs", attrs={"alpha": lambda a: abs(a - 1 / 6) < 1e-6}), name="mul")
+    s, y, xin = _v("s"), _v("y"), _v("x")
+    g = gs.Graph(nodes=[gs.Node("HardSigmoid", "hs2", inputs=[xin], outputs=[s]),
+                        gs.Node("Mul", "mul", inputs=[xin, s], outputs=[y])], inputs=[xin], outputs=[y])
+    with pytest.raises(InternalError, match=r"pattern 'hardswish': the check of attribute 'alpha' of pattern node "
+                                            r"'hs' raised TypeError: .* \(at HardSigmoid 'hs2'\)"):
+        match(p, g.nodes[0], "hs")
+
+
+def test_fusion_declarations_are_checked():
+    p = silu_pattern()
+    with pytest.raises(PassError, match="pattern 'silu' has 0 of the anchor nodes relu"):
+        Fusion("silu", [p], anchor="relu", replacement=lambda m, rw: [])
+    with pytest.raises(PassError, match="needs patterns or a matcher"):
+        Fusion("x", [], anchor="a", ops=("Relu",), replacement=lambda m, rw: [])
+    f = Fusion("silu", [p], anchor="sig", replacement=lambda m, rw: [])
+    assert f.ops == ("Sigmoid",) and f.anchor_of(p) == "sig"
+
+
+def test_a_custom_matcher_and_a_replacement_that_declines_with_a_reason():
+    """Fusion(matcher=...) replaces the patterns; a replacement returning a Miss is a miss with its reason."""
+    g = silu_graph()
+    log = RewriteLog()
+    found = Fusion("silu", [], anchor="sig", ops=("Sigmoid",),
+                   matcher=lambda node, rw: rw.match(silu_pattern(), node, "sig"),
+                   replacement=lambda m, rw: Miss("not today"))
+    apply_fusions(g, [found], log)
+    assert log.misses["silu"] == {"sig": "not today"} and len(g.nodes) == 2
+
+
+def test_rewrite_engine_modules_import_one_way():
+    """pattern <- matcher <- rewriter: the description imports neither, the binding not the driver."""
+    import ast
     from pathlib import Path
 
-    import onnx
-    from onnx import TensorProto, helper
-
-    from tests.test_core import run_cli
-
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "passes.md").read_text()
-    plugin = tmp_path / "hardswish.py"
-    plugin.write_text(re.search(r"```python\n(# hardswish.py.*?)```", doc, re.DOTALL).group(1))
-    model = helper.make_model(helper.make_graph(
-        [helper.make_node("HardSigmoid", ["x"], ["s"], name="hs", alpha=1 / 6, beta=0.5),
-         helper.make_node("Mul", ["x", "s"], ["y"], name="mul"),
-         helper.make_node("HardSigmoid", ["y"], ["s2"], name="hs2", alpha=0.2, beta=0.5),
-         helper.make_node("Mul", ["s2", "y"], ["z"], name="mul2")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8])]), opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(model, tmp_path / "hs.onnx")
-    rc, out = run_cli("compile", str(tmp_path / "hs.onnx"), "--plugin", str(plugin), "--passes",
-                      "canonicalize,fuse,fuse-hardswish", "--verify", "-o", str(tmp_path / "build"))
-    assert rc == 0, out
-    ops = [n.op_type for n in onnx.load(tmp_path / "build" / "model.onnx").graph.node]
-    fusion = json.loads((tmp_path / "build" / "report.json").read_text())["fusion"]
-    assert ops.count("HardSwish") == 1 and fusion["hardswish"] == 1
-    assert "alpha" in fusion["misses"]["hardswish"][0]["reason"] and fusion["misses"]["hardswish"][0]["node"] == "hs2"
+    root = Path(__file__).resolve().parents[1] / "edgefc"
+    order = ["pattern", "matcher", "rewriter"]
+    for i, name in enumerate(order):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+                   {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        later = {f"edgefc.{m}" for m in order[i + 1:]}
+        assert not imported & later, (name, imported & later)

@@ -9,14 +9,12 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import PIL.Image as PIL
 import pytest
 
 from edgefc.cli import main
 from edgefc.models import pipeline
-
-pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-PIL = pytest.importorskip("PIL.Image")
+from tests import needs
 
 COMPONENTS = ("text-encoder", "unet", "vae-decoder")
 
@@ -117,6 +115,7 @@ def test_guidance_doubles_the_passes(tmp_path):
 
 # --- end to end on the exported tiny models -----------------------------------------------------
 
+@needs.diffusers
 def test_generate_tiny_writes_png(cache, spy, tmp_path, capsys):
     out = tmp_path / "x.png"
     code, stdout, stderr = _cli(["generate", "--prompt", "a cute cat", "--scale", "tiny", "--steps", "2",
@@ -133,6 +132,7 @@ def test_generate_tiny_writes_png(cache, spy, tmp_path, capsys):
     assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []  # no temp file left
 
 
+@needs.diffusers
 def test_custom_size_exports_once_then_reuses(cache, tmp_path, monkeypatch, tiny_models):
     from edgefc.models import export
 
@@ -159,6 +159,7 @@ def test_custom_size_exports_once_then_reuses(cache, tmp_path, monkeypatch, tiny
     assert np.array_equal(r.image, r2.image)
 
 
+@needs.diffusers
 def test_same_seed_same_image(cache, tmp_path):
     kw = {"steps": 2, "scale": "tiny", "progress": False}
     a = pipeline.generate("a red bicycle", output=tmp_path / "a.png", seed=7, **kw)
@@ -172,6 +173,7 @@ def test_same_seed_same_image(cache, tmp_path):
     assert not np.array_equal(a.image, d.image), "the prompt must change the image"
 
 
+@needs.diffusers
 def test_generate_many_opens_each_model_once_and_matches_generate(cache, spy, tmp_path):
     kw = {"steps": 2, "scale": "tiny"}
     prompts, seeds = ["a red bicycle", "a blue boat", "a red bicycle"], [7, 3, 8]
@@ -195,6 +197,7 @@ def test_generate_many_opens_each_model_once_and_matches_generate(cache, spy, tm
         assert outs[i].read_bytes() == (tmp_path / f"o{i}.png").read_bytes()
 
 
+@needs.diffusers
 def test_four_steps_with_guidance(cache, spy, tmp_path):
     r = pipeline.generate("a cat", steps=4, guidance=2.5, output=tmp_path / "g.png", scale="tiny", progress=False)
     _, runs = spy
@@ -204,6 +207,7 @@ def test_four_steps_with_guidance(cache, spy, tmp_path):
     assert not np.array_equal(r.image, plain.image), "guidance must change the image"
 
 
+@needs.diffusers
 def test_vae_input_is_scaled_latent(cache, tmp_path, monkeypatch):
     """The VAE decoder receives denoised / 0.18215 (diffusers' AutoencoderKL.decode convention)."""
     seen = {}
@@ -241,6 +245,7 @@ def test_vae_input_is_scaled_latent(cache, tmp_path, monkeypatch):
 
 # --- compiled builds ----------------------------------------------------------------------------
 
+@needs.diffusers
 def test_build_uses_compiled_artifacts(cache, spy, tiny_build, tmp_path, capsys):
     out = tmp_path / "b.png"
     code, _, stderr = _cli(["generate", "--prompt", "a cute cat", "--steps", "2", "--build", str(tiny_build),
@@ -278,6 +283,7 @@ def _registered_passes():
     return {pid.split("::")[-1] for pid in edgefc.list_passes()}
 
 
+@needs.diffusers
 def test_build_with_tvm_library_runs_through_tvm(cache, spy, tvm_build, tmp_path, capsys):
     out = tmp_path / "t.png"
     code, stdout, stderr = _cli(["generate", "--prompt", "a cute cat", "--build", str(tvm_build), "-o", str(out)],
@@ -305,6 +311,7 @@ def test_find_builds_by_name_and_inputs(tiny_build):
 
 # --- modelled NPU time ---------------------------------------------------------------------------
 
+@needs.diffusers
 def test_target_prints_cost_model_times(cache, tiny_build, tmp_path, capsys):
     import edgefc
     from edgefc.build_folder import load_for_profile
@@ -326,16 +333,23 @@ def test_target_prints_cost_model_times(cache, tiny_build, tmp_path, capsys):
     assert _png_size(out) == (64, 64)
 
 
-def test_quantized_builds_are_priced_as_built(tmp_path):
-    b = tmp_path / "unet"
-    b.mkdir()
-    (b / "report.json").write_text(json.dumps({"quantization": {"precision": "w8a16"}}))
-    assert pipeline._built_precision(b / "model.onnx") == "w8a16"
-    (b / "report.json").write_text(json.dumps({"quantization": {"precision": "fp32"}}))
-    assert pipeline._built_precision(b / "model.onnx") is None
-    (b / "report.json").write_text(json.dumps({"passes": []}))
-    assert pipeline._built_precision(b / "model.onnx") is None
-    assert pipeline._built_precision(tmp_path / "unet.onnx") is None  # an export, not a build
+def test_quantized_builds_are_priced_as_built():
+    """The NPU timing reads the precision quantize recorded on the ops, not a report file."""
+    import onnx_graphsurgeon as gs
+
+    from edgefc import precision
+    from edgefc.models.npu_time import built_precision
+
+    x, y, z = (gs.Variable(n, dtype=np.float32, shape=[1, 4]) for n in "xyz")
+    a, b = gs.Node("Relu", "a", inputs=[x], outputs=[y]), gs.Node("Sigmoid", "b", inputs=[y], outputs=[z])
+    g = gs.Graph(nodes=[a, b], inputs=[x], outputs=[z], opset=23)
+    assert built_precision(g) is None                       # not quantized: priced as the paper deployed it
+    precision.set_op_precision(a, "fp32")
+    assert built_precision(g) is None                       # all FP32
+    precision.set_op_precision(b, "w8a16")
+    assert built_precision(g) == "w8a16"                    # FP32 islands do not make it mixed
+    precision.set_op_precision(a, "w8a8")
+    assert built_precision(g) == "mixed"
 
 
 def test_target_without_cost_model(cache, tmp_path, capsys, monkeypatch):
@@ -420,6 +434,7 @@ def test_cache_root(monkeypatch, tmp_path):
 
 # --- a local diffusers folder (real tokenizer and scheduler config) -------------------------------
 
+@needs.diffusers
 @pytest.mark.slow
 def test_weights_folder_tokenizer_and_scheduler(tmp_path, monkeypatch):
     """--weights: models exported from the folder, its CLIP tokenizer and its scheduler config are used."""

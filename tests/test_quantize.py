@@ -14,13 +14,13 @@ import onnx_graphsurgeon as gs
 import pytest
 
 import edgefc
-from edgefc import ort
+from edgefc import ort, precision
 from edgefc.components import detect_component
 from edgefc.errors import QuantizationError
 from edgefc.metrics import sqnr_db
 from edgefc.models import calib_inputs
 from edgefc.pass_base import PassContext
-from edgefc.passes import calib_stats, observers, w8a16
+from edgefc.passes import calib_stats, observers, qdq
 from edgefc.passes import calibration as cal
 from edgefc.passes import quant_policy as qp
 from edgefc.passes.disk_model import DiskModel
@@ -28,12 +28,13 @@ from tests.cli import run_cli
 
 
 def assert_user_error(rc: int, out: str, *needles: str) -> None:
-    """Exit 2, no traceback, the error as the last line (progress bars and pass lines may precede it)."""
+    """Exit 2, no traceback, the error as the last line (progress bars and indented progress lines, such as
+    the per-pass lines, may precede it)."""
     assert rc == 2, out
     assert "Traceback" not in out, out
     lines = [line.split("\r")[-1] for line in out.splitlines() if line.split("\r")[-1].strip()]
     assert lines and lines[-1].startswith("error: "), out
-    assert all("it/s" in ln or ln.startswith("compiling") or ln.startswith("  pass") for ln in lines[:-1]), out
+    assert all("it/s" in ln or ln.startswith("compiling") or ln.startswith("  ") for ln in lines[:-1]), out
     for n in needles:
         assert n in lines[-1], (n, lines[-1])
 
@@ -272,10 +273,12 @@ def test_component_detection_and_auto_precision():
     assert detect_component(["input_ids"]) == "text-encoder"
     assert detect_component(["latent_sample"]) == "vae-decoder"
     assert detect_component(["x"]) is None
-    assert qp.resolve_precision("auto", "unet") == "w8a16"
-    assert qp.resolve_precision("auto", "text-encoder") == "fp16"
-    assert qp.resolve_precision("auto", "vae-decoder") == "fp16"
-    assert qp.resolve_precision("auto", None) == "fp32"
+    assert precision.resolve("auto", "unet") == "w8a16"
+    assert precision.resolve("auto", "text-encoder") == "fp16"
+    assert precision.resolve("auto", "vae-decoder") == "fp16"
+    assert precision.resolve("auto", None) == "fp32"
+    assert precision.resolve("auto", None, npu=True) == "w8a16"  # any other model on an NPU target (issue 20 part 7)
+    assert precision.resolve("w8a16", "text-encoder") == "w8a16"
 
 
 def test_auto_is_the_npu_default_per_component(graphs):
@@ -285,12 +288,13 @@ def test_auto_is_the_npu_default_per_component(graphs):
     # --component overrides the input names (the VAE treated as a U-Net is W8A16)
     _, r = quantize(graphs["vae-decoder"]["fused"], component="unet", eval_samples=1, calib_samples=1)
     assert r["precision"] == "w8a16" and r["component_source"] == "--component"
-    # unknown model under auto: left in FP32, with the reason
+    # unknown model under auto with no target: left in FP32, with the reason (NPU targets: W8A16,
+    # tests/test_quant_eval.py)
     x = gs.Variable("x", dtype=np.float32, shape=[1, 4])
     y = gs.Variable("y", dtype=np.float32, shape=[1, 4])
     g = gs.Graph(nodes=[gs.Node("Relu", inputs=[x], outputs=[y])], inputs=[x], outputs=[y], opset=23)
     q, r = quantize(g)
-    assert r["precision"] == "fp32" and "reason" in r and _ops(q) == ["Relu"]
+    assert r["precision"] == "fp32" and "no NPU target" in r["reason"] and _ops(q) == ["Relu"]
     assert "quantize" in edgefc.default_pipeline(edgefc.get_target("exynos2400"), {})
     assert "quantize" not in edgefc.default_pipeline(edgefc.get_target("exynos2400"), {"precision": "fp32"})
 
@@ -366,7 +370,7 @@ def test_calib_cli_errors_exit_2_one_line(tiny_models, tmp_path):
 
 def test_streaming_chunks_give_identical_ranges(graphs, tmp_path):
     g = graphs["unet"]["fused"]
-    plan = qp.plan_w8a16(g, qp.QuantPolicy())
+    plan = qp.plan_qdq(g, qp.plan_precisions(g, "w8a16", qp.QuantPolicy()), qp.QuantPolicy())
     samples, _ = cal.generate(g, "unet", 2, seed=11)
     model = DiskModel(g, tmp_path, "ref")
     tensors = plan.calibrated[:24]
@@ -413,14 +417,14 @@ def test_histogram_observer_math():
 def test_quantize_weight_is_per_channel_symmetric():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * np.array([1, 10, 0.1, 0])[:, None, None, None]
-    q, s = w8a16.quantize_weight(w, 0)
+    q, s = qdq.quantize_weight(w, 0)
     assert q.dtype == np.int8 and s.shape == (4,) and np.abs(q).max() == 127
-    back = w8a16.dequantize_weight(q, s, 0)
+    back = qdq.dequantize_weight(q, s, 0)
     assert np.all(np.abs(back - w) <= s[:, None, None, None] / 2 + 1e-7)
     assert np.all(back[3] == 0)
-    scale, zp = w8a16.activation_qparams(-1.0, 3.0, symmetric=True)
+    scale, zp = qdq.activation_qparams(-1.0, 3.0, symmetric=True)
     assert zp == 0 and np.isclose(scale, 3 / 32767)
-    scale, zp = w8a16.activation_qparams(0.0, 2.0, symmetric=False)
+    scale, zp = qdq.activation_qparams(0.0, 2.0, symmetric=False)
     assert zp == -32768 and np.isclose(scale, 2 / 65535)
 
 
@@ -442,25 +446,24 @@ def test_default_compile_quantizes_and_verifies(tiny_models, tmp_path):
     assert np.all(np.isfinite(sess.run(None, feeds)[0]))
     # edgefc profile prices the build at its deployed types: close to the W8A16 what-if, far below FP32
     dma = {}
-    for precision in ("as-built", "w8a16", "fp32"):
-        rc, text = run_cli("profile", str(out), "--precision", precision, "--json", str(tmp_path / f"{precision}.json"))
+    for pricing in ("as-built", "w8a16", "fp32"):
+        rc, text = run_cli("profile", str(out), "--precision", pricing, "--json", str(tmp_path / f"{pricing}.json"))
         assert rc == 0, text
-        dma[precision] = json.loads((tmp_path / f"{precision}.json").read_text())["dma_bytes"]
+        dma[pricing] = json.loads((tmp_path / f"{pricing}.json").read_text())["dma_bytes"]
     assert dma["as-built"] < 0.5 * dma["fp32"]
     assert abs(dma["as-built"] - dma["w8a16"]) < 0.15 * dma["w8a16"], dma
 
 
 def test_cost_model_prices_quantized_dtypes(graphs):
-    from edgefc.targets.lowering import lower
 
     # weights streamed per op (the tiny U-Net's would otherwise stay resident in SRAM)
     target = edgefc.get_target("exynos2400").with_fields({"sram.resident_weights": False})
     base = graphs["unet"]["fused"]
     w8, _ = quantize(base, precision="w8a16", eval_samples=0, calib_samples=1)
     f16, _ = quantize(base, precision="fp16", eval_samples=0, calib_samples=1)
-    bytes_ = {name: lower(g, target, "as-built").dma_bytes() for name, g in (("fp32", base), ("w8a16", w8), ("fp16", f16))}
+    bytes_ = {name: target.lower(g, "as-built").dma_bytes() for name, g in (("fp32", base), ("w8a16", w8), ("fp16", f16))}
     assert bytes_["w8a16"] < bytes_["fp16"] < bytes_["fp32"]
-    prog = lower(w8, target, "as-built")
+    prog = target.lower(w8, "as-built")
     conv = next(n for n in w8.nodes if n.op in ("Conv", "FusedConv"))
     w = conv.inputs[1]
     loads = [c for c in prog.commands if c.kind == "load" and c.op == conv.name]
@@ -476,7 +479,135 @@ def test_cost_model_prices_quantized_dtypes(graphs):
     # INT8 weights x INT16 activations: priced at [tensor.rate] int8xint16
     (mm,) = [c for c in prog.commands if c.kind == "tensor" and c.op == conv.name]
     assert mm.precision == "int8xint16"
-    f16prog = lower(f16, target, "as-built")
+    f16prog = target.lower(f16, "as-built")
     conv16 = next(n for n in f16.nodes if n.name == conv.name)
     w16 = [c for c in f16prog.commands if c.kind == "load" and c.op == conv16.name and c.tensor.endswith(":weights")]
     assert w16 and w16[0].bytes == 2 * welems + 2 * bias  # FP16 weights and bias
+
+
+# --- the decision, written once and read ------------------------------------------------------------
+
+def test_pass_options_are_read_through_its_typed_options(graphs):
+    """get_pass("quantize", precision=...) is honoured (it used to read only ctx.options), and a bad
+    value fails when the pass is made, naming the pass."""
+    from edgefc.errors import PassError
+
+    p = edgefc.get_pass("quantize", precision="fp16", eval_samples=0, calib_samples=1, progress=False)
+    ctx = PassContext()
+    p(graphs["unet"]["fused"].copy(), ctx)
+    assert ctx.report["quantization"]["precision"] == "fp16"
+    with pytest.raises(PassError, match="quantize.*unknown precision 'w4'"):
+        edgefc.get_pass("quantize", precision="w4")
+    with pytest.raises(PassError, match="calib-samples must be at least 1"):
+        edgefc.get_pass("quantize", calib_samples=0)
+
+
+def test_precision_record_is_written_once_and_read_after_saving(graphs, tmp_path):
+    """quantize records each op's precision on the node; the record survives saving the build; the
+    lowering's rate keys read it and agree with the operands' stored types; mlt keeps it."""
+    from edgefc.deployed_types import DeployedTypes
+
+    target = edgefc.get_target("exynos2400")
+    w8, r = quantize(graphs["unet"]["fused"], precision="w8a16", eval_samples=0, calib_samples=1)
+    plan = precision.recorded_plan(w8)
+    assert set(plan.values()) == {"w8a16", "fp32"} and r["op_precisions"]["w8a16"] > 50
+    assert sum(r["op_precisions"].values()) == len(plan)
+    assert not any(n.op in ("QuantizeLinear", "DequantizeLinear", "Cast") for n in w8.nodes if n.name in plan)
+    conv = next(n for n in w8.nodes if n.op in ("Conv", "FusedConv"))
+    assert plan[conv.name] == "w8a16"
+    sin = next(n for n in w8.nodes if n.op == "Sin")
+    assert plan[sin.name] == "fp32"  # the policy's periodic-arguments rule
+    # every tensor op: the rate key from the record equals the one its stored operand types make
+    types = DeployedTypes(w8)
+    for n in w8.nodes:
+        if n.op in ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm"):
+            assert types.rate_key(n) == precision.rate_key(types.of(n.inputs[1]), types.of(n.inputs[0])), n.name
+    # saved and loaded back: the same records, the same Program
+    path = edgefc.save(w8, tmp_path / "m.onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    meta = {n.name: {p.key: p.value for p in n.metadata_props} for n in proto.graph.node}
+    assert meta[conv.name] == {"edgefc.precision": "w8a16"}
+    back = edgefc.load(path)
+    assert precision.recorded_plan(back) == plan
+    a, b = target.lower(w8, "as-built"), target.lower(back, "as-built")
+    assert [(c.op, c.precision, c.bytes) for c in a.commands] == [(c.op, c.precision, c.bytes) for c in b.commands]
+    # a record is what the lowering reads: a conv recorded at W8A8 is priced at int8xint8
+    precision.set_op_precision(next(n for n in back.nodes if n.name == conv.name), "w8a8")
+    (cmd,) = [c for c in target.lower(back, "as-built").commands if c.kind == "tensor" and c.op == conv.name]
+    assert cmd.precision == "int8xint8"
+    # the FP16 build: fp16 ops, the policy's FP32 islands, Casts without a record
+    f16, r16 = quantize(graphs["unet"]["fused"], precision="fp16", eval_samples=0, calib_samples=1)
+    assert set(precision.recorded_plan(f16).values()) == {"fp16", "fp32"}
+    assert all(precision.op_precision(n) is None for n in f16.nodes if n.op == "Cast")
+
+
+# --- W8A8 and per-op plans -------------------------------------------------------------------------
+
+def _profile_rows(graph, **kw):
+    prof = edgefc.get_target("exynos2400").profile(graph, **kw)
+    return {r.name: r for r in prof.ops}, prof.total_ms
+
+
+def test_w8a8_runs_in_onnxruntime_and_is_priced_at_int8(graphs, tmp_path):
+    """INT8 weights and activations as Q/DQ that onnxruntime runs with its default (fully optimising)
+    session options; convolutions priced at int8xint8; the time embedding kept at W8A16 and the
+    softmax internals at INT16 by the policy, and reported."""
+    ref = graphs["unet"]["fused"]
+    q, r = quantize(ref, precision="w8a8", calib_samples=2, eval_samples=2, min_sqnr=float("-inf"))
+    assert r["precision"] == "w8a8" and r["sqnr_db"] > 12, r["sqnr_db"]
+    assert r["activations"]["by_type"]["int8"] > 100 and r["dtypes"]["activations"]["int8"]["tensors"] > 100
+    kept = r["kept_higher_precision"]
+    assert kept["time-embedding"]["count"] >= 3 and kept["attention-scores"]["count"] == 18
+    assert set(r["op_precisions"]) == {"w8a8", "w8a16", "fp32"}
+    path = edgefc.save(q, tmp_path / "w8a8.onnx")
+    sess = ort.session(path)  # edgefc's factory: default graph optimisations
+    feeds = cal.generate(ref, "unet", 1, seed=3)[0][0]
+    out = sess.run(None, feeds)[0]
+    want = ort.session(ref).run(None, feeds)[0]
+    assert np.all(np.isfinite(out)) and sqnr_db(want, out) > 12
+    rows, ms = _profile_rows(q)
+    conv = next(n for n in q.nodes if n.op in ("Conv", "FusedConv") and "conv_in" not in n.name)
+    assert rows[conv.name].precision == "int8xint8"
+    att = next(n for n in q.nodes if n.op == "Attention")
+    assert rows[att.name].precision == "int8xint8+int8xint16"   # S_out x V reads the INT16 scores
+    temb = next(n for n in q.nodes if "time_emb_proj" in n.name and n.op == "Gemm")
+    assert precision.op_precision(temb) == "w8a16" and rows[temb.name].precision == "int8xint16"
+    # faster than the W8A16 build of the same graph; the W8A8 what-if of the FP32 graph prices
+    # every activation (softmax internals included) at INT8, so it is a little faster still
+    w16, _ = quantize(ref, precision="w8a16", calib_samples=1, eval_samples=0)
+    assert ms < _profile_rows(w16)[1]
+    assert _profile_rows(ref, precision="w8a8")[1] <= ms
+
+
+def test_mixed_plan_adds_priced_conversions(graphs):
+    """--layer-precision: per-layer precisions in one build; a tensor stored at INT16 and read by an
+    INT8 layer is requantised (a QuantizeLinear the cost model prices on the vector engine); FP16
+    layers sit between Casts; every op records the precision it reads its operands at."""
+    from edgefc.deployed_types import DeployedTypes
+
+    ref = graphs["unet"]["fused"]
+    q, r = quantize(ref, precision="w8a16", calib_samples=2, eval_samples=2,
+                    layer_precision=("*down_blocks.0*=w8a8", "Attention=fp16"))
+    assert r["sqnr_db"] > 20 and r["weights"]["conversions"] > 0 and r["weights"]["fp16_ops"] == 18
+    plan = precision.recorded_plan(q)
+    assert {plan[n.name] for n in q.nodes if n.op == "Attention"} == {"fp16"}
+    assert any(p == "w8a8" for n, p in plan.items() if "down_blocks.0" in n)
+    types = DeployedTypes(q)
+    requant = [n for n in q.nodes if n.op == "QuantizeLinear" and types.converts(n)]
+    assert requant and all(types.of(n.inputs[0]) == "int16" and types.of(n.outputs[0]) == "int8" for n in requant)
+    rows, _ = _profile_rows(q)
+    assert all(rows[n.name].engine == "vector" for n in requant)
+    att = next(n for n in q.nodes if n.op == "Attention")
+    assert rows[att.name].precision == "fp16"
+    casts = [n for n in q.nodes if n.op == "Cast" and "__cast_" in n.name and n.name in rows]   # the FP16 layers' conversions
+    assert casts and all(rows[n.name].engine == "vector" for n in casts)
+    # a uniform build has no conversion: its Q/DQ pairs are the producers writing INT16
+    w16, _ = quantize(ref, precision="w8a16", calib_samples=1, eval_samples=0)
+    t16 = DeployedTypes(w16)
+    assert not any(t16.converts(n) for n in w16.nodes)
+    with pytest.raises(QuantizationError, match="give PATTERN=PRECISION"):
+        quantize(ref, precision="w8a16", layer_precision=("Conv=int4",))
+    with pytest.raises(QuantizationError, match="matches no node"):
+        quantize(ref, precision="w8a16", layer_precision=("*nothing*=w8a8",))
+    with pytest.raises(QuantizationError, match="an FP16 build has no integer layers"):
+        quantize(ref, precision="fp16", layer_precision=("Conv=w8a8",))

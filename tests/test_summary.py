@@ -1,4 +1,4 @@
-"""The summary ``edgefc compile`` ends with (edgefc.summary): every figure is the report's or the profile's."""
+"""The summary ``edgefc compile`` ends with (edgefc.cli.summary): every figure is the report's or the profile's."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 import subprocess
 import sys
 
+from edgefc.cli.summary import summary_lines
 from edgefc.passes.fusion import ORDER as FUSIONS
-from edgefc.summary import summary_lines
 
 REPORT = {
     "fusion": {"attention": 16, "groupnorm": 22, "gelu": 0, "residual": 22,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from edgefc.models import synth, verifier
+from tests import needs
 from tests.cli import assert_user_error, run_cli
 
 
@@ -82,14 +83,22 @@ def test_synth_cli_is_deterministic_and_eval_reads_it(tmp_path):
     manifest = json.loads((a / "manifest.json").read_text())
     assert manifest["count"] == 12 and len(manifest["items"]) == 12
     assert (a / "000000.txt").read_text().strip() == manifest["items"][0]["caption"]
-    from edgefc.models.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(a / "tokenizer")  # one token per caption word
-    assert tok.kind == "clip" and int((tok.encode(manifest["items"][0]["caption"])[0] != 49407).sum()) <= 16
     rc, text = run_cli("eval", str(a), "--reference", str(c), "--json")
     assert rc == 0, text
     r = json.loads(text)
     assert r["alignment"] == 1.0 and r["count"] == 12 and r["fid"] > 0
+
+
+@needs.transformers
+def test_synth_tokenizer_is_a_clip_tokenizer(tmp_path):
+    """DIR/tokenizer loads as transformers' CLIPTokenizer and makes each caption word one token."""
+    from edgefc.models.tokenizer import load_tokenizer
+
+    rc, text = run_cli("data", "synth", "-o", str(tmp_path / "a"), "--count", "2", "--seed", "5", "--quiet")
+    assert rc == 0, text
+    caption = json.loads((tmp_path / "a" / "manifest.json").read_text())["items"][0]["caption"]
+    tok = load_tokenizer(tmp_path / "a" / "tokenizer")
+    assert tok.kind == "clip" and int((tok.encode(caption)[0] != 49407).sum()) <= 16
 
 
 def test_synth_and_eval_user_errors(tmp_path):

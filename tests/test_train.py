@@ -16,11 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+from tests import needs
 
-from edgefc.models.train.kd import KDConfig, train_kd
-from edgefc.models.train.lcm import LCMConfig, train_lcm
+#: every test here trains a torch model (each skips on its own without torch and diffusers)
+pytestmark = needs.diffusers
+if needs.installed("torch") and needs.installed("diffusers"):
+    import torch
+
+    from edgefc.models.train.kd import KDConfig, train_kd
+    from edgefc.models.train.lcm import LCMConfig, train_lcm
 
 
 def write_pairs(folder: Path, n: int = 6, size=(80, 64), seed: int = 0) -> Path:

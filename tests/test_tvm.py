@@ -262,7 +262,7 @@ def _build(model: onnx.ModelProto, folder):
     (runner, lowering)."""
     lowering = tvm_lowering.lower(model, program_of(model))
     folder.mkdir(parents=True, exist_ok=True)
-    tvm_build.write_build(lowering, folder, aarch64=False)
+    tvm_build.write_tvm_files(lowering, folder, aarch64=False)
     return tvm_runtime.load_build(folder), lowering
 
 
@@ -433,7 +433,7 @@ def test_fp32_components_match_onnxruntime(tiny_models, tmp_path, component):
     lowering = tvm_lowering.lower(edgefc.ir.to_model(graph), program)
     _assert_partition_is_the_program(program, lowering.partition, lowering.programs)
     (tmp_path / component).mkdir()
-    tvm_build.write_build(lowering, tmp_path / component, aarch64=False)
+    tvm_build.write_tvm_files(lowering, tmp_path / component, aarch64=False)
     runner = tvm_runtime.load_build(tmp_path / component)
     feeds = ort.random_inputs(ir_model(src), seed=1)
     assert _rel(ort.run(str(src), feeds), runner.run(feeds)) <= 1e-4
@@ -659,7 +659,7 @@ def test_boolean_masks_run_on_the_npu(tmp_path):
 def _onnx_composites() -> set[str]:
     """The composites the ONNX side generates: the fusion patterns named after them, and what each
     variant of a fused edgefc op stands for."""
-    names = {v.pattern.name for vs in fuse_epilogue.variants({}).values() for v in vs}
+    names = {p.name for p in fuse_epilogue.variants({})}
     names |= {fuse_epilogue.BIAS_PATTERN.name, fuse_matmul.PATTERN.name}
     fused = composites.fused_op_composites()
     for op in functions.OPS:   # every fused op the ONNX side emits is a composite
@@ -673,9 +673,11 @@ def test_fusion_and_partition_composites_are_one_set():
     tvm_side = tvm_patterns.composite_names() - {name for name, _ in composites.ATTENTION_TILE.variants()}
     assert _onnx_composites() == tvm_side
     # each overload of a fused op is exactly one fusion pattern (the bias-only one: conv-bias / matmul-bias)
-    fusion = sorted(v.pattern.name for vs in fuse_epilogue.variants({}).values() for v in vs)
-    assert len(fusion) == len(set(fusion)) * 2  # every pattern anchors at both ONNX ops of its root
-    assert len(set(fusion)) + 2 == 2 * len(functions.ACTIVATIONS) * 2
+    fusion = fuse_epilogue.variants({})
+    assert len({p.name for p in fusion}) == len(fusion)
+    # every pattern anchors at both ONNX ops of its root
+    assert all(p.node("producer").ops == fuse_epilogue.COMPOSITES[p.name].root.onnx_ops for p in fusion)
+    assert len(fusion) + 2 == 2 * len(functions.ACTIVATIONS) * 2
     # the ONNX patterns of group norm + SiLU and of the GeGLU gate fold the description's activation
     assert all(composites.GROUP_NORM_SILU.activation.name in {n.name for n in p.nodes}
                for p in (fuse_groupnorm.PATTERNS[0], fuse_groupnorm.NATIVE_SILU))
@@ -687,6 +689,7 @@ def test_composite_priority_is_the_description_order():
     table = [name.removeprefix(tvm_patterns.PREFIX) for name, *_ in tvm_patterns.pattern_table(None)]
     epilogues = [e.name for e in composites.EPILOGUES]
     assert [n for n in table if n in set(epilogues)] == epilogues[::-1]
-    for op, vs in fuse_epilogue.variants({}).items():
-        assert [v.pattern.name for v in vs] == [e.name for e in composites.EPILOGUES
-                                                if op in e.root.onnx_ops and (e.activation or e.residual)]
+    patterns = fuse_epilogue.variants({})
+    for op in fuse_epilogue.PRODUCERS:
+        assert [p.name for p in patterns if op in p.node("producer").ops] == [
+            e.name for e in composites.EPILOGUES if op in e.root.onnx_ops and (e.activation or e.residual)]

@@ -43,10 +43,13 @@ def export_cmd(component, arch, weights, height, width, scale, seed, output, exp
     otherwise). Models over 2 GB get one external data file OUTPUT.data beside the .onnx.
     Progress goes to stderr; the written path to stdout.
     """
-    from edgefc.models.export import export_component
+    from edgefc.staging import check_output_file
 
     if output is None:
         output = f"{component}-{arch}{'-tiny' if scale == 'tiny' else ''}.onnx"
+    check_output_file(output, "-o", create_parents=True, protect=[weights])  # before torch is even imported
+    from edgefc.models.export import export_component
+
     path = export_component(component, arch, output, weights=weights, height=height, width=width,
                             scale=scale, seed=seed, progress=True, exporter=exporter, opset=opset)
     click.echo(str(path))

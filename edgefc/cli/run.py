@@ -40,6 +40,23 @@ def _load_inputs(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _random_inputs(build: Path, seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs of the build's input shapes and types (``edgefc.ort.random_inputs``: floats
+    standard normal, integers in [0, 1000)), the weights not read."""
+    import onnx
+
+    from edgefc import ort
+
+    model = onnx.load(str(build / "model.onnx"), load_external_data=False)
+    try:
+        feeds = ort.random_inputs(model, seed)
+    except ValueError as e:
+        raise BuildError(f"--random-inputs: {e}") from None
+    shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feeds.items())
+    click.echo(f"random inputs (seed {seed}): {shapes}", err=True)
+    return feeds
+
+
 def _reduced_precision(build: Path, report: dict) -> tuple[bool, float | None]:
     """(is the build quantized or fp16, the quantization report's SQNR in dB if it has one)."""
     q = report.get("quantization") or {}
@@ -122,27 +139,43 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 @click.command("run")
 @click.argument("build", type=click.Path(path_type=Path))
-@click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path), metavar="FILE.npz",
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), metavar="FILE.npz",
               help="Model inputs: an .npz with one array per input name (e.g. sample, timestep, encoder_hidden_states).")
+@click.option("--random-inputs", is_flag=True,
+              help="Instead of --inputs: seeded random inputs of the build's input shapes and types (floats standard "
+                   "normal, integers in [0, 1000)), as onnxruntime_perf_test and trtexec generate them.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-inputs.")
+@click.option("--save-inputs", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.npz",
+              help="Also write the inputs that ran (with --random-inputs: to run them again elsewhere).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.npz",
               help="Write the outputs to this .npz.")
 @click.option("--check", is_flag=True,
               help="Also run onnxruntime on the original model (report.json \"source\") and report the error.")
-def run_cmd(build, inputs_path, output, check):
-    """Execute the local TVM build in BUILD (edgefc compile --emit tvm) on the inputs in FILE.npz.
+def run_cmd(build, inputs_path, random_inputs, seed, save_inputs, output, check):
+    """Execute the local TVM build in BUILD (edgefc compile --emit tvm) on the inputs in FILE.npz
+    (--inputs) or on seeded random inputs (--random-inputs, --seed).
 
     The host code runs in TVM's Relax VM (host_local.so); every NPU partition runs through the
     edgefc NPU runtime (npu_programs.json, executed in numpy as the NPU would). Prints each
     output's shape. With --check: the error against onnxruntime on the original model, within
     1e-4 relative for fp32 builds, within the quantization error for quantized / fp16 builds.
     """
+    from edgefc.staging import check_output_file
     from edgefc.targets.tvm_runtime import load_build
 
+    if (inputs_path is None) == (not random_inputs):
+        raise BuildError("give the inputs: --inputs FILE.npz or --random-inputs (not both)")
+    for option, path in (("-o", output), ("--save-inputs", save_inputs)):
+        if path is not None:
+            check_output_file(path, option, create_parents=True, protect=[inputs_path, build / "model.onnx"])
     if not build.is_dir():
         raise BuildError(f"build folder not found: {build}")
     if not (build / "report.json").is_file() or not (build / "model.onnx").is_file():
         raise BuildError(f"{build} is not an edgefc build folder (no report.json / model.onnx)")
-    feeds = _load_inputs(inputs_path)
+    feeds = _load_inputs(inputs_path) if inputs_path is not None else _random_inputs(build, seed)
+    if save_inputs is not None:
+        _save_npz(save_inputs, feeds)
+        click.echo(f"wrote {save_inputs}", err=True)
     if check:
         _report_and_source(build)  # fail before running when --check cannot be done
     runner = load_build(build)

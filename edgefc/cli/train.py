@@ -61,6 +61,13 @@ def _common(f):
     return f
 
 
+def _check_output(output) -> None:
+    """-o must be a folder that can be written (before the teacher is built)."""
+    from edgefc.staging import check_output_folder
+
+    check_output_folder(output, "-o")
+
+
 def _report(result):
     if not result.is_main_process:
         return
@@ -94,6 +101,7 @@ def vae_cmd(lr, quiet, **kw):
     """
     from edgefc.models.train.sd import VAEConfig, train_vae
 
+    _check_output(kw["output"])
     cfg = VAEConfig(lr=1e-3 if lr is None else lr, progress=not quiet, **kw)
     _report(train_vae(cfg))
 
@@ -116,6 +124,7 @@ def sd_cmd(lr, quiet, **kw):
     """
     from edgefc.models.train.sd import SDConfig, train_sd
 
+    _check_output(kw["output"])
     cfg = SDConfig(lr=1e-3 if lr is None else lr, progress=not quiet, **kw)
     _report(train_sd(cfg))
 
@@ -128,10 +137,14 @@ def sd_cmd(lr, quiet, **kw):
 @click.option("--lambda-sd", type=float, default=1.0, show_default=True, help="Weight of the task (noise MSE) loss.")
 @click.option("--lambda-out", type=float, default=1.0, show_default=True, help="Weight of output-level KD.")
 @click.option("--lambda-feat", type=float, default=1.0, show_default=True, help="Weight of feature-level KD.")
+@click.option("--init", type=_P, default=None,
+              help="Fine-tune trained student weights instead of starting from the teacher's retained blocks: a "
+                   "U-Net folder or a folder with unet/ (e.g. an earlier train kd output) of the student architecture.")
 def kd_cmd(lr, quiet, student_arch, **kw):
     """BK-SDM distillation: task loss + output-level KD + feature-level KD from a teacher U-Net."""
     from edgefc.models.train.kd import KDConfig, train_kd
 
+    _check_output(kw["output"])
     cfg = KDConfig(lr=5e-5 if lr is None else lr, progress=not quiet, student_arch=student_arch, **kw)
     _report(train_kd(cfg))
 
@@ -158,6 +171,7 @@ def lcm_cmd(lr, quiet, **kw):
     """Latent consistency distillation (skipping-step DDIM teacher with CFG, EMA target, Huber/L2)."""
     from edgefc.models.train.lcm import LCMConfig, train_lcm
 
+    _check_output(kw["output"])
     cfg = LCMConfig(lr=1e-6 if lr is None else lr, progress=not quiet, **kw)
     _report(train_lcm(cfg))
 

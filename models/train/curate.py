@@ -4,17 +4,38 @@ Three steps over a folder of image/caption pairs or a webdataset ``.tar`` shard,
 PIL only (no torch):
 
 1. **Size filter** -- images whose short side is under ``min_size`` (300 px) are dropped.
-2. **Deduplication** -- exact duplicates (identical decoded pixels) and near duplicates
+2. **Deduplication** (unless ``dedup=False``) -- exact duplicates (identical decoded pixels) and near duplicates
    (perceptual hashes within ``threshold`` bits of Hamming distance) are dropped, keeping the
    largest image of each group (ties: the first key in sorted order). The perceptual hash is
    the DCT pHash: grey-scale, resize to 32x32, 2-D DCT-II, the 8x8 lowest frequencies, one
-   bit per coefficient above their median (64 bits).
+   bit per coefficient above their median (64 bits); ``hash_bits=256`` takes the 16x16 lowest of a
+   64x64 image (finer: for simple synthetic images whose distinct renders the 64-bit hash merges).
 3. **Crop choice** -- each kept image is cropped to a square chosen among the centre and the
    two ends of its long side (left/right or top/bottom) by a pluggable score: a scorer maps the
    image to a non-negative 2-D map, and the square holding the most of it wins (ties go to the
    centre). Built in: ``saliency`` (default; spectral-residual saliency, Hou & Zhang, CVPR 2007),
    ``gradient`` (gradient energy) and ``center`` (a flat map: always the centre). Add your own
    with :func:`register_crop_scorer` or pass a callable to :func:`curate`.
+
+Two more steps use the verifier of the synthetic scenes (:mod:`edgefc.models.verifier`, our
+stand-in for CLIP and for the paper's captioner and human curators; EdgeFusion Sec. 2.2):
+
+* ``crop="alignment"`` -- the candidate square whose verifier reading agrees most with the pair's
+  caption (:func:`edgefc.models.verifier.agreement`), saliency breaking ties: a caption-aware
+  three-crop choice. An image-only score cannot tell a subject moved to another quadrant by a
+  crop from one that was there, so in scenes whose captions state positions this is what picks the
+  crop the caption describes.
+4. **Drop contradicted** (``drop_contradicted``, the paper's manual curation, synt-cur) -- pairs
+   whose caption states something the verifier reads otherwise from the cropped image (another
+   value, or an object that is not there) are dropped (``contradicted``); captions that only leave
+   attributes out are kept.
+5. **Re-caption** (``recaption``, the paper's L-pps) -- every kept caption is replaced by one the
+   verifier's attribute reader writes from the cropped image (:func:`edgefc.models.verifier.describe`;
+   sizes only from ``level`` 2 on, as ``edgefc data synth --level``); the old caption stays in the
+   manifest.
+
+:func:`data_agreement` measures a set with the same verifier (``edgefc data agreement``): how well
+its captions describe its images as the training loader sees them.
 
 The output folder receives the cropped pairs (same relative names; PNG stays PNG, everything
 else is written as JPEG quality 95) and ``manifest.json``: every kept sample with its crop, and
@@ -34,16 +55,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefc.models.train.data import list_samples
+from edgefc.models.train.data import center_square, list_samples
 from edgefc.models.train.errors import DataError
 
-HASH_SIZE = 8
-HASH_IMAGE = 32
+#: Hash lengths: ``bits`` -> (side of the low-frequency block, side of the grey image it is taken from).
+HASH_BITS = {64: (8, 32), 256: (16, 64)}
 DEFAULT_THRESHOLD = 10
 DEFAULT_MIN_SIZE = 300
 
-
-# ----------------------------------------------------------------------------- perceptual hash
 
 def _dct_matrix(n: int) -> np.ndarray:
     """Orthonormal DCT-II matrix C (C @ x is the DCT of x)."""
@@ -54,18 +73,31 @@ def _dct_matrix(n: int) -> np.ndarray:
     return c
 
 
-_DCT = _dct_matrix(HASH_IMAGE)
+_DCT = {n: _dct_matrix(n) for _, n in HASH_BITS.values()}
 
 
-def phash(img) -> int:
-    """64-bit DCT perceptual hash of a PIL image (see module docstring)."""
+def phash(img, bits: int = 64) -> int:
+    """DCT perceptual hash of a PIL image (see module docstring) as an int of ``bits`` bits.
+
+    64 (the classic pHash): the 8x8 lowest frequencies of a 32x32 grey image. 256: the 16x16 lowest
+    of a 64x64 one, which also sees shifts of a few pixels -- for simple images (the synthetic
+    scenes), where renders of the same description differ only by such shifts and the 64-bit hash
+    calls them duplicates of each other.
+    """
     from PIL import Image
 
-    g = np.asarray(img.convert("L").resize((HASH_IMAGE, HASH_IMAGE), Image.Resampling.LANCZOS), dtype=np.float64)
-    d = _DCT @ g @ _DCT.T
-    low = d[:HASH_SIZE, :HASH_SIZE].ravel()
-    bits = low > np.median(low)
-    return int(np.packbits(bits).view(">u8")[0])
+    side, n = HASH_BITS[bits]
+    g = np.asarray(img.convert("L").resize((n, n), Image.Resampling.LANCZOS), dtype=np.float64)
+    d = _DCT[n] @ g @ _DCT[n].T
+    low = d[:side, :side].ravel()
+    out = 0
+    for b in low > np.median(low):
+        out = (out << 1) | int(b)
+    return out
+
+
+def _words(h: int, bits: int) -> np.ndarray:
+    return np.array([(h >> (64 * i)) & 0xFFFFFFFFFFFFFFFF for i in range(bits // 64)], dtype=np.uint64)
 
 
 def hamming(a: int, b: int) -> int:
@@ -149,8 +181,43 @@ def candidate_crops(w: int, h: int) -> list[tuple[str, tuple[int, int, int, int]
     return [("center", (0, (h - s) // 2, s, (h - s) // 2 + s)), ("top", (0, 0, s, s)), ("bottom", (0, h - s, s, h))]
 
 
-def choose_crop(img, scorer: str | Callable = "saliency") -> tuple[str, tuple[int, int, int, int], dict]:
-    """The best candidate square of ``img`` under ``scorer``; returns (name, box, scores)."""
+#: Crop choices that read the caption (not maps; see :func:`choose_crop`).
+CAPTION_CROPS = ("alignment",)
+
+
+def _alignment_crop(img, caption: str, level: int):
+    from edgefc.models.synth import ATTRIBUTES
+    from edgefc.models.verifier import agreement, read_image
+
+    w, h = img.size
+    cands = candidate_crops(w, h)
+    _, _, sal = choose_crop(img, "saliency")
+    scores = {}
+    for name, box in cands:
+        got, _ = agreement(read_image(np.asarray(img.crop(box))), caption, ATTRIBUTES[level])
+        flat = [v for vs in got.values() for v in vs]
+        scores[name] = float(np.mean(flat))
+    best = cands[0]
+    for name, b in cands[1:]:
+        key, bkey = (round(scores[name], 9), sal[name]), (round(scores[best[0]], 9), sal[best[0]])
+        if key[0] > bkey[0] or (key[0] == bkey[0] and key[1] > bkey[1] * (1 + 1e-6) + 1e-12):
+            best = (name, b)
+    return best[0], best[1], scores
+
+
+def choose_crop(img, scorer: str | Callable = "saliency", caption: str | None = None,
+                level: int = 1) -> tuple[str, tuple[int, int, int, int], dict]:
+    """The best candidate square of ``img`` under ``scorer``; returns (name, box, scores).
+
+    ``scorer="alignment"`` needs the pair's ``caption`` (the verifier's agreement per candidate,
+    ``level``'s attributes; saliency breaks ties); the map scorers ignore it.
+    """
+    if scorer in CAPTION_CROPS:
+        if caption is None:
+            raise DataError(f"the {scorer!r} crop choice needs the caption.")
+        if len(candidate_crops(*img.size)) == 1:
+            return "center", (0, 0, img.size[0], img.size[1]), {"center": 1.0}
+        return _alignment_crop(img, caption, level)
     fn = CROP_SCORERS[scorer] if isinstance(scorer, str) else scorer
     w, h = img.size
     cands = candidate_crops(w, h)
@@ -187,20 +254,67 @@ def choose_crop(img, scorer: str | Callable = "saliency") -> tuple[str, tuple[in
     return best[0], best[1], scores
 
 
+# ----------------------------------------------------------------------------- caption agreement
+
+def data_agreement(data: str | Path, resolution: int | None = 64, level: int | None = None) -> dict:
+    """:func:`edgefc.models.verifier.caption_agreement` of a training set (a folder of pairs or a .tar shard) as the training
+    loader sees it: each image resized and centre-cropped to ``resolution`` (None: as stored).
+
+    ``level`` picks the attributes scored (:data:`edgefc.models.synth.ATTRIBUTES`); default: the
+    ``level`` of the set's ``manifest.json`` (``edgefc data synth`` writes it), else 1.
+    """
+    from edgefc.models.synth import ATTRIBUTES
+    from edgefc.models.verifier import caption_agreement
+
+    root = Path(data)
+    if level is None:
+        level = 1
+        mf = root / "manifest.json"
+        if root.is_dir() and mf.is_file():
+            try:
+                level = int(json.loads(mf.read_text()).get("level", 1))
+            except (ValueError, TypeError, AttributeError):
+                level = 1
+        level = level if level in ATTRIBUTES else 1
+    listing = list_samples(root)
+    images, captions = [], []
+    for smp in listing.samples:
+        img = smp.open_image()
+        if resolution is not None:
+            img = center_square(img, resolution)
+        images.append(np.asarray(img))
+        captions.append(smp.caption)
+    result = caption_agreement(images, captions, ATTRIBUTES[level])
+    result["names"] = [smp.key for smp in listing.samples]
+    result["level"], result["resolution"] = level, resolution
+    return result
+
+
 # ----------------------------------------------------------------------------- curation
 
+def _recaption_rng(key: str) -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+
+
 def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE,
-           threshold: int = DEFAULT_THRESHOLD, crop: str | Callable = "saliency", progress: bool = True) -> dict:
+           threshold: int = DEFAULT_THRESHOLD, crop: str | Callable = "saliency", progress: bool = True,
+           drop_contradicted: bool = False, recaption: bool = False, level: int = 1, dedup: bool = True,
+           hash_bits: int = 64) -> dict:
     """Curate ``src`` into ``dst`` (see the module docstring); returns the manifest."""
     from tqdm.auto import tqdm
 
     src, dst = Path(src), Path(dst)
-    if isinstance(crop, str) and crop not in CROP_SCORERS:
-        raise DataError(f"unknown crop scorer {crop!r}; choose one of {', '.join(sorted(CROP_SCORERS))}.")
+    if isinstance(crop, str) and crop not in CROP_SCORERS and crop not in CAPTION_CROPS:
+        raise DataError(f"unknown crop scorer {crop!r}; choose one of "
+                        f"{', '.join(sorted((*CROP_SCORERS, *CAPTION_CROPS)))}.")
+    if level not in (1, 2, 3):
+        raise DataError(f"--level {level} is not one of 1, 2, 3.")
     if min_size < 1:
         raise DataError("--min-size must be at least 1.")
-    if not 0 <= threshold <= 64:
-        raise DataError("--dedup-threshold must be between 0 and 64 (bits of a 64-bit hash).")
+    if hash_bits not in HASH_BITS:
+        raise DataError(f"--hash-bits must be one of {', '.join(map(str, HASH_BITS))}.")
+    if not 0 <= threshold <= hash_bits:
+        raise DataError(f"--dedup-threshold must be between 0 and {hash_bits} (bits of a {hash_bits}-bit hash).")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise DataError(f"output {dst} already exists and is not an empty folder.")
     listing = list_samples(src)
@@ -218,27 +332,30 @@ def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE
             dropped.append({"key": s.key, "source": s.source, "reason": "too-small", "size": [w, h]})
             continue
         digest = hashlib.sha256(f"{w}x{h}".encode() + img.tobytes()).hexdigest()
-        info.append({"sample": s, "size": (w, h), "sha": digest, "phash": phash(img)})
+        info.append({"sample": s, "size": (w, h), "sha": digest, "phash": phash(img, hash_bits)})
 
     # largest first, then key order: the kept member of a duplicate group is the largest image
     info.sort(key=lambda d: (-d["size"][0] * d["size"][1], d["sample"].key))
     kept: list[dict] = []
     by_sha: dict[str, dict] = {}
-    hashes = np.zeros(len(info), dtype=np.uint64)
+    hashes = np.zeros((len(info), hash_bits // 64), dtype=np.uint64)
     for d in info:
         s = d["sample"]
+        if not dedup:
+            kept.append(d)
+            continue
         if d["sha"] in by_sha:
             dropped.append({"key": s.key, "source": s.source, "reason": "exact-duplicate",
                             "of": by_sha[d["sha"]]["sample"].key})
             continue
         if kept:
-            dist = np.bitwise_count(hashes[: len(kept)] ^ np.uint64(d["phash"]))
+            dist = np.bitwise_count(hashes[: len(kept)] ^ _words(d["phash"], hash_bits)).sum(axis=1)
             j = int(np.argmin(dist))
             if int(dist[j]) <= threshold:
                 dropped.append({"key": s.key, "source": s.source, "reason": "near-duplicate",
                                 "of": kept[j]["sample"].key, "distance": int(dist[j])})
                 continue
-        hashes[len(kept)] = np.uint64(d["phash"])
+        hashes[len(kept)] = _words(d["phash"], hash_bits)
         kept.append(d)
         by_sha[d["sha"]] = d
 
@@ -248,11 +365,24 @@ def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE
     kept_rows = []
     try:
         kept.sort(key=lambda d: d["sample"].key)
+        if drop_contradicted or recaption:
+            from edgefc.models.synth import ATTRIBUTES
+            from edgefc.models.verifier import agreement, describe, read_image
         for d in tqdm(kept, desc="crop", unit="img", file=sys.stderr, disable=not progress):
             s = d["sample"]
             img = s.open_image()
-            name, box, scores = choose_crop(img, crop)
+            name, box, scores = choose_crop(img, crop, caption=s.caption, level=level)
             out_img = img.crop(box)
+            caption, extra = s.caption, {}
+            if drop_contradicted or recaption:
+                reading = read_image(np.asarray(out_img))
+                if drop_contradicted and agreement(reading, s.caption, ATTRIBUTES[level])[1]:
+                    dropped.append({"key": s.key, "source": s.source, "reason": "contradicted",
+                                    "caption": s.caption, "crop": name})
+                    continue
+                if recaption:
+                    caption = describe(reading, _recaption_rng(s.key), level)
+                    extra = {"caption_before": s.caption}
             ext = ".png" if s.source.lower().endswith(".png") else ".jpg"
             out = tmp / f"{s.key}{ext}"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,19 +390,21 @@ def curate(src: str | Path, dst: str | Path, *, min_size: int = DEFAULT_MIN_SIZE
                 out_img.save(out)
             else:
                 out_img.save(out, quality=95)
-            out.with_suffix(".txt").write_text(s.caption + "\n", encoding="utf-8")
+            out.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
             kept_rows.append({"key": s.key, "source": s.source, "output": str(out.relative_to(tmp)),
                               "size": list(d["size"]), "crop": name, "box": list(box),
                               "scores": {k: round(v, 6) for k, v in scores.items()},
-                              "phash": f"{d['phash']:016x}"})
+                              "phash": f"{d['phash']:0{hash_bits // 4}x}", **({"caption": caption, **extra} if recaption else {})})
         counts = {"input": len(listing.samples) + len(listing.skipped_no_caption), "kept": len(kept_rows)}
         for row in dropped:
             counts[row["reason"]] = counts.get(row["reason"], 0) + 1
         manifest = {
             "source": str(src),
-            "settings": {"min_size": min_size, "dedup_threshold": threshold,
+            "settings": {"min_size": min_size, "dedup_threshold": threshold if dedup else None,
                          "crop": crop if isinstance(crop, str) else getattr(crop, "__name__", "custom"),
-                         "hash": f"DCT pHash {HASH_SIZE * HASH_SIZE} bits"},
+                         "hash": f"DCT pHash {hash_bits} bits",
+                         **({"drop_contradicted": True} if drop_contradicted else {}),
+                         **({"recaption": True, "level": level} if recaption else {})},
             "counts": counts,
             "kept": kept_rows,
             "dropped": sorted(dropped, key=lambda r: r["key"]),

@@ -14,11 +14,17 @@ up stages). Where one side's stage ends in a downsampler and the other's does no
 student's last down stage), the stage's last attention (or ResNet) output is compared instead,
 as BK-SDM does with ``down_blocks.2.attentions.{1,0}.proj_out``. The text encoder and VAE are
 frozen; the VAE encodes images to latents, the text encoder embeds the captions.
+
+``--init`` starts the student from trained weights instead (a diffusers U-Net folder or a folder
+with ``unet/``, e.g. an earlier ``train kd`` output, of the student architecture): KD fine-tuning
+of an already distilled student, as EdgeFusion's advanced distillation does before LCM (paper
+Sec. 2.1: BK-SDM-Tiny fine-tuned by KD from a better teacher on better data).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgefc.models.train.common import Recipe, TrainConfig, TrainResult, run
 from edgefc.models.train.errors import TrainingError
@@ -30,9 +36,10 @@ class KDConfig(TrainConfig):
     lambda_sd: float = 1.0
     lambda_out: float = 1.0
     lambda_feat: float = 1.0
+    init: Path | None = None  # trained student weights to fine-tune (None: the teacher's retained blocks)
 
     def __post_init__(self):
-        self.identity_fields = tuple(self.identity_fields) + ("student_arch",)
+        self.identity_fields = tuple(self.identity_fields) + ("student_arch", "init")
 
 
 def _first_tensor(out):
@@ -67,6 +74,28 @@ def feature_pairs(teacher, student) -> list[tuple[str, object, str, object]]:
     return pairs
 
 
+def load_student_init(student, path: Path) -> dict:
+    """Load trained weights from ``path`` (a U-Net folder or a folder with ``unet/``) into ``student``;
+    the architectures must agree parameter for parameter."""
+    from diffusers import UNet2DConditionModel
+
+    folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise TrainingError(f"--init {path} has no config.json or unet/config.json (not a diffusers U-Net).")
+    try:
+        state = UNet2DConditionModel.from_pretrained(folder, local_files_only=True).state_dict()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise TrainingError(f"--init {path}: cannot load the U-Net: {str(e).splitlines()[0]}") from None
+    own = student.state_dict()
+    bad = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+    extra = sorted(k for k in state if k not in own)
+    if bad or extra:
+        raise TrainingError(f"--init {path} is not a U-Net of the student's architecture ("
+                            f"{len(bad)} student parameters missing or of another shape, e.g. {(bad or extra)[0]}).")
+    student.load_state_dict(state)
+    return {"copied": len(own), "total": len(own), "init": str(path)}
+
+
 class KDRecipe(Recipe):
     kind = "kd"
 
@@ -85,7 +114,10 @@ class KDRecipe(Recipe):
                 f"but the teacher's text encoder is {hidden} wide; use --student-arch bk-sdm-tiny."
             )
         student = UNet2DConditionModel.from_config(s_cfg)
-        self.init_stats = init_student_from_teacher(student, teacher)
+        if cfg.init is not None:
+            self.init_stats = load_student_init(student, Path(cfg.init))
+        else:
+            self.init_stats = init_student_from_teacher(student, teacher)
         self.pairs = feature_pairs(teacher, student)
         self.acts_t, self.acts_s = {}, {}
         for tn, tm, sn, sm in self.pairs:
@@ -141,4 +173,10 @@ def train_kd(cfg: KDConfig) -> TrainResult:
     """Run BK-SDM distillation as configured (see the module docstring)."""
     if cfg.student_arch not in ("bk-sdm-tiny", "tiny"):
         raise TrainingError(f"unknown student arch {cfg.student_arch!r}; choose bk-sdm-tiny or tiny.")
+    if cfg.init is not None:
+        init = Path(cfg.init)
+        if not init.exists():
+            raise TrainingError(f"--init {init} does not exist.")
+        if not ((init / "unet" / "config.json").is_file() or (init / "config.json").is_file()):
+            raise TrainingError(f"--init {init} has no config.json or unet/config.json (not a diffusers U-Net).")
     return run(KDRecipe(cfg))

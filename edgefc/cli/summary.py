@@ -1,4 +1,5 @@
-"""The few lines ``edgefc compile`` ends with: what the build is, drawn from its report and profile.
+"""The few lines ``edgefc compile`` ends with (and the data of ``--json-result``): what the build
+is, drawn from its report and profile. A view of the CLI (it lives under ``edgefc/cli``).
 
 Everything here is read back from the build folder's ``report.json`` (what each pass decided) and
 ``profile.json`` (the cost model's pricing of the build as built), so the summary says nothing
@@ -16,6 +17,16 @@ from pathlib import Path
 def summary_lines(report: dict, profile: dict | None, build: Path | None = None) -> list[str]:
     """The summary of a compile, one line per topic (topics whose stage did not run are left out)."""
     lines = []
+    canon = report.get("canonicalize")
+    if isinstance(canon, dict):
+        lines += [f"warning:   {w}" for w in canon.get("warnings", [])]
+    sub = report.get("subgraphs")
+    if isinstance(sub, dict) and sub.get("nodes"):
+        nodes = sub["nodes"]
+        lines.append(f"note:      the bodies of {len(nodes)} control-flow node{'s' if len(nodes) != 1 else ''} "
+                     f"({', '.join(nodes[:3])}{', ...' if len(nodes) > 3 else ''}) are compiled as they are: "
+                     f"{len(sub.get('left_as_they_are_by', []))} passes rewrite the main graph only "
+                     f"(report.json subgraphs)")
     fusion = report.get("fusion")
     if isinstance(fusion, dict):
         lines.append("fusion:    " + _fusion(fusion))
@@ -25,12 +36,54 @@ def summary_lines(report: dict, profile: dict | None, build: Path | None = None)
     tiling = report.get("tiling")
     if isinstance(tiling, dict):
         lines.append("tiling:    " + _tiling(tiling))
+    checked = [r for r in report.get("passes") or [] if r.get("verify_rel_error") is not None]
+    if checked:
+        lines.append("verify:    " + _verify(checked))
     if profile is not None:
         lines.append("target:    " + _target(profile))
     if build is not None:
-        files = sorted(p.name for p in Path(build).iterdir() if p.is_file())
-        lines.append(f"build:     {build}  ({', '.join(files)})")
+        lines.append(f"build:     {build}  ({', '.join(_files(Path(build)))})")
     return lines
+
+
+def _files(build: Path) -> list[str]:
+    """The files of the build (its marker's list; the marker itself not shown)."""
+    from edgefc.staging import MARKER, build_files
+
+    files = build_files(build) or sorted(p.name for p in build.iterdir() if p.is_file())
+    return sorted(f for f in files if f != MARKER)
+
+
+def summary_data(build: Path) -> dict:
+    """The figures of the summary as data (``edgefc compile --json-result``): the build folder and
+    its files, the passes with their times, the fusions, the precision and SQNR, the tiling, the
+    modelled time, the handover check; each read from ``report.json`` / ``profile.json``."""
+    build = Path(build)
+    report = json.loads((build / "report.json").read_text())
+    profile_file = build / "profile.json"
+    profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
+    out: dict = {"build": str(build), "files": _files(build), "target": report.get("target"),
+                 "source": report.get("source"), "seconds": report.get("seconds"), "passes": report.get("passes", [])}
+    fusion = report.get("fusion")
+    if isinstance(fusion, dict):
+        counts = {k: int(v) for k, v in fusion.items() if isinstance(v, int)}
+        out["fusion"] = {"fused": sum(counts.values()), "by_kind": counts,
+                         "missed": sum(len(v) for v in (fusion.get("misses") or {}).values()),
+                         "skipped": fusion.get("skipped", [])}
+    quant = report.get("quantization")
+    if isinstance(quant, dict):
+        out["precision"] = {k: quant.get(k) for k in ("precision", "component", "sqnr_db", "sqnr_db_worst_input",
+                                                       "cosine") if k in quant}
+    tiling = report.get("tiling")
+    if isinstance(tiling, dict):
+        blocks = tiling.get("blocks") or []
+        out["tiling"] = {"attentions": len(blocks), "tiled": sum(1 for b in blocks if b.get("tiling")),
+                         "budget_bytes": tiling.get("budget_bytes"), "skipped": tiling.get("skipped")}
+    if profile is not None:
+        out["profile"] = {"total_ms": profile.get("total_ms"), "precision": profile.get("precision"),
+                          "sram_peak_bytes": profile.get("sram_peak_bytes")}
+    out["handover"] = report.get("handover")
+    return out
 
 
 def build_summary(build: Path) -> list[str]:
@@ -111,6 +164,13 @@ def _tiling(t: dict) -> str:
     if "budget_bytes" in t:
         out += f"; SRAM budget {_mib(t['budget_bytes'])}"
     return out
+
+
+def _verify(checked: list[dict]) -> str:
+    worst = max(checked, key=lambda r: r["verify_rel_error"])
+    return (f"{len(checked)} pass{'es' if len(checked) != 1 else ''} checked against onnxruntime on seeded random "
+            f"inputs (--verify), each within its tolerance; largest max rel error {worst['verify_rel_error']:.3g} "
+            f"({worst['name']})")
 
 
 def _target(p: dict) -> str:
