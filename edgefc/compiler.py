@@ -163,6 +163,8 @@ def write_build(result: CompileResult, plan: staging.OutputPlan, target: Target 
                        f"options and with optimisations off, in a child process")
         checks.append(handover.check_model_file(model_file, last))
     result.report["handover"] = checks
+    for name, write in ctx.artifacts.items():   # files the passes asked for (quantize's precision.png)
+        write(tmp / name)
     if target is not None:
         _say(progress, "target: pricing the build (profile.json)")
         target.write_artifacts(result.graph, tmp, ctx, result.report)

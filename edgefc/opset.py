@@ -70,6 +70,31 @@ def _convert_node(graph: gs.Graph, node: gs.Node, old: int, new: int) -> list[gs
     return list(part.nodes)
 
 
+def explicit_defaults(graph: gs.Graph) -> int:
+    """Write out the defaulted attributes of standard ops defined by a function body
+    (``MeanVarianceNormalization``, ...): their bodies reference the attribute (``Constant
+    <value_ints = @axes>``), and from opset 18 on onnx's full check expands them with nothing
+    bound where the node leaves it at its default (the model then fails ``onnx.checker``).
+    Returns how many attributes were written."""
+    n = 0
+    version = int(graph.opset)
+    for node in graph.nodes:
+        if (node.domain or "") not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op, version)
+        except onnx.defs.SchemaError:
+            continue
+        if not (schema.has_function or schema.has_context_dependent_function):
+            continue
+        for name, attr in schema.attributes.items():
+            if name in node.attrs or not attr.default_value.name:
+                continue
+            node.attrs[name] = onnx.helper.get_attribute_value(attr.default_value)
+            n += 1
+    return n
+
+
 def upgrade_opset(graph: gs.Graph, version: int) -> gs.Graph:
     """Bring the graph's standard-domain ops to opset ``version``.
 

@@ -58,13 +58,16 @@ class PassContext:
     ``options`` compile options by name (``precision``, ``sram_budget``, ``shapes`` ...), checked
                 against the declarations of the passes (:func:`check_options`);
     ``report``  sections a pass adds to ``report.json`` (e.g. ``report["fusion"]``);
-    ``pass_options`` the running pass's validated ``Options`` (set by the pass manager).
+    ``pass_options`` the running pass's validated ``Options`` (set by the pass manager);
+    ``artifacts`` files a pass adds to the build folder: file name -> a function that writes it to
+    the path it is given (``quantize``'s ``precision.png``), called when the build is written.
     """
 
     target: Any = None
     options: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     pass_options: Any = None
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
     def option(self, name: str, default: Any = None) -> Any:
         """The running pass's value of ``name`` (its declared option), else the compile-wide one."""

@@ -7,8 +7,9 @@ Vocabulary (every stage uses these names, nothing else):
   activations), ``w8a8`` (INT8 weights and activations); :data:`OPERAND_TYPES` gives the element
   types (:mod:`edgefc.dtypes` codes, byte sizes in :data:`edgefc.dtypes.DTYPE_BYTES`) of its
   weights and activations;
-* what ``--precision`` may ask for (:data:`REQUESTS`): a precision or ``auto`` (the component's
-  deployed precision, :data:`DEPLOYED`); what a Program may be priced at (:data:`PRICINGS`):
+* what ``--precision`` may ask for (:data:`REQUESTS`): a precision, ``auto`` (the component's
+  deployed precision, :data:`DEPLOYED`) or ``search`` (one precision per op group, chosen by the
+  quantize pass); what a Program may be priced at (:data:`PRICINGS`):
   ``as-built`` (the graph's decisions) or a what-if precision applied to every op;
 * the tensor engine's **rate keys** (:data:`RATE_KEYS`, the target file's ``[tensor.rate]``),
   from an op's two operand types (:func:`rate_key`): ``int8xint8``, ``int8xint16``,
@@ -33,8 +34,10 @@ from edgefc.dtypes import DTYPE_BYTES
 
 #: what one op runs at, from the widest to the narrowest.
 PRECISIONS = ("fp32", "fp16", "w8a16", "w8a8")
-#: ``quantize``'s ``precision`` option (``edgefc compile --precision``).
-REQUESTS = ("auto",) + PRECISIONS
+#: ``quantize``'s ``precision`` option (``edgefc compile --precision``): a precision for every op,
+#: ``auto`` (the component's, :func:`resolve`) or ``search`` (one per op group, chosen against the
+#: target's cost model and the quality floor: ``edgefc.passes.precision_search``).
+REQUESTS = ("auto",) + PRECISIONS + ("search",)
 #: what a graph may be priced at (``edgefc profile --precision``, the lowering).
 PRICINGS = ("as-built",) + PRECISIONS
 #: element types an NPU tensor may have (a target's ``tensor.dtypes`` picks among them).
@@ -89,7 +92,7 @@ def resolve(request: str, component: str | None, npu: bool = False) -> str:
     if request not in REQUESTS:
         raise ValueError(f"unknown precision '{request}' (choose from {', '.join(REQUESTS)})")
     if request != "auto":
-        return request
+        return request   # a precision, or "search"
     if component in DEPLOYED:
         return DEPLOYED[component]
     return AUTO_OTHER if npu else "fp32"

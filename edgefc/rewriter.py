@@ -291,8 +291,9 @@ class FusionPass(Pass):
     every candidate that did not match with the reason, and gives the graph the functions of the
     edgefc ops it uses (:func:`edgefc.functions.ensure_functions`).
 
-    ``kinds``: the report keys the pass owns (default: its fusions' kinds); each appears in the
-    report, 0 when nothing fused, and its misses are replaced by this run's. The patterns assume
+    ``kinds``: the report keys the pass owns (default: the kinds of :attr:`fusions` and whatever
+    else this run counted or missed); each appears in the report, 0 when nothing fused, and its
+    misses are replaced by this run's. The patterns assume
     the canonical form, so the graph must have been through ``canonicalize`` (standard opset
     ``min_opset``).
     """
@@ -311,7 +312,8 @@ class FusionPass(Pass):
                             f"this one has {graph.opset}): run canonicalize first")
         log = RewriteLog()
         self.fuse(graph, ctx, log)
-        log.record(ctx.report, self.kinds or tuple(dict.fromkeys(f.kind for f in self.fusions)))
+        kinds = self.kinds or tuple(dict.fromkeys([*(f.kind for f in self.fusions), *log.counts, *log.misses]))
+        log.record(ctx.report, kinds)
         functions.ensure_functions(graph)
         return graph
 

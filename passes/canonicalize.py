@@ -185,6 +185,7 @@ class Canonicalize(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
         apply_input_shapes(graph, ctx.option("shapes", {}))
         graph = opset.upgrade_opset(graph, int(ctx.option("opset", self.opset)))
+        opset.explicit_defaults(graph)
         # a graph output's declared shape is a claim, not a constraint: inference decides it, and a
         # declared shape the graph contradicts (onnxruntime only warns) is reported, not refused
         declared = {t.name: list(t.shape) if t.shape is not None else None for t in graph.outputs}

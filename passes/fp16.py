@@ -38,6 +38,7 @@ from edgefc.passes.quant_policy import (
     TYPED_OUTPUT_OPS,
     QuantPolicy,
     is_float_tensor,
+    log_argument_tensors,
     norm_statistic_tensors,
     periodic_argument_tensors,
 )
@@ -75,6 +76,11 @@ def plan_fp16(graph: gs.Graph, policy: QuantPolicy, absmax: dict[str, float] | N
         for n in graph.nodes:
             if n.name in nodes or (n.op in ("Sin", "Cos")):
                 kept.setdefault(n.name, "periodic-arguments")
+    if policy.rule("log-arguments"):
+        _, log_nodes = log_argument_tensors(graph)
+        for n in graph.nodes:
+            if n.name in log_nodes or n.op == "Log":
+                kept.setdefault(n.name, "log-arguments: computes the argument of a logarithm")
     if policy.rule("norm-statistics"):
         stats = norm_statistic_tensors(graph)
         for n in graph.nodes:

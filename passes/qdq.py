@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from edgefc import precision as pr
+from edgefc.deployed_types import DeployedTypes
 from edgefc.errors import QuantizationError
 from edgefc.memory import release_memory
 from edgefc.passes import quant_policy as qp
@@ -45,11 +46,11 @@ def dequantize_weight(q: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray
 
 #: integer activation type -> (largest symmetric magnitude, levels - 1)
 INT_TYPES = {"int16": (qp.INT16_MAX, 65535.0), "int8": (qp.INT8_MAX, 255.0)}
-#: the ONNX element type of a (type, symmetric) activation: asymmetric INT8 is stored as uint8 with
-#: its zero point (the same grid as int8 with the zero point moved by 128), the form onnxruntime's
-#: CPU kernels take (its optimizer rewrites int8 activations to uint8 itself, and fails on int8 Q/DQ
-#: it moves across a Reshape/Unsqueeze).
-STORAGE = {("int16", True): np.int16, ("int16", False): np.int16, ("int8", True): np.int8, ("int8", False): np.uint8}
+#: the ONNX element type of a (type, symmetric) activation: INT8 is stored as uint8 with its zero
+#: point moved by 128 (the same grid; symmetric: zero point 128), the form onnxruntime's CPU kernels
+#: take (its optimizer rewrites int8 activations to uint8 itself, and then fails on the int8 Q/DQ it
+#: moves across a Reshape/Unsqueeze: "output_dtype INT8 does not match y_zero_point type UINT8").
+STORAGE = {("int16", True): np.int16, ("int16", False): np.int16, ("int8", True): np.uint8, ("int8", False): np.uint8}
 
 
 def activation_qparams(lo: float, hi: float, symmetric: bool, dtype: str = "int16") -> tuple[float, np.generic]:
@@ -61,11 +62,12 @@ def activation_qparams(lo: float, hi: float, symmetric: bool, dtype: str = "int1
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise QuantizationError("calibration produced a non-finite activation range (NaN/Inf in the model's outputs)")
+    middle = 0 if info.min < 0 else (info.max + 1) // 2
     if symmetric:
         a = max(-lo, hi)
-        return (a / qmax if a > 0 else 1.0 / qmax), np_type(0)
+        return (a / qmax if a > 0 else 1.0 / qmax), np_type(middle)
     if hi - lo <= 0:
-        return 1.0 / qmax, np_type(0 if info.min < 0 else -info.min)
+        return 1.0 / qmax, np_type(middle)
     scale = (hi - lo) / levels
     zp = int(np.clip(np.rint(info.min - lo / scale), info.min, info.max))
     return scale, np_type(zp)
@@ -82,7 +84,7 @@ def mean_axes(node: gs.Node, x: gs.Tensor) -> tuple[int, ...] | None:
     return None
 
 
-def _bias_shift(node: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+def bias_shift(node: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
     """Expected output shift E[(W_q - W) x] per output channel, from the input channel means."""
     if node.op in ("Conv", "FusedConv"):
         g = int(node.attrs.get("group", 1))
@@ -135,20 +137,23 @@ def _apply_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> bool:
     return False
 
 
-def _qdq_pair(base: str, t: gs.Tensor, scale: float, zp: np.generic, dtype: str, nodes: list) -> gs.Variable:
+def _qdq_pair(base: str, t: gs.Tensor, scale, zp, dtype: str, nodes: list, axis: int | None = None) -> gs.Variable:
     """QuantizeLinear -> DequantizeLinear of ``t`` at ``dtype`` (the zero point's numpy type is the
-    storage type); returns the dequantized tensor."""
+    storage type; vectors and ``axis``: one scale per slice along the axis); returns the
+    dequantized tensor."""
     np_type = np.asarray(zp).dtype.type
     sc = gs.Constant(f"{base}__scale", np.array(scale, dtype=np.float32))
     z = gs.Constant(f"{base}__zero_point", np.array(zp, dtype=np_type))
     q = gs.Variable(f"{base}__q{dtype[3:]}", dtype=np_type, shape=t.shape)
     dq = gs.Variable(f"{base}__dq", dtype=np.float32, shape=t.shape)
-    nodes.append(gs.Node("QuantizeLinear", name=f"{base}/QuantizeLinear", inputs=[t, sc, z], outputs=[q]))
-    nodes.append(gs.Node("DequantizeLinear", name=f"{base}/DequantizeLinear", inputs=[q, sc, z], outputs=[dq]))
+    attrs = {} if axis is None else {"axis": int(axis)}
+    nodes.append(gs.Node("QuantizeLinear", name=f"{base}/QuantizeLinear", inputs=[t, sc, z], outputs=[q], attrs=dict(attrs)))
+    nodes.append(gs.Node("DequantizeLinear", name=f"{base}/DequantizeLinear", inputs=[q, sc, z], outputs=[dq],
+                         attrs=dict(attrs)))
     return dq
 
 
-def _qdq(graph: gs.Graph, t: gs.Tensor, scale: float, zp: np.generic, dtype: str, skip: set[str],
+def _qdq(graph: gs.Graph, t: gs.Tensor, scale, zp, axis: int | None, dtype: str, skip: set[str],
          nodes: list) -> gs.Variable | None:
     """Insert QuantizeLinear -> DequantizeLinear (``dtype``) after ``t``; consumers (not ``skip``)
     read the dequantized tensor, which is returned. A graph output keeps its name on it."""
@@ -157,7 +162,7 @@ def _qdq(graph: gs.Graph, t: gs.Tensor, scale: float, zp: np.generic, dtype: str
     if not consumers and not is_output:
         return None
     base = t.name
-    dq = _qdq_pair(base, t, scale, zp, dtype, nodes)
+    dq = _qdq_pair(base, t, scale, zp, dtype, nodes, axis)
     for c in consumers:
         for i, x in enumerate(c.inputs):
             if x is t:
@@ -176,7 +181,7 @@ def _alias_root(t: gs.Tensor) -> gs.Tensor:
     return t
 
 
-def _convert(node: gs.Node, dq: gs.Variable, scale: float, zp: np.generic, dtype: str, cache: dict, nodes: list) -> bool:
+def _convert(node: gs.Node, dq: gs.Variable, scale, zp, axis: int | None, dtype: str, cache: dict, nodes: list) -> bool:
     """Rewire every input of ``node`` that reads ``dq`` (directly or through alias ops) to its
     requantisation at ``dtype`` (one per tensor and type, shared)."""
     changed = False
@@ -185,7 +190,7 @@ def _convert(node: gs.Node, dq: gs.Variable, scale: float, zp: np.generic, dtype
             continue
         key = (x.name, dtype)
         if key not in cache:
-            cache[key] = _qdq_pair(f"{x.name}__to_{dtype}", x, scale, zp, dtype, nodes)
+            cache[key] = _qdq_pair(f"{x.name}__to_{dtype}", x, scale, zp, dtype, nodes, axis)
         node.inputs[i] = cache[key]
         changed = True
     return changed
@@ -193,10 +198,11 @@ def _convert(node: gs.Node, dq: gs.Variable, scale: float, zp: np.generic, dtype
 
 def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, float]],
               means: dict[str, np.ndarray], policy: qp.QuantPolicy, headroom: dict[str, float] | None = None,
-              exact: set[str] = frozenset()) -> dict:
+              exact: set[str] = frozenset(), weight_cache: dict | None = None) -> dict:
     """Rewrite ``graph`` in place: INT8 weights, INT16/INT8 Q/DQ activations and their conversions,
     bias correction. ``ranges`` are the calibrated ranges of ``plan.calibrated``, widened by
-    ``headroom[type]`` (except the ``exact`` ones)."""
+    ``headroom[type]`` (except the ``exact`` ones). ``weight_cache`` (weight name -> quantized
+    weight) lets builds of several plans of one graph quantize each weight once."""
     headroom = headroom or {}
     by_name = {n.name: n for n in graph.nodes}
     new_nodes: list[gs.Node] = []
@@ -205,9 +211,15 @@ def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, 
     for node_name, idx, axis in plan.weights:
         node = by_name[node_name]
         w = node.inputs[idx]
-        wf = np.asarray(w.values, dtype=np.float32)
         if w.name not in done:
-            q, scale = quantize_weight(wf, axis)
+            key = (w.name, axis)
+            if weight_cache is not None and key in weight_cache:
+                q, scale, wf = weight_cache[key]
+            else:
+                wf = np.asarray(w.values, dtype=np.float32)
+                q, scale = quantize_weight(wf, axis)
+                if weight_cache is not None:
+                    weight_cache[key] = (q, scale, wf)
             base = w.name
             dq = gs.Variable(f"{base}__dq", dtype=np.float32, shape=list(wf.shape))
             new_nodes.append(gs.Node(
@@ -221,7 +233,7 @@ def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, 
         node.inputs[idx] = dq
         x = plan.bias_inputs.get(node_name)
         if delta is not None and x in means:
-            shift = _bias_shift(node, delta, np.asarray(means[x], dtype=np.float32))
+            shift = bias_shift(node, delta, np.asarray(means[x], dtype=np.float32))
             if shift is not None and np.any(shift):
                 if _apply_bias(graph, node, shift):
                     corrected += 1
@@ -230,17 +242,36 @@ def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, 
     done.clear()
     release_memory()
 
-    def qparams(root: str, dtype: str) -> tuple[float, np.generic]:
+    tensors = graph.tensors()
+    segmented = concat_segments(graph, plan, ranges) if policy.rule("concat-segments") else {}
+
+    def one(root: str, dtype: str) -> tuple[float, np.generic]:
+        if root not in ranges and root in tensors:
+            # a view (Reshape ...) stored in its own right by this plan: its source's range, the same values
+            src = _alias_root(tensors[root]).name
+            root = plan.inherits.get(src, src)
         lo, hi = ranges[root]
         h = 1.0 if root in exact else headroom.get(dtype, 1.0)
         symmetric = policy.activation_symmetric if dtype == "int16" else policy.int8_symmetric
         return activation_qparams(lo * h, hi * h, symmetric, dtype)
 
-    tensors = graph.tensors()
+    def qparams(name: str, dtype: str) -> tuple:
+        """(scale, zero point, axis) of tensor ``name`` at ``dtype``: its scale root's range, or one
+        scale per concatenated input (``concat-segments``)."""
+        root = plan.inherits.get(name, name)
+        if root in segmented:
+            root = name   # a per-axis source: its reader's own range (calibrated for every stored tensor)
+        if name in segmented:
+            axis, parts = segmented[name]
+            params = [(one(src, dtype), size) for src, size in parts]
+            scale = np.concatenate([np.full(size, sc, np.float32) for (sc, _), size in params])
+            zp = np.concatenate([np.full(size, z, np.asarray(z).dtype) for (_, z), size in params])
+            return scale, zp, axis
+        return (*one(root, dtype), None)
+
     dqs: dict[str, gs.Variable] = {}
     for name, dtype in plan.storage.items():
-        dq = _qdq(graph, tensors[name], *qparams(plan.inherits.get(name, name), dtype), dtype, plan.fp32_readers,
-                  new_nodes)
+        dq = _qdq(graph, tensors[name], *qparams(name, dtype), dtype, plan.fp32_readers, new_nodes)
         if dq is not None:
             dqs[name] = dq
     cache: dict = {}
@@ -249,22 +280,53 @@ def apply_qdq(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, 
         if name not in dqs:
             continue
         for dtype, readers in by_type.items():
-            params = qparams(plan.inherits.get(name, name), dtype)
+            params = qparams(name, dtype)
             for r in readers:
                 converted += _convert(by_name[r], dqs[name], *params, dtype, cache, new_nodes)
     graph.nodes.extend(new_nodes)
     graph.toposort()
-    return {"bias_corrected_layers": corrected, "bias_correction_skipped": skipped, "conversions": len(cache)}
+    return {"bias_corrected_layers": corrected, "bias_correction_skipped": skipped, "conversions": len(cache),
+            **({"concat_segments": sorted(segmented)} if segmented else {})}
+
+
+def concat_segments(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[float, float]]) -> dict:
+    """Stored Concat outputs whose inputs' ranges differ by more than
+    :data:`~edgefc.passes.quant_policy.SEGMENT_RATIO`: tensor -> (axis, [(input's range root, size
+    along the axis)]) (rule ``concat-segments``)."""
+    out = {}
+    tensors = graph.tensors()
+    for name in plan.storage:
+        t = tensors.get(name)
+        node = t.inputs[0] if t is not None and t.inputs else None
+        if node is None or node.op != "Concat" or len(node.inputs) < 2 or t.shape is None:
+            continue
+        rank = len(t.shape)
+        axis = int(node.attrs.get("axis", 0)) % max(rank, 1)
+        parts = []
+        for x in node.inputs:
+            root = _alias_root(x).name if isinstance(x, gs.Variable) else None
+            root = plan.inherits.get(root, root)
+            shape = x.shape
+            if root not in ranges or shape is None or len(shape) != rank or not isinstance(shape[axis], (int, np.integer)):
+                parts = None
+                break
+            parts.append((root, int(shape[axis])))
+        if not parts:
+            continue
+        amax = [max(abs(ranges[r][0]), abs(ranges[r][1])) for r, _ in parts]
+        if min(amax) > 0 and max(amax) / min(amax) > qp.SEGMENT_RATIO:
+            out[name] = (axis, parts)
+    return out
 
 
 def apply_plan(graph: gs.Graph, plan: qp.PrecisionPlan, qplan: qp.QdqPlan, ranges: dict[str, tuple[float, float]],
                means: dict[str, np.ndarray], policy: qp.QuantPolicy, headroom: dict[str, float] | None = None,
-               exact: set[str] = frozenset()) -> dict:
+               exact: set[str] = frozenset(), weight_cache: dict | None = None) -> dict:
     """Build ``plan`` into ``graph`` in place: the integer ops as Q/DQ (:func:`apply_qdq`), then the
     FP16 ops (:func:`edgefc.passes.fp16.convert_fp16` on them alone: FP16 weights, Casts in and out,
     priced as conversions), and the softmax internals of attention blocks the policy keeps wider
     (``edgefc.scores``). Returns the rewrite's counts."""
-    counts = apply_qdq(graph, qplan, ranges, means, policy, headroom, exact)
+    counts = apply_qdq(graph, qplan, ranges, means, policy, headroom, exact, weight_cache)
     fp16_ops = {n for n, p in plan.ops.items() if p == "fp16"}
     if fp16_ops:
         others = {n.name: "not fp16 in the plan" for n in graph.nodes if n.name not in fp16_ops}
@@ -274,4 +336,28 @@ def apply_plan(graph: gs.Graph, plan: qp.PrecisionPlan, qplan: qp.QdqPlan, range
     for node in graph.nodes:
         if node.name in plan.scores:
             pr.metadata(node)[pr.SCORES_KEY] = plan.scores[node.name]
+    counts["op_precisions"] = record_precisions(graph, {n for n, p in plan.ops.items() if p == "fp32"})
     return counts
+
+
+#: ops that convert between precisions (no precision of their own).
+CONVERSION_OPS = pr.QDQ_OPS | {"Cast", "CastLike"}
+
+
+def record_precisions(graph: gs.Graph, fp32_nodes: set[str]) -> dict[str, int]:
+    """Write the precision of every op onto it (:func:`edgefc.precision.set_op_precision`): FP32
+    for ``fp32_nodes`` (kept by the policy), else the precision its operands are stored at
+    (weights and activation inputs, after the rewrite); conversions (Cast, Q/DQ) and ops without
+    float operands get none. Returns the count per precision."""
+    types = DeployedTypes(graph)
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in CONVERSION_OPS:
+            continue
+        p = pr.operand_precision(types.operand_types(node))
+        if p is not None and node.name in fp32_nodes:
+            p = "fp32"
+        pr.set_op_precision(node, p)
+        if p is not None:
+            counts[p] = counts.get(p, 0) + 1
+    return dict(sorted(counts.items()))

@@ -73,6 +73,20 @@ Higher-precision regions (rules; each can be switched off in ``QuantPolicy.rules
         needs absolute precision of its argument (an INT16 step over [0, 999] is 0.03 rad; the
         FP16 spacing at 999 is 0.5 rad), and a calibration range that misses the largest
         timestep clips the embedding (the 13.9 dB outlier of onnxruntime's quantizer).
+    ``log-arguments``
+        The argument of every ``Log`` and the values it is computed from, back through elementwise
+        ops and reductions to a tensor-engine output or a model input, stay FP32 and those ops (and
+        the tensor-engine op that starts the path) run in FP32: a power spectrum spans 10+ decades; a linear INT16 (or FP16) grid rounds its small
+        values to zero, which the log turns into its largest errors (measured: a log-power
+        spectrogram quantized to INT16 at -18.6 dB). Found by the rule, not by model name.
+    ``exponentials``
+        The output of an ``Exp`` whose argument is not bounded above stays FP32 (the stable
+        softmax ``Exp(x - max)`` is bounded by 1 and quantized like any tensor).
+    ``concat-segments``
+        A ``Concat`` whose inputs' calibrated ranges differ by more than :data:`SEGMENT_RATIO`
+        (4 bits) is quantized with one scale per input along the concatenated axis (a per-axis
+        Q/DQ): box coordinates up to 640 next to class scores up to 1 keep the scores' own grid
+        instead of 640's (a 0.02 step). Its readers calibrate their own ranges.
     ``time-embedding`` (W8A8)
         Ops that depend on nothing but the U-Net's timestep (the sinusoidal projection's MLP and
         every ResNet's ``time_emb_proj``: vectors of one row, free on the tensor engine) stay
@@ -104,7 +118,7 @@ from edgefc.errors import QuantizationError
 from edgefc.precision import ALIAS_OPS, INTEGER_PRECISIONS, PRECISIONS, act_type
 
 RULES = ("attention-scores", "norm-statistics", "periodic-arguments", "time-embedding", "fp16-overflow",
-         "typed-outputs", "constant-values")
+         "typed-outputs", "constant-values", "log-arguments", "exponentials", "concat-segments")
 
 #: op -> (weight input index, output-channel axis of that weight); Gemm's axis depends on transB.
 WEIGHT_OPS = {
@@ -135,6 +149,9 @@ FP16_FP32_OPS = {"InstanceNormalization"}
 FP16_MAX = 65504.0
 #: largest calibrated magnitude a tensor may have to be stored in FP16 (headroom x4).
 FP16_SAFE_MAX = FP16_MAX / 4
+
+#: inputs of a Concat further apart in range than this get their own scales (concat-segments)
+SEGMENT_RATIO = 16.0
 
 INT16_MAX = 32767
 INT8_MAX = 127
@@ -365,6 +382,56 @@ def constant_value_tensors(graph: gs.Graph) -> dict[str, str]:
     return found
 
 
+#: ops a value passes on its way into a logarithm without a tensor engine between (the chain of a
+#: power spectrum: |X|^2 = Re^2 + Im^2, sums over bins, a floor)
+_LOG_CHAIN = {"Mul", "Pow", "Add", "Sub", "Abs", "Sqrt", "ReduceSum", "ReduceSumSquare", "ReduceMean", "ReduceL2",
+              "Clip", "Max", "Min", "Div", "Neg", "Cast", "Transpose", "Slice", "Concat", "Expand"} | set(ALIAS_OPS)
+
+
+def log_argument_tensors(graph: gs.Graph) -> tuple[dict[str, str], set[str]]:
+    """The argument of every Log and the values it is computed from, back through elementwise ops
+    and reductions to the output of a tensor-engine op or a model input (a power spectrum and its
+    squares: values over 10+ decades, whose small ones a linear INT16 or INT8 grid rounds to zero
+    and the log then turns into its largest errors); and the ops on that path, the tensor-engine
+    op that starts it included (the transform of a spectrum: it must read its input unrounded too,
+    or a quiet frame is lost before it is squared)."""
+    found, nodes = {}, set()
+    for node in graph.nodes:
+        if node.op != "Log" or not node.inputs:
+            continue
+        reason = f"log-arguments: {node.name}"
+        stack = [node.inputs[0]]
+        while stack:
+            t = stack.pop()
+            if t is None or isinstance(t, gs.Constant) or t.name in found or not is_float_tensor(t):
+                continue
+            found[t.name] = reason
+            p = producer(t)
+            if p is not None and p.op in _LOG_CHAIN:
+                nodes.add(p.name)
+                stack.extend(i for i in p.inputs if i is not None)
+            elif p is not None and p.op in WEIGHT_OPS:
+                nodes.add(p.name)
+    return found, nodes
+
+
+def exponential_tensors(graph: gs.Graph) -> dict[str, str]:
+    """Outputs of Exp whose argument is not bounded above: the exponential of an unbounded input
+    spans as many decades as its input has units, which no one linear integer scale holds. (The
+    numerically stable softmax, ``Exp(x - ReduceMax(x))``, is bounded by 1 and not listed.)"""
+    found = {}
+    for node in graph.nodes:
+        if node.op != "Exp" or not node.inputs or not node.outputs:
+            continue
+        x = node.inputs[0]
+        p = producer(x) if x is not None else None
+        if p is not None and p.op == "Sub" and len(p.inputs) == 2 and producer(p.inputs[1]) is not None \
+                and producer(p.inputs[1]).op in ("ReduceMax", "Max"):
+            continue
+        found[node.outputs[0].name] = f"exponentials: {node.name}"
+    return found
+
+
 def input_only_tensors(graph: gs.Graph, name: str) -> set[str]:
     """Tensors computed from the graph input ``name`` and constants only (the U-Net's time
     embedding: everything that depends on nothing but the timestep)."""
@@ -432,6 +499,12 @@ def plan_precisions(graph: gs.Graph, requested: str, policy: QuantPolicy, time_i
         kept.update(found)
     if policy.rule("constant-values"):
         kept.update({k: v for k, v in constant_value_tensors(graph).items() if k not in kept})
+    log_nodes: set[str] = set()
+    if policy.rule("log-arguments"):
+        found, log_nodes = log_argument_tensors(graph)
+        kept.update({k: v for k, v in found.items() if k not in kept})
+    if policy.rule("exponentials"):
+        kept.update({k: v for k, v in exponential_tensors(graph).items() if k not in kept})
     timestep_only = input_only_tensors(graph, time_input) if time_input and requested == "w8a8" \
         and policy.rule("time-embedding") else set()
     ops: dict[str, str] = {}
@@ -445,6 +518,8 @@ def plan_precisions(graph: gs.Graph, requested: str, policy: QuantPolicy, time_i
             p, why = user[node.name]
         elif node.name in periodic_nodes or node.op in ("Sin", "Cos") and policy.rule("periodic-arguments"):
             p, why = "fp32", "periodic-arguments: the argument of Sin/Cos"
+        elif node.name in log_nodes or node.op == "Log" and policy.rule("log-arguments"):
+            p, why = "fp32", "log-arguments: computes the argument of a logarithm"
         elif timestep_only and all(t.name in timestep_only for t in node.inputs
                                    if t is not None and t.name and not isinstance(t, gs.Constant)):
             p, why = "w8a16", f"time-embedding: depends only on {time_input}; INT16 keeps it exact for every value"
@@ -458,7 +533,7 @@ def plan_precisions(graph: gs.Graph, requested: str, policy: QuantPolicy, time_i
     return PrecisionPlan(requested, ops, reasons, kept, scores)
 
 
-def _readers(t: gs.Tensor) -> list[gs.Node]:
+def readers(t: gs.Tensor) -> list[gs.Node]:
     """The nodes that read ``t``'s values: its consumers, through alias ops (Reshape ...)."""
     out, stack = [], [t]
     while stack:
@@ -526,7 +601,7 @@ def plan_qdq(graph: gs.Graph, plan: PrecisionPlan, policy: QuantPolicy) -> QdqPl
 
     def decide(t: gs.Tensor, producer_precision: str | None) -> str | None:
         demand: dict[str, list[str]] = {}
-        for r in _readers(t):
+        for r in readers(t):
             p = ops.get(r.name)
             if p is None:
                 continue

@@ -86,6 +86,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from edgefc import ir
 from edgefc import precision as pr
 from edgefc.components import detect_component
 from edgefc.deployed_types import DeployedTypes
@@ -93,7 +94,7 @@ from edgefc.dtypes import DTYPE_BYTES
 from edgefc.errors import QuantizationError
 from edgefc.memory import detach_from_proto, release_memory
 from edgefc.pass_base import Pass, PassContext
-from edgefc.passes import calib_stats, qdq, quant_eval
+from edgefc.passes import calib_stats, precision_search, qdq, quant_eval
 from edgefc.passes import calibration as cal
 from edgefc.passes import fp16 as fp16_mod
 from edgefc.passes import quant_policy as qp
@@ -130,9 +131,6 @@ def _options(ctx: PassContext) -> dict:
 
 # --- report helpers -----------------------------------------------------------------------------
 
-#: ops that convert between precisions (no precision of their own).
-CONVERSION_OPS = pr.QDQ_OPS | {"Cast", "CastLike"}
-
 _NP_NAME = {"fp64": "float64", "fp32": "float32", "fp16": "float16"}
 
 
@@ -165,25 +163,6 @@ def dtype_summary(graph: gs.Graph) -> dict:
         entry[0] += 1
         entry[1] += n * DTYPE_BYTES[code]
     return {k: {d: {"tensors": c, "bytes": b} for d, (c, b) in sorted(v.items())} for k, v in out.items()}
-
-
-def record_precisions(graph: gs.Graph, fp32_nodes: set[str]) -> dict[str, int]:
-    """Write the precision of every op onto it (:func:`edgefc.precision.set_op_precision`): FP32
-    for ``fp32_nodes`` (kept by the policy), else the precision its operands are stored at
-    (weights and activation inputs, after the rewrite); conversions (Cast, Q/DQ) and ops without
-    float operands get none. Returns the count per precision."""
-    types = DeployedTypes(graph)
-    counts: Counter = Counter()
-    for node in graph.nodes:
-        if node.op in CONVERSION_OPS:
-            continue
-        p = pr.operand_precision(types.operand_types(node))
-        if p is not None and node.name in fp32_nodes:
-            p = "fp32"
-        pr.set_op_precision(node, p)
-        if p is not None:
-            counts[p] += 1
-    return dict(sorted(counts.items()))
 
 
 # --- the pass -----------------------------------------------------------------------------------
@@ -233,6 +212,24 @@ class Calibration:
     exact: set[str]
     means: dict[str, np.ndarray]
     headroom: dict[str, float]
+
+
+@dataclasses.dataclass
+class IntegerState:
+    """What building other plans of an integer build needs: the FP32 graph (a copy sharing its
+    weights), the current plan, the calibration, the policy, the ops the search leaves fixed, and
+    the quantized weights (each quantized once)."""
+
+    fp32: gs.Graph
+    plan: qp.PrecisionPlan
+    calibration: Calibration
+    policy: qp.QuantPolicy
+    fixed: set[str]
+    weight_cache: dict = dataclasses.field(default_factory=dict)
+
+
+#: rounds of the rescue (1, 2, 4 ... layers raised: up to 2**ROUNDS - 1 layers one step or more)
+RESCUE_ROUNDS = 6
 
 
 @dataclasses.dataclass
@@ -321,53 +318,95 @@ class Quantize(Pass):
         start = time.perf_counter()
         samples, calib_info, evals = cal.choose_inputs(graph, component, calib=opts["calib"], eval_file=opts["eval_file"],
                                                        calib_samples=opts["samples"], eval_samples=opts["eval"])
-        calib_info["method"] = opts["method"] if precision in pr.INTEGER_PRECISIONS else "minmax (FP16 overflow guard)"
+        integer = precision in pr.INTEGER_PRECISIONS or precision == "search"
+        calib_info["method"] = opts["method"] if integer else "minmax (FP16 overflow guard)"
         report["eval_source"] = evals.source
         report["min_sqnr_db"] = opts["floor"] if math.isfinite(opts["floor"]) else None
         n_calib = len(samples)
         with temp_dir("quant") as tmp:  # edgefc-quant-PID-*: a later run removes it if this one is killed
             ref = DiskModel(graph, tmp, "reference")
-            if precision in pr.INTEGER_PRECISIONS:
-                details, aliases, fp32_nodes = self._integer(graph, ctx, ref, samples, opts, calib_info, precision)
+            state, built, reference = None, None, None
+            if precision in pr.INTEGER_PRECISIONS or precision == "search":
+                state = self._prepare_integer(graph, ctx, ref, samples, opts, calib_info, precision)
+                if precision != "search":
+                    details, aliases, fp32_nodes = self._build_integer(graph, state, state.plan)
             else:
                 details, aliases, fp32_nodes = self._fp16(graph, ref, samples, opts, calib_info)
             del samples
+            if precision == "search":
+                if not evals.samples:
+                    raise QuantizationError("--precision search measures plans on evaluation inputs: give --eval or "
+                                            "--calib, and an --eval-samples above 0")
+                reference = quant_eval.Reference.compute(ref, evals, progress)
+                built = self._search(ctx, state, reference, tmp, opts, report)
+                graph, details, aliases, fp32_nodes = built[:4]
             report["calibration"] = calib_info
             report.update(details)
-            report["op_precisions"] = record_precisions(graph, fp32_nodes)
-            report["dtypes"] = dtype_summary(graph)
+            if "op_precisions" not in report:   # the integer rewrite recorded them already
+                report["op_precisions"] = qdq.record_precisions(graph, fp32_nodes)
             if evals.samples:
-                if progress:
+                if progress and built is None:
                     _say_eval_cost(len(evals.samples), evals.source, calib_info, n_calib)
-                reference = quant_eval.Reference.compute(ref, evals, progress)
-                dep = DiskModel(graph, tmp, "deployed")
-                m = quant_eval.measure(reference, dep, aliases, progress=progress)
+                if reference is None:
+                    reference = quant_eval.Reference.compute(ref, evals, progress)
+                if built is None:
+                    dep = DiskModel(graph, tmp, "deployed")
+                    built = (graph, details, aliases, fp32_nodes, quant_eval.measure(reference, dep, aliases,
+                                                                                     progress=progress), dep)
+                if state is not None and built[4].worst_output[1] < opts["floor"]:
+                    built = self._rescue(state, built, reference, tmp, opts, report)
+                    if built[0] is not graph:
+                        graph, details, aliases, fp32_nodes = built[:4]
+                        report.update(details)
+                        report["op_precisions"] = details["op_precisions"]
+                m, dep = built[4], built[5]
+                if state is not None and (precision == "search" or "rescue" in report):
+                    report["precision"] = pr.describe_plan(pr.recorded_plan(graph)) or precision
+                report["dtypes"] = dtype_summary(graph)
                 report.update(m.report())
                 exact = quant_eval.measure(reference, dep, aliases, layer_samples=0, progress=progress, as_written=True)
                 if exact.sqnr_db is not None:
                     report["sqnr_db_as_written"] = quant_eval.finite_db(exact.sqnr_db)
                 report["seconds"] = round(time.perf_counter() - start, 2)
                 ctx.report["quantization"] = report
-                quant_eval.check_floor(m, opts["floor"], precision)
+                quant_eval.check_floor(m, opts["floor"], report["precision"])
             else:
+                report["dtypes"] = dtype_summary(graph)
                 report["sqnr_db"] = None
                 report["reason_no_sqnr"] = "--eval-samples 0: not measured, and the --min-sqnr floor not checked"
         report["seconds"] = round(time.perf_counter() - start, 2)
         ctx.report["quantization"] = report
         return graph
 
-    # -- integer precisions: W8A16, W8A8 --
-    def _integer(self, graph, ctx, ref, samples, opts, calib_info, precision):
+    # -- integer precisions: W8A16, W8A8, per-op plans --
+    def _prepare_integer(self, graph, ctx, ref, samples, opts, calib_info, precision) -> IntegerState:
+        """The plan of the request (``search``: every op W8A16, the plan the search starts from),
+        the calibration of every tensor an integer plan of this graph may store, and an FP32 copy
+        of the graph to build other plans from (the rescue, the search)."""
         policy: qp.QuantPolicy = opts["policy"]
         component = opts["component"] or detect_component(t.name for t in graph.inputs)
         domain = cal.enumerable_input(graph, component)
-        plan = qp.plan_precisions(graph, precision, policy, time_input=domain[0] if domain else None)
+        time_input = domain[0] if domain else None
+        base = "w8a16" if precision == "search" else precision
+        plan = qp.plan_precisions(graph, base, policy, time_input=time_input)
         qplan = qp.plan_qdq(graph, plan, policy)
         calibration = self._calibrate(graph, ref, samples, opts, calib_info, qplan, domain)
+        fixed = set()
+        if time_input and policy.rule("time-embedding"):
+            only = qp.input_only_tensors(graph, time_input)
+            fixed = {n.name for n in graph.nodes if n.name in plan.ops and all(
+                t.name in only for t in n.inputs if t is not None and t.name and not isinstance(t, gs.Constant))}
+        return IntegerState(ir.copy_graph(graph), plan, calibration, policy, fixed)
+
+    def _build_integer(self, graph, state: IntegerState, plan) -> tuple[dict, dict, set]:
+        """Build ``plan`` into ``graph`` in place: (report details, output aliases, FP32 ops)."""
+        policy, cal_ = state.policy, state.calibration
+        qplan = qp.plan_qdq(graph, plan, policy)
         outputs_before = [t.name for t in graph.outputs]
-        counts = qdq.apply_plan(graph, plan, qplan, calibration.ranges, calibration.means, policy,
-                                calibration.headroom, calibration.exact)
+        counts = qdq.apply_plan(graph, plan, qplan, cal_.ranges, cal_.means, policy, cal_.headroom, cal_.exact,
+                                state.weight_cache)
         release_memory()
+        op_precisions = counts.pop("op_precisions")
         aliases = {f"{n}__float": n for n in outputs_before}
         types = Counter(qplan.storage.values())
         schemes = {"int16": f"int16 {'symmetric' if policy.activation_symmetric else 'asymmetric'} per tensor",
@@ -381,8 +420,85 @@ class Quantize(Pass):
             "kept_higher_precision": _summarise_kept({**qplan.kept, **plan.reasons,
                                                      **{n: f"attention-scores: softmax internals {t}"
                                                         for n, t in plan.scores.items()}}),
+            "op_precisions": op_precisions,
         }
         return details, aliases, {n for n, p in plan.ops.items() if p == "fp32"}
+
+    def _candidate(self, state: IntegerState, plan, reference, tmp, name: str, progress: bool):
+        """Build ``plan`` from the FP32 copy and measure it: (graph, details, aliases, FP32 ops,
+        measurement, its DiskModel)."""
+        g = ir.copy_graph(state.fp32)
+        details, aliases, fp32_nodes = self._build_integer(g, state, plan)
+        dep = DiskModel(g, tmp, name)
+        m = quant_eval.measure(reference, dep, aliases, progress=progress)
+        return g, details, aliases, fp32_nodes, m, dep
+
+    def _search(self, ctx, state: IntegerState, reference, tmp, opts, report):
+        """``--precision search`` (:mod:`edgefc.passes.precision_search`): the points, then the
+        fastest candidate that meets the floor built and measured on every evaluation input (the
+        next slower one if it misses). Returns what :meth:`_candidate` returns for the choice."""
+        progress = opts["progress"]
+        floor = opts["floor"]
+        result = precision_search.search(state.fp32, ctx, state.plan, state.fixed, state.calibration, reference,
+                                         state.policy, floor, tmp, progress)
+        tried = []
+        best = None
+        for k, j in enumerate(result.candidates[:3]):
+            point = result.points[j]
+            precision_search._say(progress, f"building the point at {point['ms']:.2f} ms ({point['sqnr_db']} dB "
+                                            "emulated) and measuring it on every evaluation input")
+            built = self._candidate(state, result.plans[j], reference, tmp, f"search-{k}", progress)
+            worst = built[4].worst_output[1]
+            tried.append({"point": j, "sqnr_db": quant_eval.finite_db(worst)})
+            if best is None or worst > best[1][4].worst_output[1]:
+                best = (j, built)
+            if not math.isfinite(floor) or worst >= floor:
+                best = (j, built)
+                break
+        j, built = best
+        points = [dict(p) for p in result.points]
+        points[j]["emulated_sqnr_db"] = points[j]["sqnr_db"]
+        points[j]["sqnr_db"] = quant_eval.finite_db(built[4].sqnr_db)
+        points[j]["measured"] = f"the build, all {len(reference.inputs.samples)} evaluation inputs"
+        state.plan = result.plans[j]
+        report["search"] = {"points": points, "chosen": j, "floor_db": floor if math.isfinite(floor) else None,
+                            "tried": tried, **result.report}
+        title = (f"{report.get('component') or 'model'}: --precision search, {len(points)} points; chosen "
+                 f"{points[j]['ms']:.1f} ms / {points[j]['sqnr_db']} dB")
+        ctx.artifacts["precision.png"] = lambda path: precision_search.plot(path, points, j, floor, title)
+        return built
+
+    def _rescue(self, state: IntegerState, built, reference, tmp, opts, report):
+        """Keep the layers that lose the most one precision higher, 1, 2, 4 ... of them per round,
+        until the build meets the floor (:func:`edgefc.passes.precision_search.rescue_plan`)."""
+        floor, progress = opts["floor"], opts["progress"]
+        m = built[4]
+        attempts = [{"layers_raised": 0, "sqnr_db": quant_eval.finite_db(m.worst_output[1])}]
+        changed = []
+        count = 1
+        for r in range(RESCUE_ROUNDS):
+            if m.worst_output[1] >= floor or not m.layers:
+                break
+            plan, notes = precision_search.rescue_plan(state.plan, m.layers, count, state.fp32)
+            if not notes:
+                break
+            if progress:
+                print(f"  quantize: {m.worst_output[1]:.1f} dB is under the floor of {floor:g} dB: rescue round "
+                      f"{r + 1}, {len(notes)} more layer(s) one precision higher", file=sys.stderr, flush=True)
+            state.plan = plan
+            changed += notes
+            built[5].path.unlink(missing_ok=True)
+            built = self._candidate(state, plan, reference, tmp, f"rescue-{r}", progress)
+            m = built[4]
+            attempts.append({"layers_raised": len(changed), "sqnr_db": quant_eval.finite_db(m.worst_output[1])})
+            count *= 2
+            best_before = max(a["sqnr_db"] or -1e9 for a in attempts[:-3]) if len(attempts) > 3 else None
+            if best_before is not None and max(a["sqnr_db"] or -1e9 for a in attempts[-3:]) < best_before + 0.1:
+                break   # three rounds without a gain: the loss is not in the layers' own errors
+        if changed:
+            report["rescue"] = {"floor_db": floor, "rounds": attempts, "layers": changed,
+                                "met_floor": bool(m.worst_output[1] >= floor)}
+        return built
 
     def _calibrate(self, graph, ref, samples, opts, calib_info, qplan, domain) -> Calibration:
         """Ranges of every tensor ``qplan`` stores as an integer (the calibration samples' min/max,

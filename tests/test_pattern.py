@@ -296,3 +296,30 @@ def test_rewrite_engine_modules_import_one_way():
                    {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         later = {f"edgefc.{m}" for m in order[i + 1:]}
         assert not imported & later, (name, imported & later)
+
+
+def test_a_fusion_pass_reports_what_its_declared_fusions_did():
+    """FusionPass: fusions as data (or from declare(graph, ctx)); counts and misses in report["fusion"]."""
+    from edgefc.pass_base import PassContext
+    from edgefc.rewriter import FusionPass
+
+    swish = Fusion("swish", [silu_pattern()], anchor="sig",
+                   replacement=lambda m, rw: [gs.Node("Swish", name="swish", inputs=[m["x"]], outputs=m.outputs)])
+
+    class Static(FusionPass):
+        name = "static"
+        fusions = (swish,)
+
+    class Declared(FusionPass):
+        name = "declared"
+
+        def declare(self, graph, ctx):
+            return [swish]
+
+    for cls in (Static, Declared):
+        g, ctx = silu_graph(), PassContext()
+        cls()(g, ctx)
+        assert [n.op for n in g.nodes] == ["Swish"] and ctx.report["fusion"] == {"swish": 1, "misses": {}}, cls
+    g, ctx = silu_graph(extra_consumer=True), PassContext()
+    Static()(g, ctx)
+    assert ctx.report["fusion"]["swish"] == 0 and ctx.report["fusion"]["misses"]["swish"][0]["node"] == "sig"

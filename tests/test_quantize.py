@@ -611,3 +611,141 @@ def test_mixed_plan_adds_priced_conversions(graphs):
         quantize(ref, precision="w8a16", layer_precision=("*nothing*=w8a8",))
     with pytest.raises(QuantizationError, match="an FP16 build has no integer layers"):
         quantize(ref, precision="fp16", layer_precision=("Conv=w8a8",))
+
+
+# --- the rescue and the search -----------------------------------------------------------------------
+
+def _quantize_on(graph, **options):
+    """quantize on the NPU target (the search prices plans with its cost model)."""
+    options.setdefault("progress", False)
+    ctx = PassContext(target=edgefc.get_target("exynos2400"), options=options)
+    out = edgefc.PassManager(["quantize"]).run(graph.copy(), ctx)
+    return out, ctx
+
+
+def test_rescue_keeps_the_worst_layers_wider_until_the_floor(graphs):
+    """A W8A8 build under the floor is rescued: its lowest per-layer SQNRs go one precision up,
+    with the reason per layer, until it measures at or above the floor; a floor no plan reaches
+    fails with one line naming the worst layers."""
+    from edgefc.errors import QualityFloorError
+
+    ref = graphs["unet"]["fused"]
+    _, plain = quantize(ref, precision="w8a8", calib_samples=2, eval_samples=2, min_sqnr=float("-inf"))
+    floor = plain["sqnr_db"] + 2
+    q, r = quantize(ref, precision="w8a8", calib_samples=2, eval_samples=2, min_sqnr=floor)
+    rescue = r["rescue"]
+    assert rescue["met_floor"] and r["sqnr_db"] >= floor and r["min_sqnr_db"] == floor
+    assert rescue["layers"] and all(x["reason"].startswith("rescue: its own SQNR") for x in rescue["layers"])
+    assert all(x["to"] in ("w8a16", "fp16", "fp32") for x in rescue["layers"])
+    plan = precision.recorded_plan(q)
+    for x in rescue["layers"]:
+        assert plan.get(x["layer"]) in ("w8a16", "fp16", "fp32"), x
+        for reader in x.get("readers_raised", ()):   # the layer's output is stored and read wider too
+            assert plan[reader] != "w8a8", (x, reader)
+    assert r["precision"] == "mixed"
+    with pytest.raises(QualityFloorError, match=r"under the --min-sqnr floor of 80 dB; worst layers: /unet/"):
+        quantize(ref, precision="w8a8", calib_samples=1, eval_samples=1, min_sqnr=80.0)
+
+
+def test_search_reports_the_pareto_points_and_builds_the_chosen_one(graphs, tmp_path):
+    """--precision search on the tiny U-Net: points from all-W8A16 to all-W8A8 with modelled ms and
+    SQNR, the chosen one the fastest that meets the floor, built (its precisions recorded, its
+    profile the point's ms) and measured on every evaluation input; precision.png written."""
+    ref = graphs["unet"]["fused"]
+    floor = 25.0
+    q, ctx = _quantize_on(ref, precision="search", calib_samples=2, eval_samples=3, min_sqnr=floor)
+    r = ctx.report["quantization"]
+    s = r["search"]
+    points, chosen = s["points"], s["chosen"]
+    assert len(points) >= 3 and {p.get("uniform") for p in points} >= {"w8a16", "w8a8"}
+    assert all(isinstance(p["ms"], float) and isinstance(p["plan"], dict) for p in points)
+    assert [p["ms"] for p in points] == sorted(p["ms"] for p in points)
+    assert r["sqnr_db"] >= floor and points[chosen]["sqnr_db"] == r["sqnr_db"]
+    faster = [p for p in points[:chosen] if p["sqnr_db"] is not None]
+    assert all(p["sqnr_db"] < floor + 0.3 for p in faster)   # nothing faster met the floor
+    assert {g["kind"] for g in s["groups"]} == {"layers", "attention"}
+    prof = edgefc.get_target("exynos2400").profile(edgefc.get_pass("mlt")(q, ctx))
+    assert prof.total_ms == pytest.approx(points[chosen]["ms"], rel=1e-3)
+    plan = precision.recorded_plan(q)
+    assert len(set(plan.values()) - {"fp32"}) >= 1
+    assert "precision.png" in ctx.artifacts
+    ctx.artifacts["precision.png"](tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(QuantizationError, match="search measures plans on evaluation inputs"):
+        _quantize_on(ref, precision="search", calib_samples=1, eval_samples=0)
+
+
+# --- ranges no one integer grid holds ---------------------------------------------------------------
+
+def _model(nodes, inputs, outputs, inits):
+    g = onnx.helper.make_graph(nodes, "m", inputs, outputs, initializer=inits)
+    return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 23)])
+
+
+def test_concat_of_different_ranges_keeps_a_scale_per_input(tmp_path):
+    """A detector's output: box coordinates (up to ~640) concatenated with class scores (0..1). One
+    INT16 scale would put the scores on a 0.02 grid; each input keeps its own scale (a per-axis
+    Q/DQ along the concatenated axis), so the scores come out almost exact."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((3, 8, 1, 1)).astype(np.float32), "w2")
+    big = numpy_helper.from_array(np.array(160.0, np.float32), "big")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["b0"], name="box_conv"),
+             helper.make_node("Mul", ["b0", "big"], ["boxes"], name="box_scale"),
+             helper.make_node("Conv", ["x", "w2"], ["s0"], name="cls_conv"),
+             helper.make_node("Sigmoid", ["s0"], ["scores"], name="cls_sigmoid"),
+             helper.make_node("Concat", ["boxes", "scores"], ["out"], name="head_concat", axis=1)]
+    m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 7, 16, 16])], [w1, w2, big])
+    path = tmp_path / "det.onnx"
+    onnx.save(m, str(path))
+    g = edgefc.PassManager(["canonicalize"]).run(edgefc.load(path), PassContext())
+    feeds = {"x": rng.standard_normal((1, 8, 16, 16)).astype(np.float32)}
+    want = ort.session(g).run(None, feeds)[0]
+    errors = {}
+    for rules in ({}, {"concat-segments": False}):
+        q, r = quantize(g, precision="w8a16", calib_samples=4, eval_samples=2, min_sqnr=float("-inf"),
+                        quant_policy={"rules": rules})
+        got = ort.session(q).run(None, feeds)[0]
+        errors[bool(rules)] = float(np.abs(got[:, 4:] - want[:, 4:]).max())
+        qn = next(n for n in q.nodes if n.op == "QuantizeLinear" and n.inputs[0].name.startswith("out"))
+        if not rules:
+            assert r["weights"]["concat_segments"] == ["out"]
+            scale = qn.inputs[1].values
+            assert int(qn.attrs["axis"]) == 1 and scale.shape == (7,) and scale[4:].max() < scale[:4].min() / 100
+        else:
+            assert "concat_segments" not in r["weights"] and qn.inputs[1].values.size == 1
+    # one scale rounds the scores to the boxes' ~0.04 grid; their own scales leave the INT8 weights' error
+    assert errors[True] > 0.015 and errors[False] < 0.7 * errors[True], errors
+
+
+def test_log_of_a_power_spectrum_stays_fp32():
+    """A log-power spectrogram: the power (squares of a linear transform, values over many
+    decades) and its sum stay FP32 up to the Log, by rule; the log's output is quantized."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    basis = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "basis")
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    eps = numpy_helper.from_array(np.array(1e-10, np.float32), "eps")
+    nodes = [helper.make_node("MatMul", ["frames", "basis"], ["spec"], name="stft"),
+             helper.make_node("Pow", ["spec", "two"], ["power"], name="power"),
+             helper.make_node("Add", ["power", "eps"], ["floored"], name="floor"),
+             helper.make_node("Log", ["floored"], ["logpower"], name="log")]
+    m = _model(nodes, [helper.make_tensor_value_info("frames", TensorProto.FLOAT, [1, 100, 64])],
+               [helper.make_tensor_value_info("logpower", TensorProto.FLOAT, [1, 100, 32])], [basis, two, eps])
+    g = edgefc.PassManager(["canonicalize"]).run(gs.import_onnx(m), PassContext())
+    frames = rng.standard_normal((1, 100, 64)).astype(np.float32) * np.logspace(-4, 1, 100, dtype=np.float32)[None, :, None]
+    q, r = quantize(g, precision="w8a16", calib_samples=2, eval_samples=2, min_sqnr=float("-inf"))
+    assert r["kept_higher_precision"]["log-arguments"]["count"] >= 3
+    plan = precision.recorded_plan(q)
+    assert plan["stft"] == plan["power"] == plan["floor"] == plan["log"] == "fp32"
+    want = ort.session(g).run(None, {"frames": frames})[0]
+    got = ort.session(q).run(None, {"frames": frames})[0]
+    good = sqnr_db(want, got)
+    q_off, _ = quantize(g, precision="w8a16", calib_samples=2, eval_samples=2, min_sqnr=float("-inf"),
+                        quant_policy={"rules": {"log-arguments": False}})
+    bad = sqnr_db(want, ort.session(q_off).run(None, {"frames": frames})[0])
+    assert good > 35 and bad < good - 15, (good, bad)

@@ -106,3 +106,19 @@ def test_compile_ends_with_the_summary_of_its_build(tiny_models, tmp_path):
                         f"SRAM peak {profile['sram_peak_bytes'] / 2**20:.2f} MiB"), lines[3]
     assert profile["total_ms"] == report["profile"]["total_ms"]
     assert lines[4] == f"build:     {out}  (model.onnx, profile.json, report.json)", lines[4]
+
+
+def test_summary_lines_of_a_search_and_a_rescue():
+    q = {"precision": "mixed", "component": "unet", "sqnr_db": 30.04, "eval_source": "eval",
+         "sqnr_db_per_input": [30.0], "min_sqnr_db": 25.0,
+         "search": {"chosen": 1, "points": [{"ms": 70.0, "sqnr_db": 22.0, "plan": {"a": "w8a8"}},
+                                            {"ms": 90.5, "sqnr_db": 30.04, "plan": {"a": "w8a8", "b": "w8a16"}},
+                                            {"ms": 190.0, "sqnr_db": 40.0, "plan": {"a": "w8a16"}}]},
+         "rescue": {"floor_db": 25.0, "met_floor": True, "layers": [
+             {"layer": "/conv_out/Conv", "from": "w8a8", "to": "w8a16"}]}}
+    lines = summary_lines({"quantization": q}, None)
+    assert lines[1] == ("search:    3 points on the Pareto front (modelled time / SQNR); chosen 90.50 ms / 30.0 dB "
+                        "(w8a16+w8a8); next faster 70.00 ms / 22.0 dB (w8a8); next slower 190.00 ms / 40.0 dB (w8a16) "
+                        "(report.json quantization.search, precision.png)")
+    assert lines[2] == ("rescue:    1 layer kept one precision higher to reach the 25 dB floor; e.g. /conv_out/Conv "
+                        "w8a8 -> w8a16 (report.json quantization.rescue)")

@@ -33,6 +33,10 @@ def summary_lines(report: dict, profile: dict | None, build: Path | None = None)
     quant = report.get("quantization")
     if isinstance(quant, dict):
         lines.append("precision: " + _precision(quant))
+        if isinstance(quant.get("search"), dict):
+            lines.append("search:    " + _search(quant["search"]))
+        if isinstance(quant.get("rescue"), dict):
+            lines.append("rescue:    " + _rescue(quant["rescue"]))
     tiling = report.get("tiling")
     if isinstance(tiling, dict):
         lines.append("tiling:    " + _tiling(tiling))
@@ -147,6 +151,34 @@ def _precision(q: dict) -> str:
         out += ("; NOTE: generated inputs, not a measurement on real data - record real ones with "
                 "`edgefc calibrate` (or your own .npz) and compile with --calib/--eval")
     return out
+
+
+def _point(p: dict) -> str:
+    sqnr = p.get("sqnr_db")
+    plan = sorted(set((p.get("plan") or {}).values()))
+    return f"{p['ms']:.2f} ms / {'-' if sqnr is None else f'{sqnr:.1f}'} dB ({'+'.join(plan) or '-'})"
+
+
+def _search(s: dict) -> str:
+    """The chosen point of ``--precision search`` and its neighbours on the Pareto front."""
+    points, j = s.get("points") or [], s.get("chosen")
+    if not points or j is None:
+        return "no points"
+    out = f"{len(points)} points on the Pareto front (modelled time / SQNR); chosen {_point(points[j])}"
+    if j > 0:
+        out += f"; next faster {_point(points[j - 1])}"
+    if j + 1 < len(points):
+        out += f"; next slower {_point(points[j + 1])}"
+    return out + " (report.json quantization.search, precision.png)"
+
+
+def _rescue(r: dict) -> str:
+    layers = r.get("layers") or []
+    out = (f"{len(layers)} layer{'s' if len(layers) != 1 else ''} kept one precision higher to reach the "
+           f"{r.get('floor_db'):g} dB floor" + ("" if r.get("met_floor") else " (not reached)"))
+    if layers:
+        out += "; e.g. " + ", ".join(f"{x['layer']} {x['from']} -> {x['to']}" for x in layers[:2])
+    return out + " (report.json quantization.rescue)"
 
 
 def _tiling(t: dict) -> str:
