@@ -160,7 +160,10 @@ def _load_in_child(path: Path, levels: list[str], timeout: float) -> tuple[str, 
     if _worker is None or not _worker.alive():
         if _worker is not None:
             _worker.close()
-        _worker = _Worker()
+        try:
+            _worker = _Worker()
+        except OSError as e:
+            return "died", [], None, f"cannot start a process to load it in: {e}"
     outcome, lines = _worker.request(path, levels, timeout)
     if outcome in ("died", "timeout"):
         w, _worker = _worker, None

@@ -282,6 +282,8 @@ class OutputPlan:
     protect: list[Path] = field(default_factory=list)
     old_files: list[str] = field(default_factory=list)
     staging: Path | None = None
+    #: parent folders that did not exist and were created for the build (removed again on failure)
+    created: list[Path] = field(default_factory=list)
 
 
 def _entries(folder: Path) -> list[str]:
@@ -320,6 +322,7 @@ def plan_output(path: str | os.PathLike, *, force: bool = False, protect=(), opt
 def start(plan: OutputPlan) -> Path:
     """Create the staging folder of ``plan`` (removing stale ones of killed runs) and return it."""
     if plan.mode == "rename":
+        plan.created = [q for q in plan.path.parents if not q.exists()]
         plan.staging = staging_dir(plan.path)
     else:
         remove_stale_inside(plan.path)
@@ -328,9 +331,14 @@ def start(plan: OutputPlan) -> Path:
 
 
 def abort(plan: OutputPlan) -> None:
-    """Remove the staging folder of ``plan`` (nothing else)."""
+    """Remove the staging folder of ``plan`` and the parent folders created for it if they are
+    still empty (nothing else)."""
     if plan.staging is not None:
         shutil.rmtree(plan.staging, ignore_errors=True)
+        plan.staging = None
+    for q in plan.created:  # innermost first
+        with contextlib.suppress(OSError):
+            q.rmdir()
 
 
 def commit(plan: OutputPlan, info: dict | None = None) -> Path:

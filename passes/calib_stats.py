@@ -41,15 +41,20 @@ def progress_bar(iterable, desc: str, total: int | None = None, enabled: bool = 
 
 
 def _progress_lines(iterable, desc: str, total: int | None):
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
     start = last = time.perf_counter()
-    every = max(1, total // 10) if total and total > 50 else 1
+    every = max(1, total // 10) if total and total > 50 else (1 if total else None)
+    i = 0
     for i, item in enumerate(iterable, 1):
         yield item
         now = time.perf_counter()
-        if i % every == 0 or i == total or now - last >= 30:
+        if (every and i % every == 0) or i == total or now - last >= 30:
             of = f"/{total}" if total else ""
             print(f"  {desc}: {i}{of} done, {now - start:.1f} s", file=sys.stderr, flush=True)
             last = now
+    if not total and i:
+        print(f"  {desc}: {i} done, {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def run_session(sess, names: list[str], feeds: dict, what: str = "calibration") -> list:

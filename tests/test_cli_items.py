@@ -6,6 +6,7 @@ the console, one cache for the demo U-Net, the README's sample summary, generate
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,13 @@ def test_generated_png_is_0644_under_umask_022(tmp_path):
 def test_compile_of_a_folder_is_one_error_line(tmp_path, capsys):
     code, out, err = _cli(["compile", tmp_path], capsys)
     _one_error(code, out, err, "is a directory")
+def test_readme_sample_summary_is_the_demo_build():
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("fusion:    "):]
+    caption = block[block.index("```"):][:300]
+    assert "tiny test U-Net" not in caption
+    ms = float(re.search(r"target:    exynos2400: ([\d.]+) ms", block).group(1))
+    assert ms > 20  # full-size figures (the tiny U-Net is under 2 ms)
+    assert "edgefc compile --demo" in caption
+
+

@@ -211,3 +211,20 @@ def test_stale_inside_staging_of_a_killed_forced_run_is_removed(tmp_path, mlp):
     (out / f".edgefc-tmp-{dead.pid}-xyz").mkdir()
     _api(mlp, out, force=True)
     assert not list(out.glob(".edgefc-tmp-*")) and (out / "a.txt").is_file()
+
+
+def test_a_failed_compile_leaves_no_parent_folders_it_created(tmp_path, mlp):
+    from edgefc.registry import is_known
+
+    if not is_known("fails-in-test-outputs"):
+        @edgefc.register_pass("fails-in-test-outputs")
+        class Fails(edgefc.Pass):
+            """Raises (a pass that fails after the staging folder exists)."""
+
+            def run(self, graph, ctx):
+                raise edgefc.errors.PassError("this pass always fails")
+
+    out = tmp_path / "new" / "deeper" / "b"
+    with pytest.raises(edgefc.errors.PassError, match="always fails"):
+        edgefc.compile(mlp, None, passes=["canonicalize", "fails-in-test-outputs"], output=out)
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == [mlp]
