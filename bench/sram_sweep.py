@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="w8a16", help="deployed precision to price (profile --precision)")
     ap.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES), help="SRAM sizes in MiB")
     ap.add_argument("--fused", action="store_true", help="MODEL is already canonicalized and fused")
+    ap.add_argument("--schedule", default="overlap",
+                    help="schedule MLT tiles and prices under (default overlap, the fitted one: PERFORMANCE.md section 7)")
     ap.add_argument("--png", type=Path, default=Path("sram_sweep.png"))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -74,11 +76,11 @@ def main(argv=None) -> int:
     rows, all_wall, all_cpu = [], [], []
     for mib in sizes:
         tgt = sized_target(base, int(mib * (1 << 20)))
-        ctx = PassContext(target=tgt, options={"precision": args.precision})
+        ctx = PassContext(target=tgt, options={"precision": args.precision, "schedule": args.schedule})
         tiled = ModelLevelTiling().run(graph.copy(), ctx)
         rep = ctx.report["tiling"]
-        untiled_ms = tgt.profile(graph, precision=args.precision).total_ms
-        tiled_ms = tgt.profile(tiled, precision=args.precision).total_ms
+        untiled_ms = tgt.profile(graph, precision=args.precision, schedule=args.schedule).total_ms
+        tiled_ms = tgt.profile(tiled, precision=args.precision, schedule=args.schedule).total_ms
         per_shape: dict[str, set] = OrderedDict()
         for b in rep["blocks"]:
             if "spec" in b:

@@ -103,14 +103,20 @@ class Target(Protocol):
     def fuses_epilogues(self) -> bool:
         return bool(self.is_npu)
 
-    def attention_sram_bytes(self, spec, tiling) -> int:
+    def attention_variants(self, schedule: str | None = None) -> tuple[str, ...]:
+        """The ways a tiled attention block can run under ``schedule`` (a name the target knows;
+        None: its default), preferred first; the MLT solver weighs every tiling under each.
+        Default: one way, unnamed."""
+        return ("",)
+
+    def attention_sram_bytes(self, spec, tiling, variant: str = "") -> int:
         """SRAM working set of one tile of an attention block (``edgefc.attention``'s
-        ``AttentionSpec`` split by a ``Tiling``), padding included."""
+        ``AttentionSpec`` split by a ``Tiling``) run as ``variant``, padding included."""
         raise TargetError(f"target '{self.name}' has no cost model")
 
-    def attention_cycles(self, spec, tiling) -> float:
-        """The cost model's cycles of the whole attention block under ``tiling`` (what the profile
-        reports for it)."""
+    def attention_cycles(self, spec, tiling, variant: str = "") -> float:
+        """The cost model's cycles of the whole attention block under ``tiling``, run as ``variant``
+        (what the profile reports for it)."""
         raise TargetError(f"target '{self.name}' has no cost model")
 
     def profile(self, graph, *, precision: str = "as-built", schedule: str | None = None, model: str = "") -> Any:

@@ -4,25 +4,29 @@ attention block whose working set fits the SRAM budget.
 Pure and target-agnostic: everything it knows about the hardware comes from the interface core
 defines (:class:`edgefc.target.Target`; the NPU target answers from its cost model):
 
-* ``target.attention_sram_bytes(spec, tiling) -> int``  SRAM working set of one tile;
-* ``target.attention_cycles(spec, tiling) -> float``     the cost model's time for the whole block;
+* ``target.attention_variants(schedule) -> names``      the ways a tiled block can run under the
+                                                         schedule (e.g. pipelined, sequential);
+* ``target.attention_sram_bytes(spec, tiling, variant=) -> int``  SRAM working set of one tile;
+* ``target.attention_cycles(spec, tiling, variant=) -> float``     the cost model's time for the block;
 * ``target.row_granularity``                             rows per tensor-engine pass;
 * ``target.sram.tiles``                                  the default budget (the SRAM less its reserve);
 * ``target.clock_hz``                                    to state times in ms.
 
 **Candidates.** ``Tiling(r, h)`` with ``h`` dividing the heads and ``r`` dividing
 ``n = padded_rows / G`` (so every row tile is a whole number of granules of ``G`` rows; see
-``edgefc.attention``). A candidate is *feasible* when its working set is at most the budget.
-The solver returns the feasible candidate of least ``attention_cycles``; ties go to fewer tiles,
-then fewer head tiles (costs within a relative 1e-9 are equal), the order :func:`brute_force` uses too.
+``edgefc.attention``), under each variant the schedule allows (a pipelined block double-buffers
+its tiles, so needs more SRAM for the same tiling). A candidate is *feasible* when its working set
+is at most the budget. The solver returns the feasible candidate of least ``attention_cycles``;
+ties go to fewer tiles, then fewer head tiles, then the variant the target prefers (costs within a
+relative 1e-9 are equal), the order :func:`brute_force` uses too.
 
-**Algorithm.** For each head split ``h`` (a handful: the divisors of the head count):
+**Algorithm.** For each variant and each head split ``h`` (a handful: the divisors of the head count):
 
 1. binary-search the smallest feasible row-tile count ``r*`` among the divisors of ``n``;
 2. evaluate the cost at ``r*`` and then at the next larger divisors, stopping at the first one
    whose cost is strictly higher than the previous one.
 
-The best over all ``h`` is the answer. Calls to the target: per ``h``, about ``log2(d(n)) + 2``
+The best over all variants and ``h`` is the answer. Calls to the target: per ``h``, about ``log2(d(n)) + 2``
 (``d(n)`` = number of divisors, 9 for 4096 rows at ``G = 16``), so a block is solved in well under
 a millisecond with an arithmetic cost model; nothing is cached between blocks.
 
@@ -153,11 +157,12 @@ class Solution:
     cycles: float
     budget: int
     granularity: int
-    candidates: int                 # tilings the solver could choose from
+    candidates: int                 # tilings the solver could choose from (all variants)
     evaluated: int                  # attention_cycles calls
+    variant: str = ""               # how the chosen tiling runs (target.attention_variants)
     seconds: float = 0.0            # wall time of the solve
     cpu_seconds: float = 0.0        # CPU time of the solving thread (immune to other processes)
-    priced: set = field(default_factory=set)   # (r, h) pairs whose time the solver asked for (--explain-tiling)
+    priced: set = field(default_factory=set)   # (r, h, variant) whose time the solver asked for (--explain-tiling)
 
     @property
     def tile_rows(self) -> int:
@@ -175,15 +180,15 @@ class _Probe:
         self.spec, self.target = spec, target
         self.sram, self.cost = {}, {}
 
-    def sram_bytes(self, r, h):
-        if (r, h) not in self.sram:
-            self.sram[(r, h)] = int(self.target.attention_sram_bytes(self.spec, Tiling(r, h)))
-        return self.sram[(r, h)]
+    def sram_bytes(self, r, h, v):
+        if (r, h, v) not in self.sram:
+            self.sram[(r, h, v)] = int(self.target.attention_sram_bytes(self.spec, Tiling(r, h), variant=v))
+        return self.sram[(r, h, v)]
 
-    def cycles(self, r, h):
-        if (r, h) not in self.cost:
-            self.cost[(r, h)] = float(self.target.attention_cycles(self.spec, Tiling(r, h)))
-        return self.cost[(r, h)]
+    def cycles(self, r, h, v):
+        if (r, h, v) not in self.cost:
+            self.cost[(r, h, v)] = float(self.target.attention_cycles(self.spec, Tiling(r, h), variant=v))
+        return self.cost[(r, h, v)]
 
 
 # Costs within this relative difference are a tie (sums of the same terms in another order differ
@@ -196,19 +201,28 @@ def _rises(c: float, prev: float) -> bool:
 
 
 def _better(a: tuple, b: tuple | None) -> bool:
-    """Whether candidate ``a = (cycles, r, h)`` beats ``b``: lower cost, else fewer tiles, else fewer head tiles."""
+    """Whether candidate ``a = (cycles, r, h, variant index)`` beats ``b``: lower cost, else fewer
+    tiles, else fewer head tiles, else the preferred variant."""
     if b is None:
         return True
     if _rises(a[0], b[0]):
         return False
     if _rises(b[0], a[0]):
         return True
-    return (a[1] * a[2], a[2]) < (b[1] * b[2], b[2])
+    return (a[1] * a[2], a[2], a[3]) < (b[1] * b[2], b[2], b[3])
 
 
-def _infeasible(spec, target, budget, probe, cands) -> InfeasibleBudgetError:
+def _variants(target: Target, schedule) -> tuple[str, ...]:
+    variants = tuple(target.attention_variants(schedule))
+    if not variants:
+        raise PassError(f"target '{target.name}' names no way to run an attention block under schedule {schedule!r}")
+    return variants
+
+
+def _infeasible(spec, target, budget, probe, cands, variants) -> InfeasibleBudgetError:
     # By P1 the smallest working set of each head split is at its largest row-tile count.
-    best = min(((probe.sram_bytes(rows[-1], h), rows[-1] * h, h, rows[-1]) for h, rows in cands.items()))
+    best = min(((probe.sram_bytes(rows[-1], h, v), rows[-1] * h, h, rows[-1]) for h, rows in cands.items()
+                for v in variants))
     need, _, h, r = best
     shape = f"{spec.heads} heads x {spec.q_len} x {spec.kv_len}"
     return InfeasibleBudgetError(
@@ -218,8 +232,10 @@ def _infeasible(spec, target, budget, probe, cands) -> InfeasibleBudgetError:
         spec, budget, need, Tiling(r, h))
 
 
-def solve(spec: AttentionSpec, target: Target, budget: int, granularity: int | None = None) -> Solution:
-    """The feasible tiling of least ``target.attention_cycles`` (exact; see the module docstring).
+def solve(spec: AttentionSpec, target: Target, budget: int, granularity: int | None = None,
+          schedule: str | None = None) -> Solution:
+    """The feasible tiling of least ``target.attention_cycles`` under ``schedule`` (the target's
+    default when None; exact, see the module docstring).
 
     The garbage collector is paused for the solve (well under a millisecond): a full collection
     would otherwise walk every object of a loaded U-Net graph in the middle of it.
@@ -228,7 +244,7 @@ def solve(spec: AttentionSpec, target: Target, budget: int, granularity: int | N
     paused = gc.isenabled()
     gc.disable()
     try:
-        sol = _solve(spec, target, budget, granularity)
+        sol = _solve(spec, target, budget, granularity, schedule)
     finally:
         if paused:
             gc.enable()
@@ -236,58 +252,64 @@ def solve(spec: AttentionSpec, target: Target, budget: int, granularity: int | N
     return sol
 
 
-def _solve(spec: AttentionSpec, target: Target, budget: int, granularity: int | None) -> Solution:
+def _solve(spec: AttentionSpec, target: Target, budget: int, granularity: int | None, schedule) -> Solution:
     g = granularity or row_granularity(target)
     cands = candidate_tilings(spec, g)
+    variants = _variants(target, schedule)
     probe = _Probe(spec, target)
     best = None
-    for h, rows in cands.items():
-        # 1. smallest feasible row-tile count (P1: feasibility is monotone in r).
-        lo, hi = 0, len(rows)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if probe.sram_bytes(rows[mid], h) <= budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        if lo == len(rows):
-            continue
-        # 2. scan on while the cost can still fall (P2: stop at the first strict rise).
-        prev = None
-        for r in rows[lo:]:
-            c = probe.cycles(r, h)
-            if _better((c, r, h), best):
-                best = (c, r, h)
-            if prev is not None and _rises(c, prev):
-                break
-            prev = c
+    for vi, v in enumerate(variants):
+        for h, rows in cands.items():
+            # 1. smallest feasible row-tile count (P1: feasibility is monotone in r).
+            lo, hi = 0, len(rows)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if probe.sram_bytes(rows[mid], h, v) <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            if lo == len(rows):
+                continue
+            # 2. scan on while the cost can still fall (P2: stop at the first strict rise).
+            prev = None
+            for r in rows[lo:]:
+                c = probe.cycles(r, h, v)
+                if _better((c, r, h, vi), best):
+                    best = (c, r, h, vi)
+                if prev is not None and _rises(c, prev):
+                    break
+                prev = c
     if best is None:
-        raise _infeasible(spec, target, budget, probe, cands)
-    c, r, h = best
-    return Solution(spec, Tiling(r, h), probe.sram_bytes(r, h), c, budget, g,
-                    candidates=sum(len(v) for v in cands.values()), evaluated=len(probe.cost),
-                    priced=set(probe.cost))
+        raise _infeasible(spec, target, budget, probe, cands, variants)
+    c, r, h, vi = best
+    return Solution(spec, Tiling(r, h), probe.sram_bytes(r, h, variants[vi]), c, budget, g,
+                    candidates=len(variants) * sum(len(v) for v in cands.values()), evaluated=len(probe.cost),
+                    variant=variants[vi], priced=set(probe.cost))
 
 
-def brute_force(spec: AttentionSpec, target: Target, budget: int, granularity: int | None = None) -> Solution:
+def brute_force(spec: AttentionSpec, target: Target, budget: int, granularity: int | None = None,
+                schedule: str | None = None) -> Solution:
     """Evaluate every candidate; the reference :func:`solve` is tested against."""
     start = time.perf_counter()
     g = granularity or row_granularity(target)
     cands = candidate_tilings(spec, g)
+    variants = _variants(target, schedule)
     probe = _Probe(spec, target)
     best = None
-    for h, rows in cands.items():
-        for r in rows:
-            if probe.sram_bytes(r, h) <= budget:
-                c = probe.cycles(r, h)
-                if _better((c, r, h), best):
-                    best = (c, r, h)
+    for vi, v in enumerate(variants):
+        for h, rows in cands.items():
+            for r in rows:
+                if probe.sram_bytes(r, h, v) <= budget:
+                    c = probe.cycles(r, h, v)
+                    if _better((c, r, h, vi), best):
+                        best = (c, r, h, vi)
     if best is None:
-        raise _infeasible(spec, target, budget, probe, cands)
-    c, r, h = best
-    n = sum(len(v) for v in cands.values())
-    return Solution(spec, Tiling(r, h), probe.sram_bytes(r, h), c, budget, g, candidates=n,
-                    evaluated=len(probe.cost), seconds=time.perf_counter() - start, priced=set(probe.cost))
+        raise _infeasible(spec, target, budget, probe, cands, variants)
+    c, r, h, vi = best
+    n = len(variants) * sum(len(v) for v in cands.values())
+    return Solution(spec, Tiling(r, h), probe.sram_bytes(r, h, variants[vi]), c, budget, g, candidates=n,
+                    evaluated=len(probe.cost), variant=variants[vi], seconds=time.perf_counter() - start,
+                    priced=set(probe.cost))
 
 
 @dataclass
@@ -305,38 +327,47 @@ class CandidateRow:
     ms: float
     priced: bool        # the solver asked for its time (fitting ones it did not ask for were pruned)
     chosen: bool
+    variant: str = ""   # how the tiling runs (target.attention_variants)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def explain(spec: AttentionSpec, target: Target, budget: int, granularity: int | None = None) -> dict:
-    """Every candidate of one block with its working set and predicted time, and the solver's choice.
+def explain(spec: AttentionSpec, target: Target, budget: int, granularity: int | None = None,
+            schedule: str | None = None) -> dict:
+    """Every candidate of one block with its working set and predicted time under ``schedule``, and
+    the solver's choice.
 
     Returns ``{"block", "spec", "budget", "untiled_fits", "choice": {...} | None, "error": str | None,
-    "solver_ms", "candidates": [CandidateRow.as_dict(), ...]}`` (candidates by tiles, then head tiles).
+    "solver_ms", "candidates": [CandidateRow.as_dict(), ...]}`` (candidates by tiles, then head
+    tiles, then the target's order of variants).
     """
     g = granularity or row_granularity(target)
-    untiled_fits = int(target.attention_sram_bytes(spec, Tiling(1, 1))) <= budget
+    variants = _variants(target, schedule)
+    untiled_fits = int(target.attention_sram_bytes(spec, Tiling(1, 1), variant=variants[-1])) <= budget
     choice, error = None, None
     try:
-        sol = solve(spec, target, budget, g)
+        sol = solve(spec, target, budget, g, schedule)
         choice = {"row_tiles": sol.tiling.row_tiles, "head_tiles": sol.tiling.head_tiles,
                   "tiles": sol.tiling.tiles, "tile_rows": sol.tile_rows, "heads_per_tile": sol.heads_per_tile,
-                  "sram_bytes": sol.sram_bytes, "cycles": sol.cycles, "ms": cycles_to_ms(target, sol.cycles)}
+                  "variant": sol.variant, "sram_bytes": sol.sram_bytes, "cycles": sol.cycles,
+                  "ms": cycles_to_ms(target, sol.cycles)}
         priced, solver_ms = sol.priced, sol.seconds * 1e3
     except InfeasibleBudgetError as e:
         error, priced, solver_ms = str(e), set(), None
     rows = []
-    for h, rs in candidate_tilings(spec, g).items():
-        for r in rs:
-            t = Tiling(r, h)
-            sram = int(target.attention_sram_bytes(spec, t))
-            cyc = float(target.attention_cycles(spec, t))
-            rows.append(CandidateRow(r, h, t.tiles, tile_rows(spec, t, g), heads_per_tile(spec, t), sram,
-                                     sram <= budget, cyc, cycles_to_ms(target, cyc), (r, h) in priced,
-                                     choice is not None and (r, h) == (choice["row_tiles"], choice["head_tiles"])))
-    rows.sort(key=lambda c: (c.tiles, c.head_tiles))
+    for vi, v in enumerate(variants):
+        for h, rs in candidate_tilings(spec, g).items():
+            for r in rs:
+                t = Tiling(r, h)
+                sram = int(target.attention_sram_bytes(spec, t, variant=v))
+                cyc = float(target.attention_cycles(spec, t, variant=v))
+                rows.append(CandidateRow(r, h, t.tiles, tile_rows(spec, t, g), heads_per_tile(spec, t), sram,
+                                         sram <= budget, cyc, cycles_to_ms(target, cyc), (r, h, v) in priced,
+                                         choice is not None and (r, h, v) == (choice["row_tiles"], choice["head_tiles"],
+                                                                              choice["variant"]), v))
+    order = {v: i for i, v in enumerate(variants)}
+    rows.sort(key=lambda c: (c.tiles, c.head_tiles, order[c.variant]))
     return {"block": spec.name, "spec": spec_dict(spec), "budget": budget, "granularity": g,
             "untiled_fits": untiled_fits, "choice": choice, "error": error, "solver_ms": solver_ms,
             "candidates": [c.as_dict() for c in rows]}
@@ -364,12 +395,14 @@ def format_explain(tables: list[dict], target=None) -> str:
             pass
         else:
             seen[key] = t["block"]
-            out.append(f"  {'tiles':>6} {'rows':>5}x{'heads':<5} {'tile rows':>9} {'SRAM/tile':>11} {'fits':>4} "
-                       f"{'time ms':>9}")
+            many = len({c.get("variant", "") for c in t["candidates"]}) > 1
+            out.append(f"  {'tiles':>6} {'rows':>5}x{'heads':<5} {'tile rows':>9} " + (f"{'variant':<10} " if many else "")
+                       + f"{'SRAM/tile':>11} {'fits':>4} {'time ms':>9}")
             for c in t["candidates"]:
                 mark = "<- chosen" if c["chosen"] else ("priced" if c["priced"] else ("pruned" if c["fits"] else ""))
                 out.append(f"  {c['tiles']:>6} {c['row_tiles']:>5}x{c['head_tiles']:<5} {c['tile_rows']:>9} "
-                           f"{fmt_bytes(c['sram_bytes']):>11} {'yes' if c['fits'] else 'no':>4} {c['ms']:>9.3f}  {mark}")
+                           + (f"{c['variant']:<10} " if many else "")
+                           + f"{fmt_bytes(c['sram_bytes']):>11} {'yes' if c['fits'] else 'no':>4} {c['ms']:>9.3f}  {mark}")
             n_fit = sum(c["fits"] for c in t["candidates"])
             n_priced = sum(c["priced"] for c in t["candidates"])
             out.append(f"  {len(t['candidates'])} candidates, {n_fit} fit; the solver priced {n_priced} "
@@ -379,7 +412,8 @@ def format_explain(tables: list[dict], target=None) -> str:
         elif not t["untiled_fits"]:
             ch = t["choice"]
             same = f" (candidates as for {seen[key]})" if seen.get(key) != t["block"] else ""
-            out.append(f"  choice: {ch['row_tiles']} row tiles x {ch['head_tiles']} head tiles "
+            how = f", {ch['variant']}" if ch.get("variant") else ""
+            out.append(f"  choice: {ch['row_tiles']} row tiles x {ch['head_tiles']} head tiles{how} "
                        f"({ch['tile_rows']} rows x {ch['heads_per_tile']} heads per tile, "
                        f"{fmt_bytes(ch['sram_bytes'])}), {ch['ms']:.3f} ms; solver {t['solver_ms']:.2f} ms{same}")
         out.append("")

@@ -93,6 +93,7 @@ class MltOptions:
     sram_budget: int | str | None = None   # --sram-budget: bytes or "4MiB"; None: target SRAM - reserve
     no_mlt: bool = False                    # --no-mlt: leave every attention untiled
     precision: str | None = None            # --precision: byte sizes of a graph quantize did not decide (what-if)
+    schedule: str | None = None             # --schedule: the schedule tilings are priced under; None: the target's default
 
 
 @register_pass("mlt", namespace="edgefc")
@@ -121,6 +122,8 @@ class ModelLevelTiling(Pass):
         report.update({"budget_bytes": budget, "budget_source": source, "sram_bytes": int(target.sram.total),
                        "row_granularity": g})
         types = attention_types(graph, ctx.option("precision"))
+        schedule = ctx.option("schedule")
+        report["schedule"] = schedule or "the target's default"
         changed = False
         for node in list(graph.nodes):
             if not is_attention(node):
@@ -151,7 +154,7 @@ class ModelLevelTiling(Pass):
                 report["left_alone"] += 1
                 continue
             try:
-                sol = tile_solver.solve(spec, target, budget, g)
+                sol = tile_solver.solve(spec, target, budget, g, schedule)
             except tile_solver.InfeasibleBudgetError as e:
                 if explicit:
                     raise
@@ -173,13 +176,15 @@ class ModelLevelTiling(Pass):
             node.outputs.clear()
             graph.nodes.append(tiled)
             changed = True
-            entry.update({"op": OP, "tiling": _tiling_dict(spec, sol.tiling, g), "sram_bytes": sol.sram_bytes,
+            entry.update({"op": OP, "tiling": _tiling_dict(spec, sol.tiling, g), "variant": sol.variant,
+                          "sram_bytes": sol.sram_bytes,
                           "predicted_cycles": sol.cycles, "predicted_ms": tile_solver.cycles_to_ms(target, sol.cycles),
                           "candidates": sol.candidates, "evaluated": sol.evaluated,
                           "solver_ms": round(sol.seconds * 1e3, 3), "solver_cpu_ms": round(sol.cpu_seconds * 1e3, 3),
                           "reason": f"working set {tile_solver.fmt_bytes(untiled_sram)} > budget "
                                     f"{tile_solver.fmt_bytes(budget)}: {sol.tiling.row_tiles} row tiles x "
-                                    f"{sol.tiling.head_tiles} head tiles is the fastest tiling that fits"})
+                                    f"{sol.tiling.head_tiles} head tiles{', ' + sol.variant if sol.variant else ''} "
+                                    f"is the fastest tiling that fits"})
             report["tiled"] += 1
         if changed:
             ensure_function(graph)
@@ -187,7 +192,8 @@ class ModelLevelTiling(Pass):
         return graph
 
 
-def explain_tiling(graph: gs.Graph, target, budget=None, precision: str | None = None) -> list[dict]:
+def explain_tiling(graph: gs.Graph, target, budget=None, precision: str | None = None,
+                   schedule: str | None = None) -> list[dict]:
     """Per attention block of ``graph`` (Attention or TiledAttention), the solver's candidate table
     (``tile_solver.explain``): what ``edgefc profile --explain-tiling`` prints.
 
@@ -206,7 +212,7 @@ def explain_tiling(graph: gs.Graph, target, budget=None, precision: str | None =
             spec = spec_from_node(node, *types.attention_types(node))
         except ValueError:
             continue
-        table = tile_solver.explain(spec, target, budget)
+        table = tile_solver.explain(spec, target, budget, schedule=schedule)
         table["op"] = node.op
         if node.op == OP:
             table["built_tiling"] = {"row_tiles": int(node.attrs["row_tiles"]), "head_tiles": int(node.attrs["head_tiles"])}

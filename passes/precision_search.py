@@ -161,7 +161,7 @@ class Builder:
             mlt = get_pass("mlt")
             mlt.configure(self.ctx.options)
             g = mlt(g, PassContext(target=self.ctx.target, options=self.ctx.options, report={}))
-        prof = self.ctx.target.profile(g)
+        prof = self.ctx.target.profile(g, schedule=self.ctx.options.get("schedule"))   # the compile's --schedule
         ms = float(prof.total_ms)
         per_op = {r.name: float(r.ms) for r in prof.ops}
         del g, prof

@@ -18,19 +18,30 @@ from edgefc.targets.geometry import pad
 from edgefc.targets.program import Command
 
 
-def attention_io_bytes(spec: AttentionSpec, arch: Architecture) -> dict[str, tuple[int, int]]:
+def attention_io_bytes(spec: AttentionSpec, arch: Architecture, packed: bool = False) -> dict[str, tuple[int, int]]:
     """DRAM bytes and run length of Q, K, V and the output A (heads padded to the granularity).
 
     Q and K are stored head-major (their producers write each head as its own channel block) and
     move as contiguous blocks; V is read transposed (the contraction of S_out x V runs over its
     rows) and A is written into the token-major layout the out-projection reads, so both move in
     runs of one head row (``d_pad * act_bytes``).
+
+    ``packed`` (``packed-operands``): the same layouts without the head-dim padding in DRAM -- the
+    DMA pads each head row as it writes it into SRAM (and unpads the output), so Q, K, V and A move
+    their real bytes, V and A in runs of one unpadded head row (``d * act_bytes``).
     """
     g, b = arch.tensor.channel_granularity, spec.act_bytes
-    dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
+    dkp, dvp = _dram_dims(spec, g, packed)
     n = spec.batch * spec.heads
     return {"q": (n * spec.q_len * dkp * b, 0), "k": (n * spec.kv_len * dkp * b, 0),
             "v": (n * spec.kv_len * dvp * b, dvp * b), "out": (n * spec.q_len * dvp * b, dvp * b)}
+
+
+def _dram_dims(spec: AttentionSpec, g: int, packed: bool) -> tuple[int, int]:
+    """Head dims of Q/K and of V/A as they lie in DRAM: padded to the granularity, or not (packed)."""
+    if packed:
+        return spec.head_dim, spec.v_head_dim
+    return pad(spec.head_dim, g), pad(spec.v_head_dim, g)
 
 
 def _tile_geometry(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None):
@@ -57,10 +68,18 @@ def _tile_geometry(spec: AttentionSpec, tiling: Tiling, arch: Architecture, gran
     return row_parts, [(grid.heads, grid.head_tiles)]
 
 
-def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None) -> int:
+def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None,
+                         pipelined: bool = False) -> int:
     """SRAM working set of the largest tile: K and V of its head group, the Q tile, the S_in and
     S_out tiles and the output tile, with rows padded to the row granularity and channels
-    (head dims, and the key length as the channel dimension of S) to the channel granularity."""
+    (head dims, and the key length as the channel dimension of S) to the channel granularity.
+
+    ``pipelined`` (a tiled block run as a pipeline across the engines, ``pipelined-mlt``): the
+    per-tile buffers are double-buffered -- while tile i's softmax reads S_in(i) and writes
+    S_out(i), tile i+1's QK^T writes the second S_in and tile i-1's S x V reads the second S_out
+    (and the DMA fills the next Q tile and drains the previous output tile) -- so the tile part
+    counts twice; K and V of the head group once (the next group's are loaded when this group's
+    last QK^T / S x V has read them)."""
     g, rg, b = arch.tensor.channel_granularity, arch.tensor.row_granularity, spec.act_bytes
     row_parts, head_parts = _tile_geometry(spec, tiling, arch, granularity)
     rows = max(p for _, p, _, _ in row_parts)
@@ -69,13 +88,28 @@ def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, arch: Architecture
     kv = hg * pad(spec.kv_len, rg) * (dkp + dvp)
     tile = hg * rows * (dkp + dvp)
     scores = hg * rows * 2 * kvp   # S_in and S_out
-    return int((kv + tile) * b + scores * spec.score_bytes)
+    copies = 2 if pipelined and tiling.tiles > 1 else 1
+    return int(kv * b + copies * (tile * b + scores * spec.score_bytes))
+
+
+def pipelines(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None) -> bool:
+    """Whether a tiled block can run as a pipeline: it has two tiles or more, and its
+    double-buffered working set fits the SRAM an attention tile may take (``sram.tiles``, the
+    budget the MLT solver picks tilings under, so that a tiling the solver chose pipelined is
+    lowered pipelined)."""
+    return tiling.tiles > 1 and attention_sram_bytes(spec, tiling, arch, granularity, pipelined=True) <= arch.sram.tiles
 
 
 def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, granularity: int | None = None,
                     op: str | None = None,
-                    op_type: str = "Attention", loop_base: int = 0) -> list[Command]:
+                    op_type: str = "Attention", loop_base: int = 0, pipelined: bool = False,
+                    packed: bool = False) -> list[Command]:
     """The commands of one attention block (untiled: ``Tiling(1, 1)``).
+
+    ``pipelined``: run the tiles as a pipeline across the engines when :func:`pipelines` says it
+    can (the commands are the same; they carry ``pipelined=True`` and the cost model's schedule
+    overlaps them); otherwise one after another. ``packed``: Q, K, V and A lie in DRAM without the
+    head-dim padding (:func:`attention_io_bytes`); the SRAM tiles are padded as before.
 
     S_in and S_out are priced at ``spec.scores`` (wider than the activations in a W8A8 block,
     whose S_out x V then runs at ``int8xint16``). Per head group: load K, load V. Per tile (rows x
@@ -89,28 +123,30 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
     op = op or spec.name
     g, b = arch.tensor.channel_granularity, spec.act_bytes
     dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
+    dkd, dvd = _dram_dims(spec, g, packed)   # as they lie in DRAM
     prec = rate_key(spec.act_dtype, spec.act_dtype)
     sv_prec = rate_key(spec.act_dtype, spec.scores)   # S_out x V: the scores may be wider (INT16 in W8A8)
     sb = spec.score_bytes
-    spill = attention_sram_bytes(spec, tiling, arch, granularity) > arch.sram.attention
+    pipelined = pipelined and pipelines(spec, tiling, arch, granularity)
+    spill = attention_sram_bytes(spec, tiling, arch, granularity, pipelined) > arch.sram.attention
     tiled = tiling.tiles > 1
     passes = arch.vector.passes
     softmax = passes["softmax"] + (passes["causal_mask"] if spec.causal else ())
     row_parts, head_parts = _tile_geometry(spec, tiling, arch, granularity)
     cmds: list[Command] = []
     for hg, hcount in head_parts:
-        kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount,
+        kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount, "pipelined": pipelined,
               "loop": loop_base + len(cmds) if tiled else -1}
-        cmds.append(Command("load", tensor=f"{op}:K", bytes=hg * spec.kv_len * dkp * b, role="load_qk", **kw))
-        cmds.append(Command("load", tensor=f"{op}:V", bytes=hg * spec.kv_len * dvp * b, run_bytes=dvp * b,
+        cmds.append(Command("load", tensor=f"{op}:K", bytes=hg * spec.kv_len * dkd * b, role="load_qk", **kw))
+        cmds.append(Command("load", tensor=f"{op}:V", bytes=hg * spec.kv_len * dvd * b, run_bytes=dvd * b,
                             role="load_s_out_v", **kw))
     first = 1
     for hg, hcount in head_parts:
         for rows, rows_p, rcount, keys in row_parts:
             s, keys_p = hg * rows * keys, pad(keys, g)
-            kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount * rcount,
+            kw = {"op": op, "op_type": op_type, "repeat": spec.batch * hcount * rcount, "pipelined": pipelined,
                   "loop": loop_base + 1024 + len(cmds) if tiled else -1}
-            cmds.append(Command("load", tensor=f"{op}:Q", bytes=hg * rows * dkp * b, role="load_qk", **kw))
+            cmds.append(Command("load", tensor=f"{op}:Q", bytes=hg * rows * dkd * b, role="load_qk", **kw))
             cmds.append(Command("tensor", macs=hg * rows * keys * spec.head_dim,
                                 padded_macs=hg * rows_p * keys_p * dkp, out_elements=s, precision=prec,
                                 dispatches=first, handoffs=arch.handoff.per_matmul, role="qk_matmul", **kw))
@@ -126,7 +162,7 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
             cmds.append(Command("tensor", macs=hg * rows * keys * spec.v_head_dim,
                                 padded_macs=hg * rows_p * keys_p * dvp, out_elements=hg * rows * spec.v_head_dim,
                                 precision=sv_prec, handoffs=arch.handoff.per_matmul, role="sv_matmul", **kw))
-            cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvp * b, run_bytes=dvp * b,
+            cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvd * b, run_bytes=dvd * b,
                                 role="store_out", **kw))
             first = 0
     return cmds

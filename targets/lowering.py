@@ -40,13 +40,19 @@ from edgefc.deployed_types import DeployedTypes
 from edgefc.dtypes import DTYPE_BYTES as BYTES
 from edgefc.errors import BuildError
 from edgefc.precision import PRICINGS
-from edgefc.targets.attention_block import attention_io_bytes, attention_sram_bytes, lower_attention
+from edgefc.targets.attention_block import (
+    attention_io_bytes,
+    attention_sram_bytes,
+    lower_attention,
+    pipelines,
+)
 from edgefc.targets.blocks import block_of, component_of
 from edgefc.targets.control_flow import CONTROL_FLOW, control_flow_commands, reads
 from edgefc.targets.description import Architecture
 from edgefc.targets.geometry import contraction, pad
 from edgefc.targets.placement import INPUT_SIZED, TENSOR_OPS, VECTOR_CLASS, node_names, place, vector_passes
 from edgefc.targets.program import Command, OpInfo, Program
+from edgefc.targets.schedule import ScheduleSpec
 
 # Producer -> consumer streaming (a two-op cascade, as Arm Vela's cascading): a tensor too big
 # for SRAM whose only consumer is the very next op passes through a small stripe buffer instead
@@ -103,21 +109,64 @@ def attention_spec(node: gs.Node, act_dtype: str, score_dtype: str = "") -> Atte
         raise BuildError(f"cannot lower attention '{node.name}': {e}") from None
 
 
-def lower(graph: gs.Graph, arch: Architecture, precision: str = "as-built") -> Program:
-    """Lower a (canonicalized, fused) graph to a Program for the architecture ``arch`` at ``precision``."""
+def lower(graph: gs.Graph, arch: Architecture, precision: str = "as-built",
+          schedule: ScheduleSpec | None = None) -> Program:
+    """Lower a (canonicalized, fused) graph to a Program for the architecture ``arch`` at ``precision``,
+    taking the decisions of the mechanisms of ``schedule`` (``targets/schedule.py``; default:
+    ``overlap``, none)."""
     if precision not in PRICINGS:
         raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRICINGS)})")
-    prog = _Lowering(graph, arch, precision).run()
+    schedule = schedule or ScheduleSpec("overlap")
+    streamed = _Lowering(graph, arch, precision, schedule=schedule)
+    prog = streamed.run()
     # Weights that fit in SRAM beside the activations stay there across inferences: loaded once
     # with the model (outside a timed inference, as MLPerf's steady-state latency measures it),
-    # not streamed per op. The activations then get the SRAM the weights leave.
+    # not streamed per op. The activations then get the SRAM the weights leave. (Decided on the
+    # peak without the schedule's double buffers and prefetched bytes, which give way to it.)
     total_w = prog.weight_bytes
     room = arch.sram.activations
-    if arch.resident_weights and 0 < total_w and total_w + prog.sram_peak_bytes <= room:
-        resident = _Lowering(graph, arch, precision, resident_weights=total_w).run()
-        if resident.sram_peak_bytes + total_w <= room:
-            return resident
+    if arch.resident_weights and 0 < total_w and total_w + streamed.plain_peak <= room:
+        kept = _Lowering(graph, arch, precision, resident_weights=total_w, schedule=schedule)
+        resident = kept.run()
+        if kept.plain_peak + total_w <= room:
+            prog = resident
+    return _choose_cascades(prog, arch)
+
+
+def _choose_cascades(prog: Program, arch: Architecture) -> Program:
+    """Keep a cascade pipelined (``pipelined-cascades``) only where that is faster: its doubled
+    stripes re-fetch the weights that exceed the weight buffer once more per stripe, which can cost
+    more DMA than overlapping its engines saves. Each cascade is priced both ways by the cost model
+    (as the overlapped schedule times it: the stripe pipeline against its ops one after another, each
+    ``max(latency + compute, transfers)``); a cascade left unpipelined gets its stripes back."""
+    from edgefc.targets.cost_model import command_cycles, overlapped_op_cycles, pipelined_cascade
+
+    chains: dict[int, list[Command]] = {}
+    for c in prog.commands:
+        if c.cascade >= 0:
+            chains.setdefault(c.cascade, []).append(c)
+    for cmds in chains.values():
+        cyc = [command_cycles(arch, c) for c in cmds]
+        path, _ = pipelined_cascade(arch, cmds, cyc)
+        dma = [x for c, x in zip(cmds, cyc) if c.kind in ("load", "store")]
+        piped = max(path + (arch.dma.latency_cycles if dma else 0.0), sum(dma))
+        plain_cmds = [_unpiped(c) for c in cmds]
+        plain = 0.0
+        for op in dict.fromkeys(c.op for c in plain_cmds):
+            own = [c for c in plain_cmds if c.op == op]
+            plain += max(overlapped_op_cycles(arch, own, [command_cycles(arch, c) for c in own]))
+        if plain <= piped:
+            for c, u in zip(cmds, plain_cmds):
+                c.cascade, c.stripes, c.repeat = -1, 0, u.repeat
     return prog
+
+
+def _unpiped(c: Command) -> Command:
+    """A cascade's command as it runs unpipelined: weights re-fetched per stripe on half the stripes."""
+    from dataclasses import replace
+
+    repeat = c.repeat // 2 if c.tensor.endswith(":weights") and c.repeat > 1 and c.repeat == c.stripes else c.repeat
+    return replace(c, cascade=-1, stripes=0, repeat=max(1, repeat))
 
 
 _NEVER = 1 << 62
@@ -126,11 +175,13 @@ _NEVER = 1 << 62
 class _Lowering:
     """One pass over the nodes in order, emitting commands and deciding residency."""
 
-    def __init__(self, graph: gs.Graph, arch: Architecture, precision: str, resident_weights: int = 0):
+    def __init__(self, graph: gs.Graph, arch: Architecture, precision: str, resident_weights: int = 0,
+                 schedule: ScheduleSpec | None = None):
         self.graph, self.arch, self.precision = graph, arch, precision
+        self.schedule = schedule or ScheduleSpec("overlap")
         self.resident_weights = int(resident_weights)
         self.types = DeployedTypes(graph, precision)
-        self.prog = Program(precision=precision, component=component_of(graph))
+        self.prog = Program(precision=precision, component=component_of(graph), schedule=self.schedule.name)
         self.budget = arch.sram.activations - self.resident_weights
         self.loops = 0
         self.io: dict[str, tuple[int, int]] = {}   # alias root -> (DRAM bytes, run) of attention operands
@@ -161,8 +212,9 @@ class _Lowering:
             return self.io[r][0]
         return _elements(t) * BYTES[self.types.of(t)]
 
-    def _dma(self, kind: str, node: gs.Node, r: str, spill: bool) -> None:
-        self.prog.emit(Command(kind, self.nm(node), node.op, tensor=r, bytes=int(self.size[r]), spill=spill))
+    def _dma(self, kind: str, node: gs.Node, r: str, spill: bool, ahead: int = 0) -> None:
+        self.prog.emit(Command(kind, self.nm(node), node.op, tensor=r, bytes=int(self.size[r]), spill=spill,
+                               ahead=int(ahead)))
 
     def run(self) -> Program:
         graph, types, prog = self.graph, self.types, self.prog
@@ -175,7 +227,7 @@ class _Lowering:
             if kind == "attention":
                 spec = attention_spec(n, *types.attention_types(n))
                 specs[self.nm(n)] = spec
-                io = attention_io_bytes(spec, self.arch)
+                io = attention_io_bytes(spec, self.arch, packed=self.schedule.has("packed-operands"))
                 for key, t in zip(("q", "k", "v", "out"), list(n.inputs[:3]) + [n.outputs[0]]):
                     self.io[types.find(t.name)] = (io[key][0], 0)
         pinned = set(self.io)
@@ -200,7 +252,13 @@ class _Lowering:
         why = prog.reasons
         for r in graph_in:
             why[r] = "graph input"
-        peak = 0
+        peak = plain = 0   # plain: the peak without the double buffers and prefetches of the schedule
+        # prefetch (targets/schedule.py): what the previous op leaves free while it runs -- the
+        # activation SRAM beside its working set, and the weight buffer beside its weights
+        prefetch = self.schedule.has("prefetch") and not self.resident_weights
+        prev_ws, prev_wb_held = self.budget, self.arch.sram.weight_buffer
+        # pipelined cascades: the id of the cascade the previous op ran in (-1: none)
+        chain, chains = -1, 0
         for i, (node, kind) in enumerate(zip(nodes, kinds)):
             if kind == "none":
                 continue
@@ -243,7 +301,8 @@ class _Lowering:
                     built_g = granularity_from_node(node)
                     info.attention = (spec, tiling)
                     limit = self.arch.sram.attention
-                    need = min(attention_sram_bytes(spec, tiling, self.arch, built_g), limit)
+                    pipe = self.schedule.has("pipelined-mlt") and pipelines(spec, tiling, self.arch, built_g)
+                    need = min(attention_sram_bytes(spec, tiling, self.arch, built_g, pipe), limit)
                     # the block's tiles take the SRAM they need: evict what is live, furthest use first
                     for r in sorted(resident, key=lambda r: -next_use(r, i)):
                         if sum(resident.values()) + need <= limit:
@@ -256,15 +315,54 @@ class _Lowering:
                     for r in act_in[3:]:   # a mask input: read once from DRAM
                         self._dma("load", node, r, spill=False)
                     prog.commands.extend(lower_attention(spec, tiling, self.arch, granularity=built_g, op=self.nm(node), op_type=node.op,
-                                                         loop_base=self.loops))
+                                                         loop_base=self.loops, pipelined=pipe,
+                                                         packed=self.schedule.has("packed-operands")))
                     self.loops += 1 << 20
                     peak = max(peak, sum(resident.values()) + need)
+                    plain = max(plain, sum(resident.values())
+                                + min(attention_sram_bytes(spec, tiling, self.arch, built_g), limit))
+                chain = -1
+                if kind == "host":   # the NPU's SRAM is idle while the host runs
+                    prev_ws, prev_wb_held = sum(resident.values()), 0
+                else:                # the block's tiles may take the weight buffer too
+                    prev_ws = self.budget
+                    prev_wb_held = self.arch.sram.weight_buffer - max(
+                        0, min(self.arch.sram.weight_buffer, limit - sum(resident.values()) - need))
                 in_dram.update(outs)
                 for r in outs:
                     why.setdefault(r, f"written to DRAM by {'the host' if kind == 'host' else 'attention'} op "
                                       f"{self.nm(node)}")
                 continue
 
+            if (self.schedule.has("concat-in-place") and self.concat_view(node, act_in, outs, i, next_use)
+                    and not any(r in cascaded or r in pinned or r in graph_out for r in act_in + outs)):
+                # concat-in-place: the operands are the output's slices. In SRAM when they all are
+                # and the output fits where they were; else each operand still on chip is stored into
+                # its slice of the output in DRAM (one already there was placed at its slice when
+                # stored). No copy: the Concat's own command moves no element.
+                (out,) = outs
+                others = sum(v for r, v in resident.items() if r not in act_in)
+                if all(r in resident for r in act_in) and others + self.size[out] <= self.budget:
+                    for r in act_in:
+                        del resident[r]
+                    resident[out] = self.size[out]
+                else:
+                    for r in act_in:
+                        if r not in in_dram:
+                            self._dma("store", node, r, spill=True)
+                            in_dram.add(r)
+                        resident.pop(r, None)
+                    in_dram.add(out)
+                    why[out] = (f"a Concat in place ({self.nm(node)}): its operands are stored into their slices "
+                                f"of it in DRAM (they do not fit SRAM together)")
+                # the view's own command moves no element (it records that the op is a view)
+                prog.emit(Command("vector", self.nm(node), node.op, elements=0,
+                                  passes=self.arch.vector.passes["copy"], elem_bytes=min(BYTES[self.types.of(node.outputs[0])], 4)))
+                prev_ws, prev_wb_held = min(self.budget, sum(resident.values())), 0
+                chain = -1
+                continue
+
+            first_cmd = len(prog.commands)
             operands = list(dict.fromkeys(act_in + outs))   # ordered: ties break the same way every run
             streamed: set[str] = {r for r in act_in if r in cascaded}
 
@@ -285,27 +383,66 @@ class _Lowering:
                     if working_set() <= self.budget:
                         break
                     streamed.add(r)
+            room = self.budget - prev_ws if prefetch else 0
             for r in act_in:
                 if r in cascaded:
                     continue
                 if r not in resident:
-                    self._dma("load", node, r, spill=r not in pinned and r not in graph_in)
+                    # prefetch: a whole input that fits beside the previous op's working set is
+                    # loaded while that op runs (it is then resident from there on)
+                    ahead = self.size[r] if r not in streamed and 0 < self.size[r] <= room else 0
+                    room -= ahead
+                    self._dma("load", node, r, spill=r not in pinned and r not in graph_in, ahead=ahead)
                     in_dram.add(r)
                     if r not in streamed:
                         resident[r] = self.size[r]
+            if prefetch:
+                peak = max(peak, prev_ws + (self.budget - prev_ws - room))
             keep = pinned | graph_out
             casc_out = [r for r in outs if r in streamed and self.can_stream(r, i, node, nodes, kinds, uses, keep)]
+            # a cascade runs in row stripes: as many as its cascaded operands need to pass through
+            # the activation SRAM; pipelined across the engines (pipelined-cascades), every stripe
+            # buffer is double-buffered, so twice as many
+            stripe = sum(self.size[r] for r in act_in if r in cascaded) + sum(self.size[r] for r in casc_out)
+            stripes = max(1, -(-stripe // max(self.budget, 1)))
+            if stripe and self.schedule.has("pipelined-cascades"):
+                stripes *= 2
+                if not (chain >= 0 and any(r in cascaded for r in act_in)):
+                    chain, chains = chains, chains + 1
+            else:
+                chain = -1
             wbytes = self.weight_bytes(node)
             prog.weight_bytes += wbytes
             if wbytes and not self.resident_weights:
                 # in a cascade the op runs once per row stripe; weights that do not stay in the
                 # weight buffer are fetched again for every stripe
-                stripe = sum(self.size[r] for r in act_in if r in cascaded) + sum(self.size[r] for r in casc_out)
-                tiles = max(1, -(-stripe // max(self.budget, 1))) if wbytes > self.arch.sram.weight_buffer else 1
+                tiles = stripes if wbytes > self.arch.sram.weight_buffer else 1
+                # prefetch: as much of the weights as the weight buffer has room for beside the
+                # previous op's weights, and beyond that as the activation SRAM has room for both
+                # beside the previous op's working set and beside this op's, moves while the
+                # previous op runs
+                extra = 0
+                ahead = 0
+                if prefetch:
+                    ahead = min(wbytes, max(0, self.arch.sram.weight_buffer - prev_wb_held))
+                    if tiles == 1:
+                        extra = max(0, min(wbytes - ahead, room, self.budget - working_set()))
+                    room -= extra
                 prog.emit(Command("load", self.nm(node), node.op, tensor=f"{self.nm(node)}:weights", bytes=wbytes,
-                                  repeat=int(tiles)))
+                                  repeat=int(tiles), ahead=int(ahead + extra)))
+                if extra:
+                    peak = max(peak, prev_ws + (self.budget - prev_ws - room))
+            else:
+                extra = 0
             prog.emit(self.tensor_command(node) if kind == "tensor" else self.vector_command(node))
-            peak = max(peak, working_set() + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
+            peak = max(peak, working_set() + extra
+                       + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
+            plain = max(plain, working_set() + (0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)))
+            if chain >= 0:
+                for c in prog.commands[first_cmd:]:
+                    c.cascade, c.stripes = chain, stripes
+            prev_ws = min(self.budget, working_set())
+            prev_wb_held = 0 if self.resident_weights else min(wbytes, self.arch.sram.weight_buffer)
             for r in act_in:
                 if r in streamed:
                     resident.pop(r, None)
@@ -331,8 +468,26 @@ class _Lowering:
                 why.pop(r, None)
         prog.tensor_bytes = dict(self.size)
         prog.sram_peak_bytes = int(peak)
+        self.plain_peak = int(plain)
         prog.resident_weight_bytes = self.resident_weights
         return prog
+
+    def concat_view(self, node: gs.Node, act_in: list[str], outs: list[str], i: int, next_use) -> bool:
+        """Whether a Concat can be a view of its operands (``concat-in-place``): it joins two or
+        more distinct activations along its outermost non-unit axis (each operand is then one
+        contiguous block of the output), none of them is read after it, and the output is as
+        many bytes as they are."""
+        if node.op != "Concat" or len(outs) != 1 or len(act_in) < 2 or len(act_in) != len(node.inputs):
+            return False
+        shape = _shape(node.outputs[0])
+        if shape is None:
+            return False
+        axis = int(node.attrs.get("axis", 0)) % len(shape)
+        if any(d != 1 for d in shape[:axis]):
+            return False
+        if any(next_use(r, i + 1) != _NEVER for r in act_in):
+            return False
+        return sum(self.size[r] for r in act_in) == self.size[outs[0]]
 
     def can_stream(self, r: str, i: int, node: gs.Node, nodes, kinds, uses, keep: set[str]) -> bool:
         """Whether output ``r`` of node ``i`` (too big for SRAM) stays on chip in a spatial cascade:

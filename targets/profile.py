@@ -1,8 +1,12 @@
 """Profile: a priced Program as data (JSON first), built by :func:`build_profile`.
 
-:func:`build_profile` lowers a graph to the Program, prices every command with the cost model
-and schedules them; :class:`Profile` holds the result per command and per op, with its summaries
-(``to_dict`` is ``profile.json``). Its views (table, CSV, trace, PNG) are
+:func:`build_profile` lowers a graph to the Program under a schedule, prices every command with
+the cost model and schedules them; :class:`Profile` holds the result per command and per op, with
+its summaries (``to_dict`` is ``profile.json``): per op, block and model the modelled time, the
+DMA it exposes and its **roofline** -- the time if every engine ran at its peak rate for the op and
+all engines overlapped perfectly (``max`` over the engines of their peak-rate cycles,
+``cost_model.roofline_cycles``; for a block or the model, of the engines' sums over its ops) --
+so a build is judged against what the hardware allows. Its views (table, CSV, trace, PNG) are
 ``targets/profile_views.py``; the paper's Table 6 breakdown is ``targets/table6.py``.
 """
 
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 
 from edgefc.errors import TargetError
 from edgefc.targets import profile_views as views
-from edgefc.targets.cost_model import SCHEDULES, command_cycles
+from edgefc.targets.cost_model import SCHEDULES, command_cycles, roofline_cycles
 from edgefc.targets.lowering import lower
 from edgefc.targets.profile_views import validation_line
 from edgefc.targets.program import ENGINES, Program
@@ -38,11 +42,19 @@ class OpRow:
     cycles: float = 0.0
     ms: float = 0.0
     share: float = 0.0
+    roofline_ms: float = 0.0     # every engine at its peak for this op, perfectly overlapped
+    exposed_dma_ms: float = 0.0  # what its DMA added beyond its compute (after the previous ops' compute)
+
+    @property
+    def ratio(self) -> float:
+        """Modelled time over the roofline (1 = at the roofline)."""
+        return self.ms / self.roofline_ms if self.roofline_ms > 0 else float("inf") if self.ms > 0 else 1.0
 
     def as_dict(self) -> dict:
         return {"name": self.name, "op_type": self.op_type, "engine": self.engine, "block": self.block,
                 "precision": self.precision or None, "macs": int(self.macs), "dma_bytes": int(self.dma_bytes), "cycles": round(self.cycles, 1),
-                "ms": round(self.ms, 6), "share": round(self.share, 4)}
+                "ms": round(self.ms, 6), "share": round(self.share, 4), "roofline_ms": round(self.roofline_ms, 6),
+                "exposed_dma_ms": round(self.exposed_dma_ms, 6)}
 
 
 @dataclass
@@ -64,6 +76,9 @@ class Profile:
     attention_breakdown: dict | None = None
     ops: list[OpRow] = field(default_factory=list)
     validation: dict | None = None   # the target's validation figures (bench/fit_exynos2400.py)
+    roof: list[float] = field(default_factory=list)    # per command: its cycles at the engine's peak
+    instances: dict = field(default_factory=dict)      # command -> start of each instance (pipelined)
+    exposed_dma: dict = field(default_factory=dict)    # op -> exposed DMA cycles
     warnings: list[str] = field(default_factory=list)   # what the pricing could not honour (edgefc profile)
     reproducibility: dict | None = None  # how the profile (or its build) was made: versions, options, command
 
@@ -98,10 +113,56 @@ class Profile:
                 if c.precision not in row.precision.split("+"):
                     row.precision = f"{row.precision}+{c.precision}" if row.precision else c.precision
         total = self.total_cycles or 1.0
+        roof = self._roof_by_op()
         for row in rows.values():
             row.ms = self.ms(row.cycles)
             row.share = row.cycles / total
+            row.roofline_ms = self.ms(max(roof.get(row.name, {}).values(), default=0.0))
+            row.exposed_dma_ms = self.ms(self.exposed_dma.get(row.name, 0.0))
         return list(rows.values())
+
+    # roofline ---------------------------------------------------------------------------------
+    def _roof_by_op(self) -> dict[str, dict[str, float]]:
+        """op -> engine -> its commands' cycles at the engine's peak."""
+        out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for c, r in zip(self.program.commands, self.roof or [0.0] * len(self.program.commands)):
+            out[c.op][c.engine] += r
+        return out
+
+    def roofline_engines(self, ops=None) -> dict[str, float]:
+        """Peak-rate cycles of each engine summed over ``ops`` (op names; default all)."""
+        keep = None if ops is None else set(ops)
+        out = {e: 0.0 for e in ENGINES}
+        for name, eng in self._roof_by_op().items():
+            if keep is None or name in keep:
+                for e, v in eng.items():
+                    out[e] += v
+        return out
+
+    @property
+    def roofline_ms(self) -> float:
+        """The model's roofline: every engine at its peak, all perfectly overlapped over the whole
+        model -- the largest engine total."""
+        return self.ms(max(self.roofline_engines().values(), default=0.0))
+
+    def roofline(self) -> dict:
+        """The roofline of the model and of each block (ms), its per-engine parts and the ratio of
+        the modelled time to it; blocks furthest from their roofline first."""
+        eng = self.roofline_engines()
+        by_block: dict[str, list[str]] = defaultdict(list)
+        for r in self.ops:
+            by_block[r.block].append(r.name)
+        modelled = self.by("block")
+        blocks = {}
+        for b, names in by_block.items():
+            roof = self.ms(max(self.roofline_engines(names).values(), default=0.0))
+            ms = self.ms(modelled.get(b, 0.0))
+            blocks[b] = {"ms": round(ms, 6), "roofline_ms": round(roof, 6),
+                         "ratio": round(ms / roof, 4) if roof > 0 else None, "gap_ms": round(ms - roof, 6)}
+        total = self.roofline_ms
+        return {"total_ms": round(total, 6), "ratio": round(self.total_ms / total, 4) if total > 0 else None,
+                "engines_ms": {e: round(self.ms(v), 6) for e, v in eng.items()},
+                "blocks": dict(sorted(blocks.items(), key=lambda kv: -kv[1]["gap_ms"]))}
 
     def by(self, key: str) -> dict[str, float]:
         """Cycles grouped by ``op_type``, ``block`` or ``engine`` of the op (DMA counted with its op)."""
@@ -129,6 +190,9 @@ class Profile:
             "schedule": self.schedule,
             "clock_hz": self.clock_hz,
             "total_ms": round(self.total_ms, 6),
+            "roofline_ms": round(self.roofline_ms, 6),
+            "roofline": self.roofline(),
+            "exposed_dma_ms": round(self.ms(sum(self.exposed_dma.values())), 6),
             "total_cycles": round(self.total_cycles, 1),
             "macs": int(self.program.macs()),
             "dma_bytes": int(self.program.dma_bytes()),
@@ -194,7 +258,8 @@ class Profile:
             cmds = [c for c in self.program.commands if c.op == o.name]
             out.append({"name": o.name, "heads": spec.heads, "q_len": spec.q_len, "kv_len": spec.kv_len,
                         "head_dim": spec.head_dim, "row_tiles": tiling.row_tiles, "head_tiles": tiling.head_tiles,
-                        "s_spills_to_dram": any(c.role == "store_s_in" for c in cmds)})
+                        "s_spills_to_dram": any(c.role == "store_s_in" for c in cmds),
+                        "pipelined": any(c.pipelined for c in cmds)})
         return out
 
     # views (targets/profile_views.py) --------------------------------------------------------
@@ -219,18 +284,21 @@ class Profile:
 
 # --- building a profile ----------------------------------------------------------------------
 
-def build_profile(target, graph, precision: str = "as-built", schedule: str = "overlap",
+def build_profile(target, graph, precision: str = "as-built", schedule: str | None = None,
                   model: str = "") -> Profile:
-    """Lower ``graph`` for ``target`` (an :class:`~edgefc.targets.npu.NpuTarget`) at ``precision``,
-    price every command, schedule them."""
-    if schedule not in SCHEDULES:
-        raise TargetError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
+    """Lower ``graph`` for ``target`` (an :class:`~edgefc.targets.npu.NpuTarget`) at ``precision``
+    under ``schedule`` (``targets/schedule.py``; default ``best``), price every command, schedule them."""
+    spec = target.schedule(schedule)
+    if spec.base not in SCHEDULES:
+        raise TargetError(f"unknown schedule '{spec.base}' (choose from {', '.join(SCHEDULES)})")
     arch = target.arch
-    program = lower(graph, arch, precision)
+    program = lower(graph, arch, precision, spec)
     cycles = [command_cycles(arch, c) for c in program.commands]
-    tl = SCHEDULES[schedule]().run(program, cycles, arch)
+    tl = SCHEDULES[spec.base]().run(program, cycles, arch)
     prof = Profile(target=arch.name, clock_hz=arch.clock_hz, program=program, cycles=cycles, starts=tl.starts,
-                   total_cycles=tl.total, idle=tl.idle, hidden=tl.hidden, schedule=schedule, model=model)
-    prof.attention_breakdown = attention_breakdown(target, arch, program)
+                   total_cycles=tl.total, idle=tl.idle, hidden=tl.hidden, schedule=spec.name, model=model,
+                   roof=[roofline_cycles(arch, c) for c in program.commands], instances=tl.instances,
+                   exposed_dma=tl.exposed_dma)
+    prof.attention_breakdown = attention_breakdown(target, arch, program, spec.name)
     prof.validation = arch.validation
     return prof

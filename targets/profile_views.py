@@ -16,9 +16,10 @@ import json
 from edgefc.staging import write_file, write_text_file
 from edgefc.targets.program import ATTENTION_ROLES, Command
 
-TRACK_IDS = {"dma": 1, "tensor": 2, "vector": 3, "host": 4, "dispatch": 5}
+TRACK_IDS = {"dma": 1, "tensor": 2, "vector": 3, "host": 4, "dispatch": 5, "ops": 6, "roofline": 7}
 TRACK_NAMES = {"dma": "DMA (DRAM <-> SRAM)", "tensor": "tensor engines", "vector": "vector engines",
-               "host": "host CPU", "dispatch": "dispatch (exposed)"}
+               "host": "host CPU", "dispatch": "dispatch (exposed)", "ops": "ops (modelled)",
+               "roofline": "ops at the roofline"}
 
 
 def validation_line(v: dict | None) -> str:
@@ -44,22 +45,27 @@ def table(prof, top: int | None = 20, breakdown: bool = False) -> str:
     w(f"total {prof.total_ms:.2f} ms   MACs {d['macs'] / 1e9:.2f} G   DMA {d['dma_bytes'] / 1e6:.1f} MB   "
       f"SRAM peak {d['sram_peak_bytes'] / 2**20:.2f} MiB   ops {len(prof.ops)}\n")
     w("engines: " + "   ".join(f"{e} {ms:.2f} ms ({ms / max(prof.total_ms, 1e-12):.1%})"
-                               for e, ms in d["engines_ms"].items() if ms > 0) + "\n\n")
+                               for e, ms in d["engines_ms"].items() if ms > 0) + "\n")
+    roof = d["roofline"]
+    w(f"roofline {roof['total_ms']:.2f} ms (every engine at its peak, perfectly overlapped: "
+      + ", ".join(f"{e} {ms:.2f}" for e, ms in roof["engines_ms"].items() if ms > 0)
+      + f" ms); modelled / roofline x{(roof['ratio'] or float('nan')):.2f}; exposed DMA {d['exposed_dma_ms']:.2f} ms\n\n")
     rows = sorted(prof.ops, key=lambda r: -r.cycles)
     shown = rows if not top else rows[:top]
     prefix = common_prefix([r.name for r in prof.ops])
     head = f"op (names under {prefix})" if prefix else "op"
     w(f"{head:<{NAME_WIDTH}} {'type':<16} {'engine':<7} {'MACs':>10} {'DMA bytes':>12} {'cycles':>13} "
-      f"{'ms':>9} {'share':>7}\n")
+      f"{'ms':>9} {'share':>7} {'roof ms':>9} {'exp.DMA':>9}\n")
     names = short_names([r.name[len(prefix):] for r in shown], NAME_WIDTH)
     for r, name in zip(shown, names):
         w(f"{name:<{NAME_WIDTH}} {r.op_type[:16]:<16} {r.engine:<7} {_si(r.macs):>10} {_si(r.dma_bytes):>12} "
-          f"{r.cycles:>13,.0f} {r.ms:>9.3f} {r.share:>7.1%}\n")
+          f"{r.cycles:>13,.0f} {r.ms:>9.3f} {r.share:>7.1%} {r.roofline_ms:>9.3f} {r.exposed_dma_ms:>9.3f}\n")
     if top and len(rows) > top:
         rest = rows[top:]
         w(f"{'(' + str(len(rest)) + ' more ops)':<{NAME_WIDTH}} {'':<16} {'':<7} {_si(sum(r.macs for r in rest)):>10} "
           f"{_si(sum(r.dma_bytes for r in rest)):>12} {sum(r.cycles for r in rest):>13,.0f} "
-          f"{prof.ms(sum(r.cycles for r in rest)):>9.3f} {sum(r.share for r in rest):>7.1%}\n")
+          f"{prof.ms(sum(r.cycles for r in rest)):>9.3f} {sum(r.share for r in rest):>7.1%} "
+          f"{sum(r.roofline_ms for r in rest):>9.3f} {sum(r.exposed_dma_ms for r in rest):>9.3f}\n")
     host = d["host_ops"]
     if host["count"]:
         w(f"\nhost ops: {host['count']} ({host['ms']:.3f} ms, {host['share']:.1%} of the modelled time), by op type:\n")
@@ -74,10 +80,14 @@ def table(prof, top: int | None = 20, breakdown: bool = False) -> str:
     spilled = [t for t in res["tensors"] if t["where"] == "dram"][:5]
     for t, name in zip(spilled, short_names([t["name"] for t in spilled], 46)):
         w(f"  {name:<46} {_si(t['bytes']):>9}B  {t['reason']}\n")
-    w(f"\n{'block':<48} {'ms':>9} {'share':>7}\n")
+    w(f"\n{'block':<48} {'ms':>9} {'share':>7} {'roof ms':>9} {'x roof':>7}\n")
+    roof_blocks = roof["blocks"]
     blocks = prof.by("block")
     for (k, cyc), name in zip(blocks.items(), short_names(list(blocks), 48)):
-        w(f"{name:<48} {prof.ms(cyc):>9.3f} {cyc / max(prof.total_cycles, 1e-12):>7.1%}\n")
+        b = roof_blocks.get(k, {})
+        ratio = f"{b['ratio']:.2f}" if b.get("ratio") else "-"
+        w(f"{name:<48} {prof.ms(cyc):>9.3f} {cyc / max(prof.total_cycles, 1e-12):>7.1%} "
+          f"{b.get('roofline_ms', 0.0):>9.3f} {ratio:>7}\n")
     if breakdown:
         w("\n" + format_breakdown(prof.attention_breakdown))
     return out.getvalue()
@@ -180,10 +190,11 @@ def write_csv(prof, path) -> None:
     """One row per op (the ``--csv`` view)."""
     buf = io.StringIO()
     wr = csv.writer(buf)
-    wr.writerow(["name", "op_type", "engine", "block", "precision", "macs", "dma_bytes", "cycles", "ms", "share"])
+    wr.writerow(["name", "op_type", "engine", "block", "precision", "macs", "dma_bytes", "cycles", "ms", "share",
+                 "roofline_ms", "exposed_dma_ms"])
     for r in prof.ops:
         wr.writerow([r.name, r.op_type, r.engine, r.block, r.precision, r.macs, r.dma_bytes, f"{r.cycles:.1f}",
-                     f"{r.ms:.6f}", f"{r.share:.6f}"])
+                     f"{r.ms:.6f}", f"{r.share:.6f}", f"{r.roofline_ms:.6f}", f"{r.exposed_dma_ms:.6f}"])
     _atomic_write(path, buf.getvalue())
 
 
@@ -197,10 +208,27 @@ def trace_events(prof) -> list[dict]:
         events.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_sort_index", "args": {"sort_index": tid}})
     cmds, cyc, starts = prof.program.commands, prof.cycles, prof.starts
     idle = prof.idle or [0.0] * len(cmds)
+    t = 0.0   # ops follow one another on the compute engines: each op's span, and its roofline beside it
+    for r in prof.ops:
+        span = r.cycles
+        args = {"ms": round(r.ms, 6), "roofline_ms": round(r.roofline_ms, 6), "exposed_dma_ms": round(r.exposed_dma_ms, 6),
+                "x_roofline": round(r.ratio, 3) if r.roofline_ms > 0 else None, "block": r.block}
+        events.append({"ph": "X", "pid": 1, "tid": TRACK_IDS["ops"], "name": r.name, "cat": "op",
+                       "ts": round(t * us, 4), "dur": round(span * us, 4), "args": args})
+        if r.roofline_ms > 0:
+            events.append({"ph": "X", "pid": 1, "tid": TRACK_IDS["roofline"], "name": r.name, "cat": "roofline",
+                           "ts": round(t * us, 4), "dur": round(r.roofline_ms * 1e3, 4), "args": args})
+        t += span
     i = 0
     while i < len(cmds):
         c = cmds[i]
-        if c.loop < 0 or c.repeat == 1:
+        if i in prof.instances:   # a schedule interleaved its instances (a pipelined attention)
+            j = i
+            while j < len(cmds) and cmds[j].op == c.op and j in prof.instances:
+                for rep, start in enumerate(prof.instances[j]):
+                    events.append(_event(cmds[j], start, cyc[j] / cmds[j].repeat, us, instance=rep))
+                j += 1
+        elif c.loop < 0 or c.repeat == 1:
             events.append(_event(c, starts[i], cyc[i], us))
             j = i + 1
         else:
@@ -236,16 +264,21 @@ def write_plot(prof, path, top: int = 15) -> None:
 
     by_type = list(prof.by("op_type").items())[:top]
     by_block = list(prof.by("block").items())[:top]
+    roof = prof.roofline()
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.35 * max(len(by_type), len(by_block)) + 2))
     for ax, data, title in ((axes[0], by_type, "time by op type"), (axes[1], by_block, "time by block")):
         labels = [k for k, _ in data][::-1]
         values = [prof.ms(v) for _, v in data][::-1]
-        ax.barh(labels, values, color="#4477aa")
+        ax.barh(labels, values, color="#4477aa", label="modelled")
+        if ax is axes[1]:   # each block's roofline (every engine at its peak, perfectly overlapped)
+            ax.barh(labels, [roof["blocks"].get(k, {}).get("roofline_ms", 0.0) for k in labels], height=0.35,
+                    color="#ee7733", label="roofline")
+            ax.legend(loc="lower right", fontsize=8)
         ax.set_xlabel("ms")
         ax.set_title(title)
         ax.tick_params(axis="y", labelsize=8)
-    fig.suptitle(f"{prof.model or prof.program.component} on {prof.target} ({prof.program.precision}): "
-                 f"{prof.total_ms:.1f} ms")
+    fig.suptitle(f"{prof.model or prof.program.component} on {prof.target} ({prof.program.precision}, "
+                 f"{prof.schedule}): {prof.total_ms:.1f} ms, roofline {roof['total_ms']:.1f} ms")
     fig.tight_layout()
     try:
         write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -18,6 +18,12 @@ A command may stand for ``repeat`` identical instances (the tiles of a tiled att
 that share a ``loop`` id form one loop body executed ``repeat`` times (all of them carry the same
 ``repeat``), which the trace view expands tile by tile. Pricing never depends on the order within
 a loop, so a repeated command costs exactly ``repeat`` times one instance.
+
+The Program also carries its schedule (``schedule``, ``targets/schedule.py``) and the decisions
+the lowering took under it: the attention blocks that run as a pipeline across the engines
+(``Command.pipelined`` on their commands), the cascades whose ops run stripe by stripe as a
+pipeline across the engines (``Command.cascade``, ``Command.stripes``) and the bytes of each load
+the DMA engine moves ahead, during the previous op (``Command.ahead``).
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ class Command:
     loop: int = -1            # loop id (commands of one tile loop share it), -1 = none
     role: str = ""            # attention breakdown row (ATTENTION_ROLES) or ""
     spill: bool = False       # DMA caused by SRAM pressure (not an op's own operand traffic)
+    ahead: int = 0            # load: bytes of its first instance moved during the previous op (prefetch)
+    pipelined: bool = False   # attention: the block's tiles run as a pipeline across the engines
+    cascade: int = -1         # pipelined cascade this op's commands belong to (-1: none)
+    stripes: int = 0          # ... and the row stripes it runs in
 
     @property
     def engine(self) -> str:
@@ -98,6 +108,7 @@ class Program:
     resident_weight_bytes: int = 0  # weights kept in SRAM across inferences (0: streamed per op)
     precision: str = "as-built"
     component: str = ""
+    schedule: str = "overlap"      # the schedule it was lowered for (targets/schedule.py)
 
     def emit(self, cmd: Command) -> Command:
         self.commands.append(cmd)

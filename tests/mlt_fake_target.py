@@ -42,7 +42,7 @@ class FakeNpu(Target):
         hp = heads_per_tile(spec, tiling)
         return rows, hp, _pad(spec.head_dim, self.cg), _pad(spec.v_head_dim, self.cg), _pad(spec.kv_len, self.row_granularity)
 
-    def attention_sram_bytes(self, spec: AttentionSpec, tiling: Tiling) -> int:
+    def attention_sram_bytes(self, spec: AttentionSpec, tiling: Tiling, variant: str = "") -> int:
         self.calls += 1
         rows, hp, dk, dv, kv = self._dims(spec, tiling)
         elems = rows * hp * dk + kv * hp * (dk + dv) + 2 * hp * rows * kv + rows * hp * dv
@@ -51,7 +51,7 @@ class FakeNpu(Target):
     def _dma(self, nbytes: float) -> float:
         return self.lat + nbytes / self.bw
 
-    def attention_cycles(self, spec: AttentionSpec, tiling: Tiling) -> float:
+    def attention_cycles(self, spec: AttentionSpec, tiling: Tiling, variant: str = "") -> float:
         self.calls += 1
         rows, hp, dk, dv, kv = self._dims(spec, tiling)
         a, b = spec.act_bytes, spec.batch

@@ -180,19 +180,26 @@ def test_v_and_out_transfers_cost_more_per_byte_than_q_and_k(target):
 
 # --- the attention block, as the MLT solver sees it and as the profile reports it -------------
 
+@pytest.mark.parametrize("schedule, variant", [("overlap", "sequential"), ("overlap+pipelined-mlt", "pipelined"),
+                                               ("best", "pipelined+packed-operands")])
 @pytest.mark.parametrize("tiling", [None, (4, 2), (2, 4)])
-def test_attention_cycles_equal_what_the_profile_reports(target, tiling):
+def test_attention_cycles_equal_what_the_profile_reports(target, tiling, schedule, variant):
+    """What the MLT solver is told a block costs (under the variant the schedule runs it as) is what
+    the profile reports for it."""
     model = npu_graphs.attention_model(seq=1024, heads=4, head_dim=40, dtype=np.float16, tiling=tiling)
-    prof = target.profile(graph_of(model), "as-built")
+    prof = target.profile(graph_of(model), "as-built", schedule=schedule)
     row = next(r for r in prof.ops if r.name == "attn")
     spec = AttentionSpec("attn", 1, 4, 1024, 1024, 40, 40, "fp16")
     assert row.precision == "fp16"
-    assert row.cycles == pytest.approx(target.attention_cycles(spec, Tiling(*(tiling or (1, 1)))), rel=1e-12)
+    t = Tiling(*(tiling or (1, 1)))
+    assert row.cycles == pytest.approx(target.attention_cycles(spec, t, variant), rel=1e-12)
     assert prof.attention_breakdown["block"] == "attn"
+    assert prof.to_dict()["attention_blocks"][0]["pipelined"] == (variant.startswith("pipelined") and t.tiles > 1)
 
 
 def test_attention_with_a_mask_input_is_priced_with_the_mask_read(target):
-    prof = target.profile(graph_of(npu_graphs.attention_model(seq=256, heads=4, head_dim=40, mask=True)), "fp16")
+    prof = target.profile(graph_of(npu_graphs.attention_model(seq=256, heads=4, head_dim=40, mask=True)), "fp16",
+                          schedule="overlap")
     row = next(r for r in prof.ops if r.name == "attn")
     spec = AttentionSpec("attn", 1, 4, 256, 256, 40, 40, "fp16")
     mask_load = next(c for c in prof.program.commands if c.op == "attn" and c.tensor == "mask")
@@ -226,10 +233,16 @@ def test_attention_working_set_shrinks_with_tiles(target):
 def test_mlt_solver_uses_this_cost_model(target):
     from edgefc import tile_solver
 
-    sol = tile_solver.solve(BLOCK, target, tile_solver.default_budget(target), target.row_granularity)
-    assert target.attention_sram_bytes(BLOCK, sol.tiling) <= tile_solver.default_budget(target)
+    budget = tile_solver.default_budget(target)
+    sol = tile_solver.solve(BLOCK, target, budget, target.row_granularity, "overlap")
+    assert sol.variant == "sequential" and target.attention_sram_bytes(BLOCK, sol.tiling) <= budget
     assert sol.cycles == target.attention_cycles(BLOCK, sol.tiling)
     assert sol.cycles < 0.5 * target.attention_cycles(BLOCK, Tiling(1, 1))
+    # under the best schedule the tiles run pipelined, double-buffered: more row tiles, less time
+    best = tile_solver.solve(BLOCK, target, budget, target.row_granularity, "overlap+pipelined-mlt")
+    assert best.variant == "pipelined" and best.tiling.tiles > sol.tiling.tiles
+    assert target.attention_sram_bytes(BLOCK, best.tiling, "pipelined") <= budget
+    assert best.cycles == target.attention_cycles(BLOCK, best.tiling, "pipelined") < 0.7 * sol.cycles
 
 
 # --- residency, precision, quantization --------------------------------------------------------
@@ -343,7 +356,7 @@ def test_overlap_takes_the_max_of_compute_and_transfers_plus_the_exposed_latency
     a = target.arch
     for cout in (64, 1024):       # compute-bound and transfer-bound convolutions
         g = graph_of(npu_graphs.conv_model(256, cout, 8 if cout > 64 else 64, 3))
-        ov = target.profile(g, "w8a16")
+        ov = target.profile(g, "w8a16", schedule="overlap")
         sq = target.profile(g, "w8a16", schedule="sequential")
         assert ov.schedule == "overlap" and ov.total_cycles < sq.total_cycles
         conv = [c for c in ov.program.commands if c.op == "conv"]
@@ -355,13 +368,17 @@ def test_overlap_takes_the_max_of_compute_and_transfers_plus_the_exposed_latency
         assert sum(r.cycles for r in ov.ops) == pytest.approx(ov.total_cycles, rel=1e-12)
 
 
-def test_attention_steps_are_a_chain_in_every_schedule(target):
-    """Each step of an attention block consumes the previous one's result: the overlapped
-    schedule prices it as the sum of its commands (what the tile solver and Table 6 use)."""
-    prof = target.profile(graph_of(npu_graphs.attention_model(seq=1024, heads=8, head_dim=40)), "w8a16")
+@pytest.mark.parametrize("schedule", ["overlap", "best"])
+def test_attention_steps_are_a_chain_in_every_schedule(target, schedule):
+    """Each step of an untiled attention block consumes the previous one's result: the overlapped
+    schedule prices it as the sum of its commands (what the tile solver and Table 6 use), with the
+    schedule's operand layout."""
+    prof = target.profile(graph_of(npu_graphs.attention_model(seq=1024, heads=8, head_dim=40)), "w8a16",
+                          schedule=schedule)
     row = next(r for r in prof.ops if r.name == "attn")
     spec = AttentionSpec("attn", 1, 8, 1024, 1024, 40, 40, "int16")
-    assert row.cycles == pytest.approx(target.attention_cycles(spec, Tiling(1, 1)), rel=1e-12)
+    variant = target.attention_variants(schedule)[-1]
+    assert row.cycles == pytest.approx(target.attention_cycles(spec, Tiling(1, 1), variant), rel=1e-12)
 
 
 def test_weights_that_fit_stay_resident():
@@ -541,7 +558,7 @@ TABLE6_PAPER = {"load_qk": (0.6, 0.6), "qk_matmul": (6.9, 7.2), "store_s_in": (1
 def test_table6_is_pinned_and_within_the_paper(target):
     from edgefc import tile_solver
 
-    sol = tile_solver.solve(BLOCK, target, tile_solver.default_budget(target), target.row_granularity)
+    sol = tile_solver.solve(BLOCK, target, tile_solver.default_budget(target), target.row_granularity, "overlap")
     assert sol.tiling == Tiling(16, 8)
     untiled = role_cycles(target.arch, BLOCK, Tiling(1, 1))
     total = sum(untiled.values())

@@ -99,8 +99,9 @@ def test_compile_ends_with_the_summary_of_its_build(tiny_models, tmp_path):
     assert len(tiling["blocks"]) > 0
     # target: the profile's total and its most expensive block
     top = max(profile["blocks_ms"], key=profile["blocks_ms"].get)
-    assert lines[3] == (f"target:    exynos2400: {profile['total_ms']:.3f} ms modelled by the cost model (as built); "
-                        f"top block {top} {profile['blocks_ms'][top]:.3f} ms "
+    assert lines[3] == (f"target:    exynos2400: {profile['total_ms']:.3f} ms modelled by the cost model (as built, "
+                        f"best schedule); roofline {profile['roofline_ms']:.3f} ms "
+                        f"(x{profile['total_ms'] / profile['roofline_ms']:.2f}); top block {top} {profile['blocks_ms'][top]:.3f} ms "
                         f"({profile['blocks_ms'][top] / profile['total_ms']:.1%}); "
                         f"SRAM peak {profile['sram_peak_bytes'] / 2**20:.2f} MiB"), lines[3]
     assert profile["total_ms"] == report["profile"]["total_ms"]

@@ -46,6 +46,16 @@ def _sram_budget(ctx, param, value):
     return parse_budget(value)
 
 
+def _schedule(ctx, param, value):
+    """--schedule: a known schedule name (one line, exit 2, before any work)."""
+    if value is None:
+        return None
+    from edgefc.targets.cost_model import SCHEDULES
+    from edgefc.targets.schedule import parse
+
+    return parse(value, tuple(SCHEDULES)).name
+
+
 def demo_model_path() -> Path:
     """The full-size BK-SDM-Tiny U-Net (512x512) ``--demo`` compiles: the file ``edgefc generate``
     exports and reuses (``$EDGEFC_CACHE/bk-sdm-tiny-full-512x512/unet.onnx``), one cache for both."""
@@ -155,6 +165,11 @@ def _min_sqnr(ctx, param, value):
               help="Leave attention untiled: no model-level tiling (mlt) in the default pipeline.")
 @click.option("--sram-budget", metavar="BYTES|xKiB|xMiB", callback=_sram_budget,
               help="SRAM one attention tile may use (mlt), e.g. 4MiB; default: the target's SRAM minus a reserve.")
+@click.option("--schedule", metavar="best|overlap|sequential|overlap+MECH", callback=_schedule,
+              help="How the build's commands overlap, which decides the MLT tiling and prices profile.json: "
+                   "best (default: overlap plus every mechanism -- pipelined-mlt, prefetch), overlap (an op's DMA "
+                   "beside its compute: the schedule the target was fitted under, which reproduces the measured "
+                   "figures), sequential, or overlap+MECH[+MECH] (PERFORMANCE.md, 'Schedules').")
 @click.option("--emit", multiple=True, type=click.Choice(["tvm"]),
               help="Also lower to TVM: host_aarch64.so (phone), host_local.so (this machine) + NPU programs.")
 @click.option("--no-fuse", "no_fuse", multiple=True, metavar="FUSION",

@@ -19,6 +19,16 @@ from edgefc.errors import BuildError, TargetError
 from edgefc.precision import PRICINGS
 
 
+def _built_schedule(model: Path) -> str | None:
+    """The schedule a build folder was compiled and priced under (``report.json``), or None."""
+    import json
+
+    try:
+        return json.loads((model / "report.json").read_text())["profile"]["schedule"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @click.command("profile")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "-t", default="exynos2400", show_default=True,
@@ -46,9 +56,14 @@ from edgefc.precision import PRICINGS
 @click.option("--retile", is_flag=True,
               help="Price a build re-tiled for this target (MLT run again in memory on its SRAM) instead of "
                    "with the tiles it was compiled with; for a build compiled for another target.")
-@click.option("--schedule", default="overlap", show_default=True, metavar="overlap|sequential",
-              help="overlap: an op's DMA runs beside its compute (double buffering); sequential: every "
-                   "command one after another (the paper's baseline view).")
+@click.option("--schedule", default=None, metavar="best|overlap|sequential|overlap+MECH",
+              help="Default: the build's own (report.json), else best. best: overlap plus every mechanism the "
+                   "compiler decides (pipelined-mlt: attention tiles pipelined across the engines; pipelined-"
+                   "cascades; prefetch: the DMA engine runs ahead into the previous op; packed-operands; "
+                   "concat-in-place); overlap: an op's DMA runs beside its compute (double buffering) -- the "
+                   "schedule the target was fitted under, which reproduces the measured figures; sequential: "
+                   "every command one after another (the paper's baseline view); overlap+MECH[+MECH]: one "
+                   "mechanism at a time.")
 def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_path, top, attention_breakdown,
                 explain_tiling, sram_budget, shapes, retile, schedule):
     """Profile MODEL (a build folder or an ONNX file) on an NPU target with the cost model.
@@ -64,9 +79,11 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
     if precision not in PRICINGS:
         raise BuildError(f"unknown precision '{precision}' (choose from {', '.join(PRICINGS)})")
     from edgefc.targets.cost_model import SCHEDULES
+    from edgefc.targets.schedule import parse
 
-    if schedule not in SCHEDULES:
-        raise BuildError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
+    if schedule is None:
+        schedule = _built_schedule(model)
+    schedule = parse(schedule, tuple(SCHEDULES)).name   # one line, exit 2, before any work
     if top < 0:
         raise BuildError(f"--top must be 0 or more, got {top}")
     if sram_budget is not None and not explain_tiling:
@@ -91,7 +108,7 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
     built = _build_report(model)
     notes = []
     if retile:
-        graph, n = _retile(graph, tgt)
+        graph, n = _retile(graph, tgt, schedule)
         notes.append(f"priced re-tiled for {tgt.name} (--retile: MLT run again on its SRAM, {n} attention"
                      f"{'s' if n != 1 else ''} tiled), not with the build's own tiles")
     loaded = time.perf_counter()
@@ -113,7 +130,7 @@ def profile_cmd(model, target, precision, json_path, csv_path, trace_path, plot_
         from edgefc.passes import mlt
 
         click.echo("\n" + tile_solver.format_explain(
-            mlt.explain_tiling(graph, tgt, sram_budget, None if precision == "as-built" else precision), tgt))
+            mlt.explain_tiling(graph, tgt, sram_budget, None if precision == "as-built" else precision, schedule), tgt))
     for path, write in ((json_path, prof.write_json), (csv_path, prof.write_csv), (trace_path, prof.write_trace),
                         (plot_path, prof.write_plot)):
         if path is not None:
@@ -167,9 +184,10 @@ def tiling_warning(prof, tgt, built: dict) -> str | None:
     return text + f"; --retile prices the build re-tiled for {tgt.name}, or compile again with --target {tgt.name}"
 
 
-def _retile(graph, tgt):
+def _retile(graph, tgt, schedule: str | None = None):
     """``graph`` with every TiledAttention turned back into the Attention-23 it came from and MLT
-    run again for ``tgt`` (in memory; the build is not changed). Returns (graph, tiled count)."""
+    run again for ``tgt`` under ``schedule`` (in memory; the build is not changed). Returns
+    (graph, tiled count)."""
     from edgefc.pass_base import PassContext
     from edgefc.pass_manager import PassManager
 
@@ -179,6 +197,6 @@ def _retile(graph, tgt):
             for key in ("row_tiles", "head_tiles", "row_granularity"):
                 node.attrs.pop(key, None)
     graph.functions = [f for f in graph.functions if f.name != "TiledAttention"]
-    ctx = PassContext(target=tgt, options={})
+    ctx = PassContext(target=tgt, options={"schedule": schedule})
     graph = PassManager(["mlt"]).run(graph, ctx)
     return graph, int((ctx.report.get("tiling") or {}).get("tiled", 0))

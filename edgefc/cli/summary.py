@@ -208,7 +208,12 @@ def _verify(checked: list[dict]) -> str:
 def _target(p: dict) -> str:
     total = float(p["total_ms"])
     priced = "as built" if p.get("precision") == "as-built" else f"priced at {p.get('precision')}"
+    if p.get("schedule"):
+        priced += f", {p['schedule']} schedule"
     out = f"{p.get('target')}: {total:.3f} ms modelled by the cost model ({priced})"
+    roof = p.get("roofline_ms")
+    if roof:
+        out += f"; roofline {float(roof):.3f} ms (x{total / float(roof):.2f})"
     blocks = p.get("blocks_ms") or {}
     if blocks:
         name, ms = max(blocks.items(), key=lambda kv: kv[1])
