@@ -103,6 +103,8 @@ def collect_stats(model: DiskModel, samples: list[dict], tensors: list[str],
     start = time.perf_counter()
     means = dict(means or {})
     stats = TensorStats()
+    if not tensors and not means:   # a plan that stores nothing as an integer: nothing to run
+        return stats
     nodes, outputs, inits = _reduce_nodes(tensors, means)
     path = model.variant("calib-stats", nodes, outputs, inits, keep_outputs=False)
     sess = model.session(path)

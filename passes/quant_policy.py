@@ -44,7 +44,11 @@ W8A8 (``precision="w8a8"``)
       embedding (W8A16), the norm statistics and the periodic arguments (FP32).
 
 Per-op plans (``--layer-precision PATTERN=PRECISION``, the rescue, ``--precision search``)
-    :func:`plan_precisions` gives every op one precision; :func:`plan_qdq` turns it into storage:
+    :func:`plan_precisions` gives every op one precision (a weighted op that reads a tensor a rule
+    keeps in FP32 is an FP32 op with FP32 weights: an INT8 weight beside an FP32 activation is no
+    precision of the vocabulary, the NPU has no such mode, and onnxruntime's default session turns
+    ``DequantizeLinear`` (INT8 weight) -> ``MatMul`` on a float activation into ``MatMulNBits``,
+    which rounds that activation to INT8); :func:`plan_qdq` turns it into storage:
     a tensor is stored at the widest integer type its readers compute at (else at its producer's);
     a reader computing at a narrower type reads a requantisation of it (a second Q/DQ pair: the
     conversion the cost model prices), an FP16 reader reads it through a Cast, an FP32 reader reads
@@ -525,6 +529,12 @@ def plan_precisions(graph: gs.Graph, requested: str, policy: QuantPolicy, time_i
             p, why = "w8a16", f"time-embedding: depends only on {time_input}; INT16 keeps it exact for every value"
         if overrides and node.name in overrides:
             p, why = overrides[node.name]
+        if p in INTEGER_PRECISIONS and weight_slot(node, policy) is not None:
+            fp32_in = next((t.name for t in node.inputs if t is not None and t.name in kept
+                            and not isinstance(t, gs.Constant)), None)
+            if fp32_in is not None:
+                p, why = "fp32", (f"fp32-activation: reads {fp32_in}, kept FP32 by {kept[fp32_in].split(':')[0]}: "
+                                  "an FP32 op, with FP32 weights")
         ops[node.name] = p
         if why:
             reasons[node.name] = why

@@ -675,6 +675,55 @@ def test_search_reports_the_pareto_points_and_builds_the_chosen_one(graphs, tmp_
         _quantize_on(ref, precision="search", calib_samples=1, eval_samples=0)
 
 
+def _default_vs_as_written(model, feeds, tmp_path):
+    """(relative difference between onnxruntime's default session and the graph as written, op
+    types of the default session's optimized graph)."""
+    import onnxruntime
+
+    opts = onnxruntime.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    default = onnxruntime.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    a = np.asarray(default.run(None, feeds)[0], np.float64)
+    b = np.asarray(ort.session(model).run(None, feeds)[0], np.float64)   # ORT_DISABLE_ALL
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b)), {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+
+
+@pytest.mark.parametrize("case", ["exp-matmul", "exp-gemm", "log-input-matmul"])
+def test_an_op_reading_an_fp32_activation_is_fp32_and_exact_in_a_default_session(case, tmp_path):
+    """A weighted op that reads a tensor a rule keeps in FP32 (an unbounded exponential, a
+    logarithm's argument - here a model input) is an FP32 op with FP32 weights, recorded and
+    reported so. An INT8 weight DequantizeLinear beside an FP32 activation made onnxruntime's
+    default session compute the MatMul/Gemm as MatMulNBits with INT8 activations (0.9 % relative
+    error against the graph as written)."""
+    rng = np.random.default_rng(0)
+    x = gs.Variable("x", dtype=np.float32, shape=[4, 64])
+    y = gs.Variable("y", dtype=np.float32, shape=[4, 32])
+    w = gs.Constant("w", (rng.standard_normal((64, 32)) * 0.1).astype(np.float32))
+    e = gs.Variable("e", dtype=np.float32, shape=[4, 64])
+    outputs = [y]
+    if case == "log-input-matmul":
+        lg = gs.Variable("lg", dtype=np.float32, shape=[4, 64])
+        nodes = [gs.Node("Log", name="log", inputs=[x], outputs=[lg]), gs.Node("MatMul", name="mm", inputs=[x, w], outputs=[y])]
+        outputs = [y, lg]
+    else:
+        op = "MatMul" if case == "exp-matmul" else "Gemm"
+        nodes = [gs.Node("Exp", name="exp", inputs=[x], outputs=[e]), gs.Node(op, name="mm", inputs=[e, w], outputs=[y])]
+    path = tmp_path / "m.onnx"
+    edgefc.save(gs.Graph(nodes=nodes, inputs=[x], outputs=outputs, opset=23), path)
+    build = tmp_path / "b"
+    edgefc.compile(path, "exynos2400", output=build, options={"precision": "w8a16", "progress": False, "no_mlt": True})
+    q = json.loads((build / "report.json").read_text())["quantization"]
+    assert q["kept_higher_precision"]["fp32-activation"]["examples"] == ["mm"]
+    built = onnx.load(build / "model.onnx")
+    mm = next(n for n in built.graph.node if n.name == "mm")
+    assert {p.key: p.value for p in mm.metadata_props}["edgefc.precision"] == "fp32"
+    assert not any(n.op_type == "DequantizeLinear" and n.output[0] in mm.input for n in built.graph.node)
+    feeds = {"x": (rng.random((4, 64)) + 0.5).astype(np.float32)}
+    rel, optimized_ops = _default_vs_as_written(build / "model.onnx", feeds, tmp_path)
+    assert rel < 1e-6 and "MatMulNBits" not in optimized_ops, (rel, optimized_ops)
+
+
 # --- ranges no one integer grid holds ---------------------------------------------------------------
 
 def _model(nodes, inputs, outputs, inits):
