@@ -433,7 +433,7 @@ def main(argv=None) -> int:
 
     def stage_compile():
         done = True
-        for comp, extra in (("text-encoder", []), ("vae-decoder", []), ("unet", ["--calib", calib])):
+        for comp, extra in (("text-encoder", []), ("vae-decoder", []), ("unet", ["--precision", "w8a16", "--calib", calib])):
             if not (build / comp / "report.json").is_file():
                 edgefc("compile", onnx_dir / f"{comp}.onnx", "-o", build / comp, *extra)
                 done = False

@@ -8,9 +8,10 @@ Vocabulary (every stage uses these names, nothing else):
   types (:mod:`edgefc.dtypes` codes, byte sizes in :data:`edgefc.dtypes.DTYPE_BYTES`) of its
   weights and activations;
 * what ``--precision`` may ask for (:data:`REQUESTS`): a precision, ``auto`` (the component's
-  deployed precision, :data:`DEPLOYED`) or ``search`` (one precision per op group, chosen by the
-  quantize pass); what a Program may be priced at (:data:`PRICINGS`):
-  ``as-built`` (the graph's decisions) or a what-if precision applied to every op;
+  deployed precision, :data:`DEPLOYED`; ``search`` for an integer one given real inputs) or
+  ``search`` (one precision per op group, chosen by the quantize pass); what a Program may be
+  priced at (:data:`PRICINGS`): ``as-built`` (the graph's decisions) or a what-if precision
+  applied to every op;
 * the tensor engine's **rate keys** (:data:`RATE_KEYS`, the target file's ``[tensor.rate]``),
   from an op's two operand types (:func:`rate_key`): ``int8xint8``, ``int8xint16``,
   ``int16xint16``, ``fp16``, ``fp32``;
@@ -35,8 +36,9 @@ from edgefc.dtypes import DTYPE_BYTES
 #: what one op runs at, from the widest to the narrowest.
 PRECISIONS = ("fp32", "fp16", "w8a16", "w8a8")
 #: ``quantize``'s ``precision`` option (``edgefc compile --precision``): a precision for every op,
-#: ``auto`` (the component's, :func:`resolve`) or ``search`` (one per op group, chosen against the
-#: target's cost model and the quality floor: ``edgefc.passes.precision_search``).
+#: ``auto`` (the component's, or ``search`` given real inputs: :func:`resolve`) or ``search`` (one
+#: per op group, chosen against the target's cost model and the quality floor:
+#: ``edgefc.passes.precision_search``).
 REQUESTS = ("auto",) + PRECISIONS + ("search",)
 #: what a graph may be priced at (``edgefc profile --precision``, the lowering).
 PRICINGS = ("as-built",) + PRECISIONS
@@ -85,17 +87,25 @@ def act_type(precision: str) -> str:
 AUTO_OTHER = "w8a16"
 
 
-def resolve(request: str, component: str | None, npu: bool = False) -> str:
+def resolve(request: str, component: str | None, npu: bool = False, real_inputs: bool = False) -> str:
     """A ``--precision`` request -> the precision: ``auto`` is the component's deployed precision
     (:data:`DEPLOYED`); for a model that is no known component :data:`AUTO_OTHER` on an NPU target
-    (``npu``), else ``fp32``."""
+    (``npu``), else ``fp32``. With ``real_inputs`` (evaluation inputs from the user's ``--eval`` or
+    ``--calib`` file) on an NPU target, ``auto`` is ``search`` wherever it would be an integer
+    precision (the U-Net, any model that is no known component): the search starts from that
+    precision and measures every lower one on those inputs (issue 20 part 7); the text encoder and
+    VAE decoder stay FP16, as the paper deployed them (the search's options are integer ones)."""
     if request not in REQUESTS:
         raise ValueError(f"unknown precision '{request}' (choose from {', '.join(REQUESTS)})")
     if request != "auto":
         return request   # a precision, or "search"
     if component in DEPLOYED:
-        return DEPLOYED[component]
-    return AUTO_OTHER if npu else "fp32"
+        precision = DEPLOYED[component]
+    else:
+        precision = AUTO_OTHER if npu else "fp32"
+    if npu and real_inputs and precision in INTEGER_PRECISIONS:
+        return "search"
+    return precision
 
 
 def is_float_type(code: str) -> bool:

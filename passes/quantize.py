@@ -8,8 +8,10 @@ fused) graph, checks the result against the FP32 graph in onnxruntime, and repor
 Options (``edgefc compile`` flags; :class:`QuantizeOptions`, read through ``ctx.option``):
   ``precision``      ``auto`` (default: :data:`edgefc.precision.DEPLOYED`, FP16 for the text
                      encoder and VAE decoder, W8A16 for the U-Net; for any other model W8A16 on an
-                     NPU target (:data:`edgefc.precision.AUTO_OTHER`), FP32 without one; a model
-                     that is already quantized is kept as given), ``fp32``, ``fp16``, ``w8a16``;
+                     NPU target (:data:`edgefc.precision.AUTO_OTHER`), FP32 without one; on an NPU
+                     target with real evaluation inputs (``--eval``, or ``--calib`` with a held-out
+                     part) ``search`` instead of W8A16; a model that is already quantized is kept
+                     as given), ``fp32``, ``fp16``, ``w8a16``, ``w8a8``, ``search``;
   ``component``      ``text-encoder`` | ``unet`` | ``vae-decoder``; by default detected from the
                      input names (sample+timestep+encoder_hidden_states, input_ids, latent_sample);
   ``calib``          a ``.npz`` of calibration inputs (else generated per component);
@@ -127,6 +129,15 @@ def _options(ctx: PassContext) -> dict:
         "chunk_bytes": int(ctx.option("calib_chunk_mb", 512) * (1 << 20)),
         "progress": ctx.option("progress", True),
     }
+
+
+#: evaluation sources that are the user's own inputs (``auto`` becomes ``search`` with them)
+REAL_SOURCES = ("eval", "calib-heldout")
+
+
+def _input_files(opts: dict) -> list[str]:
+    """The user's input files (``--eval``, ``--calib``) by name."""
+    return [f"--{k.split('_')[0]} {Path(str(opts[k])).name}" for k in ("eval_file", "calib") if opts.get(k)]
 
 
 # --- report helpers -----------------------------------------------------------------------------
@@ -318,6 +329,13 @@ class Quantize(Pass):
         start = time.perf_counter()
         samples, calib_info, evals = cal.choose_inputs(graph, component, calib=opts["calib"], eval_file=opts["eval_file"],
                                                        calib_samples=opts["samples"], eval_samples=opts["eval"])
+        real = evals.source in REAL_SOURCES and bool(evals.samples)
+        if opts["precision"] == "auto" and pr.resolve("auto", component, npu=npu, real_inputs=real) != precision:
+            precision = report["precision"] = pr.resolve("auto", component, npu=npu, real_inputs=real)
+            first = report["reason"] + "; then " if "reason" in report else ""
+            report["reason"] = (f"{first}auto with real inputs ({evals.source}: {', '.join(_input_files(opts))}) on an NPU "
+                                "target: search (one precision per layer group, measured on those inputs and priced "
+                                "by the target) instead of the uniform W8A16; --precision w8a16 builds that")
         integer = precision in pr.INTEGER_PRECISIONS or precision == "search"
         calib_info["method"] = opts["method"] if integer else "minmax (FP16 overflow guard)"
         report["eval_source"] = evals.source

@@ -106,8 +106,8 @@ def test_calibrate_records_what_generate_feeds_each_component(recorded, cache, t
 @needs.diffusers
 def test_compile_on_recorded_inputs_measures_eval_and_conditioning(recorded, cache, capsys, tmp_path):
     calib, _ = recorded
-    code, out, err = _cli(["compile", cache / "unet.onnx", "--calib", calib / "unet.npz", "--eval",
-                           calib / "unet.eval.npz", "--no-mlt", "-o", tmp_path / "b"], capsys)
+    code, out, err = _cli(["compile", cache / "unet.onnx", "--precision", "w8a16", "--calib", calib / "unet.npz",
+                           "--eval", calib / "unet.eval.npz", "--no-mlt", "-o", tmp_path / "b"], capsys)
     assert code == 0, out + err
     q = json.loads((tmp_path / "b" / "report.json").read_text())["quantization"]
     assert q["eval_source"] == "eval" and q["eval_inputs"]["samples"] == 2 and q["calibration"]["samples"] == 6

@@ -724,6 +724,30 @@ def test_an_op_reading_an_fp32_activation_is_fp32_and_exact_in_a_default_session
     assert rel < 1e-6 and "MatMulNBits" not in optimized_ops, (rel, optimized_ops)
 
 
+def test_auto_searches_when_real_inputs_are_given(graphs, tmp_path):
+    """Issue 20 part 7: ``auto`` on an NPU target with the user's own inputs (``--calib`` with a
+    held-out part, or ``--eval``) is ``search`` for a model it would build at W8A16, with the
+    reason in the report; generated inputs or no NPU target keep W8A16; FP16 components stay FP16."""
+    assert precision.resolve("auto", "unet", npu=True, real_inputs=True) == "search"
+    assert precision.resolve("auto", None, npu=True, real_inputs=True) == "search"
+    assert precision.resolve("auto", "unet", npu=False, real_inputs=True) == "w8a16"
+    assert precision.resolve("auto", None, npu=False, real_inputs=True) == "fp32"
+    assert precision.resolve("auto", "text-encoder", npu=True, real_inputs=True) == "fp16"
+    assert precision.resolve("w8a16", "unet", npu=True, real_inputs=True) == "w8a16"
+    ref = graphs["unet"]["fused"]
+    samples, _ = cal.generate(ref, "unet", 3, seed=5)
+    path = tmp_path / "unet.npz"
+    np.savez(path, **{k: np.stack([s[k] for s in samples]) for k in samples[0]})
+    _, ctx = _quantize_on(ref, calib=str(path), min_sqnr=20.0)
+    r = ctx.report["quantization"]
+    assert r["requested"] == "auto" and r["eval_source"] == "calib-heldout" and "search" in r
+    assert r["reason"].startswith("auto with real inputs (calib-heldout: --calib unet.npz) on an NPU target: search")
+    assert r["precision"] in ("w8a16", "w8a8", "mixed")   # what the search chose
+    _, ctx = _quantize_on(ref, calib_samples=1, eval_samples=1)   # generated inputs: the paper's W8A16
+    r = ctx.report["quantization"]
+    assert r["precision"] == "w8a16" and "search" not in r and r["eval_source"] == "generated"
+
+
 # --- ranges no one integer grid holds ---------------------------------------------------------------
 
 def _model(nodes, inputs, outputs, inits):

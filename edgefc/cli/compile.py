@@ -176,7 +176,10 @@ def _min_sqnr(ctx, param, value):
               help="Remove one fusion pass from the pipeline (attention, groupnorm, layernorm, gelu, geglu, "
                    "matmul-bias, epilogue, identity; repeatable).")
 @click.option("--precision", type=click.Choice(REQUESTS), default="auto", show_default=True,
-              help="Deployed precision (quantize): auto = FP16 text encoder / VAE decoder, W8A16 U-Net on NPU targets; "
+              help="Deployed precision (quantize): auto = FP16 text encoder / VAE decoder, W8A16 U-Net and other "
+                   "models on NPU targets, and search instead of W8A16 when --eval or --calib gives real inputs "
+                   "(report.json says which and why); search = one precision per layer group, the fastest the "
+                   "target's cost model finds that meets --min-sqnr on the evaluation inputs; "
                    "w8a16 = INT8 weights, INT16 activations; w8a8 = INT8 weights and activations (priced at int8xint8; "
                    "what stays wider - softmax internals, norm statistics, the time embedding - is in report.json).")
 @click.option("--component", type=click.Choice(COMPONENTS),
