@@ -19,7 +19,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from edgefc.model_inputs import InputSpec, register_component_inputs
+from edgefc.model_inputs import InputSpec, index_bound, register_component_inputs
 
 VAE_SCALING = 0.18215
 #: CLIP's special tokens (SD v1 tokenizer); a smaller vocabulary uses its last two ids.
@@ -51,23 +51,6 @@ def clip_like_context(rng: np.random.Generator, shape: tuple[int, ...], eos: int
         pad = x[..., e, :][..., None, :]
         x[..., e + 1:, :] = pad + 0.1 * scale * rng.standard_normal((*lead, length - e - 1, dim))
     return x.astype(np.float32)
-
-
-def vocab_size(graph: gs.Graph, input_name: str) -> int | None:
-    """Rows of the embedding table that ``input_name`` indexes (first Gather reading it)."""
-    frontier = [t for t in graph.inputs if t.name == input_name]
-    seen = set()
-    while frontier:
-        t = frontier.pop()
-        if t.name in seen:
-            continue
-        seen.add(t.name)
-        for c in t.outputs:
-            if c.op == "Gather" and len(c.inputs) > 1 and c.inputs[1] is t and isinstance(c.inputs[0], gs.Constant):
-                return int(c.inputs[0].shape[0])
-            if c.op in ("Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"):
-                frontier.extend(c.outputs)
-    return None
 
 
 def token_ids(rng: np.random.Generator, shape: tuple[int, ...], vocab: int) -> np.ndarray:
@@ -118,7 +101,7 @@ def unet_timestep_domain(graph: gs.Graph) -> tuple[str, list[int]] | None:
 
 
 def text_encoder_inputs(graph: gs.Graph, specs: list[InputSpec], n: int, rng: np.random.Generator, evenly: bool):
-    vocab = vocab_size(graph, "input_ids") or CLIP_VOCAB
+    vocab = index_bound(graph, "input_ids") or CLIP_VOCAB
 
     def fill(i: int, s: InputSpec, rng: np.random.Generator):
         return token_ids(rng, s.shape, vocab).astype(s.dtype) if s.name == "input_ids" else None

@@ -167,21 +167,26 @@ def guidance_embedding_dim(weights: Path | None) -> int | None:
         return None
 
 
+def check_sampling(steps: int, guidance: float, scale: str, arch: str, error: type[EdgefcError]) -> None:
+    """The sampling arguments ``generate`` and ``calibrate`` share, each wrong one an ``error``."""
+    if steps not in STEPS:
+        raise error(f"--steps {steps} is not one of {', '.join(map(str, STEPS))} "
+                    "(the LCM step counts EdgeFusion is distilled for).")
+    if not guidance >= 1.0:
+        raise error(f"--guidance {guidance} is below 1 (1 = no classifier-free guidance).")
+    if scale not in configs.SCALES:
+        raise error(f"unknown --scale {scale!r}; expected one of {', '.join(configs.SCALES)}.")
+    if arch not in configs.ARCHS:
+        raise error(f"unknown --arch {arch!r}; expected one of {', '.join(configs.ARCHS)}.")
+
+
 def plan(prompt: str, *, steps: int = 2, output: str | os.PathLike = "image.png", build=None, weights=None,
          seed: int = 0, guidance: float = 1.0, height: int | None = None, width: int | None = None,
          scale: str = "full", arch: str = "bk-sdm-tiny", target: str | None = None, runtime: str = "auto") -> Plan:
     """Resolve and check every argument of :func:`generate` without running or exporting anything."""
     if runtime not in RUNTIMES:
         raise GenerateError(f"unknown --runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}.")
-    if steps not in STEPS:
-        raise GenerateError(f"--steps {steps} is not one of {', '.join(map(str, STEPS))} "
-                            "(the LCM step counts EdgeFusion is distilled for).")
-    if not guidance >= 1.0:
-        raise GenerateError(f"--guidance {guidance} is below 1 (1 = no classifier-free guidance).")
-    if scale not in configs.SCALES:
-        raise GenerateError(f"unknown --scale {scale!r}; expected one of {', '.join(configs.SCALES)}.")
-    if arch not in configs.ARCHS:
-        raise GenerateError(f"unknown --arch {arch!r}; expected one of {', '.join(configs.ARCHS)}.")
+    check_sampling(steps, guidance, scale, arch, GenerateError)
     for name, value in (("height", height), ("width", width)):
         if value is not None:
             _check_size(name, int(value))

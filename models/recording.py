@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 
 from edgefc.errors import EdgefcError
-from edgefc.models import configs
 from edgefc.models.configs import COMPONENTS
 
 #: key prefix of an input's unconditional value (the same as edgefc.passes.calibration.UNCONDITIONAL;
@@ -134,15 +133,7 @@ def calibrate(prompts_file, output, *, eval_prompts_file=None, weights=None, ste
     from edgefc.staging import staging_dir
 
     start = time.perf_counter()
-    if steps not in pipeline.STEPS:
-        raise CalibrateError(f"--steps {steps} is not one of {', '.join(map(str, pipeline.STEPS))} "
-                             "(the LCM step counts EdgeFusion is distilled for).")
-    if not guidance >= 1.0:
-        raise CalibrateError(f"--guidance {guidance} is below 1 (1 = no classifier-free guidance).")
-    if scale not in configs.SCALES:
-        raise CalibrateError(f"unknown --scale {scale!r}; expected one of {', '.join(configs.SCALES)}.")
-    if arch not in configs.ARCHS:
-        raise CalibrateError(f"unknown --arch {arch!r}; expected one of {', '.join(configs.ARCHS)}.")
+    pipeline.check_sampling(steps, guidance, scale, arch, CalibrateError)
     if weights is not None and scale != "full":
         raise CalibrateError("--scale tiny builds random weights and cannot be combined with --weights.")
     prompts = read_prompts(prompts_file, "--prompts")
