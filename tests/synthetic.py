@@ -46,3 +46,20 @@ def save_with_escaping_external_data(folder: Path) -> Path:
                 e.value = "../escape.bin"
     onnx.save_model(model, str(path))
     return path
+
+
+def layer_chain(layers: int, width: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """x[1,width] -> ``layers`` MatMuls (random weights, unit gain) -> y: a cheap stand-in for a
+    network where a test needs many quantizable layers but not a U-Net. Node names carry a module
+    path (``/net/layers.3/fc/MatMul``) as exported models' do."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, prev = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"/net/layers.{i}/fc/MatMul"))
+        prev = out
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

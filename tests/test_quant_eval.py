@@ -11,6 +11,7 @@ import json
 import math
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
@@ -21,13 +22,31 @@ from edgefc.pass_base import PassContext
 from edgefc.passes import calibration as cal
 from edgefc.passes import quant_eval
 from tests.cli import run_cli
+from tests.synthetic import layer_chain
 from tests.test_quantize import assert_user_error
+
+#: a chain of MatMuls longer than the rescue's rounds can raise to FP32 (1 + 2 + ... + 32 layers,
+#: each one step), so a floor of 90 dB stays out of reach at ~1 s a build instead of the tiny U-Net's
+#: rounds; every layer is probed, so a floor failure has layers to name.
+CHAIN_LAYERS = 64
 
 
 @pytest.fixture(scope="module")
 def unet(tiny_models):
     g = edgefc.PassManager(["canonicalize", "fuse"]).run(edgefc.load(tiny_models["unet"]), PassContext())
     return g
+
+
+@pytest.fixture(scope="module")
+def chain():
+    return edgefc.PassManager(["canonicalize"]).run(gs.import_onnx(layer_chain(CHAIN_LAYERS)), PassContext())
+
+
+@pytest.fixture(scope="module")
+def chain_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chain") / "chain.onnx"
+    onnx.save(layer_chain(CHAIN_LAYERS), str(path))
+    return path
 
 
 def _save(path, samples, **extra):
@@ -97,13 +116,13 @@ def test_eval_file_must_match_the_model(unet, tmp_path):
         quantize(unet, precision="w8a16", eval_file=str(unknown))
 
 
-def test_floor_failure_names_the_worst_layers(unet):
-    with pytest.raises(QualityFloorError) as e:
-        quantize(unet, precision="w8a16", calib_samples=2, eval_samples=2, min_sqnr=90)
+def test_floor_failure_names_the_worst_layers(chain):
+    with pytest.raises(QualityFloorError) as e:   # after the rescue's rounds
+        quantize(chain, precision="w8a16", calib_samples=2, eval_samples=2, min_sqnr=90)
     msg = str(e.value)
     assert "\n" not in msg and "on generated inputs (not real data" in msg and "under the --min-sqnr floor of 90 dB" in msg
     assert msg.count(" dB), ") == quant_eval.FLOOR_LAYERS - 1  # three layers named, with their figures
-    _, r = quantize(unet, precision="w8a16", calib_samples=2, eval_samples=2, min_sqnr=-math.inf)
+    _, r = quantize(chain, precision="w8a16", calib_samples=2, eval_samples=2, min_sqnr=-math.inf)
     assert r["min_sqnr_db"] is None and r["sqnr_db"] < 90
 
 
@@ -127,16 +146,19 @@ def test_every_float_output_is_measured_and_the_floor_holds_the_worst():
         quant_eval.check_floor(m, 25.0, "w8a16")
 
 
-def test_compile_under_the_floor_exits_2_and_writes_nothing(tiny_models, tmp_path):
+def test_compile_under_the_floor_exits_2_and_writes_nothing(chain_file, tmp_path):
+    """The CLI's floor failure (auto is W8A16 for any model on the NPU target; the rescue cannot reach
+    95 dB on the chain): exit 2, one line naming the worst layers, nothing written beside the model."""
     out = tmp_path / "build"
-    rc, text = run_cli("compile", str(tiny_models["unet"]), "-o", str(out), "--calib-samples", "1",
+    rc, text = run_cli("compile", str(chain_file), "-o", str(out), "--calib-samples", "1",
                        "--eval-samples", "1", "--min-sqnr", "95", "--no-mlt")
-    assert_user_error(rc, text, "under the --min-sqnr floor of 95 dB", "worst layers: ")
+    assert_user_error(rc, text, "under the --min-sqnr floor of 95 dB", "worst layers: /net/layers.")
     assert not out.exists() and not any(tmp_path.iterdir())
-    rc, text = run_cli("compile", str(tiny_models["unet"]), "-o", str(out), "--eval", str(tmp_path / "none.npz"))
+    rc, text = run_cli("compile", str(chain_file), "-o", str(out), "--eval", str(tmp_path / "none.npz"))
     assert_user_error(rc, text, "evaluation file not found")
-    rc, text = run_cli("compile", str(tiny_models["unet"]), "-o", str(out), "--min-sqnr", "nan")
+    rc, text = run_cli("compile", str(chain_file), "-o", str(out), "--min-sqnr", "nan")
     assert rc == 2 and "Traceback" not in text and "not a floor" in text
+    assert not any(tmp_path.iterdir()) and sorted(p.name for p in chain_file.parent.iterdir()) == ["chain.onnx"]
 
 
 # --- --precision auto on any model (issue 20 part 7) ------------------------------------------------
