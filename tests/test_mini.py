@@ -57,8 +57,9 @@ def test_a_companion_command_without_the_models_extra_is_one_line(tmp_path):
 
 @needs.diffusers
 def test_train_vae_and_sd_user_errors(tmp_path):
-    rc, out = run_cli("data", "synth", "-o", str(tmp_path / "d"), "--count", "2", "--quiet")
-    assert rc == 0, out
+    from edgefc.models.synth import synthesize
+
+    synthesize(tmp_path / "d", 2)   # the data (`edgefc data synth` is tested in test_synth.py)
     base = ["--teacher-arch", "mini", "--data", str(tmp_path / "d"), "--resolution", "64", "--steps", "1"]
     assert_user_error(*run_cli("train", "sd", *base, "-o", str(tmp_path / "o1"), "--caption-dropout", "1.5"),
                       "--caption-dropout")
@@ -77,25 +78,33 @@ def test_train_vae_sets_latent_scale_and_sd_resumes(tmp_path):
     """train vae writes a whole pipeline with the VAE's scaling_factor measured; train sd trains a U-Net
     from it and a resumed run reproduces the uninterrupted run's losses."""
     pytest.importorskip("torch")
-    rc, out = run_cli("data", "synth", "-o", str(tmp_path / "d"), "--count", "8", "--quiet")
-    assert rc == 0, out
-    common = ["--data", str(tmp_path / "d"), "--resolution", "64", "--batch-size", "2", "--threads", "1", "--quiet"]
-    rc, out = run_cli("train", "vae", "--teacher-arch", "mini", "--tokenizer", str(tmp_path / "d" / "tokenizer"),
-                      *common, "--steps", "2", "-o", str(tmp_path / "vae"))
-    assert rc == 0, out
-    from edgefc.models.tokenizer import load_tokenizer
+    import torch
 
-    assert load_tokenizer(tmp_path / "vae").kind == "clip"  # the data's tokenizer travels with the pipeline
-    cfg = json.loads((tmp_path / "vae" / "vae" / "config.json").read_text())
-    assert cfg["block_out_channels"] == [8, 16, 32, 32] and cfg["scaling_factor"] != 0.18215
-    for sub in ("unet", "text_encoder", "scheduler"):
-        assert (tmp_path / "vae" / sub).is_dir()
-    sd = ["train", "sd", "--teacher", str(tmp_path / "vae"), *common, "--steps", "4", "--save-every", "2",
-          "--prediction-type", "v_prediction"]
-    rc, out = run_cli(*sd, "-o", str(tmp_path / "a"))
-    assert rc == 0, out
-    rc, out = run_cli(*sd, "-o", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "checkpoint-2"))
-    assert rc == 0, out
+    from edgefc.models.synth import synthesize
+    from edgefc.models.train.sd import SDConfig, VAEConfig, train_sd, train_vae
+
+    synthesize(tmp_path / "d", 8)
+    common = ["--data", str(tmp_path / "d"), "--resolution", "64", "--batch-size", "2", "--threads", "1", "--quiet"]
+    config = {"data": tmp_path / "d", "resolution": 64, "batch_size": 2, "threads": 1, "progress": False}
+    threads = torch.get_num_threads()
+    try:   # two of the three runs in this process (the CLI only maps flags to these configs): no torch import each
+        train_vae(VAEConfig(output=tmp_path / "vae", teacher_arch="mini", tokenizer=tmp_path / "d" / "tokenizer",
+                            steps=2, lr=1e-3, **config))
+        from edgefc.models.tokenizer import load_tokenizer
+
+        assert load_tokenizer(tmp_path / "vae").kind == "clip"  # the data's tokenizer travels with the pipeline
+        cfg = json.loads((tmp_path / "vae" / "vae" / "config.json").read_text())
+        assert cfg["block_out_channels"] == [8, 16, 32, 32] and cfg["scaling_factor"] != 0.18215
+        for sub in ("unet", "text_encoder", "scheduler"):
+            assert (tmp_path / "vae" / sub).is_dir()
+        rc, out = run_cli("train", "sd", "--teacher", str(tmp_path / "vae"), *common, "--steps", "4", "--save-every",
+                          "2", "--prediction-type", "v_prediction", "-o", str(tmp_path / "a"))
+        assert rc == 0, out
+        # resumed from the CLI run's checkpoint, with the same settings as the CLI's defaults (lr 1e-3)
+        train_sd(SDConfig(output=tmp_path / "b", teacher=tmp_path / "vae", steps=4, save_every=2, lr=1e-3,
+                          prediction_type="v_prediction", resume=tmp_path / "a" / "checkpoint-2", **config))
+    finally:
+        torch.set_num_threads(threads)
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert la == lb and len(la) == 4
