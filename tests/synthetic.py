@@ -63,3 +63,34 @@ def layer_chain(layers: int, width: int = 32, seed: int = 0) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def attention_blocks(blocks: int = 3, seq: int = 64, channels: int = 64, heads: int = 2, seed: int = 0) -> onnx.ModelProto:
+    """x[1,seq,C] -> ``blocks`` x (feed-forward MatMul -> Relu -> self-attention: Q/K/V MatMuls,
+    Attention-23, output MatMul, residual Add) -> y. Node names carry module paths
+    (``/net/blocks.1/attn/to_q/MatMul``) as exported models' do: a small stand-in for a U-Net where a
+    test needs layer groups and attention blocks (``--precision search``)."""
+    rng = np.random.default_rng(seed)
+    t = TensorProto.FLOAT
+    inits, nodes, prev = [], [], "x"
+
+    def weight(name):
+        inits.append(numpy_helper.from_array((rng.standard_normal((channels, channels)) / np.sqrt(channels))
+                                             .astype(np.float32), name))
+        return name
+
+    for b in range(blocks):
+        p = f"/net/blocks.{b}"
+        nodes.append(helper.make_node("MatMul", [prev, weight(f"ff{b}")], [f"ff{b}_o"], name=f"{p}/ff/MatMul"))
+        nodes.append(helper.make_node("Relu", [f"ff{b}_o"], [f"h{b}"], name=f"{p}/ff/Relu"))
+        for k in ("q", "k", "v"):
+            nodes.append(helper.make_node("MatMul", [f"h{b}", weight(f"w{k}{b}")], [f"{k}{b}"], name=f"{p}/attn/to_{k}/MatMul"))
+        nodes.append(helper.make_node("Attention", [f"q{b}", f"k{b}", f"v{b}"], [f"a{b}"], name=f"{p}/attn/Attention",
+                                      q_num_heads=heads, kv_num_heads=heads, scale=float(channels // heads) ** -0.5))
+        nodes.append(helper.make_node("MatMul", [f"a{b}", weight(f"wo{b}")], [f"o{b}"], name=f"{p}/attn/to_out/MatMul"))
+        out = "y" if b == blocks - 1 else f"r{b}"
+        nodes.append(helper.make_node("Add", [f"h{b}", f"o{b}"], [out], name=f"{p}/Add"))
+        prev = out
+    graph = helper.make_graph(nodes, "blocks", [helper.make_tensor_value_info("x", t, [1, seq, channels])],
+                              [helper.make_tensor_value_info("y", t, [1, seq, channels])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
