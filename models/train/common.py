@@ -173,7 +173,11 @@ def _validate(cfg, kind: str) -> dict | None:
 
 
 def run(recipe: Recipe) -> TrainResult:
-    """Train ``recipe`` as configured; returns the per-step losses and the output folder."""
+    """Train ``recipe`` as configured; returns the per-step losses and the output folder. The
+    arguments are checked before the training libraries are imported (a wrong one fails at once)."""
+    resume_state = _validate(recipe.cfg, recipe.kind)
+    if recipe.cfg.data is None:
+        raise DataError("give the training data: --data FOLDER or --data SHARD.tar.")
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -182,7 +186,7 @@ def run(recipe: Recipe) -> TrainResult:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        return _run(recipe)
+        return _run(recipe, resume_state)
     finally:
         if d_on:
             diffusers_logging.enable_progress_bar()
@@ -190,12 +194,9 @@ def run(recipe: Recipe) -> TrainResult:
             transformers_logging.enable_progress_bar()
 
 
-def _run(recipe: Recipe) -> TrainResult:
+def _run(recipe: Recipe, resume_state: dict | None) -> TrainResult:
     cfg = recipe.cfg
     t0 = time.perf_counter()
-    resume_state = _validate(cfg, recipe.kind)
-    if cfg.data is None:
-        raise DataError("give the training data: --data FOLDER or --data SHARD.tar.")
     from edgefc.models.train.data import ImageCaptionDataset, StepBatchSampler, list_samples
 
     sample_list = list_samples(cfg.data)  # DataError when missing or empty
