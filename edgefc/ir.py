@@ -183,7 +183,13 @@ def load_model_proto(path: str | os.PathLike, shapes: dict | None = None, check:
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
             raise ModelLoadError(f"{path} fails the ONNX checker: {first}") from None
-    external_data_helper.load_external_data_for_model(model, str(path.parent))
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (onnx.checker.ValidationError, OSError) as e:
+        # onnx's own guards: e.g. a data file with several hard links (refused as a possible hard-link
+        # attack), or one that cannot be opened
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{path}: cannot read its external data: {first}") from None
     return model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -187,6 +188,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     ext = save_with_external_data(mlp_model(), tmp_path / "ext" / "m.onnx")
     (tmp_path / "ext" / "weights.bin").unlink()
     esc = save_with_escaping_external_data(tmp_path / "esc")
+    (tmp_path / "linked").mkdir()
+    linked = save_with_external_data(mlp_model(), tmp_path / "linked" / "m.onnx")
+    os.link(tmp_path / "linked" / "weights.bin", tmp_path / "weights-link.bin")  # onnx refuses a hard-linked data file
     dyn = tmp_path / "dyn.onnx"
     onnx.save_model(mlp_model(dynamic_batch=True), str(dyn))
     return {
@@ -195,6 +199,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "truncated": ([str(trunc)], "not a readable ONNX model"),
         "missing external data": ([str(ext)], "weights.bin"),
         "escaping external data": ([str(esc)], "leaves the model's folder"),
+        "hard-linked external data": ([str(linked)], "cannot read its external data"),
         "dynamic input": ([str(dyn)], "--shape x="),
         "unknown pass": ([str(good), "--passes", "canonicalize,nope"], "unknown pass 'nope'"),
         "unknown target": ([str(good), "--target", "no-such-npu"], "unknown target 'no-such-npu'"),
