@@ -27,7 +27,8 @@ NNCF use bit-operation counts:
    (conversions between precisions included, tiles re-solved) and measured on the first
    :data:`POINT_SAMPLES` evaluation inputs; the fastest one at or above the floor (by
    :data:`MARGIN_DB`) is the candidate. ``quantize`` builds it, measures it on every evaluation
-   input and, if it misses the floor, takes the next slower point.
+   input and, if it misses the floor, takes the next slower point (three at most), then the
+   uniform W8A16 point (:func:`candidate_order`).
 
 The rescue (:func:`rescue_plan`): a build under the floor keeps the layers that lose the most - the
 lowest per-layer SQNRs of its measurement - one precision higher (W8A8 -> W8A16 -> FP16 -> FP32),
@@ -299,6 +300,20 @@ def rescue_plan(plan: qp.PrecisionPlan, layers: list, count: int, graph: gs.Grap
     return new_plan, notes
 
 
+def candidate_order(points: list[dict], floor_db: float, tries: int = 3) -> list[int]:
+    """The points ``quantize`` builds, in order, until one meets the floor: the fastest ``tries``
+    whose emulated SQNR is at least :data:`MARGIN_DB` above it (``points`` fastest first), else the
+    best-measured one; then the uniform all-W8A16 point, since emulation can read a little above
+    the build (by more than the margin on some graphs) and a search is never to end worse off than
+    that build."""
+    meets = [j for j, p in enumerate(points) if p["sqnr_db"] is not None and p["sqnr_db"] >= floor_db + MARGIN_DB]
+    order = meets[:tries] or [max(range(len(points)), key=lambda j: points[j]["sqnr_db"] or -1e9)]
+    highest = next((j for j, p in enumerate(points) if p.get("uniform") == "w8a16"), None)
+    if highest is not None and highest not in order:
+        order.append(highest)
+    return order
+
+
 def _ordinal(n: int) -> str:
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
@@ -401,9 +416,7 @@ def search(graph: gs.Graph, ctx: PassContext, base: qp.PrecisionPlan, fixed: set
     order = sorted(range(len(points)), key=lambda j: (points[j]["ms"], -(points[j]["sqnr_db"] or -1e9)))
     points = [points[j] for j in order]
     plans = [plans[j] for j in order]
-    meets = [j for j, p in enumerate(points) if p["sqnr_db"] is not None and p["sqnr_db"] >= floor_db + MARGIN_DB]
-    # fastest meeting the floor first, then slower ones; if none meets it: the best-measured point
-    candidates = meets or [max(range(len(points)), key=lambda j: points[j]["sqnr_db"] or -1e9)]
+    candidates = candidate_order(points, floor_db)
     meter.close()
     report = {
         "groups": [{"name": g.name, "kind": g.kind, "ops": len(g.nodes), "options": list(g.options),

@@ -461,7 +461,7 @@ class Quantize(Pass):
                                          state.policy, floor, tmp, progress)
         tried = []
         best = None
-        for k, j in enumerate(result.candidates[:3]):
+        for k, j in enumerate(result.candidates):
             point = result.points[j]
             precision_search._say(progress, f"building the point at {point['ms']:.2f} ms ({point['sqnr_db']} dB "
                                             "emulated) and measuring it on every evaluation input")

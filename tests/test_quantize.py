@@ -682,6 +682,21 @@ def test_search_reports_the_pareto_points_and_builds_the_chosen_one(tmp_path):
         _quantize_on(ref, precision="search", calib_samples=1, eval_samples=0)
 
 
+def test_search_candidates_end_with_the_uniform_w8a16_point():
+    """The builds a search tries: the fastest three points that meet the floor by the margin, then
+    uniform W8A16 (emulation can read above the build); with none meeting it, the best-measured."""
+    from edgefc.passes.precision_search import MARGIN_DB, candidate_order
+
+    pts = [{"ms": 1.0, "sqnr_db": 15.0, "uniform": "w8a8"}, {"ms": 2.0, "sqnr_db": 21.0}, {"ms": 3.0, "sqnr_db": 22.0},
+           {"ms": 4.0, "sqnr_db": 25.0}, {"ms": 5.0, "sqnr_db": 30.0}, {"ms": 6.0, "sqnr_db": 38.0, "uniform": "w8a16"}]
+    assert candidate_order(pts, 20.0) == [1, 2, 3, 5]
+    assert candidate_order(pts, 29.0) == [4, 5]
+    assert candidate_order(pts, 38.0 - MARGIN_DB) == [5]
+    assert candidate_order(pts, 50.0) == [5]   # nothing meets it: the best-measured, which is W8A16 here
+    pts[5]["sqnr_db"] = None
+    assert candidate_order(pts, 50.0) == [4, 5]
+
+
 def _default_vs_as_written(model, feeds, tmp_path):
     """(relative difference between onnxruntime's default session and the graph as written, op
     types of the default session's optimized graph)."""
