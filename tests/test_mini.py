@@ -48,7 +48,8 @@ def test_a_companion_command_without_the_models_extra_is_one_line(tmp_path):
     import sys
 
     code = "import sys; sys.modules['diffusers'] = None; from edgefc.cli import main; main()"
-    proc = subprocess.run([sys.executable, "-c", code, "train", "sd", "--teacher", str(tmp_path / "nope"), "--data",
+    # arguments that are all right: the missing package is the one thing wrong (arguments are checked first)
+    proc = subprocess.run([sys.executable, "-c", code, "train", "sd", "--teacher-arch", "tiny", "--data",
                            str(tmp_path), "-o", str(tmp_path / "o")], capture_output=True, text=True, check=False)
     assert_user_error(proc.returncode, proc.stdout + proc.stderr, "needs the models extra (diffusers is not installed)",
                       "pip install 'edgefc[models]'")
