@@ -490,16 +490,15 @@ def test_const_inlines_a_branch_with_computed_shapes(tmp_path):
 @pytest.mark.parametrize("name", ["ppocr-det", "ppocr-cls", "layout-cdla", "ddddocr-ocr", "silero-vad"])
 def test_trained_models_from_wheels(name, tmp_path):
     """bench/wheel_models.py's check of one trained model: the fp32 build matches onnxruntime, no
-    host op in a CNN, the default pipeline compiles. Runs on the wheels cached in
-    $EDGEFC_WHEEL_CACHE (``python bench/wheel_models.py --cache DIR`` fills it); skipped without."""
+    host op in a CNN, the default pipeline compiles or refuses in one line (exit 2, never an
+    internal error). The wheel is fetched (``pip download``) into $EDGEFC_WHEEL_CACHE, else the
+    bench's default cache, unless it is there already."""
     import importlib.util
     import os
     import shutil
     from pathlib import Path
 
-    cache = os.environ.get("EDGEFC_WHEEL_CACHE")
-    if not cache or not Path(cache).is_dir():
-        pytest.skip("no wheel cache ($EDGEFC_WHEEL_CACHE)")
+    cache = Path(os.environ.get("EDGEFC_WHEEL_CACHE") or Path.home() / ".cache" / "edgefc" / "wheels")
     spec = importlib.util.spec_from_file_location("wheel_models", Path(__file__).parents[1] / "bench" / "wheel_models.py")
     wm = importlib.util.module_from_spec(spec)
     import sys
@@ -507,11 +506,12 @@ def test_trained_models_from_wheels(name, tmp_path):
     sys.modules.setdefault("wheel_models", wm)   # dataclasses look their module up
     spec.loader.exec_module(wm)
     model = {m.name: m for m in wm.MODELS}[name]
-    if not any((Path(cache) / model.wheel.replace("==", "-")).glob("*.whl")):
-        pytest.skip(f"{model.wheel} is not in {cache}")
-    row = wm.measure(model, Path(cache), [shutil.which("edgefc") or "edgefc"])
+    row = wm.measure(model, cache, [shutil.which("edgefc") or "edgefc"])   # fetches the wheel when absent
     assert row["fp32"].get("matches"), row["fp32"]
-    assert row["npu"]["exit"] == 0, row["npu"]
+    npu = row["npu"]
+    assert not npu["internal_error"], npu
+    assert npu["exit"] == 0 or (npu["exit"] == 2 and npu["message"].startswith("error: ")
+                                and "\n" not in npu["message"]), npu
     if model.cnn:
         assert row["host_ops"] == 0 and row["host_share"] < 0.10, row
 
