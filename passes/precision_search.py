@@ -162,7 +162,7 @@ class Builder:
             mlt = get_pass("mlt")
             mlt.configure(self.ctx.options)
             g = mlt(g, PassContext(target=self.ctx.target, options=self.ctx.options, report={}))
-        prof = self.ctx.target.profile(g, schedule=self.ctx.options.get("schedule"))   # the compile's --schedule
+        prof = self.ctx.target.profile(g, schedule=self.ctx.option("schedule"))   # the compile's --schedule, read as mlt reads it
         ms = float(prof.total_ms)
         per_op = {r.name: float(r.ms) for r in prof.ops}
         del g, prof
