@@ -71,7 +71,7 @@ FULL = {"crawl": 2000, "synt": 1000, "heldout": 128, "kd": (300, 16, 5e-4), "kd_
 SMALL = {"crawl": 120, "synt": 60, "heldout": 16, "kd": (6, 4, 5e-4), "kd_ft": (4, 4, 5e-4),
          "lcm": (4, 4, 1e-4), "seeds": (0, 1), "eval_steps": 4}
 #: L-orig-like: the defect rates of the crawl (``edgefc data synth`` flags); caption agreement 0.166.
-#: Captions that state nothing dominate, as in alt-text crawls. One defect at a time (``--per-defect``,
+#: Captions that state nothing dominate. One defect at a time (``--per-defect``,
 #: docs/training.md) only boilerplate and missing attributes cost a KD student alignment: it learns the
 #: text from the teacher's outputs on whatever caption it is given, so another scene's caption still
 #: teaches. A crawl weighted to wrong captions (wrong caption 0.45, missing 0.2, boilerplate 0.25:
