@@ -27,10 +27,7 @@ import sys
 
 import numpy as np
 
-
-def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    err = float(((ref - x) ** 2).sum())
-    return float("inf") if err == 0 else 10 * np.log10(float((ref ** 2).sum()) / err)
+from edgefc.metrics import sqnr_db
 
 
 def grid(x: np.ndarray, step: float, levels: int) -> np.ndarray:
@@ -61,14 +58,11 @@ def main(argv=None) -> int:
     ap.add_argument("--min-keys", type=int, default=4096, help="attentions with at least this many keys (default 4096)")
     args = ap.parse_args(argv)
 
-    import onnx
-    import onnx_graphsurgeon as gs
-    import onnxruntime as ort
-
     import edgefc
+    from edgefc import ir, ort
     from edgefc.pass_base import PassContext
 
-    g = edgefc.PassManager(["canonicalize", "fuse-attention"]).run(gs.import_onnx(onnx.load(args.model)), PassContext())
+    g = edgefc.PassManager(["canonicalize", "fuse-attention"]).run(ir.load(args.model), PassContext())
     att = {n.name: ([t.name for t in n.inputs[:3]], int(n.attrs["q_num_heads"]), float(n.attrs["scale"]))
            for n in g.nodes if n.op == "Attention" and n.inputs[1].shape and n.inputs[1].shape[1] >= args.min_keys}
     if not att:
@@ -79,18 +73,19 @@ def main(argv=None) -> int:
     for t in g.outputs:
         t.dtype = np.float32
     g.cleanup()
-    sess = ort.InferenceSession(gs.export_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.session(g)
     z = np.load(args.eval)
     feeds = [i.name for i in sess.get_inputs()]
     names = [o.name for o in sess.get_outputs()]
+    count = min(args.inputs, len(z[feeds[0]]))
     rows: dict[tuple[str, str], list[float]] = {}
-    for i in range(min(args.inputs, len(z[feeds[0]]))):
+    for i in range(count):
         vals = dict(zip(names, sess.run(None, {f: z[f][i] for f in feeds})))
         for name, (tn, heads, scale) in att.items():
             db, stats = encodings(*(vals[t] for t in tn), heads, scale)
             for key, value in {**db, **stats}.items():
                 rows.setdefault((name, key), []).append(value)
-    print(f"{args.model}: {len(att)} attentions with >= {args.min_keys} keys, inputs 0..{len(rows[next(iter(rows))]) - 1} "
+    print(f"{args.model}: {len(att)} attentions with >= {args.min_keys} keys, inputs 0..{count - 1} "
           f"of {args.eval}")
     for (name, key), values in rows.items():
         unit = " dB" if key.startswith("INT") else ""

@@ -7,6 +7,7 @@ was imported from alive through a few references; both would hold a compile at i
 from __future__ import annotations
 
 import gc
+import os
 
 import onnx_graphsurgeon as gs
 from onnx import helper
@@ -23,8 +24,6 @@ RELEASE_ABOVE_BYTES = 2 << 30
 
 def resident_bytes() -> int:
     """The process's resident set size (Linux ``/proc/self/statm``; 0 where there is none)."""
-    import os
-
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
