@@ -32,6 +32,7 @@ import numpy as np
 
 from edgefc.dtypes import DTYPE_BYTES, dtype_code
 from edgefc.errors import TargetError
+from edgefc.tiled_attention_function import DEFERRED_ATTR, DEFERRED_LEVELS
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,13 @@ class AttentionSpec:
     softmax internals S_in and S_out when the precision policy keeps them wider than the
     activations (a W8A8 attention's INT16 scores: QK^T runs at ``int8xint8``, S_out x V at
     ``int8xint16``); empty: the activations' type.
+
+    ``deferred``: the normalisation is deferred (a W8A8 attention, ``TiledAttention`` with
+    ``deferred_normalization = 1``): S_out is the *unnormalised* ``exp(S_in - rowmax)`` in (0, 1],
+    stored as UINT8 on a grid of 1/255 (one byte an element, S_out x V at the activations' type x
+    INT8), and each output row is divided by its row sum after S_out x V. One INT8 scale over
+    normalised probabilities would round the ~1/4096 probabilities of a 4096-key attention to 0;
+    here each row's largest term is 1 (docs/quantization.md, "softmax internals").
     """
 
     name: str
@@ -57,6 +65,7 @@ class AttentionSpec:
     act_dtype: str
     causal: bool = False
     score_dtype: str = ""
+    deferred: bool = False
 
     def __post_init__(self):
         for t in (self.act_dtype, self.score_dtype or self.act_dtype):
@@ -75,7 +84,19 @@ class AttentionSpec:
 
     @property
     def score_bytes(self) -> int:
+        """Bytes per element of S_in."""
         return DTYPE_BYTES[self.scores]
+
+    @property
+    def probabilities(self) -> str:
+        """Element type of S_out: INT8 (unsigned, unnormalised) when the normalisation is
+        deferred, else the scores' type."""
+        return "int8" if self.deferred else self.scores
+
+    @property
+    def probability_bytes(self) -> int:
+        """Bytes per element of S_out."""
+        return DTYPE_BYTES[self.probabilities]
 
 
 @dataclass(frozen=True)
@@ -236,7 +257,15 @@ def spec_from_node(node, act_dtype: str | None = None, score_dtype: str = "") ->
         act_dtype = dtype_code(inputs[0].dtype)
     return AttentionSpec(name=node.name or node.outputs[0].name, batch=q[0], heads=heads, q_len=q[1], kv_len=k[1],
                          head_dim=q[2] // heads, v_head_dim=v[2] // heads, act_dtype=act_dtype,
-                         causal=bool(int(_attr(node, "is_causal", 0) or 0)), score_dtype=score_dtype)
+                         causal=bool(int(_attr(node, "is_causal", 0) or 0)), score_dtype=score_dtype,
+                         deferred=is_deferred(node))
+
+
+def is_deferred(node) -> bool:
+    """Whether an attention node computes with its normalisation deferred (an edgefc
+    ``TiledAttention`` with ``deferred_normalization = 1``, which ``quantize`` writes for a W8A8
+    attention)."""
+    return node.op == "TiledAttention" and bool(int(node.attrs.get(DEFERRED_ATTR, 0) or 0))
 
 
 def tiling_from_node(node) -> Tiling:
@@ -254,7 +283,7 @@ def granularity_from_node(node) -> int:
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float | None = None, causal: str | None = None,
-              heads: int | None = None) -> np.ndarray:
+              heads: int | None = None, deferred: bool = False) -> np.ndarray:
     """Untiled attention in numpy: ``softmax(Q K^T * scale [+ causal mask]) V``.
 
     ``q``, ``k``, ``v`` are ``[B, S, H, d]`` (Relax's layout, the NPU runtime's), or with ``heads``
@@ -264,12 +293,15 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float | None =
     are computed in float32; the scores and the softmax in float64, the probabilities rounded to
     float32 before ``P V`` (one NPU attention command: QK^T on the tensor engine, the softmax on
     the vector engine, SV on the tensor engine).
+
+    ``deferred`` (:attr:`AttentionSpec.deferred`): ``exp(S - rowmax)`` rounded to the UINT8 grid
+    of 1/255 (:func:`deferred_probabilities`), ``P V`` on those, each row divided by their sum.
     """
     if heads is not None:
         b, sq, skv = q.shape[0], q.shape[1], k.shape[1]
         ev = v.shape[2]
         out = reference(q.reshape(b, sq, heads, -1), k.reshape(b, skv, heads, -1), v.reshape(b, skv, heads, -1),
-                        scale, causal)
+                        scale, causal, deferred=deferred)
         return out.reshape(b, sq, ev)
     q, k, v = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (q, k, v))
     sq, skv, d = q.shape[1], k.shape[1], q.shape[3]
@@ -281,5 +313,16 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float | None =
         offset = 0 if causal == "TopLeft" else abs(sq - skv)
         s = np.where(np.triu(np.ones((sq, skv), dtype=bool), k=1 + offset), -np.inf, s)
     e = np.exp(s - s.max(axis=-1, keepdims=True))
+    if deferred:
+        p = deferred_probabilities(e.astype(np.float32))
+        out = np.einsum("bhqk,bkhd->bqhd", p, v, optimize=True)
+        return out / p.sum(axis=-1).transpose(0, 2, 1)[..., None]
     p = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
     return np.einsum("bhqk,bkhd->bqhd", p, v, optimize=True)
+
+
+def deferred_probabilities(e: np.ndarray) -> np.ndarray:
+    """``exp(S - rowmax)`` (float32, in (0, 1]) as a deferred-normalisation attention stores it:
+    rounded to the UINT8 grid of 1/:data:`DEFERRED_LEVELS`, halves to even (ONNX
+    ``QuantizeLinear``'s rounding, which the ``TiledAttention`` body uses)."""
+    return (np.round(e * np.float32(DEFERRED_LEVELS)) / np.float32(DEFERRED_LEVELS)).astype(np.float32)

@@ -15,6 +15,8 @@ GeGLU                 ``A, B = Split(X, axis=-1, num_outputs=2)``; ``Y = A * Gel
 FusedMatMul           ``z = MatMul(A, B) + bias``; ``Y = act(z)`` [``+ residual``]
 FusedConv             ``z = Conv(X, W, B; dilations, group, kernel_shape, pads, strides)``;
                       ``Y = act(z)`` [``+ residual``]
+TiledAttention        Attention-23 tile by tile (:mod:`edgefc.tiled_attention_function`; the
+                      ``deferred`` overload when ``deferred_normalization = 1``)
 ====================  =====================================================================
 
 ``act`` is the ``activation`` attribute: ``"none"`` (identity), ``"gelu"`` (``Gelu``, erf form),
@@ -46,6 +48,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from edgefc import composites
+from edgefc import tiled_attention_function as tiled
 from edgefc.errors import PassError
 
 DOMAIN = "edgefc"
@@ -181,8 +184,9 @@ def function_for(op: str, overload: str = "") -> gs.Function:
     raise PassError(f"no edgefc function is defined for op '{op}'")
 
 
-#: ops whose functions this module defines.
-OPS = ("GroupNormSiLU", "GeGLU", "FusedMatMul", "FusedConv")
+#: ops whose functions this module stamps (TiledAttention's body is
+#: :mod:`edgefc.tiled_attention_function`'s, written at the model's standard opset).
+OPS = ("GroupNormSiLU", "GeGLU", "FusedMatMul", "FusedConv", tiled.OP)
 
 
 def ensure_functions(graph: gs.Graph) -> gs.Graph:
@@ -197,7 +201,10 @@ def ensure_functions(graph: gs.Graph) -> gs.Graph:
 
 
 def _node_overload(node: onnx.NodeProto) -> str | None:
-    """The overload a NodeProto of FusedMatMul/FusedConv calls (from ``activation`` and its inputs)."""
+    """The overload a NodeProto of FusedMatMul/FusedConv calls (from ``activation`` and its inputs),
+    or of TiledAttention (``deferred`` or the default body)."""
+    if node.domain == DOMAIN and node.op_type == tiled.OP:
+        return tiled.overload_of(node) or None
     if node.domain != DOMAIN or node.op_type not in OVERLOADED:
         return None
     activation = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "activation"), b"none")
@@ -219,7 +226,8 @@ def strip_functions(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give an exported ``model`` (in place) the local function of every edgefc op its graph uses,
-    with the overload on each FusedMatMul/FusedConv node and function, and IR version >= 10."""
+    with the overload on each FusedMatMul/FusedConv/TiledAttention node and function, and IR
+    version >= 10."""
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
     strip_functions(model)
@@ -232,9 +240,13 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
             wanted.add((node.op_type, ov or ""))
     if not wanted:
         return model
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), BODY_OPSET)
     for op, ov in sorted(wanted):
-        proto = OnnxExporter.export_function(function_for(op, ov))
-        proto.overload = ov
+        if op == tiled.OP:
+            proto = tiled.function_proto(opset, ov)
+        else:
+            proto = OnnxExporter.export_function(function_for(op, ov))
+            proto.overload = ov
         model.functions.append(proto)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))

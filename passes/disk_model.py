@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from edgefc import ir
+from edgefc import functions, ir
 from edgefc import ort as edgefc_ort
 from edgefc.errors import QuantizationError
 from edgefc.memory import release_memory
@@ -94,6 +94,7 @@ class DiskModel:
             if o not in have:
                 m.graph.output.append(onnx.ValueInfoProto(name=o))
                 have.add(o)
+        functions.attach_functions(m)   # the extra nodes may call edgefc functions the skeleton lacks
         path = self.folder / f"{name}.onnx"
         onnx.save_model(m, str(path))
         return path

@@ -34,6 +34,7 @@ solver evaluated, the solver's time, and the reason for the decision.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -41,17 +42,20 @@ import onnx_graphsurgeon as gs
 
 from edgefc import tile_solver
 from edgefc.attention import (
+    DEFERRED_ATTR,
     AttentionSpec,
     Tiling,
     is_attention,
     row_granularity,
     spec_from_node,
     tile_grid,
+    tiling_from_node,
 )
 from edgefc.deployed_types import DeployedTypes
 from edgefc.errors import PassError
+from edgefc.functions import ensure_functions
 from edgefc.pass_base import Pass, PassContext
-from edgefc.passes.tiled_attention import DOMAIN, OP, ensure_function
+from edgefc.passes.tiled_attention import DOMAIN, OP
 from edgefc.precision import PRECISIONS, metadata, recorded_plan
 from edgefc.registry import register_pass
 
@@ -78,6 +82,40 @@ def _budget(ctx: PassContext, target) -> tuple[int, str]:
                         f"'{target.name}' ({tile_solver.fmt_bytes(target.sram.total)}); to study a larger SRAM, "
                         f"use a target file with a larger sram.bytes")
     return budget, "--sram-budget"
+
+
+def block_cycles(spec: AttentionSpec, target, budget: int, granularity: int, schedule: str | None) -> float:
+    """The cycles the cost model gives an attention block as this pass would leave it: untiled
+    when its working set fits ``budget``, else the solver's fastest tiling that fits (untiled,
+    spilling S_in/S_out, when none does)."""
+    one = Tiling(1, 1)
+    if target.attention_sram_bytes(spec, one) <= budget:
+        return float(target.attention_cycles(spec, one))
+    try:
+        return float(tile_solver.solve(spec, target, budget, granularity, schedule).cycles)
+    except tile_solver.InfeasibleBudgetError:
+        return float(target.attention_cycles(spec, one))
+
+
+def deferral_pays(node: gs.Node, ctx: PassContext) -> bool:
+    """Whether the W8A8 attention ``node`` (its S_in INT16) is faster on ``ctx.target`` with its
+    normalisation deferred (UINT8 S_out, S_out x V at ``int8xint8``, the division after it: one
+    more hand-off each way per tile) than with an INT16 S_out, each as this pass would tile it
+    under the compile's ``--sram-budget``, ``--no-mlt`` and ``--schedule``: the deferred form
+    wins on large attentions (a 4096-key one: 9.1 vs 19.6 ms), loses on small ones, where the
+    hand-offs dominate. False without a target that prices attention, or for a node whose form
+    the cost model does not describe."""
+    target = ctx.target
+    if target is None or not target.is_npu or not target.has_cost_model:
+        return False
+    try:
+        spec = spec_from_node(node, "int8", "int16")
+    except ValueError:
+        return False
+    budget = target.sram.total if ctx.option("no_mlt", False) else _budget(ctx, target)[0]
+    g, schedule = row_granularity(target), ctx.option("schedule")
+    deferred = block_cycles(dataclasses.replace(spec, deferred=True), target, budget, g, schedule)
+    return deferred < block_cycles(dataclasses.replace(spec, deferred=False), target, budget, g, schedule)
 
 
 def _tiling_dict(spec: AttentionSpec, tiling: Tiling, granularity: int) -> dict:
@@ -130,7 +168,7 @@ class ModelLevelTiling(Pass):
                 continue
             entry = {"name": node.name, "op": node.op}
             report["blocks"].append(entry)
-            if node.op == OP:
+            if node.op == OP and tiling_from_node(node).tiles > 1:
                 entry["reason"] = "already tiled"
                 report["left_alone"] += 1
                 continue
@@ -170,7 +208,8 @@ class ModelLevelTiling(Pass):
                                    "scale": float(node.attrs.get("scale", 1.0 / math.sqrt(spec.head_dim))),
                                    "is_causal": int(spec.causal),
                                    "row_tiles": sol.tiling.row_tiles, "head_tiles": sol.tiling.head_tiles,
-                                   "row_granularity": g})
+                                   "row_granularity": g,
+                                   **({DEFERRED_ATTR: 1} if spec.deferred else {})})
             metadata(tiled).update(metadata(node))   # the precision quantize recorded, among others
             node.inputs.clear()
             node.outputs.clear()
@@ -187,7 +226,7 @@ class ModelLevelTiling(Pass):
                                     f"is the fastest tiling that fits"})
             report["tiled"] += 1
         if changed:
-            ensure_function(graph)
+            ensure_functions(graph)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return graph
 

@@ -45,7 +45,7 @@ import onnx_graphsurgeon as gs
 
 from edgefc import ir
 from edgefc.pass_base import PassContext
-from edgefc.passes import qdq
+from edgefc.passes import mlt, qdq
 from edgefc.passes import quant_policy as qp
 
 TENSOR_OPS = frozenset({"Conv", "FusedConv", "ConvTranspose", "MatMul", "FusedMatMul", "Gemm"})
@@ -149,7 +149,7 @@ class Builder:
         qplan = qp.plan_qdq(g, plan, self.policy)
         cal = self.calibration
         counts = qdq.apply_plan(g, plan, qplan, cal.ranges, cal.means, self.policy, cal.headroom, cal.exact,
-                                self.weight_cache)
+                                self.weight_cache, defer=lambda node: mlt.deferral_pays(node, self.ctx))
         return g, {"qplan": qplan, "counts": counts}
 
     def price(self, plan: qp.PrecisionPlan) -> tuple[float, dict[str, float]]:

@@ -16,6 +16,7 @@ quantize is decided by :mod:`edgefc.passes.quant_policy`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -23,9 +24,11 @@ import onnx_graphsurgeon as gs
 from edgefc import precision as pr
 from edgefc.deployed_types import DeployedTypes
 from edgefc.errors import QuantizationError
+from edgefc.functions import ensure_functions
 from edgefc.memory import release_memory
 from edgefc.passes import quant_policy as qp
 from edgefc.passes.fp16 import convert_fp16
+from edgefc.passes.tiled_attention import defer_normalization
 
 
 def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -321,11 +324,14 @@ def concat_segments(graph: gs.Graph, plan: qp.QdqPlan, ranges: dict[str, tuple[f
 
 def apply_plan(graph: gs.Graph, plan: qp.PrecisionPlan, qplan: qp.QdqPlan, ranges: dict[str, tuple[float, float]],
                means: dict[str, np.ndarray], policy: qp.QuantPolicy, headroom: dict[str, float] | None = None,
-               exact: set[str] = frozenset(), weight_cache: dict | None = None) -> dict:
+               exact: set[str] = frozenset(), weight_cache: dict | None = None,
+               defer: Callable[[gs.Node], bool] | None = None) -> dict:
     """Build ``plan`` into ``graph`` in place: the integer ops as Q/DQ (:func:`apply_qdq`), then the
     FP16 ops (:func:`edgefc.passes.fp16.convert_fp16` on them alone: FP16 weights, Casts in and out,
     priced as conversions), and the softmax internals of attention blocks the policy keeps wider
-    (``edgefc.scores``). Returns the rewrite's counts."""
+    (``edgefc.scores``), their normalisation deferred with the policy's ``deferred_normalization``
+    where ``defer(node)`` says it pays (:func:`edgefc.passes.mlt.deferral_pays`;
+    :func:`edgefc.passes.tiled_attention.defer_normalization`). Returns the rewrite's counts."""
     counts = apply_qdq(graph, qplan, ranges, means, policy, headroom, exact, weight_cache)
     fp16_ops = {n for n, p in plan.ops.items() if p == "fp16"}
     if fp16_ops:
@@ -333,9 +339,16 @@ def apply_plan(graph: gs.Graph, plan: qp.PrecisionPlan, qplan: qp.QdqPlan, range
         fp16_counts = convert_fp16(graph, others)
         counts["fp16_ops"] = len(fp16_ops)
         counts["fp16_casts"] = int(fp16_counts.get("casts", 0))
+    deferred = 0
     for node in graph.nodes:
         if node.name in plan.scores:
             pr.metadata(node)[pr.SCORES_KEY] = plan.scores[node.name]
+            if policy.deferred_normalization and defer is not None and defer(node) \
+                    and defer_normalization(node) is None:
+                deferred += 1
+    if deferred:
+        counts["deferred_normalization"] = deferred
+        ensure_functions(graph)
     counts["op_precisions"] = record_precisions(graph, {n for n, p in plan.ops.items() if p == "fp32"})
     return counts
 

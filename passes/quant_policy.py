@@ -40,8 +40,10 @@ W8A8 (``precision="w8a8"``)
       the bit a symmetric range wastes on one-sided tensors; ``int8_symmetric=True`` selects
       symmetric. Ranges: the calibration min/max without headroom (``int8_headroom``: at 8 bits a
       bit of headroom costs more than the rare clipped outlier).
-    * Wider by rule (below): the softmax internals of every attention (INT16), the time
-      embedding (W8A16), the norm statistics and the periodic arguments (FP32).
+    * Wider by rule (below): the softmax input S_in of every attention (INT16), the time
+      embedding (W8A16), the norm statistics and the periodic arguments (FP32). The softmax
+      output is stored as INT8 with its normalisation deferred (``deferred_normalization``,
+      below).
 
 Per-op plans (``--layer-precision PATTERN=PRECISION``, the rescue, ``--precision search``)
     :func:`plan_precisions` gives every op one precision (a weighted op that reads a tensor a rule
@@ -61,9 +63,15 @@ Higher-precision regions (rules; each can be switched off in ``QuantPolicy.rules
         over 4096 keys leaves ~35 dB on S_out (probabilities near 1/4096 with a step of 1/32767);
         on the NPU these are the vector engine's FP16 softmax internals. A fused ``Attention``
         hides them already: its Q, K, V inputs and its output are quantized like any tensor; in
-        W8A8 its internals S_in and S_out are INT16 (recorded as ``edgefc.scores``: QK^T at
-        ``int8xint8``, S_out x V at ``int8xint16``) - an INT8 S_out would leave probabilities
-        near 1/4096 on a grid of 1/255.
+        W8A8 its S_in is INT16 (recorded as ``edgefc.scores``; QK^T at ``int8xint8``). One INT8
+        scale on the normalised S_out would leave probabilities near 1/4096 on a grid of 1/255
+        (all of them 0 in the random-weight U-Net's 4096-key attentions), so with
+        ``deferred_normalization`` (the default) the attention becomes a ``TiledAttention``
+        whose S_out is the unnormalised exp(S_in - rowmax) in (0, 1] on the UINT8 grid of 1/255
+        and whose output is divided by the row sums after S_out x V (``int8xint8``): the build
+        computes exactly that (its ONNX body emulates the UINT8 S_out), so its SQNR includes it
+        (measured per attention: ``bench/softmax_internals.py``). Without it, S_out is INT16 and
+        S_out x V runs at ``int8xint16`` (not emulated: the body computes it in float).
     ``norm-statistics``
         Decomposed normalisation statistics (ReduceMean, ReduceSumSquare, ReduceL2, Pow, Sqrt,
         Reciprocal and the elementwise ops on their reduced results) stay FP32; squares of
@@ -200,6 +208,7 @@ class QuantPolicy:
     int8_symmetric: bool = False
     int8_headroom: float = 1.0
     bias_correction: bool = True
+    deferred_normalization: bool = True   # W8A8 attention: UINT8 exp(S - max), divided after S x V
     weight_ops: dict[str, tuple] = field(default_factory=lambda: dict(WEIGHT_OPS))
 
     def __post_init__(self):

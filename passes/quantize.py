@@ -96,7 +96,7 @@ from edgefc.dtypes import DTYPE_BYTES
 from edgefc.errors import QuantizationError
 from edgefc.memory import detach_from_proto, release_memory
 from edgefc.pass_base import Pass, PassContext
-from edgefc.passes import calib_stats, precision_search, qdq, quant_eval
+from edgefc.passes import calib_stats, mlt, precision_search, qdq, quant_eval
 from edgefc.passes import calibration as cal
 from edgefc.passes import fp16 as fp16_mod
 from edgefc.passes import quant_policy as qp
@@ -237,6 +237,7 @@ class IntegerState:
     policy: qp.QuantPolicy
     fixed: set[str]
     weight_cache: dict = dataclasses.field(default_factory=dict)
+    defer: Any = None   # node -> whether its normalisation is deferred (edgefc.passes.mlt.deferral_pays)
 
 
 #: rounds of the rescue (1, 2, 4 ... layers raised: up to 2**ROUNDS - 1 layers one step or more)
@@ -414,7 +415,8 @@ class Quantize(Pass):
             only = qp.input_only_tensors(graph, time_input)
             fixed = {n.name for n in graph.nodes if n.name in plan.ops and all(
                 t.name in only for t in n.inputs if t is not None and t.name and not isinstance(t, gs.Constant))}
-        return IntegerState(ir.copy_graph(graph), plan, calibration, policy, fixed)
+        return IntegerState(ir.copy_graph(graph), plan, calibration, policy, fixed,
+                            defer=lambda node: mlt.deferral_pays(node, ctx))
 
     def _build_integer(self, graph, state: IntegerState, plan) -> tuple[dict, dict, set]:
         """Build ``plan`` into ``graph`` in place: (report details, output aliases, FP32 ops)."""
@@ -422,9 +424,10 @@ class Quantize(Pass):
         qplan = qp.plan_qdq(graph, plan, policy)
         outputs_before = [t.name for t in graph.outputs]
         counts = qdq.apply_plan(graph, plan, qplan, cal_.ranges, cal_.means, policy, cal_.headroom, cal_.exact,
-                                state.weight_cache)
+                                state.weight_cache, defer=state.defer)
         release_memory()
         op_precisions = counts.pop("op_precisions")
+        deferred = counts.pop("deferred_normalization", 0)
         aliases = {f"{n}__float": n for n in outputs_before}
         types = Counter(qplan.storage.values())
         schemes = {"int16": f"int16 {'symmetric' if policy.activation_symmetric else 'asymmetric'} per tensor",
@@ -436,10 +439,14 @@ class Quantize(Pass):
                             "quantized": len(qplan.quantized), "by_type": dict(sorted(types.items())),
                             "calibrated": len(qplan.calibrated), "sharing_input_scale": len(qplan.inherits)},
             "kept_higher_precision": _summarise_kept({**qplan.kept, **plan.reasons,
-                                                     **{n: f"attention-scores: softmax internals {t}"
+                                                     **{n: f"attention-scores: softmax input {t}"
+                                                           + (", output UINT8 with the normalisation deferred"
+                                                              if policy.deferred_normalization else f", output {t}")
                                                         for n, t in plan.scores.items()}}),
             "op_precisions": op_precisions,
         }
+        if deferred:   # attentions rewritten to the deferred normalisation (TiledAttention, UINT8 S_out)
+            details["deferred_normalization"] = deferred
         return details, aliases, {n for n, p in plan.ops.items() if p == "fp32"}
 
     def _candidate(self, state: IntegerState, plan, reference, tmp, name: str, progress: bool):

@@ -1,7 +1,8 @@
-"""The edgefc ``TiledAttention`` op that MLT emits (paper Sec. 2.3): its ONNX body and numerics.
+"""The edgefc ``TiledAttention`` op that MLT emits (paper Sec. 2.3): its numerics.
 
-:func:`tiled_attention_function_proto` is the op's ONNX local function: Attention-23 (3D form)
-computed tile by tile with a ``Loop`` over the ``row_tiles x head_tiles`` tiles, the tiles of
+:func:`tiled_attention_function_proto` is the op's ONNX local function
+(:mod:`edgefc.tiled_attention_function`, stamped on export): Attention-23 (3D form) computed tile
+by tile with a ``Loop`` over the ``row_tiles x head_tiles`` tiles, the tiles of
 :func:`edgefc.attention.tile_grid` (the ones the cost model prices and the TVM import emits), so
 onnxruntime runs exactly the tiling that was chosen. :func:`tiled_attention_numpy` executes the
 same tiles in numpy as the NPU would, :func:`edgefc.attention.reference` the untiled block (tests
@@ -11,164 +12,65 @@ compare them). ``passes/mlt.py`` chooses the tiling and rewrites the graph.
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnx.parser
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
-from edgefc.attention import AttentionSpec, Tiling, tile_grid
+from edgefc.attention import (
+    DEFERRED_ATTR,
+    AttentionSpec,
+    Tiling,
+    deferred_probabilities,
+    is_attention,
+    spec_from_node,
+    tile_grid,
+)
 from edgefc.dtypes import dtype_code
+from edgefc.tiled_attention_function import DOMAIN, OP, function_proto
 
-DOMAIN = "edgefc"
-OP = "TiledAttention"
-
-# The TiledAttention body in ONNX text. Attributes arrive by reference (@name); shapes are read at
-# run time, so one function serves every instance. The tiles are edgefc.attention.tile_grid's:
-# n = ceil(Sq / G) granules of G = row_granularity rows, row tiles of T = ceil(n / row_tiles) * G
-# rows, the rows padded to P = row_tiles * T (zero query rows, dropped again at the end), so every
-# tile has the same shape and the Loop's scan output stacks them:
-# [row_tiles * head_tiles, B, H/head_tiles, T, dv], tile t = (row tile t // head_tiles, head group
-# t % head_tiles).
-#
-# The Loop takes the tensors its tiles slice (Qp, Kt, Vh) as explicit loop-carried inputs, passed
-# through unchanged, never as outer-scope values the body reads implicitly: onnxruntime (1.32) moves
-# a DequantizeLinear forward through Reshape/Transpose (QDQPropagationTransformer, a level-1
-# optimizer, on under the default session options), and where the last of those ops fed the Loop
-# implicitly it rewired input slot ``explicit inputs + k`` of the Loop, past the end of its input
-# list: an assertion and SIGABRT on loading every W8A16 build with a tiled attention (issue 18).
-# Explicit inputs are slots it can rewire; the result is the same bit for bit.
-_FUNCTION_TEXT = """
-<domain: "edgefc", opset_import: ["" : {opset}], doc_string: "{doc}">
-TiledAttention <q_num_heads, kv_num_heads, scale, is_causal, row_tiles, head_tiles, row_granularity> (Q, K, V) => (Y)
-{{
-  h_s = Constant <value_int: int = @q_num_heads> ()
-  rt_s = Constant <value_int: int = @row_tiles> ()
-  ht_s = Constant <value_int: int = @head_tiles> ()
-  gr_s = Constant <value_int: int = @row_granularity> ()
-  causal_i = Constant <value_int: int = @is_causal> ()
-  scale_f = Constant <value_float: float = @scale> ()
-  ninf_f = Constant <value_float = -inf> ()
-  zero = Constant <value_int = 0> ()
-  one = Constant <value_int = 1> ()
-  v1 = Constant <value_ints = [1]> ()
-  v0 = Constant <value_ints = [0]> ()
-  pad_head = Constant <value_ints = [0, 0, 0, 0, 0, 0]> ()
-  H = Reshape (h_s, v1)
-  R = Reshape (rt_s, v1)
-  G = Reshape (ht_s, v1)
-  Gr = Reshape (gr_s, v1)
-  B = Shape <start = 0, end = 1> (Q)
-  Sq = Shape <start = 1, end = 2> (Q)
-  Eq = Shape <start = 2, end = 3> (Q)
-  Skv = Shape <start = 1, end = 2> (K)
-  Ev = Shape <start = 2, end = 3> (V)
-  dk = Div (Eq, H)
-  dv = Div (Ev, H)
-  Hpt = Div (H, G)
-  Gr_1 = Sub (Gr, v1)
-  Sq_up = Add (Sq, Gr_1)
-  Ng = Div (Sq_up, Gr)
-  R_1 = Sub (R, v1)
-  Ng_up = Add (Ng, R_1)
-  Tg = Div (Ng_up, R)
-  T = Mul (Tg, Gr)
-  P = Mul (T, R)
-  pad_rows = Sub (P, Sq)
-  pads = Concat <axis = 0> (pad_head, pad_rows, v0)
-  q_shape = Concat <axis = 0> (B, Sq, H, dk)
-  k_shape = Concat <axis = 0> (B, Skv, H, dk)
-  v_shape = Concat <axis = 0> (B, Skv, H, dv)
-  Q4 = Reshape (Q, q_shape)
-  Qh = Transpose <perm = [0, 2, 1, 3]> (Q4)
-  Qp = Pad (Qh, pads)
-  K4 = Reshape (K, k_shape)
-  Kt = Transpose <perm = [0, 2, 3, 1]> (K4)
-  V4 = Reshape (V, v_shape)
-  Vh = Transpose <perm = [0, 2, 1, 3]> (V4)
-  tiles = Mul (rt_s, ht_s)
-  T_s = Squeeze (T)
-  Hpt_s = Squeeze (Hpt)
-  Skv_s = Squeeze (Skv)
-  cols = Range (zero, Skv_s, one)
-  causal = Cast <to = 9> (causal_i)
-  scale = CastLike (scale_f, Q)
-  ninf = CastLike (ninf_f, Q)
-  go = Cast <to = 9> (one)
-  Qp_f, Kt_f, Vh_f, A = Loop (tiles, go, Qp, Kt, Vh) <body = tile (int64 t, bool c, Qp_i, Kt_i, Vh_i) => (bool c_out, Qp_o, Kt_o, Vh_o, A_t) {{
-      r = Div (t, ht_s)
-      g = Mod (t, ht_s)
-      r0 = Mul (r, T_s)
-      r1 = Add (r0, T_s)
-      g0 = Mul (g, Hpt_s)
-      g1 = Add (g0, Hpt_s)
-      g0_1 = Unsqueeze (g0, zero)
-      g1_1 = Unsqueeze (g1, zero)
-      r0_1 = Unsqueeze (r0, zero)
-      r1_1 = Unsqueeze (r1, zero)
-      q_start = Concat <axis = 0> (g0_1, r0_1)
-      q_end = Concat <axis = 0> (g1_1, r1_1)
-      q_axes = Constant <value_ints = [1, 2]> ()
-      h_axis = Constant <value_ints = [1]> ()
-      Q_t = Slice (Qp_i, q_start, q_end, q_axes)
-      Kt_g = Slice (Kt_i, g0_1, g1_1, h_axis)
-      V_g = Slice (Vh_i, g0_1, g1_1, h_axis)
-      QK = MatMul (Q_t, Kt_g)
-      S_in = Mul (QK, scale)
-      rows_0 = Range (zero, T_s, one)
-      rows = Add (rows_0, r0)
-      rows_c = Unsqueeze (rows, one)
-      above = Greater (cols, rows_c)
-      masked = And (above, causal)
-      S_m = Where (masked, ninf, S_in)
-      S_out = Softmax <axis = -1> (S_m)
-      A_t = MatMul (S_out, V_g)
-      c_out = Identity (c)
-      Qp_o = Identity (Qp_i)
-      Kt_o = Identity (Kt_i)
-      Vh_o = Identity (Vh_i)
-  }}>
-  a_shape = Concat <axis = 0> (R, G, B, Hpt, T, dv)
-  A6 = Reshape (A, a_shape)
-  A6t = Transpose <perm = [2, 0, 4, 1, 3, 5]> (A6)
-  Hdv = Mul (H, dv)
-  y_shape = Concat <axis = 0> (B, P, Hdv)
-  Yp = Reshape (A6t, y_shape)
-  Y = Slice (Yp, v0, Sq, v1)
-}}
-"""
-
-_FUNCTION_DOC = ("Attention-23 (3D form) computed tile by tile: row_tiles query-row tiles x head_tiles head "
-                 "groups; per tile S_in = Q_t K_g^T * scale, S_out = Softmax(S_in), A_t = S_out V_g. "
-                 "Emitted by edgefc mlt (EdgeFusion Sec. 2.3).")
+__all__ = ["DOMAIN", "OP", "defer_normalization", "tiled_attention_function_proto", "tiled_attention_numpy"]
 
 
-def tiled_attention_function_proto(opset: int = 23) -> onnx.FunctionProto:
-    """The ``edgefc::TiledAttention`` local function (ONNX FunctionProto) for a model at ``opset``."""
-    return onnx.parser.parse_function(_FUNCTION_TEXT.format(opset=int(opset), doc=_FUNCTION_DOC))
+def tiled_attention_function_proto(opset: int = 23, deferred: bool = False):
+    """The ``edgefc::TiledAttention`` local function (ONNX FunctionProto) for a model at ``opset``
+    (:func:`edgefc.tiled_attention_function.function_proto`; ``deferred``: that overload)."""
+    return function_proto(opset, "deferred" if deferred else "")
 
 
-def tiled_attention_function(opset: int = 23) -> gs.Function:
-    """The same function as a graphsurgeon ``Function`` to put in ``graph.functions``."""
-    proto = tiled_attention_function_proto(opset)
-    return OnnxImporter.import_function(proto, model_opset=int(opset),
-                                        model_import_domains=[onnx.helper.make_opsetid("", int(opset))])
-
-
-def ensure_function(graph: gs.Graph) -> None:
-    """Add the TiledAttention function to ``graph`` once (replacing a stale copy at another opset)."""
-    fn = tiled_attention_function(int(graph.opset))
-    graph.functions = [f for f in graph.functions if f.unique_id != fn.unique_id] + [fn]
+def defer_normalization(node: gs.Node) -> str | None:
+    """Make the attention ``node`` compute with its normalisation deferred, in place
+    (:attr:`edgefc.attention.AttentionSpec.deferred`): an ``Attention``-23 becomes a one-tile
+    ``TiledAttention`` (which MLT may tile further), a ``TiledAttention`` gets
+    ``deferred_normalization = 1``. Returns None, or why the node cannot (a form
+    ``TiledAttention`` does not take: a mask, past key/values, different head counts ...)."""
+    if not is_attention(node):
+        return f"{node.op} is not an attention"
+    try:
+        spec = spec_from_node(node)
+    except ValueError as e:
+        return str(e)
+    if node.op != OP:
+        scale = node.attrs.get("scale")
+        node.op, node.domain = OP, DOMAIN
+        node.attrs = {"q_num_heads": spec.heads, "kv_num_heads": spec.heads,
+                      "scale": float(scale) if scale is not None else 1.0 / float(np.sqrt(spec.head_dim)),
+                      "is_causal": int(spec.causal), "row_tiles": 1, "head_tiles": 1, "row_granularity": 1}
+        while len(node.inputs) > 3:   # empty optional inputs (spec_from_node refused real ones)
+            node.inputs.pop()
+        while len(node.outputs) > 1:
+            node.outputs.pop()
+    node.attrs[DEFERRED_ATTR] = 1
+    return None
 
 
 # --- numerics: the tiled block executed tile by tile (edgefc.attention.reference: the untiled one)
 
 def tiled_attention_numpy(q, k, v, heads: int, scale: float, causal: bool, tiling: Tiling,
-                          granularity: int, on_tile=None) -> np.ndarray:
+                          granularity: int, on_tile=None, deferred: bool = False) -> np.ndarray:
     """Execute an attention tile by tile as the NPU would (``edgefc.attention`` tile conventions):
     padded rows split into ``tiling.row_tiles`` tiles of whole granules, heads into
     ``tiling.head_tiles`` groups; per tile S_in, softmax, S_out x V; outputs written in place.
 
     ``on_tile(t, rows, heads, s_in)`` is called per tile (tests use it to check tile shapes).
+    ``deferred``: the deferred-normalisation arithmetic (``edgefc.attention.reference``'s).
     """
     b, sq, e = q.shape
     skv, ev = k.shape[1], v.shape[2]
@@ -192,7 +94,11 @@ def tiled_attention_numpy(q, k, v, heads: int, scale: float, causal: bool, tilin
         if on_tile is not None:
             on_tile(t, rows_per_tile, hpt, s_in)
         s_out = np.exp(s_in - s_in.max(-1, keepdims=True))
-        s_out /= s_out.sum(-1, keepdims=True)
-        a_t = s_out @ v_g
+        if deferred:
+            s_out = deferred_probabilities(s_out)
+            a_t = (s_out @ v_g) / s_out.sum(-1, keepdims=True)
+        else:
+            s_out /= s_out.sum(-1, keepdims=True)
+            a_t = s_out @ v_g
         out[:, r0:r0 + rows_per_tile, h0 * dv:(h0 + hpt) * dv] = a_t.transpose(0, 2, 1, 3).reshape(b, rows_per_tile, hpt * dv)
     return out[:, :sq]

@@ -87,9 +87,9 @@ def attention_sram_bytes(spec: AttentionSpec, tiling: Tiling, arch: Architecture
     dkp, dvp, kvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g), pad(spec.kv_len, g)
     kv = hg * pad(spec.kv_len, rg) * (dkp + dvp)
     tile = hg * rows * (dkp + dvp)
-    scores = hg * rows * 2 * kvp   # S_in and S_out
+    scores = hg * rows * kvp * (spec.score_bytes + spec.probability_bytes)   # S_in and S_out
     copies = 2 if pipelined and tiling.tiles > 1 else 1
-    return int(kv * b + copies * (tile * b + scores * spec.score_bytes))
+    return int(kv * b + copies * (tile * b + scores))
 
 
 def pipelines(spec: AttentionSpec, tiling: Tiling, arch: Architecture, granularity: int | None = None) -> bool:
@@ -111,8 +111,12 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
     overlaps them); otherwise one after another. ``packed``: Q, K, V and A lie in DRAM without the
     head-dim padding (:func:`attention_io_bytes`); the SRAM tiles are padded as before.
 
-    S_in and S_out are priced at ``spec.scores`` (wider than the activations in a W8A8 block,
-    whose S_out x V then runs at ``int8xint16``). Per head group: load K, load V. Per tile (rows x
+    S_in is priced at ``spec.scores`` and S_out at ``spec.probabilities`` (a W8A8 block's S_in is
+    INT16; its S_out INT16 too, S_out x V at ``int8xint16``, unless the normalisation is deferred:
+    then S_out is UINT8, S_out x V runs at ``int8xint8``, and the softmax is the target's
+    ``deferred_softmax`` passes over S_in, ``deferred_softmax_lut`` on the INT8 path, and
+    ``deferred_normalize`` over the output tile, with one more hand-off per tile, S x V's output
+    going back to the vector engine: one side on each). Per head group: load K, load V. Per tile (rows x
     head group): load the Q tile, QK^T on the
     tensor engine, softmax on the vector engine, S_out x V on the tensor engine, store the output
     tile. When the tile's working set exceeds SRAM, S_in and S_out each make a DRAM round trip
@@ -125,13 +129,14 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
     dkp, dvp = pad(spec.head_dim, g), pad(spec.v_head_dim, g)
     dkd, dvd = _dram_dims(spec, g, packed)   # as they lie in DRAM
     prec = rate_key(spec.act_dtype, spec.act_dtype)
-    sv_prec = rate_key(spec.act_dtype, spec.scores)   # S_out x V: the scores may be wider (INT16 in W8A8)
-    sb = spec.score_bytes
+    sv_prec = rate_key(spec.act_dtype, spec.probabilities)   # S_out x V: S_out may be wider (INT16 in W8A8)
+    sb, pb = spec.score_bytes, spec.probability_bytes
     pipelined = pipelined and pipelines(spec, tiling, arch, granularity)
     spill = attention_sram_bytes(spec, tiling, arch, granularity, pipelined) > arch.sram.attention
     tiled = tiling.tiles > 1
     passes = arch.vector.passes
-    softmax = passes["softmax"] + (passes["causal_mask"] if spec.causal else ())
+    mask = passes["causal_mask"] if spec.causal else ()
+    softmax = (passes["deferred_softmax"] if spec.deferred else passes["softmax"]) + mask
     row_parts, head_parts = _tile_geometry(spec, tiling, arch, granularity)
     cmds: list[Command] = []
     for hg, hcount in head_parts:
@@ -153,15 +158,18 @@ def lower_attention(spec: AttentionSpec, tiling: Tiling, arch: Architecture, *, 
             if spill:
                 cmds.append(Command("store", tensor=f"{op}:S_in", bytes=s * sb, role="store_s_in", **kw))
                 cmds.append(Command("load", tensor=f"{op}:S_in", bytes=s * sb, role="load_s_in", **kw))
-            cmds.append(Command("vector", elements=s, passes=softmax, handoffs=arch.handoff.per_softmax,
-                                elem_bytes=min(int(sb), 4),
-                                role="softmax", **kw))
+            deferred = {"lut_passes": passes["deferred_softmax_lut"], "post_elements": hg * rows * spec.v_head_dim,
+                        "post_passes": passes["deferred_normalize"]} if spec.deferred else {}
+            cmds.append(Command("vector", elements=s, passes=softmax,
+                                handoffs=arch.handoff.per_softmax + (arch.handoff.per_matmul if spec.deferred else 0),
+                                elem_bytes=min(int(sb), 4), role="softmax", **deferred, **kw))
             if spill:
-                cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * sb, role="store_s_out", **kw))
-                cmds.append(Command("load", tensor=f"{op}:S_out", bytes=s * sb, role="load_s_out_v", **kw))
+                cmds.append(Command("store", tensor=f"{op}:S_out", bytes=s * pb, role="store_s_out", **kw))
+                cmds.append(Command("load", tensor=f"{op}:S_out", bytes=s * pb, role="load_s_out_v", **kw))
             cmds.append(Command("tensor", macs=hg * rows * keys * spec.v_head_dim,
                                 padded_macs=hg * rows_p * keys_p * dvp, out_elements=hg * rows * spec.v_head_dim,
-                                precision=sv_prec, handoffs=arch.handoff.per_matmul, role="sv_matmul", **kw))
+                                precision=sv_prec, handoffs=arch.handoff.per_matmul * (2 if spec.deferred else 1),
+                                role="sv_matmul", **kw))
             cmds.append(Command("store", tensor=f"{op}:A", bytes=hg * rows * dvd * b, run_bytes=dvd * b,
                                 role="store_out", **kw))
             first = 0

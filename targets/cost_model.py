@@ -82,6 +82,17 @@ def vector_cycles(a: Architecture, elements: float, passes, handoffs: int = 0, e
     return elements * per_element / v.lanes + handoffs * a.handoff.cycles
 
 
+def vector_command_cycles(a: Architecture, c: Command, handoffs: bool = True) -> float:
+    """One instance of a vector command: its passes over ``elements`` at ``elem_bytes``, its
+    ``lut_passes`` over the same elements on the INT8 path, its ``post_passes`` over
+    ``post_elements`` (a deferred-normalisation softmax: the 16-bit row max and subtraction, the
+    table-lookup exponential and 8-bit row sum, then the division of the output tile), and, with
+    ``handoffs``, its hand-offs."""
+    return (vector_cycles(a, c.elements, c.passes, c.handoffs if handoffs else 0, c.elem_bytes)
+            + (vector_cycles(a, c.elements, c.lut_passes, 0, 1) if c.lut_passes else 0.0)
+            + (vector_cycles(a, c.post_elements, c.post_passes, 0, 2) if c.post_passes else 0.0))
+
+
 def host_cycles(a: Architecture, elements: float) -> float:
     """One op run by the host CPU (NPU cycles): a synchronisation plus per-element work."""
     return a.host.sync_cycles + elements * a.host.cycles_per_element
@@ -95,7 +106,7 @@ def command_cycles(a: Architecture, c: Command) -> float:
     elif c.kind == "tensor":
         one = tensor_cycles(a, c.padded_macs, c.out_elements, c.precision, c.handoffs)
     elif c.kind == "vector":
-        one = vector_cycles(a, c.elements, c.passes, c.handoffs, c.elem_bytes)
+        one = vector_command_cycles(a, c)
     elif c.kind == "host":
         one = host_cycles(a, c.elements)
     else:
@@ -116,7 +127,7 @@ def roofline_cycles(a: Architecture, c: Command) -> float:
     elif c.kind == "tensor":
         one = c.padded_macs / (a.tensor.macs_per_cycle * a.tensor.rate[c.precision])
     elif c.kind == "vector":
-        one = vector_cycles(a, c.elements, c.passes, 0, c.elem_bytes)
+        one = vector_command_cycles(a, c, handoffs=False)
     elif c.kind == "host":
         one = c.elements * a.host.cycles_per_element
     else:

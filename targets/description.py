@@ -32,7 +32,7 @@ VECTOR_CLASSES = ("arith", "max", "reduce", "exp", "divide")
 INT8_LUT = ("exp", "divide")   # vector classes the INT8 path computes by a 256-entry table lookup
 # Vector-engine op classes: each names the element passes (per vector class) one op of the class
 # makes; edgefc.targets.placement maps op types onto them.
-PASS_CLASSES = ("softmax", "causal_mask", "norm", "norm_silu", "silu", "gelu", "geglu", "sigmoid", "tanh", "erf",
+PASS_CLASSES = ("softmax", "causal_mask", "deferred_softmax", "deferred_softmax_lut", "deferred_normalize", "norm", "norm_silu", "silu", "gelu", "geglu", "sigmoid", "tanh", "erf",
                 "exp", "trig", "pow", "divide", "copy", "max", "clip", "hard_sigmoid", "leaky_relu", "reduce_mean",
                 "reduce_sum", "reduce_max", "reduce_l2")
 

@@ -55,6 +55,9 @@ class Command:
     elements: int = 0         # vector/host: elements of one instance
     passes: tuple = ()        # vector: ((op class, passes over the elements), ...)
     elem_bytes: int = 2       # vector: bytes per element (1: the INT8 path of the vector engine)
+    lut_passes: tuple = ()    # vector: passes over the same elements on the INT8 path (deferred softmax)
+    post_elements: int = 0    # vector: elements of a second, 16-bit part (a deferred softmax's output tile)
+    post_passes: tuple = ()   # vector: ... and its passes
     dispatches: int = 0       # engine command launches (charged once, not per repeat)
     handoffs: int = 0         # engine-to-engine hand-offs of one instance (tiled attention)
     repeat: int = 1           # identical instances

@@ -16,9 +16,10 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import edgefc
-from edgefc import ir, ort, tile_solver
+from edgefc import functions, ir, ort, tile_solver
 from edgefc.attention import AttentionSpec, Tiling, tile_rows
 from edgefc.errors import PassError
+from edgefc.metrics import sqnr_db
 from edgefc.pass_base import PassContext
 from edgefc.passes import mlt, tiled_attention
 from tests.cli import run_cli
@@ -594,3 +595,63 @@ def test_tiled_attention_behind_dequantize_loads_with_default_session_options(tm
     q, k, v = (feeds[f"{x}16"].astype(np.float32) * 0.01 for x in "QKV")
     y = run_model(model, feeds)
     assert np.abs(y - edgefc.attention.reference(q, k, v, 0.3, heads=4)).max() <= 1e-4
+
+
+# --- the deferred normalisation of a W8A8 attention ----------------------------------------------
+
+@pytest.mark.parametrize("causal", [0, 1])
+@pytest.mark.parametrize("tiling", [Tiling(1, 1), Tiling(3, 2)])
+def test_deferred_body_is_the_numpy_reference(causal, tiling):
+    """The ``deferred`` overload of TiledAttention (UINT8 exp(S - max), divided after S x V) computes
+    what ``edgefc.attention.reference(deferred=True)`` and the tile-by-tile numpy compute, under
+    onnxruntime's default optimisations and with them off; it differs from the softmax."""
+    b, sq, skv, heads, dk, dv = 2, 70, 50, 4, 8, 6
+    model = attention_node_model(b, sq, skv, heads, dk, dv, causal=causal, tiling=tiling, granularity=4)
+    node = model.graph.node[0]
+    node.attribute.append(helper.make_attribute("deferred_normalization", 1))
+    model = functions.attach_functions(model)
+    assert node.overload == "deferred" and [f.overload for f in model.functions] == ["deferred"]
+    onnx.checker.check_model(model, full_check=True)
+    q, k, v = (x * 3 for x in qkv(np.random.default_rng(0), b, sq, skv, heads, dk, dv))
+    mask = "TopLeft" if causal else None
+    want = edgefc.attention.reference(q, k, v, 0.3, mask, heads=heads, deferred=True)
+    np.testing.assert_allclose(tiled_attention.tiled_attention_numpy(q, k, v, heads, 0.3, bool(causal), tiling, 4,
+                                                                     deferred=True), want, atol=1e-5)
+    for optimize in (True, False):
+        y = ort.session(model, optimize=optimize).run(None, {"Q": q, "K": k, "V": v})[0]
+        assert y.dtype == np.float32 and y.shape == want.shape
+        np.testing.assert_allclose(y, want, atol=1e-5)
+    softmax = edgefc.attention.reference(q, k, v, 0.3, mask, heads=heads)
+    assert np.abs(softmax - want).max() > 1e-3
+
+
+def test_w8a8_compile_defers_the_normalisation_where_it_pays(tmp_path):
+    """``--precision w8a8`` on an NPU target: the attentions over 1024 query rows are priced faster
+    with their normalisation deferred and become TiledAttention with ``deferred_normalization``
+    (tiled by MLT like any attention, S_out x V at int8xint8); the build loads and runs (the
+    compile's handover) and stays close to FP32. Over 64 rows the extra hand-offs cost more than
+    the narrower S_out saves: those attentions keep INT16 softmax internals."""
+    def build(seq: int):
+        src = tmp_path / f"t{seq}.onnx"
+        onnx.save_model(transformer_model(seq=seq), str(src))
+        out = tmp_path / f"b{seq}"
+        rc, text = run_cli("compile", str(src), "--target", "exynos2400", "--precision", "w8a8", "-o", str(out))
+        assert rc == 0, text
+        rows = {o["name"]: o for o in json.loads((out / "profile.json").read_text())["ops"]}
+        nodes = {n.name: n for n in edgefc.ir.load(out / "model.onnx").nodes}
+        return src, out, json.loads((out / "report.json").read_text())["quantization"], nodes, rows
+
+    src, out, report, nodes, rows = build(1024)
+    assert report["deferred_normalization"] == 2
+    for name in ("self_attn", "cross_attn"):
+        assert nodes[name].op == "TiledAttention" and nodes[name].attrs["deferred_normalization"] == 1
+        assert rows[name]["precision"] == "int8xint8"
+    assert nodes["self_attn"].attrs["row_tiles"] * nodes["self_attn"].attrs["head_tiles"] > 1
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 1024, 64)).astype(np.float32),
+             "ctx": np.random.default_rng(2).standard_normal((1, 77, 32)).astype(np.float32)}
+    want, got = run_model(onnx.load(str(src)), feeds), run_model(str(out / "model.onnx"), feeds)
+    assert got.dtype == want.dtype and got.shape == want.shape and sqnr_db(want, got) > 20
+
+    _, _, report, nodes, rows = build(64)
+    assert "deferred_normalization" not in report
+    assert nodes["self_attn"].op == "Attention" and rows["self_attn"]["precision"] == "int8xint8+int8xint16"

@@ -185,18 +185,22 @@ def tiling_warning(prof, tgt, built: dict) -> str | None:
 
 
 def _retile(graph, tgt, schedule: str | None = None):
-    """``graph`` with every TiledAttention turned back into the Attention-23 it came from and MLT
-    run again for ``tgt`` under ``schedule`` (in memory; the build is not changed). Returns
-    (graph, tiled count)."""
+    """``graph`` with every TiledAttention untiled - turned back into the Attention-23 it came
+    from, or one tile when its normalisation is deferred (the arithmetic ``quantize`` chose) -
+    and MLT run again for ``tgt`` under ``schedule`` (in memory; the build is not changed).
+    Returns (graph, tiled count)."""
+    from edgefc.attention import is_deferred
     from edgefc.pass_base import PassContext
     from edgefc.pass_manager import PassManager
 
     for node in graph.nodes:
         if node.op == "TiledAttention" and node.domain == "edgefc":
+            if is_deferred(node):
+                node.attrs.update({"row_tiles": 1, "head_tiles": 1})
+                continue
             node.op, node.domain = "Attention", ""
             for key in ("row_tiles", "head_tiles", "row_granularity"):
                 node.attrs.pop(key, None)
-    graph.functions = [f for f in graph.functions if f.name != "TiledAttention"]
     ctx = PassContext(target=tgt, options={"schedule": schedule})
     graph = PassManager(["mlt"]).run(graph, ctx)
     return graph, int((ctx.report.get("tiling") or {}).get("tiled", 0))
