@@ -17,8 +17,12 @@ fit). Its function body computes the same result tile by tile: a ``Loop`` over t
 ``row_tiles x head_tiles`` tiles, each slicing its query rows and head group, computing
 S_in = Q_t K_g^T * scale (causal mask shifted by the tile's row offset), S_out = Softmax(S_in) and
 A_t = S_out V_g, the tiles' outputs concatenated back into [B, Sq, H*dv]. onnxruntime runs it; the
-cost model and the TVM lowering read the two attributes and price/emit per-tile commands. The op
-(its body and numpy numerics) is ``passes/tiled_attention.py``; this module is the pass.
+cost model and the TVM lowering read the two attributes and price/emit per-tile commands. The op's
+body is ``edgefc/tiled_attention_function.py`` (stamped on export), its numpy numerics
+``passes/tiled_attention.py``; this module is the pass. A one-tile TiledAttention (a W8A8
+attention whose normalisation ``quantize`` deferred, ``deferred_normalization = 1``) is tiled like
+an Attention and keeps that attribute; :func:`deferral_pays` is what ``quantize`` asks before it
+defers (the two forms priced as this pass would tile them).
 
 Budget: ``--sram-budget BYTES|xKiB|xMiB`` (``ctx.options["sram_budget"]``), at most the target's
 SRAM; by default the target's SRAM minus a reserve (``target.sram.tiles``: the target file's

@@ -173,8 +173,9 @@ class Builder:
 
 def plan_of(base: qp.PrecisionPlan, groups: list[Group], choice: dict[str, str], reason: str,
             wide_scores: bool = True) -> qp.PrecisionPlan:
-    """``base`` with every group's ops at its ``choice``; a W8A8 attention keeps INT16 softmax
-    internals when the policy's ``attention-scores`` rule is on (``wide_scores``)."""
+    """``base`` with every group's ops at its ``choice``; a W8A8 attention keeps an INT16 S_in when
+    the policy's ``attention-scores`` rule is on (``wide_scores``), and its S_out INT16 or, where
+    the cost model prices it faster, UINT8 with the normalisation deferred (``qdq.apply_plan``)."""
     changes = {n: choice[g.name] for g in groups if g.name in choice for n in g.nodes}
     plan = base.with_ops(changes, reason)
     attention = {n for g in groups if g.kind == "attention" for n in g.nodes}

@@ -108,7 +108,7 @@ class Profile:
                 row.dma_bytes += c.total_bytes
             elif c.kind == "tensor":
                 row.macs += c.total_macs
-                # an attention whose S_out x V runs wider than its QK^T (W8A8 with INT16 scores)
+                # an attention whose S_out x V runs wider than its QK^T (W8A8 with an INT16 S_out)
                 # names both keys, QK^T first: "int8xint8+int8xint16"
                 if c.precision not in row.precision.split("+"):
                     row.precision = f"{row.precision}+{c.precision}" if row.precision else c.precision

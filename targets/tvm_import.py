@@ -45,7 +45,7 @@ import onnx
 import onnx.inliner
 
 from edgefc import composites
-from edgefc.attention import Tiling, tile_grid
+from edgefc.attention import DEFERRED_ATTR, Tiling, tile_grid
 from edgefc.errors import BuildError
 from edgefc.targets.tvm_node_stamps import tag_nodes
 
@@ -249,6 +249,9 @@ def _attention(bb, inputs, attrs, node):
 
 def _tiled_attention(bb, inputs, attrs, node):
     relax = _rx()
+    if int(attrs.get(DEFERRED_ATTR, 0) or 0):
+        raise BuildError(f"{node.name}: a TiledAttention with its normalisation deferred (a W8A8 attention) has no "
+                         "TVM lowering yet; --emit tvm takes W8A16 and FP16 builds (--precision w8a16)")
     q4, k4, v4, three_d = _attention_views(bb, inputs, attrs, node)
     _, sq, h, dk = _shape(q4)
     skv = _shape(k4)[1]

@@ -693,3 +693,21 @@ def test_composite_priority_is_the_description_order():
     for op in fuse_epilogue.PRODUCERS:
         assert [p.name for p in patterns if op in p.node("producer").ops] == [
             e.name for e in composites.EPILOGUES if op in e.root.onnx_ops and (e.activation or e.residual)]
+
+
+def test_deferred_attention_has_no_tvm_lowering_yet():
+    """A W8A8 attention whose normalisation quantize deferred is refused by the TVM import with one
+    line that names it (its arithmetic would otherwise become a float softmax there)."""
+    from edgefc.targets import tvm_import
+    from edgefc.tiled_attention_function import function_proto
+
+    node = h.make_node("TiledAttention", ["Q", "K", "V"], ["Y"], domain="edgefc", name="attn", q_num_heads=2,
+                       kv_num_heads=2, scale=0.25, is_causal=0, row_tiles=2, head_tiles=1, row_granularity=1,
+                       deferred_normalization=1)
+    node.overload = "deferred"
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info(n, TP.FLOAT, [1, 8, 16]) for n in "QKV"],
+                         [h.make_tensor_value_info("Y", TP.FLOAT, [1, 8, 16])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 23), h.make_opsetid("edgefc", 1)],
+                         functions=[function_proto(23, "deferred")], ir_version=10)
+    with pytest.raises(BuildError, match="attn: a TiledAttention with its normalisation deferred"):
+        tvm_import.import_model(tvm_import.prepare_model(model))
