@@ -184,9 +184,11 @@ def function_for(op: str, overload: str = "") -> gs.Function:
     raise PassError(f"no edgefc function is defined for op '{op}'")
 
 
-#: ops whose functions this module stamps (TiledAttention's body is
+#: the fused ops (each one composite of :mod:`edgefc.composites`) whose bodies this module defines.
+FUSED_OPS = ("GroupNormSiLU", "GeGLU", "FusedMatMul", "FusedConv")
+#: ops whose functions this module stamps: the fused ops and TiledAttention (its body is
 #: :mod:`edgefc.tiled_attention_function`'s, written at the model's standard opset).
-OPS = ("GroupNormSiLU", "GeGLU", "FusedMatMul", "FusedConv", tiled.OP)
+OPS = FUSED_OPS + (tiled.OP,)
 
 
 def ensure_functions(graph: gs.Graph) -> gs.Graph:
@@ -256,7 +258,7 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def make_node(op: str, inputs, outputs, *, name: str, attrs: dict | None = None) -> gs.Node:
     """An edgefc-domain node (its function is stamped on export by :func:`attach_functions`)."""
-    if op not in OPS:
+    if op not in FUSED_OPS:
         raise PassError(f"unknown edgefc op '{op}'")
     attrs = dict(attrs or {})
     if op in OVERLOADED:

@@ -662,7 +662,7 @@ def _onnx_composites() -> set[str]:
     names = {p.name for p in fuse_epilogue.variants({})}
     names |= {fuse_epilogue.BIAS_PATTERN.name, fuse_matmul.PATTERN.name}
     fused = composites.fused_op_composites()
-    for op in functions.OPS:   # every fused op the ONNX side emits is a composite
+    for op in functions.FUSED_OPS:   # every fused op the ONNX side emits is a composite
         names |= set(fused[op])
     for root in composites.TENSOR_ROOTS:   # one composite per overload of FusedConv / FusedMatMul
         names |= {composites.epilogue(root, act, res).name for act in functions.ACTIVATIONS for res in (False, True)}
