@@ -1,16 +1,18 @@
 """What the precision of an attention's softmax internals does to its output, on real Q, K, V.
 
-The W8A8 policy keeps S_out = Softmax(Q K^T * scale) at INT16 (``passes/quant_policy.py``,
-``attention-scores``), and the cost model prices S_out x V at ``int8xint16``: a quarter of the INT8
-rate, which is what keeps an all-W8A8 U-Net at 0.68x of W8A16 (issue 20). The ONNX body of
-``Attention``/``TiledAttention`` computes these internals in float, so no build measures them; this
-bench does, in numpy, on the Q, K, V that the FP32 model computes for recorded inputs:
+A W8A8 attention's S_out = Softmax(Q K^T * scale) is either INT16 (S_out x V priced at
+``int8xint16``, a quarter of the INT8 rate; computed in float by onnxruntime's ``Attention``) or,
+where the cost model prices it faster, the UINT8 exp(S - row max) of the deferred normalisation
+(``passes/quant_policy.py``, ``attention-scores``; ``TiledAttention`` with
+``deferred_normalization``, whose ONNX body emulates it). This bench measures the three choices
+per attention, in numpy, on the Q, K, V that the FP32 model computes for recorded inputs:
 
-* ``INT16 S_out``: one scale over [0, 1] (step 1/32767), what the policy prices;
-* ``INT8 S_out``: one scale over [0, 1] (step 1/255);
+* ``INT16 S_out``: one scale over [0, 1] (step 1/32767);
+* ``INT8 S_out``: one scale over [0, 1] (step 1/255): what the deferral avoids;
 * ``INT8 exp, sum after``: exp(S - row max) in (0, 1] at step 1/255, the row sum taken over the
-  quantized values and applied after S x V (the normalisation deferred, as tiled attention
-  kernels do), so a row's probabilities are not all below the grid.
+  quantized values and applied after S x V (the deferred normalisation, as W8A8 builds compute
+  it: ``edgefc.attention.reference(deferred=True)``), so a row's probabilities are not all below
+  the grid.
 
 For each attention with at least ``--min-keys`` keys it prints the SQNR of the attention output
 against the float one per input, the median row maximum of S_out and the share of probabilities
@@ -27,6 +29,7 @@ import sys
 
 import numpy as np
 
+from edgefc.attention import deferred_probabilities
 from edgefc.metrics import sqnr_db
 
 
@@ -43,7 +46,7 @@ def encodings(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, scale: fl
     e = np.exp(s - s.max(-1, keepdims=True))
     p = e / e.sum(-1, keepdims=True)
     ref = p @ vh
-    eq = grid(e, 1 / 255, 255)
+    eq = deferred_probabilities(e.astype(np.float32)).astype(np.float64)   # what a W8A8 build computes
     out = {"INT16 S_out": sqnr_db(ref, grid(p, 1 / 32767, 32767) @ vh),
            "INT8 S_out": sqnr_db(ref, grid(p, 1 / 255, 255) @ vh),
            "INT8 exp, sum after": sqnr_db(ref, (eq @ vh) / np.maximum(eq.sum(-1, keepdims=True), 1 / 255))}
