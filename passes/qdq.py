@@ -339,15 +339,13 @@ def apply_plan(graph: gs.Graph, plan: qp.PrecisionPlan, qplan: qp.QdqPlan, range
         fp16_counts = convert_fp16(graph, others)
         counts["fp16_ops"] = len(fp16_ops)
         counts["fp16_casts"] = int(fp16_counts.get("casts", 0))
-    deferred = 0
+    deferred = False
     for node in graph.nodes:
         if node.name in plan.scores:
             pr.metadata(node)[pr.SCORES_KEY] = plan.scores[node.name]
-            if policy.deferred_normalization and defer is not None and defer(node) \
-                    and defer_normalization(node) is None:
-                deferred += 1
+            if policy.deferred_normalization and defer is not None and defer(node):
+                deferred |= defer_normalization(node) is None
     if deferred:
-        counts["deferred_normalization"] = deferred
         ensure_functions(graph)
     counts["op_precisions"] = record_precisions(graph, {n for n, p in plan.ops.items() if p == "fp32"})
     return counts

@@ -90,6 +90,7 @@ import onnx_graphsurgeon as gs
 
 from edgefc import ir
 from edgefc import precision as pr
+from edgefc.attention import is_deferred
 from edgefc.components import detect_component
 from edgefc.deployed_types import DeployedTypes
 from edgefc.dtypes import DTYPE_BYTES
@@ -427,7 +428,7 @@ class Quantize(Pass):
                                 state.weight_cache, defer=state.defer)
         release_memory()
         op_precisions = counts.pop("op_precisions")
-        deferred = counts.pop("deferred_normalization", 0)
+        deferred = {n.name for n in graph.nodes if n.name in plan.scores and is_deferred(n)}
         aliases = {f"{n}__float": n for n in outputs_before}
         types = Counter(qplan.storage.values())
         schemes = {"int16": f"int16 {'symmetric' if policy.activation_symmetric else 'asymmetric'} per tensor",
@@ -439,14 +440,12 @@ class Quantize(Pass):
                             "quantized": len(qplan.quantized), "by_type": dict(sorted(types.items())),
                             "calibrated": len(qplan.calibrated), "sharing_input_scale": len(qplan.inherits)},
             "kept_higher_precision": _summarise_kept({**qplan.kept, **plan.reasons,
-                                                     **{n: f"attention-scores: softmax input {t}"
-                                                           + (", output UINT8 with the normalisation deferred"
-                                                              if policy.deferred_normalization else f", output {t}")
+                                                     **{n: f"attention-scores: softmax internals {t}"
                                                         for n, t in plan.scores.items()}}),
             "op_precisions": op_precisions,
         }
         if deferred:   # attentions rewritten to the deferred normalisation (TiledAttention, UINT8 S_out)
-            details["deferred_normalization"] = deferred
+            details["deferred_normalization"] = len(deferred)
         return details, aliases, {n for n, p in plan.ops.items() if p == "fp32"}
 
     def _candidate(self, state: IntegerState, plan, reference, tmp, name: str, progress: bool):
