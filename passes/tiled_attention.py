@@ -1,7 +1,7 @@
 """The edgefc ``TiledAttention`` op that MLT emits (paper Sec. 2.3): its numerics.
 
-:func:`tiled_attention_function_proto` is the op's ONNX local function
-(:mod:`edgefc.tiled_attention_function`, stamped on export): Attention-23 (3D form) computed tile
+The op's ONNX local function is :func:`edgefc.tiled_attention_function.function_proto`
+(stamped on export): Attention-23 (3D form) computed tile
 by tile with a ``Loop`` over the ``row_tiles x head_tiles`` tiles, the tiles of
 :func:`edgefc.attention.tile_grid` (the ones the cost model prices and the TVM import emits), so
 onnxruntime runs exactly the tiling that was chosen. :func:`tiled_attention_numpy` executes the
@@ -24,15 +24,9 @@ from edgefc.attention import (
     tile_grid,
 )
 from edgefc.dtypes import dtype_code
-from edgefc.tiled_attention_function import DOMAIN, OP, function_proto
+from edgefc.tiled_attention_function import DOMAIN, OP
 
-__all__ = ["DOMAIN", "OP", "defer_normalization", "tiled_attention_function_proto", "tiled_attention_numpy"]
-
-
-def tiled_attention_function_proto(opset: int = 23, deferred: bool = False):
-    """The ``edgefc::TiledAttention`` local function (ONNX FunctionProto) for a model at ``opset``
-    (:func:`edgefc.tiled_attention_function.function_proto`; ``deferred``: that overload)."""
-    return function_proto(opset, "deferred" if deferred else "")
+__all__ = ["DOMAIN", "OP", "defer_normalization", "tiled_attention_numpy"]
 
 
 def defer_normalization(node: gs.Node) -> str | None:

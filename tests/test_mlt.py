@@ -22,6 +22,7 @@ from edgefc.errors import PassError
 from edgefc.metrics import sqnr_db
 from edgefc.pass_base import PassContext
 from edgefc.passes import mlt, tiled_attention
+from edgefc.tiled_attention_function import function_proto
 from tests.cli import run_cli
 from tests.mlt_fake_target import FakeNpu
 
@@ -42,7 +43,7 @@ def attention_node_model(b, sq, skv, heads, dk, dv, *, causal=0, scale=0.3, tili
         attrs["row_granularity"] = 1 if granularity is None else granularity
         node = helper.make_node("TiledAttention", ["Q", "K", "V"], ["Y"], domain="edgefc", name="attn",
                                 row_tiles=tiling.row_tiles, head_tiles=tiling.head_tiles, **attrs)
-        functions = [tiled_attention.tiled_attention_function_proto(23)]
+        functions = [function_proto(23)]
     graph = helper.make_graph([node], "attention",
                               [helper.make_tensor_value_info("Q", dtype, [b, sq, heads * dk]),
                                helper.make_tensor_value_info("K", dtype, [b, skv, heads * dk]),
@@ -574,7 +575,7 @@ def dq_tiled_attention_model(b, sq, skv, heads, d, tiling) -> onnx.ModelProto:
                                helper.make_tensor_value_info("V16", TensorProto.INT16, [b, skv, heads * d])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [b, sq, heads * d])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("edgefc", 1)],
-                              functions=[tiled_attention.tiled_attention_function_proto(23)])
+                              functions=[function_proto(23)])
     model.ir_version = 10
     return model
 
